@@ -1,0 +1,232 @@
+//! Types shared by the eBPF programs (`mesh-ebpf`) and the node agent (`mesh-node`).
+//!
+//! Every map the datapath uses is named here together with its key and value types, so the
+//! programs and the loader cannot disagree. All types are `#[repr(C)]` without padding: the
+//! kernel copies them byte for byte, and padding bytes would make hash keys nondeterministic.
+//!
+//! Addresses are stored as 16 bytes in network byte order; IPv4 uses the IPv4-mapped IPv6 form
+//! (`::ffff:a.b.c.d`) so one key type serves both families. Ports are host byte order.
+#![cfg_attr(not(test), no_std)]
+
+/// Layout version of the pinned maps. Bumped whenever a key or value type changes, so an agent
+/// never reuses maps pinned by an incompatible build (they live in a different directory).
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Map names, as they appear in the object file and under the pin directory.
+pub mod maps {
+    /// `HashMap<u64 cgroup id, Enrollment>`: the pod cgroups whose connections are meshed.
+    pub const ENROLLED: &str = "ENROLLED";
+    /// `Array<ProxyConfig>` with one element: where redirected connections go.
+    pub const PROXY_CONFIG: &str = "PROXY_CONFIG";
+    /// `LruHashMap<u64 socket cookie, OrigDst>`: filled at connect, read by getpeername.
+    pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+    /// `LruHashMap<SockKey, OrigDst>`: the client end of each redirected connection, read by the
+    /// proxy after accept to recover the original destination and the source cgroup.
+    pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
+    /// `HashMap<u32 port, u32>`: destination ports never redirected.
+    pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+    /// `LpmTrie<[u8; 16], u32>`: destination networks never redirected.
+    pub const EXCLUDED_NETS: &str = "EXCLUDED_NETS";
+    /// `PerCpuArray<u64>` indexed by [`crate::Stat`].
+    pub const DP_STATS: &str = "DP_STATS";
+}
+
+/// Program names, as they appear in the object file.
+pub mod programs {
+    pub const CONNECT4: &str = "connect4";
+    pub const CONNECT6: &str = "connect6";
+    pub const GETPEERNAME4: &str = "getpeername4";
+    pub const GETPEERNAME6: &str = "getpeername6";
+    pub const SOCK_OPS: &str = "sock_ops";
+}
+
+/// Capacity of the connection-tracking maps. LRU maps: a flood of connections evicts the
+/// oldest entries rather than failing new connects.
+pub const MAX_TRACKED_CONNECTIONS: u32 = 65_536;
+/// Capacity of the enrollment map: pods per node.
+pub const MAX_ENROLLED_CGROUPS: u32 = 4_096;
+pub const MAX_EXCLUDED_PORTS: u32 = 256;
+pub const MAX_EXCLUDED_NETS: u32 = 256;
+
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+/// Value of [`maps::ENROLLED`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Enrollment {
+    /// Bit set of `Enrollment::*` flags.
+    pub flags: u32,
+    pub reserved: u32,
+}
+
+impl Enrollment {
+    /// Outbound TCP connections of this cgroup are redirected to the node proxy.
+    pub const REDIRECT_OUTBOUND: u32 = 1 << 0;
+}
+
+/// The only element of [`maps::PROXY_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// IPv4 address of the outbound listener, network byte order; 0 when unset.
+    pub ip4: u32,
+    /// IPv6 address of the outbound listener, network byte order; all zero when unset, in which
+    /// case enrolled pods' native IPv6 connections are refused rather than leaving the mesh.
+    pub ip6: [u32; 4],
+    /// Port of the outbound listener, host byte order.
+    pub outbound_port: u32,
+    pub flags: u32,
+}
+
+/// Key of [`maps::ORIG_BY_TUPLE`]: one end of a TCP connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// Address in network byte order, IPv4 mapped into IPv6.
+    pub ip: [u32; 4],
+    /// Port, host byte order.
+    pub port: u32,
+}
+
+/// Value of the connection-tracking maps: where the application meant to connect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Original destination address, network byte order, as the application passed it
+    /// (IPv4 mapped into IPv6 when `family` is `AF_INET`).
+    pub ip: [u32; 4],
+    /// Original destination port, host byte order.
+    pub port: u32,
+    /// Address family of the application's socket.
+    pub family: u32,
+    /// cgroup of the process that connected: the kernel's word on which pod this is.
+    pub cgroup_id: u64,
+}
+
+/// Indexes of [`maps::DP_STATS`]: events the datapath counts.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// A connect() was redirected to the node proxy.
+    Redirected = 0,
+    /// A connect() from an enrolled pod was left alone (loopback, excluded port or network).
+    Excluded = 1,
+    /// A connect() was refused because the original destination could not be recorded.
+    TrackFull = 2,
+    /// A connect() was refused because no proxy address of its family is configured.
+    NoProxy = 3,
+    /// The established connection could not be indexed by its tuple.
+    TupleFull = 4,
+    /// getpeername() returned the original destination.
+    PeerRewritten = 5,
+}
+
+impl Stat {
+    pub const COUNT: u32 = 6;
+    pub const ALL: [Stat; Stat::COUNT as usize] = [
+        Stat::Redirected,
+        Stat::Excluded,
+        Stat::TrackFull,
+        Stat::NoProxy,
+        Stat::TupleFull,
+        Stat::PeerRewritten,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::Redirected => "redirected",
+            Stat::Excluded => "excluded",
+            Stat::TrackFull => "track_full",
+            Stat::NoProxy => "no_proxy",
+            Stat::TupleFull => "tuple_full",
+            Stat::PeerRewritten => "peer_rewritten",
+        }
+    }
+}
+
+/// The second 32-bit word of an IPv4-mapped IPv6 address (`::ffff:0:0`), as stored in memory.
+pub const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// IPv4 address (network byte order) in its IPv4-mapped IPv6 form.
+#[inline(always)]
+pub const fn v4_mapped(ip4: u32) -> [u32; 4] {
+    [0, 0, V4_MAPPED_PREFIX, ip4]
+}
+
+/// Whether a 16-byte address is IPv4-mapped.
+#[inline(always)]
+pub const fn is_v4_mapped(ip: &[u32; 4]) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_PREFIX
+}
+
+/// Whether an IPv4 address (network byte order) must never be redirected: loopback and the
+/// unspecified address stay inside the pod.
+#[inline(always)]
+pub const fn is_local_v4(ip4: u32) -> bool {
+    let first = ip4.to_ne_bytes()[0];
+    first == 127 || ip4 == 0
+}
+
+/// Whether an IPv6 address (network byte order) must never be redirected: `::1`, `::`, and the
+/// IPv4-mapped forms of loopback and unspecified.
+#[inline(always)]
+pub const fn is_local_v6(ip: &[u32; 4]) -> bool {
+    if is_v4_mapped(ip) {
+        return is_local_v4(ip[3]);
+    }
+    ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && (ip[3] == 0 || ip[3] == u32::from_ne_bytes([0, 0, 0, 1]))
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays with
+    // no padding (sizes checked below), so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::Enrollment {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProxyConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OrigDst {}
+}
+
+// No padding anywhere: the size is the sum of the fields.
+const _: () = assert!(core::mem::size_of::<Enrollment>() == 8);
+const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 28);
+const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn be(a: u8, b: u8, c: u8, d: u8) -> u32 {
+        u32::from_ne_bytes([a, b, c, d])
+    }
+
+    #[test]
+    fn loopback_and_unspecified_are_local() {
+        assert!(is_local_v4(be(127, 0, 0, 1)));
+        assert!(is_local_v4(be(127, 9, 8, 7)));
+        assert!(is_local_v4(0));
+        assert!(!is_local_v4(be(10, 0, 0, 1)));
+        assert!(!is_local_v4(be(1, 2, 3, 127)));
+        assert!(is_local_v6(&[0, 0, 0, be(0, 0, 0, 1)]));
+        assert!(is_local_v6(&v4_mapped(be(127, 0, 0, 1))));
+        assert!(!is_local_v6(&v4_mapped(be(10, 1, 2, 3))));
+        assert!(!is_local_v6(&[be(0xfd, 0, 0, 0), 0, 0, be(0, 0, 0, 1)]));
+    }
+
+    #[test]
+    fn mapped_form_matches_std() {
+        let ip = be(10, 200, 1, 11);
+        let mapped = v4_mapped(ip);
+        let mut bytes = [0u8; 16];
+        for (i, w) in mapped.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 200, 1, 11]);
+        assert!(is_v4_mapped(&mapped));
+    }
+}

@@ -1,0 +1,226 @@
+//! Trellis's datapath in the kernel.
+//!
+//! Attached to a node's pod cgroup root, these programs steer every TCP connection of an enrolled
+//! pod into the node proxy and remember where it was going:
+//!
+//! - `connect4`/`connect6` rewrite the destination of an enrolled pod's `connect()` to the proxy's
+//!   outbound listener and record the original destination under the socket's cookie.
+//! - `sock_ops` sees the connection established, and indexes the record by the client's own
+//!   address and port, which is what the proxy sees as the peer after `accept()`.
+//! - `getpeername4`/`getpeername6` give the application back the address it asked for.
+//!
+//! Enrollment is data (the `ENROLLED` map), never attachment, so pods come and go without
+//! touching programs. The proxy's own sockets are never redirected by construction: the agent
+//! does not run in a pod cgroup.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE, bpf_sock_addr,
+    },
+    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::warn;
+use mesh_common::{
+    AF_INET, AF_INET6, Enrollment, MAX_ENROLLED_CGROUPS, MAX_EXCLUDED_NETS, MAX_EXCLUDED_PORTS,
+    MAX_TRACKED_CONNECTIONS, OrigDst, ProxyConfig, SockKey, Stat, is_local_v6,
+    is_v4_mapped, v4_mapped,
+};
+
+/// Verdicts of cgroup sock_addr programs.
+const ALLOW: i32 = 1;
+/// Refuses the syscall with EPERM: used where letting the connection through would bypass the
+/// mesh (fail closed).
+const REFUSE: i32 = 0;
+const SOCK_STREAM: u32 = 1;
+
+#[map]
+static ENROLLED: HashMap<u64, Enrollment> = HashMap::pinned(MAX_ENROLLED_CGROUPS, 0);
+#[map]
+static PROXY_CONFIG: Array<ProxyConfig> = Array::pinned(1, 0);
+#[map]
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_TRACKED_CONNECTIONS, 0);
+#[map]
+static ORIG_BY_TUPLE: LruHashMap<SockKey, OrigDst> = LruHashMap::pinned(MAX_TRACKED_CONNECTIONS, 0);
+#[map]
+static EXCLUDED_PORTS: HashMap<u32, u32> = HashMap::pinned(MAX_EXCLUDED_PORTS, 0);
+/// LPM tries require BPF_F_NO_PREALLOC.
+#[map]
+static EXCLUDED_NETS: LpmTrie<[u32; 4], u32> = LpmTrie::pinned(MAX_EXCLUDED_NETS, 1);
+#[map]
+static DP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
+
+#[inline(always)]
+fn count(stat: Stat) {
+    if let Some(slot) = DP_STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: the pointer comes from the map lookup and is valid for this CPU's slot; per-CPU
+        // storage has no concurrent writer while this program runs on the CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, AF_INET)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    try_connect(&ctx, AF_INET6)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    try_getpeername(&ctx, AF_INET);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    try_getpeername(&ctx, AF_INET6);
+    ALLOW
+}
+
+#[sock_ops]
+pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+    try_sock_ops(&ctx);
+    1
+}
+
+/// Steers an enrolled pod's TCP connect() to the node proxy.
+#[inline(always)]
+fn try_connect(ctx: &SockAddrContext, family: u32) -> i32 {
+    // SAFETY: the kernel passes a valid `bpf_sock_addr` for the duration of the program.
+    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return ALLOW;
+    }
+    // SAFETY: helper without arguments, allowed in cgroup sock_addr programs.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: read-only lookup of a plain-data value.
+    let Some(enrollment) = (unsafe { ENROLLED.get(&cgroup_id) }) else {
+        return ALLOW;
+    };
+    if enrollment.flags & Enrollment::REDIRECT_OUTBOUND == 0 {
+        return ALLOW;
+    }
+    let Some(proxy) = PROXY_CONFIG.get(0) else {
+        count(Stat::NoProxy);
+        return REFUSE;
+    };
+
+    let dst_ip = if family == AF_INET { v4_mapped(sa.user_ip4) } else { sa.user_ip6 };
+    let dst_port = u16::from_be(sa.user_port as u16) as u32;
+    let proxy_ip = if family == AF_INET || is_v4_mapped(&dst_ip) {
+        v4_mapped(proxy.ip4)
+    } else {
+        proxy.ip6
+    };
+
+    if is_local_v6(&dst_ip) || dst_ip == proxy_ip || is_excluded(&dst_ip, dst_port) {
+        count(Stat::Excluded);
+        return ALLOW;
+    }
+    if proxy_ip == v4_mapped(0) || proxy_ip == [0; 4] {
+        // No listener of this family: leaving the connection alone would take it out of the mesh.
+        count(Stat::NoProxy);
+        return REFUSE;
+    }
+
+    let orig = OrigDst { ip: dst_ip, port: dst_port, family, cgroup_id };
+    // SAFETY: cookie helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+        count(Stat::TrackFull);
+        warn!(ctx, "trellis: cannot track connection of cgroup {}, refusing", cgroup_id);
+        return REFUSE;
+    }
+
+    if family == AF_INET {
+        sa.user_ip4 = proxy.ip4;
+    } else {
+        sa.user_ip6 = proxy_ip;
+    }
+    sa.user_port = (proxy.outbound_port as u16).to_be() as u32;
+    count(Stat::Redirected);
+    ALLOW
+}
+
+#[inline(always)]
+fn is_excluded(ip: &[u32; 4], port: u32) -> bool {
+    // SAFETY: read-only lookup of a plain-data value.
+    if unsafe { EXCLUDED_PORTS.get(&port) }.is_some() {
+        return true;
+    }
+    EXCLUDED_NETS.get(&Key::new(128, *ip)).is_some()
+}
+
+/// Reports the original destination to the application instead of the proxy.
+#[inline(always)]
+fn try_getpeername(ctx: &SockAddrContext, family: u32) {
+    // SAFETY: cookie helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup of a plain-data value.
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }) else {
+        return;
+    };
+    if orig.family != family {
+        return;
+    }
+    // SAFETY: the kernel passes a valid `bpf_sock_addr` for the duration of the program.
+    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    if family == AF_INET {
+        sa.user_ip4 = orig.ip[3];
+    } else {
+        sa.user_ip6 = orig.ip;
+    }
+    sa.user_port = (orig.port as u16).to_be() as u32;
+    count(Stat::PeerRewritten);
+}
+
+/// Indexes redirected connections by the client's address once established, and forgets them
+/// when they close.
+#[inline(always)]
+fn try_sock_ops(ctx: &SockOpsContext) {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
+        return;
+    }
+    // SAFETY: cookie helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockKey {
+        ip: if ctx.family() == AF_INET { v4_mapped(ctx.local_ip4()) } else { ctx.local_ip6() },
+        port: ctx.local_port(),
+    };
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        // SAFETY: read-only lookup; the value is copied before the map is written.
+        let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+            return;
+        };
+        if ORIG_BY_TUPLE.insert(&key, &orig, 0).is_err() {
+            count(Stat::TupleFull);
+            return;
+        }
+        // Ask for a state callback so both entries are dropped when the connection closes.
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    } else if ctx.arg(1) == BPF_TCP_CLOSE {
+        let _ = ORIG_BY_TUPLE.remove(&key);
+        let _ = ORIG_BY_COOKIE.remove(&cookie);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -175,7 +175,10 @@ pub const fn is_local_v6(ip: &[u32; 4]) -> bool {
     if is_v4_mapped(ip) {
         return is_local_v4(ip[3]);
     }
-    ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && (ip[3] == 0 || ip[3] == u32::from_ne_bytes([0, 0, 0, 1]))
+    ip[0] == 0
+        && ip[1] == 0
+        && ip[2] == 0
+        && (ip[3] == 0 || ip[3] == u32::from_ne_bytes([0, 0, 0, 1]))
 }
 
 #[cfg(feature = "user")]
@@ -226,7 +229,10 @@ mod tests {
         for (i, w) in mapped.iter().enumerate() {
             bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
         }
-        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 200, 1, 11]);
+        assert_eq!(
+            bytes,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 200, 1, 11]
+        );
         assert!(is_v4_mapped(&mapped));
     }
 }

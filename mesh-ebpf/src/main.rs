@@ -29,8 +29,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use mesh_common::{
     AF_INET, AF_INET6, Enrollment, MAX_ENROLLED_CGROUPS, MAX_EXCLUDED_NETS, MAX_EXCLUDED_PORTS,
-    MAX_TRACKED_CONNECTIONS, OrigDst, ProxyConfig, SockKey, Stat, is_local_v6,
-    is_v4_mapped, v4_mapped,
+    MAX_TRACKED_CONNECTIONS, OrigDst, ProxyConfig, SockKey, Stat, is_local_v6, is_v4_mapped,
+    v4_mapped,
 };
 
 /// Verdicts of cgroup sock_addr programs.
@@ -115,7 +115,11 @@ fn try_connect(ctx: &SockAddrContext, family: u32) -> i32 {
         return REFUSE;
     };
 
-    let dst_ip = if family == AF_INET { v4_mapped(sa.user_ip4) } else { sa.user_ip6 };
+    let dst_ip = if family == AF_INET {
+        v4_mapped(sa.user_ip4)
+    } else {
+        sa.user_ip6
+    };
     let dst_port = u16::from_be(sa.user_port as u16) as u32;
     let proxy_ip = if family == AF_INET || is_v4_mapped(&dst_ip) {
         v4_mapped(proxy.ip4)
@@ -133,12 +137,20 @@ fn try_connect(ctx: &SockAddrContext, family: u32) -> i32 {
         return REFUSE;
     }
 
-    let orig = OrigDst { ip: dst_ip, port: dst_port, family, cgroup_id };
+    let orig = OrigDst {
+        ip: dst_ip,
+        port: dst_port,
+        family,
+        cgroup_id,
+    };
     // SAFETY: cookie helper on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
         count(Stat::TrackFull);
-        warn!(ctx, "trellis: cannot track connection of cgroup {}, refusing", cgroup_id);
+        warn!(
+            ctx,
+            "trellis: cannot track connection of cgroup {}, refusing", cgroup_id
+        );
         return REFUSE;
     }
 
@@ -195,7 +207,11 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     // SAFETY: cookie helper on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SockKey {
-        ip: if ctx.family() == AF_INET { v4_mapped(ctx.local_ip4()) } else { ctx.local_ip6() },
+        ip: if ctx.family() == AF_INET {
+            v4_mapped(ctx.local_ip4())
+        } else {
+            ctx.local_ip6()
+        },
         port: ctx.local_port(),
     };
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {

@@ -1,0 +1,441 @@
+//! The agent's configuration file: typed, defaulted, and validated on load.
+//!
+//! Everything the node agent needs to know about the mesh until the control plane streams it:
+//! this node, the other nodes' HBONE addresses, the workloads, the trust domain and CA, and the
+//! datapath settings. Validation errors name the offending field.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::Identity;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid YAML for the agent: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("invalid config: {field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The agent configuration file (YAML).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Name of the node this agent runs on; workloads with this `node` are local.
+    pub node: String,
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    pub ca: CaConfig,
+    /// Lifetime of issued workload certificates; they are renewed at half life.
+    #[serde(default = "default_cert_ttl")]
+    pub certificate_ttl_secs: u64,
+    pub listen: ListenConfig,
+    pub datapath: DatapathConfig,
+    #[serde(default)]
+    pub outbound: OutboundConfig,
+    #[serde(default)]
+    pub inbound: InboundConfig,
+    /// How long open connections may drain after SIGTERM.
+    #[serde(default = "default_drain")]
+    pub drain_timeout_secs: u64,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// Every node of the mesh, this one included.
+    pub nodes: Vec<NodeConfig>,
+    /// Every workload of the mesh.
+    #[serde(default)]
+    pub workloads: Vec<WorkloadConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaConfig {
+    /// PEM certificate of the signing CA; also the trust bundle.
+    pub cert: PathBuf,
+    /// PEM PKCS#8 private key of the signing CA.
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Outbound listener for redirected IPv4 connections; a concrete address the pods can reach
+    /// (the eBPF programs rewrite destinations to it), conventionally port 15001.
+    pub outbound: SocketAddr,
+    /// Outbound listener for native IPv6 connections; without it, enrolled pods cannot open
+    /// IPv6 connections (they are refused rather than leaving the mesh).
+    #[serde(default)]
+    pub outbound6: Option<SocketAddr>,
+    /// HBONE listener, conventionally port 15008.
+    pub hbone: SocketAddr,
+    /// Admin listener (config dump, health, metrics); loopback by default.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// Prometheus listener.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+    /// Readiness listener serving `/healthz/ready`.
+    #[serde(default)]
+    pub readiness: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatapathConfig {
+    /// The cgroup v2 directory above every pod of this node; the programs attach here.
+    pub cgroup_root: PathBuf,
+    /// bpffs directory for pinned maps and links; a layout-versioned subdirectory is used.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// Destination ports never redirected (for example the API server's).
+    #[serde(default)]
+    pub excluded_ports: Vec<u16>,
+    /// Destination networks never redirected, in CIDR notation.
+    #[serde(default)]
+    pub excluded_cidrs: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// What to do with connections to addresses outside the mesh.
+    #[serde(default)]
+    pub unknown_destination: UnknownDestination,
+    /// Connect timeout for upstream dials, in milliseconds.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    /// Time allowed for a TLS handshake plus the first CONNECT request.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_ms: u64,
+    /// Maximum concurrent HBONE streams per TLS connection.
+    #[serde(default = "default_max_streams")]
+    pub max_streams_per_connection: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownDestination {
+    /// Forward as plain TCP.
+    #[default]
+    Passthrough,
+    /// Refuse the connection.
+    Deny,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+    /// Where this node's agent accepts HBONE.
+    pub hbone: SocketAddr,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_sa")]
+    pub service_account: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    /// The pod's cgroup v2 directory; required for workloads on this node.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".into()
+}
+fn default_cert_ttl() -> u64 {
+    24 * 3600
+}
+fn default_drain() -> u64 {
+    10
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15000))
+}
+fn default_pin_dir() -> PathBuf {
+    "/sys/fs/bpf/trellis".into()
+}
+fn default_connect_timeout() -> u64 {
+    5_000
+}
+fn default_handshake_timeout() -> u64 {
+    10_000
+}
+fn default_max_streams() -> u32 {
+    512
+}
+fn default_sa() -> String {
+    "default".into()
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { reason, .. } => ConfigError::Parse {
+                path: path.into(),
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: AgentConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            reason: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn to_yaml(&self) -> String {
+        serde_saphyr::to_string(self).unwrap_or_default()
+    }
+
+    /// Checks everything serde cannot: references between sections, addresses, names.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_dns_label("node", &self.node)?;
+        Identity::new(&self.trust_domain, "default", "default")
+            .map_err(|e| invalid("trust_domain", e.to_string()))?;
+        if self.certificate_ttl_secs < 60 {
+            return Err(invalid("certificate_ttl_secs", "must be at least 60"));
+        }
+        if self.listen.outbound.ip().is_unspecified() || !self.listen.outbound.is_ipv4() {
+            return Err(invalid(
+                "listen.outbound",
+                "must be a concrete IPv4 address that pods can reach",
+            ));
+        }
+        if let Some(addr) = self.listen.outbound6 {
+            if addr.ip().is_unspecified() || !addr.is_ipv6() {
+                return Err(invalid(
+                    "listen.outbound6",
+                    "must be a concrete IPv6 address",
+                ));
+            }
+            if addr.port() != self.listen.outbound.port() {
+                return Err(invalid(
+                    "listen.outbound6",
+                    "must use the same port as listen.outbound",
+                ));
+            }
+        }
+        for (i, cidr) in self.datapath.excluded_cidrs.iter().enumerate() {
+            parse_cidr(cidr).map_err(|r| invalid(format!("datapath.excluded_cidrs[{i}]"), r))?;
+        }
+        let mut node_names = HashSet::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            check_dns_label(&format!("nodes[{i}].name"), &node.name)?;
+            if !node_names.insert(node.name.as_str()) {
+                return Err(invalid(format!("nodes[{i}].name"), "duplicate node"));
+            }
+            if node.hbone.ip().is_unspecified() || node.hbone.port() == 0 {
+                return Err(invalid(
+                    format!("nodes[{i}].hbone"),
+                    "must be a concrete address",
+                ));
+            }
+        }
+        if !node_names.contains(self.node.as_str()) {
+            return Err(invalid(
+                "node",
+                format!("{:?} is not listed under nodes", self.node),
+            ));
+        }
+        let mut ips = HashSet::new();
+        let mut names = HashSet::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let field = |f: &str| format!("workloads[{i}].{f}");
+            check_dns_label(&field("name"), &w.name)?;
+            Identity::new(&self.trust_domain, &w.namespace, &w.service_account)
+                .map_err(|e| invalid(field("namespace/service_account"), e.to_string()))?;
+            if !names.insert((w.namespace.as_str(), w.name.as_str())) {
+                return Err(invalid(
+                    field("name"),
+                    "duplicate workload in its namespace",
+                ));
+            }
+            if !node_names.contains(w.node.as_str()) {
+                return Err(invalid(field("node"), format!("unknown node {:?}", w.node)));
+            }
+            if w.ips.is_empty() {
+                return Err(invalid(field("ips"), "at least one address is required"));
+            }
+            for (j, ip) in w.ips.iter().enumerate() {
+                if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+                    return Err(invalid(
+                        format!("workloads[{i}].ips[{j}]"),
+                        "not a pod address",
+                    ));
+                }
+                if !ips.insert(*ip) {
+                    return Err(invalid(
+                        format!("workloads[{i}].ips[{j}]"),
+                        "address used twice",
+                    ));
+                }
+            }
+            if w.node == self.node && w.cgroup.is_none() {
+                return Err(invalid(
+                    field("cgroup"),
+                    "required for workloads on this node",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `a.b.c.d/n` or `x::y/n`.
+pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
+    let (ip, len) = text.split_once('/').ok_or("expected ADDRESS/PREFIX")?;
+    let ip: IpAddr = ip.parse().map_err(|e| format!("bad address: {e}"))?;
+    let len: u8 = len.parse().map_err(|e| format!("bad prefix length: {e}"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    if len > max {
+        return Err(format!("prefix length {len} exceeds {max}"));
+    }
+    Ok((ip, len))
+}
+
+fn check_dns_label(field: &str, value: &str) -> Result<(), ConfigError> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("{value:?} is not a DNS label")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node: node-a
+ca: { cert: /ca.pem, key: /ca.key }
+listen: { outbound: "10.0.0.1:15001", hbone: "10.1.0.1:15008" }
+datapath: { cgroup_root: /sys/fs/cgroup/pods, excluded_cidrs: ["10.96.0.1/32"] }
+nodes:
+  - { name: node-a, hbone: "10.1.0.1:15008" }
+  - { name: node-b, hbone: "10.1.0.2:15008" }
+workloads:
+  - { name: web, namespace: shop, service_account: web, node: node-a, ips: [10.0.0.10], cgroup: /sys/fs/cgroup/pods/web }
+  - { name: db, namespace: shop, node: node-b, ips: [10.0.1.10] }
+"#;
+
+    fn error_field(text: &str) -> String {
+        match AgentConfig::parse(text) {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_file_loads_with_defaults() {
+        let config = AgentConfig::parse(GOOD).expect("valid");
+        assert_eq!(config.trust_domain, "cluster.local");
+        assert_eq!(config.workloads[1].service_account, "default");
+        assert_eq!(
+            config.listen.admin,
+            SocketAddr::from(([127, 0, 0, 1], 15000))
+        );
+        assert_eq!(
+            config.outbound.unknown_destination,
+            UnknownDestination::Passthrough
+        );
+        let again = AgentConfig::parse(&config.to_yaml()).expect("round trip");
+        assert_eq!(again.workloads.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(
+            error_field(&GOOD.replace("node: node-b, ips", "node: node-x, ips")),
+            "workloads[1].node"
+        );
+        assert_eq!(
+            error_field(&GOOD.replace("ips: [10.0.1.10]", "ips: [10.0.0.10]")),
+            "workloads[1].ips[0]"
+        );
+        assert_eq!(
+            error_field(&GOOD.replace(", cgroup: /sys/fs/cgroup/pods/web", "")),
+            "workloads[0].cgroup"
+        );
+        assert_eq!(
+            error_field(&GOOD.replace("10.96.0.1/32", "10.96.0.1/33")),
+            "datapath.excluded_cidrs[0]"
+        );
+        assert_eq!(
+            error_field(&GOOD.replace(
+                "outbound: \"10.0.0.1:15001\"",
+                "outbound: \"0.0.0.0:15001\""
+            )),
+            "listen.outbound"
+        );
+        assert_eq!(
+            error_field(&GOOD.replace("node: node-a\nca", "node: node-z\nca")),
+            "node"
+        );
+        assert_eq!(
+            error_field(&GOOD.replace(
+                "namespace: shop, service_account: web",
+                "namespace: Shop, service_account: web"
+            )),
+            "workloads[0].namespace/service_account"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let text = GOOD.replace("node: node-a\n", "node: node-a\nnode_name: typo\n");
+        assert!(matches!(
+            AgentConfig::parse(&text),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+}

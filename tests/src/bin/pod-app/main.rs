@@ -1,0 +1,232 @@
+//! `pod-app`: the workload that runs in testbed pods.
+//!
+//! Servers (`serve`) run until killed. After binding every listener they print one line
+//! `{"listening":"ADDR","listeners":[{"addr":"ADDR","mode":"MODE"},...]}` on stdout (real
+//! ports, so `:0` works), which is what callers wait for. Each `--listen` takes
+//! `ADDR[=MODE]`; a listener without `=MODE` uses `--mode` (default `echo`). Example:
+//! `pod-app serve --listen [::]:8080=http --listen [::]:9000=echo`. Modes:
+//!
+//! * `echo`: send back every byte until the peer's EOF, then shut down writing.
+//! * `sink`: read to EOF, then write `{"bytes":N,"sha256":"HEX","peer":"ADDR"}\n` and close.
+//! * `source`: read a line with a decimal count N, write N bytes of the pattern, shut down
+//!   writing, wait for the peer's EOF, close.
+//! * `http`: answer one HTTP/1.1 request with 200 and a JSON body
+//!   `{"server","peer","path","method","headers"}`, `Connection: close`.
+//!
+//! Clients print ONE JSON object on stdout when done. Exit status: 0 when the operation
+//! completed and verified, 1 when it completed but verification failed (`"ok": false`, or
+//! `"failed" > 0` for `many`), 2 on an error (the object then has an `"error"` field).
+//! Every operation (and each server connection) is bounded by `--timeout-ms` (default 30000).
+//! Byte counts accept a binary suffix: `64K`, `256M`, `1G`.
+//! Addresses in the output are canonical (`10.0.0.1:80`, not `[::ffff:10.0.0.1]:80`).
+//! The payload is [`mesh_tests::pattern`], so tests can compute expected hashes.
+
+mod client;
+mod server;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use serde_json::{Value, json};
+
+/// The Trellis testbed workload.
+#[derive(Parser, Debug)]
+#[command(name = "pod-app")]
+struct Cli {
+    /// Bound on the whole client operation, or on each server connection.
+    #[arg(long, global = true, default_value_t = 30_000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run servers until killed.
+    Serve(server::ServeArgs),
+    /// Send N pattern bytes to a `sink` server and report both hashes.
+    Send {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, value_parser = parse_size)]
+        bytes: u64,
+        /// Write this string at every 64 KiB of the stream (findable in packet captures).
+        #[arg(long)]
+        marker: Option<String>,
+    },
+    /// Ask a `source` server for N bytes and hash what arrives.
+    Fetch {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, value_parser = parse_size)]
+        bytes: u64,
+    },
+    /// Send N bytes to an `echo` server and check they come back unchanged.
+    Echo {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, value_parser = parse_size)]
+        bytes: u64,
+    },
+    /// One HTTP/1.1 GET.
+    HttpGet {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Host header (default: the --to address).
+        #[arg(long)]
+        host: Option<String>,
+        /// Extra request header `Name: value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+    },
+    /// Many concurrent echo connections.
+    Many {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long, value_parser = parse_size, default_value = "1024")]
+        bytes: u64,
+        /// Connections open at once (default: all of them).
+        #[arg(long)]
+        concurrency: Option<usize>,
+    },
+    /// Connect and report the local address and the peer name the socket sees.
+    Peername {
+        #[arg(long)]
+        to: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    raise_nofile_limit();
+    let cli = Cli::parse();
+    let timeout = Duration::from_millis(cli.timeout_ms);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return report_error(&anyhow::Error::new(e).context("starting tokio")),
+    };
+    match runtime.block_on(run(cli.command, timeout)) {
+        Ok((value, ok)) => {
+            println!("{value}");
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => report_error(&e),
+    }
+}
+
+fn report_error(e: &anyhow::Error) -> ExitCode {
+    println!("{}", json!({ "error": format!("{e:#}") }));
+    ExitCode::from(2)
+}
+
+/// Runs one command. Returns the JSON to print and whether verification passed.
+async fn run(command: Command, timeout: Duration) -> Result<(Value, bool)> {
+    let bounded = |what: String| move |_| anyhow::anyhow!("{what} timed out after {timeout:?}");
+    match command {
+        Command::Serve(args) => server::serve(args, timeout)
+            .await
+            .map(|()| (json!({}), true)),
+        // `many` keeps its own deadline so it can report partial results.
+        Command::Many {
+            to,
+            connections,
+            bytes,
+            concurrency,
+        } => client::many(to, connections, bytes, concurrency, timeout).await,
+        Command::Send { to, bytes, marker } => {
+            tokio::time::timeout(timeout, client::send(to, bytes, marker.as_deref()))
+                .await
+                .map_err(bounded(format!("send to {to}")))?
+        }
+        Command::Fetch { to, bytes } => tokio::time::timeout(timeout, client::fetch(to, bytes))
+            .await
+            .map_err(bounded(format!("fetch from {to}")))?,
+        Command::Echo { to, bytes } => tokio::time::timeout(timeout, client::echo(to, bytes))
+            .await
+            .map_err(bounded(format!("echo with {to}")))?,
+        Command::HttpGet {
+            to,
+            path,
+            host,
+            headers,
+        } => tokio::time::timeout(
+            timeout,
+            client::http_get(to, &path, host.as_deref(), &headers),
+        )
+        .await
+        .map_err(bounded(format!("GET {path} from {to}")))?,
+        Command::Peername { to } => tokio::time::timeout(timeout, client::peername(to))
+            .await
+            .map_err(bounded(format!("connect to {to}")))?,
+    }
+}
+
+/// Lets `many` open thousands of sockets: the soft limit is often 1024 while the hard limit
+/// is much higher.
+fn raise_nofile_limit() {
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        eprintln!("pod-app: raising RLIMIT_NOFILE to {hard}: {e}");
+    }
+}
+
+/// Parses `123`, `64K`, `256M`, `1G` (binary multiples).
+fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&s[..i], 10),
+        Some((i, 'm' | 'M')) => (&s[..i], 20),
+        Some((i, 'g' | 'G')) => (&s[..i], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .with_context(|| format!("bad byte count {s:?}"))?;
+    n.checked_mul(1 << shift)
+        .with_context(|| format!("byte count {s:?} too large"))
+}
+
+/// `addr` with an IPv4-mapped IPv6 address turned back into IPv4.
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("0").ok(), Some(0));
+        assert_eq!(parse_size("1000").ok(), Some(1000));
+        assert_eq!(parse_size("64K").ok(), Some(65_536));
+        assert_eq!(parse_size("256M").ok(), Some(256 << 20));
+        assert_eq!(parse_size("1g").ok(), Some(1 << 30));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn mapped_addresses_become_ipv4() {
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:80".parse().expect("addr");
+        assert_eq!(canonical(mapped).to_string(), "10.1.2.3:80");
+        let v6: SocketAddr = "[fd00::1]:80".parse().expect("addr");
+        assert_eq!(canonical(v6), v6);
+    }
+}

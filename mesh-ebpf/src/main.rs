@@ -157,11 +157,31 @@ fn try_connect(ctx: &SockAddrContext, family: u32) -> i32 {
     if family == AF_INET {
         sa.user_ip4 = proxy.ip4;
     } else {
-        sa.user_ip6 = proxy_ip;
+        write_ip6(sa, &proxy_ip);
     }
     sa.user_port = (proxy.outbound_port as u16).to_be() as u32;
     count(Stat::Redirected);
     ALLOW
+}
+
+/// The verifier only allows 4-byte accesses to `user_ip6`: copy word by word, with volatile
+/// accesses so the compiler cannot merge them into a byte-wise memcpy.
+#[inline(always)]
+fn read_ip6(sa: &bpf_sock_addr) -> [u32; 4] {
+    let mut ip = [0u32; 4];
+    for (i, word) in ip.iter_mut().enumerate() {
+        // SAFETY: `i < 4`, so the pointer stays inside the kernel-provided `user_ip6` array.
+        *word = unsafe { core::ptr::read_volatile(sa.user_ip6.as_ptr().add(i)) };
+    }
+    ip
+}
+
+#[inline(always)]
+fn write_ip6(sa: &mut bpf_sock_addr, ip: &[u32; 4]) {
+    for (i, word) in ip.iter().enumerate() {
+        // SAFETY: `i < 4`, so the pointer stays inside the kernel-provided `user_ip6` array.
+        unsafe { core::ptr::write_volatile(sa.user_ip6.as_mut_ptr().add(i), *word) };
+    }
 }
 
 #[inline(always)]
@@ -190,7 +210,7 @@ fn try_getpeername(ctx: &SockAddrContext, family: u32) {
     if family == AF_INET {
         sa.user_ip4 = orig.ip[3];
     } else {
-        sa.user_ip6 = orig.ip;
+        write_ip6(sa, &orig.ip);
     }
     sa.user_port = (orig.port as u16).to_be() as u32;
     count(Stat::PeerRewritten);
@@ -206,14 +226,7 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     }
     // SAFETY: cookie helper on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockKey {
-        ip: if ctx.family() == AF_INET {
-            v4_mapped(ctx.local_ip4())
-        } else {
-            ctx.local_ip6()
-        },
-        port: ctx.local_port(),
-    };
+    let key = local_key(ctx);
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         // SAFETY: read-only lookup; the value is copied before the map is written.
         let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
@@ -228,6 +241,42 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     } else if ctx.arg(1) == BPF_TCP_CLOSE {
         let _ = ORIG_BY_TUPLE.remove(&key);
         let _ = ORIG_BY_COOKIE.remove(&cookie);
+    }
+}
+
+/// The socket's own address and port. Both address forms are read unconditionally, each with a
+/// fixed-offset 4-byte load: the verifier refuses context loads through a computed pointer,
+/// which is what the compiler makes of "read this field or that one".
+#[inline(always)]
+fn local_key(ctx: &SockOpsContext) -> SockKey {
+    let ops = ctx.ops;
+    // SAFETY: the kernel passes a valid `bpf_sock_ops` for the duration of the program; each
+    // load reads one aligned u32 field of it.
+    let (family, ip4, ip6, port) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*ops).family),
+            core::ptr::read_volatile(&raw const (*ops).local_ip4),
+            [
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[0]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[1]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[2]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[3]),
+            ],
+            core::ptr::read_volatile(&raw const (*ops).local_port),
+        )
+    };
+    let mapped = v4_mapped(ip4);
+    let is_v4 = (family == AF_INET) as u32;
+    // Branch-free select between the two forms.
+    let mask = 0u32.wrapping_sub(is_v4);
+    SockKey {
+        ip: [
+            (mapped[0] & mask) | (ip6[0] & !mask),
+            (mapped[1] & mask) | (ip6[1] & !mask),
+            (mapped[2] & mask) | (ip6[2] & !mask),
+            (mapped[3] & mask) | (ip6[3] & !mask),
+        ],
+        port,
     }
 }
 

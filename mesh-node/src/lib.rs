@@ -2,6 +2,13 @@
 //!
 //! - [`agent`]: the per-node proxy and datapath owner.
 //! - [`config`], [`identity`], [`tls`], [`ebpf`], [`proxy`], [`metrics`], [`admin`]: its parts.
+pub mod admin;
+pub mod agent;
 pub mod config;
+pub mod ebpf;
+pub mod hbone;
 pub mod identity;
+pub mod metrics;
+pub mod proxy;
 pub mod tls;
+pub mod workload;

@@ -1,0 +1,163 @@
+//! The agent's HTTP admin surface: health, readiness, metrics and the config dump.
+//!
+//! One router, served on up to three listeners: the admin port (loopback; everything), the
+//! metrics port (`/metrics`) and the readiness port (`/healthz/ready`).
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{ebpf::Datapath, identity::CertStore, metrics::Metrics, workload::MeshState};
+
+/// What the admin endpoints report on.
+pub struct AdminState {
+    pub state: Arc<ArcSwap<MeshState>>,
+    pub certs: Arc<CertStore>,
+    pub metrics: Arc<Metrics>,
+    pub datapath: Option<Arc<Datapath>>,
+    pub ready: AtomicBool,
+}
+
+/// Which routes a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Surface {
+    Admin,
+    Metrics,
+    Readiness,
+}
+
+pub async fn serve(
+    admin: Arc<AdminState>,
+    listener: TcpListener,
+    surface: Surface,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, ?surface, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(route(&admin, surface, &req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn route(admin: &AdminState, surface: Surface, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    match (surface, path) {
+        (Surface::Admin, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (Surface::Admin, "/ready") | (Surface::Admin | Surface::Readiness, "/healthz/ready") => {
+            if admin.ready.load(Ordering::Relaxed) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        (Surface::Admin | Surface::Metrics, "/metrics") => {
+            let mut response = text(StatusCode::OK, admin.metrics.encode());
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            response
+        }
+        (Surface::Admin, "/config_dump") => {
+            let body = serde_json::to_string_pretty(&config_dump(admin)).unwrap_or_default();
+            let mut response = text(StatusCode::OK, body);
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn config_dump(admin: &AdminState) -> serde_json::Value {
+    let state = admin.state.load_full();
+    let now = SystemTime::now();
+    let secs = |t: SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    };
+    let mut certificates: Vec<_> = admin
+        .certs
+        .snapshot()
+        .values()
+        .map(|c| {
+            serde_json::json!({
+                "identity": c.identity.to_string(),
+                "not_before": secs(c.not_before),
+                "not_after": secs(c.not_after),
+                "expires_in_secs": c.not_after.duration_since(now).map(|d| d.as_secs()).unwrap_or(0),
+                "renew_at": secs(c.renew_at()),
+            })
+        })
+        .collect();
+    certificates.sort_by(|a, b| a["identity"].as_str().cmp(&b["identity"].as_str()));
+    let mut nodes: Vec<_> = state.nodes().cloned().collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    let datapath = admin.datapath.as_ref().map(|d| {
+        serde_json::json!({
+            "pin_dir": d.pin_dir().display().to_string(),
+            "maps": d.map_ids().into_iter().map(|(name, id)| serde_json::json!({"name": name, "id": id})).collect::<Vec<_>>(),
+            "enrolled_cgroups": state.local_cgroups().iter().map(|c| serde_json::json!({"path": c.path.display().to_string(), "id": c.id})).collect::<Vec<_>>(),
+            "events": d.stats().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        })
+    });
+    serde_json::json!({
+        "node": state.local_node(),
+        "trust_domain": admin.certs.trust_domain(),
+        "ready": admin.ready.load(Ordering::Relaxed),
+        "nodes": nodes,
+        "workloads": state.workloads().iter().map(|w| w.as_ref()).collect::<Vec<_>>(),
+        "certificates": certificates,
+        "datapath": datapath,
+    })
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+}
+
+/// Binds an admin listener, naming it in the error.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

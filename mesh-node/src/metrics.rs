@@ -1,0 +1,248 @@
+//! Prometheus metrics, named and labelled as Istio's so existing dashboards read them.
+//!
+//! `reporter` tells the direction: `source` is counted by the client's node (outbound),
+//! `destination` by the server's node (inbound).
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{
+        DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+    },
+    metrics::{MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::{identity::Identity, workload::Workload};
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum SecurityPolicy {
+    MutualTls,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+/// Label values spelled as Istio spells them.
+macro_rules! label_values {
+    ($ty:ty { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl $ty {
+            pub const fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+        }
+        impl EncodeLabelValue for $ty {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    };
+}
+label_values!(Reporter { Source => "source", Destination => "destination" });
+label_values!(SecurityPolicy { MutualTls => "mutual_tls", None => "none" });
+label_values!(Direction { Inbound => "inbound", Outbound => "outbound" });
+
+/// Istio's standard TCP labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: Reporter,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    pub connection_security_policy: SecurityPolicy,
+}
+
+impl TcpLabels {
+    pub fn new(reporter: Reporter, security: SecurityPolicy) -> Self {
+        Self {
+            reporter,
+            source_workload: "unknown".into(),
+            source_workload_namespace: "unknown".into(),
+            source_principal: "unknown".into(),
+            destination_workload: "unknown".into(),
+            destination_workload_namespace: "unknown".into(),
+            destination_principal: "unknown".into(),
+            destination_service: "unknown".into(),
+            connection_security_policy: security,
+        }
+    }
+
+    pub fn with_source(
+        mut self,
+        workload: Option<&Workload>,
+        principal: Option<&Identity>,
+    ) -> Self {
+        if let Some(w) = workload {
+            self.source_workload = w.name.clone();
+            self.source_workload_namespace = w.namespace.clone();
+        }
+        if let Some(p) = principal {
+            self.source_principal = p.to_string();
+        }
+        self
+    }
+
+    pub fn with_destination(
+        mut self,
+        workload: Option<&Workload>,
+        principal: Option<&Identity>,
+    ) -> Self {
+        if let Some(w) = workload {
+            self.destination_workload = w.name.clone();
+            self.destination_workload_namespace = w.namespace.clone();
+        }
+        if let Some(p) = principal {
+            self.destination_principal = p.to_string();
+        }
+        self
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub direction: Direction,
+    pub reason: &'static str,
+}
+
+/// Where the datapath's counters come from at scrape time.
+pub trait DatapathStats: Send + Sync + std::fmt::Debug + 'static {
+    fn stats(&self) -> Vec<(&'static str, u64)>;
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub opened: Family<TcpLabels, Counter>,
+    pub closed: Family<TcpLabels, Counter>,
+    pub sent_bytes: Family<TcpLabels, Counter>,
+    pub received_bytes: Family<TcpLabels, Counter>,
+    pub failures: Family<FailureLabels, Counter>,
+    pub active: Family<FailureLabelsDirection, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabelsDirection {
+    pub direction: Direction,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let opened = Family::default();
+        let closed = Family::default();
+        let sent_bytes = Family::default();
+        let received_bytes = Family::default();
+        let failures = Family::default();
+        let active = Family::default();
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent towards the destination",
+            sent_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the destination",
+            received_bytes.clone(),
+        );
+        registry.register(
+            "trellis_connection_failures",
+            "Connections refused or failed, by reason",
+            failures.clone(),
+        );
+        registry.register(
+            "trellis_connections_active",
+            "Connections being proxied now",
+            active.clone(),
+        );
+        Self {
+            registry,
+            opened,
+            closed,
+            sent_bytes,
+            received_bytes,
+            failures,
+            active,
+        }
+    }
+
+    /// Adds the datapath's own counters as `trellis_datapath_events_total{event}`.
+    pub fn register_datapath(&mut self, stats: Arc<dyn DatapathStats>) {
+        self.registry
+            .register_collector(Box::new(DatapathCollector(stats)));
+    }
+
+    pub fn fail(&self, direction: Direction, reason: &'static str) {
+        self.failures
+            .get_or_create(&FailureLabels { direction, reason })
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct DatapathCollector(Arc<dyn DatapathStats>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    event: &'static str,
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "trellis_datapath_events",
+            "Events counted by the eBPF programs",
+            None,
+            MetricType::Counter,
+        )?;
+        for (event, value) in self.0.stats() {
+            let metric = ConstCounter::new(value);
+            metric.encode(family.encode_family(&EventLabels { event })?)?;
+        }
+        Ok(())
+    }
+}

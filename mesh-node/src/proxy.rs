@@ -1,0 +1,172 @@
+//! The node proxy: the outbound listener for redirected pod connections and the inbound HBONE
+//! listener, sharing one set of inputs.
+//!
+//! Every connection reads top to bottom in named phases: accept, classify, (policy), tunnel,
+//! copy; and ends with one access log event and its metrics.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::UnknownDestination,
+    identity::{CertStore, Identity},
+    metrics::{Direction, Metrics},
+    workload::{MeshState, Workload},
+};
+
+pub mod copy;
+pub mod inbound;
+pub mod outbound;
+pub mod pool;
+
+/// The address the application asked to connect to, before redirection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginalDst(pub SocketAddr);
+/// The client end of an accepted connection, as the listener sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub SocketAddr);
+/// A node agent's HBONE listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HboneAddr(pub SocketAddr);
+
+/// Recovers where a redirected connection was going and which cgroup opened it.
+pub trait OriginalDstLookup: Send + Sync {
+    fn lookup(&self, client: ClientAddr) -> Option<(OriginalDst, u64)>;
+}
+
+impl OriginalDstLookup for crate::ebpf::ConnTrack {
+    fn lookup(&self, client: ClientAddr) -> Option<(OriginalDst, u64)> {
+        crate::ebpf::ConnTrack::lookup(self, client.0)
+            .map(|(dst, cgroup)| (OriginalDst(dst), cgroup))
+    }
+}
+
+/// Tunables of both listeners.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub unknown_destination: UnknownDestination,
+    pub max_streams_per_connection: u32,
+}
+
+/// What every listener and connection task shares.
+pub struct ProxyInputs {
+    pub state: Arc<ArcSwap<MeshState>>,
+    pub certs: Arc<CertStore>,
+    pub original_dst: Arc<dyn OriginalDstLookup>,
+    pub metrics: Arc<Metrics>,
+    pub pool: pool::Pool,
+    pub server_tls: Arc<rustls::ServerConfig>,
+    pub settings: Settings,
+    /// Cancelled on shutdown: listeners stop accepting, HBONE connections send GOAWAY.
+    pub shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them to drain.
+    pub tasks: TaskTracker,
+}
+
+/// Accepts until shutdown, handing each connection to `handle` as a tracked task.
+pub async fn accept_loop<F, Fut>(
+    inputs: Arc<ProxyInputs>,
+    listener: TcpListener,
+    direction: Direction,
+    handle: F,
+) where
+    F: Fn(Arc<ProxyInputs>, TcpStream, ClientAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            _ = inputs.shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                inputs
+                    .tasks
+                    .spawn(handle(inputs.clone(), stream, ClientAddr(peer)));
+            }
+            Err(e) => {
+                // Out of file descriptors or memory: shed load instead of spinning.
+                inputs.metrics.fail(direction, "accept");
+                tracing::warn!(error = %e, ?direction, "accept failed; pausing briefly");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Dials `addr` with the configured timeout.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out",
+        )),
+    }
+}
+
+/// Closes `stream` with a reset, so the client learns promptly that the connection failed.
+pub fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+/// One access log event per connection.
+#[derive(Debug)]
+pub struct AccessLog<'a> {
+    pub direction: Direction,
+    pub path: &'static str,
+    pub src_addr: SocketAddr,
+    pub src_workload: Option<&'a Workload>,
+    pub src_identity: Option<&'a Identity>,
+    pub dst_addr: Option<SocketAddr>,
+    pub dst_workload: Option<&'a Workload>,
+    pub dst_identity: Option<&'a Identity>,
+    pub sent: u64,
+    pub received: u64,
+    pub started: Instant,
+    pub error: Option<String>,
+}
+
+impl AccessLog<'_> {
+    pub fn emit(&self) {
+        let name = |w: Option<&Workload>| {
+            w.map(|w| format!("{}/{}", w.namespace, w.name))
+                .unwrap_or_default()
+        };
+        let id = |i: Option<&Identity>| i.map(|i| i.to_string()).unwrap_or_default();
+        let dst = self.dst_addr.map(|a| a.to_string()).unwrap_or_default();
+        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let error = self.error.as_deref().unwrap_or("");
+        tracing::info!(
+            target: "access",
+            direction = self.direction.as_str(),
+            path = self.path,
+            src_addr = %self.src_addr,
+            src_workload = %name(self.src_workload),
+            src_identity = %id(self.src_identity),
+            dst_addr = %dst,
+            dst_workload = %name(self.dst_workload),
+            dst_identity = %id(self.dst_identity),
+            bytes_sent = self.sent,
+            bytes_received = self.received,
+            duration_ms = (duration_ms * 1000.0).round() / 1000.0,
+            error,
+            "connection"
+        );
+    }
+}

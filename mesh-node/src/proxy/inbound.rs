@@ -1,0 +1,332 @@
+//! Inbound: HBONE from other nodes' agents, delivered to pods on this node.
+//!
+//! accept -> TLS (client certificate required, identity verified) -> HTTP/2 -> per stream:
+//! classify the CONNECT (method, authority, local pod, identity presented) -> (policy) ->
+//! dial the pod -> 200 and copy. Anything else is answered with an HTTP status, a log line
+//! naming the reason, and a counter; the connection and every other stream keep going.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::{AccessLog, ClientAddr, ProxyInputs, connect, outbound::copy};
+use crate::{
+    hbone,
+    identity::Identity,
+    metrics::{Direction, Reporter, SecurityPolicy, TcpLabels},
+    tls,
+};
+
+/// One accepted HBONE connection: who is on the other end, and which of our identities they
+/// asked for.
+struct Peer {
+    inputs: Arc<ProxyInputs>,
+    addr: SocketAddr,
+    identity: Identity,
+    /// The local identity presented in the handshake; CONNECTs must target a pod holding it.
+    presented: Identity,
+    saw_stream: AtomicBool,
+}
+
+pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientAddr) {
+    let started = Instant::now();
+    let acceptor = TlsAcceptor::from(inputs.server_tls.clone());
+    let tls = match tokio::time::timeout(inputs.settings.handshake_timeout, acceptor.accept(stream))
+        .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            return refuse_connection(
+                &inputs,
+                client,
+                started,
+                "tls_handshake",
+                format!("TLS handshake failed: {e}"),
+            );
+        }
+        Err(_) => {
+            return refuse_connection(
+                &inputs,
+                client,
+                started,
+                "handshake_timeout",
+                "TLS handshake not completed in time".into(),
+            );
+        }
+    };
+    let conn = tls.get_ref().1;
+    let identity = tls::peer_identity(conn);
+    let presented = conn
+        .server_name()
+        .and_then(|n| Identity::from_sni(n, inputs.certs.trust_domain()).ok());
+    let (Some(identity), Some(presented)) = (identity, presented) else {
+        // The verifiers make this unreachable; refuse rather than trust an unnamed peer.
+        return refuse_connection(
+            &inputs,
+            client,
+            started,
+            "tls_handshake",
+            "no verified identity after handshake".into(),
+        );
+    };
+    let peer = Arc::new(Peer {
+        inputs: inputs.clone(),
+        addr: client.0,
+        identity,
+        presented,
+        saw_stream: AtomicBool::new(false),
+    });
+
+    let service = hyper::service::service_fn({
+        let peer = peer.clone();
+        move |req| {
+            let peer = peer.clone();
+            async move { Ok::<_, Infallible>(peer.stream(req).await) }
+        }
+    });
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(inputs.settings.max_streams_per_connection)
+        .max_header_list_size(hbone::MAX_HEADER_LIST_SIZE)
+        .initial_stream_window_size(hbone::STREAM_WINDOW)
+        .initial_connection_window_size(hbone::CONNECTION_WINDOW)
+        .max_frame_size(hbone::MAX_FRAME_SIZE)
+        .max_pending_accept_reset_streams(hbone::MAX_PENDING_ACCEPT_RESETS)
+        .keep_alive_interval(hbone::KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(hbone::KEEPALIVE_TIMEOUT);
+    let connection = builder.serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(connection);
+
+    // A peer that completes the handshake but never sends a CONNECT is closed after the
+    // handshake timeout, so idle sockets cannot pile up.
+    let first_request = tokio::time::sleep(inputs.settings.handshake_timeout);
+    tokio::pin!(first_request);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(peer = %peer.addr, identity = %peer.identity, error = %e, "HBONE connection ended with error");
+                }
+                return;
+            }
+            _ = inputs.shutdown.cancelled(), if !closing => {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = &mut first_request, if !closing && !peer.saw_stream.load(Ordering::Relaxed) => {
+                closing = true;
+                inputs.metrics.fail(Direction::Inbound, "idle_connection");
+                tracing::warn!(peer = %peer.addr, identity = %peer.identity, "closing HBONE connection that sent no request");
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+fn refuse_connection(
+    inputs: &ProxyInputs,
+    client: ClientAddr,
+    started: Instant,
+    reason: &'static str,
+    error: String,
+) {
+    inputs.metrics.fail(Direction::Inbound, reason);
+    AccessLog {
+        direction: Direction::Inbound,
+        path: "hbone",
+        src_addr: client.0,
+        src_workload: None,
+        src_identity: None,
+        dst_addr: None,
+        dst_workload: None,
+        dst_identity: None,
+        sent: 0,
+        received: 0,
+        started,
+        error: Some(error),
+    }
+    .emit();
+}
+
+type HboneResponse = Response<Empty<Bytes>>;
+
+impl Peer {
+    async fn stream(self: Arc<Self>, mut req: Request<Incoming>) -> HboneResponse {
+        self.saw_stream.store(true, Ordering::Relaxed);
+        let started = Instant::now();
+        let inputs = &self.inputs;
+
+        // Classify.
+        if req.method() != Method::CONNECT {
+            return self.refuse(
+                started,
+                StatusCode::BAD_REQUEST,
+                "bad_method",
+                format!("method {} is not CONNECT", req.method()),
+            );
+        }
+        let dst = match hbone::parse_authority(req.uri().authority().map(|a| a.as_str())) {
+            Ok(dst) => dst,
+            Err(e) => {
+                return self.refuse(
+                    started,
+                    StatusCode::BAD_REQUEST,
+                    "bad_authority",
+                    e.to_string(),
+                );
+            }
+        };
+        let state = inputs.state.load_full();
+        let target = match state.workload_by_ip(dst.ip()) {
+            Some(w) if state.is_local(w) => w.clone(),
+            _ => {
+                return self.refuse(
+                    started,
+                    StatusCode::BAD_REQUEST,
+                    "not_local",
+                    format!("{dst} is not a pod on this node"),
+                );
+            }
+        };
+        if target.identity != self.presented {
+            return self.refuse(
+                started,
+                StatusCode::BAD_REQUEST,
+                "identity_mismatch",
+                format!(
+                    "{dst} runs as {}, but this connection was opened for {}",
+                    target.identity, self.presented
+                ),
+            );
+        }
+        // Telemetry only: the client's address as its node reported it.
+        let client_addr = req
+            .headers()
+            .get(http::header::FORWARDED)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_forwarded_for)
+            .unwrap_or(self.addr);
+        let src_workload = state
+            .workload_by_ip(client_addr.ip())
+            .filter(|w| w.identity == self.identity)
+            .cloned();
+
+        // Deliver.
+        let upstream = match connect(dst, inputs.settings.connect_timeout).await {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                return self.refuse(
+                    started,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream_unreachable",
+                    format!("cannot connect to {dst}: {e}"),
+                );
+            }
+        };
+        let labels = TcpLabels::new(Reporter::Destination, SecurityPolicy::MutualTls)
+            .with_source(src_workload.as_deref(), Some(&self.identity))
+            .with_destination(Some(&target), Some(&target.identity));
+        inputs.metrics.opened.get_or_create(&labels).inc();
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let peer = self.clone();
+        inputs.tasks.spawn(async move {
+            let (sent, received, error) = match on_upgrade.await {
+                Ok(upgraded) => copy(TokioIo::new(upgraded), upstream).await,
+                Err(e) => (0, 0, Some(format!("tunnel not established: {e}"))),
+            };
+            let metrics = &peer.inputs.metrics;
+            metrics.closed.get_or_create(&labels).inc();
+            // From the destination's point of view: sent towards the pod, received from it.
+            metrics.sent_bytes.get_or_create(&labels).inc_by(sent);
+            metrics
+                .received_bytes
+                .get_or_create(&labels)
+                .inc_by(received);
+            AccessLog {
+                direction: Direction::Inbound,
+                path: "hbone",
+                src_addr: client_addr,
+                src_workload: src_workload.as_deref(),
+                src_identity: Some(&peer.identity),
+                dst_addr: Some(dst),
+                dst_workload: Some(&target),
+                dst_identity: Some(&target.identity),
+                sent,
+                received,
+                started,
+                error,
+            }
+            .emit();
+        });
+        empty(StatusCode::OK)
+    }
+
+    fn refuse(
+        &self,
+        started: Instant,
+        status: StatusCode,
+        reason: &'static str,
+        error: String,
+    ) -> HboneResponse {
+        self.inputs.metrics.fail(Direction::Inbound, reason);
+        AccessLog {
+            direction: Direction::Inbound,
+            path: "hbone",
+            src_addr: self.addr,
+            src_workload: None,
+            src_identity: Some(&self.identity),
+            dst_addr: None,
+            dst_workload: None,
+            dst_identity: None,
+            sent: 0,
+            received: 0,
+            started,
+            error: Some(format!("{} {reason}: {error}", status.as_u16())),
+        }
+        .emit();
+        empty(status)
+    }
+}
+
+fn empty(status: StatusCode) -> HboneResponse {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = status;
+    response
+}
+
+/// `for="ADDR"` from a `forwarded` header.
+fn parse_forwarded_for(value: &str) -> Option<SocketAddr> {
+    value
+        .split(';')
+        .find_map(|part| part.trim().strip_prefix("for="))
+        .map(|v| v.trim_matches('"'))
+        .and_then(|v| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_round_trips() {
+        let addr: SocketAddr = "[fd00::1]:4000".parse().expect("addr");
+        assert_eq!(parse_forwarded_for(&hbone::forwarded_for(addr)), Some(addr));
+        assert_eq!(parse_forwarded_for("for=garbage"), None);
+    }
+}

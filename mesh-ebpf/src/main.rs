@@ -104,7 +104,7 @@ fn try_connect(ctx: &SockAddrContext, family: u32) -> i32 {
     // SAFETY: helper without arguments, allowed in cgroup sock_addr programs.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: read-only lookup of a plain-data value.
-    let Some(enrollment) = (unsafe { ENROLLED.get(&cgroup_id) }) else {
+    let Some(enrollment) = (unsafe { ENROLLED.get(cgroup_id) }) else {
         return ALLOW;
     };
     if enrollment.flags & Enrollment::REDIRECT_OUTBOUND == 0 {
@@ -118,7 +118,7 @@ fn try_connect(ctx: &SockAddrContext, family: u32) -> i32 {
     let dst_ip = if family == AF_INET {
         v4_mapped(sa.user_ip4)
     } else {
-        sa.user_ip6
+        read_ip6(sa)
     };
     let dst_port = u16::from_be(sa.user_port as u16) as u32;
     let proxy_ip = if family == AF_INET || is_v4_mapped(&dst_ip) {
@@ -145,7 +145,7 @@ fn try_connect(ctx: &SockAddrContext, family: u32) -> i32 {
     };
     // SAFETY: cookie helper on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+    if ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
         count(Stat::TrackFull);
         warn!(
             ctx,
@@ -187,10 +187,10 @@ fn write_ip6(sa: &mut bpf_sock_addr, ip: &[u32; 4]) {
 #[inline(always)]
 fn is_excluded(ip: &[u32; 4], port: u32) -> bool {
     // SAFETY: read-only lookup of a plain-data value.
-    if unsafe { EXCLUDED_PORTS.get(&port) }.is_some() {
+    if unsafe { EXCLUDED_PORTS.get(port) }.is_some() {
         return true;
     }
-    EXCLUDED_NETS.get(&Key::new(128, *ip)).is_some()
+    EXCLUDED_NETS.get(Key::new(128, *ip)).is_some()
 }
 
 /// Reports the original destination to the application instead of the proxy.
@@ -199,7 +199,7 @@ fn try_getpeername(ctx: &SockAddrContext, family: u32) {
     // SAFETY: cookie helper on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup of a plain-data value.
-    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }) else {
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(cookie) }) else {
         return;
     };
     if orig.family != family {
@@ -229,18 +229,18 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     let key = local_key(ctx);
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         // SAFETY: read-only lookup; the value is copied before the map is written.
-        let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+        let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else {
             return;
         };
-        if ORIG_BY_TUPLE.insert(&key, &orig, 0).is_err() {
+        if ORIG_BY_TUPLE.insert(key, orig, 0).is_err() {
             count(Stat::TupleFull);
             return;
         }
         // Ask for a state callback so both entries are dropped when the connection closes.
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     } else if ctx.arg(1) == BPF_TCP_CLOSE {
-        let _ = ORIG_BY_TUPLE.remove(&key);
-        let _ = ORIG_BY_COOKIE.remove(&cookie);
+        let _ = ORIG_BY_TUPLE.remove(key);
+        let _ = ORIG_BY_COOKIE.remove(cookie);
     }
 }
 

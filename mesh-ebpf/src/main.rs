@@ -21,7 +21,9 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_TCP_CLOSE, bpf_sock_addr,
     },
-    helpers::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+    },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{SockAddrContext, SockOpsContext},
@@ -101,10 +103,7 @@ fn try_connect(ctx: &SockAddrContext, family: u32) -> i32 {
     if sa.type_ != SOCK_STREAM {
         return ALLOW;
     }
-    // SAFETY: helper without arguments, allowed in cgroup sock_addr programs.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: read-only lookup of a plain-data value.
-    let Some(enrollment) = (unsafe { ENROLLED.get(cgroup_id) }) else {
+    let Some((cgroup_id, enrollment)) = enrolled_pod() else {
         return ALLOW;
     };
     if enrollment.flags & Enrollment::REDIRECT_OUTBOUND == 0 {
@@ -162,6 +161,34 @@ fn try_connect(ctx: &SockAddrContext, family: u32) -> i32 {
     sa.user_port = (proxy.outbound_port as u16).to_be() as u32;
     count(Stat::Redirected);
     ALLOW
+}
+
+/// How deep below the root a process's cgroup may be and still be matched to its pod.
+const MAX_CGROUP_DEPTH: i32 = 16;
+
+/// The enrolled pod cgroup the calling process belongs to: its own cgroup or an ancestor. In
+/// Kubernetes, processes live in container cgroups below the pod's cgroup, which is the one
+/// the agent enrolls.
+#[inline(always)]
+fn enrolled_pod() -> Option<(u64, Enrollment)> {
+    // SAFETY: helper without arguments, allowed in cgroup sock_addr programs.
+    let current = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: read-only lookup of a plain-data value, copied out.
+    if let Some(enrollment) = unsafe { ENROLLED.get(current) } {
+        return Some((current, *enrollment));
+    }
+    for level in 1..MAX_CGROUP_DEPTH {
+        // SAFETY: helper with a plain integer argument; returns 0 past the current depth.
+        let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if ancestor == 0 || ancestor == current {
+            break;
+        }
+        // SAFETY: read-only lookup of a plain-data value, copied out.
+        if let Some(enrollment) = unsafe { ENROLLED.get(ancestor) } {
+            return Some((ancestor, *enrollment));
+        }
+    }
+    None
 }
 
 /// The verifier only allows 4-byte accesses to `user_ip6`: copy word by word, with volatile

@@ -191,6 +191,12 @@ fn main() -> Result<()> {
         println!();
     }
 
+    println!("meshctl status on {}:", tb.node(0).name);
+    let status = tb.run(tb.node(0), &["meshctl", "status"], TIMEOUT)?;
+    if !status.success() {
+        failures += 1;
+    }
+    println!("{}{}", status.stdout, status.stderr);
     for i in 0..tb.nodes().len() {
         let metrics = mesh.metrics(i)?;
         println!(

@@ -131,12 +131,21 @@ pub struct Metrics {
     pub sent_bytes: Family<TcpLabels, Counter>,
     pub received_bytes: Family<TcpLabels, Counter>,
     pub failures: Family<FailureLabels, Counter>,
-    pub active: Family<FailureLabelsDirection, Gauge>,
+    pub active: Family<DirectionLabels, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FailureLabelsDirection {
+pub struct DirectionLabels {
     pub direction: Direction,
+}
+
+/// Counts a connection as active until dropped.
+pub struct ActiveGuard(Gauge);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Metrics {
@@ -193,6 +202,16 @@ impl Metrics {
     pub fn register_datapath(&mut self, stats: Arc<dyn DatapathStats>) {
         self.registry
             .register_collector(Box::new(DatapathCollector(stats)));
+    }
+
+    /// Marks a connection of `direction` active for the guard's lifetime.
+    pub fn active(&self, direction: Direction) -> ActiveGuard {
+        let gauge = self
+            .active
+            .get_or_create(&DirectionLabels { direction })
+            .clone();
+        gauge.inc();
+        ActiveGuard(gauge)
     }
 
     pub fn fail(&self, direction: Direction, reason: &'static str) {

@@ -227,6 +227,28 @@ impl<'tb> Mesh<'tb> {
         }
     }
 
+    /// Sends SIGTERM without waiting; see [`Mesh::wait_agent_exit`].
+    pub fn signal_agent_stop(&mut self, node: usize) -> Result<()> {
+        match self.agents[node].as_mut() {
+            Some(agent) => agent.terminate(),
+            None => bail!("no agent running on node {node}"),
+        }
+    }
+
+    /// Waits (bounded) for the node's agent to exit and returns whether it exited cleanly.
+    pub fn wait_agent_exit(&mut self, node: usize, timeout: Duration) -> Result<bool> {
+        let Some(mut agent) = self.agents[node].take() else {
+            bail!("no agent on node {node}")
+        };
+        match agent.wait_timeout(timeout)? {
+            Some(status) => Ok(status.success()),
+            None => {
+                let _ = agent.kill();
+                bail!("agent on node {node} still running after {timeout:?}")
+            }
+        }
+    }
+
     pub fn agent_pid(&self, node: usize) -> Option<u32> {
         self.agents[node].as_ref().map(|a| a.pid())
     }

@@ -245,7 +245,9 @@ impl Peer {
         inputs.metrics.opened.get_or_create(&labels).inc();
         let on_upgrade = hyper::upgrade::on(&mut req);
         let peer = self.clone();
+        let active = inputs.metrics.active(Direction::Inbound);
         inputs.tasks.spawn(async move {
+            let _active = active;
             let (sent, received, error) = match on_upgrade.await {
                 Ok(upgraded) => copy(TokioIo::new(upgraded), upstream).await,
                 Err(e) => (0, 0, Some(format!("tunnel not established: {e}"))),

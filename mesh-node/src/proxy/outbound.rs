@@ -36,6 +36,7 @@ impl Route {
 
 pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientAddr) {
     let started = Instant::now();
+    let _active = inputs.metrics.active(Direction::Outbound);
     let mut log = AccessLog {
         direction: Direction::Outbound,
         path: "none",

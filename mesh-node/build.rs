@@ -1,6 +1,12 @@
-//! Compiles `mesh-ebpf` for the BPF target (nightly, bpf-linker) so that a plain `cargo build`
-//! of the agent embeds an up-to-date eBPF object. See ../shared/TOOLCHAIN.md and `.ci/setup`.
+//! Build steps of the agent:
+//! - compiles `mesh-ebpf` for the BPF target (nightly, bpf-linker) so that a plain `cargo build`
+//!   embeds an up-to-date eBPF object (see ../shared/TOOLCHAIN.md and `.ci/setup`);
+//! - generates the control plane's gRPC code from `proto/` (needs `protoc`).
 fn main() -> anyhow::Result<()> {
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(&["proto/trellis/v1/mesh.proto"], &["proto"])?;
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "mesh-ebpf",

@@ -4,6 +4,7 @@
 //! - [`config`], [`identity`], [`tls`], [`ebpf`], [`proxy`], [`metrics`], [`admin`]: its parts.
 pub mod admin;
 pub mod agent;
+pub mod api;
 pub mod config;
 pub mod ebpf;
 pub mod hbone;

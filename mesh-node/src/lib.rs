@@ -11,5 +11,6 @@ pub mod hbone;
 pub mod identity;
 pub mod metrics;
 pub mod proxy;
+pub mod service;
 pub mod tls;
 pub mod workload;

@@ -21,7 +21,6 @@ use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 
 use super::{AccessLog, ClientAddr, ProxyInputs, connect, outbound::copy};
 use crate::{
@@ -44,19 +43,45 @@ struct Peer {
 
 pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientAddr) {
     let started = Instant::now();
-    let acceptor = TlsAcceptor::from(inputs.server_tls.clone());
-    let tls = match tokio::time::timeout(inputs.settings.handshake_timeout, acceptor.accept(stream))
-        .await
-    {
+    // Read the ClientHello first, so a refusal can name its reason.
+    let handshake = async {
+        let start =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
+                .await
+                .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let hello = start.client_hello();
+        if !hello
+            .alpn()
+            .is_some_and(|mut p| p.any(|p| p == tls::ALPN_H2))
+        {
+            return Err("TLS handshake refused: client did not offer ALPN h2".to_owned());
+        }
+        let name = hello.server_name().map(str::to_owned);
+        match name
+            .as_deref()
+            .map(|n| Identity::from_sni(n, inputs.certs.trust_domain()))
+        {
+            Some(Ok(id)) if inputs.certs.get(&id).is_some() => {}
+            Some(Ok(id)) => {
+                return Err(format!(
+                    "TLS handshake refused: no certificate held for {id}"
+                ));
+            }
+            _ => {
+                return Err(format!(
+                    "TLS handshake refused: server name {name:?} names no local workload identity"
+                ));
+            }
+        }
+        start
+            .into_stream(inputs.server_tls.clone())
+            .await
+            .map_err(|e| format!("TLS handshake failed: {e}"))
+    };
+    let tls = match tokio::time::timeout(inputs.settings.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            return refuse_connection(
-                &inputs,
-                client,
-                started,
-                "tls_handshake",
-                format!("TLS handshake failed: {e}"),
-            );
+            return refuse_connection(&inputs, client, started, "tls_handshake", e);
         }
         Err(_) => {
             return refuse_connection(
@@ -117,6 +142,7 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
     let first_request = tokio::time::sleep(inputs.settings.handshake_timeout);
     tokio::pin!(first_request);
     let mut closing = false;
+    let mut idle_checked = false;
     loop {
         tokio::select! {
             result = connection.as_mut() => {
@@ -129,11 +155,28 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
                 closing = true;
                 connection.as_mut().graceful_shutdown();
             }
-            _ = &mut first_request, if !closing && !peer.saw_stream.load(Ordering::Relaxed) => {
-                closing = true;
+            _ = &mut first_request, if !closing && !idle_checked => {
+                idle_checked = true;
+                if peer.saw_stream.load(Ordering::Relaxed) {
+                    continue;
+                }
                 inputs.metrics.fail(Direction::Inbound, "idle_connection");
-                tracing::warn!(peer = %peer.addr, identity = %peer.identity, "closing HBONE connection that sent no request");
-                connection.as_mut().graceful_shutdown();
+                AccessLog {
+                    direction: Direction::Inbound,
+                    path: "hbone",
+                    src_addr: peer.addr,
+                    src_workload: None,
+                    src_identity: Some(&peer.identity),
+                    dst_addr: None,
+                    dst_workload: None,
+                    dst_identity: None,
+                    sent: 0,
+                    received: 0,
+                    started,
+                    error: Some(format!("idle_connection: no request within {:?} of the handshake", inputs.settings.handshake_timeout)),
+                }
+                .emit();
+                return;
             }
         }
     }

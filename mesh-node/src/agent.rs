@@ -48,10 +48,23 @@ impl DatapathStats for Datapath {
     }
 }
 
+/// Pending connections each listener may queue. Every pod of the node connects through one
+/// outbound listener, so bursts of connects are normal; the kernel caps it at somaxconn.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AgentError::Bind { what, addr, source })
+    let bind = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }?;
+        // As TcpListener::bind does: a restarted agent must rebind while old connections linger.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bind().map_err(|source| AgentError::Bind { what, addr, source })
 }
 
 /// Runs the agent until `shutdown` is cancelled, then drains.

@@ -142,7 +142,30 @@ pub struct AccessLog<'a> {
     pub error: Option<String>,
 }
 
-impl AccessLog<'_> {
+impl<'a> AccessLog<'a> {
+    /// An event for a connection from `src_addr`, to be filled in as the connection proceeds.
+    pub fn new(
+        direction: Direction,
+        path: &'static str,
+        src_addr: SocketAddr,
+        started: Instant,
+    ) -> Self {
+        Self {
+            direction,
+            path,
+            src_addr,
+            src_workload: None,
+            src_identity: None,
+            dst_addr: None,
+            dst_workload: None,
+            dst_identity: None,
+            sent: 0,
+            received: 0,
+            started,
+            error: None,
+        }
+    }
+
     pub fn emit(&self) {
         let name = |w: Option<&Workload>| {
             w.map(|w| format!("{}/{}", w.namespace, w.name))

@@ -162,18 +162,9 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
                 }
                 inputs.metrics.fail(Direction::Inbound, "idle_connection");
                 AccessLog {
-                    direction: Direction::Inbound,
-                    path: "hbone",
-                    src_addr: peer.addr,
-                    src_workload: None,
                     src_identity: Some(&peer.identity),
-                    dst_addr: None,
-                    dst_workload: None,
-                    dst_identity: None,
-                    sent: 0,
-                    received: 0,
-                    started,
                     error: Some(format!("idle_connection: no request within {:?} of the handshake", inputs.settings.handshake_timeout)),
+                    ..AccessLog::new(Direction::Inbound, "hbone", peer.addr, started)
                 }
                 .emit();
                 return;
@@ -191,18 +182,8 @@ fn refuse_connection(
 ) {
     inputs.metrics.fail(Direction::Inbound, reason);
     AccessLog {
-        direction: Direction::Inbound,
-        path: "hbone",
-        src_addr: client.0,
-        src_workload: None,
-        src_identity: None,
-        dst_addr: None,
-        dst_workload: None,
-        dst_identity: None,
-        sent: 0,
-        received: 0,
-        started,
         error: Some(error),
+        ..AccessLog::new(Direction::Inbound, "hbone", client.0, started)
     }
     .emit();
 }
@@ -331,18 +312,9 @@ impl Peer {
     ) -> HboneResponse {
         self.inputs.metrics.fail(Direction::Inbound, reason);
         AccessLog {
-            direction: Direction::Inbound,
-            path: "hbone",
-            src_addr: self.addr,
-            src_workload: None,
             src_identity: Some(&self.identity),
-            dst_addr: None,
-            dst_workload: None,
-            dst_identity: None,
-            sent: 0,
-            received: 0,
-            started,
             error: Some(format!("{} {reason}: {error}", status.as_u16())),
+            ..AccessLog::new(Direction::Inbound, "hbone", self.addr, started)
         }
         .emit();
         empty(status)

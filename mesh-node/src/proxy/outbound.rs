@@ -37,20 +37,7 @@ impl Route {
 pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientAddr) {
     let started = Instant::now();
     let _active = inputs.metrics.active(Direction::Outbound);
-    let mut log = AccessLog {
-        direction: Direction::Outbound,
-        path: "none",
-        src_addr: client.0,
-        src_workload: None,
-        src_identity: None,
-        dst_addr: None,
-        dst_workload: None,
-        dst_identity: None,
-        sent: 0,
-        received: 0,
-        started,
-        error: None,
-    };
+    let mut log = AccessLog::new(Direction::Outbound, "none", client.0, started);
 
     // Classify: where was it going, who sent it.
     let Some((dst, cgroup)) = inputs.original_dst.lookup(client) else {

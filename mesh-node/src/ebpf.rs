@@ -208,38 +208,34 @@ impl Datapath {
             path: spec.cgroup_root.clone(),
             source,
         })?;
+        // aya's program types share no trait for this sequence, hence a macro.
+        macro_rules! attach_and_pin {
+            ($ty:ty, $name:expr) => {{
+                let name = $name;
+                let program: &mut $ty = program_mut(&mut datapath._ebpf, name)?;
+                program
+                    .load()
+                    .map_err(|source| EbpfError::Program { name, source })?;
+                let id = program
+                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .map_err(|source| EbpfError::Program { name, source })?;
+                let link = program
+                    .take_link(id)
+                    .map_err(|source| EbpfError::Program { name, source })?;
+                let link =
+                    FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?;
+                replace_pinned_link(link, &links_dir.join(name))?;
+            }};
+        }
         for name in [
             programs::CONNECT4,
             programs::CONNECT6,
             programs::GETPEERNAME4,
             programs::GETPEERNAME6,
         ] {
-            let program: &mut CgroupSockAddr = program_mut(&mut datapath._ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| EbpfError::Program { name, source })?;
-            let id = program
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| EbpfError::Program { name, source })?;
-            let link = program
-                .take_link(id)
-                .map_err(|source| EbpfError::Program { name, source })?;
-            let link = FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?;
-            replace_pinned_link(link, &links_dir.join(name))?;
+            attach_and_pin!(CgroupSockAddr, name);
         }
-        let name = programs::SOCK_OPS;
-        let program: &mut SockOps = program_mut(&mut datapath._ebpf, name)?;
-        program
-            .load()
-            .map_err(|source| EbpfError::Program { name, source })?;
-        let id = program
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|source| EbpfError::Program { name, source })?;
-        let link = program
-            .take_link(id)
-            .map_err(|source| EbpfError::Program { name, source })?;
-        let link = FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?;
-        replace_pinned_link(link, &links_dir.join(name))?;
+        attach_and_pin!(SockOps, programs::SOCK_OPS);
 
         // 3. Only now retire datapaths of other layout versions.
         remove_other_versions(&spec.pin_dir);

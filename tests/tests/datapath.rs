@@ -153,14 +153,10 @@ impl Capture {
             .arg(tb.lan_netns().path())
             .arg("--")
             .args([
-                "tcpdump",
-                "-i",
-                "br0",
-                "-nn",
-                "-s",
-                "0",
-                "-U",
-                "--immediate-mode",
+                "tcpdump", "-i", "br0", "-nn", "-s", "0", "-U",
+                // A large kernel buffer, not immediate mode: the capture must be lossless even
+                // while other tests load the CPU (it is stopped with SIGINT, which flushes).
+                "-B", "262144",
             ])
             // A 64 MiB kernel buffer, so a fast transfer is not dropped; stay root so the file
             // in the scratch directory stays writable.
@@ -196,6 +192,23 @@ impl Capture {
     }
 
     /// SIGINT, then waits (bounded) for tcpdump to flush and exit; returns its statistics.
+    /// Waits (bounded) until the file written so far holds `bytes` of payload towards HBONE.
+    fn wait_for_hbone_bytes(&self, bytes: u64, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let written = std::fs::read(&self.file).unwrap_or_default();
+            // A packet may be half written: only complete records count.
+            if summarize_pcap(&written).is_ok_and(|s| s.to_hbone >= bytes) {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "capture file never reached {bytes} bytes to HBONE"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn stop(mut self) -> Result<(PathBuf, String)> {
         let pid = Pid::from_raw(i32::try_from(self.child.id())?);
         kill(pid, Signal::SIGINT).context("SIGINT to tcpdump")?;
@@ -572,6 +585,8 @@ fn lan_carries_only_tls13_hbone_and_never_the_plaintext() -> Result<()> {
     // The connection is over on both agents before the capture stops.
     mesh.wait_access(0, LOG_TIMEOUT, |e| e["src_addr"] == local.as_str())?;
     mesh.wait_access(1, LOG_TIMEOUT, |e| e["src_addr"] == local.as_str())?;
+    // tcpdump writes packets as it reads them; stopping it earlier loses what it has not read.
+    capture.wait_for_hbone_bytes(bytes, LOG_TIMEOUT)?;
     let (file, stats) = capture.stop()?;
 
     // The marker really was in the stream the sink received.

@@ -22,7 +22,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{ebpf::Datapath, identity::CertStore, metrics::Metrics, workload::MeshState};
+use crate::{
+    agent::feed::FeedStatus, ebpf::Datapath, identity::CertStore, metrics::Metrics,
+    workload::MeshState,
+};
 
 /// What the admin endpoints report on.
 pub struct AdminState {
@@ -30,6 +33,8 @@ pub struct AdminState {
     pub certs: Arc<CertStore>,
     pub metrics: Arc<Metrics>,
     pub datapath: Option<Arc<Datapath>>,
+    /// The control plane feed's status, in live mode.
+    pub feed: Option<Arc<ArcSwap<FeedStatus>>>,
     pub ready: AtomicBool,
 }
 
@@ -137,16 +142,21 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
             "pin_dir": d.pin_dir().display().to_string(),
             "maps": d.map_ids().into_iter().map(|(name, id)| serde_json::json!({"name": name, "id": id})).collect::<Vec<_>>(),
             "enrolled_cgroups": state.local_cgroups().iter().map(|c| serde_json::json!({"path": c.path.display().to_string(), "id": c.id})).collect::<Vec<_>>(),
+            "pending_cgroups": state.pending_cgroups().iter().map(|w| serde_json::json!({"uid": w.uid, "namespace": w.namespace, "name": w.name})).collect::<Vec<_>>(),
             "events": d.stats().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
         })
     });
+    let control_plane = admin.feed.as_ref().map(|f| FeedStatus::clone(&f.load()));
     serde_json::json!({
         "node": state.local_node(),
         "trust_domain": admin.certs.trust_domain(),
+        "mode": if admin.feed.is_some() { "control_plane" } else { "static" },
         "ready": admin.ready.load(Ordering::Relaxed),
+        "control_plane": control_plane,
         "nodes": nodes,
         "workloads": state.workloads().iter().map(|w| w.as_ref()).collect::<Vec<_>>(),
         "certificates": certificates,
+        "certificate_errors": admin.certs.failures().as_ref(),
         "datapath": datapath,
     })
 }

@@ -4,18 +4,45 @@
 //! bound before the datapath is (re)attached, so redirected connections always find a proxy
 //! ready for them. On shutdown the listeners stop, open connections drain up to a deadline, and
 //! the pinned datapath stays in place for the next agent.
+//!
+//! In live mode (`control_plane`) the state starts empty and the tasks below keep it:
+//!
+//! ```text
+//! feed (stream, resources) -> state (MeshState, cgroups) -> ArcSwap (proxy reads)
+//!                                                       -> watch -> enrollment (eBPF map)
+//!                                                                -> certificates (CA service)
+//! ```
+//!
+//! Each task is the only writer of what it owns. The agent is ready once the first snapshot is
+//! applied and enrolled; until then the pinned enrollment of a previous agent stays, and its
+//! redirected connections are refused rather than let out of the mesh.
+
+pub mod cgroups;
+pub mod channel;
+pub mod enrollment;
+pub mod feed;
+pub mod state;
+#[cfg(test)]
+mod tests;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, oneshot, watch},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{self, AdminState, Surface},
     config::{AgentConfig, ConfigError, parse_cidr},
     ebpf::{Datapath, DatapathSpec, EbpfError},
-    identity::{CertStore, LocalCa, ca::CaError, store::StoreError},
+    identity::{
+        CertStore, Identity, LocalCa,
+        ca::CaError,
+        store::{CertManager, IssueError, Issuer, RemoteCa, StoreError},
+    },
     metrics::{DatapathStats, Direction, Metrics},
     proxy::{self, ProxyInputs, Settings, pool::Pool},
     tls::{self, TlsError},
@@ -30,6 +57,13 @@ pub enum AgentError {
     Ca(#[from] CaError),
     #[error("cannot prepare workload certificates: {0}")]
     Certs(#[from] StoreError),
+    #[error("cannot issue the certificate of {identity}: {source}")]
+    Issue {
+        identity: Identity,
+        source: IssueError,
+    },
+    #[error(transparent)]
+    ControlPlane(#[from] channel::ChannelError),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("cannot listen on {addr} ({what}): {source}")]
@@ -67,19 +101,80 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Agent
     bind().map_err(|source| AgentError::Bind { what, addr, source })
 }
 
+/// How the state and certificates are sourced.
+enum Source {
+    /// Everything from the file, signed by a local CA.
+    Static,
+    /// The controller's feed.
+    Live {
+        channel: tonic::transport::Channel,
+        token: channel::BearerToken,
+        address: SocketAddr,
+    },
+}
+
 /// Runs the agent until `shutdown` is cancelled, then drains.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let provider = tls::provider();
-    let ca = LocalCa::load(&config.ca.cert, &config.ca.key)?;
-    let certs = Arc::new(CertStore::new(
-        ca,
-        provider.clone(),
-        &config.trust_domain,
-        Duration::from_secs(config.certificate_ttl_secs),
-    )?);
-    let state = MeshState::from_config(&config)?;
-    certs.reconcile(&state.local_identities())?;
-    let state = Arc::new(ArcSwap::from_pointee(state));
+    let ttl = Duration::from_secs(config.certificate_ttl_secs);
+    let (source, certs, issuer, initial) = match (&config.ca, &config.control_plane) {
+        (Some(ca), _) => {
+            let ca = LocalCa::load(&ca.cert, &ca.key)?;
+            let certs = Arc::new(CertStore::new(
+                provider.clone(),
+                std::slice::from_ref(ca.cert_der()),
+                &config.trust_domain,
+            )?);
+            let state = Arc::new(MeshState::from_config(&config)?);
+            (Source::Static, certs, Issuer::Local(ca), Some(state))
+        }
+        (None, Some(cp)) => {
+            let roots = channel::read_roots(cp)?;
+            let certs = Arc::new(CertStore::new(
+                provider.clone(),
+                &roots,
+                &config.trust_domain,
+            )?);
+            let channel = channel::channel(cp)?;
+            let token = channel::BearerToken::new(cp.token_file.clone());
+            let issuer = Issuer::Remote(RemoteCa::new(
+                channel.clone(),
+                token.clone(),
+                certs.roots().clone(),
+                provider.clone(),
+            ));
+            let source = Source::Live {
+                channel,
+                token,
+                address: cp.address,
+            };
+            (source, certs, issuer, None)
+        }
+        (None, None) => {
+            return Err(AgentError::Config(ConfigError::Invalid {
+                field: "ca".into(),
+                reason: "one of ca or control_plane is required".into(),
+            }));
+        }
+    };
+    let mut cert_manager = CertManager::new(certs.clone(), issuer, ttl);
+    if let Some(state) = &initial {
+        // Static mode: every local certificate exists before the first pod is redirected.
+        if let Some((identity, source)) = cert_manager
+            .reconcile(&state.local_identities())
+            .await
+            .into_iter()
+            .next()
+        {
+            return Err(AgentError::Issue { identity, source });
+        }
+    }
+    let state = Arc::new(ArcSwap::new(
+        initial
+            .clone()
+            .unwrap_or_else(|| Arc::new(MeshState::empty(&config.node))),
+    ));
+    let (publish, states) = watch::channel(initial.clone());
     let server_tls = Arc::new(tls::server_config(
         provider,
         certs.roots().clone(),
@@ -117,7 +212,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             .filter_map(|c| parse_cidr(c).ok())
             .collect(),
     };
-    let datapath = Arc::new(Datapath::install(&spec, state.load().local_cgroups())?);
+    let (datapath, enroller) =
+        Datapath::install(&spec, initial.as_deref().map(MeshState::local_cgroups))?;
+    let datapath = Arc::new(datapath);
 
     let mut metrics = Metrics::new();
     metrics.register_datapath(datapath.clone());
@@ -162,11 +259,19 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         proxy::inbound::handle,
     ));
 
+    let feed_status = match &source {
+        Source::Static => None,
+        Source::Live { address, .. } => Some(Arc::new(ArcSwap::from_pointee(feed::FeedStatus {
+            address: address.to_string(),
+            ..Default::default()
+        }))),
+    };
     let admin = Arc::new(AdminState {
         state: state.clone(),
         certs: certs.clone(),
         metrics,
         datapath: Some(datapath.clone()),
+        feed: feed_status.clone(),
         ready: false.into(),
     });
     listeners.spawn(admin::serve(
@@ -191,12 +296,58 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             shutdown.clone(),
         ));
     }
-    listeners.spawn(renew_certificates(certs, state, shutdown.clone()));
-
-    admin
-        .ready
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(node = %config.node, outbound = %config.listen.outbound, hbone = %config.listen.hbone, "agent ready");
+    listeners.spawn(cert_manager.run(states.clone(), shutdown.clone()));
+    let (synced, first_sync) = oneshot::channel();
+    listeners.spawn(enrollment::run(
+        enroller,
+        states.clone(),
+        synced,
+        shutdown.clone(),
+    ));
+    if let (Source::Live { channel, token, .. }, Some(status)) = (source, feed_status) {
+        let (applied_tx, applied_rx) = mpsc::channel(1);
+        let state_task = state::StateTask {
+            local_node: config.node.clone(),
+            state: state.clone(),
+            publish,
+            cgroups: cgroups::CgroupDiscovery::new(config.datapath.cgroup_root.clone()),
+            applied: applied_rx,
+        };
+        listeners.spawn(state_task.run(shutdown.clone()));
+        let feed = feed::Feed {
+            node: config.node.clone(),
+            trust_domain: config.trust_domain.clone(),
+            channel,
+            token,
+            status,
+            applied: applied_tx,
+            backoff: feed::default_backoff(),
+        };
+        listeners.spawn(feed.run(shutdown.clone()));
+        tracing::info!(node = %config.node, "waiting for the first state from the control plane");
+    } else {
+        // Static mode: the state never changes, but its followers must keep their receiver.
+        listeners.spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                drop(publish);
+            }
+        });
+    }
+    listeners.spawn({
+        let admin = admin.clone();
+        let node = config.node.clone();
+        let (outbound, hbone) = (config.listen.outbound, config.listen.hbone);
+        async move {
+            if first_sync.await.is_ok() {
+                admin
+                    .ready
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(%node, %outbound, %hbone, "agent ready");
+            }
+        }
+    });
 
     shutdown.cancelled().await;
     admin
@@ -218,36 +369,4 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     }
     tracing::info!("agent stopped; datapath left pinned for the next agent");
     Ok(())
-}
-
-/// Renews certificates at half life. On failure, keeps the current ones (still valid) and
-/// retries with a bounded backoff.
-async fn renew_certificates(
-    certs: Arc<CertStore>,
-    state: Arc<ArcSwap<MeshState>>,
-    shutdown: CancellationToken,
-) {
-    const MIN_WAIT: Duration = Duration::from_secs(1);
-    const MAX_WAIT: Duration = Duration::from_secs(3600);
-    let mut backoff = MIN_WAIT;
-    loop {
-        let wait = match certs.next_renewal() {
-            Some(at) => at
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or_default()
-                .clamp(MIN_WAIT, MAX_WAIT),
-            None => MAX_WAIT,
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait.max(backoff)) => {}
-        }
-        match certs.reconcile(&state.load().local_identities()) {
-            Ok(()) => backoff = MIN_WAIT,
-            Err(e) => {
-                backoff = (backoff * 2).min(Duration::from_secs(60));
-                tracing::error!(error = %e, retry_in_secs = backoff.as_secs(), "certificate renewal failed; keeping current certificates");
-            }
-        }
-    }
 }

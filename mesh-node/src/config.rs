@@ -1,8 +1,13 @@
 //! The agent's configuration file: typed, defaulted, and validated on load.
 //!
-//! Everything the node agent needs to know about the mesh until the control plane streams it:
-//! this node, the other nodes' HBONE addresses, the workloads, the trust domain and CA, and the
-//! datapath settings. Validation errors name the offending field.
+//! Two modes, exactly one of which a file selects:
+//! - static (`ca`): the file lists the nodes and workloads and holds the CA key; the agent signs
+//!   its own workload certificates. Used by tests and setups without a controller.
+//! - live (`control_plane`): nodes and workloads stream from `mesh-node controller`, which also
+//!   signs certificates; the file only says how to reach and trust it.
+//!
+//! Both share the node, trust domain, listener and datapath settings. Validation errors name
+//! the offending field.
 
 use std::{
     collections::HashSet,
@@ -42,7 +47,12 @@ pub struct AgentConfig {
     pub node: String,
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
-    pub ca: CaConfig,
+    /// Static mode: a CA held by the agent itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<CaConfig>,
+    /// Live mode: the controller that streams the mesh state and signs certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<ControlPlaneConfig>,
     /// Lifetime of issued workload certificates; they are renewed at half life.
     #[serde(default = "default_cert_ttl")]
     pub certificate_ttl_secs: u64,
@@ -57,9 +67,10 @@ pub struct AgentConfig {
     pub drain_timeout_secs: u64,
     #[serde(default)]
     pub log_format: LogFormat,
-    /// Every node of the mesh, this one included.
+    /// Static mode: every node of the mesh, this one included.
+    #[serde(default)]
     pub nodes: Vec<NodeConfig>,
-    /// Every workload of the mesh.
+    /// Static mode: every workload of the mesh.
     #[serde(default)]
     pub workloads: Vec<WorkloadConfig>,
 }
@@ -71,6 +82,31 @@ pub struct CaConfig {
     pub cert: PathBuf,
     /// PEM PKCS#8 private key of the signing CA.
     pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlaneConfig {
+    /// The controller's gRPC address (TLS), conventionally port 15012.
+    pub address: SocketAddr,
+    /// The name the controller's certificate must carry; by default the address's IP (as an
+    /// IP SAN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// PEM root of the mesh: verifies the controller and is the trust bundle for workloads.
+    pub ca_cert: PathBuf,
+    /// Bearer credential proving which node this agent runs on: a Kubernetes service account
+    /// token (re-read on every use, as kubelet rotates it) or a bootstrap token.
+    pub token_file: PathBuf,
+}
+
+impl ControlPlaneConfig {
+    /// The TLS server name to verify the controller's certificate against.
+    pub fn server_name(&self) -> String {
+        self.server_name
+            .clone()
+            .unwrap_or_else(|| self.address.ip().to_string())
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -233,34 +269,23 @@ impl AgentConfig {
     /// Checks everything serde cannot: references between sections, addresses, names.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_dns_label("node", &self.node)?;
-        Identity::new(&self.trust_domain, "default", "default")
-            .map_err(|e| invalid("trust_domain", e.to_string()))?;
-        if self.certificate_ttl_secs < 60 {
-            return Err(invalid("certificate_ttl_secs", "must be at least 60"));
-        }
-        if self.listen.outbound.ip().is_unspecified() || !self.listen.outbound.is_ipv4() {
-            return Err(invalid(
-                "listen.outbound",
-                "must be a concrete IPv4 address that pods can reach",
-            ));
-        }
-        if let Some(addr) = self.listen.outbound6 {
-            if addr.ip().is_unspecified() || !addr.is_ipv6() {
+        match (&self.ca, &self.control_plane) {
+            (Some(_), Some(_)) => {
                 return Err(invalid(
-                    "listen.outbound6",
-                    "must be a concrete IPv6 address",
+                    "control_plane",
+                    "set either ca (static mode) or control_plane, not both",
                 ));
             }
-            if addr.port() != self.listen.outbound.port() {
+            (None, None) => {
                 return Err(invalid(
-                    "listen.outbound6",
-                    "must use the same port as listen.outbound",
+                    "ca",
+                    "one of ca (static mode) or control_plane is required",
                 ));
             }
+            (None, Some(cp)) => return self.validate_live(cp),
+            (Some(_), None) => {}
         }
-        for (i, cidr) in self.datapath.excluded_cidrs.iter().enumerate() {
-            parse_cidr(cidr).map_err(|r| invalid(format!("datapath.excluded_cidrs[{i}]"), r))?;
-        }
+        self.validate_common()?;
         let mut node_names = HashSet::new();
         for (i, node) in self.nodes.iter().enumerate() {
             check_dns_label(&format!("nodes[{i}].name"), &node.name)?;
@@ -319,6 +344,77 @@ impl AgentConfig {
                     "required for workloads on this node",
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The settings both modes share.
+    fn validate_common(&self) -> Result<(), ConfigError> {
+        Identity::new(&self.trust_domain, "default", "default")
+            .map_err(|e| invalid("trust_domain", e.to_string()))?;
+        if self.certificate_ttl_secs < 60 {
+            return Err(invalid("certificate_ttl_secs", "must be at least 60"));
+        }
+        if self.listen.outbound.ip().is_unspecified() || !self.listen.outbound.is_ipv4() {
+            return Err(invalid(
+                "listen.outbound",
+                "must be a concrete IPv4 address that pods can reach",
+            ));
+        }
+        if let Some(addr) = self.listen.outbound6 {
+            if addr.ip().is_unspecified() || !addr.is_ipv6() {
+                return Err(invalid(
+                    "listen.outbound6",
+                    "must be a concrete IPv6 address",
+                ));
+            }
+            if addr.port() != self.listen.outbound.port() {
+                return Err(invalid(
+                    "listen.outbound6",
+                    "must use the same port as listen.outbound",
+                ));
+            }
+        }
+        for (i, cidr) in self.datapath.excluded_cidrs.iter().enumerate() {
+            parse_cidr(cidr).map_err(|r| invalid(format!("datapath.excluded_cidrs[{i}]"), r))?;
+        }
+        Ok(())
+    }
+
+    /// Live mode: the mesh comes from the controller, so the file must not describe it.
+    fn validate_live(&self, cp: &ControlPlaneConfig) -> Result<(), ConfigError> {
+        self.validate_common()?;
+        if cp.address.ip().is_unspecified() || cp.address.port() == 0 {
+            return Err(invalid(
+                "control_plane.address",
+                "must be a concrete address and port",
+            ));
+        }
+        if let Some(name) = &cp.server_name
+            && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
+        {
+            return Err(invalid(
+                "control_plane.server_name",
+                format!("{name:?} is not a DNS name or IP address"),
+            ));
+        }
+        if cp.ca_cert.as_os_str().is_empty() {
+            return Err(invalid("control_plane.ca_cert", "a PEM file is required"));
+        }
+        if cp.token_file.as_os_str().is_empty() {
+            return Err(invalid("control_plane.token_file", "a file is required"));
+        }
+        if !self.nodes.is_empty() {
+            return Err(invalid(
+                "nodes",
+                "must be empty with control_plane: nodes come from the controller",
+            ));
+        }
+        if !self.workloads.is_empty() {
+            return Err(invalid(
+                "workloads",
+                "must be empty with control_plane: workloads come from the controller",
+            ));
         }
         Ok(())
     }
@@ -437,5 +533,69 @@ workloads:
             AgentConfig::parse(&text),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    const LIVE: &str = r#"
+node: node-a
+control_plane: { address: "10.1.0.1:15012", ca_cert: /etc/trellis/ca.pem, token_file: /var/run/token }
+listen: { outbound: "10.0.0.1:15001", hbone: "10.1.0.1:15008" }
+datapath: { cgroup_root: /sys/fs/cgroup/kubepods.slice }
+"#;
+
+    #[test]
+    fn live_mode_needs_only_the_control_plane() {
+        let config = AgentConfig::parse(LIVE).expect("valid");
+        let cp = config.control_plane.as_ref().expect("control plane");
+        assert!(config.ca.is_none());
+        assert_eq!(cp.server_name(), "10.1.0.1", "defaults to the address's IP");
+        let named = AgentConfig::parse(&LIVE.replace(
+            "ca_cert:",
+            "server_name: trellis-controller.trellis-system.svc, ca_cert:",
+        ))
+        .expect("valid");
+        assert_eq!(
+            named.control_plane.expect("cp").server_name(),
+            "trellis-controller.trellis-system.svc"
+        );
+        let again = AgentConfig::parse(&config.to_yaml()).expect("round trip");
+        assert!(again.control_plane.is_some() && again.ca.is_none());
+    }
+
+    #[test]
+    fn exactly_one_mode_is_required() {
+        let both = LIVE.replace(
+            "node: node-a\n",
+            "node: node-a\nca: { cert: /ca.pem, key: /ca.key }\n",
+        );
+        assert_eq!(error_field(&both), "control_plane");
+        let neither = GOOD.replace("ca: { cert: /ca.pem, key: /ca.key }\n", "");
+        assert_eq!(error_field(&neither), "ca");
+    }
+
+    #[test]
+    fn live_mode_refuses_a_static_mesh_description() {
+        let with_nodes = format!("{LIVE}nodes: [{{ name: node-a, hbone: \"10.1.0.1:15008\" }}]\n");
+        assert_eq!(error_field(&with_nodes), "nodes");
+        let with_workloads = format!(
+            "{LIVE}workloads: [{{ name: web, namespace: shop, node: node-a, ips: [10.0.0.10], cgroup: /x }}]\n"
+        );
+        assert_eq!(error_field(&with_workloads), "workloads");
+        assert_eq!(
+            error_field(&LIVE.replace("10.1.0.1:15012", "0.0.0.0:15012")),
+            "control_plane.address"
+        );
+        assert_eq!(
+            error_field(&LIVE.replace("ca_cert:", "server_name: \"bad name!\", ca_cert:")),
+            "control_plane.server_name"
+        );
+        assert_eq!(
+            error_field(&LIVE.replace("token_file: /var/run/token", "token_file: \"\"")),
+            "control_plane.token_file"
+        );
+        // The shared checks apply in live mode too.
+        assert_eq!(
+            error_field(&LIVE.replace("10.0.0.1:15001", "0.0.0.0:15001")),
+            "listen.outbound"
+        );
     }
 }

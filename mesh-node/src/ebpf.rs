@@ -129,9 +129,12 @@ fn fs_magic(path: &Path) -> Result<i64, EbpfError> {
 }
 
 /// The loaded datapath. Dropping it leaves the pinned programs attached.
+///
+/// Shared read-only (counters, map ids, connection lookups); the enrollment map is not part of
+/// it but of the [`Enroller`] that [`Datapath::install`] hands out, so exactly one owner
+/// writes it.
 pub struct Datapath {
     _ebpf: Ebpf,
-    enrolled: HashMap<MapData, u64, Enrollment>,
     conntrack: Arc<ConnTrack>,
     stats: PerCpuArray<MapData, u64>,
     version_dir: PathBuf,
@@ -154,9 +157,69 @@ impl ConnTrack {
     }
 }
 
+/// The writer of the enrollment map: which pod cgroups are redirected.
+pub struct Enroller {
+    enrolled: HashMap<MapData, u64, Enrollment>,
+}
+
+impl std::fmt::Debug for Enroller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enroller").finish_non_exhaustive()
+    }
+}
+
+impl Enroller {
+    /// Makes the enrollment map exactly `pods`: stale entries go first (a pod that left, or a
+    /// gone pod whose cgroup id could be reused), then the wanted ones are inserted. A pod
+    /// that cannot be inserted (the map is full) is reported and the others still go in.
+    pub fn enroll(&mut self, pods: &[PodCgroup]) -> Result<(), EbpfError> {
+        let wanted: HashSet<u64> = pods.iter().map(|p| p.id).collect();
+        let stale: Vec<u64> = self
+            .enrolled
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|id| !wanted.contains(id))
+            .collect();
+        for id in stale {
+            let _ = self.enrolled.remove(&id);
+        }
+        let value = Enrollment {
+            flags: Enrollment::REDIRECT_OUTBOUND,
+            reserved: 0,
+        };
+        let mut first_failure = None;
+        for pod in pods {
+            if let Err(source) = self.enrolled.insert(pod.id, value, 0) {
+                tracing::error!(cgroup = %pod.path.display(), error = %source, "cannot enroll pod");
+                first_failure.get_or_insert_with(|| pod.path.clone());
+            }
+        }
+        match first_failure {
+            None => Ok(()),
+            Some(cgroup) => Err(EbpfError::EnrollmentFull {
+                max: mesh_common::MAX_ENROLLED_CGROUPS,
+                cgroup,
+            }),
+        }
+    }
+
+    /// The cgroup ids in the map now.
+    pub fn enrolled(&self) -> Vec<u64> {
+        self.enrolled.keys().filter_map(Result::ok).collect()
+    }
+}
+
 impl Datapath {
     /// Loads the programs, fills the maps, attaches to the pod cgroup root and pins everything.
-    pub fn install(spec: &DatapathSpec, pods: &[PodCgroup]) -> Result<Self, EbpfError> {
+    ///
+    /// With `pods`, the enrollment map is made exactly that before any program is attached
+    /// (static mode). Without, it is left as a previous agent pinned it, so pods stay
+    /// redirected (and refused while no proxy knows them) until the owner of the returned
+    /// [`Enroller`] reconciles it against the first state from the controller.
+    pub fn install(
+        spec: &DatapathSpec,
+        pods: Option<&[PodCgroup]>,
+    ) -> Result<(Self, Enroller), EbpfError> {
         preflight(spec)?;
         let version_dir = spec.pin_dir.join(format!("v{LAYOUT_VERSION}"));
         let maps_dir = version_dir.join("maps");
@@ -185,20 +248,23 @@ impl Datapath {
         reconcile_ports(&mut ports, &spec.excluded_ports)?;
         let mut nets: LpmTrie<MapData, [u32; 4], u32> = take_map(&mut ebpf, maps::EXCLUDED_NETS)?;
         reconcile_nets(&mut nets, &spec.excluded_nets)?;
-        let enrolled: HashMap<MapData, u64, Enrollment> = take_map(&mut ebpf, maps::ENROLLED)?;
+        let mut enroller = Enroller {
+            enrolled: take_map(&mut ebpf, maps::ENROLLED)?,
+        };
+        if let Some(pods) = pods {
+            enroller.enroll(pods)?;
+        }
         let conntrack = Arc::new(ConnTrack {
             by_tuple: take_map(&mut ebpf, maps::ORIG_BY_TUPLE)?,
         });
         let stats = take_map(&mut ebpf, maps::DP_STATS)?;
         let mut datapath = Self {
             _ebpf: ebpf,
-            enrolled,
             conntrack,
             stats,
             version_dir: version_dir.clone(),
             _logger: logger,
         };
-        datapath.enroll(pods)?;
 
         // 2. Attach and pin, replacing what a previous agent pinned. Cgroup links always allow
         //    several programs per hook (the kernel refuses attach flags on links), so the new
@@ -240,35 +306,7 @@ impl Datapath {
         // 3. Only now retire datapaths of other layout versions.
         remove_other_versions(&spec.pin_dir);
         tracing::info!(pin_dir = %version_dir.display(), cgroup_root = %spec.cgroup_root.display(), "datapath attached");
-        Ok(datapath)
-    }
-
-    /// Makes the enrollment map exactly `pods`.
-    pub fn enroll(&mut self, pods: &[PodCgroup]) -> Result<(), EbpfError> {
-        let wanted: HashSet<u64> = pods.iter().map(|p| p.id).collect();
-        let stale: Vec<u64> = self
-            .enrolled
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|id| !wanted.contains(id))
-            .collect();
-        for id in stale {
-            let _ = self.enrolled.remove(&id);
-        }
-        let value = Enrollment {
-            flags: Enrollment::REDIRECT_OUTBOUND,
-            reserved: 0,
-        };
-        for pod in pods {
-            if let Err(source) = self.enrolled.insert(pod.id, value, 0) {
-                tracing::error!(cgroup = %pod.path.display(), error = %source, "cannot enroll pod");
-                return Err(EbpfError::EnrollmentFull {
-                    max: mesh_common::MAX_ENROLLED_CGROUPS,
-                    cgroup: pod.path.clone(),
-                });
-            }
-        }
-        Ok(())
+        Ok((datapath, enroller))
     }
 
     pub fn conntrack(&self) -> Arc<ConnTrack> {

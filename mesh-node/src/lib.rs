@@ -1,11 +1,13 @@
 //! Trellis's node-side roles. The `mesh-node` binary runs them; `meshctl` reads them.
 //!
 //! - [`agent`]: the per-node proxy and datapath owner.
+//! - [`controller`]: the control plane: CA service and config distribution to agents.
 //! - [`config`], [`identity`], [`tls`], [`ebpf`], [`proxy`], [`metrics`], [`admin`]: its parts.
 pub mod admin;
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod controller;
 pub mod ebpf;
 pub mod hbone;
 pub mod identity;

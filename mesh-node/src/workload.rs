@@ -1,29 +1,45 @@
 //! The mesh as this node sees it: workloads, their identities and nodes.
 //!
-//! Built from configuration into an immutable snapshot; readers hold an `Arc` to a consistent
-//! view while updates swap in a new one.
+//! The snapshot is immutable: readers hold an `Arc` to a consistent view while the owner of
+//! the state (the agent's state task, or start-up in static mode) swaps in a new one. It is
+//! built either from the static configuration or from the resources the controller streams;
+//! the protobuf types are converted here, at the boundary, and nothing past it sees them.
+//!
+//! Workloads are keyed by pod uid, never by address: a new pod that reuses an old pod's IP is
+//! a different workload, and an address claimed by two workloads at once names neither.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
 };
 
 use crate::{
+    api::v1 as api,
     config::{AgentConfig, ConfigError},
     ebpf::PodCgroup,
     identity::Identity,
 };
 
-/// A pod of the mesh.
-#[derive(Clone, Debug, serde::Serialize)]
+/// A pod known to the mesh: enrolled pods are mesh sources and destinations; the others are
+/// known for telemetry only.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Workload {
+    /// The pod's uid: the stable key of the workload, and how its cgroup is found.
+    pub uid: String,
     pub name: String,
     pub namespace: String,
     pub service_account: String,
     pub node: String,
     pub ips: Vec<IpAddr>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// In the mesh: traffic is redirected, it holds a certificate, it is an HBONE destination.
+    pub enrolled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// The pod's cgroup v2 directory, once known (configured, or discovered from the uid).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
     #[serde(serialize_with = "serialize_display")]
@@ -34,89 +50,286 @@ fn serialize_display<S: serde::Serializer>(v: &Identity, s: S) -> Result<S::Ok, 
     s.collect_str(v)
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct NodeInfo {
     pub name: String,
     pub hbone: SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+}
+
+/// Why a resource from the controller cannot be used. The message names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ResourceError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn bad(field: impl Into<String>, reason: impl Into<String>) -> ResourceError {
+    ResourceError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Kubernetes object names: lowercase DNS subdomains.
+fn check_subdomain(field: &str, value: &str) -> Result<(), ResourceError> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(field, format!("{value:?} is not a DNS subdomain")))
+    }
+}
+
+/// Pod uids are UUIDs. They end up in cgroup directory names we match on, so anything that
+/// could act as a path component (`/`, `.`) or a pattern is refused outright.
+fn check_uid(value: &str) -> Result<(), ResourceError> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(
+            "uid",
+            format!("{value:?} is not a pod uid (letters, digits, '-' and '_')"),
+        ))
+    }
+}
+
+fn zone(value: String) -> Option<String> {
+    (!value.is_empty()).then_some(value)
+}
+
+impl Workload {
+    /// Converts a streamed workload. The protobuf carries no trust domain (it is the mesh's,
+    /// not the pod's), so it is a parameter rather than a `TryFrom`.
+    pub fn from_resource(w: api::Workload, trust_domain: &str) -> Result<Self, ResourceError> {
+        check_uid(&w.uid)?;
+        check_subdomain("name", &w.name)?;
+        check_subdomain("node", &w.node)?;
+        let identity = Identity::new(trust_domain, &w.namespace, &w.service_account)
+            .map_err(|e| bad("namespace/service_account", e.to_string()))?;
+        let mut ips = Vec::with_capacity(w.ips.len());
+        for (i, text) in w.ips.iter().enumerate() {
+            let ip: IpAddr = text.parse().map_err(|_| {
+                bad(
+                    format!("ips[{i}]"),
+                    format!("{text:?} is not an IP address"),
+                )
+            })?;
+            let ip = canonical(ip);
+            if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+                return Err(bad(
+                    format!("ips[{i}]"),
+                    format!("{ip} is not a pod address"),
+                ));
+            }
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        for (key, value) in &w.labels {
+            if key.is_empty() || key.len() > 317 || value.len() > 63 {
+                return Err(bad(
+                    format!("labels[{key:?}]"),
+                    "not a Kubernetes label (key 1..=317 bytes, value at most 63)",
+                ));
+            }
+        }
+        Ok(Self {
+            uid: w.uid,
+            name: w.name,
+            namespace: w.namespace,
+            service_account: w.service_account,
+            node: w.node,
+            ips,
+            labels: w.labels.into_iter().collect(),
+            enrolled: w.enrolled,
+            zone: zone(w.zone),
+            cgroup: None,
+            identity,
+        })
+    }
+}
+
+impl TryFrom<api::Node> for NodeInfo {
+    type Error = ResourceError;
+
+    fn try_from(n: api::Node) -> Result<Self, ResourceError> {
+        check_subdomain("name", &n.name)?;
+        let hbone: SocketAddr = n
+            .hbone
+            .parse()
+            .map_err(|_| bad("hbone", format!("{:?} is not an IP:port address", n.hbone)))?;
+        if hbone.ip().is_unspecified() || hbone.port() == 0 {
+            return Err(bad("hbone", format!("{hbone} is not a concrete address")));
+        }
+        Ok(Self {
+            name: n.name,
+            hbone,
+            zone: zone(n.zone),
+        })
+    }
 }
 
 /// An immutable view of the mesh.
 #[derive(Debug, Default)]
 pub struct MeshState {
     local_node: String,
+    /// Every known workload, enrolled or not, ordered by (namespace, name, uid).
     workloads: Vec<Arc<Workload>>,
+    /// Mesh destinations: enrolled workloads, by each address only they claim.
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// Any workload by address, for telemetry.
+    known_by_ip: HashMap<IpAddr, Arc<Workload>>,
     by_cgroup: HashMap<u64, Arc<Workload>>,
     local_cgroups: Vec<PodCgroup>,
+    /// Enrolled local workloads whose cgroup is not (yet) found: not redirected.
+    pending_cgroups: Vec<Arc<Workload>>,
     nodes: HashMap<String, NodeInfo>,
 }
 
 impl MeshState {
-    /// Builds the view from a validated configuration. A local workload whose cgroup cannot be
-    /// found is kept out of the enrollment (its connections are not meshed, and logged), without
-    /// affecting anyone else.
-    pub fn from_config(config: &AgentConfig) -> Result<Self, ConfigError> {
-        let mut state = MeshState {
-            local_node: config.node.clone(),
+    /// Nothing known yet (live mode before the first snapshot).
+    pub fn empty(local_node: &str) -> Self {
+        Self {
+            local_node: local_node.to_owned(),
             ..Default::default()
-        };
-        for node in &config.nodes {
-            state.nodes.insert(
-                node.name.clone(),
-                NodeInfo {
-                    name: node.name.clone(),
-                    hbone: node.hbone,
-                },
-            );
         }
+    }
+
+    /// Builds the view from a validated static configuration. Every configured workload is
+    /// enrolled. A local workload whose cgroup cannot be found is kept out of the enrollment
+    /// (its connections are not meshed, and logged), without affecting anyone else.
+    pub fn from_config(config: &AgentConfig) -> Result<Self, ConfigError> {
+        let nodes = config.nodes.iter().map(|node| NodeInfo {
+            name: node.name.clone(),
+            hbone: node.hbone,
+            zone: None,
+        });
+        let mut workloads = Vec::with_capacity(config.workloads.len());
         for (i, w) in config.workloads.iter().enumerate() {
             let identity = Identity::new(&config.trust_domain, &w.namespace, &w.service_account)
                 .map_err(|e| ConfigError::Invalid {
                     field: format!("workloads[{i}]"),
                     reason: e.to_string(),
                 })?;
-            let workload = Arc::new(Workload {
+            workloads.push(Arc::new(Workload {
+                // Static workloads have no pod object; their name is unique per namespace.
+                uid: format!("static.{}.{}", w.namespace, w.name),
                 name: w.name.clone(),
                 namespace: w.namespace.clone(),
                 service_account: w.service_account.clone(),
                 node: w.node.clone(),
-                ips: w.ips.clone(),
+                ips: w.ips.iter().map(|ip| canonical(*ip)).collect(),
+                labels: BTreeMap::new(),
+                enrolled: true,
+                zone: None,
                 cgroup: w.cgroup.clone(),
                 identity,
-            });
-            for ip in &w.ips {
-                state.by_ip.insert(*ip, workload.clone());
+            }));
+        }
+        Ok(Self::build(&config.node, workloads, nodes, |w| {
+            let path = w.cgroup.as_ref()?;
+            PodCgroup::from_path(path)
+                .map_err(|e| {
+                    tracing::error!(workload = %w.name, namespace = %w.namespace, error = %e, "pod cgroup not found; pod not enrolled");
+                })
+                .ok()
+        }))
+    }
+
+    /// Builds the view from converted resources. `cgroup_of` finds the cgroup of an enrolled
+    /// local workload (the only ones the datapath redirects); `None` leaves it pending.
+    pub fn build(
+        local_node: &str,
+        workloads: impl IntoIterator<Item = Arc<Workload>>,
+        nodes: impl IntoIterator<Item = NodeInfo>,
+        mut cgroup_of: impl FnMut(&Workload) -> Option<PodCgroup>,
+    ) -> Self {
+        let mut state = MeshState {
+            local_node: local_node.to_owned(),
+            nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            ..Default::default()
+        };
+        let mut workloads: Vec<Arc<Workload>> = workloads.into_iter().collect();
+        workloads
+            .sort_by(|a, b| (&a.namespace, &a.name, &a.uid).cmp(&(&b.namespace, &b.name, &b.uid)));
+        let mut ambiguous = HashSet::new();
+        let mut ambiguous_known = HashSet::new();
+        for workload in &workloads {
+            let mut workload = workload.clone();
+            if workload.node == state.local_node && workload.enrolled {
+                match cgroup_of(&workload) {
+                    Some(cgroup) => {
+                        if workload.cgroup.as_ref() != Some(&cgroup.path) {
+                            let mut found = (*workload).clone();
+                            found.cgroup = Some(cgroup.path.clone());
+                            workload = Arc::new(found);
+                        }
+                        match state.by_cgroup.entry(cgroup.id) {
+                            std::collections::hash_map::Entry::Occupied(other) => {
+                                tracing::error!(cgroup = %cgroup.path.display(), workload = %workload.name, other = %other.get().name, "two workloads resolve to one cgroup; keeping the first");
+                            }
+                            std::collections::hash_map::Entry::Vacant(slot) => {
+                                slot.insert(workload.clone());
+                                state.local_cgroups.push(cgroup);
+                            }
+                        }
+                    }
+                    None => state.pending_cgroups.push(workload.clone()),
+                }
             }
-            if w.node == config.node
-                && let Some(path) = &w.cgroup
-            {
-                match PodCgroup::from_path(path) {
-                    Ok(cgroup) => {
-                        state.by_cgroup.insert(cgroup.id, workload.clone());
-                        state.local_cgroups.push(cgroup);
-                    }
-                    Err(e) => {
-                        tracing::error!(workload = %w.name, namespace = %w.namespace, error = %e, "pod cgroup not found; pod not enrolled")
-                    }
+            for ip in &workload.ips {
+                let ip = canonical(*ip);
+                insert_unique(&mut state.known_by_ip, &mut ambiguous_known, ip, &workload);
+                if workload.enrolled {
+                    insert_unique(&mut state.by_ip, &mut ambiguous, ip, &workload);
                 }
             }
             state.workloads.push(workload);
         }
-        Ok(state)
+        for ip in &ambiguous {
+            tracing::warn!(%ip, "address claimed by several workloads; it names none of them until that resolves");
+        }
+        state
     }
 
     pub fn local_node(&self) -> &str {
         &self.local_node
     }
 
+    /// Every known workload, enrolled or not.
     pub fn workloads(&self) -> &[Arc<Workload>] {
         &self.workloads
     }
 
+    /// The mesh destination at `ip`: an enrolled workload that alone claims the address.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&canonical(ip))
     }
 
+    /// Any workload at `ip`, enrolled or not: for telemetry, never for routing or trust.
+    pub fn known_workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.known_by_ip.get(&canonical(ip))
+    }
+
+    /// The enrolled local workload whose cgroup has this id.
     pub fn workload_by_cgroup(&self, cgroup_id: u64) -> Option<&Arc<Workload>> {
         self.by_cgroup.get(&cgroup_id)
     }
@@ -138,13 +351,42 @@ impl MeshState {
         &self.local_cgroups
     }
 
-    /// Identities of the workloads on this node: the only ones it may hold certificates for.
+    /// Enrolled local workloads whose cgroup was not found: not redirected until it is.
+    pub fn pending_cgroups(&self) -> &[Arc<Workload>] {
+        &self.pending_cgroups
+    }
+
+    /// Identities of the enrolled workloads on this node: the only ones it may hold
+    /// certificates for.
     pub fn local_identities(&self) -> HashSet<Identity> {
         self.workloads
             .iter()
-            .filter(|w| self.is_local(w))
+            .filter(|w| w.enrolled && self.is_local(w))
             .map(|w| w.identity.clone())
             .collect()
+    }
+}
+
+/// Inserts `ip -> workload` unless another workload already claims `ip`, in which case the
+/// address is removed and remembered as ambiguous, whatever the order of insertion.
+fn insert_unique(
+    map: &mut HashMap<IpAddr, Arc<Workload>>,
+    ambiguous: &mut HashSet<IpAddr>,
+    ip: IpAddr,
+    workload: &Arc<Workload>,
+) {
+    if ambiguous.contains(&ip) {
+        return;
+    }
+    match map.get(&ip) {
+        Some(other) if other.uid != workload.uid => {
+            map.remove(&ip);
+            ambiguous.insert(ip);
+        }
+        Some(_) => {}
+        None => {
+            map.insert(ip, workload.clone());
+        }
     }
 }
 
@@ -153,5 +395,155 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
         v4 => v4,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn api_workload(uid: &str, name: &str, node: &str, ip: &str) -> api::Workload {
+        api::Workload {
+            uid: uid.into(),
+            name: name.into(),
+            namespace: "shop".into(),
+            service_account: name.into(),
+            node: node.into(),
+            ips: vec![ip.into()],
+            labels: [("app".to_owned(), name.to_owned())].into(),
+            enrolled: true,
+            zone: "zone-a".into(),
+        }
+    }
+
+    fn convert(w: api::Workload) -> Result<Workload, ResourceError> {
+        Workload::from_resource(w, "cluster.local")
+    }
+
+    #[test]
+    fn streamed_workloads_convert_with_their_identity() {
+        let mut w = api_workload("0b1c-2d", "web", "node-a", "::ffff:10.0.0.1");
+        w.ips.push("10.0.0.1".into());
+        let w = convert(w).expect("valid");
+        assert_eq!(
+            w.identity.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert_eq!(w.ips, vec!["10.0.0.1".parse::<IpAddr>().expect("ip")]);
+        assert_eq!(w.zone.as_deref(), Some("zone-a"));
+        assert_eq!(w.labels["app"], "web");
+    }
+
+    #[test]
+    fn malformed_workloads_name_the_field() {
+        let field = |edit: &dyn Fn(&mut api::Workload)| {
+            let mut w = api_workload("u1", "web", "node-a", "10.0.0.1");
+            edit(&mut w);
+            convert(w).expect_err("must be rejected").field
+        };
+        assert_eq!(field(&|w| w.uid = "../../etc".into()), "uid");
+        assert_eq!(field(&|w| w.uid.clear()), "uid");
+        assert_eq!(field(&|w| w.name = "Web".into()), "name");
+        assert_eq!(field(&|w| w.node.clear()), "node");
+        assert_eq!(field(&|w| w.ips.push("10.0.0.300".into())), "ips[1]");
+        assert_eq!(field(&|w| w.ips = vec!["127.0.0.1".into()]), "ips[0]");
+        assert_eq!(
+            field(&|w| w.service_account = "a/b".into()),
+            "namespace/service_account"
+        );
+    }
+
+    #[test]
+    fn nodes_convert_and_malformed_ones_are_refused() {
+        let node = |hbone: &str| api::Node {
+            name: "node-a".into(),
+            hbone: hbone.into(),
+            zone: String::new(),
+        };
+        let ok = NodeInfo::try_from(node("10.1.0.1:15008")).expect("valid");
+        assert_eq!(ok.zone, None);
+        for bad in ["10.1.0.1", "0.0.0.0:15008", "10.1.0.1:0", "node-a:15008"] {
+            assert_eq!(NodeInfo::try_from(node(bad)).expect_err(bad).field, "hbone");
+        }
+    }
+
+    fn arc(w: api::Workload) -> Arc<Workload> {
+        Arc::new(convert(w).expect("valid"))
+    }
+
+    #[test]
+    fn non_enrolled_workloads_are_known_but_not_destinations() {
+        let mut out = api_workload("u2", "legacy", "node-a", "10.0.0.2");
+        out.enrolled = false;
+        let state = MeshState::build(
+            "node-a",
+            [
+                arc(api_workload("u1", "web", "node-a", "10.0.0.1")),
+                arc(out),
+            ],
+            [],
+            |w| {
+                Some(PodCgroup {
+                    path: format!("/cg/{}", w.uid).into(),
+                    id: w.uid.len() as u64,
+                })
+            },
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert!(state.workload_by_ip(ip("10.0.0.1")).is_some());
+        assert!(state.workload_by_ip(ip("10.0.0.2")).is_none());
+        assert_eq!(
+            state
+                .known_workload_by_ip(ip("10.0.0.2"))
+                .map(|w| w.name.as_str()),
+            Some("legacy")
+        );
+        assert_eq!(
+            state.local_cgroups().len(),
+            1,
+            "only enrolled pods are redirected"
+        );
+        assert_eq!(state.local_identities().len(), 1);
+        assert_eq!(state.workloads().len(), 2);
+    }
+
+    #[test]
+    fn an_address_claimed_twice_names_neither_workload() {
+        let state = MeshState::build(
+            "node-a",
+            [
+                arc(api_workload("old", "old", "node-b", "10.0.0.1")),
+                arc(api_workload("new", "new", "node-b", "10.0.0.1")),
+            ],
+            [],
+            |_| None,
+        );
+        assert!(
+            state
+                .workload_by_ip("10.0.0.1".parse().expect("ip"))
+                .is_none()
+        );
+        assert!(
+            state
+                .known_workload_by_ip("10.0.0.1".parse().expect("ip"))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn local_workloads_without_a_cgroup_are_pending_but_keep_their_identity() {
+        let state = MeshState::build(
+            "node-a",
+            [arc(api_workload("u1", "web", "node-a", "10.0.0.1"))],
+            [],
+            |_| None,
+        );
+        assert!(state.local_cgroups().is_empty());
+        assert_eq!(state.pending_cgroups().len(), 1);
+        assert_eq!(
+            state.local_identities().len(),
+            1,
+            "certificates are prefetched"
+        );
     }
 }

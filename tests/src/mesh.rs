@@ -1,9 +1,17 @@
 //! Runs Trellis on a [`Testbed`]: a CA, one agent per node, and ways to look inside them.
 //!
-//! Each node's agent gets a configuration generated from the testbed's topology (its pods'
-//! cgroups, the nodes' LAN addresses) using the agent's own config types, runs in the node's
-//! namespace (outside every pod cgroup), logs JSON, and is reached through its admin port from
-//! a thread inside the node's namespace.
+//! Two modes:
+//! - static (default): each node's agent gets a configuration generated from the testbed's
+//!   topology (its pods' cgroups, the nodes' LAN addresses) and a copy of the CA key;
+//! - control plane ([`MeshOptions::control_plane`]): the testbed is described as Kubernetes
+//!   manifests (a Namespace labelled `trellis.dev/mesh=enabled`, Nodes, Pods with their uid,
+//!   node, service account and addresses) in a directory tests can edit while traffic runs
+//!   ([`Mesh::set_pod_label`], [`Mesh::delete_pod`], ...); `mesh-node controller` watches it
+//!   from node 0's namespace on `<node 0 LAN IP>:15012`, and the agents follow its feed, each
+//!   proving its node with a bootstrap token.
+//!
+//! Agents run in their node's namespace (outside every pod cgroup), log JSON, and are reached
+//! through their admin port from a thread inside the node's namespace.
 
 use std::{
     io::{Read, Write},
@@ -12,20 +20,29 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, Result, bail};
 use mesh_node::{
     config::{
-        AgentConfig, CaConfig, DatapathConfig, InboundConfig, ListenConfig, LogFormat, NodeConfig,
-        OutboundConfig, UnknownDestination, WorkloadConfig,
+        AgentConfig, CaConfig, ControlPlaneConfig, DatapathConfig, InboundConfig, ListenConfig,
+        LogFormat, NodeConfig, OutboundConfig, UnknownDestination, WorkloadConfig,
     },
     identity::LocalCa,
 };
+use serde_json::json;
 
 use crate::testbed::{Pod, Proc, SpawnOptions, Testbed};
 
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const HBONE_PORT: u16 = 15008;
 pub const ADMIN_PORT: u16 = 15000;
+pub const CONTROLLER_PORT: u16 = 15012;
+pub const CONTROLLER_MONITORING_PORT: u16 = 15014;
+/// The namespace testbed pods are in.
+pub const NAMESPACE: &str = "default";
+/// The membership label (on namespaces, and `disabled` on pods).
+pub const MESH_LABEL: &str = "trellis.dev/mesh";
 pub const TRUST_DOMAIN: &str = "cluster.local";
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -37,6 +54,8 @@ pub struct MeshOptions {
     pub unknown_destination: UnknownDestination,
     pub drain_timeout_secs: u64,
     pub certificate_ttl_secs: u64,
+    /// Run `mesh-node controller` and put the agents on its feed instead of static configs.
+    pub control_plane: bool,
 }
 
 impl Default for MeshOptions {
@@ -46,6 +65,7 @@ impl Default for MeshOptions {
             unknown_destination: UnknownDestination::Passthrough,
             drain_timeout_secs: 5,
             certificate_ttl_secs: 24 * 3600,
+            control_plane: false,
         }
     }
 }
@@ -69,6 +89,20 @@ pub struct Mesh<'tb> {
     /// Every log file each node's agents have written, oldest first.
     logs: Vec<Vec<PathBuf>>,
     pub ca_dir: PathBuf,
+    /// Control plane mode: the controller and the manifests it watches.
+    control: Option<ControlPlane>,
+}
+
+/// The controller of a control plane mode mesh and the objects it is shown.
+struct ControlPlane {
+    config: PathBuf,
+    manifests: PathBuf,
+    process: Option<Proc>,
+    logs: Vec<PathBuf>,
+    /// Namespace name -> labels.
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Pod name -> (namespace, labels) of the pods currently in the manifests.
+    pods: BTreeMap<String, (String, BTreeMap<String, String>)>,
 }
 
 impl<'tb> Mesh<'tb> {
@@ -101,15 +135,19 @@ impl<'tb> Mesh<'tb> {
                 cgroup: Some(p.cgroup.clone()),
             })
             .collect();
+        if options.control_plane {
+            return Self::start_control_plane(tb, options, &ca_dir);
+        }
         let mut configs = Vec::new();
         for node in tb.nodes() {
             let config = AgentConfig {
                 node: node.name.clone(),
                 trust_domain: TRUST_DOMAIN.into(),
-                ca: CaConfig {
+                ca: Some(CaConfig {
                     cert: ca_dir.join("ca.pem"),
                     key: ca_dir.join("ca-key.pem"),
-                },
+                }),
+                control_plane: None,
                 certificate_ttl_secs: options.certificate_ttl_secs,
                 listen: ListenConfig {
                     outbound: SocketAddr::new(node.gateway_ip4.into(), OUTBOUND_PORT),
@@ -149,11 +187,385 @@ impl<'tb> Mesh<'tb> {
             logs: vec![Vec::new(); configs.len()],
             configs,
             ca_dir,
+            control: None,
         };
         for i in 0..tb.nodes().len() {
             mesh.start_agent(i)?;
         }
         Ok(mesh)
+    }
+
+    /// Control plane mode: manifests, tokens, the controller, then agents on its feed.
+    fn start_control_plane(
+        tb: &'tb Testbed,
+        options: &MeshOptions,
+        ca_dir: &std::path::Path,
+    ) -> Result<Self> {
+        let scratch = tb.scratch_dir();
+        let manifests = scratch.join("manifests");
+        std::fs::create_dir_all(&manifests)?;
+
+        // One secret per node, derived from the testbed's unique prefix.
+        let token = |node: &str| {
+            use sha2::Digest;
+            let digest =
+                sha2::Sha256::digest(format!("{}/{node}/{}", tb.prefix(), std::process::id()));
+            digest
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        let mut tokens = String::new();
+        for node in tb.nodes() {
+            let secret = token(&node.name);
+            tokens.push_str(&format!("{}: \"{secret}\"\n", node.name));
+            write_private(&scratch.join(format!("token-{}", node.name)), &secret)?;
+        }
+        let tokens_file = scratch.join("node-tokens.yaml");
+        write_private(&tokens_file, &tokens)?;
+
+        let node0 = tb.node(0);
+        let controller_addr = SocketAddr::new(node0.lan_ip4.into(), CONTROLLER_PORT);
+        let controller_config = scratch.join("controller.yaml");
+        let yaml = format!(
+            "listen: \"{controller_addr}\"\n\
+             trust_domain: {TRUST_DOMAIN}\n\
+             ca: {{ cert: {cert}, key: {key} }}\n\
+             source: {{ directory: {manifests} }}\n\
+             auth: {{ bootstrap_tokens: {tokens} }}\n\
+             hbone_port: {HBONE_PORT}\n\
+             certificate_ttl_secs: {ttl}\n\
+             max_certificate_ttl_secs: {ttl}\n\
+             monitoring: \"{monitoring}\"\n\
+             log_format: json\n",
+            cert = ca_dir.join("ca.pem").display(),
+            key = ca_dir.join("ca-key.pem").display(),
+            manifests = manifests.display(),
+            tokens = tokens_file.display(),
+            ttl = options.certificate_ttl_secs,
+            monitoring = SocketAddr::new(node0.lan_ip4.into(), CONTROLLER_MONITORING_PORT),
+        );
+        std::fs::write(&controller_config, yaml)?;
+        mesh_node::controller::ControllerConfig::load(&controller_config)
+            .context("generated controller config")?;
+
+        let mut configs = Vec::new();
+        for node in tb.nodes() {
+            let config = AgentConfig {
+                node: node.name.clone(),
+                trust_domain: TRUST_DOMAIN.into(),
+                ca: None,
+                control_plane: Some(ControlPlaneConfig {
+                    address: controller_addr,
+                    server_name: None,
+                    ca_cert: ca_dir.join("ca.pem"),
+                    token_file: scratch.join(format!("token-{}", node.name)),
+                }),
+                certificate_ttl_secs: options.certificate_ttl_secs,
+                listen: ListenConfig {
+                    outbound: SocketAddr::new(node.gateway_ip4.into(), OUTBOUND_PORT),
+                    outbound6: Some(SocketAddr::new(node.gateway_ip6.into(), OUTBOUND_PORT)),
+                    hbone: SocketAddr::new(node.lan_ip4.into(), HBONE_PORT),
+                    admin: SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
+                    metrics: None,
+                    readiness: None,
+                },
+                datapath: DatapathConfig {
+                    cgroup_root: node.pod_cgroup_root.clone(),
+                    pin_dir: node.bpf_pin_dir.clone(),
+                    excluded_ports: Vec::new(),
+                    excluded_cidrs: Vec::new(),
+                },
+                outbound: OutboundConfig {
+                    unknown_destination: options.unknown_destination,
+                    connect_timeout_ms: 3_000,
+                },
+                inbound: InboundConfig {
+                    handshake_timeout_ms: 5_000,
+                    max_streams_per_connection: 512,
+                },
+                drain_timeout_secs: options.drain_timeout_secs,
+                log_format: LogFormat::Json,
+                nodes: Vec::new(),
+                workloads: Vec::new(),
+            };
+            config.validate().context("generated agent config")?;
+            let path = scratch.join(format!("agent-{}.yaml", node.name));
+            std::fs::write(&path, config.to_yaml())?;
+            configs.push(path);
+        }
+
+        let mut mesh = Self {
+            tb,
+            agents: (0..configs.len()).map(|_| None).collect(),
+            logs: vec![Vec::new(); configs.len()],
+            configs,
+            ca_dir: ca_dir.to_path_buf(),
+            control: Some(ControlPlane {
+                config: controller_config,
+                manifests,
+                process: None,
+                logs: Vec::new(),
+                namespaces: BTreeMap::new(),
+                pods: BTreeMap::new(),
+            }),
+        };
+        mesh.write_nodes()?;
+        mesh.set_namespace(NAMESPACE, &[(MESH_LABEL, "enabled")])?;
+        for pod in tb.pods() {
+            let labels: Vec<(&str, &str)> = if options.unenrolled.contains(&(pod.node, pod.index)) {
+                vec![(MESH_LABEL, "disabled")]
+            } else {
+                Vec::new()
+            };
+            mesh.write_pod(pod, NAMESPACE, &labels)?;
+        }
+        mesh.start_controller()?;
+        for i in 0..tb.nodes().len() {
+            mesh.start_agent(i)?;
+        }
+        Ok(mesh)
+    }
+
+    fn control(&mut self) -> Result<&mut ControlPlane> {
+        self.control
+            .as_mut()
+            .context("not a control plane mesh (MeshOptions::control_plane)")
+    }
+
+    /// The manifest directory the controller watches (control plane mode).
+    pub fn manifests_dir(&self) -> Option<&std::path::Path> {
+        self.control.as_ref().map(|c| c.manifests.as_path())
+    }
+
+    /// Starts the controller in node 0's namespace and waits until it serves.
+    pub fn start_controller(&mut self) -> Result<()> {
+        let tb = self.tb;
+        let node0 = tb.node(0);
+        let control = self.control()?;
+        let config = control.config.to_string_lossy().into_owned();
+        let proc = tb.spawn(
+            node0,
+            &["mesh-node", "controller", "--config", &config],
+            SpawnOptions::new()
+                .name("controller")
+                .env("RUST_LOG", "info"),
+        )?;
+        if let Some(path) = proc.stderr_path() {
+            control.logs.push(path.to_path_buf());
+        }
+        control.process = Some(proc);
+        let monitoring = SocketAddr::new(node0.lan_ip4.into(), CONTROLLER_MONITORING_PORT);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(proc) = self.control()?.process.as_mut()
+                && !proc.is_running()
+            {
+                bail!("controller exited during start-up:\n{}", proc.stderr_text());
+            }
+            if let Ok(Ok((200, _))) = node0
+                .netns
+                .run(move || http_get(monitoring, "/healthz/ready"))
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "controller not ready after {READY_TIMEOUT:?}:\n{}",
+                    self.controller_log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM to the controller, waiting (bounded) for it to exit.
+    pub fn stop_controller(&mut self, timeout: Duration) -> Result<()> {
+        let Some(mut proc) = self.control()?.process.take() else {
+            return Ok(());
+        };
+        proc.terminate()?;
+        if proc.wait_timeout(timeout)?.is_none() {
+            let _ = proc.kill();
+            bail!("controller did not exit within {timeout:?} of SIGTERM");
+        }
+        Ok(())
+    }
+
+    /// Every log line the controller wrote (all restarts).
+    pub fn controller_log_text(&self) -> String {
+        self.control
+            .as_ref()
+            .map(|c| {
+                c.logs
+                    .iter()
+                    .filter_map(|p| std::fs::read_to_string(p).ok())
+                    .collect::<Vec<_>>()
+                    .join("")
+            })
+            .unwrap_or_default()
+    }
+
+    /// Writes the Node objects (InternalIP = LAN address).
+    fn write_nodes(&mut self) -> Result<()> {
+        let items: Vec<_> = self
+            .tb
+            .nodes()
+            .iter()
+            .map(|n| {
+                json!({
+                    "apiVersion": "v1", "kind": "Node",
+                    "metadata": {"name": n.name},
+                    "status": {"addresses": [
+                        {"type": "InternalIP", "address": n.lan_ip4.to_string()},
+                        {"type": "Hostname", "address": n.name},
+                    ]},
+                })
+            })
+            .collect();
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+        write_manifest(&self.control()?.manifests, "nodes.json", &list)
+    }
+
+    /// Creates or replaces a Namespace with exactly `labels`.
+    pub fn set_namespace(&mut self, namespace: &str, labels: &[(&str, &str)]) -> Result<()> {
+        let labels: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let manifest = json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": namespace, "labels": labels},
+        });
+        let control = self.control()?;
+        write_manifest(
+            &control.manifests,
+            &format!("namespace-{namespace}.json"),
+            &manifest,
+        )?;
+        control.namespaces.insert(namespace.to_owned(), labels);
+        Ok(())
+    }
+
+    /// Sets (`Some`) or removes (`None`) one label of a Namespace.
+    pub fn set_namespace_label(
+        &mut self,
+        namespace: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<()> {
+        let mut labels = self
+            .control()?
+            .namespaces
+            .get(namespace)
+            .cloned()
+            .with_context(|| format!("no namespace {namespace} in the manifests"))?;
+        match value {
+            Some(v) => labels.insert(key.to_owned(), v.to_owned()),
+            None => labels.remove(key),
+        };
+        let labels: Vec<(&str, &str)> = labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.set_namespace(namespace, &labels)
+    }
+
+    /// Removes a Namespace object (its pods' manifests stay; see [`Mesh::delete_pod`]).
+    pub fn delete_namespace(&mut self, namespace: &str) -> Result<()> {
+        let control = self.control()?;
+        remove_manifest(&control.manifests, &format!("namespace-{namespace}.json"))?;
+        control.namespaces.remove(namespace);
+        Ok(())
+    }
+
+    /// Creates or replaces `pod`'s Pod object in `namespace` with exactly `labels`: its uid,
+    /// node, service account ([`service_account`]) and addresses come from the testbed.
+    pub fn write_pod(&mut self, pod: &Pod, namespace: &str, labels: &[(&str, &str)]) -> Result<()> {
+        let node = self.tb.node(pod.node);
+        let labels: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let manifest = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod.name, "namespace": namespace, "uid": pod.uid, "labels": labels},
+            "spec": {
+                "nodeName": node.name,
+                "serviceAccountName": service_account(pod),
+                "containers": [{"name": "app", "image": "pod-app"}],
+            },
+            "status": {
+                "phase": "Running",
+                "hostIP": node.lan_ip4.to_string(),
+                "podIP": pod.ip4.to_string(),
+                "podIPs": [{"ip": pod.ip4.to_string()}, {"ip": pod.ip6.to_string()}],
+            },
+        });
+        let control = self.control()?;
+        write_manifest(
+            &control.manifests,
+            &format!("pod-{}.json", pod.name),
+            &manifest,
+        )?;
+        control
+            .pods
+            .insert(pod.name.clone(), (namespace.to_owned(), labels));
+        Ok(())
+    }
+
+    /// Sets (`Some`) or removes (`None`) one label of a pod that is in the manifests, e.g.
+    /// `set_pod_label(pod, MESH_LABEL, Some("disabled"))` to take it out of the mesh.
+    pub fn set_pod_label(&mut self, pod: &Pod, key: &str, value: Option<&str>) -> Result<()> {
+        let (namespace, mut labels) = self
+            .control()?
+            .pods
+            .get(&pod.name)
+            .cloned()
+            .with_context(|| format!("no pod {} in the manifests", pod.name))?;
+        match value {
+            Some(v) => labels.insert(key.to_owned(), v.to_owned()),
+            None => labels.remove(key),
+        };
+        let labels: Vec<(&str, &str)> = labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.write_pod(pod, &namespace, &labels)
+    }
+
+    /// Removes `pod`'s Pod object (the testbed pod itself keeps running).
+    pub fn delete_pod(&mut self, pod: &Pod) -> Result<()> {
+        let control = self.control()?;
+        remove_manifest(&control.manifests, &format!("pod-{}.json", pod.name))?;
+        control.pods.remove(&pod.name);
+        Ok(())
+    }
+
+    /// Polls the node's config dump (bounded) until `pred` holds; returns that dump.
+    pub fn wait_config(
+        &self,
+        node: usize,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let dump = self.config_dump(node);
+            if let Ok(dump) = &dump
+                && pred(dump)
+            {
+                return Ok(dump.clone());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {node}'s config dump did not match within {timeout:?}; last: {dump:?}\nagent log:\n{}\ncontroller log:\n{}",
+                    self.agent_log_text(node),
+                    self.controller_log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn config_path(&self, node: usize) -> &PathBuf {
@@ -314,6 +726,38 @@ impl<'tb> Mesh<'tb> {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// Writes a manifest atomically (hidden temporary file, then rename), as the controller's
+/// directory source expects.
+fn write_manifest(dir: &std::path::Path, name: &str, value: &serde_json::Value) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, dir.join(name)).with_context(|| format!("renaming to {name}"))?;
+    Ok(())
+}
+
+fn remove_manifest(dir: &std::path::Path, name: &str) -> Result<()> {
+    match std::fs::remove_file(dir.join(name)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing manifest {name}")),
+    }
+}
+
+/// Writes a secret readable only by its owner.
+fn write_private(path: &std::path::Path, contents: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents.as_bytes())?;
+    Ok(())
 }
 
 /// Sum of a counter's samples whose labels contain every `label="value"` pair given.

@@ -22,8 +22,9 @@
 //! their target namespaces, and no address or route is added outside them.
 //!
 //! cgroups (below the cgroup2 mount, `/sys/fs/cgroup/unified` on the hybrid layout):
-//! `trellis-testbed/{p}/n{i}/pods` is node `i`'s pod cgroup root, `.../pods/p{k}` a pod's
-//! cgroup, `.../n{i}/system` holds processes started on the node itself (outside the pod
+//! `trellis-testbed/{p}/n{i}/pods` is node `i`'s pod cgroup root, `.../pods/pod{uid}` a pod's
+//! cgroup (named after the pod's uid as kubelet's cgroupfs driver does, so the agent finds it
+//! the same way), `.../n{i}/system` holds processes started on the node itself (outside the pod
 //! root), and `.../ext` those on the external host. Every process the testbed starts is in
 //! one of them, so teardown can kill everything with `cgroup.kill`.
 //!
@@ -121,13 +122,15 @@ pub struct Pod {
     pub index: usize,
     /// `pod-{node}-{index}`.
     pub name: String,
+    /// The pod's uid (UUID-shaped, unique per testbed): `metadata.uid` in its manifest.
+    pub uid: String,
     /// The pod's network namespace.
     pub netns: Netns,
     /// The pod's address.
     pub ip4: Ipv4Addr,
     /// The pod's IPv6 address.
     pub ip6: Ipv6Addr,
-    /// The pod's cgroup (below its node's pod cgroup root).
+    /// The pod's cgroup: `pod{uid}` below its node's pod cgroup root.
     pub cgroup: PathBuf,
 }
 
@@ -286,10 +289,11 @@ impl TestbedBuilder {
         let cgroup_mount = cgroup2_mount()?;
         sweep_stale_once(&cgroup_mount);
 
-        let prefix = plan::prefix(
+        let (pid, seq) = (
             std::process::id(),
             NEXT_TESTBED.fetch_add(1, Ordering::Relaxed),
         );
+        let prefix = plan::prefix(pid, seq);
         let cgroup_root = cgroup_mount.join(CGROUP_PARENT).join(&prefix);
         let bpf_root = Path::new(BPF_PARENT).join(&prefix);
         let scratch = Path::new(SCRATCH_PARENT).join(&prefix);
@@ -315,14 +319,18 @@ impl TestbedBuilder {
             .iter()
             .flat_map(|node| {
                 let (i, prefix) = (node.index, prefix.as_str());
-                (0..self.pods_per_node).map(move |k| Pod {
-                    node: i,
-                    index: k,
-                    name: plan::pod_name(i, k),
-                    netns: Netns::from_name(plan::pod_netns(prefix, i, k)),
-                    ip4: plan::pod_ip4(i, k),
-                    ip6: plan::pod_ip6(i, k),
-                    cgroup: node.pod_cgroup_root.join(format!("p{k}")),
+                (0..self.pods_per_node).map(move |k| {
+                    let uid = plan::pod_uid(pid, seq, i, k);
+                    Pod {
+                        node: i,
+                        index: k,
+                        name: plan::pod_name(i, k),
+                        netns: Netns::from_name(plan::pod_netns(prefix, i, k)),
+                        ip4: plan::pod_ip4(i, k),
+                        ip6: plan::pod_ip6(i, k),
+                        cgroup: node.pod_cgroup_root.join(format!("pod{uid}")),
+                        uid,
+                    }
                 })
             })
             .collect::<Vec<_>>();

@@ -28,6 +28,13 @@ enum Command {
         #[arg(long)]
         uninstall: bool,
     },
+    /// Run the controller: watches Kubernetes (or a manifest directory), signs workload
+    /// certificates and streams the mesh state to every agent.
+    Controller {
+        /// Controller configuration file (YAML).
+        #[arg(long, env = "TRELLIS_CONTROLLER_CONFIG")]
+        config: PathBuf,
+    },
     /// Certificate authority utilities.
     Ca {
         #[command(subcommand)]
@@ -65,6 +72,19 @@ fn main() -> anyhow::Result<()> {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(watch_signals(shutdown.clone()));
                 mesh_node::agent::run(config, shutdown).await
+            })?;
+            Ok(())
+        }
+        Command::Controller { config } => {
+            let config = mesh_node::controller::ControllerConfig::load(&config)?;
+            init_tracing(config.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(watch_signals(shutdown.clone()));
+                mesh_node::controller::run(config, shutdown).await
             })?;
             Ok(())
         }

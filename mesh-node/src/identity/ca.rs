@@ -1,10 +1,14 @@
 //! A certificate authority held by this process: signs workload certificates.
 //!
 //! The agent uses it while it has no CA service to ask; tests and the demo use it to create
-//! a mesh root. Workload certificates are ECDSA P-256 with exactly one URI SAN (the SPIFFE ID)
-//! and no subject CN.
+//! a mesh root; the controller's CA service signs agents' certificate requests with it
+//! ([`LocalCa::sign_csr`]: the private key stays on the agent). Workload certificates are ECDSA
+//! P-256 with exactly one URI SAN (the SPIFFE ID) and no subject CN.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::Path,
+    time::{Duration, SystemTime},
+};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -25,6 +29,13 @@ pub enum CaError {
     Invalid { what: &'static str, reason: String },
     #[error("cannot sign certificate for {identity}: {reason}")]
     Sign { identity: String, reason: String },
+    #[error("cannot write CA file {path}: {source} (check the directory exists and is writable)")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid certificate signing request: {0}")]
+    Csr(String),
 }
 
 /// Tolerated clock skew between nodes: certificates are valid from a little before issuance.
@@ -34,8 +45,8 @@ const BACKDATE: Duration = Duration::from_secs(300);
 pub struct IssuedCert {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
-    pub not_before: std::time::SystemTime,
-    pub not_after: std::time::SystemTime,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
 }
 
 pub struct LocalCa {
@@ -114,35 +125,212 @@ impl LocalCa {
 
     /// Issues a certificate for `identity`, valid for `ttl`, with a fresh P-256 key.
     pub fn issue(&self, identity: &Identity, ttl: Duration) -> Result<IssuedCert, CaError> {
-        let fail = |e: rcgen::Error| CaError::Sign {
-            identity: identity.to_string(),
-            reason: e.to_string(),
-        };
+        let fail = sign_error(identity);
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(fail)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        let uri = identity.to_string().try_into().map_err(fail)?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyAgreement,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - BACKDATE;
-        params.not_after = now + ttl;
+        let (params, validity) = workload_params(identity, ttl)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(fail)?;
         Ok(IssuedCert {
             chain: vec![cert.der().clone(), self.cert_der.clone()],
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            not_before: (now - BACKDATE).into(),
-            not_after: (now + ttl).into(),
+            not_before: validity.0,
+            not_after: validity.1,
         })
     }
+
+    /// Loads the CA from `cert` and `key`; when neither file exists, generates a root for
+    /// `trust_domain` and persists it there first (the key file is created with mode 0600 and
+    /// never overwritten). One file without the other is an error: silently replacing a root
+    /// would make every certificate in the mesh untrusted.
+    pub fn load_or_generate(cert: &Path, key: &Path, trust_domain: &str) -> Result<Self, CaError> {
+        match (cert.try_exists(), key.try_exists()) {
+            (Ok(true), Ok(true)) => Self::load(cert, key),
+            (Ok(false), Ok(false)) => {
+                let ca = Self::generate(trust_domain)?;
+                write_new(key, &ca.key_pem(), 0o600)?;
+                write_new(cert, ca.cert_pem(), 0o644)?;
+                tracing::info!(
+                    cert = %cert.display(),
+                    key = %key.display(),
+                    trust_domain,
+                    "generated and persisted a new root CA"
+                );
+                Ok(ca)
+            }
+            (Ok(_), Ok(_)) => Err(CaError::Invalid {
+                what: "CA files",
+                reason: format!(
+                    "only one of {} and {} exists: restore the missing file, or remove both to generate a new root",
+                    cert.display(),
+                    key.display()
+                ),
+            }),
+            (Err(source), _) => Err(CaError::Read {
+                path: cert.display().to_string(),
+                source,
+            }),
+            (_, Err(source)) => Err(CaError::Read {
+                path: key.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Signs a certificate for `identity` over the public key of a PEM PKCS#10 request whose
+    /// private key stays with the requester. Only the public key is taken from the request (its
+    /// signature proves possession of the key); subject and extensions are ignored and the
+    /// certificate is built exactly as [`LocalCa::issue`] builds one: one URI SAN, no CN. The
+    /// key must be ECDSA P-256. The chain is leaf first and excludes the root.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<SignedCert, CaError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+            CaError::Csr(format!(
+                "cannot parse or verify the certificate request: {e}"
+            ))
+        })?;
+        require_p256(csr_pem)?;
+        let (params, validity) = workload_params(identity, ttl)?;
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(sign_error(identity))?;
+        Ok(SignedCert {
+            chain_pem: vec![cert.pem()],
+            not_before: validity.0,
+            not_after: validity.1,
+        })
+    }
+
+    /// Issues a TLS serving certificate with a fresh P-256 key: the URI SAN of `identity` plus
+    /// the DNS names and IP addresses clients dial. For the controller's own endpoint; workload
+    /// certificates never carry anything but their URI SAN.
+    pub fn issue_serving(
+        &self,
+        identity: &Identity,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<ServingCert, CaError> {
+        let fail = sign_error(identity);
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(fail)?;
+        let (mut params, validity) = workload_params(identity, ttl)?;
+        for name in dns_names {
+            let name = name.clone().try_into().map_err(fail)?;
+            params.subject_alt_names.push(SanType::DnsName(name));
+        }
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        let cert = params.signed_by(&key, &self.issuer).map_err(fail)?;
+        Ok(ServingCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            not_after: validity.1,
+        })
+    }
+}
+
+/// A TLS serving certificate (PEM, leaf only) and its PEM PKCS#8 key.
+pub struct ServingCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub not_after: SystemTime,
+}
+
+/// A certificate signed for a key the requester holds.
+#[derive(Clone, Debug)]
+pub struct SignedCert {
+    /// PEM certificates, leaf first, up to and excluding the root.
+    pub chain_pem: Vec<String>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+fn sign_error(identity: &Identity) -> impl Fn(rcgen::Error) -> CaError + Copy + '_ {
+    move |e| CaError::Sign {
+        identity: identity.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// The parameters of every workload certificate: exactly one URI SAN (the SPIFFE ID), no
+/// subject, usable for both ends of mutual TLS, backdated for clock skew. Returns the validity
+/// window too.
+fn workload_params(
+    identity: &Identity,
+    ttl: Duration,
+) -> Result<(CertificateParams, (SystemTime, SystemTime)), CaError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    let uri = identity
+        .to_string()
+        .try_into()
+        .map_err(sign_error(identity))?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyAgreement,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - BACKDATE;
+    params.not_after = now + ttl;
+    Ok((params, ((now - BACKDATE).into(), (now + ttl).into())))
+}
+
+/// The mesh only uses ECDSA P-256 keys; the request's signature algorithm alone does not say
+/// which curve its key is on, so the subject public key info is checked.
+fn require_p256(csr_pem: &str) -> Result<(), CaError> {
+    use rustls_pki_types::{CertificateSigningRequestDer, pem::PemObject};
+    use x509_parser::{
+        certification_request::X509CertificationRequest,
+        oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY},
+        prelude::FromDer,
+    };
+    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+        .map_err(|e| CaError::Csr(format!("not a PEM certificate request: {e}")))?;
+    let (_, csr) = X509CertificationRequest::from_der(der.as_ref())
+        .map_err(|e| CaError::Csr(format!("unparseable certificate request: {e}")))?;
+    let spki = &csr.certification_request_info.subject_pki;
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    if spki.algorithm.algorithm == OID_KEY_TYPE_EC_PUBLIC_KEY && curve == Some(OID_EC_P256) {
+        Ok(())
+    } else {
+        Err(CaError::Csr(
+            "the request's key is not ECDSA P-256: generate a P-256 key".into(),
+        ))
+    }
+}
+
+/// Creates `path` (and its directory) with `mode`, failing if it already exists so that two
+/// controllers starting at once cannot overwrite each other's root.
+fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), CaError> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let fail = |source| CaError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(fail)?;
+    file.write_all(contents.as_bytes()).map_err(fail)?;
+    file.sync_all().map_err(fail)
 }
 
 fn pem_to_der(pem: &str) -> Result<CertificateDer<'static>, CaError> {
@@ -151,4 +339,87 @@ fn pem_to_der(pem: &str) -> Result<CertificateDer<'static>, CaError> {
         what: "certificate PEM",
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("trellis-ca-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn load_or_generate_creates_once_then_loads() {
+        let dir = temp_dir("persist");
+        let (cert, key) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+        let first = LocalCa::load_or_generate(&cert, &key, "cluster.local").expect("generated");
+        let second = LocalCa::load_or_generate(&cert, &key, "cluster.local").expect("loaded");
+        assert_eq!(first.cert_pem(), second.cert_pem());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).expect("key").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        std::fs::remove_file(&key).expect("remove key");
+        let err = LocalCa::load_or_generate(&cert, &key, "cluster.local")
+            .err()
+            .expect("half a CA is refused");
+        assert!(err.to_string().contains("only one of"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn sign_csr_takes_only_the_public_key() {
+        let ca = LocalCa::generate("cluster.local").expect("ca");
+        let id = Identity::new("cluster.local", "shop", "web").expect("id");
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::new(vec!["admin.example.com".into()]).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, "root");
+        let csr = params
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
+        let signed = ca
+            .sign_csr(&csr, &id, Duration::from_secs(3600))
+            .expect("signed");
+        assert_eq!(signed.chain_pem.len(), 1);
+
+        use rustls_pki_types::pem::PemObject;
+        use x509_parser::prelude::FromDer;
+        let der = CertificateDer::from_pem_slice(signed.chain_pem[0].as_bytes()).expect("pem");
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&der).expect("der");
+        assert!(!cert.is_ca(), "the request cannot make itself a CA");
+        assert_eq!(
+            cert.subject().iter().count(),
+            0,
+            "no subject from the request"
+        );
+        let csr_der =
+            rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(csr.as_bytes())
+                .expect("csr pem");
+        let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(
+            csr_der.as_ref(),
+        )
+        .expect("csr der");
+        assert_eq!(
+            cert.public_key().raw,
+            req.certification_request_info.subject_pki.raw
+        );
+        assert_eq!(crate::tls::identity_of(&der).expect("id"), id);
+
+        let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("key");
+        let csr = CertificateParams::default()
+            .serialize_request(&p384)
+            .expect("csr")
+            .pem()
+            .expect("pem");
+        assert!(matches!(
+            ca.sign_csr(&csr, &id, Duration::from_secs(3600)),
+            Err(CaError::Csr(_))
+        ));
+    }
 }

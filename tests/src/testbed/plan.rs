@@ -66,6 +66,18 @@ pub fn pod_name(i: usize, k: usize) -> String {
     format!("pod-{i}-{k}")
 }
 
+/// The uid of pod `k` on node `i` of the `n`-th testbed of process `pid`: UUID-shaped (as
+/// Kubernetes writes them), deterministic, and unique across testbeds and runs of live
+/// processes.
+pub fn pod_uid(pid: u32, n: u64, i: usize, k: usize) -> String {
+    format!(
+        "{pid:08x}-{:04x}-4{:03x}-a{:03x}-7e11b5ed0000",
+        n & 0xffff,
+        i & 0xfff,
+        k & 0xfff
+    )
+}
+
 /// `n`'s decimal digits read as a hex group, so `dec_group(10)` prints as `10` in an IPv6
 /// address (valid for n < 10000, far above the plan's limits).
 fn dec_group(mut n: usize) -> u16 {
@@ -167,6 +179,16 @@ mod tests {
         assert!(!node_netns("tb1x10", 0).starts_with("tb1x1-"));
         assert_eq!(node_name(2), "node-2");
         assert_eq!(pod_name(1, 0), "pod-1-0");
+    }
+
+    #[test]
+    fn pod_uids_are_uuid_shaped_and_distinct() {
+        let uid = pod_uid(4_194_304, 3, 1, 12);
+        assert_eq!(uid, "00400000-0003-4001-a00c-7e11b5ed0000");
+        let groups: Vec<usize> = uid.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12]);
+        assert_ne!(pod_uid(1, 0, 0, 1), pod_uid(1, 0, 1, 0));
+        assert_ne!(pod_uid(1, 0, 0, 0), pod_uid(1, 1, 0, 0));
     }
 
     #[test]

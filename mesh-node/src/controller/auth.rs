@@ -1,0 +1,432 @@
+//! Who is calling: turns an agent's bearer credential into the node it runs on.
+//!
+//! Both gRPC services authenticate every call the same way: `authorization: Bearer <token>`
+//! metadata, checked by an [`Authenticator`]. Two exist:
+//! - [`BootstrapTokens`]: a file mapping node names to per-node secrets, for the testbed and
+//!   clusters without Kubernetes authentication;
+//! - [`TokenReview`]: the agent's Kubernetes service account token, checked by the API server;
+//!   the node comes from the token's bound pod (`authentication.kubernetes.io/node-name`).
+//!
+//! Authorization (what a node may ask for) is the services' business, not this module's.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    path::Path,
+    pin::Pin,
+    sync::Arc,
+};
+
+use k8s_openapi::api::authentication::v1::{TokenReview as TokenReviewObject, TokenReviewSpec};
+use tonic::{Status, metadata::MetadataMap};
+
+/// The TokenReview user extra that names the node of the pod a token is bound to.
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// Bootstrap tokens shorter than this are refused at load: they would be guessable.
+const MIN_TOKEN_LEN: usize = 16;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no credential: send `authorization: Bearer <token>` metadata")]
+    Missing,
+    #[error("credential refused: {0}")]
+    Refused(String),
+    #[error("cannot check the credential now: {0}")]
+    Unavailable(String),
+}
+
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Missing | AuthError::Refused(_) => Status::unauthenticated(e.to_string()),
+            AuthError::Unavailable(_) => Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+/// Errors in the authentication configuration, found at start.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    #[error("cannot read bootstrap token file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("bootstrap token file {path} is not a YAML map of node name to token: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("bootstrap token for node {node:?} is invalid: {reason}")]
+    Token { node: String, reason: String },
+    #[error("token_review.agent_service_accounts entry {0:?} is not <namespace>/<service-account>")]
+    ServiceAccount(String),
+}
+
+/// Proves which node the bearer of a token runs on.
+pub trait Authenticator: Send + Sync {
+    /// The node name the credential belongs to.
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<String, AuthError>>;
+}
+
+/// The bearer token of a request.
+pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, AuthError> {
+    let value = metadata.get("authorization").ok_or(AuthError::Missing)?;
+    let value = value
+        .to_str()
+        .map_err(|_| AuthError::Refused("authorization metadata is not text".into()))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(|| AuthError::Refused("authorization is not a Bearer credential".into()))?
+        .trim();
+    if token.is_empty() {
+        return Err(AuthError::Missing);
+    }
+    Ok(token)
+}
+
+/// Authenticates a request: the node it comes from, or the status to answer with.
+pub async fn authenticate(
+    auth: &dyn Authenticator,
+    metadata: &MetadataMap,
+) -> Result<String, Status> {
+    let token = bearer_token(metadata)?;
+    auth.authenticate(token).await.map_err(Status::from)
+}
+
+/// Per-node secrets from a file: `node-name: token` lines (a YAML map).
+pub struct BootstrapTokens {
+    tokens: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for BootstrapTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the tokens themselves.
+        f.debug_struct("BootstrapTokens")
+            .field(
+                "nodes",
+                &self.tokens.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl BootstrapTokens {
+    pub fn load(path: &Path) -> Result<Self, AuthConfigError> {
+        let display = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| AuthConfigError::Read {
+            path: display.clone(),
+            source,
+        })?;
+        let map: BTreeMap<String, String> =
+            serde_saphyr::from_str(&text).map_err(|e| AuthConfigError::Parse {
+                path: display,
+                reason: e.to_string(),
+            })?;
+        Self::new(map)
+    }
+
+    pub fn new(map: BTreeMap<String, String>) -> Result<Self, AuthConfigError> {
+        let mut seen = BTreeSet::new();
+        for (node, token) in &map {
+            let invalid = |reason: &str| AuthConfigError::Token {
+                node: node.clone(),
+                reason: reason.into(),
+            };
+            if node.is_empty() {
+                return Err(invalid("the node name is empty"));
+            }
+            if token.len() < MIN_TOKEN_LEN {
+                return Err(invalid(
+                    "shorter than 16 characters; use a long random secret",
+                ));
+            }
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(invalid("only printable ASCII without spaces is allowed"));
+            }
+            if !seen.insert(token.as_str()) {
+                return Err(invalid("the same token is given to another node"));
+            }
+        }
+        Ok(Self {
+            tokens: map.into_iter().collect(),
+        })
+    }
+}
+
+/// Compares in time that depends only on the lengths, not on where the bytes differ, so a
+/// caller cannot find a token byte by byte from response times.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+impl Authenticator for BootstrapTokens {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<String, AuthError>> {
+        // Every entry is compared, so the time taken does not say which node matched.
+        let mut found = None;
+        for (node, expected) in &self.tokens {
+            if constant_time_eq(expected.as_bytes(), token.as_bytes()) {
+                found = Some(node.clone());
+            }
+        }
+        Box::pin(std::future::ready(found.ok_or_else(|| {
+            AuthError::Refused("unknown bootstrap token".into())
+        })))
+    }
+}
+
+/// Kubernetes service account tokens, checked with the TokenReview API. Only tokens of the
+/// agent's own service accounts are accepted: every pod's bound token names its node, and a
+/// workload must not be able to pass as its node's agent.
+pub struct TokenReview {
+    client: kube::Client,
+    /// Usernames allowed: `system:serviceaccount:<namespace>:<name>`.
+    agents: BTreeSet<String>,
+    audiences: Vec<String>,
+}
+
+impl TokenReview {
+    /// `agent_service_accounts` are `<namespace>/<name>`; `audiences` (if any) must all be
+    /// in the token.
+    pub fn new(
+        client: kube::Client,
+        agent_service_accounts: &[String],
+        audiences: Vec<String>,
+    ) -> Result<Self, AuthConfigError> {
+        let mut agents = BTreeSet::new();
+        for account in agent_service_accounts {
+            let Some((ns, name)) = account
+                .split_once('/')
+                .filter(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
+            else {
+                return Err(AuthConfigError::ServiceAccount(account.clone()));
+            };
+            agents.insert(format!("system:serviceaccount:{ns}:{name}"));
+        }
+        Ok(Self {
+            client,
+            agents,
+            audiences,
+        })
+    }
+
+    async fn review(&self, token: &str) -> Result<String, AuthError> {
+        let api: kube::Api<TokenReviewObject> = kube::Api::all(self.client.clone());
+        let review = TokenReviewObject {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: (!self.audiences.is_empty()).then(|| self.audiences.clone()),
+            },
+            ..TokenReviewObject::default()
+        };
+        let reviewed = api
+            .create(&kube::api::PostParams::default(), &review)
+            .await
+            .map_err(|e| {
+                AuthError::Unavailable(format!(
+                    "TokenReview failed: {e} (check the controller's RBAC allows creating tokenreviews)"
+                ))
+            })?;
+        let status = reviewed.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            let why = status
+                .error
+                .unwrap_or_else(|| "token not authenticated".into());
+            return Err(AuthError::Refused(why));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        if !self.agents.contains(&username) {
+            return Err(AuthError::Refused(format!(
+                "{username} is not an agent service account"
+            )));
+        }
+        match user
+            .extra
+            .unwrap_or_default()
+            .remove(NODE_NAME_EXTRA)
+            .as_deref()
+        {
+            Some([node]) if !node.is_empty() => Ok(node.clone()),
+            _ => Err(AuthError::Refused(format!(
+                "the token is not bound to a pod on a node (no {NODE_NAME_EXTRA}); use a projected service account token"
+            ))),
+        }
+    }
+}
+
+impl Authenticator for TokenReview {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<String, AuthError>> {
+        Box::pin(self.review(token))
+    }
+}
+
+/// Accepts what any of its authenticators accepts, asking them in order.
+pub struct AnyOf(pub Vec<Arc<dyn Authenticator>>);
+
+impl Authenticator for AnyOf {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<String, AuthError>> {
+        Box::pin(async move {
+            let mut unavailable = None;
+            let mut refused = None;
+            for auth in &self.0 {
+                match auth.authenticate(token).await {
+                    Ok(node) => return Ok(node),
+                    Err(e @ AuthError::Unavailable(_)) => unavailable = Some(e),
+                    Err(e) => refused = Some(e),
+                }
+            }
+            // "Try again" is the honest answer if any check could not be made.
+            Err(unavailable
+                .or(refused)
+                .unwrap_or_else(|| AuthError::Refused("no authenticator configured".into())))
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn tokens() -> BootstrapTokens {
+        BootstrapTokens::new(BTreeMap::from([
+            ("node-a".into(), "token-for-node-a-0123456789".into()),
+            ("node-b".into(), "token-for-node-b-0123456789".into()),
+        ]))
+        .expect("valid tokens")
+    }
+
+    #[tokio::test]
+    async fn bootstrap_tokens_name_their_node() {
+        let t = tokens();
+        assert_eq!(
+            t.authenticate("token-for-node-b-0123456789").await.ok(),
+            Some("node-b".into())
+        );
+        for bad in [
+            "token-for-node-b-012345678",
+            "token-for-node-b-01234567890",
+            "",
+            "x",
+        ] {
+            assert!(t.authenticate(bad).await.is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn weak_or_shared_tokens_are_refused_at_load() {
+        let short = BootstrapTokens::new(BTreeMap::from([("n".into(), "short".into())]));
+        assert!(short.is_err());
+        let shared = BootstrapTokens::new(BTreeMap::from([
+            ("a".into(), "the-same-token-0123456789".into()),
+            ("b".into(), "the-same-token-0123456789".into()),
+        ]));
+        assert!(
+            shared
+                .expect_err("shared")
+                .to_string()
+                .contains("another node")
+        );
+    }
+
+    #[test]
+    fn bearer_metadata_is_required() {
+        let mut md = MetadataMap::new();
+        assert!(matches!(bearer_token(&md), Err(AuthError::Missing)));
+        md.insert("authorization", "Basic abc".parse().expect("ascii"));
+        assert!(matches!(bearer_token(&md), Err(AuthError::Refused(_))));
+        md.insert("authorization", "Bearer abc".parse().expect("ascii"));
+        assert_eq!(bearer_token(&md).ok(), Some("abc"));
+    }
+
+    type Mock = tower_test::mock::Handle<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >;
+
+    /// Answers one TokenReview with `status`, checking the request carried the token.
+    async fn answer_review(handle: &mut Mock, status: serde_json::Value) {
+        use http_body_util::BodyExt;
+        let (request, respond) = handle.next_request().await.expect("a request");
+        assert_eq!(request.method(), http::Method::POST);
+        assert_eq!(
+            request.uri().path(),
+            "/apis/authentication.k8s.io/v1/tokenreviews"
+        );
+        let body = request
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let sent: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(sent["spec"]["token"], "agent-token");
+        assert_eq!(sent["spec"]["audiences"], serde_json::json!(["trellis"]));
+        let reply = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "metadata": {}, "spec": sent["spec"].clone(), "status": status,
+        });
+        respond.send_response(
+            http::Response::builder()
+                .status(201)
+                .body(kube::client::Body::from(reply.to_string().into_bytes()))
+                .expect("response"),
+        );
+    }
+
+    #[tokio::test]
+    async fn token_review_takes_the_node_of_agent_tokens_only() {
+        let (service, mut handle) = tower_test::mock::pair();
+        let client = kube::Client::new(service, "default");
+        let review = Arc::new(
+            TokenReview::new(
+                client,
+                &["trellis-system/trellis-agent".to_owned()],
+                vec!["trellis".into()],
+            )
+            .expect("config"),
+        );
+        let user = |name: &str, node: Option<&str>| {
+            let extra = node.map_or(
+                serde_json::json!({}),
+                |n| serde_json::json!({ NODE_NAME_EXTRA: [n] }),
+            );
+            serde_json::json!({"authenticated": true,
+                "user": {"username": name, "extra": extra}})
+        };
+        let cases = [
+            (
+                user(
+                    "system:serviceaccount:trellis-system:trellis-agent",
+                    Some("node-a"),
+                ),
+                Some("node-a"),
+            ),
+            (user("system:serviceaccount:shop:web", Some("node-a")), None),
+            (
+                user("system:serviceaccount:trellis-system:trellis-agent", None),
+                None,
+            ),
+            (
+                serde_json::json!({"authenticated": false, "error": "expired"}),
+                None,
+            ),
+        ];
+        for (status, want) in cases {
+            let r = review.clone();
+            let call = tokio::spawn(async move { r.authenticate("agent-token").await });
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                answer_review(&mut handle, status),
+            )
+            .await
+            .expect("request within 5 s");
+            let got = call.await.expect("no panic");
+            assert_eq!(got.as_ref().ok().map(String::as_str), want, "{got:?}");
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The CA service: signs agents' certificate requests for the identities of their own pods.
+//!
+//! Each call is authenticated (the caller's node, see [`super::auth`]) and authorized against
+//! the latest published mesh state: the identity asked for must be that of at least one
+//! enrolled pod scheduled on the caller's node. Anything else is refused before any signing,
+//! logged and counted. The certificate is built from the identity alone (one URI SAN, no CN);
+//! only the request's public key is used, so private keys never leave the agents.
+
+use std::{sync::Arc, time::Duration};
+
+use tonic::{Request, Response, Status};
+
+use super::{
+    SharedState,
+    auth::{self, Authenticator},
+    metrics::{ControllerMetrics, SignResult},
+};
+use crate::{
+    api::v1::{SignRequest, SignResponse, certificate_authority_server::CertificateAuthority},
+    identity::{Identity, LocalCa},
+};
+
+/// Requests larger than this are not certificate requests for a P-256 key.
+const MAX_CSR_BYTES: usize = 16 * 1024;
+
+pub struct CaService {
+    ca: Arc<LocalCa>,
+    auth: Arc<dyn Authenticator>,
+    state: SharedState,
+    metrics: Arc<ControllerMetrics>,
+    trust_domain: String,
+    default_ttl: Duration,
+    max_ttl: Duration,
+}
+
+impl CaService {
+    pub fn new(
+        ca: Arc<LocalCa>,
+        auth: Arc<dyn Authenticator>,
+        state: SharedState,
+        metrics: Arc<ControllerMetrics>,
+        trust_domain: String,
+        default_ttl: Duration,
+        max_ttl: Duration,
+    ) -> Self {
+        Self {
+            ca,
+            auth,
+            state,
+            metrics,
+            trust_domain,
+            default_ttl,
+            max_ttl,
+        }
+    }
+
+    fn fail(&self, result: SignResult, status: Status) -> Status {
+        self.metrics.sign(result);
+        status
+    }
+
+    async fn sign_inner(&self, request: Request<SignRequest>) -> Result<SignResponse, Status> {
+        let node = match auth::authenticate(self.auth.as_ref(), request.metadata()).await {
+            Ok(node) => node,
+            Err(status) => {
+                tracing::warn!(peer = ?request.remote_addr(), reason = status.message(), "certificate request not authenticated");
+                let result = if status.code() == tonic::Code::Unavailable {
+                    SignResult::Unavailable
+                } else {
+                    SignResult::Unauthenticated
+                };
+                return Err(self.fail(result, status));
+            }
+        };
+        let request = request.into_inner();
+        let identity: Identity = request.identity.parse().map_err(|e| {
+            self.fail(
+                SignResult::Invalid,
+                Status::invalid_argument(format!("identity: {e}")),
+            )
+        })?;
+        if identity.trust_domain() != self.trust_domain {
+            return Err(self.fail(
+                SignResult::Invalid,
+                Status::invalid_argument(format!(
+                    "identity {identity} is not in trust domain {}",
+                    self.trust_domain
+                )),
+            ));
+        }
+        if request.csr_pem.len() > MAX_CSR_BYTES {
+            return Err(self.fail(
+                SignResult::Invalid,
+                Status::invalid_argument(format!("csr_pem is larger than {MAX_CSR_BYTES} bytes")),
+            ));
+        }
+
+        let Some(state) = self.state.borrow().clone() else {
+            return Err(self.fail(
+                SignResult::Unavailable,
+                Status::unavailable("the controller has not loaded the cluster state yet; retry"),
+            ));
+        };
+        if !state.translation.node_may_hold(&node, &identity) {
+            tracing::warn!(
+                %node,
+                %identity,
+                version = state.version,
+                "refused certificate: no enrolled pod on this node has this identity"
+            );
+            return Err(self.fail(
+                SignResult::Denied,
+                Status::permission_denied(format!(
+                    "node {node} runs no enrolled pod with identity {identity}: an agent may only obtain certificates for identities of pods scheduled on its own node"
+                )),
+            ));
+        }
+
+        let ttl = match request.ttl_secs {
+            0 => self.default_ttl,
+            secs => Duration::from_secs(secs).min(self.max_ttl),
+        };
+        let signed = self
+            .ca
+            .sign_csr(&request.csr_pem, &identity, ttl)
+            .map_err(|e| match e {
+                crate::identity::ca::CaError::Csr(_) => {
+                    self.fail(SignResult::Invalid, Status::invalid_argument(e.to_string()))
+                }
+                other => {
+                    tracing::error!(error = %other, %identity, "signing failed");
+                    self.fail(SignResult::Error, Status::internal(other.to_string()))
+                }
+            })?;
+        self.metrics.sign(SignResult::Signed);
+        tracing::info!(%node, %identity, ttl_secs = ttl.as_secs(), "signed workload certificate");
+        Ok(SignResponse {
+            chain_pem: signed.chain_pem,
+            roots_pem: vec![self.ca.cert_pem().to_owned()],
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl CertificateAuthority for CaService {
+    async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+        self.sign_inner(request).await.map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::controller::{
+        Published,
+        auth::tests::tokens,
+        objects::{ClusterObjects, Object},
+        translate::{TranslateSettings, translate},
+    };
+
+    const TD: &str = "cluster.local";
+
+    fn state() -> SharedState {
+        let mut o = ClusterObjects::default();
+        let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "shop", "labels": {"trellis.dev/mesh": "enabled"}}}))
+        .expect("ns");
+        o.apply(Object::Namespace(ns)).expect("named");
+        for (name, sa, node, ip) in [
+            ("web", "web.v2", "node-a", "10.0.0.1"),
+            ("api", "api", "node-b", "10.0.1.1"),
+        ] {
+            let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "shop", "uid": format!("u-{name}")},
+                "spec": {"serviceAccountName": sa, "nodeName": node, "containers": []},
+                "status": {"podIP": ip}}))
+            .expect("pod");
+            o.apply(Object::Pod(pod)).expect("named");
+        }
+        let translation = translate(
+            &o,
+            &TranslateSettings {
+                trust_domain: TD.into(),
+                hbone_port: 15008,
+            },
+        );
+        let (_tx, rx) = watch::channel(Some(Arc::new(Published {
+            version: 1,
+            translation,
+        })));
+        rx
+    }
+
+    fn service(ca: Arc<LocalCa>, metrics: Arc<ControllerMetrics>) -> CaService {
+        CaService::new(
+            ca,
+            Arc::new(tokens()),
+            state(),
+            metrics,
+            TD.into(),
+            Duration::from_secs(24 * 3600),
+            Duration::from_secs(48 * 3600),
+        )
+    }
+
+    fn csr(alg: &'static rcgen::SignatureAlgorithm) -> String {
+        let key = rcgen::KeyPair::generate_for(alg).expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["evil.example.com".into()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "admin");
+        params
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem")
+    }
+
+    fn request(
+        token: &str,
+        identity: &str,
+        csr_pem: String,
+        ttl_secs: u64,
+    ) -> Request<SignRequest> {
+        let mut request = Request::new(SignRequest {
+            csr_pem,
+            identity: identity.into(),
+            ttl_secs,
+        });
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("ascii"),
+        );
+        request
+    }
+
+    const NODE_A: &str = "token-for-node-a-0123456789";
+
+    #[tokio::test]
+    async fn signs_only_the_identity_for_the_requesters_key() {
+        let ca = Arc::new(LocalCa::generate(TD).expect("ca"));
+        let metrics = Arc::new(ControllerMetrics::new());
+        let svc = service(ca.clone(), metrics.clone());
+        let id = "spiffe://cluster.local/ns/shop/sa/web.v2";
+        let response = svc
+            .sign(request(NODE_A, id, csr(&rcgen::PKCS_ECDSA_P256_SHA256), 0))
+            .await
+            .expect("signed")
+            .into_inner();
+        assert_eq!(response.chain_pem.len(), 1, "leaf only, root excluded");
+        assert_eq!(response.roots_pem, vec![ca.cert_pem().to_owned()]);
+
+        use rustls_pki_types::{CertificateDer, pem::PemObject};
+        let leaf = CertificateDer::from_pem_slice(response.chain_pem[0].as_bytes()).expect("pem");
+        assert_eq!(
+            crate::tls::identity_of(&leaf)
+                .expect("identity")
+                .to_string(),
+            id
+        );
+        use x509_parser::prelude::FromDer;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&leaf).expect("der");
+        assert_eq!(
+            cert.subject().iter_common_name().count(),
+            0,
+            "no CN from the request"
+        );
+        let san = cert.subject_alternative_name().expect("ok").expect("san");
+        assert_eq!(
+            san.value.general_names.len(),
+            1,
+            "no DNS name from the request"
+        );
+        let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert_eq!(life, 24 * 3600 + 300, "default TTL plus the backdating");
+        // Verifies against the root like any workload certificate.
+        let roots = crate::tls::root_store(ca.cert_der()).expect("roots");
+        let parsed = rustls::server::ParsedCertificate::try_from(&leaf).expect("parsed");
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &[],
+            rustls_pki_types::UnixTime::now(),
+            crate::tls::provider().signature_verification_algorithms.all,
+        )
+        .expect("chains to the root");
+        assert_eq!(metrics.sign_count(SignResult::Signed), 1);
+    }
+
+    #[tokio::test]
+    async fn ttl_is_capped() {
+        let ca = Arc::new(LocalCa::generate(TD).expect("ca"));
+        let svc = service(ca, Arc::new(ControllerMetrics::new()));
+        let id = "spiffe://cluster.local/ns/shop/sa/web.v2";
+        let response = svc
+            .sign(request(
+                NODE_A,
+                id,
+                csr(&rcgen::PKCS_ECDSA_P256_SHA256),
+                365 * 24 * 3600,
+            ))
+            .await
+            .expect("signed")
+            .into_inner();
+        use rustls_pki_types::{CertificateDer, pem::PemObject};
+        use x509_parser::prelude::FromDer;
+        let leaf = CertificateDer::from_pem_slice(response.chain_pem[0].as_bytes()).expect("pem");
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&leaf).expect("der");
+        let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert_eq!(life, 48 * 3600 + 300);
+    }
+
+    #[tokio::test]
+    async fn refuses_and_signs_nothing_otherwise() {
+        let ca = Arc::new(LocalCa::generate(TD).expect("ca"));
+        let metrics = Arc::new(ControllerMetrics::new());
+        let svc = service(ca, metrics.clone());
+        let good_csr = || csr(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let cases: BTreeMap<&str, (Request<SignRequest>, tonic::Code)> = BTreeMap::from([
+            ("another node's pod", (
+                request(NODE_A, "spiffe://cluster.local/ns/shop/sa/api", good_csr(), 0),
+                tonic::Code::PermissionDenied,
+            )),
+            ("a dot is not a wildcard", (
+                request(NODE_A, "spiffe://cluster.local/ns/shop/sa/webxv2", good_csr(), 0),
+                tonic::Code::PermissionDenied,
+            )),
+            ("bad token", (
+                request("token-for-node-a-012345678X", "spiffe://cluster.local/ns/shop/sa/web.v2", good_csr(), 0),
+                tonic::Code::Unauthenticated,
+            )),
+            ("no token", (
+                Request::new(SignRequest {
+                    csr_pem: good_csr(),
+                    identity: "spiffe://cluster.local/ns/shop/sa/web.v2".into(),
+                    ttl_secs: 0,
+                }),
+                tonic::Code::Unauthenticated,
+            )),
+            ("other trust domain", (
+                request(NODE_A, "spiffe://other.example/ns/shop/sa/web.v2", good_csr(), 0),
+                tonic::Code::InvalidArgument,
+            )),
+            ("not a spiffe id", (
+                request(NODE_A, "spiffe://cluster.local/ns/shop/sa/web.v2/x", good_csr(), 0),
+                tonic::Code::InvalidArgument,
+            )),
+            ("P-384 key", (
+                request(NODE_A, "spiffe://cluster.local/ns/shop/sa/web.v2", csr(&rcgen::PKCS_ECDSA_P384_SHA384), 0),
+                tonic::Code::InvalidArgument,
+            )),
+            ("garbage csr", (
+                request(NODE_A, "spiffe://cluster.local/ns/shop/sa/web.v2", "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into(), 0),
+                tonic::Code::InvalidArgument,
+            )),
+        ]);
+        for (name, (req, code)) in cases {
+            let status = svc.sign(req).await.expect_err(name);
+            assert_eq!(status.code(), code, "{name}: {status:?}");
+        }
+        assert_eq!(metrics.sign_count(SignResult::Signed), 0, "nothing signed");
+        assert_eq!(metrics.sign_count(SignResult::Denied), 2);
+        assert_eq!(metrics.sign_count(SignResult::Unauthenticated), 2);
+    }
+
+    #[tokio::test]
+    async fn denial_names_node_and_identity() {
+        let ca = Arc::new(LocalCa::generate(TD).expect("ca"));
+        let svc = service(ca, Arc::new(ControllerMetrics::new()));
+        let status = svc
+            .sign(request(
+                NODE_A,
+                "spiffe://cluster.local/ns/shop/sa/api",
+                csr(&rcgen::PKCS_ECDSA_P256_SHA256),
+                0,
+            ))
+            .await
+            .expect_err("denied");
+        assert!(
+            status.message().contains("node node-a"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            status
+                .message()
+                .contains("spiffe://cluster.local/ns/shop/sa/api")
+        );
+    }
+}

@@ -1,0 +1,410 @@
+//! The Kubernetes objects the mesh is built from, as both sources deliver them.
+//!
+//! [`ClusterObjects`] holds Namespaces, Pods, Services, EndpointSlices and Nodes keyed by
+//! `namespace/name` (cluster-scoped objects by `name`). Every object enters through
+//! [`ClusterObjects::apply`], which strips it to the fields the translation reads: a cluster's
+//! pods carry container specs, managed fields and annotations many times larger than what the
+//! mesh needs, and the controller keeps every object in memory. Both the directory and the
+//! Kubernetes source use this one type and this one stripping, so they cannot disagree.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{
+            Namespace, Node, NodeAddress, NodeStatus, Pod, PodSpec, PodStatus, Service, ServiceSpec,
+        },
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+/// Node label giving the node's zone; copied onto workloads and endpoints.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// EndpointSlice label naming the Service the slice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The kinds of object the mesh reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Node,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        }
+    }
+
+    const fn namespaced(self) -> bool {
+        !matches!(self, Kind::Namespace | Kind::Node)
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One object of a kind the mesh reads.
+#[derive(Clone, Debug, PartialEq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "objects only pass through on their way into the store; boxing adds an allocation per event"
+)]
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    Node(Node),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Namespace(_) => Kind::Namespace,
+            Object::Pod(_) => Kind::Pod,
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::Node(_) => Kind::Node,
+        }
+    }
+
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Object::Namespace(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+            Object::Node(o) => &o.metadata,
+        }
+    }
+
+    pub fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Object::Namespace(o) => &mut o.metadata,
+            Object::Pod(o) => &mut o.metadata,
+            Object::Service(o) => &mut o.metadata,
+            Object::EndpointSlice(o) => &mut o.metadata,
+            Object::Node(o) => &mut o.metadata,
+        }
+    }
+
+    /// The store key: `namespace/name`, or `name` for cluster-scoped kinds. `None` when the
+    /// object has no name (or a namespaced object no namespace), which no store can hold.
+    pub fn key(&self) -> Option<String> {
+        object_key(self.kind(), self.metadata())
+    }
+
+    /// `Kind namespace/name`, for log lines and rejection reasons.
+    pub fn describe(&self) -> String {
+        let meta = self.metadata();
+        let name = meta.name.as_deref().unwrap_or("<unnamed>");
+        match (&meta.namespace, self.kind().namespaced()) {
+            (Some(ns), true) => format!("{} {ns}/{name}", self.kind()),
+            _ => format!("{} {name}", self.kind()),
+        }
+    }
+
+    /// Drops every field the translation does not read (see the module docs).
+    #[must_use]
+    pub fn stripped(self) -> Self {
+        match self {
+            Object::Namespace(ns) => Object::Namespace(Namespace {
+                metadata: strip_meta(ns.metadata, false),
+                ..Namespace::default()
+            }),
+            Object::Pod(pod) => Object::Pod(strip_pod(pod)),
+            Object::Service(svc) => Object::Service(strip_service(svc)),
+            Object::EndpointSlice(slice) => Object::EndpointSlice(EndpointSlice {
+                metadata: strip_meta(slice.metadata, false),
+                address_type: slice.address_type,
+                endpoints: slice
+                    .endpoints
+                    .into_iter()
+                    .map(|mut e| {
+                        e.hints = None;
+                        e.deprecated_topology = None;
+                        e.hostname = None;
+                        if let Some(r) = e.target_ref.as_mut() {
+                            r.resource_version = None;
+                            r.field_path = None;
+                            r.api_version = None;
+                        }
+                        e
+                    })
+                    .collect(),
+                ports: slice.ports,
+            }),
+            Object::Node(node) => Object::Node(strip_node(node)),
+        }
+    }
+}
+
+fn object_key(kind: Kind, meta: &ObjectMeta) -> Option<String> {
+    let name = meta.name.as_deref().filter(|n| !n.is_empty())?;
+    if kind.namespaced() {
+        let ns = meta.namespace.as_deref().filter(|n| !n.is_empty())?;
+        Some(format!("{ns}/{name}"))
+    } else {
+        Some(name.to_owned())
+    }
+}
+
+/// Keeps identity, labels and (for pods) the timestamps that order a reused IP's owners.
+fn strip_meta(meta: ObjectMeta, keep_times: bool) -> ObjectMeta {
+    ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        labels: meta.labels.filter(|l| !l.is_empty()),
+        creation_timestamp: meta.creation_timestamp.filter(|_| keep_times),
+        deletion_timestamp: meta.deletion_timestamp.filter(|_| keep_times),
+        ..ObjectMeta::default()
+    }
+}
+
+fn strip_pod(pod: Pod) -> Pod {
+    let spec = pod.spec.unwrap_or_default();
+    let status = pod.status.unwrap_or_default();
+    Pod {
+        metadata: strip_meta(pod.metadata, true),
+        spec: Some(PodSpec {
+            service_account_name: spec.service_account_name,
+            node_name: spec.node_name,
+            host_network: spec.host_network,
+            // Required by the type; the mesh never looks at containers.
+            containers: Vec::new(),
+            ..PodSpec::default()
+        }),
+        status: Some(PodStatus {
+            phase: status.phase,
+            pod_ip: status.pod_ip,
+            pod_ips: status.pod_ips,
+            ..PodStatus::default()
+        }),
+    }
+}
+
+fn strip_service(svc: Service) -> Service {
+    let spec = svc.spec.unwrap_or_default();
+    Service {
+        metadata: strip_meta(svc.metadata, false),
+        spec: Some(ServiceSpec {
+            type_: spec.type_,
+            cluster_ip: spec.cluster_ip,
+            cluster_ips: spec.cluster_ips,
+            ports: spec.ports.map(|ports| {
+                ports
+                    .into_iter()
+                    .map(|mut p| {
+                        p.node_port = None;
+                        p
+                    })
+                    .collect()
+            }),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn strip_node(node: Node) -> Node {
+    let mut metadata = strip_meta(node.metadata, false);
+    // Nodes carry dozens of labels; only the zone is read.
+    metadata.labels = metadata
+        .labels
+        .map(|labels| {
+            labels
+                .into_iter()
+                .filter(|(k, _)| k == ZONE_LABEL)
+                .collect::<BTreeMap<_, _>>()
+        })
+        .filter(|l| !l.is_empty());
+    let addresses: Option<Vec<NodeAddress>> = node
+        .status
+        .and_then(|s| s.addresses)
+        .map(|a| a.into_iter().filter(|a| a.type_ == "InternalIP").collect());
+    Node {
+        metadata,
+        spec: None,
+        status: Some(NodeStatus {
+            addresses,
+            ..NodeStatus::default()
+        }),
+    }
+}
+
+/// The objects the mesh is built from. Values are shared (`Arc`) so that publishing a
+/// snapshot after each change copies pointers, not objects.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterObjects {
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    pub pods: BTreeMap<String, Arc<Pod>>,
+    pub services: BTreeMap<String, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<String, Arc<EndpointSlice>>,
+    pub nodes: BTreeMap<String, Arc<Node>>,
+}
+
+/// An object that cannot be stored.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{object}: metadata.name is missing, or metadata.namespace for a namespaced kind")]
+pub struct MissingName {
+    pub object: String,
+}
+
+impl ClusterObjects {
+    /// Strips and stores `object`, replacing any object of the same kind and key. Returns
+    /// whether an object was replaced.
+    pub fn apply(&mut self, object: Object) -> Result<bool, MissingName> {
+        let key = object.key().ok_or_else(|| MissingName {
+            object: object.describe(),
+        })?;
+        let replaced = match object.stripped() {
+            Object::Namespace(o) => self.namespaces.insert(key, Arc::new(o)).is_some(),
+            Object::Pod(o) => self.pods.insert(key, Arc::new(o)).is_some(),
+            Object::Service(o) => self.services.insert(key, Arc::new(o)).is_some(),
+            Object::EndpointSlice(o) => self.endpoint_slices.insert(key, Arc::new(o)).is_some(),
+            Object::Node(o) => self.nodes.insert(key, Arc::new(o)).is_some(),
+        };
+        Ok(replaced)
+    }
+
+    /// Removes the object of `kind` named like `object` (a deletion event carries the last
+    /// state of the object; only its name matters).
+    pub fn delete(&mut self, object: &Object) {
+        if let Some(key) = object.key() {
+            self.remove(object.kind(), &key);
+        }
+    }
+
+    pub fn remove(&mut self, kind: Kind, key: &str) {
+        match kind {
+            Kind::Namespace => self.namespaces.remove(key).is_some(),
+            Kind::Pod => self.pods.remove(key).is_some(),
+            Kind::Service => self.services.remove(key).is_some(),
+            Kind::EndpointSlice => self.endpoint_slices.remove(key).is_some(),
+            Kind::Node => self.nodes.remove(key).is_some(),
+        };
+    }
+
+    /// Replaces every object of `kind` with those of `from` (a completed re-list).
+    pub fn replace_kind(&mut self, kind: Kind, from: &mut ClusterObjects) {
+        match kind {
+            Kind::Namespace => self.namespaces = std::mem::take(&mut from.namespaces),
+            Kind::Pod => self.pods = std::mem::take(&mut from.pods),
+            Kind::Service => self.services = std::mem::take(&mut from.services),
+            Kind::EndpointSlice => {
+                self.endpoint_slices = std::mem::take(&mut from.endpoint_slices);
+            }
+            Kind::Node => self.nodes = std::mem::take(&mut from.nodes),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.namespaces.len()
+            + self.pods.len()
+            + self.services.len()
+            + self.endpoint_slices.len()
+            + self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::Container;
+
+    #[test]
+    fn stripping_keeps_what_the_mesh_reads_and_nothing_else() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web-1", "namespace": "shop", "uid": "u1",
+                "labels": {"app": "web"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"},
+                "managedFields": [{"manager": "kubectl"}],
+                "resourceVersion": "42",
+            },
+            "spec": {
+                "serviceAccountName": "web", "nodeName": "node-a",
+                "containers": [{"name": "app", "image": "web:1"}],
+            },
+            "status": {"phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}],
+                       "hostIP": "192.168.0.1"},
+        }))
+        .expect("pod");
+        let mut objects = ClusterObjects::default();
+        assert_eq!(objects.apply(Object::Pod(pod)), Ok(false));
+        let stored = &objects.pods["shop/web-1"];
+        assert_eq!(stored.metadata.annotations, None);
+        assert_eq!(stored.metadata.managed_fields, None);
+        assert_eq!(stored.metadata.resource_version, None);
+        assert_eq!(stored.metadata.uid.as_deref(), Some("u1"));
+        let spec = stored.spec.as_ref().expect("spec");
+        assert_eq!(spec.containers, Vec::<Container>::new());
+        assert_eq!(spec.node_name.as_deref(), Some("node-a"));
+        let status = stored.status.as_ref().expect("status");
+        assert_eq!(status.host_ip, None);
+        assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.1"));
+    }
+
+    #[test]
+    fn nodes_keep_only_the_zone_label_and_internal_addresses() {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "node-a", "labels": {
+                "topology.kubernetes.io/zone": "z1", "kubernetes.io/hostname": "node-a"}},
+            "status": {"addresses": [
+                {"type": "Hostname", "address": "node-a"},
+                {"type": "InternalIP", "address": "192.168.0.1"}],
+                "capacity": {"cpu": "2"}},
+        }))
+        .expect("node");
+        let mut objects = ClusterObjects::default();
+        objects.apply(Object::Node(node)).expect("named");
+        let stored = &objects.nodes["node-a"];
+        assert_eq!(
+            stored.metadata.labels,
+            Some(BTreeMap::from([(ZONE_LABEL.into(), "z1".into())]))
+        );
+        let status = stored.status.as_ref().expect("status");
+        assert_eq!(status.capacity, None);
+        assert_eq!(status.addresses.as_ref().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn unnamed_objects_are_refused() {
+        let mut objects = ClusterObjects::default();
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                ..ObjectMeta::default()
+            },
+            ..Pod::default()
+        };
+        assert!(objects.apply(Object::Pod(pod)).is_err());
+        assert!(objects.is_empty());
+    }
+}

@@ -296,7 +296,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             shutdown.clone(),
         ));
     }
-    listeners.spawn(cert_manager.run(states.clone(), shutdown.clone()));
+    let (prefetched, first_certs) = oneshot::channel();
+    listeners.spawn(cert_manager.run(states.clone(), prefetched, shutdown.clone()));
     let (synced, first_sync) = oneshot::channel();
     listeners.spawn(enrollment::run(
         enroller,
@@ -340,7 +341,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         let node = config.node.clone();
         let (outbound, hbone) = (config.listen.outbound, config.listen.hbone);
         async move {
-            if first_sync.await.is_ok() {
+            // Ready once the first state is enrolled and its certificates were requested.
+            if first_sync.await.is_ok() && first_certs.await.is_ok() {
                 admin
                     .ready
                     .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -365,6 +365,13 @@ impl MeshState {
             .map(|w| w.identity.clone())
             .collect()
     }
+
+    /// Whether an enrolled workload on this node has `identity`.
+    pub fn has_local_identity(&self, identity: &Identity) -> bool {
+        self.workloads
+            .iter()
+            .any(|w| w.enrolled && self.is_local(w) && &w.identity == identity)
+    }
 }
 
 /// Inserts `ip -> workload` unless another workload already claims `ip`, in which case the

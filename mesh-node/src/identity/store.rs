@@ -115,6 +115,9 @@ pub struct CertStore {
     certs: ArcSwap<HashMap<Identity, Arc<WorkloadCert>>>,
     /// The last failure per identity still failing, for the config dump.
     failures: ArcSwap<BTreeMap<String, String>>,
+    /// Bumped after every change of `certs`, so a connection can wait for a certificate that
+    /// is being fetched instead of failing in the moment between enrollment and issuance.
+    generation: watch::Sender<u64>,
 }
 
 impl CertStore {
@@ -139,6 +142,7 @@ impl CertStore {
             trust_domain: trust_domain.into(),
             certs: ArcSwap::default(),
             failures: ArcSwap::default(),
+            generation: watch::Sender::new(0),
         })
     }
 
@@ -155,6 +159,25 @@ impl CertStore {
     /// The current certificate for `identity`, if this node holds one.
     pub fn get(&self, identity: &Identity) -> Option<Arc<WorkloadCert>> {
         self.certs.load().get(identity).cloned()
+    }
+
+    /// The certificate for `identity`, waiting up to `max` for it to be issued. Callers wait
+    /// only for identities of local workloads, which the manager is fetching (a new pod's first
+    /// connection may come before its certificate); anything else fails at once with `get`.
+    pub async fn wait_for(&self, identity: &Identity, max: Duration) -> Option<Arc<WorkloadCert>> {
+        let mut updates = self.generation.subscribe();
+        let wait = async {
+            loop {
+                if let Some(cert) = self.get(identity) {
+                    return cert;
+                }
+                if updates.changed().await.is_err() {
+                    // Unreachable while `self` lives (it owns the sender); never spin.
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(max, wait).await.ok()
     }
 
     /// Every certificate held, for the config dump.
@@ -508,6 +531,9 @@ impl CertManager {
             tracing::info!(%identity, "dropping certificate: no local workload has this identity");
         }
         self.store.certs.store(Arc::new(next));
+        self.store
+            .generation
+            .send_modify(|g| *g = g.wrapping_add(1));
         let failures: BTreeMap<String, String> = self
             .retries
             .iter()
@@ -577,12 +603,16 @@ impl CertManager {
 
     /// Follows the local identities of every new state until `shutdown`. `None` (no state
     /// yet) holds nothing back and changes nothing.
+    /// `prefetched` fires once the first state's certificates were requested (issued or
+    /// failed), which the agent's readiness waits for.
     pub async fn run(
         mut self,
         mut states: watch::Receiver<Option<Arc<MeshState>>>,
+        prefetched: tokio::sync::oneshot::Sender<()>,
         shutdown: CancellationToken,
     ) {
         let mut states_open = true;
+        let mut prefetched = Some(prefetched);
         loop {
             let wanted = states
                 .borrow_and_update()
@@ -590,6 +620,9 @@ impl CertManager {
                 .map(|s| s.local_identities());
             if let Some(wanted) = wanted {
                 self.reconcile(&wanted).await;
+                if let Some(prefetched) = prefetched.take() {
+                    let _ = prefetched.send(());
+                }
             }
             let wake = self.next_wake();
             tokio::select! {

@@ -62,6 +62,15 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
             .map(|n| Identity::from_sni(n, inputs.certs.trust_domain()))
         {
             Some(Ok(id)) if inputs.certs.get(&id).is_some() => {}
+            // A local pod whose certificate is being fetched: wait (within the handshake
+            // deadline) rather than refuse its first peers.
+            Some(Ok(id))
+                if inputs.state.load().has_local_identity(&id)
+                    && inputs
+                        .certs
+                        .wait_for(&id, inputs.settings.handshake_timeout)
+                        .await
+                        .is_some() => {}
             Some(Ok(id)) => {
                 return Err(format!(
                     "TLS handshake refused: no certificate held for {id}"

@@ -203,7 +203,8 @@ impl Pool {
     ) -> Result<SendRequest<Empty<Bytes>>, PoolError> {
         let addr = key.node.0;
         let cert = certs
-            .get(&key.src)
+            .wait_for(&key.src, self.connect_timeout)
+            .await
             .ok_or_else(|| PoolError::NoCertificate(key.src.clone()))?;
         let tcp = super::connect(addr, self.connect_timeout)
             .await

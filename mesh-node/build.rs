@@ -3,6 +3,10 @@
 //!   embeds an up-to-date eBPF object (see ../shared/TOOLCHAIN.md and `.ci/setup`);
 //! - generates the control plane's gRPC code from `proto/` (needs `protoc`).
 fn main() -> anyhow::Result<()> {
+    // aya-build declares its own inputs, which turns off cargo's rerun-on-any-change: every
+    // other input must be declared too, or edits to it are silently not rebuilt.
+    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=../mesh-common");
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -127,6 +127,7 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
         .map(|c| {
             serde_json::json!({
                 "identity": c.identity.to_string(),
+                "serial": c.serial,
                 "not_before": secs(c.not_before),
                 "not_after": secs(c.not_after),
                 "expires_in_secs": c.not_after.duration_since(now).map(|d| d.as_secs()).unwrap_or(0),
@@ -155,6 +156,7 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
         "control_plane": control_plane,
         "nodes": nodes,
         "workloads": state.workloads().iter().map(|w| w.as_ref()).collect::<Vec<_>>(),
+        "services": state.services().iter().map(|s| s.as_ref()).collect::<Vec<_>>(),
         "certificates": certificates,
         "certificate_errors": admin.certs.failures().as_ref(),
         "datapath": datapath,

@@ -74,6 +74,8 @@ pub enum AgentError {
     },
     #[error("datapath: {0}")]
     Datapath(#[from] EbpfError),
+    #[error("this node cannot run the datapath: {0} (run `meshctl check --pre` for details)")]
+    Preflight(String),
 }
 
 impl DatapathStats for Datapath {
@@ -109,7 +111,7 @@ enum Source {
     Live {
         channel: tonic::transport::Channel,
         token: channel::BearerToken,
-        address: SocketAddr,
+        address: crate::config::ControllerAddress,
     },
 }
 
@@ -146,7 +148,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             let source = Source::Live {
                 channel,
                 token,
-                address: cp.address,
+                address: cp.address.clone(),
             };
             (source, certs, issuer, None)
         }
@@ -212,6 +214,24 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             .filter_map(|c| parse_cidr(c).ok())
             .collect(),
     };
+    // Refuse to start, before touching the kernel, where the datapath cannot work.
+    let preflight = crate::check::run(&crate::check::Environment {
+        cgroup_root: spec.cgroup_root.clone(),
+        pin_dir: spec.pin_dir.clone(),
+        proc_root: "/proc".into(),
+        // Datapath::install verifies every program before it attaches any.
+        probe_programs: false,
+    });
+    for finding in preflight
+        .findings
+        .iter()
+        .filter(|f| f.level == crate::check::Level::Warn)
+    {
+        tracing::warn!(code = finding.code, check = finding.check, detail = %finding.detail, hint = finding.hint.as_deref().unwrap_or_default(), "pre-flight warning");
+    }
+    if preflight.failed() {
+        return Err(AgentError::Preflight(preflight.failures()));
+    }
     let (datapath, enroller) =
         Datapath::install(&spec, initial.as_deref().map(MeshState::local_cgroups))?;
     let datapath = Arc::new(datapath);

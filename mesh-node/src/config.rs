@@ -87,8 +87,9 @@ pub struct CaConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlPlaneConfig {
-    /// The controller's gRPC address (TLS), conventionally port 15012.
-    pub address: SocketAddr,
+    /// The controller's gRPC address (TLS), `host:port`, conventionally port 15012: an IP
+    /// address or a DNS name such as `trellis-controller.trellis-system.svc`.
+    pub address: ControllerAddress,
     /// The name the controller's certificate must carry; by default the address's IP (as an
     /// IP SAN).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -105,8 +106,103 @@ impl ControlPlaneConfig {
     pub fn server_name(&self) -> String {
         self.server_name
             .clone()
-            .unwrap_or_else(|| self.address.ip().to_string())
+            .unwrap_or_else(|| self.address.host().to_owned())
     }
+}
+
+/// `host:port` of the controller, as written in the config (a DNS name is resolved at each
+/// connect, so a controller Service that moves is followed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ControllerAddress(String);
+
+impl ControllerAddress {
+    /// The host part, without the brackets of an IPv6 literal.
+    pub fn host(&self) -> &str {
+        let host = self.0.rsplit_once(':').map_or(self.0.as_str(), |(h, _)| h);
+        host.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let (host, port) = self
+            .0
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{:?} is not host:port", self.0))?;
+        match port.parse::<u16>() {
+            Ok(p) if p != 0 => {}
+            _ => return Err(format!("{port:?} is not a port")),
+        }
+        if let Ok(ip) = self.host().parse::<IpAddr>() {
+            if ip.is_unspecified() {
+                return Err("must be a concrete address and port".into());
+            }
+            if ip.is_ipv6() && !host.starts_with('[') {
+                return Err("write IPv6 addresses as [address]:port".into());
+            }
+            return Ok(());
+        }
+        match rustls_pki_types::DnsName::try_from(host) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(format!("{host:?} is neither an IP address nor a DNS name")),
+        }
+    }
+}
+
+impl From<SocketAddr> for ControllerAddress {
+    fn from(addr: SocketAddr) -> Self {
+        Self(addr.to_string())
+    }
+}
+
+impl std::fmt::Display for ControllerAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Replaces `${NAME}` with the environment variable `NAME`, so one file serves every node
+/// of a DaemonSet (`node: ${NODE_NAME}`, `hbone: ${HOST_IP}:15008`). Only `${` starts a
+/// reference; an unset or malformed one is an error naming it, never an empty string.
+pub fn expand_env(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| {
+            invalid(
+                "config",
+                "unterminated ${ (write ${NAME} to use an environment variable)",
+            )
+        })?;
+        let name = &after[..end];
+        let valid = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+        if !valid {
+            return Err(invalid(
+                "config",
+                format!("${{{name}}} is not an environment variable reference (A-Z, 0-9, _)"),
+            ));
+        }
+        let value = lookup(name).ok_or_else(|| {
+            invalid(
+                "config",
+                format!("${{{name}}} is used but the environment variable {name} is not set"),
+            )
+        })?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -244,6 +340,7 @@ impl AgentConfig {
             path: path.into(),
             source,
         })?;
+        let text = expand_env(&text, |name| std::env::var(name).ok())?;
         Self::parse(&text).map_err(|e| match e {
             ConfigError::Parse { reason, .. } => ConfigError::Parse {
                 path: path.into(),
@@ -268,7 +365,7 @@ impl AgentConfig {
 
     /// Checks everything serde cannot: references between sections, addresses, names.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check_dns_label("node", &self.node)?;
+        check_node_name("node", &self.node)?;
         match (&self.ca, &self.control_plane) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
@@ -288,7 +385,7 @@ impl AgentConfig {
         self.validate_common()?;
         let mut node_names = HashSet::new();
         for (i, node) in self.nodes.iter().enumerate() {
-            check_dns_label(&format!("nodes[{i}].name"), &node.name)?;
+            check_node_name(&format!("nodes[{i}].name"), &node.name)?;
             if !node_names.insert(node.name.as_str()) {
                 return Err(invalid(format!("nodes[{i}].name"), "duplicate node"));
             }
@@ -384,12 +481,9 @@ impl AgentConfig {
     /// Live mode: the mesh comes from the controller, so the file must not describe it.
     fn validate_live(&self, cp: &ControlPlaneConfig) -> Result<(), ConfigError> {
         self.validate_common()?;
-        if cp.address.ip().is_unspecified() || cp.address.port() == 0 {
-            return Err(invalid(
-                "control_plane.address",
-                "must be a concrete address and port",
-            ));
-        }
+        cp.address
+            .check()
+            .map_err(|reason| invalid("control_plane.address", reason))?;
         if let Some(name) = &cp.server_name
             && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
         {
@@ -430,6 +524,19 @@ pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
         return Err(format!("prefix length {len} exceeds {max}"));
     }
     Ok((ip, len))
+}
+
+/// Kubernetes node names are DNS subdomains (`ip-10-0-0-1.ec2.internal`).
+fn check_node_name(field: &str, value: &str) -> Result<(), ConfigError> {
+    let ok = value.len() <= 253
+        && value
+            .split('.')
+            .all(|label| check_dns_label(field, label).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("{value:?} is not a DNS subdomain")))
+    }
 }
 
 fn check_dns_label(field: &str, value: &str) -> Result<(), ConfigError> {
@@ -559,6 +666,62 @@ datapath: { cgroup_root: /sys/fs/cgroup/kubepods.slice }
         );
         let again = AgentConfig::parse(&config.to_yaml()).expect("round trip");
         assert!(again.control_plane.is_some() && again.ca.is_none());
+    }
+
+    #[test]
+    fn one_file_serves_every_node_through_the_environment() {
+        let env = |name: &str| match name {
+            "NODE_NAME" => Some("ip-10-1-0-1.ec2.internal".to_owned()),
+            "HOST_IP" => Some("10.1.0.1".to_owned()),
+            _ => None,
+        };
+        let text = LIVE
+            .replace("node: node-a", "node: ${NODE_NAME}")
+            .replace("hbone: \"10.1.0.1:15008\"", "hbone: \"${HOST_IP}:15008\"")
+            .replace(
+                "address: \"10.1.0.1:15012\"",
+                "address: trellis-controller.trellis-system.svc:15012",
+            );
+        let config = AgentConfig::parse(&expand_env(&text, env).expect("expands")).expect("valid");
+        assert_eq!(config.node, "ip-10-1-0-1.ec2.internal");
+        assert_eq!(config.listen.hbone, "10.1.0.1:15008".parse().expect("addr"));
+        let cp = config.control_plane.expect("cp");
+        assert_eq!(cp.server_name(), "trellis-controller.trellis-system.svc");
+
+        for (text, needle) in [
+            ("node: ${POD_IP}", "POD_IP is not set"),
+            ("node: ${node}", "not an environment variable reference"),
+            ("node: ${NODE_NAME", "unterminated"),
+        ] {
+            let err = expand_env(text, env).expect_err(text).to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        assert_eq!(expand_env("cost: $5", env).expect("plain $"), "cost: $5");
+    }
+
+    #[test]
+    fn controller_addresses_are_ip_or_dns_with_a_port() {
+        for good in [
+            "10.1.0.1:15012",
+            "[fd00::1]:15012",
+            "trellis-controller.trellis-system.svc:15012",
+        ] {
+            assert!(ControllerAddress(good.into()).check().is_ok(), "{good}");
+        }
+        assert_eq!(
+            ControllerAddress("[fd00::1]:15012".into()).host(),
+            "fd00::1"
+        );
+        for bad in [
+            "10.1.0.1",
+            "0.0.0.0:15012",
+            "fd00::1:15012",
+            "host:0",
+            "bad host!:1",
+            "x:y",
+        ] {
+            assert!(ControllerAddress(bad.into()).check().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -32,6 +32,7 @@ use crate::{
 
 pub mod auth;
 pub mod ca;
+pub mod ca_store;
 pub mod discovery;
 pub mod files;
 pub mod kube_source;
@@ -73,6 +74,8 @@ pub enum ControllerError {
     #[error(transparent)]
     Ca(#[from] CaError),
     #[error(transparent)]
+    CaStore(#[from] ca_store::CaStoreError),
+    #[error(transparent)]
     Auth(#[from] auth::AuthConfigError),
     #[error(transparent)]
     Files(#[from] files::FilesError),
@@ -104,6 +107,7 @@ fn invalid(field: &str, reason: impl Into<String>) -> ControllerError {
 /// listen: 0.0.0.0:15012              # CA and discovery gRPC, TLS
 /// trust_domain: cluster.local
 /// ca: { cert: /var/lib/trellis/ca.pem, key: /var/lib/trellis/ca-key.pem }  # generated if both absent
+/// # or: ca: { secret: trellis-system/trellis-ca, publish_root: trellis-system/trellis-ca-root }
 /// source: { directory: /etc/trellis/manifests }                           # or: { kubernetes: {} }
 /// auth:
 ///   bootstrap_tokens: /etc/trellis/node-tokens.yaml                       # node-name: token
@@ -122,7 +126,7 @@ pub struct ControllerConfig {
     pub listen: SocketAddr,
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
-    pub ca: CaFiles,
+    pub ca: CaConfig,
     pub source: SourceConfig,
     #[serde(default)]
     pub auth: AuthConfig,
@@ -142,13 +146,57 @@ pub struct ControllerConfig {
     pub log_format: LogFormat,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// Where the root CA is kept: `cert` and `key` files, or a Kubernetes `secret`. Either is
+/// generated and persisted on first start when absent.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CaFiles {
+pub struct CaConfig {
     /// PEM root (or intermediate) certificate; also the trust bundle handed to agents.
-    pub cert: PathBuf,
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
     /// Its PEM PKCS#8 private key.
-    pub key: PathBuf,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// `<namespace>/<name>` of a `kubernetes.io/tls` Secret holding the root.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// `<namespace>/<name>` of a ConfigMap to publish the trust bundle (`root-cert.pem`) to,
+    /// for the agents to mount.
+    #[serde(default)]
+    pub publish_root: Option<String>,
+}
+
+/// The validated form of [`CaConfig`].
+enum CaLocation {
+    Files { cert: PathBuf, key: PathBuf },
+    Secret(ca_store::ObjectRef),
+}
+
+impl CaConfig {
+    fn location(&self) -> Result<CaLocation, ControllerError> {
+        match (&self.cert, &self.key, &self.secret) {
+            (Some(cert), Some(key), None) => Ok(CaLocation::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None, Some(secret)) => Ok(CaLocation::Secret(
+                secret
+                    .parse()
+                    .map_err(|e: String| invalid("ca.secret", e))?,
+            )),
+            _ => Err(invalid(
+                "ca",
+                "give either cert and key (files) or secret (<namespace>/<name>)",
+            )),
+        }
+    }
+
+    fn publish_root(&self) -> Result<Option<ca_store::ObjectRef>, ControllerError> {
+        self.publish_root
+            .as_deref()
+            .map(|r| r.parse().map_err(|e: String| invalid("ca.publish_root", e)))
+            .transpose()
+    }
 }
 
 /// Where the cluster's objects come from.
@@ -224,6 +272,8 @@ impl ControllerConfig {
     }
 
     pub fn validate(&self) -> Result<(), ControllerError> {
+        self.ca.location()?;
+        self.ca.publish_root()?;
         Identity::new(&self.trust_domain, "a", "b")
             .map_err(|e| invalid("trust_domain", e.to_string()))?;
         if self.hbone_port == 0 {
@@ -327,11 +377,6 @@ impl Controller {
         // one the rest of Trellis uses. Fails only if already installed, which is fine.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 
-        let ca = Arc::new(LocalCa::load_or_generate(
-            &config.ca.cert,
-            &config.ca.key,
-            &config.trust_domain,
-        )?);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| ControllerError::Listen {
@@ -353,6 +398,38 @@ impl Controller {
             None => None,
         };
 
+        let location = config.ca.location()?;
+        let publish_root = config.ca.publish_root()?;
+        let needs_kube = matches!(config.source, SourceConfig::Kubernetes(_))
+            || config.auth.token_review.is_some()
+            || matches!(location, CaLocation::Secret(_))
+            || publish_root.is_some();
+        let kube_client = if needs_kube {
+            Some(
+                kube::Client::try_default()
+                    .await
+                    .map_err(ControllerError::Kube)?,
+            )
+        } else {
+            None
+        };
+        let ca = match (&location, &kube_client) {
+            (CaLocation::Files { cert, key }, _) => {
+                LocalCa::load_or_generate(cert, key, &config.trust_domain)?
+            }
+            (CaLocation::Secret(secret), Some(client)) => {
+                ca_store::load_or_create_secret(client.clone(), secret, &config.trust_domain)
+                    .await?
+            }
+            (CaLocation::Secret(_), None) => {
+                return Err(invalid("ca.secret", "a Secret needs a Kubernetes client"));
+            }
+        };
+        if let (Some(config_map), Some(client)) = (&publish_root, &kube_client) {
+            ca_store::publish_root(client.clone(), config_map, &ca).await?;
+        }
+        let ca = Arc::new(ca);
+
         let identity = Identity::new(
             &config.trust_domain,
             CONTROLLER_NAMESPACE,
@@ -368,17 +445,6 @@ impl Controller {
         );
         tracing::info!(%identity, ?dns, ?ips, "issued the controller's serving certificate");
 
-        let needs_kube = matches!(config.source, SourceConfig::Kubernetes(_))
-            || config.auth.token_review.is_some();
-        let kube_client = if needs_kube {
-            Some(
-                kube::Client::try_default()
-                    .await
-                    .map_err(ControllerError::Kube)?,
-            )
-        } else {
-            None
-        };
         let source = match (&config.source, &kube_client) {
             (SourceConfig::Directory(dir), _) => Source::Files(files::FilesSource::open(dir)?),
             (SourceConfig::Kubernetes(_), Some(client)) => Source::Kubernetes(client.clone()),

@@ -274,14 +274,14 @@ impl Datapath {
             path: spec.cgroup_root.clone(),
             source,
         })?;
+        // Every program is loaded (verified) before any is attached: a program the kernel
+        // refuses must not leave pods with a redirect but no tracking (half-redirected).
+        load_programs(&mut datapath._ebpf)?;
         // aya's program types share no trait for this sequence, hence a macro.
         macro_rules! attach_and_pin {
             ($ty:ty, $name:expr) => {{
                 let name = $name;
                 let program: &mut $ty = program_mut(&mut datapath._ebpf, name)?;
-                program
-                    .load()
-                    .map_err(|source| EbpfError::Program { name, source })?;
                 let id = program
                     .attach(&cgroup, CgroupAttachMode::Single)
                     .map_err(|source| EbpfError::Program { name, source })?;
@@ -293,12 +293,7 @@ impl Datapath {
                 replace_pinned_link(link, &links_dir.join(name))?;
             }};
         }
-        for name in [
-            programs::CONNECT4,
-            programs::CONNECT6,
-            programs::GETPEERNAME4,
-            programs::GETPEERNAME6,
-        ] {
+        for name in SOCK_ADDR_PROGRAMS {
             attach_and_pin!(CgroupSockAddr, name);
         }
         attach_and_pin!(SockOps, programs::SOCK_OPS);
@@ -371,6 +366,70 @@ pub fn uninstall(pin_dir: &Path) -> Result<(), EbpfError> {
     })?;
     tracing::info!(pin_dir = %pin_dir.display(), "datapath detached and unpinned");
     Ok(())
+}
+
+/// The cgroup sock_addr programs: connect rewrites and their getpeername counterparts.
+const SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
+];
+
+/// Loads (and so verifies) every program of the object into the kernel, without attaching.
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+    for name in SOCK_ADDR_PROGRAMS {
+        let program: &mut CgroupSockAddr = program_mut(ebpf, name)?;
+        program
+            .load()
+            .map_err(|source| EbpfError::Program { name, source })?;
+    }
+    let program: &mut SockOps = program_mut(ebpf, programs::SOCK_OPS)?;
+    program.load().map_err(|source| EbpfError::Program {
+        name: programs::SOCK_OPS,
+        source,
+    })
+}
+
+/// Whether this kernel accepts every program of the datapath: loads them into a scratch pin
+/// directory under `pin_dir` (which must be on bpffs) and removes it again. Attaches nothing,
+/// so it is safe on a node whose pods are being served.
+pub fn probe(pin_dir: &Path) -> Result<(), EbpfError> {
+    let scratch = pin_dir.join(format!("probe_{}", std::process::id()));
+    // Leave no trace: a pin directory made here is removed again (if still empty).
+    let created = !pin_dir.exists();
+    std::fs::create_dir_all(&scratch).map_err(|source| EbpfError::Io {
+        what: "cannot create probe directory",
+        path: scratch.clone(),
+        source,
+    })?;
+    let result = EbpfLoader::new()
+        .default_map_pin_directory(&scratch)
+        .load(OBJECT)
+        .map_err(EbpfError::from)
+        .and_then(|mut ebpf| load_programs(&mut ebpf));
+    let _ = std::fs::remove_dir_all(&scratch);
+    if created {
+        let _ = std::fs::remove_dir(pin_dir);
+    }
+    result
+}
+
+/// Whether `path` is a cgroup v2 directory.
+pub fn is_cgroup2(path: &Path) -> Result<bool, EbpfError> {
+    Ok(fs_magic(path)? == CGROUP2_SUPER_MAGIC)
+}
+
+/// Whether `path`, or its nearest existing ancestor, is on a bpf filesystem.
+pub fn is_on_bpffs(path: &Path) -> Result<bool, EbpfError> {
+    let mut probe = path.to_path_buf();
+    while !probe.exists() {
+        match probe.parent() {
+            Some(parent) => probe = parent.into(),
+            None => break,
+        }
+    }
+    Ok(fs_magic(&probe)? == BPF_FS_MAGIC)
 }
 
 fn preflight(spec: &DatapathSpec) -> Result<(), EbpfError> {

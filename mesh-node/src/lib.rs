@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod agent;
 pub mod api;
+pub mod check;
 pub mod config;
 pub mod controller;
 pub mod ebpf;

@@ -111,6 +111,14 @@ impl TcpLabels {
         }
         self
     }
+
+    /// The service the client addressed, as `<name>.<namespace>.svc.<cluster domain>`.
+    pub fn with_service(mut self, hostname: Option<&str>) -> Self {
+        if let Some(hostname) = hostname {
+            self.destination_service = hostname.to_owned();
+        }
+        self
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -1,4 +1,4 @@
-//! The mesh as this node sees it: workloads, their identities and nodes.
+//! The mesh as this node sees it: workloads, their identities, nodes and services.
 //!
 //! The snapshot is immutable: readers hold an `Arc` to a consistent view while the owner of
 //! the state (the agent's state task, or start-up in static mode) swaps in a new one. It is
@@ -6,7 +6,8 @@
 //! the protobuf types are converted here, at the boundary, and nothing past it sees them.
 //!
 //! Workloads are keyed by pod uid, never by address: a new pod that reuses an old pod's IP is
-//! a different workload, and an address claimed by two workloads at once names neither.
+//! a different workload, and an address claimed by two workloads at once names neither. The
+//! same holds for service virtual IPs: a VIP two services claim names neither.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -20,6 +21,7 @@ use crate::{
     config::{AgentConfig, ConfigError},
     ebpf::PodCgroup,
     identity::Identity,
+    service::Service,
 };
 
 /// A pod known to the mesh: enrolled pods are mesh sources and destinations; the others are
@@ -202,6 +204,10 @@ pub struct MeshState {
     /// Enrolled local workloads whose cgroup is not (yet) found: not redirected.
     pending_cgroups: Vec<Arc<Workload>>,
     nodes: HashMap<String, NodeInfo>,
+    /// Every service, ordered by (namespace, name).
+    services: Vec<Arc<Service>>,
+    /// Services by each virtual IP only they claim (canonical).
+    by_vip: HashMap<IpAddr, Arc<Service>>,
 }
 
 impl MeshState {
@@ -215,7 +221,8 @@ impl MeshState {
 
     /// Builds the view from a validated static configuration. Every configured workload is
     /// enrolled. A local workload whose cgroup cannot be found is kept out of the enrollment
-    /// (its connections are not meshed, and logged), without affecting anyone else.
+    /// (its connections are not meshed, and logged), without affecting anyone else. Static
+    /// configurations describe no services.
     pub fn from_config(config: &AgentConfig) -> Result<Self, ConfigError> {
         let nodes = config.nodes.iter().map(|node| NodeInfo {
             name: node.name.clone(),
@@ -244,7 +251,7 @@ impl MeshState {
                 identity,
             }));
         }
-        Ok(Self::build(&config.node, workloads, nodes, |w| {
+        Ok(Self::build(&config.node, workloads, nodes, [], |w| {
             let path = w.cgroup.as_ref()?;
             PodCgroup::from_path(path)
                 .map_err(|e| {
@@ -260,6 +267,7 @@ impl MeshState {
         local_node: &str,
         workloads: impl IntoIterator<Item = Arc<Workload>>,
         nodes: impl IntoIterator<Item = NodeInfo>,
+        services: impl IntoIterator<Item = Arc<Service>>,
         mut cgroup_of: impl FnMut(&Workload) -> Option<PodCgroup>,
     ) -> Self {
         let mut state = MeshState {
@@ -307,7 +315,34 @@ impl MeshState {
         for ip in &ambiguous {
             tracing::warn!(%ip, "address claimed by several workloads; it names none of them until that resolves");
         }
+        state.index_services(services);
         state
+    }
+
+    fn index_services(&mut self, services: impl IntoIterator<Item = Arc<Service>>) {
+        let mut services: Vec<Arc<Service>> = services.into_iter().collect();
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let mut ambiguous = HashSet::new();
+        for service in &services {
+            for vip in &service.vips {
+                let vip = canonical(*vip);
+                if ambiguous.contains(&vip) {
+                    continue;
+                }
+                match self.by_vip.get(&vip) {
+                    Some(other) if !Arc::ptr_eq(other, service) => {
+                        tracing::warn!(%vip, service = %service.hostname, other = %other.hostname, "virtual IP claimed by several services; it names none of them until that resolves");
+                        self.by_vip.remove(&vip);
+                        ambiguous.insert(vip);
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.by_vip.insert(vip, service.clone());
+                    }
+                }
+            }
+        }
+        self.services = services;
     }
 
     pub fn local_node(&self) -> &str {
@@ -340,6 +375,21 @@ impl MeshState {
 
     pub fn nodes(&self) -> impl Iterator<Item = &NodeInfo> {
         self.nodes.values()
+    }
+
+    /// The zone of this node, when the controller knows it.
+    pub fn local_zone(&self) -> Option<&str> {
+        self.nodes.get(&self.local_node)?.zone.as_deref()
+    }
+
+    /// Every service, ordered by (namespace, name).
+    pub fn services(&self) -> &[Arc<Service>] {
+        &self.services
+    }
+
+    /// The service whose virtual IP is `ip`, if exactly one claims it.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.by_vip.get(&canonical(ip))
     }
 
     pub fn is_local(&self, workload: &Workload) -> bool {
@@ -489,6 +539,7 @@ pub(crate) mod tests {
                 arc(out),
             ],
             [],
+            [],
             |w| {
                 Some(PodCgroup {
                     path: format!("/cg/{}", w.uid).into(),
@@ -523,6 +574,7 @@ pub(crate) mod tests {
                 arc(api_workload("new", "new", "node-b", "10.0.0.1")),
             ],
             [],
+            [],
             |_| None,
         );
         assert!(
@@ -537,11 +589,56 @@ pub(crate) mod tests {
         );
     }
 
+    fn service(name: &str, vips: &[&str]) -> Arc<Service> {
+        Arc::new(Service::new(
+            name.into(),
+            "shop".into(),
+            vips.iter().map(|v| v.parse().expect("ip")).collect(),
+            Vec::new(),
+            Vec::new(),
+            false,
+        ))
+    }
+
+    #[test]
+    fn services_are_found_by_each_vip_and_a_shared_vip_names_neither() {
+        let state = MeshState::build(
+            "node-a",
+            [],
+            [NodeInfo {
+                name: "node-a".into(),
+                hbone: "10.1.0.1:15008".parse().expect("addr"),
+                zone: Some("z1".into()),
+            }],
+            [
+                service("web", &["10.96.0.10", "fd00:96::10"]),
+                service("db", &["10.96.0.20", "10.96.0.99"]),
+                service("cache", &["10.96.0.99"]),
+            ],
+            |_| None,
+        );
+        let name = |ip: &str| {
+            state
+                .service_by_vip(ip.parse().expect("ip"))
+                .map(|s| s.name.clone())
+        };
+        assert_eq!(name("10.96.0.10").as_deref(), Some("web"));
+        assert_eq!(name("::ffff:10.96.0.10").as_deref(), Some("web"));
+        assert_eq!(name("fd00:96::10").as_deref(), Some("web"));
+        assert_eq!(name("10.96.0.20").as_deref(), Some("db"));
+        assert_eq!(name("10.96.0.99"), None, "claimed twice");
+        assert_eq!(name("10.96.0.11"), None);
+        let names: Vec<_> = state.services().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["cache", "db", "web"]);
+        assert_eq!(state.local_zone(), Some("z1"));
+    }
+
     #[test]
     fn local_workloads_without_a_cgroup_are_pending_but_keep_their_identity() {
         let state = MeshState::build(
             "node-a",
             [arc(api_workload("u1", "web", "node-a", "10.0.0.1"))],
+            [],
             [],
             |_| None,
         );

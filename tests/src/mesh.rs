@@ -34,6 +34,8 @@ use serde_json::json;
 
 use crate::testbed::{Pod, Proc, SpawnOptions, Testbed};
 
+mod service;
+
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const HBONE_PORT: u16 = 15008;
 pub const ADMIN_PORT: u16 = 15000;
@@ -56,6 +58,9 @@ pub struct MeshOptions {
     pub certificate_ttl_secs: u64,
     /// Run `mesh-node controller` and put the agents on its feed instead of static configs.
     pub control_plane: bool,
+    /// Control plane mode: pods (node, index) that get no manifest at all (a test can add one
+    /// later with [`Mesh::write_pod`]).
+    pub absent: Vec<(usize, usize)>,
 }
 
 impl Default for MeshOptions {
@@ -66,6 +71,7 @@ impl Default for MeshOptions {
             drain_timeout_secs: 5,
             certificate_ttl_secs: 24 * 3600,
             control_plane: false,
+            absent: Vec::new(),
         }
     }
 }
@@ -256,7 +262,7 @@ impl<'tb> Mesh<'tb> {
                 trust_domain: TRUST_DOMAIN.into(),
                 ca: None,
                 control_plane: Some(ControlPlaneConfig {
-                    address: controller_addr,
+                    address: controller_addr.into(),
                     server_name: None,
                     ca_cert: ca_dir.join("ca.pem"),
                     token_file: scratch.join(format!("token-{}", node.name)),
@@ -312,7 +318,10 @@ impl<'tb> Mesh<'tb> {
         };
         mesh.write_nodes()?;
         mesh.set_namespace(NAMESPACE, &[(MESH_LABEL, "enabled")])?;
-        for pod in tb.pods() {
+        for pod in tb
+            .pods()
+            .filter(|p| !options.absent.contains(&(p.node, p.index)))
+        {
             let labels: Vec<(&str, &str)> = if options.unenrolled.contains(&(pod.node, pod.index)) {
                 vec![(MESH_LABEL, "disabled")]
             } else {
@@ -389,6 +398,43 @@ impl<'tb> Mesh<'tb> {
             let _ = proc.kill();
             bail!("controller did not exit within {timeout:?} of SIGTERM");
         }
+        Ok(())
+    }
+
+    /// The controller's gRPC address (in node 0's namespace).
+    pub fn controller_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.tb.node(0).lan_ip4.into(), CONTROLLER_PORT)
+    }
+
+    /// The file holding node `node`'s bootstrap token (control plane mode).
+    pub fn node_token_file(&self, node: usize) -> PathBuf {
+        self.tb
+            .scratch_dir()
+            .join(format!("token-{}", self.tb.node(node).name))
+    }
+
+    /// The controller's `/metrics` text, read from node 0's namespace.
+    pub fn controller_metrics(&self) -> Result<String> {
+        let monitoring =
+            SocketAddr::new(self.tb.node(0).lan_ip4.into(), CONTROLLER_MONITORING_PORT);
+        let (status, body) = self
+            .tb
+            .node(0)
+            .netns
+            .run(move || http_get(monitoring, "/metrics"))??;
+        if status != 200 {
+            bail!("controller metrics returned {status}");
+        }
+        Ok(body)
+    }
+
+    /// Writes `text` as manifest file `name` (atomically), as it is: for manifests the typed
+    /// helpers cannot express, such as broken ones.
+    pub fn write_manifest_text(&mut self, name: &str, text: &str) -> Result<()> {
+        let dir = self.control()?.manifests.clone();
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, dir.join(name)).with_context(|| format!("renaming to {name}"))?;
         Ok(())
     }
 

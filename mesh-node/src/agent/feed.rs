@@ -27,6 +27,7 @@ use crate::{
         self as api, AgentMessage, Hello, Rejected, Update, agent_message,
         discovery_client::DiscoveryClient, resource,
     },
+    service::Service,
     workload::{NodeInfo, ResourceError, Workload},
 };
 
@@ -35,8 +36,9 @@ use crate::{
 pub enum Resource {
     Workload(Arc<Workload>),
     Node(NodeInfo),
-    /// Services are accepted and kept as received until the service model consumes them.
-    Service(Arc<api::Service>),
+    /// Shared so that an update that does not touch a service keeps it, with its round-robin
+    /// cursor, in the next state.
+    Service(Arc<Service>),
 }
 
 /// Every resource the agent holds, by key.
@@ -96,6 +98,7 @@ fn convert(r: api::Resource, trust_domain: &str) -> Result<(String, Resource), R
             Resource::Node(n)
         }
         Some(resource::Kind::Service(s)) => {
+            let s = Service::try_from(&s).map_err(|e| reject(e, "service"))?;
             let expected = format!("service/{}/{}", s.namespace, s.name);
             if key != expected {
                 return Err(mismatch(expected));
@@ -546,6 +549,90 @@ mod tests {
             "the snapshot dropped b"
         );
         assert!(store.resources().get("workload/someone-else").is_none());
+    }
+
+    fn service(name: &str, endpoint_ip: &str) -> api::Resource {
+        api::Resource {
+            key: format!("service/shop/{name}"),
+            kind: Some(resource::Kind::Service(api::Service {
+                name: name.into(),
+                namespace: "shop".into(),
+                vips: vec!["10.96.0.10".into()],
+                ports: vec![api::ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    target_port: 8080,
+                    protocol: "TCP".into(),
+                }],
+                endpoints: vec![api::Endpoint {
+                    workload_uid: String::new(),
+                    ip: endpoint_ip.into(),
+                    node: "node-a".into(),
+                    zone: String::new(),
+                    ready: true,
+                }],
+                prefer_close: false,
+            })),
+        }
+    }
+
+    fn endpoint_of(store: &ResourceStore, key: &str) -> Option<String> {
+        match store.resources().get(key)? {
+            Resource::Service(s) => Some(s.endpoints[0].ip.to_string()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn services_convert_at_the_boundary_and_a_bad_one_is_rejected_alone() {
+        let mut store = ResourceStore::default();
+        let rejected = store.apply(
+            update(
+                1,
+                true,
+                vec![service("web", "10.0.0.1"), service("db", "10.0.0.2")],
+                &[],
+            ),
+            "cluster.local",
+        );
+        assert!(rejected.is_empty(), "{rejected:?}");
+        assert_eq!(
+            endpoint_of(&store, "service/shop/web").as_deref(),
+            Some("10.0.0.1")
+        );
+
+        // An endpoint on the node's loopback would hand pods the node's local services.
+        let rejected = store.apply(
+            update(
+                2,
+                false,
+                vec![service("web", "127.0.0.1"), service("db", "10.0.0.20")],
+                &[],
+            ),
+            "cluster.local",
+        );
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert_eq!(rejected[0].key, "service/shop/web");
+        assert!(
+            rejected[0].reason.starts_with("service endpoints[0].ip"),
+            "{}",
+            rejected[0].reason
+        );
+        assert_eq!(
+            endpoint_of(&store, "service/shop/web").as_deref(),
+            Some("10.0.0.1"),
+            "last good kept"
+        );
+        assert_eq!(
+            endpoint_of(&store, "service/shop/db").as_deref(),
+            Some("10.0.0.20")
+        );
+
+        let mut wrong_key = service("web", "10.0.0.1");
+        wrong_key.key = "service/other/web".into();
+        let rejected = store.apply(update(3, false, vec![wrong_key], &[]), "cluster.local");
+        assert_eq!(rejected.len(), 1);
+        assert!(rejected[0].reason.contains("key does not name"));
     }
 
     fn ip_of_map(resources: &Resources, key: &str) -> Option<String> {

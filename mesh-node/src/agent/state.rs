@@ -1,9 +1,10 @@
 //! The state task: the single writer of the mesh state in live mode.
 //!
-//! It turns each set of resources from the feed into an immutable [`MeshState`], with the
-//! cgroups of local pods found from their uids, swaps it in for the proxy, and publishes it to
-//! the tasks that follow the state (enrollment, certificates). Pods whose cgroup is not found
-//! are retried on a timer (the discovery rate-limits walks), so they never hold up the others.
+//! It turns each set of resources from the feed (workloads, nodes, services) into an immutable
+//! [`MeshState`], with the cgroups of local pods found from their uids, swaps it in for the
+//! proxy, and publishes it to the tasks that follow the state (enrollment, certificates). Pods
+//! whose cgroup is not found are retried on a timer (the discovery rate-limits walks), so they
+//! never hold up the others.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
@@ -78,8 +79,14 @@ impl StateTask {
             Resource::Node(n) => Some(n.clone()),
             _ => None,
         });
+        let services = resources.values().filter_map(|r| match r {
+            Resource::Service(s) => Some(s.clone()),
+            _ => None,
+        });
         let cgroups = &mut self.cgroups;
-        let state = MeshState::build(&self.local_node, workloads, nodes, |w| cgroups.find(&w.uid));
+        let state = MeshState::build(&self.local_node, workloads, nodes, services, |w| {
+            cgroups.find(&w.uid)
+        });
         let pending: HashSet<String> = state
             .pending_cgroups()
             .iter()

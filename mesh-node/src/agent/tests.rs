@@ -215,7 +215,7 @@ impl Controller {
 
     fn config(&self) -> ControlPlaneConfig {
         ControlPlaneConfig {
-            address: self.address,
+            address: self.address.into(),
             server_name: None,
             ca_cert: self.dir.join("ca.pem"),
             token_file: self.dir.join("token"),

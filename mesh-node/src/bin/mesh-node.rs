@@ -1,5 +1,5 @@
 //! `mesh-node`: every Trellis role in one binary.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -34,6 +34,13 @@ enum Command {
         /// Controller configuration file (YAML).
         #[arg(long, env = "TRELLIS_CONTROLLER_CONFIG")]
         config: PathBuf,
+    },
+    /// Prepare the node for the agent (the DaemonSet's init container): mount a bpf
+    /// filesystem at `--bpffs` unless one is already there. Safe to run any number of times.
+    NodeInit {
+        /// Where the agent pins its maps and links; a bpffs is mounted here when absent.
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
     },
     /// Certificate authority utilities.
     Ca {
@@ -88,6 +95,11 @@ fn main() -> anyhow::Result<()> {
             })?;
             Ok(())
         }
+        Command::NodeInit { bpffs } => {
+            init_tracing(LogFormat::Text);
+            node_init(&bpffs)?;
+            Ok(())
+        }
         Command::Ca {
             command: CaCommand::Init { trust_domain, out },
         } => {
@@ -103,6 +115,95 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum NodeInitError {
+    #[error("cannot check the filesystem of {path}: {reason}")]
+    Probe { path: PathBuf, reason: String },
+    #[error("cannot create {path}: {source} (is the host path mounted writable?)")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot mount bpffs at {path}: {source} (the init container needs CAP_SYS_ADMIN, and \
+         mountPropagation: Bidirectional on the host path so the agent and the host see it)"
+    )]
+    Mount { path: PathBuf, source: nix::Error },
+    #[error(
+        "mounted bpffs at {path} but it still does not read as bpffs: is {path} a mount point the kernel hides?"
+    )]
+    NotVisible { path: PathBuf },
+}
+
+/// What `node-init` must do for the bpffs path, from what is there now.
+#[derive(Debug, PartialEq, Eq)]
+enum BpffsPlan {
+    /// The path is a directory on a bpffs already: nothing to do (a second run lands here).
+    Present,
+    /// The path is missing, but its nearest existing ancestor is a bpffs: a directory there
+    /// is on that bpffs, so mounting another would only hide pins behind it.
+    CreateDir,
+    /// No bpffs: mount one (creating the directory first when missing).
+    Mount { create_dir: bool },
+}
+
+/// `on_bpffs` is for the path when it exists, else for its nearest existing ancestor
+/// (as [`mesh_node::ebpf::is_on_bpffs`] answers).
+fn plan_bpffs(exists: bool, on_bpffs: bool) -> BpffsPlan {
+    match (exists, on_bpffs) {
+        (true, true) => BpffsPlan::Present,
+        (false, true) => BpffsPlan::CreateDir,
+        (exists, false) => BpffsPlan::Mount {
+            create_dir: !exists,
+        },
+    }
+}
+
+fn node_init(path: &Path) -> Result<(), NodeInitError> {
+    let on_bpffs = |path: &Path| {
+        mesh_node::ebpf::is_on_bpffs(path).map_err(|e| NodeInitError::Probe {
+            path: path.into(),
+            reason: e.to_string(),
+        })
+    };
+    let create_dir = |path: &Path| {
+        std::fs::create_dir_all(path).map_err(|source| NodeInitError::CreateDir {
+            path: path.into(),
+            source,
+        })
+    };
+    match plan_bpffs(path.is_dir(), on_bpffs(path)?) {
+        BpffsPlan::Present => {
+            tracing::info!(path = %path.display(), "bpffs already mounted");
+            return Ok(());
+        }
+        BpffsPlan::CreateDir => {
+            create_dir(path)?;
+            tracing::info!(path = %path.display(), "created a directory on the existing bpffs");
+            return Ok(());
+        }
+        BpffsPlan::Mount { create_dir: true } => create_dir(path)?,
+        BpffsPlan::Mount { create_dir: false } => {}
+    }
+    use nix::mount::{MsFlags, mount};
+    mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|source| NodeInitError::Mount {
+        path: path.into(),
+        source,
+    })?;
+    if !on_bpffs(path)? {
+        return Err(NodeInitError::NotVisible { path: path.into() });
+    }
+    tracing::info!(path = %path.display(), "mounted bpffs");
+    Ok(())
 }
 
 fn write_private(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
@@ -162,4 +263,24 @@ async fn watch_signals(shutdown: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_init_mounts_only_where_no_bpffs_is() {
+        assert_eq!(plan_bpffs(true, true), BpffsPlan::Present, "second run");
+        assert_eq!(plan_bpffs(false, true), BpffsPlan::CreateDir);
+        assert_eq!(
+            plan_bpffs(true, false),
+            BpffsPlan::Mount { create_dir: false },
+            "a plain /sys/fs/bpf directory on sysfs"
+        );
+        assert_eq!(
+            plan_bpffs(false, false),
+            BpffsPlan::Mount { create_dir: true }
+        );
+    }
 }

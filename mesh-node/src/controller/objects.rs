@@ -213,6 +213,7 @@ fn strip_service(svc: Service) -> Service {
             type_: spec.type_,
             cluster_ip: spec.cluster_ip,
             cluster_ips: spec.cluster_ips,
+            traffic_distribution: spec.traffic_distribution,
             ports: spec.ports.map(|ports| {
                 ports
                     .into_iter()

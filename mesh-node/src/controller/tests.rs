@@ -375,6 +375,26 @@ fn config_errors_name_the_field() {
     )
     .expect("directory source");
     assert!(matches!(dir.source, SourceConfig::Directory(ref p) if p == Path::new("/m")));
+
+    // The root lives in files or in a Secret, never half of each.
+    let tail = "source: { kubernetes: {} }\nauth: { token_review: {} }\n";
+    parse(&format!(
+        "ca: {{ secret: trellis-system/trellis-ca, publish_root: trellis-system/root }}\n{tail}"
+    ))
+    .expect("secret");
+    for (ca, field) in [
+        ("ca: { cert: /c }", "ca"),
+        ("ca: { cert: /c, key: /k, secret: a/b }", "ca"),
+        ("ca: {}", "ca"),
+        ("ca: { secret: no-namespace }", "ca.secret"),
+        (
+            "ca: { secret: a/b, publish_root: Bad/Name }",
+            "ca.publish_root",
+        ),
+    ] {
+        let err = parse(&format!("{ca}\n{tail}")).expect_err(ca);
+        assert!(err.contains(field), "{ca}: {err}");
+    }
 }
 
 #[test]

@@ -490,7 +490,19 @@ fn service_of(
         vips,
         ports,
         endpoints: endpoints.into_values().collect(),
+        prefer_close: prefer_close(spec.and_then(|s| s.traffic_distribution.as_deref())),
     })
+}
+
+/// Whether `spec.trafficDistribution` asks for close endpoints. `PreferClose` is the stable
+/// value; `PreferSameZone` (its newer name) and `PreferSameNode` ask for at least as much
+/// locality, which the agent's node-then-zone order gives. Unknown values mean the default
+/// spreading, as Kubernetes specifies for implementations that do not recognise them.
+fn prefer_close(traffic_distribution: Option<&str>) -> bool {
+    matches!(
+        traffic_distribution,
+        Some("PreferClose" | "PreferSameZone" | "PreferSameNode")
+    )
 }
 
 #[cfg(test)]
@@ -879,6 +891,36 @@ mod tests {
         assert_eq!(t.rejected.len(), 1, "{:?}", t.rejected);
         assert_eq!(t.rejected[0].0, "EndpointSlice shop/web-abc");
         assert!(t.rejected[0].1.contains("not-an-ip"));
+        assert!(!svc.prefer_close, "no trafficDistribution: spread");
+    }
+
+    #[test]
+    fn traffic_distribution_asks_for_close_endpoints() {
+        let prefer_close = |distribution: Option<&str>| {
+            let mut o = base();
+            let mut svc = serde_json::json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}});
+            if let Some(d) = distribution {
+                svc["spec"]["trafficDistribution"] = d.into();
+            }
+            // Through the store, so stripping must keep the field.
+            apply(&mut o, svc);
+            match translate(&o, &settings())
+                .resources
+                .get(&service_key("shop", "web"))
+                .and_then(|r| r.kind.clone())
+            {
+                Some(api::resource::Kind::Service(s)) => s.prefer_close,
+                other => panic!("service missing: {other:?}"),
+            }
+        };
+        assert!(prefer_close(Some("PreferClose")));
+        assert!(prefer_close(Some("PreferSameZone")));
+        assert!(prefer_close(Some("PreferSameNode")));
+        assert!(!prefer_close(None));
+        assert!(!prefer_close(Some("preferclose")), "values are exact");
+        assert!(!prefer_close(Some("SomethingNew")));
     }
 
     #[test]

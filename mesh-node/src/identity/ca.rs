@@ -278,10 +278,14 @@ fn workload_params(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
+    // Backdating covers clock skew with the peers that verify the certificate. It is capped
+    // at a quarter of the lifetime: otherwise a short-lived certificate's validity would lie
+    // mostly in the past, and renewal at half of it would be due on arrival (a renewal loop).
+    let backdate = BACKDATE.min(ttl / 4);
     let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - BACKDATE;
+    params.not_before = now - backdate;
     params.not_after = now + ttl;
-    Ok((params, ((now - BACKDATE).into(), (now + ttl).into())))
+    Ok((params, ((now - backdate).into(), (now + ttl).into())))
 }
 
 /// The mesh only uses ECDSA P-256 keys; the request's signature algorithm alone does not say
@@ -368,6 +372,32 @@ mod tests {
             .expect("half a CA is refused");
         assert!(err.to_string().contains("only one of"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_short_lived_certificate_is_not_due_for_renewal_on_arrival() {
+        let ca = LocalCa::generate("cluster.local").expect("ca");
+        let id = Identity::new("cluster.local", "shop", "web").expect("id");
+        let now = SystemTime::now();
+        let issued = ca.issue(&id, Duration::from_secs(20)).expect("issued");
+        let life = issued
+            .not_after
+            .duration_since(issued.not_before)
+            .expect("positive life");
+        assert!(
+            life <= Duration::from_secs(26),
+            "backdated by at most a quarter: {life:?}"
+        );
+        assert!(
+            issued.not_before + life / 2 > now,
+            "half life is still ahead"
+        );
+        // Long-lived certificates keep the full five minutes of skew tolerance.
+        let day = ca
+            .issue(&id, Duration::from_secs(24 * 3600))
+            .expect("issued");
+        let life = day.not_after.duration_since(day.not_before).expect("life");
+        assert_eq!(life.as_secs(), 24 * 3600 + 300);
     }
 
     #[test]

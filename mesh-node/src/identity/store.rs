@@ -92,6 +92,9 @@ pub struct WorkloadCert {
     pub server_key: Arc<CertifiedKey>,
     /// What the outbound side uses to open HBONE connections as this identity.
     pub client_config: Arc<ClientConfig>,
+    /// The leaf's serial number (lowercase hex): tells apart successive certificates of one
+    /// identity in the config dump and in peers' access logs.
+    pub serial: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
 }
@@ -212,14 +215,33 @@ impl CertStore {
             issued.chain,
             issued.key,
         )?;
+        let serial = server_key
+            .cert
+            .first()
+            .and_then(certificate_serial)
+            .unwrap_or_default();
         Ok(WorkloadCert {
             identity: identity.clone(),
             server_key,
             client_config: Arc::new(client_config),
+            serial,
             not_before: issued.not_before,
             not_after: issued.not_after,
         })
     }
+}
+
+/// A certificate's serial number as lowercase hex (`None` if it does not parse).
+pub fn certificate_serial(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::prelude::FromDer;
+    let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(cert).ok()?;
+    Some(
+        parsed
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }
 
 impl std::fmt::Debug for CertStore {
@@ -504,7 +526,7 @@ impl CertManager {
         for (identity, result) in results {
             match result {
                 Ok(cert) => {
-                    tracing::info!(%identity, not_after = ?cert.not_after, "workload certificate issued");
+                    tracing::info!(%identity, serial = %cert.serial, not_after = ?cert.not_after, "workload certificate issued");
                     self.retries.remove(&identity);
                     fresh.insert(identity, Arc::new(cert));
                 }

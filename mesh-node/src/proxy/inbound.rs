@@ -4,6 +4,13 @@
 //! classify the CONNECT (method, authority, local pod, identity presented) -> (policy) ->
 //! dial the pod -> 200 and copy. Anything else is answered with an HTTP status, a log line
 //! naming the reason, and a counter; the connection and every other stream keep going.
+//!
+//! Agents learn of a pod joining or leaving the mesh at slightly different moments, so a peer
+//! may still (or already) treat a local pod as meshed when this node does not. A CONNECT to a
+//! local pod that is known but not enrolled here is therefore delivered like any other (the
+//! identity it was opened for must still be the pod's; the pod accepts plain connections
+//! anyway), and a handshake naming the identity of such a pod waits, within the handshake
+//! deadline, for its certificate rather than failing a pod that is joining.
 
 use std::{
     convert::Infallible,
@@ -25,9 +32,10 @@ use tokio::net::TcpStream;
 use super::{AccessLog, ClientAddr, ProxyInputs, connect, outbound::copy};
 use crate::{
     hbone,
-    identity::Identity,
+    identity::{Identity, store::certificate_serial},
     metrics::{Direction, Reporter, SecurityPolicy, TcpLabels},
     tls,
+    workload::MeshState,
 };
 
 /// One accepted HBONE connection: who is on the other end, and which of our identities they
@@ -36,6 +44,8 @@ struct Peer {
     inputs: Arc<ProxyInputs>,
     addr: SocketAddr,
     identity: Identity,
+    /// Serial number (hex) of the certificate the client authenticated with.
+    cert_serial: String,
     /// The local identity presented in the handshake; CONNECTs must target a pod holding it.
     presented: Identity,
     saw_stream: AtomicBool,
@@ -62,10 +72,10 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
             .map(|n| Identity::from_sni(n, inputs.certs.trust_domain()))
         {
             Some(Ok(id)) if inputs.certs.get(&id).is_some() => {}
-            // A local pod whose certificate is being fetched: wait (within the handshake
-            // deadline) rather than refuse its first peers.
+            // A local pod whose certificate is being fetched, or which is joining the mesh:
+            // wait (within the handshake deadline) rather than refuse its first peers.
             Some(Ok(id))
-                if inputs.state.load().has_local_identity(&id)
+                if runs_locally(&inputs.state.load(), &id)
                     && inputs
                         .certs
                         .wait_for(&id, inputs.settings.handshake_timeout)
@@ -104,6 +114,11 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
     };
     let conn = tls.get_ref().1;
     let identity = tls::peer_identity(conn);
+    let cert_serial = conn
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(certificate_serial)
+        .unwrap_or_default();
     let presented = conn
         .server_name()
         .and_then(|n| Identity::from_sni(n, inputs.certs.trust_domain()).ok());
@@ -121,6 +136,7 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
         inputs: inputs.clone(),
         addr: client.0,
         identity,
+        cert_serial,
         presented,
         saw_stream: AtomicBool::new(false),
     });
@@ -172,6 +188,7 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
                 inputs.metrics.fail(Direction::Inbound, "idle_connection");
                 AccessLog {
                     src_identity: Some(&peer.identity),
+                    src_cert_serial: Some(&peer.cert_serial),
                     error: Some(format!("idle_connection: no request within {:?} of the handshake", inputs.settings.handshake_timeout)),
                     ..AccessLog::new(Direction::Inbound, "hbone", peer.addr, started)
                 }
@@ -180,6 +197,14 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
             }
         }
     }
+}
+
+/// Whether a pod of this node runs as `identity`, enrolled in the mesh or not yet.
+fn runs_locally(state: &MeshState, identity: &Identity) -> bool {
+    state
+        .workloads()
+        .iter()
+        .any(|w| state.is_local(w) && &w.identity == identity)
 }
 
 fn refuse_connection(
@@ -226,7 +251,11 @@ impl Peer {
             }
         };
         let state = inputs.state.load_full();
-        let target = match state.workload_by_ip(dst.ip()) {
+        // Enrolled or not (see the module docs): only which node it is on matters here.
+        let target = match state
+            .workload_by_ip(dst.ip())
+            .or_else(|| state.known_workload_by_ip(dst.ip()))
+        {
             Some(w) if state.is_local(w) => w.clone(),
             _ => {
                 return self.refuse(
@@ -299,9 +328,11 @@ impl Peer {
                 src_addr: client_addr,
                 src_workload: src_workload.as_deref(),
                 src_identity: Some(&peer.identity),
+                src_cert_serial: Some(&peer.cert_serial),
                 dst_addr: Some(dst),
                 dst_workload: Some(&target),
                 dst_identity: Some(&target.identity),
+                dst_service: None,
                 sent,
                 received,
                 started,
@@ -322,6 +353,7 @@ impl Peer {
         self.inputs.metrics.fail(Direction::Inbound, reason);
         AccessLog {
             src_identity: Some(&self.identity),
+            src_cert_serial: Some(&self.cert_serial),
             error: Some(format!("{} {reason}: {error}", status.as_u16())),
             ..AccessLog::new(Direction::Inbound, "hbone", self.addr, started)
         }

@@ -1,38 +1,25 @@
 //! Outbound: connections the datapath redirected away from a local pod.
 //!
-//! accept -> classify (original destination, source pod by cgroup, route) -> tunnel (HBONE to
-//! the destination's node, straight to a local pod, or plain TCP out of the mesh) -> copy.
+//! accept -> classify (original destination, source pod by cgroup) -> resolve (a service's
+//! virtual IP stands for its ready endpoints, anything else for itself: [`resolve`]) -> tunnel
+//! (the first candidate that opens: HBONE to its node, straight to a local pod, or plain TCP
+//! out of the mesh; a service moves to its next endpoint when one fails: [`tunnel`]) -> copy.
 
-use std::{sync::Arc, time::Instant};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::TcpStream;
 
-use super::{AccessLog, ClientAddr, HboneAddr, ProxyInputs, connect, reset};
+use super::{AccessLog, ClientAddr, ProxyInputs, reset};
 use crate::{
     config::UnknownDestination,
     metrics::{Direction, Reporter, SecurityPolicy, TcpLabels},
-    workload::Workload,
 };
 
-/// Where a connection goes.
-enum Route {
-    /// To a pod on this node: no TLS needed, the bytes never leave the node.
-    Local(Arc<Workload>),
-    /// To a pod on another node, through that node's agent.
-    Remote(Arc<Workload>, HboneAddr),
-    /// Out of the mesh, as plain TCP.
-    Passthrough,
-}
+mod resolve;
+mod tunnel;
 
-impl Route {
-    fn path(&self) -> &'static str {
-        match self {
-            Route::Local(_) => "local",
-            Route::Remote(..) => "hbone",
-            Route::Passthrough => "passthrough",
-        }
-    }
-}
+use resolve::Route;
+use tunnel::{Attempt, Upstream};
 
 pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientAddr) {
     let started = Instant::now();
@@ -41,120 +28,87 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
 
     // Classify: where was it going, who sent it.
     let Some((dst, cgroup)) = inputs.original_dst.lookup(client) else {
-        inputs
-            .metrics
-            .fail(Direction::Outbound, "no_original_destination");
-        log.error = Some(
-            "no original destination recorded: connection was not redirected by the datapath"
-                .into(),
-        );
-        log.emit();
-        return reset(stream);
+        let error = "no original destination recorded: connection was not redirected by the \
+                     datapath";
+        let reason = "no_original_destination";
+        return refuse(&inputs, log, stream, reason, error.into());
     };
     log.dst_addr = Some(dst.0);
     let state = inputs.state.load_full();
     let Some(src) = state.workload_by_cgroup(cgroup).cloned() else {
-        inputs.metrics.fail(Direction::Outbound, "unknown_source");
-        log.error = Some(format!(
-            "connection from cgroup {cgroup}, which belongs to no local workload"
-        ));
-        log.emit();
-        return reset(stream);
+        let error = format!("connection from cgroup {cgroup}, which belongs to no local workload");
+        return refuse(&inputs, log, stream, "unknown_source", error);
     };
     log.src_workload = Some(&src);
     log.src_identity = Some(&src.identity);
 
-    let route = match state.workload_by_ip(dst.0.ip()) {
-        Some(w) if state.is_local(w) => Route::Local(w.clone()),
-        Some(w) => match state.node(&w.node) {
-            Some(node) => Route::Remote(w.clone(), HboneAddr(node.hbone)),
-            None => {
-                inputs.metrics.fail(Direction::Outbound, "unknown_node");
-                log.error = Some(format!(
-                    "destination {}/{} is on unknown node {}",
-                    w.namespace, w.name, w.node
-                ));
-                log.emit();
-                return reset(stream);
+    // Resolve: what the destination stands for.
+    let destination = match resolve::destination(&state, dst.0) {
+        Ok(destination) => destination,
+        Err(e) => {
+            let service = e.service().clone();
+            log.dst_service = Some(&service.hostname);
+            return refuse(&inputs, log, stream, e.reason(), e.to_string());
+        }
+    };
+    let service = destination.service();
+    log.dst_service = service.map(|s| s.hostname.as_str());
+    // A service is in the mesh's registry: its endpoints are reached even when destinations
+    // the mesh does not know are denied.
+    let passthrough_allowed =
+        service.is_some() || inputs.settings.unknown_destination == UnknownDestination::Passthrough;
+
+    // Tunnel: the first candidate that opens.
+    let opened = tunnel::open_first(
+        &inputs,
+        &state,
+        &src,
+        destination.candidates(),
+        passthrough_allowed,
+        client,
+    )
+    .await;
+    let (opened, failed) = match opened {
+        Ok(opened) => opened,
+        Err(failed) => {
+            let (reason, error) = failure(log.dst_service, &failed);
+            if let Some(last) = failed.last() {
+                upstream_of(&mut log, last.addr, last.route.as_ref());
             }
-        },
-        None => Route::Passthrough,
+            return refuse(&inputs, log, stream, reason, error);
+        }
     };
-    log.path = route.path();
-    let dst_workload = match &route {
-        Route::Local(w) | Route::Remote(w, _) => Some(w.clone()),
-        Route::Passthrough => None,
-    };
-    log.dst_workload = dst_workload.as_deref();
-    log.dst_identity = dst_workload.as_ref().map(|w| &w.identity);
-    let security = if matches!(route, Route::Remote(..)) {
+    for attempt in &failed {
+        tracing::warn!(
+            service = log.dst_service.unwrap_or_default(),
+            endpoint = %attempt.addr,
+            error = %attempt.error,
+            "service endpoint did not connect; a later one did"
+        );
+    }
+    upstream_of(&mut log, opened.addr, Some(&opened.route));
+    let security = if matches!(opened.route, Route::Remote(..)) {
         SecurityPolicy::MutualTls
     } else {
         SecurityPolicy::None
     };
     let labels = TcpLabels::new(Reporter::Source, security)
         .with_source(Some(&src), Some(&src.identity))
-        .with_destination(log.dst_workload, log.dst_identity);
+        .with_destination(log.dst_workload, log.dst_identity)
+        .with_service(log.dst_service);
+    inputs.metrics.opened.get_or_create(&labels).inc();
 
-    // Tunnel.
-    let result = match &route {
-        Route::Passthrough if inputs.settings.unknown_destination == UnknownDestination::Deny => {
-            inputs
-                .metrics
-                .fail(Direction::Outbound, "outside_mesh_denied");
-            log.error = Some(
-                "destination is outside the mesh and outbound.unknown_destination is deny".into(),
-            );
-            log.emit();
-            return reset(stream);
-        }
-        Route::Local(_) | Route::Passthrough => {
-            match connect(dst.0, inputs.settings.connect_timeout).await {
-                Ok(upstream) => {
-                    inputs.metrics.opened.get_or_create(&labels).inc();
-                    copy(stream, upstream).await
-                }
-                Err(e) => {
-                    inputs
-                        .metrics
-                        .fail(Direction::Outbound, "upstream_unreachable");
-                    log.error = Some(format!("cannot connect to {}: {e}", dst.0));
-                    log.emit();
-                    return reset(stream);
-                }
-            }
-        }
-        Route::Remote(w, node) => {
-            match inputs
-                .pool
-                .tunnel(
-                    &inputs.certs,
-                    &src.identity,
-                    &w.identity,
-                    *node,
-                    dst,
-                    client,
-                )
-                .await
-            {
-                Ok(tunnel) => {
-                    inputs.metrics.opened.get_or_create(&labels).inc();
-                    let result = copy(stream, tunnel.io).await;
-                    drop(tunnel.guard);
-                    result
-                }
-                Err(e) => {
-                    inputs.metrics.fail(Direction::Outbound, e.reason());
-                    log.error = Some(e.to_string());
-                    log.emit();
-                    return reset(stream);
-                }
-            }
+    // Copy.
+    let (sent, received, error) = match opened.upstream {
+        Upstream::Tcp(upstream) => copy(stream, upstream).await,
+        Upstream::Hbone(tunnel) => {
+            let result = copy(stream, tunnel.io).await;
+            drop(tunnel.guard);
+            result
         }
     };
 
-    // Copy finished: account.
-    let (sent, received, error) = result;
+    // Account.
     inputs.metrics.closed.get_or_create(&labels).inc();
     inputs
         .metrics
@@ -172,6 +126,54 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
     log.emit();
 }
 
+/// Records the upstream tried last (the one the bytes go to, once open) in the access log.
+fn upstream_of<'a>(log: &mut AccessLog<'a>, addr: SocketAddr, route: Option<&'a Route>) {
+    log.dst_addr = Some(addr);
+    log.path = route.map_or("none", Route::path);
+    let workload = route.and_then(Route::workload);
+    log.dst_workload = workload.map(|w| w.as_ref());
+    log.dst_identity = workload.map(|w| &w.identity);
+}
+
+/// Counts, logs and resets a connection that cannot proceed.
+fn refuse(
+    inputs: &ProxyInputs,
+    mut log: AccessLog<'_>,
+    stream: TcpStream,
+    reason: &'static str,
+    error: String,
+) {
+    inputs.metrics.fail(Direction::Outbound, reason);
+    log.error = Some(error);
+    log.emit();
+    reset(stream);
+}
+
+/// The metrics reason and the error for a connection none of whose candidates opened. A
+/// direct destination reports its one attempt as it is; a service names every attempt.
+fn failure(service: Option<&str>, failed: &[Attempt]) -> (&'static str, String) {
+    let Some(service) = service else {
+        return match failed {
+            [only] => (only.reason, only.error.clone()),
+            _ => ("upstream_unreachable", "no candidate to connect to".into()),
+        };
+    };
+    let tried = failed
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("attempt {} to {}: {}", i + 1, a.addr, a.error))
+        .collect::<Vec<_>>()
+        .join("; ");
+    match failed.last() {
+        // Stopped at an answer every endpoint would give: that is the reason.
+        Some(last) if !last.retry => (last.reason, format!("service {service}: {tried}")),
+        _ => (
+            "endpoints_unreachable",
+            format!("service {service}: no endpoint connected: {tried}"),
+        ),
+    }
+}
+
 /// Copies both ways until both sides finished, preserving half-close.
 pub async fn copy<A, B>(mut a: A, mut b: B) -> (u64, u64, Option<String>)
 where
@@ -185,4 +187,289 @@ where
         counted.b_to_a,
         result.err().map(|e| e.to_string()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    //! The outbound handler in-process: a fake original-destination lookup, endpoints on
+    //! loopback addresses (outside the mesh, so reached as plain TCP), no datapath.
+
+    use std::{
+        net::{IpAddr, Ipv4Addr, SocketAddr},
+        time::Duration,
+    };
+
+    use arc_swap::ArcSwap;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+    use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+    use super::*;
+    use crate::{
+        ebpf::PodCgroup,
+        identity::{CertStore, Identity, LocalCa},
+        metrics::Metrics,
+        proxy::{OriginalDst, OriginalDstLookup, Settings, pool::Pool},
+        service::{Endpoint, Service, ServicePort},
+        tls,
+        workload::{MeshState, Workload},
+    };
+
+    const TD: &str = "cluster.local";
+    const CLIENT_CGROUP: u64 = 7;
+    const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+    /// Every connection was going to `dst`, from the client pod's cgroup.
+    struct FixedDst(SocketAddr);
+
+    impl OriginalDstLookup for FixedDst {
+        fn lookup(&self, _client: ClientAddr) -> Option<(OriginalDst, u64)> {
+            Some((OriginalDst(self.0), CLIENT_CGROUP))
+        }
+    }
+
+    fn client_workload() -> Arc<Workload> {
+        Arc::new(Workload {
+            uid: "u-client".into(),
+            name: "client".into(),
+            namespace: "shop".into(),
+            service_account: "client".into(),
+            node: "node-a".into(),
+            ips: vec![IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))],
+            labels: Default::default(),
+            enrolled: true,
+            zone: None,
+            cgroup: None,
+            identity: Identity::new(TD, "shop", "client").expect("identity"),
+        })
+    }
+
+    /// Service `web` on VIP:80 -> `target_port` of each endpoint (all ready).
+    fn web(endpoints: &[Ipv4Addr], target_port: u16) -> Arc<Service> {
+        Arc::new(Service::new(
+            "web".into(),
+            "shop".into(),
+            vec![IpAddr::V4(VIP)],
+            vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                target_port: Some(target_port),
+            }],
+            endpoints
+                .iter()
+                .map(|ip| Endpoint {
+                    ip: IpAddr::V4(*ip),
+                    node: String::new(),
+                    zone: String::new(),
+                    ready: true,
+                    workload_uid: None,
+                })
+                .collect(),
+            false,
+        ))
+    }
+
+    fn inputs(service: Arc<Service>, dst: SocketAddr) -> Arc<ProxyInputs> {
+        let state = MeshState::build("node-a", [client_workload()], [], [service], |_| {
+            Some(PodCgroup {
+                path: "/cg/client".into(),
+                id: CLIENT_CGROUP,
+            })
+        });
+        let ca = LocalCa::generate(TD).expect("ca");
+        let certs = Arc::new(
+            CertStore::new(tls::provider(), std::slice::from_ref(ca.cert_der()), TD)
+                .expect("store"),
+        );
+        let server_tls =
+            tls::server_config(tls::provider(), certs.roots().clone(), TD, certs.clone())
+                .expect("server config");
+        let timeout = Duration::from_secs(2);
+        Arc::new(ProxyInputs {
+            state: Arc::new(ArcSwap::from_pointee(state)),
+            certs,
+            original_dst: Arc::new(FixedDst(dst)),
+            metrics: Arc::new(Metrics::new()),
+            pool: Pool::new(timeout),
+            server_tls: Arc::new(server_tls),
+            settings: Settings {
+                connect_timeout: timeout,
+                handshake_timeout: timeout,
+                unknown_destination: UnknownDestination::Deny,
+                max_streams_per_connection: 100,
+            },
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// An echo server on `ip`: returns the port.
+    async fn echo_server(ip: Ipv4Addr, port: u16) -> u16 {
+        let listener = TcpListener::bind((ip, port)).await.expect("bind echo");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        port
+    }
+
+    /// One client connection through the handler; returns what came back (`None`: reset or
+    /// closed without an answer).
+    async fn exchange(inputs: &Arc<ProxyInputs>) -> Option<Vec<u8>> {
+        let front = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind front");
+        let mut client = tokio::net::TcpStream::connect(front.local_addr().expect("addr"))
+            .await
+            .expect("connect front");
+        let (accepted, peer) = front.accept().await.expect("accept");
+        let handler = tokio::spawn(handle(inputs.clone(), accepted, ClientAddr(peer)));
+        let mut answer = Vec::new();
+        let result = tokio::time::timeout(Duration::from_secs(10), async {
+            client.write_all(b"ping").await.ok()?;
+            client.shutdown().await.ok()?;
+            client.read_to_end(&mut answer).await.ok()
+        })
+        .await
+        .expect("bounded exchange");
+        tokio::time::timeout(Duration::from_secs(10), handler)
+            .await
+            .expect("handler finishes")
+            .expect("handler");
+        result.filter(|_| !answer.is_empty()).map(|_| answer)
+    }
+
+    fn failures(inputs: &ProxyInputs, reason: &str) -> f64 {
+        let text = inputs.metrics.encode();
+        text.lines()
+            .filter(|l| {
+                l.starts_with("trellis_connection_failures_total")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_dead_endpoint_is_skipped_and_every_connection_succeeds() {
+        let live = Ipv4Addr::new(127, 0, 0, 3);
+        let dead = Ipv4Addr::new(127, 0, 0, 2);
+        let port = echo_server(live, 0).await;
+        let inputs = inputs(web(&[dead, live], port), SocketAddr::from((VIP, 80)));
+        // Round robin puts the dead endpoint first every other connection.
+        for i in 0..6 {
+            assert_eq!(
+                exchange(&inputs).await.as_deref(),
+                Some(&b"ping"[..]),
+                "connection {i}"
+            );
+        }
+        let text = inputs.metrics.encode();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                    && l.contains("destination_service=\"web.shop.svc.cluster.local\"")
+                    && l.ends_with(" 6")),
+            "{text}"
+        );
+        assert_eq!(failures(&inputs, "endpoints_unreachable"), 0.0);
+    }
+
+    #[tokio::test]
+    async fn a_service_with_every_endpoint_dead_resets_and_counts_it() {
+        // A port nothing listens on: bind, note it, close.
+        let port = {
+            let l = TcpListener::bind((Ipv4Addr::new(127, 0, 0, 2), 0))
+                .await
+                .expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        let dead: Vec<Ipv4Addr> = (2..7).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+        let inputs = inputs(web(&dead, port), SocketAddr::from((VIP, 80)));
+        assert_eq!(exchange(&inputs).await, None);
+        assert_eq!(failures(&inputs, "endpoints_unreachable"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_port_the_service_does_not_define_is_reset() {
+        let port = echo_server(Ipv4Addr::new(127, 0, 0, 3), 0).await;
+        let inputs = inputs(
+            web(&[Ipv4Addr::new(127, 0, 0, 3)], port),
+            SocketAddr::from((VIP, 81)),
+        );
+        assert_eq!(exchange(&inputs).await, None);
+        assert_eq!(failures(&inputs, "unknown_service_port"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_service_without_ready_endpoints_is_reset() {
+        let inputs = inputs(web(&[], 8080), SocketAddr::from((VIP, 80)));
+        assert_eq!(exchange(&inputs).await, None);
+        assert_eq!(failures(&inputs, "no_ready_endpoint"), 1.0);
+    }
+
+    #[test]
+    fn at_most_max_attempts_endpoints_are_tried() {
+        let endpoints: Vec<Ipv4Addr> = (1..10).map(|i| Ipv4Addr::new(10, 0, 1, i)).collect();
+        let state = MeshState::build("node-a", [], [], [web(&endpoints, 8080)], |_| None);
+        match resolve::destination(&state, SocketAddr::from((VIP, 80))) {
+            Ok(d) => {
+                assert_eq!(d.candidates().len(), resolve::MAX_ATTEMPTS);
+                assert!(d.candidates().iter().all(|a| a.port() == 8080));
+            }
+            Err(e) => panic!("resolves: {e}"),
+        }
+        let other = SocketAddr::from(([10, 0, 9, 9], 80));
+        assert!(matches!(
+            resolve::destination(&state, other),
+            Ok(resolve::Destination::Direct(a)) if a == other
+        ));
+    }
+
+    #[test]
+    fn a_failed_service_connection_names_the_service_and_each_attempt() {
+        let attempt = |ip: [u8; 4], error: &str, retry: bool| Attempt {
+            addr: SocketAddr::from((ip, 8080)),
+            route: None,
+            reason: if retry {
+                "upstream_unreachable"
+            } else {
+                "denied"
+            },
+            error: error.into(),
+            retry,
+        };
+        let (reason, error) = failure(
+            Some("web.shop.svc.cluster.local"),
+            &[
+                attempt([10, 0, 0, 1], "refused", true),
+                attempt([10, 0, 0, 2], "timed out", true),
+            ],
+        );
+        assert_eq!(reason, "endpoints_unreachable");
+        assert_eq!(
+            error,
+            "service web.shop.svc.cluster.local: no endpoint connected: attempt 1 to \
+             10.0.0.1:8080: refused; attempt 2 to 10.0.0.2:8080: timed out"
+        );
+        // A verdict every endpoint would give ends the walk and is the reason.
+        let (reason, _) = failure(
+            Some("web.shop.svc.cluster.local"),
+            &[attempt([10, 0, 0, 1], "401", false)],
+        );
+        assert_eq!(reason, "denied");
+        // A direct destination keeps its own reason and message.
+        let (reason, error) = failure(None, &[attempt([10, 0, 0, 1], "refused", true)]);
+        assert_eq!(
+            (reason, error.as_str()),
+            ("upstream_unreachable", "refused")
+        );
+    }
 }

@@ -3,6 +3,13 @@
 //! Each pooled connection is one mutual-TLS HTTP/2 connection carrying up to
 //! [`hbone::CLIENT_STREAMS_PER_CONNECTION`] CONNECT streams; past that a new connection is opened
 //! for the same key. Connections that closed are dropped when next looked at.
+//!
+//! A connection remembers the certificate it was dialled with. Once the store holds another
+//! one for its source identity (renewed, or re-issued) or none, the connection gets no new
+//! streams: the next lookup of its key drops it from the pool and dials again, so new
+//! connections always handshake with the current certificate and a replaced one stops being
+//! presented. Streams already open keep running; HTTP/2 closes the connection once they are
+//! done, since the pool no longer holds a handle to it.
 
 use std::{
     collections::HashMap,
@@ -24,7 +31,7 @@ use tokio_rustls::TlsConnector;
 use super::{ClientAddr, HboneAddr, OriginalDst};
 use crate::{
     hbone,
-    identity::{CertStore, Identity},
+    identity::{CertStore, Identity, store::WorkloadCert},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +98,16 @@ struct Key {
 struct Conn {
     sender: SendRequest<Empty<Bytes>>,
     streams: Arc<AtomicUsize>,
+    /// The source certificate presented in this connection's handshake.
+    cert: Arc<WorkloadCert>,
+}
+
+impl Conn {
+    /// Whether new streams may use this connection: still open, and dialled with the
+    /// certificate the store holds now.
+    fn is_current(&self, current: Option<&Arc<WorkloadCert>>) -> bool {
+        !self.sender.is_closed() && current.is_some_and(|c| Arc::ptr_eq(c, &self.cert))
+    }
 }
 
 type Slot = Arc<tokio::sync::Mutex<Vec<Conn>>>;
@@ -179,7 +196,21 @@ impl Pool {
             slots.entry(key.clone()).or_default().clone()
         };
         let mut conns = slot.lock().await;
-        conns.retain(|c| !c.sender.is_closed());
+        let current = certs.get(&key.src);
+        conns.retain(|c| {
+            let keep = c.is_current(current.as_ref());
+            if !keep && !c.sender.is_closed() {
+                tracing::debug!(
+                    src = %key.src,
+                    dst = %key.dst,
+                    peer = %key.node.0,
+                    serial = %c.cert.serial,
+                    open_streams = c.streams.load(Ordering::Relaxed),
+                    "retiring HBONE connection: its source certificate was replaced"
+                );
+            }
+            keep
+        });
         if let Some(conn) = conns.iter().find(|c| {
             c.sender.is_ready()
                 && c.streams.load(Ordering::Relaxed) < hbone::CLIENT_STREAMS_PER_CONNECTION
@@ -187,20 +218,22 @@ impl Pool {
             conn.streams.fetch_add(1, Ordering::Relaxed);
             return Ok((conn.sender.clone(), StreamGuard(conn.streams.clone())));
         }
-        let sender = self.dial(certs, &key).await?;
+        let (sender, cert) = self.dial(certs, &key).await?;
         let streams = Arc::new(AtomicUsize::new(1));
         conns.push(Conn {
             sender: sender.clone(),
             streams: streams.clone(),
+            cert,
         });
         Ok((sender, StreamGuard(streams)))
     }
 
+    /// Opens a connection for `key`; returns it with the certificate it presented.
     async fn dial(
         &self,
         certs: &CertStore,
         key: &Key,
-    ) -> Result<SendRequest<Empty<Bytes>>, PoolError> {
+    ) -> Result<(SendRequest<Empty<Bytes>>, Arc<WorkloadCert>), PoolError> {
         let addr = key.node.0;
         let cert = certs
             .wait_for(&key.src, self.connect_timeout)
@@ -241,7 +274,280 @@ impl Pool {
                 tracing::debug!(%src, %dst, peer = %addr, error = %e, "HBONE connection ended");
             }
         });
-        tracing::debug!(src = %key.src, dst = %key.dst, peer = %addr, "opened HBONE connection");
-        Ok(sender)
+        tracing::debug!(src = %key.src, dst = %key.dst, peer = %addr, serial = %cert.serial, "opened HBONE connection");
+        Ok((sender, cert))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashSet,
+        convert::Infallible,
+        net::{Ipv4Addr, SocketAddr},
+        sync::Mutex as StdMutex,
+    };
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::{
+        identity::{
+            LocalCa,
+            store::{CertManager, Issuer, certificate_serial},
+        },
+        tls,
+    };
+
+    const TD: &str = "cluster.local";
+
+    /// What the fake HBONE server saw: the client certificate serial of every handshake, and
+    /// of every connection that has ended.
+    #[derive(Default)]
+    struct Seen {
+        handshakes: StdMutex<Vec<String>>,
+        closed: StdMutex<Vec<String>>,
+        changed: Notify,
+    }
+
+    /// A client node holding `src`'s certificate and a server echoing every CONNECT stream
+    /// as `dst`.
+    struct Harness {
+        src: Identity,
+        dst: Identity,
+        certs: Arc<CertStore>,
+        manager: CertManager,
+        addr: SocketAddr,
+        seen: Arc<Seen>,
+    }
+
+    fn store(ca: &LocalCa) -> Arc<CertStore> {
+        Arc::new(
+            CertStore::new(tls::provider(), std::slice::from_ref(ca.cert_der()), TD)
+                .expect("store"),
+        )
+    }
+
+    fn local_issuer(ca: &LocalCa) -> Issuer {
+        Issuer::Local(LocalCa::from_pem(ca.cert_pem(), &ca.key_pem()).expect("ca copy"))
+    }
+
+    impl Harness {
+        async fn start() -> Self {
+            let ca = LocalCa::generate(TD).expect("ca");
+            let src = Identity::new(TD, "shop", "web").expect("src");
+            let dst = Identity::new(TD, "shop", "db").expect("dst");
+            let ttl = Duration::from_secs(3600);
+
+            let certs = store(&ca);
+            let mut manager = CertManager::new(certs.clone(), local_issuer(&ca), ttl);
+            assert!(
+                manager
+                    .reconcile(&HashSet::from([src.clone()]))
+                    .await
+                    .is_empty()
+            );
+
+            let server_certs = store(&ca);
+            let mut server_manager = CertManager::new(server_certs.clone(), local_issuer(&ca), ttl);
+            assert!(
+                server_manager
+                    .reconcile(&HashSet::from([dst.clone()]))
+                    .await
+                    .is_empty()
+            );
+            let config = tls::server_config(
+                tls::provider(),
+                server_certs.roots().clone(),
+                TD,
+                server_certs.clone(),
+            )
+            .expect("server config");
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+            let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let seen = Arc::new(Seen::default());
+            tokio::spawn(serve(listener, acceptor, seen.clone()));
+            Self {
+                src,
+                dst,
+                certs,
+                manager,
+                addr,
+                seen,
+            }
+        }
+
+        async fn tunnel(&self, pool: &Pool) -> Tunnel {
+            pool.tunnel(
+                &self.certs,
+                &self.src,
+                &self.dst,
+                HboneAddr(self.addr),
+                OriginalDst(SocketAddr::from(([10, 0, 0, 2], 80))),
+                ClientAddr(SocketAddr::from(([10, 0, 0, 1], 40000))),
+            )
+            .await
+            .expect("tunnel")
+        }
+
+        fn serial(&self) -> String {
+            self.certs
+                .get(&self.src)
+                .expect("certificate held")
+                .serial
+                .clone()
+        }
+
+        /// Replaces the source certificate (as a renewal does) and returns the new serial.
+        async fn renew(&mut self) -> String {
+            let before = self.certs.get(&self.src).expect("held");
+            // Leaving and rejoining forces a new certificate now rather than at half life.
+            self.manager.reconcile(&HashSet::new()).await;
+            let failures = self
+                .manager
+                .reconcile(&HashSet::from([self.src.clone()]))
+                .await;
+            assert!(failures.is_empty(), "{failures:?}");
+            let after = self.certs.get(&self.src).expect("renewed");
+            assert!(!Arc::ptr_eq(&before, &after));
+            after.serial.clone()
+        }
+
+        fn handshakes(&self) -> Vec<String> {
+            self.seen.handshakes.lock().expect("lock").clone()
+        }
+
+        fn closed(&self) -> Vec<String> {
+            self.seen.closed.lock().expect("lock").clone()
+        }
+
+        async fn wait_closed(&self, serial: &str) {
+            let wait = async {
+                loop {
+                    let changed = self.seen.changed.notified();
+                    if self.closed().iter().any(|s| s == serial) {
+                        return;
+                    }
+                    changed.await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(5), wait)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "connection dialled with {serial} still open; closed: {:?}",
+                        self.closed()
+                    )
+                });
+        }
+    }
+
+    /// Accepts HBONE connections, recording each client certificate, and echoes every stream.
+    async fn serve(
+        listener: tokio::net::TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+        seen: Arc<Seen>,
+    ) {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let serial = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(certificate_serial)
+                    .expect("client certificate");
+                seen.handshakes.lock().expect("lock").push(serial.clone());
+                seen.changed.notify_waiters();
+                let service = hyper::service::service_fn(
+                    |mut req: Request<hyper::body::Incoming>| async move {
+                        let upgrade = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            if let Ok(upgraded) = upgrade.await {
+                                let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                                let _ = tokio::io::copy(&mut r, &mut w).await;
+                                let _ = w.shutdown().await;
+                            }
+                        });
+                        Ok::<_, Infallible>(http::Response::new(Empty::<Bytes>::new()))
+                    },
+                );
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+                seen.closed.lock().expect("lock").push(serial);
+                seen.changed.notify_waiters();
+            });
+        }
+    }
+
+    async fn echo(tunnel: &mut Tunnel, bytes: &[u8]) {
+        tunnel.io.write_all(bytes).await.expect("write");
+        let mut back = vec![0; bytes.len()];
+        tokio::time::timeout(Duration::from_secs(5), tunnel.io.read_exact(&mut back))
+            .await
+            .expect("echo in time")
+            .expect("read");
+        assert_eq!(back, bytes);
+    }
+
+    /// Half-closes and reads the peer's end of stream.
+    async fn finish(mut tunnel: Tunnel) {
+        tunnel.io.shutdown().await.expect("shutdown");
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), tunnel.io.read_to_end(&mut rest))
+            .await
+            .expect("end of stream in time")
+            .expect("clean end of stream");
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_replaced_certificate_retires_pooled_connections_without_cutting_their_streams() {
+        let mut h = Harness::start().await;
+        let pool = Pool::new(Duration::from_secs(5));
+
+        let mut first = h.tunnel(&pool).await;
+        echo(&mut first, b"before renewal").await;
+        let mut second = h.tunnel(&pool).await;
+        echo(&mut second, b"shares the connection").await;
+        let old = h.serial();
+        assert_eq!(h.handshakes(), vec![old.clone()], "one pooled connection");
+
+        let new = h.renew().await;
+        assert_ne!(old, new);
+        let mut third = h.tunnel(&pool).await;
+        echo(&mut third, b"after renewal").await;
+        assert_eq!(
+            h.handshakes(),
+            vec![old.clone(), new.clone()],
+            "a new stream after the renewal handshakes with the new certificate"
+        );
+
+        // The streams of the retired connection are not cut.
+        echo(&mut first, b"still flowing").await;
+        echo(&mut second, b"both ways").await;
+        assert!(h.closed().is_empty());
+
+        // Once they are done, the retired connection closes; the new one stays pooled.
+        finish(first).await;
+        drop(second);
+        h.wait_closed(&old).await;
+        let fourth = h.tunnel(&pool).await;
+        assert_eq!(h.handshakes().len(), 2, "the new connection is reused");
+        finish(third).await;
+        finish(fourth).await;
+        assert!(
+            !h.closed().contains(&new),
+            "the current connection stays open"
+        );
     }
 }

@@ -1,9 +1,11 @@
 //! `demo`: Trellis on a local testbed, with real traffic and a report of what happened.
 //!
-//! Builds two nodes with two pods each plus a host outside the mesh, starts an agent per node,
-//! sends same-node, cross-node (IPv4 and IPv6), bulk and out-of-mesh traffic from unmodified
-//! programs in the pods, then reads the agents' access logs and metrics to show each flow's
-//! path and the identities the proxies verified. Everything is torn down at the end.
+//! Builds two nodes with two pods each plus a host outside the mesh, starts the controller (on a
+//! directory of Kubernetes manifests) and an agent per node on its feed, sends same-node,
+//! cross-node (IPv4 and IPv6), bulk and out-of-mesh traffic from unmodified programs in the
+//! pods, then reads the agents' access logs and metrics to show each flow's path and the
+//! identities the proxies verified. Then it takes a pod out of the mesh and back by relabelling
+//! its manifest, live. Everything is torn down at the end.
 //! Run through `cargo xtask demo` (needs root).
 
 use std::time::Duration;
@@ -35,9 +37,19 @@ fn main() -> Result<()> {
         .pods_per_node(2)
         .external(true)
         .build()?;
-    let mesh = Mesh::start(&tb, &MeshOptions::default()).context("starting the agents")?;
+    let mut mesh = Mesh::start(
+        &tb,
+        &MeshOptions {
+            control_plane: true,
+            ..Default::default()
+        },
+    )
+    .context("starting the controller and the agents")?;
     println!(
-        "agents ready on {} and {}\n",
+        "controller ready, watching {}; agents ready on {} and {}\n",
+        mesh.manifests_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
         tb.node(0).name,
         tb.node(1).name
     );
@@ -191,6 +203,9 @@ fn main() -> Result<()> {
         println!();
     }
 
+    failures += service_vip(&tb, &mut mesh)?;
+    failures += live_membership(&tb, &mut mesh)?;
+
     println!("meshctl status on {}:", tb.node(0).name);
     let status = tb.run(tb.node(0), &["meshctl", "status"], TIMEOUT)?;
     if !status.success() {
@@ -227,4 +242,109 @@ fn main() -> Result<()> {
     }
     println!("demo complete: every flow succeeded");
     Ok(())
+}
+
+/// A Service `web` (10.96.0.10:80 -> 8080) backed by pod-0-1 and pod-1-0: the source agent
+/// resolves the virtual IP itself and spreads connections over both endpoints.
+fn service_vip(tb: &Testbed, mesh: &mut Mesh<'_>) -> Result<usize> {
+    let vip: std::net::IpAddr = [10, 96, 0, 10].into();
+    mesh.write_service(
+        "web",
+        &[vip],
+        &[(80, 8080)],
+        &[(tb.pod(0, 1), true), (tb.pod(1, 0), true)],
+        None,
+    )?;
+    mesh.wait_service(0, "web", 2, TIMEOUT)?;
+    println!("== service: pod-0-0 -> web ({vip}:80), 4 connections");
+    let mut failures = 0;
+    for _ in 0..4 {
+        let out = tb.run(
+            tb.pod(0, 0),
+            &["pod-app", "http-get", "--to", &format!("{vip}:80")],
+            TIMEOUT,
+        )?;
+        let result = out.json().unwrap_or(Value::Null);
+        let local = result["local"].as_str().unwrap_or_default().to_owned();
+        let event = mesh
+            .wait_access(0, Duration::from_secs(5), |e| {
+                e["direction"] == "outbound" && e["src_addr"] == local.as_str()
+            })
+            .ok();
+        match (&event, out.success()) {
+            (Some(e), true) => println!(
+                "   answered by {} via endpoint {} (path {})",
+                result["body"]["server"].as_str().unwrap_or("?"),
+                e["dst_addr"].as_str().unwrap_or("?"),
+                e["path"].as_str().unwrap_or("?"),
+            ),
+            _ => {
+                failures += 1;
+                println!(
+                    "   FAILED: {}",
+                    result["error"].as_str().unwrap_or(out.stderr.trim())
+                );
+            }
+        }
+    }
+    println!();
+    Ok(failures)
+}
+
+/// Takes pod-0-0 out of the mesh by labelling its manifest `trellis.dev/mesh=disabled`, shows
+/// that its next connection goes out as plain TCP without the agent, then brings it back.
+/// Returns the number of steps that did not behave.
+fn live_membership(tb: &Testbed, mesh: &mut Mesh<'_>) -> Result<usize> {
+    let pod = tb.pod(0, 0);
+    let to = format!("{}:8080", tb.pod(1, 0).ip4);
+    let mut failures = 0;
+    let mut request = |mesh: &Mesh<'_>, expect_meshed: bool| -> Result<()> {
+        let out = tb.run(pod, &["pod-app", "http-get", "--to", &to], TIMEOUT)?;
+        let result = out.json().unwrap_or(Value::Null);
+        let local = result["local"].as_str().unwrap_or_default().to_owned();
+        let event = mesh
+            .wait_access(
+                0,
+                Duration::from_secs(if expect_meshed { 5 } else { 1 }),
+                |e| e["direction"] == "outbound" && e["src_addr"] == local.as_str(),
+            )
+            .ok();
+        let meshed = event.is_some();
+        println!(
+            "   request {}: {}",
+            if out.success() { "succeeded" } else { "FAILED" },
+            match &event {
+                Some(e) => format!(
+                    "through the agent, path {}",
+                    e["path"].as_str().unwrap_or("?")
+                ),
+                None => "straight to the destination, not through the agent".into(),
+            }
+        );
+        if !out.success() || meshed != expect_meshed {
+            failures += 1;
+        }
+        Ok(())
+    };
+    let enrolled = |n: usize| {
+        move |d: &Value| d["datapath"]["enrolled_cgroups"].as_array().map(Vec::len) == Some(n)
+    };
+    let before = mesh
+        .config_dump(0)?
+        .get("datapath")
+        .and_then(|d| d["enrolled_cgroups"].as_array().map(Vec::len))
+        .unwrap_or(0);
+    println!(
+        "== live membership: label {} trellis.dev/mesh=disabled",
+        pod.name
+    );
+    mesh.set_pod_label(pod, "trellis.dev/mesh", Some("disabled"))?;
+    mesh.wait_config(0, TIMEOUT, enrolled(before.saturating_sub(1)))?;
+    request(mesh, false)?;
+    println!("== live membership: remove the label again");
+    mesh.set_pod_label(pod, "trellis.dev/mesh", None)?;
+    mesh.wait_config(0, TIMEOUT, enrolled(before))?;
+    request(mesh, true)?;
+    println!();
+    Ok(failures)
 }

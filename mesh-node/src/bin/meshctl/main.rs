@@ -1,0 +1,139 @@
+//! `meshctl`: look inside a running Trellis agent.
+//!
+//! Reads the agent's admin endpoint (loopback on the node, port 15000 by default) and prints
+//! what it holds as tables: workloads, services, certificates and their expiry, the control
+//! plane feed and the datapath.
+
+mod tables;
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(name = "meshctl", version, about = "Inspect Trellis agents")]
+struct Cli {
+    /// The agent's admin address.
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1:15000",
+        env = "TRELLIS_ADMIN"
+    )]
+    admin: SocketAddr,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Summary of the agent: readiness, control plane feed, counts, datapath.
+    Status,
+    /// Every workload the agent knows, and whether it is in the mesh.
+    Workloads,
+    /// Services: virtual IPs, ports and endpoints.
+    Services,
+    /// Certificates held for local workloads, with expiry and renewal.
+    Certs,
+    /// The agent's full configuration dump as JSON.
+    ConfigDump,
+    /// Checks this node: kernel, cgroup v2, bpffs, capabilities, eBPF programs, conflicts.
+    Check {
+        /// Pre-installation checks (run on the node, as the agent would run).
+        #[arg(long)]
+        pre: bool,
+        /// The cgroup v2 root the agent attaches to.
+        #[arg(long, default_value = "/sys/fs/cgroup")]
+        cgroup_root: std::path::PathBuf,
+        /// The agent's pin directory (on bpffs).
+        #[arg(long, default_value = "/sys/fs/bpf/trellis")]
+        pin_dir: std::path::PathBuf,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// The agent's Prometheus metrics.
+    Metrics,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let dump = || -> Result<Value> {
+        let text = runtime.block_on(get(cli.admin, "/config_dump"))?;
+        serde_json::from_str(&text).context("the agent's config dump is not JSON")
+    };
+    match &cli.command {
+        Command::Status => print!("{}", tables::status(&dump()?)),
+        Command::Workloads => print!("{}", tables::workloads(&dump()?)),
+        Command::Services => print!("{}", tables::services(&dump()?)),
+        Command::Certs => print!("{}", tables::certificates(&dump()?)),
+        Command::Check {
+            pre,
+            cgroup_root,
+            pin_dir,
+            output,
+        } => {
+            if !pre {
+                bail!("only pre-installation checks exist so far: meshctl check --pre");
+            }
+            let report = mesh_node::check::run(&mesh_node::check::Environment {
+                cgroup_root: cgroup_root.clone(),
+                pin_dir: pin_dir.clone(),
+                proc_root: "/proc".into(),
+                probe_programs: true,
+            });
+            match output {
+                Output::Text => print!("{}", report.text()),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            if report.failed() {
+                // The report said why; the exit status is for scripts.
+                std::process::exit(1);
+            }
+        }
+        Command::ConfigDump => println!("{}", runtime.block_on(get(cli.admin, "/config_dump"))?),
+        Command::Metrics => print!("{}", runtime.block_on(get(cli.admin, "/metrics"))?),
+    }
+    Ok(())
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Result<String> {
+    let stream = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .context("timed out connecting to the agent's admin port")?
+    .with_context(|| {
+        format!(
+            "cannot reach the agent's admin port at {addr} (is the agent running on this node?)"
+        )
+    })?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!("{path} answered {status}");
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}

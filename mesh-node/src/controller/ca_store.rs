@@ -1,0 +1,448 @@
+//! Where the mesh's root CA lives: PEM files, or a Kubernetes Secret.
+//!
+//! Either way the controller loads the root if it exists and otherwise generates one and
+//! persists it before signing anything, so every later start (and every other replica)
+//! signs with the same root.
+//!
+//! With a Secret, two replicas starting together may both find it missing. Creating a
+//! Secret is atomic in the API server: the loser gets `409 Conflict`, drops the root it
+//! generated and loads the winner's. No leader election is needed for this.
+//!
+//! The trust bundle (the root certificate only, never the key) can also be published to a
+//! ConfigMap that the agents' DaemonSet mounts as `control_plane.ca_cert`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{ConfigMap, Secret},
+};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, Patch, PatchParams, PostParams},
+};
+
+use crate::identity::{LocalCa, ca::CaError};
+
+/// Secret keys, as in `kubernetes.io/tls` Secrets.
+pub const SECRET_CERT: &str = "tls.crt";
+pub const SECRET_KEY: &str = "tls.key";
+/// The ConfigMap key holding the trust bundle.
+pub const ROOT_CERT_KEY: &str = "root-cert.pem";
+/// The field manager of the controller's server-side applies.
+const FIELD_MANAGER: &str = "trellis-controller";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaStoreError {
+    #[error(
+        "cannot read CA Secret {namespace}/{name}: {source} (check the controller's RBAC for secrets)"
+    )]
+    Get {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error(
+        "cannot create CA Secret {namespace}/{name}: {source} (check the controller's RBAC for secrets)"
+    )]
+    Create {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error(
+        "CA Secret {namespace}/{name} has no {key}: restore it, or delete the Secret to generate a new root"
+    )]
+    Missing {
+        namespace: String,
+        name: String,
+        key: &'static str,
+    },
+    #[error("CA Secret {namespace}/{name}: {key} is not UTF-8 PEM")]
+    NotPem {
+        namespace: String,
+        name: String,
+        key: &'static str,
+    },
+    #[error("CA Secret {namespace}/{name}: {source}")]
+    Ca {
+        namespace: String,
+        name: String,
+        source: CaError,
+    },
+    #[error(
+        "cannot publish the trust bundle to ConfigMap {namespace}/{name}: {source} (check the controller's RBAC for configmaps)"
+    )]
+    Publish {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+}
+
+/// A namespaced object's `<namespace>/<name>`, parsed from configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::str::FromStr for ObjectRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let valid = |part: &str| {
+            !part.is_empty()
+                && part.len() <= 253
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        };
+        match s.split_once('/') {
+            Some((namespace, name)) if valid(namespace) && valid(name) => Ok(Self {
+                namespace: namespace.into(),
+                name: name.into(),
+            }),
+            _ => Err(format!(
+                "{s:?} is not <namespace>/<name> with lowercase DNS-style parts"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Loads the root from `secret`, or generates one and creates the Secret (losing a creation
+/// race to another replica means loading that replica's root instead).
+pub async fn load_or_create_secret(
+    client: Client,
+    secret: &ObjectRef,
+    trust_domain: &str,
+) -> Result<LocalCa, CaStoreError> {
+    let api: Api<Secret> = Api::namespaced(client, &secret.namespace);
+    let get_error = |source| CaStoreError::Get {
+        namespace: secret.namespace.clone(),
+        name: secret.name.clone(),
+        source,
+    };
+    if let Some(existing) = api.get_opt(&secret.name).await.map_err(get_error)? {
+        let ca = from_secret(secret, &existing)?;
+        tracing::info!(%secret, "loaded the root CA from its Secret");
+        return Ok(ca);
+    }
+
+    let ca = LocalCa::generate(trust_domain).map_err(|source| CaStoreError::Ca {
+        namespace: secret.namespace.clone(),
+        name: secret.name.clone(),
+        source,
+    })?;
+    let data = BTreeMap::from([
+        (
+            SECRET_CERT.to_owned(),
+            ByteString(ca.cert_pem().as_bytes().to_vec()),
+        ),
+        (SECRET_KEY.to_owned(), ByteString(ca.key_pem().into_bytes())),
+    ]);
+    let object = Secret {
+        metadata: ObjectMeta {
+            name: Some(secret.name.clone()),
+            namespace: Some(secret.namespace.clone()),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_owned(),
+                FIELD_MANAGER.to_owned(),
+            )])),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(data),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &object).await {
+        Ok(_) => {
+            tracing::info!(%secret, trust_domain, "generated a new root CA and stored it in its Secret");
+            Ok(ca)
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            // Another replica created it between our read and our create: use its root.
+            let existing = api.get(&secret.name).await.map_err(get_error)?;
+            tracing::info!(%secret, "another controller created the root CA first; using it");
+            from_secret(secret, &existing)
+        }
+        Err(source) => Err(CaStoreError::Create {
+            namespace: secret.namespace.clone(),
+            name: secret.name.clone(),
+            source,
+        }),
+    }
+}
+
+fn from_secret(at: &ObjectRef, secret: &Secret) -> Result<LocalCa, CaStoreError> {
+    let field = |key: &'static str| -> Result<&str, CaStoreError> {
+        let bytes = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .ok_or_else(|| CaStoreError::Missing {
+                namespace: at.namespace.clone(),
+                name: at.name.clone(),
+                key,
+            })?;
+        std::str::from_utf8(&bytes.0).map_err(|_| CaStoreError::NotPem {
+            namespace: at.namespace.clone(),
+            name: at.name.clone(),
+            key,
+        })
+    };
+    LocalCa::from_pem(field(SECRET_CERT)?, field(SECRET_KEY)?).map_err(|source| CaStoreError::Ca {
+        namespace: at.namespace.clone(),
+        name: at.name.clone(),
+        source,
+    })
+}
+
+/// Makes `config_map` hold exactly the root certificate under [`ROOT_CERT_KEY`] (server-side
+/// apply: other keys and other managers' fields are left alone).
+pub async fn publish_root(
+    client: Client,
+    config_map: &ObjectRef,
+    ca: &LocalCa,
+) -> Result<(), CaStoreError> {
+    let api: Api<ConfigMap> = Api::namespaced(client, &config_map.namespace);
+    let object = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(config_map.name.clone()),
+            namespace: Some(config_map.namespace.clone()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            ROOT_CERT_KEY.to_owned(),
+            ca.cert_pem().to_owned(),
+        )])),
+        ..Default::default()
+    };
+    // Server-side apply needs apiVersion and kind in the body, which the typed object omits.
+    let mut body = serde_json::to_value(&object).map_err(|e| CaStoreError::Publish {
+        namespace: config_map.namespace.clone(),
+        name: config_map.name.clone(),
+        source: kube::Error::SerdeError(e),
+    })?;
+    body["apiVersion"] = "v1".into();
+    body["kind"] = "ConfigMap".into();
+    api.patch(
+        &config_map.name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .map_err(|source| CaStoreError::Publish {
+        namespace: config_map.namespace.clone(),
+        name: config_map.name.clone(),
+        source,
+    })?;
+    tracing::info!(%config_map, "published the trust bundle");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use http::{Method, Request, Response, StatusCode};
+    use http_body_util::BodyExt;
+    use kube::client::Body;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    type Calls = Arc<Mutex<Vec<(Method, String, Value)>>>;
+
+    /// A recorded API server: answers each request with the next scripted response and
+    /// records what was asked.
+    fn api_server(script: Vec<(StatusCode, Value)>) -> (Client, Calls) {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let calls: Calls = Arc::default();
+        let recorded = calls.clone();
+        tokio::spawn(async move {
+            for (status, body) in script {
+                let Some((request, respond)) = handle.next_request().await else {
+                    return;
+                };
+                let (parts, request_body) = request.into_parts();
+                let bytes = request_body
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes())
+                    .unwrap_or_default();
+                let sent = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                recorded.lock().expect("calls").push((
+                    parts.method,
+                    parts.uri.path().to_owned(),
+                    sent,
+                ));
+                let response = Response::builder()
+                    .status(status)
+                    .body(Body::from(serde_json::to_vec(&body).expect("json")))
+                    .expect("response");
+                respond.send_response(response);
+            }
+        });
+        (Client::new(service, "default"), calls)
+    }
+
+    fn status(code: u16, reason: &str) -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": reason, "reason": reason, "code": code})
+    }
+
+    fn secret_body(ca: &LocalCa) -> Value {
+        let data = BTreeMap::from([
+            (SECRET_CERT.to_owned(), ByteString(ca.cert_pem().into())),
+            (SECRET_KEY.to_owned(), ByteString(ca.key_pem().into())),
+        ]);
+        let mut body = serde_json::to_value(Secret {
+            metadata: ObjectMeta {
+                name: Some("trellis-ca".into()),
+                namespace: Some("trellis-system".into()),
+                ..Default::default()
+            },
+            type_: Some("kubernetes.io/tls".into()),
+            data: Some(data),
+            ..Default::default()
+        })
+        .expect("json");
+        body["apiVersion"] = "v1".into();
+        body["kind"] = "Secret".into();
+        body
+    }
+
+    fn at() -> ObjectRef {
+        "trellis-system/trellis-ca".parse().expect("ref")
+    }
+
+    const SECRET_PATH: &str = "/api/v1/namespaces/trellis-system/secrets/trellis-ca";
+    const SECRETS_PATH: &str = "/api/v1/namespaces/trellis-system/secrets";
+
+    #[tokio::test]
+    async fn an_existing_root_is_loaded_and_nothing_is_created() {
+        let root = LocalCa::generate("cluster.local").expect("root");
+        let (client, calls) = api_server(vec![(StatusCode::OK, secret_body(&root))]);
+        let ca = load_or_create_secret(client, &at(), "cluster.local")
+            .await
+            .expect("loaded");
+        assert_eq!(ca.cert_pem(), root.cert_pem());
+        let calls = calls.lock().expect("calls");
+        assert_eq!(calls.len(), 1);
+        assert_eq!(
+            (&calls[0].0, calls[0].1.as_str()),
+            (&Method::GET, SECRET_PATH)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_root_is_generated_and_stored_as_a_tls_secret() {
+        let (client, calls) = api_server(vec![
+            (StatusCode::NOT_FOUND, status(404, "NotFound")),
+            // The API server echoes the created object; its content is not read back.
+            (
+                StatusCode::CREATED,
+                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {}}),
+            ),
+        ]);
+        let ca = load_or_create_secret(client, &at(), "cluster.local")
+            .await
+            .expect("created");
+        let calls = calls.lock().expect("calls");
+        assert_eq!(calls.len(), 2);
+        let (method, path, sent) = &calls[1];
+        assert_eq!((method, path.as_str()), (&Method::POST, SECRETS_PATH));
+        assert_eq!(sent["type"], "kubernetes.io/tls");
+        // What was stored is exactly the root now in use: a restart signs with the same one.
+        let stored = Secret {
+            data: serde_json::from_value(sent["data"].clone()).expect("data"),
+            ..Default::default()
+        };
+        let reloaded = from_secret(&at(), &stored).expect("stored root loads");
+        assert_eq!(reloaded.cert_pem(), ca.cert_pem());
+    }
+
+    #[tokio::test]
+    async fn losing_the_creation_race_uses_the_winners_root() {
+        let winner = LocalCa::generate("cluster.local").expect("root");
+        let (client, calls) = api_server(vec![
+            (StatusCode::NOT_FOUND, status(404, "NotFound")),
+            (StatusCode::CONFLICT, status(409, "AlreadyExists")),
+            (StatusCode::OK, secret_body(&winner)),
+        ]);
+        let ca = load_or_create_secret(client, &at(), "cluster.local")
+            .await
+            .expect("loaded the winner's");
+        assert_eq!(ca.cert_pem(), winner.cert_pem());
+        assert_eq!(calls.lock().expect("calls").len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_secret_is_an_error_not_a_new_root() {
+        let mut body = secret_body(&LocalCa::generate("cluster.local").expect("root"));
+        body["data"]
+            .as_object_mut()
+            .expect("data")
+            .remove("tls.key");
+        let (client, calls) = api_server(vec![(StatusCode::OK, body)]);
+        let error = load_or_create_secret(client, &at(), "cluster.local")
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            error.to_string().contains("has no tls.key"),
+            "names the missing key: {error}"
+        );
+        // Nothing was overwritten.
+        assert_eq!(calls.lock().expect("calls").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn forbidden_reads_tell_the_operator_to_check_rbac() {
+        let (client, _) = api_server(vec![(StatusCode::FORBIDDEN, status(403, "Forbidden"))]);
+        let error = load_or_create_secret(client, &at(), "cluster.local")
+            .await
+            .err()
+            .expect("refused");
+        assert!(error.to_string().contains("RBAC"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn the_trust_bundle_is_applied_with_the_root_only() {
+        let root = LocalCa::generate("cluster.local").expect("root");
+        let (client, calls) = api_server(vec![(
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {}}),
+        )]);
+        let at: ObjectRef = "trellis-system/trellis-ca-root".parse().expect("ref");
+        publish_root(client, &at, &root).await.expect("published");
+        let calls = calls.lock().expect("calls");
+        let (method, path, sent) = &calls[0];
+        assert_eq!(method, Method::PATCH);
+        assert_eq!(
+            path,
+            "/api/v1/namespaces/trellis-system/configmaps/trellis-ca-root"
+        );
+        assert_eq!(sent["kind"], "ConfigMap");
+        assert_eq!(sent["data"][ROOT_CERT_KEY], root.cert_pem());
+        assert!(
+            !sent.to_string().contains("PRIVATE KEY"),
+            "the key never leaves the Secret"
+        );
+    }
+
+    #[test]
+    fn object_refs_need_namespace_and_name() {
+        assert!("trellis-system/trellis-ca".parse::<ObjectRef>().is_ok());
+        for bad in ["trellis-ca", "/x", "x/", "a/b/c", "Upper/x"] {
+            assert!(bad.parse::<ObjectRef>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The tunnel phase: open the first candidate address that accepts.
+//!
+//! Nothing has been read from the client while this runs, so an attempt that fails before its
+//! upstream is open can move on to the next candidate without losing or repeating a byte. It
+//! does not when every endpoint would give the same answer: the source holds no certificate,
+//! or policy denied the connection.
+
+use std::net::SocketAddr;
+
+use http::StatusCode;
+use tokio::net::TcpStream;
+
+use super::{
+    super::{
+        ClientAddr, OriginalDst, ProxyInputs, connect,
+        pool::{PoolError, Tunnel},
+    },
+    resolve::{Route, route},
+};
+use crate::workload::{MeshState, Workload};
+
+/// An open connection towards the destination.
+pub enum Upstream {
+    /// To a local pod, or out of the mesh.
+    Tcp(TcpStream),
+    /// A CONNECT stream through the destination's node.
+    Hbone(Tunnel),
+}
+
+/// The candidate that accepted.
+pub struct Opened {
+    pub addr: SocketAddr,
+    pub route: Route,
+    pub upstream: Upstream,
+}
+
+/// A candidate that did not open.
+#[derive(Debug)]
+pub struct Attempt {
+    pub addr: SocketAddr,
+    /// How it was tried; `None` when it could not be routed at all.
+    pub route: Option<Route>,
+    /// Short reason for metrics.
+    pub reason: &'static str,
+    pub error: String,
+    /// Whether another endpoint may do better.
+    pub retry: bool,
+}
+
+/// Tries `candidates` in order until one opens, stopping early at an attempt that another
+/// endpoint would not change. On success, also returns the attempts that failed before it;
+/// on failure, every attempt made (at least one when there was a candidate).
+/// `passthrough_allowed`: whether an address outside the mesh may be dialled as plain TCP.
+pub async fn open_first(
+    inputs: &ProxyInputs,
+    state: &MeshState,
+    src: &Workload,
+    candidates: &[SocketAddr],
+    passthrough_allowed: bool,
+    client: ClientAddr,
+) -> Result<(Opened, Vec<Attempt>), Vec<Attempt>> {
+    let mut failed = Vec::new();
+    for &addr in candidates {
+        match open(inputs, state, src, addr, passthrough_allowed, client).await {
+            Ok(opened) => return Ok((opened, failed)),
+            Err(attempt) => {
+                let retry = attempt.retry;
+                failed.push(attempt);
+                if !retry {
+                    break;
+                }
+            }
+        }
+    }
+    Err(failed)
+}
+
+/// Routes and opens one address.
+async fn open(
+    inputs: &ProxyInputs,
+    state: &MeshState,
+    src: &Workload,
+    addr: SocketAddr,
+    passthrough_allowed: bool,
+    client: ClientAddr,
+) -> Result<Opened, Attempt> {
+    let route = route(state, addr).map_err(|e| Attempt {
+        addr,
+        route: None,
+        reason: "unknown_node",
+        error: e.to_string(),
+        retry: true,
+    })?;
+    let result = match &route {
+        Route::Passthrough if !passthrough_allowed => Err((
+            "outside_mesh_denied",
+            "destination is outside the mesh and outbound.unknown_destination is deny".to_owned(),
+            false,
+        )),
+        Route::Local(_) | Route::Passthrough => {
+            match connect(addr, inputs.settings.connect_timeout).await {
+                Ok(stream) => Ok(Upstream::Tcp(stream)),
+                Err(e) => Err((
+                    "upstream_unreachable",
+                    format!("cannot connect to {addr}: {e}"),
+                    true,
+                )),
+            }
+        }
+        Route::Remote(w, node) => match inputs
+            .pool
+            .tunnel(
+                &inputs.certs,
+                &src.identity,
+                &w.identity,
+                *node,
+                OriginalDst(addr),
+                client,
+            )
+            .await
+        {
+            Ok(tunnel) => Ok(Upstream::Hbone(tunnel)),
+            Err(e) => Err((e.reason(), e.to_string(), retryable(&e))),
+        },
+    };
+    match result {
+        Ok(upstream) => Ok(Opened {
+            addr,
+            route,
+            upstream,
+        }),
+        Err((reason, error, retry)) => Err(Attempt {
+            addr,
+            route: Some(route),
+            reason,
+            error,
+            retry,
+        }),
+    }
+}
+
+/// Whether another endpoint may succeed where this HBONE attempt failed: yes for dial
+/// failures, refused or broken streams and an unreachable pod (503); no when the source has no
+/// certificate (the same for every endpoint) or policy denied the connection (a verdict, not a
+/// fault).
+fn retryable(e: &PoolError) -> bool {
+    match e {
+        PoolError::NoCertificate(_) => false,
+        PoolError::Status { status, .. } => *status != StatusCode::UNAUTHORIZED,
+        PoolError::Connect { .. }
+        | PoolError::Tls { .. }
+        | PoolError::Alpn(_)
+        | PoolError::Handshake { .. }
+        | PoolError::Request { .. }
+        | PoolError::Upgrade { .. } => true,
+    }
+}

@@ -1,0 +1,862 @@
+//! The Helm chart (`charts/trellis`): what it must deploy for the agent and controller to work.
+//!
+//! Helm templates are Go templates, not YAML, and `helm` is not on every machine that runs these
+//! tests. So the tests render the templates with a small renderer that knows exactly the
+//! constructs the chart uses (it fails on any other, so a new construct needs teaching it here),
+//! then check the rendered objects as YAML, and load the rendered configuration files with the
+//! agent's and controller's own loaders. `cargo xtask chart-check` runs these tests and, where
+//! `helm` is installed, `helm lint` and `helm template` on the real engine.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
+
+use mesh_node::{
+    check::CAPABILITIES,
+    config::{AgentConfig, expand_env},
+    controller::ControllerConfig,
+};
+use serde_json::{Value, json};
+
+const NAMESPACE: &str = "trellis-system";
+
+fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/trellis")
+}
+
+fn read(relative: &str) -> String {
+    let path = chart_dir().join(relative);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+fn yaml(text: &str, what: &str) -> Value {
+    serde_saphyr::from_str(text).unwrap_or_else(|e| panic!("{what} is not valid YAML: {e}\n{text}"))
+}
+
+fn default_values() -> Value {
+    yaml(&read("values.yaml"), "values.yaml")
+}
+
+/// `values` with `path` (dot separated) set to `value`.
+fn with(mut values: Value, path: &str, value: Value) -> Value {
+    let mut at = &mut values;
+    for key in path.split('.') {
+        at = &mut at[key];
+    }
+    *at = value;
+    values
+}
+
+fn lookup<'a>(root: &'a Value, path: &str) -> &'a Value {
+    path.split('.')
+        .filter(|k| !k.is_empty())
+        .fold(root, |v, k| &v[k])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Values and their schema.
+
+/// Validates `values` against values.schema.json; the error message on failure.
+fn validate(values: &Value) -> Result<(), String> {
+    let schema: Value =
+        serde_json::from_str(&read("values.schema.json")).expect("values.schema.json is JSON");
+    let mut schemas = boon::Schemas::new();
+    let mut compiler = boon::Compiler::new();
+    compiler
+        .add_resource("file:///chart/values.schema.json", schema)
+        .expect("schema location");
+    let index = compiler
+        .compile("file:///chart/values.schema.json", &mut schemas)
+        .expect("values.schema.json is a valid JSON schema");
+    schemas
+        .validate(values, index)
+        .map_err(|e| format!("{e:#}"))
+}
+
+#[test]
+fn the_default_values_satisfy_the_schema() {
+    validate(&default_values()).unwrap_or_else(|e| panic!("values.yaml: {e}"));
+}
+
+#[test]
+fn the_schema_refuses_values_the_chart_cannot_use() {
+    let values = default_values();
+    for (path, bad) in [
+        ("agent.privileged", json!("yes")),
+        ("agent.drainTimeoutSecs", json!(-1)),
+        ("agent.terminationGraceMarginSecs", json!(0)),
+        ("agent.unknownDestination", json!("drop")),
+        ("agent.ports.hbone", json!(70000)),
+        ("agent.cgroupRoot", json!("sys/fs/cgroup")),
+        ("controller.replicas", json!(0)),
+        ("controller.logFormat", json!("xml")),
+        ("trustDomain", json!("Cluster.Local")),
+        ("agent.typo", json!(true)),
+    ] {
+        assert!(
+            validate(&with(values.clone(), path, bad.clone())).is_err(),
+            "{path}: {bad} must be refused"
+        );
+    }
+}
+
+#[test]
+fn every_plain_yaml_file_of_the_chart_parses() {
+    let chart = yaml(&read("Chart.yaml"), "Chart.yaml");
+    assert_eq!(chart["apiVersion"], "v2");
+    assert_eq!(chart["name"], "trellis");
+    assert!(
+        chart["appVersion"].is_string(),
+        "appVersion is the image tag"
+    );
+    default_values();
+    assert!(
+        !chart_dir().join("README.md").exists() || !read("README.md").is_empty(),
+        "README.md"
+    );
+    // Every template renders to YAML objects, in every mode the values offer.
+    let everything = with(
+        with(
+            with(default_values(), "agent.privileged", json!(true)),
+            "monitoring.podMonitor.enabled",
+            json!(true),
+        ),
+        "monitoring.serviceMonitor.enabled",
+        json!(true),
+    );
+    for values in [default_values(), everything] {
+        let objects = render_chart(&values);
+        for (file, docs) in &objects {
+            for doc in docs {
+                assert!(doc["kind"].is_string(), "{file}: an object without kind");
+                assert!(doc["metadata"]["name"].is_string(), "{file}: no name");
+            }
+        }
+        let kinds: BTreeSet<&str> = objects
+            .values()
+            .flatten()
+            .filter_map(|d| d["kind"].as_str())
+            .collect();
+        for kind in [
+            "DaemonSet",
+            "Deployment",
+            "Service",
+            "ServiceAccount",
+            "ClusterRole",
+            "Role",
+        ] {
+            assert!(kinds.contains(kind), "no {kind} in {kinds:?}");
+        }
+    }
+    let notes = read("templates/NOTES.txt");
+    assert!(
+        notes.contains("kubectl label namespace <namespace> trellis.dev/mesh=enabled"),
+        "NOTES.txt tells how to add a namespace"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent.
+
+fn object<'a>(objects: &'a BTreeMap<String, Vec<Value>>, kind: &str, name: &str) -> &'a Value {
+    objects
+        .values()
+        .flatten()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn container<'a>(pod: &'a Value, list: &str, name: &str) -> &'a Value {
+    pod[list]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no {list} {name}"))
+}
+
+/// The volume a container mounts at `path`, with its mount.
+fn mount_at<'a>(pod: &'a Value, container: &'a Value, path: &str) -> (&'a Value, &'a Value) {
+    let mount = container["volumeMounts"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["mountPath"] == path))
+        .unwrap_or_else(|| panic!("{} mounts nothing at {path}", container["name"]));
+    let volume = pod["volumes"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["name"] == mount["name"]))
+        .unwrap_or_else(|| panic!("no volume {}", mount["name"]));
+    (volume, mount)
+}
+
+/// The agent's configuration as the agent on node `node-a` (10.1.0.1) reads it.
+fn agent_config(values: &Value) -> AgentConfig {
+    let objects = render_chart(values);
+    let text = object(&objects, "ConfigMap", "trellis-agent")["data"]["agent.yaml"]
+        .as_str()
+        .expect("agent.yaml in the ConfigMap")
+        .to_owned();
+    let env = |name: &str| match name {
+        "NODE_NAME" => Some("node-a".to_owned()),
+        "HOST_IP" => Some("10.1.0.1".to_owned()),
+        _ => None,
+    };
+    let expanded = expand_env(&text, env).expect("the downward API provides every variable");
+    AgentConfig::parse(&expanded)
+        .unwrap_or_else(|e| panic!("the agent refuses its config: {e}\n{text}"))
+}
+
+#[test]
+fn the_agent_config_is_one_file_for_every_node_that_the_agent_accepts() {
+    let values = default_values();
+    let config = agent_config(&values);
+    assert_eq!(config.node, "node-a", "node from NODE_NAME");
+    let cp = config.control_plane.as_ref().expect("live mode");
+    assert_eq!(
+        cp.address.to_string(),
+        format!("trellis-controller.{NAMESPACE}.svc:15012")
+    );
+    assert_eq!(cp.ca_cert, Path::new("/var/run/trellis/root-cert.pem"));
+    assert_eq!(
+        cp.token_file,
+        Path::new("/var/run/secrets/tokens/trellis-token")
+    );
+    assert_eq!(config.listen.hbone.to_string(), "10.1.0.1:15008");
+    assert_eq!(config.listen.outbound.to_string(), "10.1.0.1:15001");
+    assert!(config.listen.admin.ip().is_loopback(), "admin stays local");
+    assert_eq!(
+        config.listen.readiness.map(|a| a.to_string()).as_deref(),
+        Some("10.1.0.1:15021")
+    );
+    assert_eq!(
+        config.listen.metrics.map(|a| a.to_string()).as_deref(),
+        Some("10.1.0.1:15020")
+    );
+    assert_eq!(
+        Some(config.drain_timeout_secs),
+        values["agent"]["drainTimeoutSecs"].as_u64()
+    );
+
+    // Values flow into the file.
+    let config = agent_config(&with(
+        with(
+            values.clone(),
+            "agent.excludedCidrs",
+            json!(["10.96.0.1/32"]),
+        ),
+        "agent.unknownDestination",
+        json!("deny"),
+    ));
+    assert_eq!(config.datapath.excluded_cidrs, ["10.96.0.1/32"]);
+    assert_eq!(
+        config.outbound.unknown_destination,
+        mesh_node::config::UnknownDestination::Deny
+    );
+}
+
+#[test]
+fn the_agent_daemonset_mounts_bpffs_and_the_cgroup_root_and_requests_the_checked_capabilities() {
+    let values = default_values();
+    let config = agent_config(&values);
+    let objects = render_chart(&values);
+    let ds = object(&objects, "DaemonSet", "trellis-agent");
+    let pod = &ds["spec"]["template"]["spec"];
+    let agent = container(pod, "containers", "agent");
+
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert_eq!(
+        pod["automountServiceAccountToken"], false,
+        "no API credentials"
+    );
+
+    // bpffs: mounted by node-init, seen by the agent, and where the agent pins.
+    let bpffs = values["agent"]["bpffsPath"].as_str().expect("bpffsPath");
+    assert_eq!(bpffs, "/sys/fs/bpf");
+    assert!(
+        config.datapath.pin_dir.starts_with(bpffs),
+        "pins on the mounted bpffs"
+    );
+    let (volume, mount) = mount_at(pod, agent, bpffs);
+    assert_eq!(volume["hostPath"]["path"], bpffs);
+    assert_eq!(mount["mountPropagation"], "HostToContainer");
+    let init = container(pod, "initContainers", "node-init");
+    assert_eq!(init["args"], json!(["node-init", "--bpffs", bpffs]));
+    let (init_volume, init_mount) = mount_at(pod, init, bpffs);
+    assert_eq!(init_volume["hostPath"]["path"], bpffs);
+    assert_eq!(init_mount["mountPropagation"], "Bidirectional");
+    assert_eq!(
+        init["securityContext"]["privileged"], true,
+        "the kubelet allows Bidirectional propagation only to privileged containers"
+    );
+
+    // The host's cgroup v2 root, at the path the agent's config names.
+    let (volume, _) = mount_at(
+        pod,
+        agent,
+        &config.datapath.cgroup_root.display().to_string(),
+    );
+    assert_eq!(
+        volume["hostPath"]["path"],
+        config.datapath.cgroup_root.display().to_string()
+    );
+
+    // Exactly the capabilities the agent's pre-flight check (TRL004) requires.
+    let wanted: BTreeSet<String> = CAPABILITIES
+        .iter()
+        .map(|(_, name)| name.trim_start_matches("CAP_").to_owned())
+        .collect();
+    let security = &agent["securityContext"];
+    let added: BTreeSet<String> = security["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities.add")
+        .iter()
+        .filter_map(|c| c.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(added, wanted);
+    assert_eq!(security["capabilities"]["drop"], json!(["ALL"]));
+    assert!(
+        security["privileged"].is_null(),
+        "not privileged by default"
+    );
+
+    // The kind switch: privileged instead of capabilities.
+    let kind = render_chart(&with(values.clone(), "agent.privileged", json!(true)));
+    let kind_agent = container(
+        &object(&kind, "DaemonSet", "trellis-agent")["spec"]["template"]["spec"],
+        "containers",
+        "agent",
+    )
+    .clone();
+    assert_eq!(kind_agent["securityContext"]["privileged"], true);
+    assert!(kind_agent["securityContext"]["capabilities"].is_null());
+
+    // Readiness on the agent's readiness listener.
+    let probe = &agent["readinessProbe"]["httpGet"];
+    assert_eq!(probe["path"], "/healthz/ready");
+    assert_eq!(probe["port"], 15021);
+    assert_eq!(
+        config.listen.readiness.map(|a| a.port()),
+        Some(15021),
+        "the probe hits the listener the config opens"
+    );
+
+    // The kubelet waits longer than the agent drains.
+    let grace = pod["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("terminationGracePeriodSeconds");
+    assert!(
+        grace > config.drain_timeout_secs,
+        "grace {grace}s must exceed the drain deadline {}s",
+        config.drain_timeout_secs
+    );
+    let longer = agent_config(&with(values.clone(), "agent.drainTimeoutSecs", json!(120)));
+    let longer_ds = render_chart(&with(values, "agent.drainTimeoutSecs", json!(120)));
+    let longer_grace = object(&longer_ds, "DaemonSet", "trellis-agent")["spec"]["template"]["spec"]
+        ["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("grace");
+    assert!(
+        longer_grace > longer.drain_timeout_secs,
+        "follows the value"
+    );
+
+    // Only the projected token, for the controller's audience.
+    let (token, _) = mount_at(pod, agent, "/var/run/secrets/tokens");
+    let source = &token["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(source["audience"], "trellis");
+    assert_eq!(source["path"], "trellis-token");
+    let (root, _) = mount_at(pod, agent, "/var/run/trellis");
+    assert_eq!(root["configMap"]["name"], "trellis-ca-root");
+}
+
+#[test]
+fn agents_are_replaced_one_node_at_a_time_without_surge() {
+    let objects = render_chart(&default_values());
+    let update = &object(&objects, "DaemonSet", "trellis-agent")["spec"]["updateStrategy"];
+    assert_eq!(update["type"], "RollingUpdate");
+    assert_eq!(update["rollingUpdate"]["maxUnavailable"], 1);
+    assert_eq!(
+        update["rollingUpdate"]["maxSurge"], 0,
+        "a surged agent could not bind the ports the draining one holds"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The controller.
+
+#[test]
+fn the_controller_config_loads_and_names_the_release_namespace() {
+    let objects = render_chart(&default_values());
+    let text = object(&objects, "ConfigMap", "trellis-controller")["data"]["controller.yaml"]
+        .as_str()
+        .expect("controller.yaml")
+        .to_owned();
+    let dir = std::env::temp_dir().join(format!("trellis-chart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let path = dir.join("controller.yaml");
+    std::fs::write(&path, &text).expect("write config");
+    let loaded = ControllerConfig::load(&path);
+    std::fs::remove_dir_all(&dir).expect("remove scratch dir");
+    let config =
+        loaded.unwrap_or_else(|e| panic!("the controller refuses its config: {e}\n{text}"));
+    assert_eq!(
+        config.ca.secret.as_deref(),
+        Some("trellis-system/trellis-ca")
+    );
+    assert_eq!(
+        config.ca.publish_root.as_deref(),
+        Some("trellis-system/trellis-ca-root")
+    );
+    let review = config.auth.token_review.expect("token review");
+    assert_eq!(
+        review.agent_service_accounts,
+        ["trellis-system/trellis-agent"]
+    );
+    assert_eq!(review.audiences, ["trellis"], "the agent token's audience");
+    assert!(
+        config
+            .server_names
+            .contains(&format!("trellis-controller.{NAMESPACE}.svc")),
+        "the certificate names the Service agents dial"
+    );
+
+    let deployment = object(&objects, "Deployment", "trellis-controller");
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let service = object(&objects, "Service", "trellis-controller");
+    let ports: BTreeSet<u64> = service["spec"]["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .filter_map(|p| p["port"].as_u64())
+        .collect();
+    assert!(ports.contains(&15012), "the CA and discovery APIs");
+}
+
+#[test]
+fn the_controller_has_no_cluster_wide_secrets_access_and_the_agent_no_api_access() {
+    let objects = render_chart(&default_values());
+    let rules = |kind: &str| -> Vec<Value> {
+        object(&objects, kind, "trellis-controller")["rules"]
+            .as_array()
+            .expect("rules")
+            .clone()
+    };
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for rule in rules("ClusterRole") {
+        let resources = strings(&rule["resources"]);
+        assert!(
+            !resources.iter().any(|r| r == "secrets" || r == "*"),
+            "cluster-wide {resources:?}"
+        );
+        assert!(!strings(&rule["verbs"]).iter().any(|v| v == "*"));
+        for verb in strings(&rule["verbs"]) {
+            let status = resources.iter().all(|r| r.ends_with("/status"));
+            let write = ["create", "update", "patch", "delete"].contains(&verb.as_str());
+            assert!(
+                !write || status || resources == ["tokenreviews"],
+                "cluster-wide {verb} on {resources:?}"
+            );
+        }
+    }
+    // The CRDs' objects are readable and their status writable, ready for the policy work.
+    let cluster = rules("ClusterRole");
+    let grants = |resource: &str, verb: &str| {
+        cluster.iter().any(|r| {
+            strings(&r["apiGroups"]).contains(&"security.trellis.dev".to_owned())
+                && strings(&r["resources"]).contains(&resource.to_owned())
+                && strings(&r["verbs"]).contains(&verb.to_owned())
+        })
+    };
+    for kind in ["authorizationpolicies", "peerauthentications"] {
+        assert!(grants(kind, "watch") && grants(kind, "list"), "{kind}");
+        assert!(grants(&format!("{kind}/status"), "update"), "{kind}/status");
+    }
+    // Secrets only in the release namespace: read the CA by name, create it once.
+    let role = object(&objects, "Role", "trellis-controller");
+    assert_eq!(role["metadata"]["namespace"], NAMESPACE);
+    for rule in rules("Role") {
+        if strings(&rule["resources"]).contains(&"secrets".to_owned()) {
+            for verb in strings(&rule["verbs"]) {
+                match verb.as_str() {
+                    "get" => assert_eq!(strings(&rule["resourceNames"]), ["trellis-ca"]),
+                    "create" => {}
+                    other => panic!("secrets verb {other}"),
+                }
+            }
+        }
+    }
+    // Nothing is bound to the agent's account.
+    for binding in objects
+        .values()
+        .flatten()
+        .filter(|o| o["kind"] == "RoleBinding" || o["kind"] == "ClusterRoleBinding")
+    {
+        for subject in binding["subjects"].as_array().into_iter().flatten() {
+            assert_ne!(subject["name"], "trellis-agent", "{binding}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The renderer: the subset of Helm's template language the chart uses.
+
+/// Every template file (not helpers or NOTES) rendered with `values`, as YAML documents.
+fn render_chart(values: &Value) -> BTreeMap<String, Vec<Value>> {
+    let chart = yaml(&read("Chart.yaml"), "Chart.yaml");
+    let context = Context {
+        values: values.clone(),
+        chart,
+        variables: BTreeMap::new(),
+    };
+    let mut out = BTreeMap::new();
+    let dir = chart_dir().join("templates");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("templates directory")
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    for path in files {
+        let name = path
+            .file_name()
+            .expect("file name")
+            .to_string_lossy()
+            .into_owned();
+        let text = std::fs::read_to_string(&path).expect("template");
+        let rendered = render(&text, &context, &name);
+        let docs: Vec<Value> = rendered
+            .split("\n---\n")
+            .filter(|d| {
+                d.lines()
+                    .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+            })
+            .map(|d| yaml(d, &format!("{name} rendered")))
+            .collect();
+        out.insert(name, docs);
+    }
+    out
+}
+
+#[derive(Clone)]
+struct Context {
+    values: Value,
+    chart: Value,
+    variables: BTreeMap<String, Value>,
+}
+
+/// One open `if`/`with` block: whether its lines are emitted, and the dot inside it.
+struct Frame {
+    active: bool,
+    /// Whether an earlier branch of this if/else already ran.
+    taken: bool,
+    dot: Option<Value>,
+}
+
+fn render(text: &str, context: &Context, file: &str) -> String {
+    let mut context = context.clone();
+    let mut frames: Vec<Frame> = Vec::new();
+    let mut out = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        let active = frames.iter().all(|f| f.active);
+        let dot = frames.iter().rev().find_map(|f| f.dot.clone());
+        // Whole-line actions (`{{- ... }}` alone on a line).
+        if let Some(action) = trimmed
+            .strip_prefix("{{-")
+            .and_then(|r| r.strip_suffix("}}"))
+            .filter(|a| !a.contains("{{"))
+        {
+            let action = action.trim().trim_end_matches('-').trim();
+            let word = action.split_whitespace().next().unwrap_or("");
+            match word {
+                "if" | "with" => {
+                    let value = if active {
+                        eval(&action[word.len()..], &context, dot.as_ref(), file)
+                    } else {
+                        Value::Null
+                    };
+                    let truthy = truthy(&value);
+                    frames.push(Frame {
+                        active: truthy,
+                        taken: truthy,
+                        dot: (word == "with" && truthy).then_some(value),
+                    });
+                }
+                "else" => {
+                    let frame = frames.last_mut().expect("else without if");
+                    frame.active = !frame.taken;
+                    frame.taken = true;
+                }
+                "end" => {
+                    frames.pop().expect("end without if");
+                }
+                _ if action.starts_with('$') && action.contains(":=") => {
+                    let (name, expr) = action.split_once(":=").expect(":=");
+                    let value = eval(expr, &context, dot.as_ref(), file);
+                    context.variables.insert(name.trim().to_owned(), value);
+                }
+                _ if active => {
+                    // `{{- X | nindent N }}`: X's lines at indent N.
+                    let (expr, indent) = action
+                        .rsplit_once("| nindent")
+                        .unwrap_or_else(|| panic!("{file}: unknown line action {action:?}"));
+                    let indent: usize = indent.trim().parse().expect("nindent width");
+                    let value = eval(expr, &context, dot.as_ref(), file);
+                    out.push_str(&block(&value, indent));
+                }
+                _ => {}
+            }
+            continue;
+        }
+        if !active {
+            continue;
+        }
+        // Inline actions.
+        let mut rest = line;
+        let mut rendered = String::new();
+        while let Some(start) = rest.find("{{") {
+            rendered.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let end = after
+                .find("}}")
+                .unwrap_or_else(|| panic!("{file}: unterminated action in {line:?}"));
+            let value = eval(
+                after[..end].trim_start_matches('-'),
+                &context,
+                dot.as_ref(),
+                file,
+            );
+            rendered.push_str(&scalar(&value));
+            rest = &after[end + 2..];
+        }
+        rendered.push_str(rest);
+        out.push_str(&rendered);
+        out.push('\n');
+    }
+    assert!(frames.is_empty(), "{file}: unclosed block");
+    out
+}
+
+fn truthy(value: &Value) -> bool {
+    match value {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    }
+}
+
+/// How `{{ x }}` prints a value.
+fn scalar(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// `toYaml x | nindent n`, written with JSON flow values (valid YAML).
+fn block(value: &Value, indent: usize) -> String {
+    let pad = " ".repeat(indent);
+    match value {
+        Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| format!("{pad}{}: {v}\n", Value::String(k.clone())))
+            .collect(),
+        Value::Array(items) => items.iter().map(|v| format!("{pad}- {v}\n")).collect(),
+        Value::String(text) => text.lines().map(|l| format!("{pad}{l}\n")).collect(),
+        other => format!("{pad}{other}\n"),
+    }
+}
+
+/// Splits an expression into terms: words, quoted strings and parenthesised groups.
+fn terms(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut chars = expr.trim().chars().peekable();
+    while let Some(&c) = chars.peek() {
+        if c.is_whitespace() {
+            chars.next();
+        } else if c == '(' {
+            let mut depth = 0;
+            let mut group = String::new();
+            for c in chars.by_ref() {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    _ => {}
+                }
+                group.push(c);
+                if depth == 0 {
+                    break;
+                }
+            }
+            out.push(group);
+        } else if c == '"' {
+            let mut s = String::from(chars.next().expect("quote"));
+            for c in chars.by_ref() {
+                s.push(c);
+                if c == '"' {
+                    break;
+                }
+            }
+            out.push(s);
+        } else {
+            let mut word = String::new();
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                word.push(c);
+                chars.next();
+            }
+            out.push(word);
+        }
+    }
+    out
+}
+
+fn term(term: &str, context: &Context, dot: Option<&Value>, file: &str) -> Value {
+    if let Some(inner) = term.strip_prefix('(').and_then(|t| t.strip_suffix(')')) {
+        return eval(inner, context, dot, file);
+    }
+    if let Some(s) = term.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        return json!(s);
+    }
+    if let Some(path) = term.strip_prefix(".Values") {
+        return lookup(&context.values, path).clone();
+    }
+    match term {
+        "." => dot.cloned().unwrap_or(Value::Null),
+        ".Release.Namespace" => json!(NAMESPACE),
+        ".Release.Name" => json!("trellis"),
+        ".Release.Service" => json!("Helm"),
+        ".Chart.AppVersion" => context.chart["appVersion"].clone(),
+        ".Chart.Name" => context.chart["name"].clone(),
+        ".Chart.Version" => context.chart["version"].clone(),
+        "$.Template.BasePath" => json!("trellis/templates"),
+        variable if variable.starts_with('$') => context
+            .variables
+            .get(variable)
+            .cloned()
+            .unwrap_or_else(|| panic!("{file}: unset {variable}")),
+        other => panic!("{file}: the test renderer does not know the term {other:?}"),
+    }
+}
+
+/// A pipeline: `command args | fn args | ...`.
+fn eval(expr: &str, context: &Context, dot: Option<&Value>, file: &str) -> Value {
+    let mut value: Option<Value> = None;
+    for stage in split_pipeline(expr) {
+        let words = terms(&stage);
+        let (name, args) = words.split_first().expect("empty pipeline stage");
+        let mut args: Vec<Value> = args.iter().map(|a| term(a, context, dot, file)).collect();
+        let known_function = [
+            "include",
+            "toJson",
+            "toYaml",
+            "quote",
+            "add",
+            "append",
+            "print",
+            "sha256sum",
+            "default",
+        ]
+        .contains(&name.as_str());
+        if !known_function {
+            assert!(value.is_none() && args.is_empty(), "{file}: {stage:?}");
+            value = Some(term(name, context, dot, file));
+            continue;
+        }
+        args.extend(value.take());
+        value = Some(match (name.as_str(), args.as_slice()) {
+            ("include", [Value::String(helper), _]) => include(helper, context, file),
+            ("toJson", [v]) => json!(v.to_string()),
+            ("toYaml", [v]) => v.clone(),
+            ("quote", [v]) => json!(Value::String(scalar(v)).to_string()),
+            ("add", [a, b]) => json!(a.as_i64().expect("add: int") + b.as_i64().expect("add: int")),
+            ("append", [Value::Array(list), item]) => {
+                let mut list = list.clone();
+                list.push(item.clone());
+                Value::Array(list)
+            }
+            ("print", parts) => json!(parts.iter().map(scalar).collect::<String>()),
+            ("sha256sum", [_]) => json!("0123abcd"),
+            ("default", [fallback, v]) => {
+                if truthy(v) {
+                    v.clone()
+                } else {
+                    fallback.clone()
+                }
+            }
+            _ => panic!("{file}: the test renderer cannot evaluate {stage:?}"),
+        });
+    }
+    value.unwrap_or(Value::Null)
+}
+
+fn split_pipeline(expr: &str) -> Vec<String> {
+    let mut stages = vec![String::new()];
+    let mut depth = 0;
+    let mut quoted = false;
+    for c in expr.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            '(' if !quoted => depth += 1,
+            ')' if !quoted => depth -= 1,
+            '|' if !quoted && depth == 0 => {
+                stages.push(String::new());
+                continue;
+            }
+            _ => {}
+        }
+        stages.last_mut().expect("a stage").push(c);
+    }
+    stages
+}
+
+/// The chart's named templates (`_helpers.tpl`), by what they produce; the test checks the
+/// helpers file still defines each one with the expected text.
+fn include(helper: &str, context: &Context, file: &str) -> Value {
+    // A template file included for its checksum: the value does not matter.
+    if let Some(template) = helper.strip_prefix("trellis/") {
+        assert!(
+            chart_dir().join(template).is_file(),
+            "{file}: no {template}"
+        );
+        return json!(helper);
+    }
+    let helpers = read("templates/_helpers.tpl");
+    assert!(
+        helpers.contains(&format!("define {helper:?}")),
+        "{file}: no helper {helper}"
+    );
+    match helper {
+        "trellis.labels" => json!({
+            "app.kubernetes.io/part-of": "trellis",
+            "app.kubernetes.io/managed-by": "Helm",
+            "app.kubernetes.io/instance": "trellis",
+        }),
+        "trellis.image" => {
+            let tag = match &context.values["image"]["tag"] {
+                Value::String(t) if !t.is_empty() => t.clone(),
+                _ => scalar(&context.chart["appVersion"]),
+            };
+            json!(format!(
+                "{}:{tag}",
+                scalar(&context.values["image"]["repository"])
+            ))
+        }
+        "trellis.controllerHost" => json!(format!("trellis-controller.{NAMESPACE}.svc")),
+        other => panic!("{file}: the test renderer does not know helper {other}"),
+    }
+}

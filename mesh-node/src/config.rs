@@ -540,14 +540,7 @@ fn check_node_name(field: &str, value: &str) -> Result<(), ConfigError> {
 }
 
 fn check_dns_label(field: &str, value: &str) -> Result<(), ConfigError> {
-    let ok = !value.is_empty()
-        && value.len() <= 63
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !value.starts_with('-')
-        && !value.ends_with('-');
-    if ok {
+    if crate::identity::is_dns_label(value) {
         Ok(())
     } else {
         Err(invalid(field, format!("{value:?} is not a DNS label")))

@@ -128,7 +128,9 @@ impl FromStr for Identity {
     }
 }
 
-fn is_dns_label(s: &str) -> bool {
+/// An RFC 1123 DNS label, as Kubernetes names namespaces, services and node name parts: the
+/// one check every module uses.
+pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()

@@ -134,14 +134,7 @@ impl Service {
 /// Service and namespace names are DNS labels; the hostname built from them must be
 /// unambiguous, so a dot is refused.
 fn check_label(field: &str, value: &str) -> Result<(), ResourceError> {
-    let ok = !value.is_empty()
-        && value.len() <= 63
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !value.starts_with('-')
-        && !value.ends_with('-');
-    if ok {
+    if crate::identity::is_dns_label(value) {
         Ok(())
     } else {
         Err(bad(field, format!("{value:?} is not a DNS label")))

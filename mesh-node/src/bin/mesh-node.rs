@@ -72,28 +72,12 @@ fn main() -> anyhow::Result<()> {
                 return Ok(());
             }
             raise_fd_limit();
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let shutdown = CancellationToken::new();
-                tokio::spawn(watch_signals(shutdown.clone()));
-                mesh_node::agent::run(config, shutdown).await
-            })?;
-            Ok(())
+            until_signalled(|shutdown| mesh_node::agent::run(config, shutdown))
         }
         Command::Controller { config } => {
             let config = mesh_node::controller::ControllerConfig::load(&config)?;
             init_tracing(config.log_format);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let shutdown = CancellationToken::new();
-                tokio::spawn(watch_signals(shutdown.clone()));
-                mesh_node::controller::run(config, shutdown).await
-            })?;
-            Ok(())
+            until_signalled(|shutdown| mesh_node::controller::run(config, shutdown))
         }
         Command::NodeInit { bpffs } => {
             init_tracing(LogFormat::Text);
@@ -203,6 +187,24 @@ fn node_init(path: &Path) -> Result<(), NodeInitError> {
         return Err(NodeInitError::NotVisible { path: path.into() });
     }
     tracing::info!(path = %path.display(), "mounted bpffs");
+    Ok(())
+}
+
+/// Runs a role on a multi-threaded runtime until it returns; SIGTERM or SIGINT cancels the
+/// token it is given, which starts its drain.
+fn until_signalled<F, E>(role: impl FnOnce(CancellationToken) -> F) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(watch_signals(shutdown.clone()));
+        role(shutdown).await
+    })?;
     Ok(())
 }
 

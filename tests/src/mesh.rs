@@ -154,33 +154,9 @@ impl<'tb> Mesh<'tb> {
                     key: ca_dir.join("ca-key.pem"),
                 }),
                 control_plane: None,
-                certificate_ttl_secs: options.certificate_ttl_secs,
-                listen: ListenConfig {
-                    outbound: SocketAddr::new(node.gateway_ip4.into(), OUTBOUND_PORT),
-                    outbound6: Some(SocketAddr::new(node.gateway_ip6.into(), OUTBOUND_PORT)),
-                    hbone: SocketAddr::new(node.lan_ip4.into(), HBONE_PORT),
-                    admin: SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
-                    metrics: None,
-                    readiness: None,
-                },
-                datapath: DatapathConfig {
-                    cgroup_root: node.pod_cgroup_root.clone(),
-                    pin_dir: node.bpf_pin_dir.clone(),
-                    excluded_ports: Vec::new(),
-                    excluded_cidrs: Vec::new(),
-                },
-                outbound: OutboundConfig {
-                    unknown_destination: options.unknown_destination,
-                    connect_timeout_ms: 3_000,
-                },
-                inbound: InboundConfig {
-                    handshake_timeout_ms: 5_000,
-                    max_streams_per_connection: 512,
-                },
-                drain_timeout_secs: options.drain_timeout_secs,
-                log_format: LogFormat::Json,
                 nodes: nodes.clone(),
                 workloads: workloads.clone(),
+                ..agent_defaults(node, options)
             };
             config.validate().context("generated agent config")?;
             let path = tb.scratch_dir().join(format!("agent-{}.yaml", node.name));
@@ -267,33 +243,7 @@ impl<'tb> Mesh<'tb> {
                     ca_cert: ca_dir.join("ca.pem"),
                     token_file: scratch.join(format!("token-{}", node.name)),
                 }),
-                certificate_ttl_secs: options.certificate_ttl_secs,
-                listen: ListenConfig {
-                    outbound: SocketAddr::new(node.gateway_ip4.into(), OUTBOUND_PORT),
-                    outbound6: Some(SocketAddr::new(node.gateway_ip6.into(), OUTBOUND_PORT)),
-                    hbone: SocketAddr::new(node.lan_ip4.into(), HBONE_PORT),
-                    admin: SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
-                    metrics: None,
-                    readiness: None,
-                },
-                datapath: DatapathConfig {
-                    cgroup_root: node.pod_cgroup_root.clone(),
-                    pin_dir: node.bpf_pin_dir.clone(),
-                    excluded_ports: Vec::new(),
-                    excluded_cidrs: Vec::new(),
-                },
-                outbound: OutboundConfig {
-                    unknown_destination: options.unknown_destination,
-                    connect_timeout_ms: 3_000,
-                },
-                inbound: InboundConfig {
-                    handshake_timeout_ms: 5_000,
-                    max_streams_per_connection: 512,
-                },
-                drain_timeout_secs: options.drain_timeout_secs,
-                log_format: LogFormat::Json,
-                nodes: Vec::new(),
-                workloads: Vec::new(),
+                ..agent_defaults(node, options)
             };
             config.validate().context("generated agent config")?;
             let path = scratch.join(format!("agent-{}.yaml", node.name));
@@ -771,6 +721,44 @@ impl<'tb> Mesh<'tb> {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+/// The agent settings both modes share: listeners on the node's addresses, the node's pod
+/// cgroup root and pin directory, the test's timeouts; no CA, no control plane, no mesh.
+fn agent_defaults(node: &crate::testbed::Node, options: &MeshOptions) -> AgentConfig {
+    AgentConfig {
+        node: node.name.clone(),
+        trust_domain: TRUST_DOMAIN.into(),
+        ca: None,
+        control_plane: None,
+        certificate_ttl_secs: options.certificate_ttl_secs,
+        listen: ListenConfig {
+            outbound: SocketAddr::new(node.gateway_ip4.into(), OUTBOUND_PORT),
+            outbound6: Some(SocketAddr::new(node.gateway_ip6.into(), OUTBOUND_PORT)),
+            hbone: SocketAddr::new(node.lan_ip4.into(), HBONE_PORT),
+            admin: SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
+            metrics: None,
+            readiness: None,
+        },
+        datapath: DatapathConfig {
+            cgroup_root: node.pod_cgroup_root.clone(),
+            pin_dir: node.bpf_pin_dir.clone(),
+            excluded_ports: Vec::new(),
+            excluded_cidrs: Vec::new(),
+        },
+        outbound: OutboundConfig {
+            unknown_destination: options.unknown_destination,
+            connect_timeout_ms: 3_000,
+        },
+        inbound: InboundConfig {
+            handshake_timeout_ms: 5_000,
+            max_streams_per_connection: 512,
+        },
+        drain_timeout_secs: options.drain_timeout_secs,
+        log_format: LogFormat::Json,
+        nodes: Vec::new(),
+        workloads: Vec::new(),
     }
 }
 

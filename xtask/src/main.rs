@@ -91,8 +91,10 @@ fn main() -> Result<()> {
         }
         Task::Test { no_lint, args } => {
             setup(&root)?;
-            // The end-to-end tests spawn the agent and workload binaries: build them first.
-            cargo(&root, &["build", "--bins"])?;
+            // The end-to-end tests spawn the agent and workload binaries: build them first,
+            // together with every test target so dev-dependency features resolve once and
+            // `cargo test` below reuses these artifacts instead of building a second copy.
+            cargo(&root, &["build", "--workspace", "--all-targets"])?;
             if !no_lint {
                 cargo(&root, &["fmt", "--all", "--", "--check"])?;
                 cargo(&root, &["clippy", "--all-targets", "--", "-D", "warnings"])?;

@@ -94,7 +94,7 @@ fn main() -> Result<()> {
             // The end-to-end tests spawn the agent and workload binaries: build them first,
             // together with every test target so dev-dependency features resolve once and
             // `cargo test` below reuses these artifacts instead of building a second copy.
-            cargo(&root, &["build", "--workspace", "--all-targets"])?;
+            cargo(&root, &["build", "--all-targets"])?;
             if !no_lint {
                 cargo(&root, &["fmt", "--all", "--", "--check"])?;
                 cargo(&root, &["clippy", "--all-targets", "--", "-D", "warnings"])?;

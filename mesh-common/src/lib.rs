@@ -10,7 +10,9 @@
 
 /// Layout version of the pinned maps. Bumped whenever a key or value type changes, so an agent
 /// never reuses maps pinned by an incompatible build (they live in a different directory).
-pub const LAYOUT_VERSION: u32 = 1;
+/// Version 2: `Enrollment.flags` gained `STRICT_INBOUND`, and `MTLS_PORTS`, `NODE_ADDRS` and
+/// two counters were added.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Map names, as they appear in the object file and under the pin directory.
 pub mod maps {
@@ -29,6 +31,12 @@ pub mod maps {
     pub const EXCLUDED_NETS: &str = "EXCLUDED_NETS";
     /// `PerCpuArray<u64>` indexed by [`crate::Stat`].
     pub const DP_STATS: &str = "DP_STATS";
+    /// `HashMap<MtlsPortKey, u32 mode>`: per-port overrides of an enrolled pod's inbound mode
+    /// ([`crate::MTLS_PERMISSIVE`] or [`crate::MTLS_STRICT`]).
+    pub const MTLS_PORTS: &str = "MTLS_PORTS";
+    /// `HashMap<[u32; 4] address, u32>`: every address of the node's network namespace (IPv4
+    /// mapped into IPv6). Plaintext from these (kubelet probes, the node proxy) is always let in.
+    pub const NODE_ADDRS: &str = "NODE_ADDRS";
 }
 
 /// Program names, as they appear in the object file.
@@ -38,6 +46,8 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "getpeername4";
     pub const GETPEERNAME6: &str = "getpeername6";
     pub const SOCK_OPS: &str = "sock_ops";
+    /// cgroup_skb ingress: drops plaintext connection attempts to STRICT pods.
+    pub const MTLS_INGRESS: &str = "mtls_ingress";
 }
 
 /// Capacity of the connection-tracking maps. LRU maps: a flood of connections evicts the
@@ -47,6 +57,15 @@ pub const MAX_TRACKED_CONNECTIONS: u32 = 65_536;
 pub const MAX_ENROLLED_CGROUPS: u32 = 4_096;
 pub const MAX_EXCLUDED_PORTS: u32 = 256;
 pub const MAX_EXCLUDED_NETS: u32 = 256;
+/// Capacity of [`maps::MTLS_PORTS`]: port overrides summed over the node's pods.
+pub const MAX_MTLS_PORTS: u32 = 16_384;
+/// Capacity of [`maps::NODE_ADDRS`]. Generous because every host-side veth of a pod may carry an
+/// IPv6 link-local address of its own.
+pub const MAX_NODE_ADDRS: u32 = 4_096;
+
+/// Inbound mode values of [`maps::MTLS_PORTS`].
+pub const MTLS_PERMISSIVE: u32 = 0;
+pub const MTLS_STRICT: u32 = 1;
 
 pub const AF_INET: u32 = 2;
 pub const AF_INET6: u32 = 10;
@@ -63,6 +82,20 @@ pub struct Enrollment {
 impl Enrollment {
     /// Outbound TCP connections of this cgroup are redirected to the node proxy.
     pub const REDIRECT_OUTBOUND: u32 = 1 << 0;
+    /// Inbound plaintext connections that did not come from the node are dropped (STRICT mutual
+    /// TLS), unless [`maps::MTLS_PORTS`] overrides the destination port.
+    pub const STRICT_INBOUND: u32 = 1 << 1;
+}
+
+/// Key of [`maps::MTLS_PORTS`]: a local port of an enrolled pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MtlsPortKey {
+    /// The enrolled pod cgroup (the key of [`maps::ENROLLED`]).
+    pub cgroup_id: u64,
+    /// Destination port, host byte order.
+    pub port: u32,
+    pub reserved: u32,
 }
 
 /// The only element of [`maps::PROXY_CONFIG`].
@@ -120,10 +153,14 @@ pub enum Stat {
     TupleFull = 4,
     /// getpeername() returned the original destination.
     PeerRewritten = 5,
+    /// A plaintext connection attempt (TCP SYN) to a STRICT pod, not from the node, was dropped.
+    StrictDropped = 6,
+    /// A plaintext connection attempt to a PERMISSIVE pod, not from the node, was let in.
+    PlaintextAccepted = 7,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 8;
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Redirected,
         Stat::Excluded,
@@ -131,6 +168,8 @@ impl Stat {
         Stat::NoProxy,
         Stat::TupleFull,
         Stat::PeerRewritten,
+        Stat::StrictDropped,
+        Stat::PlaintextAccepted,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -141,6 +180,8 @@ impl Stat {
             Stat::NoProxy => "no_proxy",
             Stat::TupleFull => "tuple_full",
             Stat::PeerRewritten => "peer_rewritten",
+            Stat::StrictDropped => "strict_dropped",
+            Stat::PlaintextAccepted => "plaintext_accepted",
         }
     }
 }
@@ -192,6 +233,8 @@ mod pod {
     unsafe impl aya::Pod for super::SockKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MtlsPortKey {}
 }
 
 // No padding anywhere: the size is the sum of the fields.
@@ -199,6 +242,7 @@ const _: () = assert!(core::mem::size_of::<Enrollment>() == 8);
 const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 28);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
+const _: () = assert!(core::mem::size_of::<MtlsPortKey>() == 16);
 
 #[cfg(test)]
 mod tests {
@@ -219,6 +263,17 @@ mod tests {
         assert!(is_local_v6(&v4_mapped(be(127, 0, 0, 1))));
         assert!(!is_local_v6(&v4_mapped(be(10, 1, 2, 3))));
         assert!(!is_local_v6(&[be(0xfd, 0, 0, 0), 0, 0, be(0, 0, 0, 1)]));
+    }
+
+    #[test]
+    fn stats_are_listed_in_index_order_with_distinct_names() {
+        for (i, stat) in Stat::ALL.iter().enumerate() {
+            assert_eq!(*stat as usize, i, "{stat:?}");
+        }
+        let mut names: Vec<_> = Stat::ALL.iter().map(|s| s.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Stat::COUNT as usize);
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! - `sock_ops` sees the connection established, and indexes the record by the client's own
 //!   address and port, which is what the proxy sees as the peer after `accept()`.
 //! - `getpeername4`/`getpeername6` give the application back the address it asked for.
+//! - `mtls_ingress` (cgroup_skb ingress) drops plaintext connection attempts to pods in STRICT
+//!   mutual TLS mode unless they come from the node itself (kubelet probes, the node proxy
+//!   delivering what it received over HBONE), and counts those PERMISSIVE pods let in.
 //!
 //! Enrollment is data (the `ENROLLED` map), never attachment, so pods come and go without
 //! touching programs. The proxy's own sockets are never redirected by construction: the agent
@@ -23,16 +26,17 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
 use mesh_common::{
     AF_INET, AF_INET6, Enrollment, MAX_ENROLLED_CGROUPS, MAX_EXCLUDED_NETS, MAX_EXCLUDED_PORTS,
-    MAX_TRACKED_CONNECTIONS, OrigDst, ProxyConfig, SockKey, Stat, is_local_v6, is_v4_mapped,
-    v4_mapped,
+    MAX_MTLS_PORTS, MAX_NODE_ADDRS, MAX_TRACKED_CONNECTIONS, MTLS_STRICT, MtlsPortKey, OrigDst,
+    ProxyConfig, SockKey, Stat, is_local_v6, is_v4_mapped, v4_mapped,
 };
 
 /// Verdicts of cgroup sock_addr programs.
@@ -41,6 +45,9 @@ const ALLOW: i32 = 1;
 /// mesh (fail closed).
 const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
+/// Verdicts of cgroup_skb programs.
+const PASS: i32 = 1;
+const DROP: i32 = 0;
 
 #[map]
 static ENROLLED: HashMap<u64, Enrollment> = HashMap::pinned(MAX_ENROLLED_CGROUPS, 0);
@@ -57,6 +64,10 @@ static EXCLUDED_PORTS: HashMap<u32, u32> = HashMap::pinned(MAX_EXCLUDED_PORTS, 0
 static EXCLUDED_NETS: LpmTrie<[u32; 4], u32> = LpmTrie::pinned(MAX_EXCLUDED_NETS, 1);
 #[map]
 static DP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
+#[map]
+static MTLS_PORTS: HashMap<MtlsPortKey, u32> = HashMap::pinned(MAX_MTLS_PORTS, 0);
+#[map]
+static NODE_ADDRS: HashMap<[u32; 4], u32> = HashMap::pinned(MAX_NODE_ADDRS, 0);
 
 #[inline(always)]
 fn count(stat: Stat) {
@@ -93,6 +104,11 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
 pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     try_sock_ops(&ctx);
     1
+}
+
+#[cgroup_skb(ingress)]
+pub fn mtls_ingress(ctx: SkBuffContext) -> i32 {
+    try_mtls_ingress(&ctx)
 }
 
 /// Steers an enrolled pod's TCP connect() to the node proxy.
@@ -173,13 +189,35 @@ const MAX_CGROUP_DEPTH: i32 = 16;
 fn enrolled_pod() -> Option<(u64, Enrollment)> {
     // SAFETY: helper without arguments, allowed in cgroup sock_addr programs.
     let current = unsafe { bpf_get_current_cgroup_id() };
+    find_enrolled(current, |level| {
+        // SAFETY: helper with a plain integer argument; returns 0 past the current depth.
+        unsafe { bpf_get_current_ancestor_cgroup_id(level) }
+    })
+}
+
+/// The enrolled pod cgroup of the socket receiving `ctx`: its own cgroup or an ancestor, as in
+/// [`enrolled_pod`].
+#[inline(always)]
+fn enrolled_receiver(ctx: &SkBuffContext) -> Option<(u64, Enrollment)> {
+    let skb = ctx.skb.skb;
+    // SAFETY: `skb` is the program's own context; the kernel sets the receiving socket on it
+    // for the duration of cgroup_skb programs.
+    let current = unsafe { bpf_skb_cgroup_id(skb) };
+    find_enrolled(current, |level| {
+        // SAFETY: as above, with a plain integer argument; returns 0 past the socket's depth.
+        unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
+    })
+}
+
+/// Looks `current` up in [`ENROLLED`], then its ancestors from the top of the hierarchy down.
+#[inline(always)]
+fn find_enrolled(current: u64, ancestor_at: impl Fn(i32) -> u64) -> Option<(u64, Enrollment)> {
     // SAFETY: read-only lookup of a plain-data value, copied out.
     if let Some(enrollment) = unsafe { ENROLLED.get(current) } {
         return Some((current, *enrollment));
     }
     for level in 1..MAX_CGROUP_DEPTH {
-        // SAFETY: helper with a plain integer argument; returns 0 past the current depth.
-        let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        let ancestor = ancestor_at(level);
         if ancestor == 0 || ancestor == current {
             break;
         }
@@ -189,6 +227,142 @@ fn enrolled_pod() -> Option<(u64, Enrollment)> {
         }
     }
     None
+}
+
+/// What `mtls_ingress` needs from a connection attempt.
+struct Syn {
+    /// Source address, network byte order, IPv4 mapped into IPv6.
+    src: [u32; 4],
+    /// Destination address, same form.
+    dst: [u32; 4],
+    /// Destination port, host byte order.
+    dst_port: u32,
+}
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// IPv6 extension headers walked before giving up on finding TCP (real stacks send at most a
+/// couple; the bound keeps the program's path count fixed).
+const MAX_IPV6_EXT_HEADERS: u32 = 6;
+
+/// Enforces an enrolled pod's inbound mutual TLS mode on plaintext connection attempts.
+///
+/// Only connection-opening segments (SYN without ACK) are judged: a connection whose SYN never
+/// got through never exists, and established connections (and replies to the pod's own
+/// connects, which carry ACK) are left alone. Connections the node proxy delivers, and kubelet
+/// probes, come from an address of the node and always pass.
+#[inline(always)]
+fn try_mtls_ingress(ctx: &SkBuffContext) -> i32 {
+    let Some(syn) = parse_syn(ctx) else {
+        return PASS;
+    };
+    let Some((cgroup_id, enrollment)) = enrolled_receiver(ctx) else {
+        return PASS;
+    };
+    if is_loopback(&syn.src) || syn.src == syn.dst || is_node_addr(&syn.src) {
+        return PASS;
+    }
+    let key = MtlsPortKey {
+        cgroup_id,
+        port: syn.dst_port,
+        reserved: 0,
+    };
+    // SAFETY: read-only lookup of a plain-data value, copied out.
+    let strict = match unsafe { MTLS_PORTS.get(key) } {
+        Some(mode) => *mode == MTLS_STRICT,
+        None => enrollment.flags & Enrollment::STRICT_INBOUND != 0,
+    };
+    if strict {
+        count(Stat::StrictDropped);
+        DROP
+    } else {
+        count(Stat::PlaintextAccepted);
+        PASS
+    }
+}
+
+/// The addresses and port of a TCP SYN (without ACK), or `None` for anything else. cgroup_skb
+/// data starts at the network header.
+#[inline(always)]
+fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
+    // SAFETY: the kernel passes a valid `__sk_buff` for the duration of the program.
+    let protocol = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
+    let (src, dst, l4) = if protocol == ETH_P_IP {
+        let version_ihl: u8 = ctx.load(0).ok()?;
+        let ihl = u32::from(version_ihl & 0x0f) * 4;
+        if version_ihl >> 4 != 4 || ihl < 20 {
+            return None;
+        }
+        let proto: u8 = ctx.load(9).ok()?;
+        if proto != IPPROTO_TCP {
+            return None;
+        }
+        let src: u32 = ctx.load(12).ok()?;
+        let dst: u32 = ctx.load(16).ok()?;
+        (v4_mapped(src), v4_mapped(dst), ihl)
+    } else if protocol == ETH_P_IPV6 {
+        let src: [u32; 4] = ctx.load(8).ok()?;
+        let dst: [u32; 4] = ctx.load(24).ok()?;
+        (src, dst, ipv6_tcp_offset(ctx)?)
+    } else {
+        return None;
+    };
+    let flags: u8 = ctx.load(l4 as usize + 13).ok()?;
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return None;
+    }
+    let dst_port: u16 = ctx.load(l4 as usize + 2).ok()?;
+    Some(Syn {
+        src,
+        dst,
+        dst_port: u32::from(u16::from_be(dst_port)),
+    })
+}
+
+/// Offset of the TCP header in an IPv6 packet, past any extension headers; `None` if the
+/// packet is not TCP (or hides it behind more extension headers than the bound).
+#[inline(always)]
+fn ipv6_tcp_offset(ctx: &SkBuffContext) -> Option<u32> {
+    const HOP_BY_HOP: u8 = 0;
+    const ROUTING: u8 = 43;
+    const FRAGMENT: u8 = 44;
+    const AUTH: u8 = 51;
+    const DEST_OPTS: u8 = 60;
+    let mut next: u8 = ctx.load(6).ok()?;
+    let mut offset: u32 = 40;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        if next == IPPROTO_TCP {
+            return Some(offset);
+        }
+        let header: [u8; 2] = ctx.load(offset as usize).ok()?;
+        let len = match next {
+            HOP_BY_HOP | ROUTING | DEST_OPTS => (u32::from(header[1]) + 1) * 8,
+            FRAGMENT => 8,
+            AUTH => (u32::from(header[1]) + 2) * 4,
+            _ => return None,
+        };
+        next = header[0];
+        offset += len;
+    }
+    (next == IPPROTO_TCP).then_some(offset)
+}
+
+/// Loopback sources (`127.0.0.0/8`, `::1`): the pod talking to itself.
+#[inline(always)]
+fn is_loopback(ip: &[u32; 4]) -> bool {
+    if is_v4_mapped(ip) {
+        return ip[3].to_ne_bytes()[0] == 127;
+    }
+    ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == u32::from_ne_bytes([0, 0, 0, 1])
+}
+
+#[inline(always)]
+fn is_node_addr(ip: &[u32; 4]) -> bool {
+    // SAFETY: read-only lookup of a plain-data value.
+    unsafe { NODE_ADDRS.get(ip) }.is_some()
 }
 
 /// The verifier only allows 4-byte accesses to `user_ip6`: copy word by word, with volatile

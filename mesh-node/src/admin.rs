@@ -99,6 +99,9 @@ fn route(admin: &AdminState, surface: Surface, req: &Request<Incoming>) -> Respo
             );
             response
         }
+        (Surface::Admin, "/policy/explain") => {
+            explain(admin, req.uri().query().unwrap_or_default())
+        }
         (Surface::Admin, "/config_dump") => {
             let body = serde_json::to_string_pretty(&config_dump(admin)).unwrap_or_default();
             let mut response = text(StatusCode::OK, body);
@@ -142,7 +145,12 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
         serde_json::json!({
             "pin_dir": d.pin_dir().display().to_string(),
             "maps": d.map_ids().into_iter().map(|(name, id)| serde_json::json!({"name": name, "id": id})).collect::<Vec<_>>(),
-            "enrolled_cgroups": state.local_cgroups().iter().map(|c| serde_json::json!({"path": c.path.display().to_string(), "id": c.id})).collect::<Vec<_>>(),
+            "enrolled_cgroups": state.local_cgroups().iter().map(|c| serde_json::json!({
+                "path": c.path.display().to_string(),
+                "id": c.id,
+                "inbound_mtls": if c.inbound.strict { "STRICT" } else { "PERMISSIVE" },
+                "inbound_mtls_ports": c.inbound.ports.iter().map(|(port, strict)| (port.to_string(), if *strict { "STRICT" } else { "PERMISSIVE" })).collect::<std::collections::BTreeMap<_, _>>(),
+            })).collect::<Vec<_>>(),
             "pending_cgroups": state.pending_cgroups().iter().map(|w| serde_json::json!({"uid": w.uid, "namespace": w.namespace, "name": w.name})).collect::<Vec<_>>(),
             "events": d.stats().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
         })
@@ -157,10 +165,44 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
         "nodes": nodes,
         "workloads": state.workloads().iter().map(|w| w.as_ref()).collect::<Vec<_>>(),
         "services": state.services().iter().map(|s| s.as_ref()).collect::<Vec<_>>(),
+        "policies": state.policy().listing,
         "certificates": certificates,
         "certificate_errors": admin.certs.failures().as_ref(),
         "datapath": datapath,
     })
+}
+
+/// `/policy/explain?from=NS/POD&to=NS/POD:PORT`: see [`crate::policy::explain`].
+fn explain(admin: &AdminState, query: &str) -> Response<Full<Bytes>> {
+    let mut from = None;
+    let mut to = None;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match &*key {
+            "from" => from = Some(value.into_owned()),
+            "to" => to = Some(value.into_owned()),
+            _ => {}
+        }
+    }
+    let (Some(from), Some(to)) = (from, to) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "both from=NAMESPACE/POD and to=NAMESPACE/POD:PORT are required\n",
+        );
+    };
+    match crate::policy::explain::explain(&admin.state.load(), &from, &to) {
+        Ok(explanation) => {
+            let mut response = text(
+                StatusCode::OK,
+                serde_json::to_string_pretty(&explanation).unwrap_or_default(),
+            );
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    }
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

@@ -112,6 +112,7 @@ enum Source {
         channel: tonic::transport::Channel,
         token: channel::BearerToken,
         address: crate::config::ControllerAddress,
+        root_namespace: String,
     },
 }
 
@@ -149,6 +150,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 channel,
                 token,
                 address: cp.address.clone(),
+                root_namespace: cp.root_namespace.clone(),
             };
             (source, certs, issuer, None)
         }
@@ -255,6 +257,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         },
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
+        authorized: Arc::default(),
     });
 
     let mut listeners = tokio::task::JoinSet::new();
@@ -318,6 +321,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     }
     let (prefetched, first_certs) = oneshot::channel();
     listeners.spawn(cert_manager.run(states.clone(), prefetched, shutdown.clone()));
+    listeners.spawn(crate::proxy::inbound::reauthorize(
+        inputs.clone(),
+        states.clone(),
+        shutdown.clone(),
+    ));
     let (synced, first_sync) = oneshot::channel();
     listeners.spawn(enrollment::run(
         enroller,
@@ -325,10 +333,20 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         synced,
         shutdown.clone(),
     ));
-    if let (Source::Live { channel, token, .. }, Some(status)) = (source, feed_status) {
+    if let (
+        Source::Live {
+            channel,
+            token,
+            root_namespace,
+            ..
+        },
+        Some(status),
+    ) = (source, feed_status)
+    {
         let (applied_tx, applied_rx) = mpsc::channel(1);
         let state_task = state::StateTask {
             local_node: config.node.clone(),
+            root_namespace,
             state: state.clone(),
             publish,
             cgroups: cgroups::CgroupDiscovery::new(config.datapath.cgroup_root.clone()),

@@ -99,6 +99,13 @@ pub struct ControlPlaneConfig {
     /// Bearer credential proving which node this agent runs on: a Kubernetes service account
     /// token (re-read on every use, as kubelet rotates it) or a bootstrap token.
     pub token_file: PathBuf,
+    /// Namespace whose policies apply mesh-wide: the one the mesh is installed in.
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
+}
+
+fn default_root_namespace() -> String {
+    crate::policy::DEFAULT_ROOT_NAMESPACE.to_owned()
 }
 
 impl ControlPlaneConfig {
@@ -498,6 +505,7 @@ impl AgentConfig {
         if cp.token_file.as_os_str().is_empty() {
             return Err(invalid("control_plane.token_file", "a file is required"));
         }
+        check_dns_label("control_plane.root_namespace", &cp.root_namespace)?;
         if !self.nodes.is_empty() {
             return Err(invalid(
                 "nodes",

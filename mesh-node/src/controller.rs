@@ -38,6 +38,7 @@ pub mod files;
 pub mod kube_source;
 pub mod metrics;
 pub mod objects;
+pub mod policy_status;
 pub mod translate;
 
 pub use objects::ClusterObjects;
@@ -515,6 +516,10 @@ impl Controller {
         let tasks = tokio_util::task::TaskTracker::new();
 
         let (objects_tx, objects_rx) = watch::channel(None);
+        let status_client = match &source {
+            Source::Kubernetes(client) => Some(client.clone()),
+            Source::Files(_) => None,
+        };
         let source_run: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
             match source {
                 Source::Files(source) => Box::pin(source.run(objects_tx, stop.clone())),
@@ -539,6 +544,11 @@ impl Controller {
             settings,
             state_tx,
             metrics.clone(),
+            stop.clone(),
+        ));
+        tasks.spawn(policy_status::run(
+            status_client,
+            state_rx.clone(),
             stop.clone(),
         ));
         if let Some(listener) = monitoring {

@@ -8,9 +8,15 @@
 //!
 //! Order of installation, so that a crash at any point leaves no pod half-redirected: maps are
 //! filled first, then programs attached, then old links replaced.
+//!
+//! Inbound mutual TLS ([`InboundMtls`]) is enforced by `mtls_ingress` from three maps the
+//! [`Enroller`] writes: the pod's flag in `ENROLLED`, per-port overrides in `MTLS_PORTS`, and
+//! the node's own addresses in `NODE_ADDRS` (plaintext from those always passes: kubelet
+//! probes and the proxy's deliveries). Writes are ordered so that a failure leaves a port
+//! refusing plaintext rather than accepting it.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, BTreeSet, HashSet},
     fs::File,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     os::unix::fs::MetadataExt,
@@ -21,10 +27,13 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, links::FdLink,
+    },
 };
 use mesh_common::{
-    Enrollment, LAYOUT_VERSION, OrigDst, ProxyConfig, SockKey, Stat, maps, programs,
+    Enrollment, LAYOUT_VERSION, MTLS_PERMISSIVE, MTLS_STRICT, MtlsPortKey, OrigDst, ProxyConfig,
+    SockKey, Stat, maps, programs,
 };
 
 mod log;
@@ -77,6 +86,22 @@ pub enum EbpfError {
     NotBpffs { path: PathBuf },
     #[error("enrollment map is full ({max} pods): cannot enroll {cgroup}")]
     EnrollmentFull { max: u32, cgroup: PathBuf },
+    #[error(
+        "mutual TLS port map is full ({max} overrides per node): cannot write port {port} of \
+         {cgroup}, which refuses plaintext until this clears"
+    )]
+    PortOverrideFull {
+        max: u32,
+        cgroup: PathBuf,
+        port: u16,
+    },
+    #[error("cannot list the node's addresses (getifaddrs): {0}")]
+    NodeAddrs(#[source] std::io::Error),
+    #[error(
+        "node address map is full ({max} addresses): plaintext from {addr} (kubelet probes, the \
+         node proxy) to STRICT pods is dropped; check the node's interfaces"
+    )]
+    NodeAddrsFull { max: u32, addr: IpAddr },
 }
 
 /// What the datapath needs to know, derived from the agent's configuration.
@@ -95,6 +120,34 @@ pub struct DatapathSpec {
 pub struct PodCgroup {
     pub path: PathBuf,
     pub id: u64,
+    /// Whether the pod accepts inbound plaintext that did not come through the node.
+    pub inbound: InboundMtls,
+}
+
+/// A pod's inbound mutual TLS mode: STRICT drops, in the kernel, plaintext connection attempts
+/// that come neither from the node (its proxy, kubelet probes) nor from the pod itself.
+/// PERMISSIVE (the default) lets them in and counts them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InboundMtls {
+    /// The mode of every port without an override.
+    pub strict: bool,
+    /// Per-port overrides: port -> strict.
+    pub ports: BTreeMap<u16, bool>,
+}
+
+impl InboundMtls {
+    /// STRICT on every port.
+    pub fn strict() -> Self {
+        Self {
+            strict: true,
+            ports: BTreeMap::new(),
+        }
+    }
+
+    /// Whether `port` refuses plaintext.
+    pub fn is_strict(&self, port: u16) -> bool {
+        self.ports.get(&port).copied().unwrap_or(self.strict)
+    }
 }
 
 impl PodCgroup {
@@ -108,6 +161,7 @@ impl PodCgroup {
         Ok(Self {
             path: path.into(),
             id: meta.ino(),
+            inbound: InboundMtls::default(),
         })
     }
 }
@@ -157,9 +211,12 @@ impl ConnTrack {
     }
 }
 
-/// The writer of the enrollment map: which pod cgroups are redirected.
+/// The writer of the enrollment maps: which pod cgroups are redirected, their inbound mutual
+/// TLS modes, and the node addresses those modes exempt.
 pub struct Enroller {
     enrolled: HashMap<MapData, u64, Enrollment>,
+    mtls_ports: HashMap<MapData, MtlsPortKey, u32>,
+    node_addrs: HashMap<MapData, [u32; 4], u32>,
 }
 
 impl std::fmt::Debug for Enroller {
@@ -169,10 +226,23 @@ impl std::fmt::Debug for Enroller {
 }
 
 impl Enroller {
-    /// Makes the enrollment map exactly `pods`: stale entries go first (a pod that left, or a
-    /// gone pod whose cgroup id could be reused), then the wanted ones are inserted. A pod
-    /// that cannot be inserted (the map is full) is reported and the others still go in.
+    /// Makes the enrollment maps exactly `pods` (and refreshes the node's addresses first, so
+    /// a new one is exempt before any pod turns STRICT).
+    ///
+    /// Order, so that no port accepts plaintext at any moment unless it did before or should
+    /// after:
+    /// 1. entries of pods that left go (a gone pod's cgroup id could be reused), freeing room;
+    /// 2. each pod's port overrides are written, then its flags: a pod turning PERMISSIVE with
+    ///    a STRICT port has that port's override in place before the flag relaxes the rest;
+    /// 3. overrides no longer wanted go last; until then their ports keep their previous mode.
+    ///
+    /// A write that fails (a full map) is reported and the others still go in. It fails
+    /// closed: a STRICT override that cannot be written makes the whole pod STRICT, and a
+    /// PERMISSIVE one that cannot be written leaves its port STRICT. A pod that cannot be
+    /// enrolled at all is out of the mesh, as before, and reported.
     pub fn enroll(&mut self, pods: &[PodCgroup]) -> Result<(), EbpfError> {
+        let mut first_failure = self.refresh_node_addrs().err();
+
         let wanted: HashSet<u64> = pods.iter().map(|p| p.id).collect();
         let stale: Vec<u64> = self
             .enrolled
@@ -183,29 +253,195 @@ impl Enroller {
         for id in stale {
             let _ = self.enrolled.remove(&id);
         }
-        let value = Enrollment {
-            flags: Enrollment::REDIRECT_OUTBOUND,
-            reserved: 0,
-        };
-        let mut first_failure = None;
+        let gone: Vec<MtlsPortKey> = self
+            .mtls_ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !wanted.contains(&key.cgroup_id))
+            .collect();
+        for key in gone {
+            let _ = self.mtls_ports.remove(&key);
+        }
+
+        let mut written: HashSet<MtlsPortKey> = HashSet::new();
         for pod in pods {
+            let mut strict_override_failed = false;
+            for (key, mode) in port_overrides(pod) {
+                match self.mtls_ports.insert(key, mode, 0) {
+                    Ok(()) => {
+                        written.insert(key);
+                    }
+                    Err(source) => {
+                        let port = (key.port & 0xffff) as u16;
+                        tracing::error!(cgroup = %pod.path.display(), port, error = %source,
+                            "cannot write the port's mutual TLS mode; it refuses plaintext");
+                        strict_override_failed |= mode == MTLS_STRICT;
+                        first_failure.get_or_insert_with(|| EbpfError::PortOverrideFull {
+                            max: mesh_common::MAX_MTLS_PORTS,
+                            cgroup: pod.path.clone(),
+                            port,
+                        });
+                    }
+                }
+            }
+            let value = Enrollment {
+                flags: enrollment_flags(&pod.inbound, strict_override_failed),
+                reserved: 0,
+            };
             if let Err(source) = self.enrolled.insert(pod.id, value, 0) {
                 tracing::error!(cgroup = %pod.path.display(), error = %source, "cannot enroll pod");
-                first_failure.get_or_insert_with(|| pod.path.clone());
+                first_failure.get_or_insert_with(|| EbpfError::EnrollmentFull {
+                    max: mesh_common::MAX_ENROLLED_CGROUPS,
+                    cgroup: pod.path.clone(),
+                });
             }
         }
-        match first_failure {
-            None => Ok(()),
-            Some(cgroup) => Err(EbpfError::EnrollmentFull {
-                max: mesh_common::MAX_ENROLLED_CGROUPS,
-                cgroup,
-            }),
+
+        let unwanted: Vec<MtlsPortKey> = self
+            .mtls_ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !written.contains(key))
+            .collect();
+        for key in unwanted {
+            let _ = self.mtls_ports.remove(&key);
         }
+        first_failure.map_or(Ok(()), Err)
+    }
+
+    /// Makes `NODE_ADDRS` exactly the addresses of the network namespace the agent runs in
+    /// (the node's). An address that cannot be inserted is reported, the others still go in.
+    pub fn refresh_node_addrs(&mut self) -> Result<(), EbpfError> {
+        let wanted = node_addresses()?;
+        let stale: Vec<[u32; 4]> = self
+            .node_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !wanted.contains(key))
+            .collect();
+        for key in stale {
+            let _ = self.node_addrs.remove(&key);
+        }
+        let mut first_failure = None;
+        for key in &wanted {
+            if let Err(source) = self.node_addrs.insert(key, 1, 0) {
+                let addr = key_to_ip(key);
+                tracing::error!(%addr, error = %source, "cannot record node address");
+                first_failure.get_or_insert(EbpfError::NodeAddrsFull {
+                    max: mesh_common::MAX_NODE_ADDRS,
+                    addr,
+                });
+            }
+        }
+        first_failure.map_or(Ok(()), Err)
     }
 
     /// The cgroup ids in the map now.
     pub fn enrolled(&self) -> Vec<u64> {
         self.enrolled.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Whether the enrolled cgroup `id` is STRICT by default (`None`: not enrolled).
+    pub fn strict_inbound(&self, id: u64) -> Option<bool> {
+        let value = self.enrolled.get(&id, 0).ok()?;
+        Some(value.flags & Enrollment::STRICT_INBOUND != 0)
+    }
+
+    /// The port overrides in the map now: (cgroup id, port, strict), sorted.
+    pub fn port_overrides(&self) -> Vec<(u64, u16, bool)> {
+        let mut out: Vec<(u64, u16, bool)> = self
+            .mtls_ports
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, mode)| {
+                (
+                    key.cgroup_id,
+                    (key.port & 0xffff) as u16,
+                    mode == MTLS_STRICT,
+                )
+            })
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// The node addresses in the map now, sorted.
+    pub fn node_addrs(&self) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = self
+            .node_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .map(|key| key_to_ip(&key))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+}
+
+/// The `MTLS_PORTS` entries a pod needs: only overrides that differ from its own mode change
+/// anything, so only those take room in the map.
+fn port_overrides(pod: &PodCgroup) -> Vec<(MtlsPortKey, u32)> {
+    pod.inbound
+        .ports
+        .iter()
+        .filter(|(_, strict)| **strict != pod.inbound.strict)
+        .map(|(port, strict)| {
+            let key = MtlsPortKey {
+                cgroup_id: pod.id,
+                port: u32::from(*port),
+                reserved: 0,
+            };
+            (
+                key,
+                if *strict {
+                    MTLS_STRICT
+                } else {
+                    MTLS_PERMISSIVE
+                },
+            )
+        })
+        .collect()
+}
+
+/// The `ENROLLED` flags of a pod; STRICT as well when one of its STRICT port overrides could not
+/// be written (fail closed: better to refuse plaintext on its PERMISSIVE ports too).
+fn enrollment_flags(inbound: &InboundMtls, strict_override_failed: bool) -> u32 {
+    let mut flags = Enrollment::REDIRECT_OUTBOUND;
+    if inbound.strict || strict_override_failed {
+        flags |= Enrollment::STRICT_INBOUND;
+    }
+    flags
+}
+
+/// Every address of the calling thread's network namespace, as `NODE_ADDRS` keys.
+fn node_addresses() -> Result<BTreeSet<[u32; 4]>, EbpfError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| EbpfError::NodeAddrs(e.into()))?;
+    Ok(addrs
+        .filter_map(|ifaddr| {
+            let addr = ifaddr.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(ip_key(IpAddr::V4(v4.ip())))
+            } else {
+                addr.as_sockaddr_in6().map(|v6| ip_key(IpAddr::V6(v6.ip())))
+            }
+        })
+        .collect())
+}
+
+/// An address in the form the programs compare: 16 bytes, IPv4 mapped into IPv6.
+fn ip_key(ip: IpAddr) -> [u32; 4] {
+    let v6 = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    words(v6.octets())
+}
+
+fn key_to_ip(key: &[u32; 4]) -> IpAddr {
+    let v6 = Ipv6Addr::from(octets(key));
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
     }
 }
 
@@ -250,7 +486,12 @@ impl Datapath {
         reconcile_nets(&mut nets, &spec.excluded_nets)?;
         let mut enroller = Enroller {
             enrolled: take_map(&mut ebpf, maps::ENROLLED)?,
+            mtls_ports: take_map(&mut ebpf, maps::MTLS_PORTS)?,
+            node_addrs: take_map(&mut ebpf, maps::NODE_ADDRS)?,
         };
+        // Node addresses even without pods: a restarted agent keeps the pinned STRICT pods, and
+        // their kubelet probes must keep passing if the node's addresses changed meanwhile.
+        enroller.refresh_node_addrs()?;
         if let Some(pods) = pods {
             enroller.enroll(pods)?;
         }
@@ -279,11 +520,11 @@ impl Datapath {
         load_programs(&mut datapath._ebpf)?;
         // aya's program types share no trait for this sequence, hence a macro.
         macro_rules! attach_and_pin {
-            ($ty:ty, $name:expr) => {{
+            ($ty:ty, $name:expr $(, $attach_type:expr)?) => {{
                 let name = $name;
                 let program: &mut $ty = program_mut(&mut datapath._ebpf, name)?;
                 let id = program
-                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .attach(&cgroup, $($attach_type,)? CgroupAttachMode::Single)
                     .map_err(|source| EbpfError::Program { name, source })?;
                 let link = program
                     .take_link(id)
@@ -297,6 +538,11 @@ impl Datapath {
             attach_and_pin!(CgroupSockAddr, name);
         }
         attach_and_pin!(SockOps, programs::SOCK_OPS);
+        attach_and_pin!(
+            CgroupSkb,
+            programs::MTLS_INGRESS,
+            CgroupSkbAttachType::Ingress
+        );
 
         // 3. Only now retire datapaths of other layout versions.
         remove_other_versions(&spec.pin_dir);
@@ -387,6 +633,11 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
     let program: &mut SockOps = program_mut(ebpf, programs::SOCK_OPS)?;
     program.load().map_err(|source| EbpfError::Program {
         name: programs::SOCK_OPS,
+        source,
+    })?;
+    let program: &mut CgroupSkb = program_mut(ebpf, programs::MTLS_INGRESS)?;
+    program.load().map_err(|source| EbpfError::Program {
+        name: programs::MTLS_INGRESS,
         source,
     })
 }
@@ -603,12 +854,8 @@ fn octets(words: &[u32; 4]) -> [u8; 16] {
 
 /// The key the programs use for the client end of a connection.
 pub fn sock_key(addr: SocketAddr) -> SockKey {
-    let v6 = match addr.ip() {
-        IpAddr::V4(ip) => ip.to_ipv6_mapped(),
-        IpAddr::V6(ip) => ip,
-    };
     SockKey {
-        ip: words(v6.octets()),
+        ip: ip_key(addr.ip()),
         port: u32::from(addr.port()),
     }
 }
@@ -635,6 +882,82 @@ mod tests {
             mesh_common::v4_mapped(u32::from_ne_bytes([10, 200, 0, 10]))
         );
         assert_eq!(key.port, 40000);
+    }
+
+    fn pod(strict: bool, ports: &[(u16, bool)]) -> PodCgroup {
+        PodCgroup {
+            path: "/cg/pod".into(),
+            id: 42,
+            inbound: InboundMtls {
+                strict,
+                ports: ports.iter().copied().collect(),
+            },
+        }
+    }
+
+    #[test]
+    fn only_overrides_that_differ_from_the_pod_mode_are_written() {
+        let key = |port| MtlsPortKey {
+            cgroup_id: 42,
+            port,
+            reserved: 0,
+        };
+        assert_eq!(
+            port_overrides(&pod(true, &[(80, false), (443, true)])),
+            vec![(key(80), MTLS_PERMISSIVE)]
+        );
+        assert_eq!(
+            port_overrides(&pod(false, &[(80, false), (9000, true)])),
+            vec![(key(9000), MTLS_STRICT)]
+        );
+        assert!(port_overrides(&pod(false, &[])).is_empty());
+    }
+
+    #[test]
+    fn a_strict_override_that_cannot_be_written_makes_the_pod_strict() {
+        let permissive = InboundMtls::default();
+        assert_eq!(
+            enrollment_flags(&permissive, false),
+            Enrollment::REDIRECT_OUTBOUND
+        );
+        assert_eq!(
+            enrollment_flags(&permissive, true),
+            Enrollment::REDIRECT_OUTBOUND | Enrollment::STRICT_INBOUND
+        );
+        assert_eq!(
+            enrollment_flags(&InboundMtls::strict(), false),
+            Enrollment::REDIRECT_OUTBOUND | Enrollment::STRICT_INBOUND
+        );
+    }
+
+    #[test]
+    fn port_overrides_win_over_the_pod_mode() {
+        let inbound = pod(true, &[(80, false)]).inbound;
+        assert!(!inbound.is_strict(80));
+        assert!(inbound.is_strict(81));
+        assert!(!InboundMtls::default().is_strict(80));
+    }
+
+    #[test]
+    fn address_keys_round_trip_in_both_families() {
+        for ip in ["10.200.0.1", "fd00:200::1", "::1", "127.0.0.1"] {
+            let ip: IpAddr = ip.parse().expect("ip");
+            assert_eq!(key_to_ip(&ip_key(ip)), ip);
+        }
+        assert_eq!(
+            ip_key("10.200.0.1".parse().expect("ip")),
+            mesh_common::v4_mapped(u32::from_ne_bytes([10, 200, 0, 1]))
+        );
+    }
+
+    #[test]
+    fn node_addresses_include_loopback() {
+        let addrs = node_addresses().expect("getifaddrs");
+        assert!(
+            addrs.contains(&ip_key("127.0.0.1".parse().expect("ip"))),
+            "{:?}",
+            addrs.iter().map(key_to_ip).collect::<Vec<_>>()
+        );
     }
 
     #[test]

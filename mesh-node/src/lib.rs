@@ -3,6 +3,7 @@
 //! - [`agent`]: the per-node proxy and datapath owner.
 //! - [`controller`]: the control plane: CA service and config distribution to agents.
 //! - [`config`], [`identity`], [`tls`], [`ebpf`], [`proxy`], [`metrics`], [`admin`]: its parts.
+//! - [`policy`]: L4 authorization policies and the per-connection decision.
 pub mod admin;
 pub mod agent;
 pub mod api;
@@ -13,6 +14,7 @@ pub mod ebpf;
 pub mod hbone;
 pub mod identity;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod service;
 pub mod tls;

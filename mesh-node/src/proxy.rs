@@ -70,6 +70,8 @@ pub struct ProxyInputs {
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them to drain.
     pub tasks: TaskTracker,
+    /// Open inbound connections, re-authorized when the policies change.
+    pub authorized: Arc<inbound::authorized::Authorized>,
 }
 
 /// Accepts until shutdown, handing each connection to `handle` as a tracked task.

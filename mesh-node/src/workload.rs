@@ -19,8 +19,9 @@ use std::{
 use crate::{
     api::v1 as api,
     config::{AgentConfig, ConfigError},
-    ebpf::PodCgroup,
+    ebpf::{InboundMtls, PodCgroup},
     identity::Identity,
+    policy::{Destination, Engine, MtlsMode},
     service::Service,
 };
 
@@ -208,6 +209,8 @@ pub struct MeshState {
     services: Vec<Arc<Service>>,
     /// Services by each virtual IP only they claim (canonical).
     by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// The authorization and peer authentication policies in force.
+    policy: Arc<Engine>,
 }
 
 impl MeshState {
@@ -343,6 +346,32 @@ impl MeshState {
             }
         }
         self.services = services;
+    }
+
+    /// Puts the policies in force, and derives from them the plaintext mode the datapath
+    /// enforces for each enrolled local pod (see [`crate::ebpf::InboundMtls`]).
+    pub fn set_policy(&mut self, policy: Arc<Engine>) {
+        for cgroup in &mut self.local_cgroups {
+            let Some(workload) = self.by_cgroup.get(&cgroup.id) else {
+                continue;
+            };
+            let (mode, ports) = policy
+                .peer_authentication
+                .resolve_workload(&Destination::of(workload));
+            cgroup.inbound = InboundMtls {
+                strict: mode == MtlsMode::Strict,
+                ports: ports
+                    .into_iter()
+                    .map(|(port, mode)| (port, mode == MtlsMode::Strict))
+                    .collect(),
+            };
+        }
+        self.policy = policy;
+    }
+
+    /// The policies in force.
+    pub fn policy(&self) -> &Arc<Engine> {
+        &self.policy
     }
 
     pub fn local_node(&self) -> &str {
@@ -544,6 +573,7 @@ pub(crate) mod tests {
                 Some(PodCgroup {
                     path: format!("/cg/{}", w.uid).into(),
                     id: w.uid.len() as u64,
+                    inbound: Default::default(),
                 })
             },
         );
@@ -649,5 +679,87 @@ pub(crate) mod tests {
             1,
             "certificates are prefetched"
         );
+    }
+
+    #[test]
+    fn policies_set_each_local_pods_inbound_mode_and_explain_reads_the_same_engine() {
+        use crate::policy::{Policy, PolicyKind, explain::explain};
+        let compile = |kind, name: &str, spec: serde_json::Value| {
+            let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                namespace: Some("shop".into()),
+                name: Some(name.into()),
+                ..Default::default()
+            };
+            Policy::compile(kind, &meta, &spec).expect("named")
+        };
+        let Policy::PeerAuthentication(strict_db) = compile(
+            PolicyKind::PeerAuthentication,
+            "db",
+            serde_json::json!({"selector": {"matchLabels": {"app": "db"}},
+                "mtls": {"mode": "STRICT"}, "portLevelMtls": {"9102": {"mode": "PERMISSIVE"}}}),
+        ) else {
+            panic!("peer authentication");
+        };
+        let Policy::Authorization(deny_web) = compile(
+            PolicyKind::Authorization,
+            "no-web",
+            serde_json::json!({"action": "DENY",
+                "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/web"]}}]}]}),
+        ) else {
+            panic!("authorization policy");
+        };
+        let mut state = MeshState::build(
+            "node-a",
+            [
+                arc(api_workload("u1", "web", "node-a", "10.0.0.1")),
+                arc(api_workload("u2", "db", "node-a", "10.0.0.2")),
+            ],
+            [],
+            [],
+            |w| {
+                Some(PodCgroup {
+                    path: format!("/cg/{}", w.uid).into(),
+                    id: w.uid.len() as u64 + u64::from(w.name == "db"),
+                    inbound: Default::default(),
+                })
+            },
+        );
+        state.set_policy(Arc::new(Engine::new(
+            crate::policy::DEFAULT_ROOT_NAMESPACE,
+            [deny_web],
+            [strict_db],
+        )));
+        let mode = |path: &str| {
+            state
+                .local_cgroups()
+                .iter()
+                .find(|c| c.path == std::path::Path::new(path))
+                .map(|c| c.inbound.clone())
+                .expect("enrolled")
+        };
+        assert_eq!(
+            mode("/cg/u1"),
+            InboundMtls::default(),
+            "web stays PERMISSIVE"
+        );
+        assert_eq!(
+            mode("/cg/u2"),
+            InboundMtls {
+                strict: true,
+                ports: BTreeMap::from([(9102, false)]),
+            }
+        );
+
+        let e = explain(&state, "shop/web", "shop/db:5432").expect("explained");
+        assert_eq!(e.verdict, "deny");
+        assert_eq!(e.policy.as_deref(), Some("shop/no-web"));
+        assert_eq!(e.rule, Some(0));
+        assert_eq!(e.mtls_mode, "STRICT");
+        assert_eq!(e.mtls_policy.as_deref(), Some("shop/db"));
+        let e = explain(&state, "shop/db", "shop/web:80").expect("explained");
+        assert_eq!((e.verdict.as_str(), e.policy), ("allow", None));
+        assert!(explain(&state, "shop/nope", "shop/web:80").is_err());
+        assert!(explain(&state, "shop/db", "shop/web:0").is_err());
+        assert!(explain(&state, "shop/db", "shop/web").is_err());
     }
 }

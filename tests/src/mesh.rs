@@ -34,6 +34,7 @@ use serde_json::json;
 
 use crate::testbed::{Pod, Proc, SpawnOptions, Testbed};
 
+mod policy;
 mod service;
 
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -242,6 +243,7 @@ impl<'tb> Mesh<'tb> {
                     server_name: None,
                     ca_cert: ca_dir.join("ca.pem"),
                     token_file: scratch.join(format!("token-{}", node.name)),
+                    root_namespace: "trellis-system".into(),
                 }),
                 ..agent_defaults(node, options)
             };

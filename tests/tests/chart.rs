@@ -6,16 +6,23 @@
 //! then check the rendered objects as YAML, and load the rendered configuration files with the
 //! agent's and controller's own loaders. `cargo xtask chart-check` runs these tests and, where
 //! `helm` is installed, `helm lint` and `helm template` on the real engine.
+//!
+//! The policy CRDs in `crds/` are generated from mesh-node's types (`cargo xtask crds`); the
+//! tests fail while the committed file differs, and validate Istio-style policies against the
+//! committed schemas.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 use mesh_node::{
     check::CAPABILITIES,
     config::{AgentConfig, expand_env},
     controller::ControllerConfig,
+    policy::{AuthorizationPolicy, PeerAuthentication},
 };
 use serde_json::{Value, json};
 
@@ -466,19 +473,46 @@ fn the_controller_has_no_cluster_wide_secrets_access_and_the_agent_no_api_access
             );
         }
     }
-    // The CRDs' objects are readable and their status writable, ready for the policy work.
-    let cluster = rules("ClusterRole");
-    let grants = |resource: &str, verb: &str| {
-        cluster.iter().any(|r| {
-            strings(&r["apiGroups"]).contains(&"security.trellis.dev".to_owned())
+    // Every kind of the chart's CRDs is readable everywhere and only its status writable
+    // (the cluster-wide write check above): the controller watches policies and reports
+    // whether it accepted them, and never rewrites what users wrote.
+    let grants = |kind: &str, group: &str, resource: &str, verb: &str| {
+        rules(kind).iter().any(|r| {
+            strings(&r["apiGroups"]).contains(&group.to_owned())
                 && strings(&r["resources"]).contains(&resource.to_owned())
                 && strings(&r["verbs"]).contains(&verb.to_owned())
         })
     };
-    for kind in ["authorizationpolicies", "peerauthentications"] {
-        assert!(grants(kind, "watch") && grants(kind, "list"), "{kind}");
-        assert!(grants(&format!("{kind}/status"), "update"), "{kind}/status");
+    let crds = committed_crds();
+    assert!(!crds.is_empty(), "the chart ships CRDs");
+    for (_, crd) in &crds {
+        let (group, plural) = (&crd.spec.group, &crd.spec.names.plural);
+        for verb in ["get", "list", "watch"] {
+            assert!(
+                grants("ClusterRole", group, plural, verb),
+                "{verb} {plural}.{group}"
+            );
+        }
+        for verb in ["patch", "update"] {
+            assert!(
+                grants("ClusterRole", group, &format!("{plural}/status"), verb),
+                "{verb} {plural}/status"
+            );
+        }
     }
+    // Leader election of the status writer: Leases in the release namespace only.
+    for verb in ["get", "create", "update"] {
+        assert!(
+            grants("Role", "coordination.k8s.io", "leases", verb),
+            "{verb} leases in {NAMESPACE}"
+        );
+    }
+    assert!(
+        !rules("ClusterRole")
+            .iter()
+            .any(|r| strings(&r["resources"]).iter().any(|r| r == "leases")),
+        "no Lease access outside the release namespace"
+    );
     // Secrets only in the release namespace: read the CA by name, create it once.
     let role = object(&objects, "Role", "trellis-controller");
     assert_eq!(role["metadata"]["namespace"], NAMESPACE);
@@ -503,6 +537,279 @@ fn the_controller_has_no_cluster_wide_secrets_access_and_the_agent_no_api_access
             assert_ne!(subject["name"], "trellis-agent", "{binding}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The policy CRDs: `crds/`, which Helm installs before the templates and never templates.
+
+const CRDS_FILE: &str = "crds/security.trellis.dev.yaml";
+
+/// The committed CRD documents, each as YAML data and as the API server's type.
+fn committed_crds() -> Vec<(Value, CustomResourceDefinition)> {
+    let text = read(CRDS_FILE);
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
+        .unwrap_or_else(|e| panic!("{CRDS_FILE} is not valid YAML: {e}"));
+    docs.into_iter()
+        .map(|doc| {
+            let crd = serde_json::from_value(doc.clone()).unwrap_or_else(|e| {
+                panic!("{CRDS_FILE}: not an apiextensions.k8s.io/v1 CustomResourceDefinition: {e}")
+            });
+            (doc, crd)
+        })
+        .collect()
+}
+
+#[test]
+fn the_committed_crds_are_what_the_policy_types_generate() {
+    let generated = mesh_node::policy::crd::crds_yaml().expect("the CRDs serialise as YAML");
+    let committed = read(CRDS_FILE);
+    if committed != generated {
+        let (mut old, mut new) = (committed.lines(), generated.lines());
+        let (line, was, now) = (1..)
+            .map(|n| (n, old.next(), new.next()))
+            .find(|(_, was, now)| was != now)
+            .expect("different texts differ on some line");
+        panic!(
+            "charts/trellis/{CRDS_FILE} is not what mesh-node/src/policy/crd.rs generates: run \
+             `cargo xtask crds` and commit the result. First difference, line {line}:\n  \
+             committed: {was:?}\n  generated: {now:?}"
+        );
+    }
+    // The YAML means exactly the CRDs the types define (no string mangled on the way out).
+    let expected = [AuthorizationPolicy::crd(), PeerAuthentication::crd()]
+        .map(|crd| serde_json::to_value(crd).expect("a CRD is JSON"));
+    let parsed: Vec<Value> = committed_crds().into_iter().map(|(doc, _)| doc).collect();
+    assert_eq!(
+        parsed, expected,
+        "the file, parsed, is the derived CRDs in order"
+    );
+}
+
+#[test]
+fn the_crds_are_namespaced_v1_with_a_status_subresource_and_structural_schemas() {
+    let crds = committed_crds();
+    let kinds: BTreeSet<&str> = crds
+        .iter()
+        .map(|(_, c)| c.spec.names.kind.as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from(["AuthorizationPolicy", "PeerAuthentication"])
+    );
+    for (doc, crd) in &crds {
+        let kind = &crd.spec.names.kind;
+        assert_eq!(crd.spec.group, "security.trellis.dev", "{kind}");
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some(format!("{}.{}", crd.spec.names.plural, crd.spec.group).as_str()),
+            "{kind}: the API server requires <plural>.<group>"
+        );
+        assert_eq!(crd.spec.scope, "Namespaced", "{kind}");
+        let [version] = crd.spec.versions.as_slice() else {
+            panic!("{kind}: exactly one version, v1");
+        };
+        assert_eq!(version.name, "v1", "{kind}");
+        assert!(
+            version.served && version.storage,
+            "{kind}: v1 served and stored"
+        );
+        assert!(
+            version
+                .subresources
+                .as_ref()
+                .is_some_and(|s| s.status.is_some()),
+            "{kind}: status subresource (status writes cannot change the spec)"
+        );
+        let schema = &doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        assert!(schema.is_object(), "{kind}: openAPIV3Schema");
+        assert_structural(schema, kind);
+        assert_preserves_unknown_fields(&schema["properties"]["spec"], &format!("{kind}.spec"));
+    }
+}
+
+/// The API server refuses a CRD whose schema is not structural: every field and item has a
+/// type (unless it preserves unknown fields), no references, and no object with both fixed
+/// properties and additional ones.
+fn assert_structural(schema: &Value, at: &str) {
+    for keyword in ["$ref", "$defs", "definitions"] {
+        assert!(schema.get(keyword).is_none(), "{at}: {keyword}");
+    }
+    assert!(
+        schema.get("type").is_some()
+            || schema["x-kubernetes-preserve-unknown-fields"] == true
+            || schema["x-kubernetes-int-or-string"] == true,
+        "{at}: no type"
+    );
+    assert!(
+        schema.get("properties").is_none() || schema.get("additionalProperties").is_none(),
+        "{at}: properties and additionalProperties together"
+    );
+    if let Some(properties) = schema["properties"].as_object() {
+        for (name, property) in properties {
+            assert_structural(property, &format!("{at}.{name}"));
+        }
+    }
+    for (keyword, suffix) in [("items", "[]"), ("additionalProperties", ".*")] {
+        if let Some(child) = schema.get(keyword).filter(|c| c.is_object()) {
+            assert_structural(child, &format!("{at}{suffix}"));
+        }
+    }
+}
+
+/// Every object with known fields keeps the unknown ones too: the API server would otherwise
+/// prune a field this version does not know (a misspelt `notPorts`) before the controller sees
+/// it, and the policy would be enforced broader than written instead of failing closed.
+fn assert_preserves_unknown_fields(schema: &Value, at: &str) {
+    if schema.get("properties").is_some() {
+        assert_eq!(
+            schema["x-kubernetes-preserve-unknown-fields"], true,
+            "{at}: unknown fields would be pruned"
+        );
+    }
+    if let Some(properties) = schema["properties"].as_object() {
+        for (name, property) in properties {
+            assert_preserves_unknown_fields(property, &format!("{at}.{name}"));
+        }
+    }
+    for (keyword, suffix) in [("items", "[]"), ("additionalProperties", ".*")] {
+        if let Some(child) = schema.get(keyword).filter(|c| c.is_object()) {
+            assert_preserves_unknown_fields(child, &format!("{at}{suffix}"));
+        }
+    }
+}
+
+/// Validates a manifest (YAML) against the openAPIV3Schema of its kind's committed CRD.
+fn validate_policy(manifest: &str) -> Result<(), String> {
+    let object = yaml(manifest, "the sample manifest");
+    let kind = object["kind"].as_str().expect("the sample has a kind");
+    let (doc, _) = committed_crds()
+        .into_iter()
+        .find(|(_, crd)| crd.spec.names.kind == kind)
+        .unwrap_or_else(|| panic!("no CRD for {kind}"));
+    let schema = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone();
+    let location = format!("file:///chart/crds/{kind}.json");
+    let mut schemas = boon::Schemas::new();
+    let mut compiler = boon::Compiler::new();
+    compiler
+        .add_resource(&location, schema)
+        .expect("schema location");
+    let index = compiler
+        .compile(&location, &mut schemas)
+        .unwrap_or_else(|e| panic!("{kind}: openAPIV3Schema is not a valid JSON schema: {e:#}"));
+    schemas
+        .validate(&object, index)
+        .map_err(|e| format!("{e:#}"))
+}
+
+/// Istio's documented examples, with only the API group changed.
+const ISTIO_AUTHORIZATION_POLICY: &str = r#"
+apiVersion: security.trellis.dev/v1
+kind: AuthorizationPolicy
+metadata:
+  name: httpbin
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: httpbin
+      version: v1
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/sleep"]
+    - source:
+        namespaces: ["dev"]
+        notIpBlocks: ["10.0.0.0/8"]
+    to:
+    - operation:
+        ports: ["8080"]
+        notPorts: ["9090"]
+        methods: ["GET"]
+    when:
+    - key: request.auth.claims[iss]
+      values: ["https://accounts.google.com"]
+"#;
+
+const ISTIO_PEER_AUTHENTICATION: &str = r#"
+apiVersion: security.trellis.dev/v1
+kind: PeerAuthentication
+metadata:
+  name: finance
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: finance
+  mtls:
+    mode: STRICT
+  portLevelMtls:
+    "8080":
+      mode: DISABLE
+"#;
+
+#[test]
+fn istio_style_policies_satisfy_the_crd_schemas_and_malformed_ones_do_not() {
+    for (sample, name) in [
+        (ISTIO_AUTHORIZATION_POLICY, "AuthorizationPolicy"),
+        (ISTIO_PEER_AUTHENTICATION, "PeerAuthentication"),
+        (
+            "{apiVersion: security.trellis.dev/v1, kind: AuthorizationPolicy, \
+             metadata: {name: deny-all, namespace: foo}, spec: {}}",
+            "an empty ALLOW policy (Istio's allow-nothing)",
+        ),
+        (
+            "{apiVersion: security.trellis.dev/v1, kind: AuthorizationPolicy, \
+             metadata: {name: x, namespace: foo}, spec: {action: DENY, rules: [{}], \
+             targetRefs: [{kind: Service, name: web}]}}",
+            "targetRefs (recognised, reported unsupported by the controller)",
+        ),
+        (
+            "{apiVersion: security.trellis.dev/v1, kind: AuthorizationPolicy, \
+             metadata: {name: x, namespace: foo}, spec: {rules: [{to: [{operation: \
+             {notPort: ['22']}}]}]}}",
+            "a misspelt field (kept for the controller to refuse, not pruned)",
+        ),
+    ] {
+        validate_policy(sample).unwrap_or_else(|e| panic!("{name} must be accepted: {e}"));
+    }
+
+    let with_spec = |kind: &str, spec: &str| {
+        format!(
+            "{{apiVersion: security.trellis.dev/v1, kind: {kind}, \
+             metadata: {{name: x, namespace: foo}}, spec: {spec}}}"
+        )
+    };
+    for (kind, spec) in [
+        ("AuthorizationPolicy", "{action: ALLOWED}"),
+        ("AuthorizationPolicy", "{action: deny}"),
+        ("AuthorizationPolicy", "{rules: {from: []}}"),
+        (
+            "AuthorizationPolicy",
+            "{rules: [{from: [{source: {principals: cluster.local/ns/a/sa/b}}]}]}",
+        ),
+        (
+            "AuthorizationPolicy",
+            "{rules: [{to: [{operation: {ports: [8080]}}]}]}",
+        ),
+        (
+            "AuthorizationPolicy",
+            "{selector: {matchLabels: {app: [web]}}}",
+        ),
+        ("PeerAuthentication", "{mtls: {mode: strict}}"),
+        (
+            "PeerAuthentication",
+            "{portLevelMtls: {'8080': {mode: MUTUAL}}}",
+        ),
+    ] {
+        assert!(
+            validate_policy(&with_spec(kind, spec)).is_err(),
+            "{kind} with spec {spec} must be refused"
+        );
+    }
+    let no_spec = "{apiVersion: security.trellis.dev/v1, kind: PeerAuthentication, \
+                   metadata: {name: x, namespace: foo}}";
+    assert!(validate_policy(no_spec).is_err(), "a policy without spec");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -750,6 +750,7 @@ fn sign_as_node_0(mesh: &Mesh<'_>, tb: &Testbed, identity: &Identity) -> Result<
         server_name: None,
         ca_cert: mesh.ca_dir.join("ca.pem"),
         token_file: mesh.node_token_file(0),
+        root_namespace: "trellis-system".into(),
     };
     let identity = identity.clone();
     // The controller listens inside node 0's namespace: the request must come from there.

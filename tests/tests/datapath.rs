@@ -36,12 +36,13 @@ const LOG_TIMEOUT: Duration = Duration::from_secs(15);
 const MIB: u64 = 1 << 20;
 
 /// The programs the agent pins under `links/`, one per hook.
-const PROGRAMS: [&str; 5] = [
+const PROGRAMS: [&str; 6] = [
     "connect4",
     "connect6",
     "getpeername4",
     "getpeername6",
     "sock_ops",
+    "mtls_ingress",
 ];
 
 // ---------------------------------------------------------------------------------------------

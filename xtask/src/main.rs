@@ -9,6 +9,8 @@
 //! - `image`: build the container image (`Dockerfile`) with docker or podman.
 //! - `chart-check`: check the Helm chart (schema, templates, RBAC); `helm lint` and
 //!   `helm template` too where helm is installed.
+//! - `crds`: regenerate the chart's policy CRDs (`charts/trellis/crds/`) from the Rust types
+//!   with `mesh-node crds`; the chart tests fail while the committed file differs.
 //! - `kind-e2e`: the chart on a real Kubernetes (kind) cluster, with mTLS, a policy denial
 //!   and a kubelet probe under STRICT checked. Needs a container engine, kind, kubectl and
 //!   helm; not part of `test`.
@@ -56,6 +58,8 @@ enum Task {
     /// Check the Helm chart: values against the schema, rendered templates, RBAC; plus
     /// `helm lint` and `helm template` when helm is installed.
     ChartCheck,
+    /// Regenerate charts/trellis/crds/ from the policy types (runs `mesh-node crds`).
+    Crds,
     /// Create a kind cluster, install the chart and check the mesh end to end.
     KindE2e {
         /// kind cluster name (reused when it exists).
@@ -75,6 +79,10 @@ enum Task {
 
 /// The image `image` builds and `kind-e2e` loads.
 const DEFAULT_IMAGE: &str = "trellis/mesh-node:dev";
+
+/// The chart's CRDs, relative to the workspace root. Helm 3 installs `crds/` before the
+/// templates (and never upgrades it); tests/tests/chart.rs checks it is what `crds` writes.
+const CRDS_FILE: &str = "charts/trellis/crds/security.trellis.dev.yaml";
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -117,6 +125,7 @@ fn main() -> Result<()> {
         }
         Task::Image { tag, prebuilt } => image(&root, &tag, prebuilt),
         Task::ChartCheck => chart_check(&root),
+        Task::Crds => crds(&root),
         Task::KindE2e {
             cluster,
             node_image,
@@ -214,6 +223,51 @@ fn chart_check(root: &Path) -> Result<()> {
         }
     }
     println!("helm lint and helm template passed");
+    Ok(())
+}
+
+/// Writes the CRDs `mesh-node crds` prints into the chart. The generator runs through cargo
+/// rather than as a library call so that xtask keeps no dependency on the other crates.
+fn crds(root: &Path) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "run",
+            "--quiet",
+            "--package",
+            "mesh-node",
+            "--bin",
+            "mesh-node",
+        ])
+        .args(["--", "crds"])
+        .current_dir(root)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot start `cargo run --package mesh-node -- crds`")?;
+    if !out.status.success() {
+        bail!(
+            "`mesh-node crds` failed ({}); its errors are above (does `cargo build --bins` work?)",
+            out.status
+        );
+    }
+    let yaml = String::from_utf8(out.stdout).context("`mesh-node crds` printed invalid UTF-8")?;
+    // An empty or truncated stream would otherwise replace the chart's CRDs silently.
+    if yaml.matches("kind: CustomResourceDefinition").count() < 2 {
+        bail!("`mesh-node crds` printed no CRDs; refusing to overwrite {CRDS_FILE}");
+    }
+    let path = root.join(CRDS_FILE);
+    if std::fs::read_to_string(&path).is_ok_and(|old| old == yaml) {
+        println!("{CRDS_FILE} is up to date");
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&path, &yaml).with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "wrote {CRDS_FILE}; on a cluster that has them, apply it by hand (helm never upgrades \
+         crds/): kubectl apply -f {CRDS_FILE}"
+    );
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! The datapath owner: the only task that writes the enrollment map.
 //!
 //! It follows the published mesh state and makes the map exactly the cgroups of the enrolled
-//! local pods, so pods join and leave the mesh without restarting. Entries are keyed by cgroup
+//! local pods, each with its inbound mutual TLS mode, so pods join and leave the mesh and
+//! change mode without restarting. Entries are keyed by cgroup
 //! id, which belongs to one pod's directory: a new pod reusing an old pod's IP has its own.
 
 use std::sync::Arc;
@@ -34,13 +35,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut synced = Some(synced);
-    let mut last: Vec<u64> = Vec::new();
+    let mut last: Vec<PodCgroup> = Vec::new();
     loop {
         let state = states.borrow_and_update().clone();
         if let Some(state) = state {
-            let mut wanted: Vec<u64> = state.local_cgroups().iter().map(|c| c.id).collect();
-            wanted.sort_unstable();
-            // The same set again (another node's pod changed) needs no map traffic.
+            let mut wanted: Vec<PodCgroup> = state.local_cgroups().to_vec();
+            wanted.sort_unstable_by_key(|c| c.id);
+            // The same pods in the same modes (another node's pod changed) need no map traffic.
             if synced.is_some() || wanted != last {
                 match enroller.enroll(state.local_cgroups()) {
                     Ok(()) => {

@@ -17,6 +17,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use backon::{BackoffBuilder, ExponentialBuilder};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -27,6 +28,7 @@ use crate::{
         self as api, AgentMessage, Hello, Rejected, Update, agent_message,
         discovery_client::DiscoveryClient, resource,
     },
+    policy::{Policy, PolicyKind},
     service::Service,
     workload::{NodeInfo, ResourceError, Workload},
 };
@@ -39,6 +41,9 @@ pub enum Resource {
     /// Shared so that an update that does not touch a service keeps it, with its round-robin
     /// cursor, in the next state.
     Service(Arc<Service>),
+    /// An authorization or peer authentication policy, converted (a spec that does not
+    /// convert is already its fail-closed stand-in).
+    Policy(Arc<Policy>),
 }
 
 /// Every resource the agent holds, by key.
@@ -104,6 +109,35 @@ fn convert(r: api::Resource, trust_domain: &str) -> Result<(String, Resource), R
                 return Err(mismatch(expected));
             }
             Resource::Service(Arc::new(s))
+        }
+        Some(resource::Kind::Policy(p)) => {
+            let Some(kind) = PolicyKind::from_kind(&p.kind) else {
+                return Err(Rejection {
+                    key,
+                    reason: format!(
+                        "policy kind {:?} is unknown (sent by a newer controller?)",
+                        p.kind
+                    ),
+                });
+            };
+            // Unparseable JSON is treated like a spec of the wrong shape: the stand-in.
+            let spec = serde_json::from_str(&p.spec_json).unwrap_or(serde_json::Value::Bool(false));
+            let metadata = ObjectMeta {
+                namespace: Some(p.namespace),
+                name: Some(p.name),
+                generation: Some(p.generation),
+                ..ObjectMeta::default()
+            };
+            let policy = Policy::compile(kind, &metadata, &spec).map_err(|e| Rejection {
+                key: key.clone(),
+                reason: format!("policy {e}"),
+            })?;
+            let id = policy.id();
+            let expected = format!("policy/{kind}/{}/{}", id.namespace, id.name);
+            if key != expected {
+                return Err(mismatch(expected));
+            }
+            Resource::Policy(Arc::new(policy))
         }
         None => {
             return Err(Rejection {

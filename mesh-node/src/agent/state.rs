@@ -1,7 +1,8 @@
 //! The state task: the single writer of the mesh state in live mode.
 //!
 //! It turns each set of resources from the feed (workloads, nodes, services) into an immutable
-//! [`MeshState`], with the cgroups of local pods found from their uids, swaps it in for the
+//! [`MeshState`], with the cgroups of local pods found from their uids and the policies in
+//! force (and from them each local pod's plaintext mode), swaps it in for the
 //! proxy, and publishes it to the tasks that follow the state (enrollment, certificates). Pods
 //! whose cgroup is not found are retried on a timer (the discovery rate-limits walks), so they
 //! never hold up the others.
@@ -16,13 +17,18 @@ use super::{
     cgroups::CgroupDiscovery,
     feed::{Applied, Resource, Resources},
 };
-use crate::workload::MeshState;
+use crate::{
+    policy::{Engine, Policy},
+    workload::MeshState,
+};
 
 /// Longest wait between two looks for missing pod cgroups.
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
 pub struct StateTask {
     pub local_node: String,
+    /// Namespace whose policies apply mesh-wide.
+    pub root_namespace: String,
     pub state: Arc<ArcSwap<MeshState>>,
     pub publish: watch::Sender<Option<Arc<MeshState>>>,
     pub cgroups: CgroupDiscovery,
@@ -83,10 +89,24 @@ impl StateTask {
             Resource::Service(s) => Some(s.clone()),
             _ => None,
         });
+        let mut authorization = Vec::new();
+        let mut peer_authentication = Vec::new();
+        for resource in resources.values() {
+            match resource {
+                Resource::Policy(p) => match &**p {
+                    Policy::Authorization(p) => authorization.push(p.clone()),
+                    Policy::PeerAuthentication(p) => peer_authentication.push(p.clone()),
+                },
+                Resource::Workload(_) | Resource::Node(_) | Resource::Service(_) => {}
+            }
+        }
         let cgroups = &mut self.cgroups;
-        let state = MeshState::build(&self.local_node, workloads, nodes, services, |w| {
+        let mut state = MeshState::build(&self.local_node, workloads, nodes, services, |w| {
             cgroups.find(&w.uid)
         });
+        // Same snapshot, same swap: a pod and the policies that protect it appear together.
+        let policy = Engine::new(&self.root_namespace, authorization, peer_authentication);
+        state.set_policy(Arc::new(policy));
         let pending: HashSet<String> = state
             .pending_cgroups()
             .iter()

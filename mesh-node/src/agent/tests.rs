@@ -219,6 +219,7 @@ impl Controller {
             server_name: None,
             ca_cert: self.dir.join("ca.pem"),
             token_file: self.dir.join("token"),
+            root_namespace: crate::policy::DEFAULT_ROOT_NAMESPACE.into(),
         }
     }
 
@@ -439,6 +440,7 @@ async fn the_feed_applies_snapshots_and_deltas_then_acknowledges() {
     tokio::spawn(
         StateTask {
             local_node: "node-a".into(),
+            root_namespace: crate::policy::DEFAULT_ROOT_NAMESPACE.into(),
             state: state.clone(),
             publish,
             cgroups: CgroupDiscovery::new(cgroup_root),

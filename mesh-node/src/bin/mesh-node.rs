@@ -42,6 +42,9 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
+    /// Print the policy CustomResourceDefinitions (`security.trellis.dev/v1`) as YAML, generated
+    /// from the Rust types; `cargo xtask crds` writes them into the Helm chart.
+    Crds,
     /// Certificate authority utilities.
     Ca {
         #[command(subcommand)]
@@ -82,6 +85,14 @@ fn main() -> anyhow::Result<()> {
         Command::NodeInit { bpffs } => {
             init_tracing(LogFormat::Text);
             node_init(&bpffs)?;
+            Ok(())
+        }
+        Command::Crds => {
+            let yaml = mesh_node::policy::crd::crds_yaml()
+                .context("cannot render the policy CRDs as YAML")?;
+            // Not `print!`, which panics when the reader of a pipe has gone away.
+            std::io::Write::write_all(&mut std::io::stdout().lock(), yaml.as_bytes())
+                .context("cannot write the CRDs to standard output")?;
             Ok(())
         }
         Command::Ca {

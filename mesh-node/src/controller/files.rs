@@ -24,7 +24,8 @@ use std::{
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::objects::{ClusterObjects, Object};
+use super::objects::{ClusterObjects, Object, PolicyObject};
+use crate::policy::PolicyKind;
 
 /// How often the directory is rescanned even without change events.
 pub const RESCAN_INTERVAL: Duration = Duration::from_secs(2);
@@ -248,6 +249,14 @@ fn apply_value(
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             Object::EndpointSlice(serde_json::from_value(value).map_err(typed)?)
         }
+        // The spec stays untyped: one that does not convert is enforced fail closed, never
+        // dropped here (see `policy::stored`).
+        (PolicyKind::API_VERSION, "AuthorizationPolicy") => Object::AuthorizationPolicy(
+            PolicyObject::from_manifest(PolicyKind::Authorization, &value).map_err(typed)?,
+        ),
+        (PolicyKind::API_VERSION, "PeerAuthentication") => Object::PeerAuthentication(
+            PolicyObject::from_manifest(PolicyKind::PeerAuthentication, &value).map_err(typed)?,
+        ),
         _ => {
             tracing::debug!(%api_version, %kind, "ignoring a kind the mesh does not read");
             return Ok(());

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::objects::{ClusterObjects, Kind, Object};
+use crate::policy::{AuthorizationPolicy, PeerAuthentication};
 
 /// Changes are gathered this long before a snapshot is published.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -71,6 +72,19 @@ pub async fn run(
         watch_kind(&client, Kind::Service, Object::Service),
         watch_kind(&client, Kind::EndpointSlice, Object::EndpointSlice),
         watch_kind(&client, Kind::Node, Object::Node),
+        // The CRDs must be installed (the chart does): until they are, these lists fail, the
+        // watcher retries with backoff and logs why, and nothing is published, so no agent
+        // ever runs without the policies it should enforce.
+        watch_kind(
+            &client,
+            Kind::AuthorizationPolicy,
+            |o: AuthorizationPolicy| Object::AuthorizationPolicy(o.into()),
+        ),
+        watch_kind(
+            &client,
+            Kind::PeerAuthentication,
+            |o: PeerAuthentication| Object::PeerAuthentication(o.into()),
+        ),
     ]);
     let mut store = Store::default();
     let mut publish_at: Option<tokio::time::Instant> = None;
@@ -169,7 +183,7 @@ mod tests {
     type Resp = http::Response<kube::client::Body>;
     type Respond = tower_test::mock::SendResponse<Resp>;
 
-    const PATHS: [(&str, &str); 5] = [
+    const PATHS: [(&str, &str); 7] = [
         ("/api/v1/namespaces", "NamespaceList"),
         ("/api/v1/pods", "PodList"),
         ("/api/v1/services", "ServiceList"),
@@ -178,6 +192,14 @@ mod tests {
             "EndpointSliceList",
         ),
         ("/api/v1/nodes", "NodeList"),
+        (
+            "/apis/security.trellis.dev/v1/authorizationpolicies",
+            "AuthorizationPolicyList",
+        ),
+        (
+            "/apis/security.trellis.dev/v1/peerauthentications",
+            "PeerAuthenticationList",
+        ),
     ];
 
     fn path_of(kind: &str) -> &'static str {
@@ -187,6 +209,8 @@ mod tests {
             "Service" => PATHS[2].0,
             "EndpointSlice" => PATHS[3].0,
             "Node" => PATHS[4].0,
+            "AuthorizationPolicy" => PATHS[5].0,
+            "PeerAuthentication" => PATHS[6].0,
             other => panic!("no path for {other}"),
         }
     }
@@ -276,6 +300,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A DENY from namespace `from`, at `generation` (also its resource version).
+    fn authorization_policy(generation: u64, from: &str) -> Value {
+        json!({"apiVersion": "security.trellis.dev/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "no-plain", "namespace": "shop", "generation": generation,
+                         "uid": "ap-1", "resourceVersion": generation.to_string()},
+            "spec": {"action": "DENY",
+                     "rules": [{"from": [{"source": {"namespaces": [from]}}]}]}})
     }
 
     fn namespace(name: &str, mesh: Option<&str>, rv: u64) -> Value {
@@ -415,6 +448,7 @@ mod tests {
                 ],
                 1,
             ),
+            authorization_policy(2, "plain"),
         ];
         commands
             .send(Command::FailNextList(path_of("Node")))
@@ -481,6 +515,12 @@ mod tests {
                 vec![json!({"type": "MODIFIED", "object": slice2})],
             ))
             .expect("server");
+        commands
+            .send(Command::Watch(
+                path_of("AuthorizationPolicy"),
+                vec![json!({"type": "MODIFIED", "object": authorization_policy(3, "legacy")})],
+            ))
+            .expect("server");
         let state2 = vec![
             namespace("shop", Some("enabled"), 1),
             namespace("plain", Some("enabled"), 8),
@@ -518,6 +558,7 @@ mod tests {
                 ],
                 9,
             ),
+            authorization_policy(3, "legacy"),
         ];
         expect_same_as_files(&mut rx, &state2, "watch events").await;
 

@@ -1,7 +1,7 @@
 //! The Kubernetes objects the mesh is built from, as both sources deliver them.
 //!
-//! [`ClusterObjects`] holds Namespaces, Pods, Services, EndpointSlices and Nodes keyed by
-//! `namespace/name` (cluster-scoped objects by `name`). Every object enters through
+//! [`ClusterObjects`] holds Namespaces, Pods, Services, EndpointSlices, Nodes and the mesh's
+//! policies keyed by `namespace/name` (cluster-scoped objects by `name`). Every object enters through
 //! [`ClusterObjects::apply`], which strips it to the fields the translation reads: a cluster's
 //! pods carry container specs, managed fields and annotations many times larger than what the
 //! mesh needs, and the controller keeps every object in memory. Both the directory and the
@@ -19,6 +19,8 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
+use crate::policy::{AuthorizationPolicy, PeerAuthentication, PolicyKind};
+
 /// Node label giving the node's zone; copied onto workloads and endpoints.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// EndpointSlice label naming the Service the slice belongs to.
@@ -32,15 +34,19 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    AuthorizationPolicy,
+    PeerAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Node,
+        Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -50,6 +56,8 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
         }
     }
 
@@ -61,6 +69,63 @@ impl Kind {
 impl std::fmt::Display for Kind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// A policy object: its metadata and its spec, untyped until [`crate::policy::Policy::compile`]
+/// converts it (see [`crate::policy::stored`] for why).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyObject {
+    pub metadata: ObjectMeta,
+    pub spec: serde_json::Value,
+}
+
+impl From<AuthorizationPolicy> for PolicyObject {
+    fn from(o: AuthorizationPolicy) -> Self {
+        Self {
+            metadata: o.metadata,
+            // Serialising a type that came from JSON cannot fail; `Null` would read as empty.
+            spec: serde_json::to_value(o.spec).unwrap_or_default(),
+        }
+    }
+}
+
+impl From<PeerAuthentication> for PolicyObject {
+    fn from(o: PeerAuthentication) -> Self {
+        Self {
+            metadata: o.metadata,
+            spec: serde_json::to_value(o.spec).unwrap_or_default(),
+        }
+    }
+}
+
+impl PolicyObject {
+    /// From a manifest of a policy kind: never fails on the spec, which is converted later.
+    /// A spec of the kind's shape is normalised through its type, so a manifest on disk and
+    /// the same object from the API server give the same bytes to the agents.
+    pub fn from_manifest(
+        kind: PolicyKind,
+        value: &serde_json::Value,
+    ) -> Result<Self, serde_json::Error> {
+        let metadata = match value.get("metadata") {
+            Some(m) => serde_json::from_value(m.clone())?,
+            None => ObjectMeta::default(),
+        };
+        let spec = value.get("spec").cloned().unwrap_or_default();
+        let normalised = match kind {
+            PolicyKind::Authorization => {
+                serde_json::from_value::<crate::policy::crd::AuthorizationPolicySpec>(spec.clone())
+                    .and_then(serde_json::to_value)
+            }
+            PolicyKind::PeerAuthentication => {
+                serde_json::from_value::<crate::policy::crd::PeerAuthenticationSpec>(spec.clone())
+                    .and_then(serde_json::to_value)
+            }
+        };
+        Ok(Self {
+            metadata,
+            spec: normalised.unwrap_or(spec),
+        })
     }
 }
 
@@ -76,6 +141,8 @@ pub enum Object {
     Service(Service),
     EndpointSlice(EndpointSlice),
     Node(Node),
+    AuthorizationPolicy(PolicyObject),
+    PeerAuthentication(PolicyObject),
 }
 
 impl Object {
@@ -86,6 +153,8 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::Node(_) => Kind::Node,
+            Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Object::PeerAuthentication(_) => Kind::PeerAuthentication,
         }
     }
 
@@ -96,6 +165,7 @@ impl Object {
             Object::Service(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
             Object::Node(o) => &o.metadata,
+            Object::AuthorizationPolicy(o) | Object::PeerAuthentication(o) => &o.metadata,
         }
     }
 
@@ -106,6 +176,7 @@ impl Object {
             Object::Service(o) => &mut o.metadata,
             Object::EndpointSlice(o) => &mut o.metadata,
             Object::Node(o) => &mut o.metadata,
+            Object::AuthorizationPolicy(o) | Object::PeerAuthentication(o) => &mut o.metadata,
         }
     }
 
@@ -156,6 +227,8 @@ impl Object {
                 ports: slice.ports,
             }),
             Object::Node(node) => Object::Node(strip_node(node)),
+            Object::AuthorizationPolicy(p) => Object::AuthorizationPolicy(strip_policy(p)),
+            Object::PeerAuthentication(p) => Object::PeerAuthentication(strip_policy(p)),
         }
     }
 }
@@ -180,6 +253,18 @@ fn strip_meta(meta: ObjectMeta, keep_times: bool) -> ObjectMeta {
         creation_timestamp: meta.creation_timestamp.filter(|_| keep_times),
         deletion_timestamp: meta.deletion_timestamp.filter(|_| keep_times),
         ..ObjectMeta::default()
+    }
+}
+
+/// Policies keep their whole spec (every field matters, unknown ones most of all) and the
+/// generation their status condition reports on.
+fn strip_policy(policy: PolicyObject) -> PolicyObject {
+    let generation = policy.metadata.generation;
+    let mut metadata = strip_meta(policy.metadata, false);
+    metadata.generation = generation;
+    PolicyObject {
+        metadata,
+        spec: policy.spec,
     }
 }
 
@@ -264,6 +349,8 @@ pub struct ClusterObjects {
     pub services: BTreeMap<String, Arc<Service>>,
     pub endpoint_slices: BTreeMap<String, Arc<EndpointSlice>>,
     pub nodes: BTreeMap<String, Arc<Node>>,
+    pub authorization_policies: BTreeMap<String, Arc<PolicyObject>>,
+    pub peer_authentications: BTreeMap<String, Arc<PolicyObject>>,
 }
 
 /// An object that cannot be stored.
@@ -274,6 +361,14 @@ pub struct MissingName {
 }
 
 impl ClusterObjects {
+    /// The policies of `kind`, by `namespace/name`.
+    pub fn policies(&self, kind: PolicyKind) -> &BTreeMap<String, Arc<PolicyObject>> {
+        match kind {
+            PolicyKind::Authorization => &self.authorization_policies,
+            PolicyKind::PeerAuthentication => &self.peer_authentications,
+        }
+    }
+
     /// Strips and stores `object`, replacing any object of the same kind and key. Returns
     /// whether an object was replaced.
     pub fn apply(&mut self, object: Object) -> Result<bool, MissingName> {
@@ -286,6 +381,13 @@ impl ClusterObjects {
             Object::Service(o) => self.services.insert(key, Arc::new(o)).is_some(),
             Object::EndpointSlice(o) => self.endpoint_slices.insert(key, Arc::new(o)).is_some(),
             Object::Node(o) => self.nodes.insert(key, Arc::new(o)).is_some(),
+            Object::AuthorizationPolicy(o) => self
+                .authorization_policies
+                .insert(key, Arc::new(o))
+                .is_some(),
+            Object::PeerAuthentication(o) => {
+                self.peer_authentications.insert(key, Arc::new(o)).is_some()
+            }
         };
         Ok(replaced)
     }
@@ -305,6 +407,8 @@ impl ClusterObjects {
             Kind::Service => self.services.remove(key).is_some(),
             Kind::EndpointSlice => self.endpoint_slices.remove(key).is_some(),
             Kind::Node => self.nodes.remove(key).is_some(),
+            Kind::AuthorizationPolicy => self.authorization_policies.remove(key).is_some(),
+            Kind::PeerAuthentication => self.peer_authentications.remove(key).is_some(),
         };
     }
 
@@ -318,6 +422,12 @@ impl ClusterObjects {
                 self.endpoint_slices = std::mem::take(&mut from.endpoint_slices);
             }
             Kind::Node => self.nodes = std::mem::take(&mut from.nodes),
+            Kind::AuthorizationPolicy => {
+                self.authorization_policies = std::mem::take(&mut from.authorization_policies);
+            }
+            Kind::PeerAuthentication => {
+                self.peer_authentications = std::mem::take(&mut from.peer_authentications);
+            }
         }
     }
 
@@ -327,6 +437,8 @@ impl ClusterObjects {
             + self.services.len()
             + self.endpoint_slices.len()
             + self.nodes.len()
+            + self.authorization_policies.len()
+            + self.peer_authentications.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -26,7 +26,11 @@ use k8s_openapi::{
 };
 
 use super::objects::{ClusterObjects, SERVICE_NAME_LABEL, ZONE_LABEL};
-use crate::{api::v1 as api, identity::Identity};
+use crate::{
+    api::v1 as api,
+    identity::Identity,
+    policy::{Policy, PolicyId, PolicyKind, status::Condition},
+};
 
 /// Namespace label that enrolls a namespace's pods, and pod label that opts one out.
 pub const MESH_LABEL: &str = "trellis.dev/mesh";
@@ -51,6 +55,8 @@ pub struct Translation {
     /// The identities of enrolled pods, by the node they are scheduled on: what each node's
     /// agent may obtain certificates for.
     pub identities_by_node: BTreeMap<String, BTreeSet<Identity>>,
+    /// The `Accepted` condition of every policy, as the agents will enforce it.
+    pub policy_status: BTreeMap<(PolicyKind, PolicyId), Condition>,
 }
 
 impl Translation {
@@ -71,6 +77,9 @@ pub fn service_key(namespace: &str, name: &str) -> String {
 pub fn node_key(name: &str) -> String {
     format!("node/{name}")
 }
+pub fn policy_key(kind: PolicyKind, namespace: &str, name: &str) -> String {
+    format!("policy/{kind}/{namespace}/{name}")
+}
 
 pub fn translate(objects: &ClusterObjects, settings: &TranslateSettings) -> Translation {
     let mut out = Translation::default();
@@ -87,7 +96,40 @@ pub fn translate(objects: &ClusterObjects, settings: &TranslateSettings) -> Tran
     translate_nodes(objects, settings, &zone_of, &mut out);
     let workloads = translate_pods(objects, settings, &zone_of, &mut out);
     translate_services(objects, &workloads, &zone_of, &mut out);
+    translate_policies(objects, &mut out);
     out
+}
+
+/// Policies are sent as written (see `policy::stored`); converting them here only yields the
+/// status each object reports, which is exactly what every agent will enforce.
+fn translate_policies(objects: &ClusterObjects, out: &mut Translation) {
+    for kind in [PolicyKind::Authorization, PolicyKind::PeerAuthentication] {
+        for object in objects.policies(kind).values() {
+            let policy = match Policy::compile(kind, &object.metadata, &object.spec) {
+                Ok(policy) => policy,
+                Err(e) => {
+                    reject(out, format!("{kind} (unnamed)"), e.to_string());
+                    continue;
+                }
+            };
+            let id = policy.id().clone();
+            let resource = api::Policy {
+                kind: kind.as_str().to_owned(),
+                namespace: id.namespace.clone(),
+                name: id.name.clone(),
+                generation: object.metadata.generation.unwrap_or_default(),
+                spec_json: object.spec.to_string(),
+            };
+            out.resources.insert(
+                policy_key(kind, &id.namespace, &id.name),
+                api::Resource {
+                    key: policy_key(kind, &id.namespace, &id.name),
+                    kind: Some(api::resource::Kind::Policy(resource)),
+                },
+            );
+            out.policy_status.insert((kind, id), policy.condition());
+        }
+    }
 }
 
 fn reject(out: &mut Translation, object: String, reason: String) {
@@ -527,6 +569,13 @@ mod tests {
                 Object::EndpointSlice(serde_json::from_value(value).expect("endpointslice"))
             }
             "Node" => Object::Node(serde_json::from_value(value).expect("node")),
+            "AuthorizationPolicy" => Object::AuthorizationPolicy(
+                crate::controller::objects::PolicyObject::from_manifest(
+                    PolicyKind::Authorization,
+                    &value,
+                )
+                .expect("policy"),
+            ),
             other => panic!("unexpected kind {other}"),
         };
         objects.apply(object).expect("named");
@@ -940,5 +989,65 @@ mod tests {
         let a = translate(&o, &settings());
         let b = translate(&o.clone(), &settings());
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn policies_are_sent_as_written_and_report_what_the_agents_enforce() {
+        let mut objects = base();
+        let policy = |name: &str, spec: serde_json::Value| {
+            serde_json::json!({"apiVersion": "security.trellis.dev/v1", "kind": "AuthorizationPolicy",
+                "metadata": {"namespace": "shop", "name": name, "generation": 7}, "spec": spec})
+        };
+        apply(
+            &mut objects,
+            policy(
+                "deny-ssh",
+                serde_json::json!({"action": "DENY",
+                "rules": [{"to": [{"operation": {"ports": ["22"]}}]}]}),
+            ),
+        );
+        // `rules` is not a list: the agents enforce the strictest stand-in, and say so.
+        apply(
+            &mut objects,
+            policy("broken", serde_json::json!({"rules": 3})),
+        );
+        let t = translate(&objects, &settings());
+
+        let key = policy_key(PolicyKind::Authorization, "shop", "deny-ssh");
+        let Some(api::resource::Kind::Policy(sent)) = t.resources[&key].kind.clone() else {
+            panic!("{key} is a policy resource");
+        };
+        assert_eq!(sent.kind, "AuthorizationPolicy");
+        assert_eq!(sent.generation, 7);
+        let spec: serde_json::Value = serde_json::from_str(&sent.spec_json).expect("json");
+        assert_eq!(spec["rules"][0]["to"][0]["operation"]["ports"][0], "22");
+
+        let status = |name: &str| {
+            t.policy_status[&(
+                PolicyKind::Authorization,
+                PolicyId {
+                    namespace: "shop".into(),
+                    name: name.into(),
+                },
+            )]
+                .clone()
+        };
+        assert_eq!(status("deny-ssh").status, "True");
+        assert_eq!(status("deny-ssh").observed_generation, Some(7));
+        let broken = status("broken");
+        assert_eq!(
+            (broken.status.as_str(), broken.reason.as_str()),
+            ("False", "Invalid")
+        );
+        assert!(
+            broken.message.contains("spec: cannot be read"),
+            "{}",
+            broken.message
+        );
+        assert!(
+            t.resources
+                .contains_key(&policy_key(PolicyKind::Authorization, "shop", "broken")),
+            "a broken policy still reaches the agents, as its stand-in"
+        );
     }
 }

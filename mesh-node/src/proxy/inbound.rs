@@ -1,9 +1,16 @@
 //! Inbound: HBONE from other nodes' agents, delivered to pods on this node.
 //!
 //! accept -> TLS (client certificate required, identity verified) -> HTTP/2 -> per stream:
-//! classify the CONNECT (method, authority, local pod, identity presented) -> (policy) ->
+//! classify the CONNECT (method, authority, local pod, identity presented) -> authorize ->
 //! dial the pod -> 200 and copy. Anything else is answered with an HTTP status, a log line
 //! naming the reason, and a counter; the connection and every other stream keep going.
+//!
+//! **Authorization** runs before the pod is dialled, on the identity of the verified client
+//! certificate. The source address (from the source node's `forwarded` header) is used for
+//! `ipBlocks` only when it belongs to a workload holding that same identity; otherwise it is
+//! unknown and `ipBlocks` conditions fail closed. A denial is a 401 whose log line names the
+//! policy and rule. Delivered connections stay registered ([`authorized`]) so that a policy
+//! change closes the ones it now denies.
 //!
 //! Agents learn of a pod joining or leaving the mesh at slightly different moments, so a peer
 //! may still (or already) treat a local pod as meshed when this node does not. A CONNECT to a
@@ -11,6 +18,8 @@
 //! identity it was opened for must still be the pod's; the pod accepts plain connections
 //! anyway), and a handshake naming the identity of such a pod waits, within the handshake
 //! deadline, for its certificate rather than failing a pod that is joining.
+
+pub mod authorized;
 
 use std::{
     convert::Infallible,
@@ -29,11 +38,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::{AccessLog, ClientAddr, ProxyInputs, connect, outbound::copy};
+use super::{AccessLog, ClientAddr, ProxyInputs, connect, copy::Counted};
 use crate::{
     hbone,
     identity::{Identity, store::certificate_serial},
     metrics::{Direction, Reporter, SecurityPolicy, TcpLabels},
+    policy::{Destination, Flow},
     tls,
     workload::MeshState,
 };
@@ -199,6 +209,40 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
     }
 }
 
+/// Re-authorizes open inbound connections whenever a new state changes the policies or the
+/// local workloads (whose labels select policies), until `shutdown`.
+pub async fn reauthorize(
+    inputs: Arc<ProxyInputs>,
+    mut states: tokio::sync::watch::Receiver<Option<Arc<MeshState>>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut last: Option<Arc<MeshState>> = None;
+    loop {
+        let state = states.borrow_and_update().clone();
+        if let Some(state) = state {
+            let changed = last.as_ref().is_none_or(|last| {
+                !Arc::ptr_eq(last.policy(), state.policy())
+                    || last
+                        .workloads()
+                        .iter()
+                        .filter(|w| last.is_local(w))
+                        .ne(state.workloads().iter().filter(|w| state.is_local(w)))
+            });
+            if changed {
+                let closed = inputs.authorized.reevaluate(&state);
+                if closed > 0 {
+                    tracing::info!(closed, "closed inbound connections the new policies deny");
+                }
+            }
+            last = Some(state);
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = states.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
 /// Whether a pod of this node runs as `identity`, enrolled in the mesh or not yet.
 fn runs_locally(state: &MeshState, identity: &Identity) -> bool {
     state
@@ -289,6 +333,31 @@ impl Peer {
             .filter(|w| w.identity == self.identity)
             .cloned();
 
+        // Authorize (see the module docs).
+        let grant = authorized::Grant {
+            destination_uid: target.uid.clone(),
+            port: dst.port(),
+            source: self.identity.clone(),
+            source_ip: src_workload.as_ref().map(|_| client_addr.ip()),
+        };
+        let decision = state.policy().decide(&Flow {
+            destination: Destination::of(&target),
+            port: grant.port,
+            source: Some(&grant.source),
+            source_ip: grant.source_ip,
+        });
+        if !decision.is_allowed() {
+            return self.refuse(
+                started,
+                StatusCode::UNAUTHORIZED,
+                "policy_denied",
+                format!(
+                    "to {dst} ({}/{}): {decision}",
+                    target.namespace, target.name
+                ),
+            );
+        }
+
         // Deliver.
         let upstream = match connect(dst, inputs.settings.connect_timeout).await {
             Ok(upstream) => upstream,
@@ -308,12 +377,31 @@ impl Peer {
         let on_upgrade = hyper::upgrade::on(&mut req);
         let peer = self.clone();
         let active = inputs.metrics.active(Direction::Inbound);
+        let registration = inputs.authorized.register(grant);
         inputs.tasks.spawn(async move {
             let _active = active;
-            let (sent, received, error) = match on_upgrade.await {
-                Ok(upgraded) => copy(TokioIo::new(upgraded), upstream).await,
-                Err(e) => (0, 0, Some(format!("tunnel not established: {e}"))),
+            let mut counted = Counted::default();
+            let error = match on_upgrade.await {
+                Ok(upgraded) => {
+                    let mut tunnel = TokioIo::new(upgraded);
+                    let mut upstream = upstream;
+                    tokio::select! {
+                        result = super::copy::bidirectional(&mut tunnel, &mut upstream, &mut counted) => {
+                            result.err().map(|e| e.to_string())
+                        }
+                        () = registration.close.cancelled() => {
+                            peer.inputs.metrics.fail(Direction::Inbound, "policy_revoked");
+                            Some(match registration.revoked() {
+                                Some(decision) => format!("policy_revoked: closed after a policy change: {decision}"),
+                                None => "policy_revoked: closed after a policy change".to_owned(),
+                            })
+                        }
+                    }
+                }
+                Err(e) => Some(format!("tunnel not established: {e}")),
             };
+            drop(registration);
+            let (sent, received) = (counted.a_to_b, counted.b_to_a);
             let metrics = &peer.inputs.metrics;
             metrics.closed.get_or_create(&labels).inc();
             // From the destination's point of view: sent towards the pod, received from it.

@@ -276,6 +276,7 @@ mod tests {
             Some(PodCgroup {
                 path: "/cg/client".into(),
                 id: CLIENT_CGROUP,
+                inbound: Default::default(),
             })
         });
         let ca = LocalCa::generate(TD).expect("ca");
@@ -302,6 +303,7 @@ mod tests {
             },
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            authorized: Arc::default(),
         })
     }
 

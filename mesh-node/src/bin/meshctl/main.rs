@@ -65,6 +65,28 @@ enum Command {
     },
     /// The agent's Prometheus metrics.
     Metrics,
+    /// Authorization policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// The verdict for a flow, decided by the agent's own engine over its current state,
+    /// and the policy and rule that decided it.
+    Explain {
+        /// Source pod: NAMESPACE/NAME.
+        #[arg(long)]
+        from: String,
+        /// Destination pod and port: NAMESPACE/NAME:PORT.
+        #[arg(long)]
+        to: String,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Every policy the agent enforces, and whether it is enforced as written.
+    List,
 }
 
 fn main() -> Result<()> {
@@ -107,6 +129,21 @@ fn main() -> Result<()> {
         }
         Command::ConfigDump => println!("{}", runtime.block_on(get(cli.admin, "/config_dump"))?),
         Command::Metrics => print!("{}", runtime.block_on(get(cli.admin, "/metrics"))?),
+        Command::Policy(PolicyCommand::List) => print!("{}", tables::policies(&dump()?)),
+        Command::Policy(PolicyCommand::Explain { from, to, output }) => {
+            let query: String = form_urlencoded::Serializer::new(String::new())
+                .append_pair("from", from)
+                .append_pair("to", to)
+                .finish();
+            let text = runtime.block_on(get(cli.admin, &format!("/policy/explain?{query}")))?;
+            let explanation: Value =
+                serde_json::from_str(&text).context("the agent's explanation is not JSON")?;
+            match output {
+                Output::Text => print!("{}", tables::explanation(&explanation)),
+                // One line, for scripts and `jq`.
+                Output::Json => println!("{explanation}"),
+            }
+        }
     }
     Ok(())
 }
@@ -133,7 +170,10 @@ async fn get(addr: SocketAddr, path: &str) -> Result<String> {
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
     if !status.is_success() {
-        bail!("{path} answered {status}");
+        bail!(
+            "{path} answered {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&body).into_owned())
 }

@@ -242,6 +242,72 @@ pub fn status(dump: &Value) -> String {
     out
 }
 
+/// `meshctl policy list`: every policy the agent enforces and its `Accepted` condition.
+pub fn policies(dump: &Value) -> String {
+    let mut rows = vec![header(&[
+        "KIND",
+        "POLICY",
+        "GENERATION",
+        "ACCEPTED",
+        "REASON",
+        "MESSAGE",
+    ])];
+    for p in list(&dump["policies"]) {
+        let c = &p["condition"];
+        rows.push(vec![
+            cell(&p["kind"]),
+            cell(&p["id"]),
+            cell(&p["generation"]),
+            cell(&c["status"]),
+            cell(&c["reason"]),
+            cell(&c["message"]),
+        ]);
+    }
+    render(&rows)
+}
+
+/// `meshctl policy explain`: the verdict first, then who, and what decided.
+pub fn explanation(e: &Value) -> String {
+    let party = |p: &Value| {
+        format!(
+            "{} ({}{}) at {}",
+            cell(&p["pod"]),
+            cell(&p["identity"]),
+            if p["enrolled"] == true {
+                ""
+            } else {
+                ", not in the mesh"
+            },
+            cell(&p["ip"]),
+        )
+    };
+    let mut out = format!("{}\n", cell(&e["reason"]));
+    out.push_str(&format!("  from        {}\n", party(&e["source"])));
+    out.push_str(&format!(
+        "  to          {} port {}\n",
+        party(&e["destination"]),
+        cell(&e["port"])
+    ));
+    out.push_str(&format!("  connection  {}\n", cell(&e["connection"])));
+    if !e["policy"].is_null() {
+        out.push_str(&format!(
+            "  decided by  {} rule {}\n",
+            cell(&e["policy"]),
+            cell(&e["rule"])
+        ));
+    }
+    out.push_str(&format!(
+        "  mTLS mode   {} ({})\n",
+        cell(&e["mtls_mode"]),
+        if e["mtls_policy"].is_null() {
+            "no PeerAuthentication applies".to_owned()
+        } else {
+            format!("from PeerAuthentication {}", cell(&e["mtls_policy"]))
+        }
+    ));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

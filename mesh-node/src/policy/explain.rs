@@ -1,0 +1,116 @@
+//! `meshctl policy explain`: the decision for one pod-to-pod flow, made by the engine the
+//! agent enforces ([`super::Engine::decide`]) over the state it holds, with what decided it.
+//!
+//! The flow is evaluated as the destination's node would see it: an enrolled source arrives
+//! over HBONE with its verified identity and its own address; a source outside the mesh
+//! arrives as plaintext from its address.
+
+use serde::Serialize;
+
+use super::{Destination, Flow, Reason};
+use crate::workload::{MeshState, Workload};
+
+/// Why a flow cannot be explained.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExplainError {
+    #[error("{0:?} is not namespace/name")]
+    BadPod(String),
+    #[error("{0:?} is not namespace/name:port (port 1-65535)")]
+    BadDestination(String),
+    #[error(
+        "no pod {0} is known to this agent (check the namespace and name with `meshctl workloads`)"
+    )]
+    UnknownPod(String),
+}
+
+/// One side of the flow.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Party {
+    pub pod: String,
+    pub identity: String,
+    pub enrolled: bool,
+    pub ip: Option<String>,
+}
+
+impl Party {
+    fn of(w: &Workload) -> Self {
+        Self {
+            pod: format!("{}/{}", w.namespace, w.name),
+            identity: w.identity.to_string(),
+            enrolled: w.enrolled,
+            ip: w.ips.first().map(ToString::to_string),
+        }
+    }
+}
+
+/// The verdict and what decided it.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Explanation {
+    pub source: Party,
+    pub destination: Party,
+    pub port: u16,
+    /// `mutual_tls` (over HBONE) or `plaintext` (the source is not in the mesh).
+    pub connection: &'static str,
+    /// `allow` or `deny`.
+    pub verdict: String,
+    /// The deciding policy, `namespace/name`, if one decided.
+    pub policy: Option<String>,
+    /// The index of the deciding rule in that policy.
+    pub rule: Option<usize>,
+    /// The decision in words, as access logs print it.
+    pub reason: String,
+    /// The destination port's mutual TLS mode and the PeerAuthentication that set it.
+    pub mtls_mode: String,
+    pub mtls_policy: Option<String>,
+}
+
+fn find<'a>(state: &'a MeshState, pod: &str) -> Result<&'a Workload, ExplainError> {
+    let (namespace, name) = pod
+        .split_once('/')
+        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+        .ok_or_else(|| ExplainError::BadPod(pod.to_owned()))?;
+    state
+        .workloads()
+        .iter()
+        .find(|w| w.namespace == namespace && w.name == name)
+        .map(|w| &**w)
+        .ok_or_else(|| ExplainError::UnknownPod(pod.to_owned()))
+}
+
+/// Explains the flow from pod `from` (`namespace/name`) to `to` (`namespace/name:port`).
+pub fn explain(state: &MeshState, from: &str, to: &str) -> Result<Explanation, ExplainError> {
+    let bad_to = || ExplainError::BadDestination(to.to_owned());
+    let (pod, port) = to.rsplit_once(':').ok_or_else(bad_to)?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad_to)?;
+    let source = find(state, from)?;
+    let destination = find(state, pod)?;
+    let engine = state.policy();
+    let dest = Destination::of(destination);
+    let decision = engine.decide(&Flow {
+        destination: dest,
+        port,
+        source: source.enrolled.then_some(&source.identity),
+        source_ip: source.ips.first().copied(),
+    });
+    let rule = match &decision.reason {
+        Reason::Allowed { rule, .. } | Reason::Denied { rule, .. } => Some(*rule),
+        _ => None,
+    };
+    let mtls = engine.peer_authentication.resolve(&dest, port);
+    Ok(Explanation {
+        source: Party::of(source),
+        destination: Party::of(destination),
+        port,
+        connection: if source.enrolled {
+            "mutual_tls"
+        } else {
+            "plaintext"
+        },
+        verdict: decision.verdict.to_string(),
+        policy: decision.policy().map(|p| p.id.to_string()),
+        rule,
+        reason: decision.to_string(),
+        mtls_mode: mtls.mode.to_string(),
+        mtls_policy: mtls.policy.map(|p| p.id.to_string()),
+    })
+}

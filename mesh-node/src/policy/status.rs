@@ -1,0 +1,166 @@
+//! Status conditions of the policy resources.
+//!
+//! Each object gets one condition, `Accepted`, shaped like Kubernetes' `metav1.Condition`:
+//!
+//! | status | reason | meaning |
+//! |---|---|---|
+//! | True | `Accepted` | enforced exactly as written |
+//! | False | `PartiallyEnforced` | enforced, but some fields fail closed (named in the message) |
+//! | False | `Invalid` | rejected (bad value); a stand-in is enforced fail closed |
+//! | False | `Unsupported` | rejected (a field changing the whole object's meaning); a stand-in is enforced |
+//! | False | `NoEffect` | `AUDIT` policy: never changes a decision, audit logging not implemented |
+//!
+//! `observedGeneration` is the object's `metadata.generation` the condition describes, so a
+//! reader can tell a stale status from a current one.
+
+use std::fmt::Write as _;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::model::{Action, AuthzPolicy, Enforcement, PeerPolicy, StandIn};
+
+pub const ACCEPTED: &str = "Accepted";
+
+/// The `status` of both policy kinds.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A status condition (the fields of `metav1.Condition`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// RFC 3339; changes only when `status` does.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_transition_time: String,
+}
+
+/// What the rules of an action do with a field that fails closed.
+fn fail_closed_effect(action: Action) -> &'static str {
+    match action {
+        Action::Allow => "fails closed: the ALLOW rules using them match nothing",
+        Action::Deny => {
+            "fails closed: the DENY rules using them match every connection their other fields match"
+        }
+        Action::Audit => "audit policies never change a decision",
+    }
+}
+
+fn stand_in_effect(stand_in: StandIn) -> &'static str {
+    match stand_in {
+        StandIn::AllowNothing => {
+            "enforced as an ALLOW policy with no rules on the workloads it may select: they are reachable only through other ALLOW policies"
+        }
+        StandIn::DenyAll => "enforced as denying every connection to the workloads it may select",
+        StandIn::Strict => "enforced as STRICT on every port of the workloads it may select",
+        StandIn::Nothing => "it had no effect on decisions anyway",
+    }
+}
+
+fn condition(ok: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
+    Condition {
+        type_: ACCEPTED.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: String::new(),
+    }
+}
+
+fn from_enforcement(enforcement: &Enforcement, effect: &str, generation: Option<i64>) -> Condition {
+    match enforcement {
+        Enforcement::Full => condition(true, "Accepted", "enforced as written".into(), generation),
+        Enforcement::FailClosed(fields) => {
+            let mut message = String::from("partially enforced: ");
+            for (i, field) in fields.iter().enumerate() {
+                let _ = write!(message, "{}{field}", if i == 0 { "" } else { "; " });
+            }
+            if !effect.is_empty() {
+                let _ = write!(message, "; {effect}");
+            }
+            condition(false, "PartiallyEnforced", message, generation)
+        }
+        Enforcement::Rejected { error, stand_in } => condition(
+            false,
+            error.reason(),
+            format!("rejected: {error}; {}", stand_in_effect(*stand_in)),
+            generation,
+        ),
+        Enforcement::NoEffect => condition(
+            false,
+            "NoEffect",
+            "AUDIT policies never change a decision and audit logging is not implemented".into(),
+            generation,
+        ),
+    }
+}
+
+/// The `Accepted` condition of an authorization policy (without a transition time: see
+/// [`set_condition`]).
+pub fn authorization_condition(policy: &AuthzPolicy) -> Condition {
+    from_enforcement(
+        &policy.enforcement,
+        fail_closed_effect(policy.action),
+        policy.generation,
+    )
+}
+
+/// The `Accepted` condition of a peer authentication.
+pub fn peer_condition(policy: &PeerPolicy) -> Condition {
+    from_enforcement(
+        &policy.enforcement,
+        // The only partial case is DISABLE, whose note says what is enforced instead.
+        "",
+        policy.generation,
+    )
+}
+
+/// Puts `new` into `conditions`, replacing the one of the same type. The transition time is
+/// kept when the status did not change (Kubernetes' convention), set to `now` otherwise.
+/// Returns whether anything changed, so callers write the status only when needed.
+pub fn set_condition(conditions: &mut Vec<Condition>, mut new: Condition, now: &str) -> bool {
+    match conditions.iter_mut().find(|c| c.type_ == new.type_) {
+        Some(old) => {
+            new.last_transition_time = if old.status == new.status {
+                old.last_transition_time.clone()
+            } else {
+                now.into()
+            };
+            let changed = *old != new;
+            *old = new;
+            changed
+        }
+        None => {
+            new.last_transition_time = now.into();
+            conditions.push(new);
+            true
+        }
+    }
+}
+
+/// `time` as RFC 3339 in UTC with second precision, as Kubernetes writes it.
+pub fn rfc3339(time: time::OffsetDateTime) -> String {
+    let t = time.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}

@@ -1,0 +1,214 @@
+//! Policies as the control plane stores and distributes them: the object's metadata and its
+//! spec, untyped.
+//!
+//! The spec travels as JSON and is converted by [`Policy::compile`] wherever it is used: on the
+//! controller for the status condition, on every agent for enforcement. Keeping it untyped
+//! until then means that a spec which does not even have the kind's shape still reaches the
+//! nodes, as a fail-closed stand-in ([`AuthzPolicy::unreadable`]), instead of vanishing in a
+//! parse error on the way and taking a `DENY` with it.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::{
+    crd::{
+        AuthorizationPolicy, AuthorizationPolicySpec, PeerAuthentication, PeerAuthenticationSpec,
+    },
+    model::{AuthzPolicy, PeerPolicy, PolicyError, PolicyId},
+    status::{self, Condition},
+};
+
+/// The policy kinds of `security.trellis.dev/v1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PolicyKind {
+    Authorization,
+    PeerAuthentication,
+}
+
+impl PolicyKind {
+    pub const API_VERSION: &'static str = "security.trellis.dev/v1";
+
+    /// The `kind` of the custom resource.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Authorization => "AuthorizationPolicy",
+            Self::PeerAuthentication => "PeerAuthentication",
+        }
+    }
+
+    pub fn from_kind(kind: &str) -> Option<Self> {
+        match kind {
+            "AuthorizationPolicy" => Some(Self::Authorization),
+            "PeerAuthentication" => Some(Self::PeerAuthentication),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A converted policy of either kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Policy {
+    Authorization(AuthzPolicy),
+    PeerAuthentication(PeerPolicy),
+}
+
+impl Policy {
+    /// Converts a stored object. A spec that does not deserialise becomes the kind's
+    /// strictest stand-in; only an object without namespace or name is an error.
+    pub fn compile(
+        kind: PolicyKind,
+        metadata: &ObjectMeta,
+        spec: &serde_json::Value,
+    ) -> Result<Self, PolicyError> {
+        let id = PolicyId {
+            namespace: metadata
+                .namespace
+                .clone()
+                .filter(|n| !n.is_empty())
+                .ok_or(PolicyError::MissingMetadata("namespace"))?,
+            name: metadata
+                .name
+                .clone()
+                .filter(|n| !n.is_empty())
+                .ok_or(PolicyError::MissingMetadata("name"))?,
+        };
+        let generation = metadata.generation;
+        // An absent spec reads like an empty one, as the API server would default it.
+        let spec = if spec.is_null() {
+            &serde_json::Value::Object(serde_json::Map::new())
+        } else {
+            spec
+        };
+        Ok(match kind {
+            PolicyKind::Authorization => Self::Authorization(
+                match serde_json::from_value::<AuthorizationPolicySpec>(spec.clone()) {
+                    Ok(spec) => AuthzPolicy::compile(&AuthorizationPolicy {
+                        metadata: metadata.clone(),
+                        spec,
+                        status: None,
+                    })?,
+                    Err(e) => AuthzPolicy::unreadable(id, generation, e.to_string()),
+                },
+            ),
+            PolicyKind::PeerAuthentication => Self::PeerAuthentication(
+                match serde_json::from_value::<PeerAuthenticationSpec>(spec.clone()) {
+                    Ok(spec) => PeerPolicy::compile(&PeerAuthentication {
+                        metadata: metadata.clone(),
+                        spec,
+                        status: None,
+                    })?,
+                    Err(e) => PeerPolicy::unreadable(id, generation, e.to_string()),
+                },
+            ),
+        })
+    }
+
+    pub fn kind(&self) -> PolicyKind {
+        match self {
+            Self::Authorization(_) => PolicyKind::Authorization,
+            Self::PeerAuthentication(_) => PolicyKind::PeerAuthentication,
+        }
+    }
+
+    pub fn id(&self) -> &PolicyId {
+        match self {
+            Self::Authorization(p) => &p.id,
+            Self::PeerAuthentication(p) => &p.id,
+        }
+    }
+
+    /// The `Accepted` status condition (without transition time).
+    pub fn condition(&self) -> Condition {
+        match self {
+            Self::Authorization(p) => status::authorization_condition(p),
+            Self::PeerAuthentication(p) => status::peer_condition(p),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::policy::{Destination, Engine, Flow, model::Enforcement};
+
+    fn meta(ns: &str, name: &str) -> ObjectMeta {
+        ObjectMeta {
+            namespace: Some(ns.into()),
+            name: Some(name.into()),
+            generation: Some(3),
+            ..ObjectMeta::default()
+        }
+    }
+
+    #[test]
+    fn an_unreadable_spec_denies_its_whole_namespace() {
+        // `rules` must be a list: nothing about this object can be trusted, not even that it
+        // was meant as an ALLOW.
+        let spec = json!({"action": "ALLOW", "rules": "everyone"});
+        let Ok(Policy::Authorization(policy)) =
+            Policy::compile(PolicyKind::Authorization, &meta("shop", "p"), &spec)
+        else {
+            panic!("expected an authorization policy");
+        };
+        assert!(matches!(
+            policy.enforcement,
+            Enforcement::Rejected {
+                error: PolicyError::Unreadable(_),
+                ..
+            }
+        ));
+        let engine = Engine::new("trellis-system", [policy], []);
+        let labels = Default::default();
+        let decision = engine.decide(&Flow {
+            destination: Destination {
+                namespace: "shop",
+                labels: &labels,
+            },
+            port: 80,
+            source: None,
+            source_ip: None,
+        });
+        assert!(!decision.is_allowed(), "{decision}");
+        assert!(decision.policy().is_some_and(|p| p.id.name == "p"));
+    }
+
+    #[test]
+    fn an_unreadable_peer_authentication_is_strict() {
+        let Ok(Policy::PeerAuthentication(policy)) = Policy::compile(
+            PolicyKind::PeerAuthentication,
+            &meta("shop", "pa"),
+            &json!({"mtls": "PERMISSIVE"}),
+        ) else {
+            panic!("expected a peer authentication");
+        };
+        assert_eq!(policy.mode, Some(crate::policy::MtlsMode::Strict));
+        assert_eq!(
+            Policy::PeerAuthentication(policy).condition().status,
+            "False"
+        );
+    }
+
+    #[test]
+    fn an_absent_spec_is_an_empty_one_and_a_nameless_object_an_error() {
+        let compiled = Policy::compile(
+            PolicyKind::PeerAuthentication,
+            &meta("shop", "pa"),
+            &serde_json::Value::Null,
+        )
+        .expect("compiles");
+        assert_eq!(compiled.condition().status, "True");
+        let mut nameless = meta("shop", "x");
+        nameless.name = None;
+        assert_eq!(
+            Policy::compile(PolicyKind::Authorization, &nameless, &json!({})),
+            Err(PolicyError::MissingMetadata("name"))
+        );
+    }
+}

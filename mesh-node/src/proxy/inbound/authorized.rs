@@ -1,0 +1,135 @@
+//! Open inbound connections and what they were authorized on, so that a policy change can
+//! re-evaluate them and close the ones it now denies.
+//!
+//! Each delivered connection registers the facts its decision was made on (destination
+//! workload, port, verified source identity and address) and gets a cancellation token; the
+//! registration is dropped with the connection. [`Authorized::reevaluate`] runs the engine of a
+//! new state over every open connection, with the destination's labels as that state knows
+//! them, and cancels those now denied, recording the decision for the access log.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    identity::Identity,
+    policy::{Decision, Destination, Flow},
+    workload::MeshState,
+};
+
+/// The facts a connection was authorized on.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// Uid of the destination workload.
+    pub destination_uid: String,
+    pub port: u16,
+    pub source: Identity,
+    pub source_ip: Option<IpAddr>,
+}
+
+#[derive(Debug)]
+struct Open {
+    grant: Grant,
+    close: CancellationToken,
+    revoked: Arc<OnceLock<Decision>>,
+}
+
+/// The registry of open inbound connections (one per agent).
+#[derive(Debug, Default)]
+pub struct Authorized {
+    next: AtomicU64,
+    // Held only for map edits and one pass of re-evaluation, never across an await.
+    open: Mutex<HashMap<u64, Open>>,
+}
+
+/// A registered connection; dropping it unregisters.
+#[derive(Debug)]
+pub struct Registration {
+    registry: Arc<Authorized>,
+    id: u64,
+    /// Cancelled when a policy change denies the connection.
+    pub close: CancellationToken,
+    revoked: Arc<OnceLock<Decision>>,
+}
+
+impl Registration {
+    /// The decision that revoked the connection, once it has been.
+    pub fn revoked(&self) -> Option<&Decision> {
+        self.revoked.get()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.registry.open.lock() {
+            open.remove(&self.id);
+        }
+    }
+}
+
+impl Authorized {
+    pub fn register(self: &Arc<Self>, grant: Grant) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let close = CancellationToken::new();
+        let revoked = Arc::new(OnceLock::new());
+        if let Ok(mut open) = self.open.lock() {
+            open.insert(
+                id,
+                Open {
+                    grant,
+                    close: close.clone(),
+                    revoked: revoked.clone(),
+                },
+            );
+        }
+        Registration {
+            registry: self.clone(),
+            id,
+            close,
+            revoked,
+        }
+    }
+
+    /// Re-decides every open connection with `state`'s policies; closes the denied ones and
+    /// returns how many. A connection whose destination is no longer known is left to end
+    /// by itself (the pod is gone or leaving, and its connections with it).
+    pub fn reevaluate(&self, state: &MeshState) -> usize {
+        let Ok(open) = self.open.lock() else { return 0 };
+        let engine = state.policy();
+        // Destinations are this node's pods.
+        let local: HashMap<&str, &crate::workload::Workload> = state
+            .workloads()
+            .iter()
+            .filter(|w| state.is_local(w))
+            .map(|w| (w.uid.as_str(), &**w))
+            .collect();
+        let mut closed = 0;
+        for conn in open.values() {
+            if conn.close.is_cancelled() {
+                continue;
+            }
+            let Some(destination) = local.get(conn.grant.destination_uid.as_str()) else {
+                continue;
+            };
+            let decision = engine.decide(&Flow {
+                destination: Destination::of(destination),
+                port: conn.grant.port,
+                source: Some(&conn.grant.source),
+                source_ip: conn.grant.source_ip,
+            });
+            if !decision.is_allowed() {
+                let _ = conn.revoked.set(decision);
+                conn.close.cancel();
+                closed += 1;
+            }
+        }
+        closed
+    }
+}

@@ -1,0 +1,580 @@
+//! L4 authorization and mutual TLS modes, enforced on the testbed through the controller,
+//! the agents' proxies and the kernel.
+//!
+//! - `AuthorizationPolicy` is enforced by the destination node's proxy on the verified peer
+//!   identity, before the pod is dialled: a denied client sees its connection reset promptly,
+//!   the agent logs the policy and rule and counts it. DENY wins over ALLOW; once an ALLOW
+//!   applies to a workload, anything it does not match is denied.
+//! - A policy change closes the open connections it now denies, and only those.
+//! - `PeerAuthentication` STRICT drops plaintext from outside the mesh in the kernel (on the
+//!   pod's cgroup), lets the node itself (kubelet probes) through, and a port-level
+//!   PERMISSIVE opens just that port.
+//! - A denied flow stays denied while agents restart: not one connection gets through.
+//! - `meshctl policy explain` gives the verdict of the agent's own engine, with the deciding
+//!   policy and rule.
+
+use std::{
+    io::Write,
+    process::ChildStdin,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    mesh::{ADMIN_PORT, MESH_LABEL, Mesh, MeshOptions, NAMESPACE, metric_sum, spiffe_id},
+    testbed::{Pod, Proc, Server, SpawnOptions, Testbed, bin_path, e2e_gate},
+};
+use serde_json::{Value, json};
+
+const AUTHZ: &str = "AuthorizationPolicy";
+const PEER_AUTHN: &str = "PeerAuthentication";
+const WAIT: Duration = Duration::from_secs(20);
+/// A client's bound on one connection: far above a refusal's round trip, far below a
+/// test's patience.
+const CLIENT_TIMEOUT_MS: &str = "4000";
+
+fn start(tb: &Testbed, unenrolled: Vec<(usize, usize)>) -> Mesh<'_> {
+    Mesh::start(
+        tb,
+        &MeshOptions {
+            control_plane: true,
+            unenrolled,
+            ..Default::default()
+        },
+    )
+    .expect("mesh")
+}
+
+/// An HTTP server on each of `ports` of `pod`, answering with the pod's name.
+fn serve_http(tb: &Testbed, pod: &Pod, ports: &[u16]) -> Server {
+    let mut args = Vec::new();
+    for port in ports {
+        args.push("--listen".to_owned());
+        args.push(format!("0.0.0.0:{port}=http"));
+    }
+    args.push("--name".into());
+    args.push(pod.name.clone());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    tb.spawn_server(pod, &args).expect("server")
+}
+
+/// One GET from `place` (a pod or a node) to `server:port`: Ok(server name) or the error.
+fn get<'a>(
+    tb: &Testbed,
+    place: impl Into<mesh_tests::testbed::Place<'a>>,
+    server: &Pod,
+    port: u16,
+) -> Result<String, String> {
+    let to = format!("{}:{port}", server.ip4);
+    let out = tb
+        .run(
+            place,
+            &[
+                "pod-app",
+                "--timeout-ms",
+                CLIENT_TIMEOUT_MS,
+                "http-get",
+                "--to",
+                &to,
+            ],
+            WAIT,
+        )
+        .map_err(|e| format!("{e:#}"))?;
+    let json = out.ok_json().map_err(|e| format!("{e:#}"))?;
+    json["body"]["server"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no server name in {json}"))
+}
+
+/// Polls (bounded) until `client`'s GETs to `server:port` succeed (`true`) or fail
+/// (`false`) three times in a row: policies reach the nodes asynchronously.
+fn settle(tb: &Testbed, client: &Pod, server: &Pod, port: u16, reachable: bool) {
+    let deadline = Instant::now() + WAIT;
+    let mut streak = 0;
+    let mut last = Err(String::new());
+    while streak < 3 {
+        last = get(tb, client, server, port);
+        if last.is_ok() == reachable {
+            streak += 1;
+        } else {
+            streak = 0;
+            assert!(
+                Instant::now() < deadline,
+                "{} -> {}:{port} did not become {} within {WAIT:?}; last: {last:?}",
+                client.name,
+                server.name,
+                if reachable { "reachable" } else { "denied" }
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    if !reachable {
+        // A refusal, not a client timeout: the denial is prompt.
+        let error = last.expect_err("denied");
+        assert!(
+            !error.contains("timed out"),
+            "{} -> {}:{port} was not refused promptly: {error}",
+            client.name,
+            server.name
+        );
+    }
+}
+
+/// Istio-style principal of a testbed pod in `namespace`.
+fn principal(pod: &Pod, namespace: &str) -> String {
+    spiffe_id(pod)
+        .trim_start_matches("spiffe://")
+        .replace("/ns/default/", &format!("/ns/{namespace}/"))
+}
+
+fn access_errors(mesh: &Mesh<'_>, node: usize) -> Vec<String> {
+    mesh.access_log(node)
+        .into_iter()
+        .filter_map(|v| v["error"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn datapath_event(mesh: &Mesh<'_>, node: usize, event: &str) -> u64 {
+    mesh.config_dump(node)
+        .ok()
+        .and_then(|d| d["datapath"]["events"][event].as_u64())
+        .unwrap_or(0)
+}
+
+/// `meshctl policy explain` run on `node`, against that node's agent, as JSON.
+fn explain(tb: &Testbed, node: usize, from: &str, to: &str) -> Value {
+    let admin = format!("127.0.0.1:{ADMIN_PORT}");
+    let out = tb
+        .run(
+            tb.node(node),
+            &[
+                "meshctl", "--admin", &admin, "policy", "explain", "--from", from, "--to", to,
+                "-o", "json",
+            ],
+            WAIT,
+        )
+        .expect("meshctl runs");
+    out.ok_json().expect("meshctl policy explain succeeds")
+}
+
+#[test]
+fn authorization_by_namespace_and_principal_where_deny_wins() {
+    if !e2e_gate("authorization_by_namespace_and_principal_where_deny_wins") {
+        return;
+    }
+    let tb = Testbed::builder()
+        .nodes(2)
+        .pods_per_node(3)
+        .build()
+        .expect("testbed");
+    let mut mesh = start(&tb, Vec::new());
+    let (a, b, c) = (tb.pod(0, 0), tb.pod(0, 1), tb.pod(0, 2));
+    let server = tb.pod(1, 0);
+    let _http = serve_http(&tb, server, &[8080, 9090]);
+    mesh.write_pod(server, NAMESPACE, &[("app", "server")])
+        .expect("label server");
+    // b lives in its own (enrolled) namespace.
+    mesh.set_namespace("other", &[(MESH_LABEL, "enabled")])
+        .expect("namespace");
+    mesh.write_pod(b, "other", &[]).expect("move b");
+    for client in [a, b, c] {
+        settle(&tb, client, server, 8080, true);
+    }
+
+    // Deny by namespace: only b is refused.
+    mesh.write_policy(
+        AUTHZ,
+        NAMESPACE,
+        "deny-other",
+        json!({"selector": {"matchLabels": {"app": "server"}}, "action": "DENY",
+               "rules": [{"from": [{"source": {"namespaces": ["other"]}}]}]}),
+    )
+    .expect("policy");
+    settle(&tb, b, server, 8080, false);
+    settle(&tb, a, server, 8080, true);
+    settle(&tb, c, server, 8080, true);
+    let errors = access_errors(&mesh, 1);
+    assert!(
+        errors.iter().any(|e| e.starts_with("401 policy_denied")
+            && e.contains("DENY policy default/deny-other rule 0 matched")),
+        "node 1 logs the denial with policy and rule: {errors:#?}"
+    );
+    let metrics = mesh.metrics(1).expect("metrics");
+    assert!(
+        metric_sum(
+            &metrics,
+            "trellis_connection_failures_total",
+            &[("direction", "inbound"), ("reason", "policy_denied")]
+        ) >= 3.0,
+        "denials are counted"
+    );
+
+    // Allow by principal: once an ALLOW applies to the server, only a matches it.
+    mesh.write_policy(
+        AUTHZ,
+        NAMESPACE,
+        "allow-a",
+        json!({"selector": {"matchLabels": {"app": "server"}},
+               "rules": [{"from": [{"source": {"principals": [principal(a, NAMESPACE)]}}]}]}),
+    )
+    .expect("policy");
+    settle(&tb, c, server, 8080, false);
+    settle(&tb, a, server, 8080, true);
+    settle(&tb, a, server, 9090, true);
+    settle(&tb, b, server, 8080, false);
+
+    // DENY wins over the ALLOW that matches a: port 9090 closes for a, 8080 stays open.
+    mesh.write_policy(
+        AUTHZ,
+        NAMESPACE,
+        "deny-a-9090",
+        json!({"selector": {"matchLabels": {"app": "server"}}, "action": "DENY",
+               "rules": [{"from": [{"source": {"principals": [principal(a, NAMESPACE)]}}],
+                          "to": [{"operation": {"ports": ["9090"]}}]}]}),
+    )
+    .expect("policy");
+    settle(&tb, a, server, 9090, false);
+    settle(&tb, a, server, 8080, true);
+
+    // The agent's engine explains both, naming the deciding policy and rule.
+    let from = format!("{NAMESPACE}/{}", a.name);
+    let denied = explain(&tb, 1, &from, &format!("{NAMESPACE}/{}:9090", server.name));
+    assert_eq!(denied["verdict"], "deny", "{denied:#}");
+    assert_eq!(denied["policy"], "default/deny-a-9090", "{denied:#}");
+    assert_eq!(denied["rule"], 0, "{denied:#}");
+    let allowed = explain(&tb, 1, &from, &format!("{NAMESPACE}/{}:8080", server.name));
+    assert_eq!(allowed["verdict"], "allow", "{allowed:#}");
+    assert_eq!(allowed["policy"], "default/allow-a", "{allowed:#}");
+    let other = explain(
+        &tb,
+        0,
+        &format!("{NAMESPACE}/{}", c.name),
+        &format!("{NAMESPACE}/{}:8080", server.name),
+    );
+    assert_eq!(other["verdict"], "deny", "any agent explains: {other:#}");
+    assert!(
+        other["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("ALLOW policy applies to the workload and none matched")),
+        "{other:#}"
+    );
+
+    // Removing the policies reopens everything.
+    for name in ["deny-other", "allow-a", "deny-a-9090"] {
+        mesh.delete_policy(AUTHZ, NAMESPACE, name).expect("delete");
+    }
+    for client in [a, b, c] {
+        settle(&tb, client, server, 9090, true);
+    }
+}
+
+/// A `traffic hold` connection from `client` to an echo server.
+struct Held {
+    proc: Proc,
+    stdin: ChildStdin,
+    pings: usize,
+}
+
+impl Held {
+    fn open(tb: &Testbed, client: &Pod, server: &Pod, port: u16) -> Self {
+        let traffic = bin_path("traffic").expect("traffic binary (cargo build --bins)");
+        let to = format!("{}:{port}", server.ip4);
+        let mut proc = tb
+            .spawn(
+                client,
+                &[traffic.to_string_lossy().as_ref(), "hold", "--to", &to],
+                SpawnOptions::new()
+                    .name(format!("hold-{}", client.name))
+                    .stdin_piped(),
+            )
+            .expect("traffic hold");
+        let stdin = proc.take_stdin().expect("stdin");
+        proc.wait_for_stdout_line(WAIT, |l| l.contains("\"connected\":true"))
+            .expect("connected");
+        Self {
+            proc,
+            stdin,
+            pings: 0,
+        }
+    }
+
+    /// Sends one ping and waits for its result line: whether the echo came back.
+    fn ping(&mut self) -> bool {
+        self.pings += 1;
+        let seq = self.pings;
+        if writeln!(self.stdin, "ping 1000").is_err() {
+            return false;
+        }
+        let needle = format!("\"ping\":{seq},");
+        match self
+            .proc
+            .wait_for_stdout_line(WAIT, |l| l.contains(&needle))
+        {
+            Ok(line) => line.contains("\"ok\":true"),
+            Err(_) => false,
+        }
+    }
+}
+
+#[test]
+fn a_policy_change_closes_the_open_connections_it_now_denies() {
+    if !e2e_gate("a_policy_change_closes_the_open_connections_it_now_denies") {
+        return;
+    }
+    let tb = Testbed::builder()
+        .nodes(2)
+        .pods_per_node(2)
+        .build()
+        .expect("testbed");
+    let mut mesh = start(&tb, Vec::new());
+    let (a, c) = (tb.pod(0, 0), tb.pod(0, 1));
+    let server = tb.pod(1, 0);
+    let _echo = tb
+        .spawn_server(server, &["--listen", "0.0.0.0:7000=echo"])
+        .expect("echo server");
+    let mut from_a = Held::open(&tb, a, server, 7000);
+    let mut from_c = Held::open(&tb, c, server, 7000);
+    assert!(from_a.ping() && from_c.ping(), "both connections work");
+
+    mesh.write_policy(
+        AUTHZ,
+        NAMESPACE,
+        "deny-a",
+        json!({"action": "DENY",
+               "rules": [{"from": [{"source": {"principals": [principal(a, NAMESPACE)]}}]}]}),
+    )
+    .expect("policy");
+    // a's open connection is closed by the destination's agent (bounded: each failed ping
+    // returns at once or within the client's I/O timeout).
+    let deadline = Instant::now() + WAIT;
+    while from_a.ping() {
+        assert!(
+            Instant::now() < deadline,
+            "a's open connection survived the policy that denies it"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(from_c.ping(), "c's connection is not denied and stays open");
+    let errors = access_errors(&mesh, 1);
+    assert!(
+        errors.iter().any(|e| e.starts_with("policy_revoked")
+            && e.contains("DENY policy default/deny-a rule 0 matched")),
+        "node 1 logs why it closed the connection: {errors:#?}"
+    );
+    settle(&tb, a, server, 7000, false);
+}
+
+#[test]
+fn strict_mtls_drops_plaintext_in_the_kernel_but_not_node_probes() {
+    if !e2e_gate("strict_mtls_drops_plaintext_in_the_kernel_but_not_node_probes") {
+        return;
+    }
+    let tb = Testbed::builder()
+        .nodes(2)
+        .pods_per_node(2)
+        .build()
+        .expect("testbed");
+    // pod-0-1 is outside the mesh: its connections are plaintext, straight to the server.
+    let mut mesh = start(&tb, vec![(0, 1)]);
+    let (meshed, plain) = (tb.pod(0, 0), tb.pod(0, 1));
+    let server = tb.pod(1, 0);
+    let _http = serve_http(&tb, server, &[8080, 9102]);
+    mesh.write_pod(server, NAMESPACE, &[("app", "server")])
+        .expect("label server");
+    let node1 = tb.node(1);
+
+    // PERMISSIVE (no policy): plaintext gets in, and the datapath counts it.
+    settle(&tb, meshed, server, 8080, true);
+    let accepted = datapath_event(&mesh, 1, "plaintext_accepted");
+    assert_eq!(
+        get(&tb, plain, server, 8080).as_deref(),
+        Ok(server.name.as_str())
+    );
+    assert!(datapath_event(&mesh, 1, "plaintext_accepted") > accepted);
+
+    // STRICT for the namespace.
+    mesh.write_policy(
+        PEER_AUTHN,
+        NAMESPACE,
+        "strict",
+        json!({"mtls": {"mode": "STRICT"}}),
+    )
+    .expect("policy");
+    let server_cgroup = server.cgroup.to_string_lossy().into_owned();
+    mesh.wait_config(1, WAIT, |d| {
+        d["datapath"]["enrolled_cgroups"]
+            .as_array()
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|c| c["path"] == server_cgroup.as_str() && c["inbound_mtls"] == "STRICT")
+            })
+    })
+    .expect("node 1 puts the server in STRICT");
+    let dropped = datapath_event(&mesh, 1, "strict_dropped");
+    let error = get(&tb, plain, server, 8080).expect_err("plaintext is dropped under STRICT");
+    assert!(error.contains("timed out"), "dropped, not refused: {error}");
+    assert!(datapath_event(&mesh, 1, "strict_dropped") > dropped);
+    assert_eq!(
+        get(&tb, meshed, server, 8080).as_deref(),
+        Ok(server.name.as_str()),
+        "mesh traffic still flows"
+    );
+    assert_eq!(
+        get(&tb, node1, server, 8080).as_deref(),
+        Ok(server.name.as_str()),
+        "a probe from the node itself passes"
+    );
+
+    // A port-level PERMISSIVE on the server opens only that port to plaintext.
+    mesh.write_policy(
+        PEER_AUTHN,
+        NAMESPACE,
+        "server-metrics",
+        json!({"selector": {"matchLabels": {"app": "server"}},
+               "portLevelMtls": {"9102": {"mode": "PERMISSIVE"}}}),
+    )
+    .expect("policy");
+    mesh.wait_config(1, WAIT, |d| {
+        d["datapath"]["enrolled_cgroups"]
+            .as_array()
+            .is_some_and(|a| {
+                a.iter().any(|c| {
+                    c["path"] == server_cgroup.as_str()
+                        && c["inbound_mtls_ports"]["9102"] == "PERMISSIVE"
+                })
+            })
+    })
+    .expect("node 1 opens port 9102");
+    assert_eq!(
+        get(&tb, plain, server, 9102).as_deref(),
+        Ok(server.name.as_str())
+    );
+    assert!(get(&tb, plain, server, 8080).is_err(), "8080 stays STRICT");
+
+    // Back to PERMISSIVE.
+    mesh.delete_policy(PEER_AUTHN, NAMESPACE, "strict")
+        .expect("delete");
+    mesh.delete_policy(PEER_AUTHN, NAMESPACE, "server-metrics")
+        .expect("delete");
+    settle(&tb, plain, server, 8080, true);
+}
+
+/// A `traffic loop` (a new connection and GET every few milliseconds) from `client`.
+struct Loop {
+    proc: Proc,
+    stdin: Option<ChildStdin>,
+}
+
+impl Loop {
+    fn start(tb: &Testbed, client: &Pod, server: &Pod, port: u16) -> Self {
+        let traffic = bin_path("traffic").expect("traffic binary (cargo build --bins)");
+        let to = format!("{}:{port}", server.ip4);
+        let mut proc = tb
+            .spawn(
+                client,
+                &[
+                    traffic.to_string_lossy().as_ref(),
+                    "loop",
+                    "--to",
+                    &to,
+                    "--interval-ms",
+                    "10",
+                ],
+                SpawnOptions::new()
+                    .name(format!("loop-{}", client.name))
+                    .stdin_piped(),
+            )
+            .expect("traffic loop");
+        let stdin = proc.take_stdin();
+        Self { proc, stdin }
+    }
+
+    fn events(&self) -> Vec<Value> {
+        self.proc
+            .stdout_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v.get("seq").is_some())
+            .collect()
+    }
+
+    fn successes_after(&self, seq: u64) -> usize {
+        self.events()
+            .iter()
+            .filter(|e| e["ok"] == true && e["seq"].as_u64().is_some_and(|s| s > seq))
+            .count()
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.events()
+            .last()
+            .and_then(|e| e["seq"].as_u64())
+            .unwrap_or(0)
+    }
+
+    fn stop(mut self) -> Vec<Value> {
+        drop(self.stdin.take());
+        let _ = self.proc.wait_timeout(WAIT);
+        self.events()
+    }
+}
+
+#[test]
+fn a_denied_flow_stays_denied_while_agents_restart() {
+    if !e2e_gate("a_denied_flow_stays_denied_while_agents_restart") {
+        return;
+    }
+    let tb = Testbed::builder()
+        .nodes(2)
+        .pods_per_node(2)
+        .build()
+        .expect("testbed");
+    let mut mesh = start(&tb, Vec::new());
+    let (allowed, denied) = (tb.pod(0, 0), tb.pod(0, 1));
+    let server = tb.pod(1, 0);
+    let _http = serve_http(&tb, server, &[8080]);
+    settle(&tb, denied, server, 8080, true);
+    mesh.write_policy(
+        AUTHZ,
+        NAMESPACE,
+        "deny-one",
+        json!({"action": "DENY",
+               "rules": [{"from": [{"source": {"principals": [principal(denied, NAMESPACE)]}}]}]}),
+    )
+    .expect("policy");
+    settle(&tb, denied, server, 8080, false);
+    settle(&tb, allowed, server, 8080, true);
+
+    let probe = Loop::start(&tb, denied, server, 8080);
+    let control = Loop::start(&tb, allowed, server, 8080);
+    // Restart the destination's agent, then the source's, each time waiting until allowed
+    // traffic flows again.
+    for node in [1, 0] {
+        let before = control.last_seq();
+        mesh.stop_agent(node, WAIT).expect("agent stops");
+        mesh.start_agent(node).expect("agent starts");
+        mesh.wait_ready(node).expect("agent ready");
+        let deadline = Instant::now() + WAIT;
+        while control.successes_after(before) < 5 {
+            assert!(
+                Instant::now() < deadline,
+                "allowed traffic did not resume after node {node}'s agent restarted"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let probed = probe.stop();
+    let _ = control.stop();
+    let through: Vec<&Value> = probed.iter().filter(|e| e["ok"] == true).collect();
+    assert!(
+        probed.len() > 20,
+        "the probe kept trying throughout: {} attempts",
+        probed.len()
+    );
+    assert!(
+        through.is_empty(),
+        "{} of {} denied connections got through during the restarts: {through:#?}",
+        through.len(),
+        probed.len()
+    );
+}

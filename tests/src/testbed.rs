@@ -38,6 +38,7 @@
 
 mod cgroup;
 mod gate;
+mod http;
 mod netns;
 mod plan;
 mod process;

@@ -15,6 +15,7 @@
 
 use std::{
     io::Write,
+    net::SocketAddr,
     process::ChildStdin,
     time::{Duration, Instant},
 };
@@ -30,7 +31,7 @@ const PEER_AUTHN: &str = "PeerAuthentication";
 const WAIT: Duration = Duration::from_secs(20);
 /// A client's bound on one connection: far above a refusal's round trip, far below a
 /// test's patience.
-const CLIENT_TIMEOUT_MS: &str = "4000";
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(4);
 
 fn start(tb: &Testbed, unenrolled: Vec<(usize, usize)>) -> Mesh<'_> {
     Mesh::start(
@@ -64,26 +65,11 @@ fn get<'a>(
     server: &Pod,
     port: u16,
 ) -> Result<String, String> {
-    let to = format!("{}:{port}", server.ip4);
-    let out = tb
-        .run(
-            place,
-            &[
-                "pod-app",
-                "--timeout-ms",
-                CLIENT_TIMEOUT_MS,
-                "http-get",
-                "--to",
-                &to,
-            ],
-            WAIT,
-        )
-        .map_err(|e| format!("{e:#}"))?;
-    let json = out.ok_json().map_err(|e| format!("{e:#}"))?;
-    json["body"]["server"]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| format!("no server name in {json}"))
+    tb.get_server_name(
+        place,
+        SocketAddr::from((server.ip4, port)),
+        Some(CLIENT_TIMEOUT),
+    )
 }
 
 /// Polls (bounded) until `client`'s GETs to `server:port` succeed (`true`) or fail

@@ -56,18 +56,7 @@ fn serve(tb: &Testbed, pod: &Pod) -> Server {
 
 /// One GET from `client` to `to`: the name of the server that answered, or the failure.
 fn get(tb: &Testbed, client: &Pod, to: SocketAddr) -> Result<String, String> {
-    let out = tb
-        .run(
-            client,
-            &["pod-app", "http-get", "--to", &to.to_string()],
-            WAIT,
-        )
-        .map_err(|e| format!("{e:#}"))?;
-    let json = out.ok_json().map_err(|e| format!("{e:#}"))?;
-    json["body"]["server"]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| format!("no server name in {json}"))
+    tb.get_server_name(client, to, None)
 }
 
 /// `n` GETs to `to`, each of which must succeed; how many each server answered.

@@ -8,6 +8,7 @@
 //! The crate also ships two binaries used by the testbed: `podexec` (enter a namespace and
 //! cgroup, then exec) and `pod-app` (the workload that runs in pods).
 
+pub mod bench;
 pub mod mesh;
 pub mod pattern;
 pub mod testbed;

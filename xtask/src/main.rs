@@ -11,6 +11,9 @@
 //!   `helm template` too where helm is installed.
 //! - `crds`: regenerate the chart's policy CRDs (`charts/trellis/crds/`) from the Rust types
 //!   with `mesh-node crds`; the chart tests fail while the committed file differs.
+//! - `bench`: build release binaries and run the `bench` binary (tests/src/bench.rs) as
+//!   root: Trellis against no mesh and a userspace relay floor on the namespace testbed; a
+//!   table on the terminal, every figure in `target/bench/latest.json`.
 //! - `kind-e2e`: the chart on a real Kubernetes (kind) cluster, with mTLS, a policy denial
 //!   and a kubelet probe under STRICT checked. Needs a container engine, kind, kubectl and
 //!   helm; not part of `test`.
@@ -60,6 +63,24 @@ enum Task {
     ChartCheck,
     /// Regenerate charts/trellis/crds/ from the policy types (runs `mesh-node crds`).
     Crds,
+    /// Benchmark Trellis against no mesh and a relay floor on the testbed (run as root).
+    Bench {
+        /// Short durations: the whole run takes a couple of minutes.
+        #[arg(long)]
+        quick: bool,
+        /// Rounds; each runs every configuration (default 3, or 2 with --quick).
+        #[arg(long)]
+        rounds: Option<usize>,
+        /// Where to write the JSON report (default target/bench/latest.json).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Only tests whose SCENARIO-TEST name contains this (repeatable), e.g. same-node-rr.
+        #[arg(long)]
+        only: Vec<String>,
+        /// Use debug binaries (quicker to build; the figures are not representative).
+        #[arg(long)]
+        debug: bool,
+    },
     /// Create a kind cluster, install the chart and check the mesh end to end.
     KindE2e {
         /// kind cluster name (reused when it exists).
@@ -126,6 +147,38 @@ fn main() -> Result<()> {
         Task::Image { tag, prebuilt } => image(&root, &tag, prebuilt),
         Task::ChartCheck => chart_check(&root),
         Task::Crds => crds(&root),
+        Task::Bench {
+            quick,
+            rounds,
+            json,
+            only,
+            debug,
+        } => {
+            // Every binary: the bench starts podexec, mesh-node and itself inside the testbed,
+            // and finds them next to itself, so all come from the same profile.
+            let profile = if debug { "debug" } else { "release" };
+            let mut build = vec!["build", "--bins"];
+            if !debug {
+                build.push("--release");
+            }
+            cargo(&root, &build)?;
+            let json = json.unwrap_or_else(|| root.join("target/bench/latest.json"));
+            let mut bench = Command::new(root.join("target").join(profile).join("bench"));
+            bench.arg("run").arg("--json").arg(&json).current_dir(&root);
+            if quick {
+                bench.arg("--quick");
+            }
+            if let Some(rounds) = rounds {
+                bench.arg("--rounds").arg(rounds.to_string());
+            }
+            for o in &only {
+                bench.arg("--only").arg(o);
+            }
+            run(
+                &mut bench,
+                "bench (it needs root: try `sudo -E cargo xtask bench`)",
+            )
+        }
         Task::KindE2e {
             cluster,
             node_image,

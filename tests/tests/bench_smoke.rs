@@ -1,0 +1,106 @@
+//! The benchmark machinery works: a quick `bench run` measures every configuration and writes
+//! a report with every figure. Speeds are never asserted: only that each configuration
+//! produced figures, and that the relay and Trellis runs really crossed a proxy (it spent
+//! CPU) while the no-mesh run had none.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mesh_tests::testbed::{bin_path, e2e_gate};
+use serde_json::Value;
+
+/// A quick run of two tests takes well under a minute; this bounds a hung run.
+const RUN_TIMEOUT: Duration = Duration::from_secs(240);
+
+fn figure<'a>(report: &'a Value, scenario: &str, key: &str) -> &'a Value {
+    report["figures"]
+        .as_array()
+        .expect("figures is an array")
+        .iter()
+        .find(|f| f["scenario"] == scenario && f["key"] == key)
+        .unwrap_or_else(|| panic!("no figure {scenario} {key} in {report:#}"))
+}
+
+fn positive(f: &Value, config: &str) -> f64 {
+    let v = f[config].as_f64().unwrap_or(f64::NAN);
+    assert!(v > 0.0, "{config} has no positive figure in {f}");
+    v
+}
+
+#[test]
+fn quick_bench_reports_every_configuration() {
+    if !e2e_gate("quick_bench_reports_every_configuration") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("bench-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let json = dir.join("report.json");
+    let mut child = Command::new(bin_path("bench").expect("bench binary (cargo build --bins)"))
+        .args(["run", "--quick", "--rounds", "1"])
+        .args(["--only", "same-node-rr", "--only", "cross-node-bulk1"])
+        .arg("--json")
+        .arg(&json)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start bench");
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for bench") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("bench did not finish within {RUN_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        status.success(),
+        "bench failed ({status}); its log is above"
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("report written"))
+            .expect("report is JSON");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let configs = ["no_mesh", "relay", "trellis"];
+    for key in ["rr.p50_us", "rr.p99_us", "rr.max_us"] {
+        let f = figure(&report, "same-node", key);
+        for c in configs {
+            positive(f, c);
+        }
+        assert!(
+            f["trellis_over_no_mesh"].as_f64().is_some()
+                && f["trellis_added_over_no_mesh"].as_f64().is_some(),
+            "{key} has no ratio or added latency: {f}"
+        );
+    }
+    let bulk = figure(&report, "cross-node", "bulk1.gbps");
+    for c in configs {
+        positive(bulk, c);
+    }
+    assert!(bulk["trellis_over_relay"].as_f64().is_some(), "{bulk}");
+
+    // Traffic crossed the proxies: they spent CPU on it. Without a mesh there is no proxy.
+    for (scenario, key) in [
+        ("same-node", "rr.vcpu_per_krps"),
+        ("cross-node", "bulk1.gbit_per_cpu_s"),
+    ] {
+        let f = figure(&report, scenario, key);
+        assert!(f["no_mesh"].is_null(), "no-mesh has a proxy figure: {f}");
+        positive(f, "relay");
+        positive(f, "trellis");
+    }
+    let rss = figure(&report, "both nodes", "rss.idle_mib");
+    positive(rss, "relay");
+    positive(rss, "trellis");
+
+    // Every run is in the report: 2 tests x 3 configurations x 1 round.
+    assert_eq!(
+        report["runs"].as_array().map(Vec::len),
+        Some(6),
+        "{report:#}"
+    );
+}

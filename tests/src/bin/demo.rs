@@ -205,6 +205,7 @@ fn main() -> Result<()> {
 
     failures += service_vip(&tb, &mut mesh)?;
     failures += live_membership(&tb, &mut mesh)?;
+    failures += policy(&tb, &mut mesh)?;
 
     println!("meshctl status on {}:", tb.node(0).name);
     let status = tb.run(tb.node(0), &["meshctl", "status"], TIMEOUT)?;
@@ -345,6 +346,67 @@ fn live_membership(tb: &Testbed, mesh: &mut Mesh<'_>) -> Result<usize> {
     mesh.set_pod_label(pod, "trellis.dev/mesh", None)?;
     mesh.wait_config(0, TIMEOUT, enrolled(before))?;
     request(mesh, true)?;
+    println!();
+    Ok(failures)
+}
+
+/// A DENY for one principal: its connection is refused at the destination node, which says
+/// which policy and rule decided; `meshctl policy explain` gives the same answer; deleting the
+/// policy lets it through again.
+fn policy(tb: &Testbed, mesh: &mut Mesh<'_>) -> Result<usize> {
+    let (client, server) = (tb.pod(0, 0), tb.pod(1, 0));
+    let to = std::net::SocketAddr::from((server.ip4, 8080));
+    let principal = format!("cluster.local/ns/default/sa/{}", client.name);
+    let mut failures = 0;
+    println!("== policy: DENY from {principal} (AuthorizationPolicy default/deny-demo)");
+    mesh.write_policy(
+        "AuthorizationPolicy",
+        "default",
+        "deny-demo",
+        serde_json::json!({"action": "DENY",
+            "rules": [{"from": [{"source": {"principals": [principal]}}]}]}),
+    )?;
+    mesh.wait_policies(1, &["default/deny-demo"], TIMEOUT)?;
+    match tb.get_server_name(client, to, Some(Duration::from_secs(4))) {
+        Ok(name) => {
+            println!("   request SUCCEEDED (answered by {name}): the policy was not enforced");
+            failures += 1;
+        }
+        Err(_) => {
+            let reason = mesh
+                .wait_access(1, TIMEOUT, |e| {
+                    e["error"]
+                        .as_str()
+                        .is_some_and(|e| e.starts_with("401 policy_denied"))
+                })
+                .ok()
+                .and_then(|e| e["error"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| "no denial in node-1's access log".into());
+            println!("   request refused; node-1 says: {reason}");
+        }
+    }
+    let query = format!(
+        "/policy/explain?from=default/{}&to=default/{}:8080",
+        client.name, server.name
+    );
+    let (_, explained) = mesh.admin_get(1, &query)?;
+    let explained: Value = serde_json::from_str(&explained).unwrap_or(Value::Null);
+    println!(
+        "   meshctl policy explain --from default/{} --to default/{}:8080 -> {}",
+        client.name,
+        server.name,
+        explained["reason"].as_str().unwrap_or("?")
+    );
+    println!("== policy: delete it");
+    mesh.delete_policy("AuthorizationPolicy", "default", "deny-demo")?;
+    mesh.wait_policies(1, &[], TIMEOUT)?;
+    match tb.get_server_name(client, to, Some(Duration::from_secs(4))) {
+        Ok(name) => println!("   request succeeded (answered by {name})"),
+        Err(e) => {
+            println!("   request FAILED: {e}");
+            failures += 1;
+        }
+    }
     println!();
     Ok(failures)
 }

@@ -254,6 +254,34 @@ fn authorization_by_namespace_and_principal_where_deny_wins() {
     }
 }
 
+/// Starts `traffic MODE --to server:port ARGS...` in `client`, with its stdin piped (the
+/// test drives it, and closing stdin stops it).
+fn traffic(
+    tb: &Testbed,
+    client: &Pod,
+    server: &Pod,
+    port: u16,
+    mode: &str,
+    args: &[&str],
+) -> (Proc, ChildStdin) {
+    let program = bin_path("traffic").expect("traffic binary (cargo build --bins)");
+    let program = program.to_string_lossy();
+    let to = format!("{}:{port}", server.ip4);
+    let mut cmd = vec![program.as_ref(), mode, "--to", &to];
+    cmd.extend_from_slice(args);
+    let mut proc = tb
+        .spawn(
+            client,
+            &cmd,
+            SpawnOptions::new()
+                .name(format!("{mode}-{}", client.name))
+                .stdin_piped(),
+        )
+        .expect("traffic client");
+    let stdin = proc.take_stdin().expect("stdin");
+    (proc, stdin)
+}
+
 /// A `traffic hold` connection from `client` to an echo server.
 struct Held {
     proc: Proc,
@@ -263,18 +291,7 @@ struct Held {
 
 impl Held {
     fn open(tb: &Testbed, client: &Pod, server: &Pod, port: u16) -> Self {
-        let traffic = bin_path("traffic").expect("traffic binary (cargo build --bins)");
-        let to = format!("{}:{port}", server.ip4);
-        let mut proc = tb
-            .spawn(
-                client,
-                &[traffic.to_string_lossy().as_ref(), "hold", "--to", &to],
-                SpawnOptions::new()
-                    .name(format!("hold-{}", client.name))
-                    .stdin_piped(),
-            )
-            .expect("traffic hold");
-        let stdin = proc.take_stdin().expect("stdin");
+        let (mut proc, stdin) = traffic(tb, client, server, port, "hold", &[]);
         proc.wait_for_stdout_line(WAIT, |l| l.contains("\"connected\":true"))
             .expect("connected");
         Self {
@@ -453,26 +470,11 @@ struct Loop {
 
 impl Loop {
     fn start(tb: &Testbed, client: &Pod, server: &Pod, port: u16) -> Self {
-        let traffic = bin_path("traffic").expect("traffic binary (cargo build --bins)");
-        let to = format!("{}:{port}", server.ip4);
-        let mut proc = tb
-            .spawn(
-                client,
-                &[
-                    traffic.to_string_lossy().as_ref(),
-                    "loop",
-                    "--to",
-                    &to,
-                    "--interval-ms",
-                    "10",
-                ],
-                SpawnOptions::new()
-                    .name(format!("loop-{}", client.name))
-                    .stdin_piped(),
-            )
-            .expect("traffic loop");
-        let stdin = proc.take_stdin();
-        Self { proc, stdin }
+        let (proc, stdin) = traffic(tb, client, server, port, "loop", &["--interval-ms", "10"]);
+        Self {
+            proc,
+            stdin: Some(stdin),
+        }
     }
 
     fn events(&self) -> Vec<Value> {

@@ -424,17 +424,23 @@ fn reject_extra(path: &str, extra: &ExtraFields) -> Result<(), PolicyError> {
 }
 
 fn metadata(obj: &impl ResourceExt) -> Result<(PolicyId, Option<i64>), PolicyError> {
-    let namespace = obj
-        .namespace()
-        .filter(|ns| !ns.is_empty())
-        .ok_or(PolicyError::MissingMetadata("namespace"))?;
-    let name = obj
-        .meta()
-        .name
-        .clone()
-        .filter(|n| !n.is_empty())
-        .ok_or(PolicyError::MissingMetadata("name"))?;
-    Ok((PolicyId { namespace, name }, obj.meta().generation))
+    identify(obj.meta())
+}
+
+/// The object's `namespace/name` and generation; an object without either name cannot be
+/// placed or reported on.
+pub(super) fn identify(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Result<(PolicyId, Option<i64>), PolicyError> {
+    let part = |value: &Option<String>, what| {
+        value
+            .clone()
+            .filter(|v| !v.is_empty())
+            .ok_or(PolicyError::MissingMetadata(what))
+    };
+    let namespace = part(&meta.namespace, "namespace")?;
+    let name = part(&meta.name, "name")?;
+    Ok((PolicyId { namespace, name }, meta.generation))
 }
 
 /// The selector's labels, `None` for "all workloads of the scope" (absent or empty).

@@ -13,7 +13,7 @@ use super::{
     crd::{
         AuthorizationPolicy, AuthorizationPolicySpec, PeerAuthentication, PeerAuthenticationSpec,
     },
-    model::{AuthzPolicy, PeerPolicy, PolicyError, PolicyId},
+    model::{AuthzPolicy, PeerPolicy, PolicyError, PolicyId, identify},
     status::{self, Condition},
 };
 
@@ -65,19 +65,7 @@ impl Policy {
         metadata: &ObjectMeta,
         spec: &serde_json::Value,
     ) -> Result<Self, PolicyError> {
-        let id = PolicyId {
-            namespace: metadata
-                .namespace
-                .clone()
-                .filter(|n| !n.is_empty())
-                .ok_or(PolicyError::MissingMetadata("namespace"))?,
-            name: metadata
-                .name
-                .clone()
-                .filter(|n| !n.is_empty())
-                .ok_or(PolicyError::MissingMetadata("name"))?,
-        };
-        let generation = metadata.generation;
+        let (id, generation) = identify(metadata)?;
         // An absent spec reads like an empty one, as the API server would default it.
         let spec = if spec.is_null() {
             &serde_json::Value::Object(serde_json::Map::new())

@@ -165,6 +165,7 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
         "nodes": nodes,
         "workloads": state.workloads().iter().map(|w| w.as_ref()).collect::<Vec<_>>(),
         "services": state.services().iter().map(|s| s.as_ref()).collect::<Vec<_>>(),
+        "waypoints": state.waypoints().into_iter().map(|w| w.as_ref()).collect::<Vec<_>>(),
         "policies": state.policy().listing,
         "certificates": certificates,
         "certificate_errors": admin.certs.failures().as_ref(),

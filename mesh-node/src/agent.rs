@@ -355,6 +355,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         listeners.spawn(state_task.run(shutdown.clone()));
         let feed = feed::Feed {
             node: config.node.clone(),
+            role: "agent",
             trust_domain: config.trust_domain.clone(),
             channel,
             token,

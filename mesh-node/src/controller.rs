@@ -3,10 +3,13 @@
 //! One pipeline: a source ([`files`] or [`kube_source`]) publishes [`ClusterObjects`]
 //! snapshots; [`translate`] turns each into mesh state; the result is published (with an
 //! increasing version) to the two gRPC services on one TLS port:
-//! - [`ca`]: signs agents' certificate requests for the identities of their own node's pods;
-//! - [`discovery`]: streams the mesh state to every agent, snapshot then deltas.
+//! - [`ca`]: signs agents' certificate requests for the identities of their own node's pods,
+//!   and waypoints' requests for their own identity;
+//! - [`discovery`]: streams the mesh state to every agent and waypoint, snapshot then deltas
+//!   (waypoints also receive the routing objects, agents never do).
 //!
-//! Both authenticate callers through [`auth`]. The CA's root is loaded from files, or
+//! Both authenticate callers through [`auth`]: a node agent by its node, a waypoint by its
+//! service account (see [`translate::waypoint`] for what makes a waypoint). The CA's root is loaded from files, or
 //! generated and persisted on first start. The controller serves TLS with a certificate it
 //! issues itself from that root (see [`serving_names`]), so agents verify it with the same
 //! trust bundle they verify each other with.
@@ -111,7 +114,8 @@ fn invalid(field: &str, reason: impl Into<String>) -> ControllerError {
 /// # or: ca: { secret: trellis-system/trellis-ca, publish_root: trellis-system/trellis-ca-root }
 /// source: { directory: /etc/trellis/manifests }                           # or: { kubernetes: {} }
 /// auth:
-///   bootstrap_tokens: /etc/trellis/node-tokens.yaml                       # node-name: token
+///   # node-name: token, and "serviceaccount:<namespace>/<name>": token for waypoints
+///   bootstrap_tokens: /etc/trellis/node-tokens.yaml
 ///   token_review: { agent_service_accounts: [trellis-system/trellis-agent], audiences: [] }
 /// hbone_port: 15008
 /// certificate_ttl_secs: 86400        # when the agent asks for 0
@@ -217,7 +221,9 @@ pub struct KubernetesSource {}
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
-    /// YAML map of node name to that node's agent token.
+    /// YAML map of node name to that node's agent token, and of
+    /// `serviceaccount:<namespace>/<name>` to the token of the workloads running as that
+    /// service account (waypoints; see [`auth`]).
     #[serde(default)]
     pub bootstrap_tokens: Option<PathBuf>,
     #[serde(default)]
@@ -227,7 +233,8 @@ pub struct AuthConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenReviewConfig {
-    /// `<namespace>/<service-account>` of the agents; other accounts' tokens are refused.
+    /// `<namespace>/<service-account>` of the agents; other accounts' tokens authenticate
+    /// workloads, which may only act as waypoints (and only a waypoint's service account).
     #[serde(default = "default_agent_accounts")]
     pub agent_service_accounts: Vec<String>,
     /// Audiences the agent's token must carry (empty: the API server's default audience).
@@ -365,7 +372,8 @@ pub struct Controller {
 }
 
 enum Source {
-    Files(files::FilesSource),
+    // Boxed: it holds the whole first load of the directory.
+    Files(Box<files::FilesSource>),
     Kubernetes(kube::Client),
 }
 
@@ -447,7 +455,9 @@ impl Controller {
         tracing::info!(%identity, ?dns, ?ips, "issued the controller's serving certificate");
 
         let source = match (&config.source, &kube_client) {
-            (SourceConfig::Directory(dir), _) => Source::Files(files::FilesSource::open(dir)?),
+            (SourceConfig::Directory(dir), _) => {
+                Source::Files(Box::new(files::FilesSource::open(dir)?))
+            }
             (SourceConfig::Kubernetes(_), Some(client)) => Source::Kubernetes(client.clone()),
             (SourceConfig::Kubernetes(_), None) => {
                 return Err(invalid("source", "kubernetes source without a client"));
@@ -522,7 +532,7 @@ impl Controller {
         };
         let source_run: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
             match source {
-                Source::Files(source) => Box::pin(source.run(objects_tx, stop.clone())),
+                Source::Files(source) => Box::pin((*source).run(objects_tx, stop.clone())),
                 Source::Kubernetes(client) => {
                     Box::pin(kube_source::run(client, objects_tx, stop.clone()))
                 }

@@ -59,6 +59,34 @@ pub fn parse_authority(authority: Option<&str>) -> Result<SocketAddr, AuthorityE
     Ok(SocketAddr::new(ip, addr.port()))
 }
 
+/// The HTTP/2 server side of HBONE with the limits above; `max_streams` concurrent CONNECTs
+/// per connection. The caller adds a timer.
+pub fn server_builder(
+    max_streams: u32,
+) -> hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor> {
+    let mut builder =
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .max_concurrent_streams(max_streams)
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+    builder
+}
+
+/// `for="ADDR"` from a `forwarded` header (telemetry only).
+pub fn parse_forwarded_for(value: &str) -> Option<SocketAddr> {
+    value
+        .split(';')
+        .find_map(|part| part.trim().strip_prefix("for="))
+        .map(|v| v.trim_matches('"'))
+        .and_then(|v| v.parse().ok())
+}
+
 fn is_broadcast(ip: IpAddr) -> bool {
     matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
 }

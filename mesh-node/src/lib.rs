@@ -18,4 +18,5 @@ pub mod policy;
 pub mod proxy;
 pub mod service;
 pub mod tls;
+pub mod waypoint;
 pub mod workload;

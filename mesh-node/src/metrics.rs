@@ -20,6 +20,8 @@ use crate::{identity::Identity, workload::Workload};
 pub enum Reporter {
     Source,
     Destination,
+    /// Counted by a waypoint, between source and destination.
+    Waypoint,
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -49,7 +51,7 @@ macro_rules! label_values {
         }
     };
 }
-label_values!(Reporter { Source => "source", Destination => "destination" });
+label_values!(Reporter { Source => "source", Destination => "destination", Waypoint => "waypoint" });
 label_values!(SecurityPolicy { MutualTls => "mutual_tls", None => "none" });
 label_values!(Direction { Inbound => "inbound", Outbound => "outbound" });
 
@@ -210,6 +212,12 @@ impl Metrics {
     pub fn register_datapath(&mut self, stats: Arc<dyn DatapathStats>) {
         self.registry
             .register_collector(Box::new(DatapathCollector(stats)));
+    }
+
+    /// Where other parts of the process (the waypoint's HTTP metrics) register their families,
+    /// so one scrape returns everything.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
     }
 
     /// Marks a connection of `direction` active for the guard's lifetime.

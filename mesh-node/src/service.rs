@@ -17,7 +17,7 @@ use std::{
 
 use crate::{
     api::v1 as api,
-    workload::{ResourceError, canonical},
+    workload::{ResourceError, canonical, waypoint::WaypointRef},
 };
 
 /// The cluster DNS domain Kubernetes uses unless configured otherwise. It names services in
@@ -59,6 +59,9 @@ pub struct Service {
     pub endpoints: Vec<Endpoint>,
     /// Prefer endpoints on this node, then in this zone.
     pub prefer_close: bool,
+    /// The waypoint traffic to the virtual IPs goes through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
     /// Round-robin cursor; each service owns its own.
     #[serde(skip)]
     cursor: AtomicUsize,
@@ -81,8 +84,15 @@ impl Service {
             ports,
             endpoints,
             prefer_close,
+            waypoint: None,
             cursor: AtomicUsize::new(0),
         }
+    }
+
+    /// The same service, sent through `waypoint`.
+    pub fn with_waypoint(mut self, waypoint: Option<WaypointRef>) -> Self {
+        self.waypoint = waypoint;
+        self
     }
 
     /// The service port a connection to `port` on a VIP uses, if the service defines it.
@@ -225,7 +235,8 @@ impl TryFrom<&api::Service> for Service {
             ports,
             endpoints,
             s.prefer_close,
-        ))
+        )
+        .with_waypoint(crate::workload::waypoint::optional_ref(&s.waypoint)?))
     }
 }
 
@@ -395,6 +406,7 @@ mod tests {
                 ready: true,
             }],
             prefer_close: true,
+            waypoint: String::new(),
         }
     }
 

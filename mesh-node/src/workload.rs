@@ -16,6 +16,8 @@ use std::{
     sync::Arc,
 };
 
+pub mod waypoint;
+
 use crate::{
     api::v1 as api,
     config::{AgentConfig, ConfigError},
@@ -23,6 +25,7 @@ use crate::{
     identity::Identity,
     policy::{Destination, Engine, MtlsMode},
     service::Service,
+    workload::waypoint::{Waypoint, WaypointMap, WaypointRef},
 };
 
 /// A pod known to the mesh: enrolled pods are mesh sources and destinations; the others are
@@ -47,6 +50,9 @@ pub struct Workload {
     pub cgroup: Option<PathBuf>,
     #[serde(serialize_with = "serialize_display")]
     pub identity: Identity,
+    /// The waypoint traffic addressed to this pod's own IPs goes through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
 }
 
 fn serialize_display<S: serde::Serializer>(v: &Identity, s: S) -> Result<S::Ok, S::Error> {
@@ -166,6 +172,7 @@ impl Workload {
             zone: zone(w.zone),
             cgroup: None,
             identity,
+            waypoint: waypoint::optional_ref(&w.waypoint)?,
         })
     }
 }
@@ -211,6 +218,7 @@ pub struct MeshState {
     by_vip: HashMap<IpAddr, Arc<Service>>,
     /// The authorization and peer authentication policies in force.
     policy: Arc<Engine>,
+    waypoints: WaypointMap,
 }
 
 impl MeshState {
@@ -252,6 +260,7 @@ impl MeshState {
                 zone: None,
                 cgroup: w.cgroup.clone(),
                 identity,
+                waypoint: None,
             }));
         }
         Ok(Self::build(&config.node, workloads, nodes, [], |w| {
@@ -370,6 +379,22 @@ impl MeshState {
     }
 
     /// The policies in force.
+    /// Puts the known waypoints in place (live mode; static configurations have none).
+    pub fn set_waypoints(&mut self, waypoints: impl IntoIterator<Item = Arc<Waypoint>>) {
+        self.waypoints = waypoints.into_iter().map(|w| (w.id.clone(), w)).collect();
+    }
+
+    pub fn waypoint(&self, id: &WaypointRef) -> Option<&Arc<Waypoint>> {
+        self.waypoints.get(id)
+    }
+
+    /// Every waypoint, ordered by namespace and name.
+    pub fn waypoints(&self) -> Vec<&Arc<Waypoint>> {
+        let mut all: Vec<_> = self.waypoints.values().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
     pub fn policy(&self) -> &Arc<Engine> {
         &self.policy
     }
@@ -499,6 +524,7 @@ pub(crate) mod tests {
             labels: [("app".to_owned(), name.to_owned())].into(),
             enrolled: true,
             zone: "zone-a".into(),
+            waypoint: String::new(),
         }
     }
 

@@ -36,6 +36,7 @@ use crate::testbed::{Pod, Proc, SpawnOptions, Testbed};
 
 mod policy;
 mod service;
+pub mod waypoint;
 
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const HBONE_PORT: u16 = 15008;
@@ -188,21 +189,17 @@ impl<'tb> Mesh<'tb> {
         let manifests = scratch.join("manifests");
         std::fs::create_dir_all(&manifests)?;
 
-        // One secret per node, derived from the testbed's unique prefix.
-        let token = |node: &str| {
-            use sha2::Digest;
-            let digest =
-                sha2::Sha256::digest(format!("{}/{node}/{}", tb.prefix(), std::process::id()));
-            digest
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        };
+        // One secret per node, and one per pod service account (what a waypoint started in
+        // that pod authenticates with), derived from the testbed's unique prefix.
         let mut tokens = String::new();
         for node in tb.nodes() {
-            let secret = token(&node.name);
+            let secret = secret(tb, &node.name);
             tokens.push_str(&format!("{}: \"{secret}\"\n", node.name));
             write_private(&scratch.join(format!("token-{}", node.name)), &secret)?;
+        }
+        for pod in tb.pods() {
+            let name = service_account_credential(pod);
+            tokens.push_str(&format!("\"{name}\": \"{}\"\n", secret(tb, &name)));
         }
         let tokens_file = scratch.join("node-tokens.yaml");
         write_private(&tokens_file, &tokens)?;
@@ -761,6 +758,26 @@ fn agent_defaults(node: &crate::testbed::Node, options: &MeshOptions) -> AgentCo
         log_format: LogFormat::Json,
         nodes: Vec::new(),
         workloads: Vec::new(),
+    }
+}
+
+/// A testbed-unique bootstrap secret for `name`.
+fn secret(tb: &Testbed, name: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{}/{name}/{}", tb.prefix(), std::process::id()));
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bootstrap token name of `pod`'s service account (a workload credential).
+fn service_account_credential(pod: &Pod) -> String {
+    format!("serviceaccount:{NAMESPACE}/{}", service_account(pod))
+}
+
+impl Mesh<'_> {
+    /// The bootstrap token of `pod`'s service account.
+    fn service_account_token(&self, pod: &Pod) -> Result<String> {
+        self.control.as_ref().context("not a control plane mesh")?;
+        Ok(secret(self.tb, &service_account_credential(pod)))
     }
 }
 

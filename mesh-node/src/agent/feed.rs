@@ -30,7 +30,7 @@ use crate::{
     },
     policy::{Policy, PolicyKind},
     service::Service,
-    workload::{NodeInfo, ResourceError, Workload},
+    workload::{NodeInfo, ResourceError, Workload, waypoint::Waypoint},
 };
 
 /// One converted resource.
@@ -44,6 +44,21 @@ pub enum Resource {
     /// An authorization or peer authentication policy, converted (a spec that does not
     /// convert is already its fail-closed stand-in).
     Policy(Arc<Policy>),
+    Waypoint(Arc<Waypoint>),
+    /// A routing object for waypoints (HTTPRoute, GRPCRoute, TrafficPolicy), as written: the
+    /// waypoint compiles it, so a bad one rejects only itself there and reports why.
+    Route(Arc<RouteObject>),
+}
+
+/// A routing object as the controller sends it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteObject {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub generation: Option<i64>,
+    /// `Value::Null` when the spec is not JSON (the waypoint then reports it invalid).
+    pub spec: serde_json::Value,
 }
 
 /// Every resource the agent holds, by key.
@@ -109,6 +124,27 @@ fn convert(r: api::Resource, trust_domain: &str) -> Result<(String, Resource), R
                 return Err(mismatch(expected));
             }
             Resource::Service(Arc::new(s))
+        }
+        Some(resource::Kind::Waypoint(w)) => {
+            let w = Waypoint::from_resource(w, trust_domain).map_err(|e| reject(e, "waypoint"))?;
+            let expected = format!("waypoint/{}", w.id);
+            if key != expected {
+                return Err(mismatch(expected));
+            }
+            Resource::Waypoint(Arc::new(w))
+        }
+        Some(resource::Kind::Policy(p)) if key.starts_with("route/") => {
+            let expected = format!("route/{}/{}/{}", p.kind, p.namespace, p.name);
+            if key != expected {
+                return Err(mismatch(expected));
+            }
+            Resource::Route(Arc::new(RouteObject {
+                spec: serde_json::from_str(&p.spec_json).unwrap_or(serde_json::Value::Null),
+                kind: p.kind,
+                namespace: p.namespace,
+                name: p.name,
+                generation: (p.generation != 0).then_some(p.generation),
+            }))
         }
         Some(resource::Kind::Policy(p)) => {
             let Some(kind) = PolicyKind::from_kind(&p.kind) else {
@@ -256,6 +292,8 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The feed task's inputs.
 pub struct Feed {
     pub node: String,
+    /// `agent` or `waypoint`: what the controller sends depends on it.
+    pub role: &'static str,
     pub trust_domain: String,
     pub channel: Channel,
     pub token: BearerToken,
@@ -324,6 +362,7 @@ impl Feed {
             message: Some(agent_message::Message::Hello(Hello {
                 node: self.node.clone(),
                 last_version: store.version().unwrap_or(0),
+                role: self.role.into(),
             })),
         };
         to_controller
@@ -606,6 +645,7 @@ mod tests {
                     ready: true,
                 }],
                 prefer_close: false,
+                waypoint: String::new(),
             })),
         }
     }

@@ -89,6 +89,10 @@ impl StateTask {
             Resource::Service(s) => Some(s.clone()),
             _ => None,
         });
+        let waypoints = resources.values().filter_map(|r| match r {
+            Resource::Waypoint(w) => Some(w.clone()),
+            _ => None,
+        });
         let mut authorization = Vec::new();
         let mut peer_authentication = Vec::new();
         for resource in resources.values() {
@@ -97,13 +101,18 @@ impl StateTask {
                     Policy::Authorization(p) => authorization.push(p.clone()),
                     Policy::PeerAuthentication(p) => peer_authentication.push(p.clone()),
                 },
-                Resource::Workload(_) | Resource::Node(_) | Resource::Service(_) => {}
+                Resource::Workload(_)
+                | Resource::Node(_)
+                | Resource::Service(_)
+                | Resource::Waypoint(_)
+                | Resource::Route(_) => {}
             }
         }
         let cgroups = &mut self.cgroups;
         let mut state = MeshState::build(&self.local_node, workloads, nodes, services, |w| {
             cgroups.find(&w.uid)
         });
+        state.set_waypoints(waypoints);
         // Same snapshot, same swap: a pod and the policies that protect it appear together.
         let policy = Engine::new(&self.root_namespace, authorization, peer_authentication);
         state.set_policy(Arc::new(policy));

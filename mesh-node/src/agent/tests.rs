@@ -392,6 +392,7 @@ fn workload(uid: &str, name: &str, node: &str, ip: &str, enrolled: bool) -> api:
             labels: Default::default(),
             enrolled,
             zone: String::new(),
+            waypoint: String::new(),
         })),
     }
 }
@@ -451,6 +452,7 @@ async fn the_feed_applies_snapshots_and_deltas_then_acknowledges() {
     tokio::spawn(
         feed::Feed {
             node: "node-a".into(),
+            role: "agent",
             trust_domain: "cluster.local".into(),
             channel: channel::channel(&config).expect("channel"),
             token: channel::BearerToken::new(config.token_file.clone()),

@@ -35,6 +35,13 @@ enum Command {
         #[arg(long, env = "TRELLIS_CONTROLLER_CONFIG")]
         config: PathBuf,
     },
+    /// Run a waypoint: the L7 proxy of the services and pods that use it
+    /// (`trellis.dev/use-waypoint`), configured by the controller's stream.
+    Waypoint {
+        /// Waypoint configuration file (YAML).
+        #[arg(long, env = "TRELLIS_WAYPOINT_CONFIG")]
+        config: PathBuf,
+    },
     /// Prepare the node for the agent (the DaemonSet's init container): mount a bpf
     /// filesystem at `--bpffs` unless one is already there. Safe to run any number of times.
     NodeInit {
@@ -81,6 +88,12 @@ fn main() -> anyhow::Result<()> {
             let config = mesh_node::controller::ControllerConfig::load(&config)?;
             init_tracing(config.log_format);
             until_signalled(|shutdown| mesh_node::controller::run(config, shutdown))
+        }
+        Command::Waypoint { config } => {
+            let config = mesh_node::waypoint::WaypointConfig::load(&config)?;
+            init_tracing(config.log_format);
+            raise_fd_limit();
+            until_signalled(|shutdown| mesh_node::waypoint::run(config, shutdown))
         }
         Command::NodeInit { bpffs } => {
             init_tracing(LogFormat::Text);

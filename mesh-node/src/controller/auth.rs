@@ -1,13 +1,23 @@
-//! Who is calling: turns an agent's bearer credential into the node it runs on.
+//! Who is calling: turns a bearer credential into a [`Caller`], either a node agent (by the
+//! node it runs on) or a workload (by its service account; waypoints call as workloads).
 //!
 //! Both gRPC services authenticate every call the same way: `authorization: Bearer <token>`
 //! metadata, checked by an [`Authenticator`]. Two exist:
-//! - [`BootstrapTokens`]: a file mapping node names to per-node secrets, for the testbed and
-//!   clusters without Kubernetes authentication;
-//! - [`TokenReview`]: the agent's Kubernetes service account token, checked by the API server;
-//!   the node comes from the token's bound pod (`authentication.kubernetes.io/node-name`).
+//! - [`BootstrapTokens`]: a file of per-caller secrets, for the testbed and clusters without
+//!   Kubernetes authentication. A YAML map: a key `<node-name>` is that node's agent; a key
+//!   `serviceaccount:<namespace>/<name>` is a workload running as that service account (node
+//!   names never contain `:`, so the two cannot be confused). For example:
+//!   ```yaml
+//!   node-a: 3f9c...                              # the agent of node-a
+//!   "serviceaccount:shop/waypoint": 81d0...      # the pods of service account shop/waypoint
+//!   ```
+//! - [`TokenReview`]: a Kubernetes service account token, checked by the API server. A token
+//!   of one of the agents' service accounts is a node agent, whose node comes from the token's
+//!   bound pod (`authentication.kubernetes.io/node-name`); any other service account's token is
+//!   a workload caller (with its node when the token names one).
 //!
-//! Authorization (what a node may ask for) is the services' business, not this module's.
+//! Authorization (what a caller may ask for) is the services' business, not this module's: a
+//! workload credential proves only which service account the caller runs as.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -19,6 +29,8 @@ use std::{
 
 use k8s_openapi::api::authentication::v1::{TokenReview as TokenReviewObject, TokenReviewSpec};
 use tonic::{Status, metadata::MetadataMap};
+
+use crate::identity::Identity;
 
 /// The TokenReview user extra that names the node of the pod a token is bound to.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
@@ -54,18 +66,68 @@ pub enum AuthConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("bootstrap token file {path} is not a YAML map of node name to token: {reason}")]
+    #[error(
+        "bootstrap token file {path} is not a YAML map of node name (or serviceaccount:<namespace>/<name>) to token: {reason}"
+    )]
     Parse { path: String, reason: String },
-    #[error("bootstrap token for node {node:?} is invalid: {reason}")]
+    #[error("bootstrap token for {node:?} is invalid: {reason}")]
     Token { node: String, reason: String },
     #[error("token_review.agent_service_accounts entry {0:?} is not <namespace>/<service-account>")]
     ServiceAccount(String),
 }
 
-/// Proves which node the bearer of a token runs on.
+/// Bootstrap token file key prefix for workload callers: `serviceaccount:<namespace>/<name>`.
+pub const SERVICE_ACCOUNT_PREFIX: &str = "serviceaccount:";
+
+/// Who a credential belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// The agent of this node.
+    Node(String),
+    /// A workload running as `namespace/service_account`, on `node` when the credential says.
+    Workload {
+        namespace: String,
+        service_account: String,
+        node: Option<String>,
+    },
+}
+
+impl Caller {
+    /// A workload caller of `namespace/service_account`, on no known node.
+    pub fn workload(namespace: &str, service_account: &str) -> Self {
+        Self::Workload {
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+            node: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Caller::Node(node) => write!(f, "node {node}"),
+            Caller::Workload {
+                namespace,
+                service_account,
+                node: Some(node),
+            } => write!(
+                f,
+                "service account {namespace}/{service_account} on node {node}"
+            ),
+            Caller::Workload {
+                namespace,
+                service_account,
+                node: None,
+            } => write!(f, "service account {namespace}/{service_account}"),
+        }
+    }
+}
+
+/// Proves who the bearer of a token is.
 pub trait Authenticator: Send + Sync {
-    /// The node name the credential belongs to.
-    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<String, AuthError>>;
+    /// The caller the credential belongs to.
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, AuthError>>;
 }
 
 /// The bearer token of a request.
@@ -85,18 +147,19 @@ pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, AuthError> {
     Ok(token)
 }
 
-/// Authenticates a request: the node it comes from, or the status to answer with.
+/// Authenticates a request: who it comes from, or the status to answer with.
 pub async fn authenticate(
     auth: &dyn Authenticator,
     metadata: &MetadataMap,
-) -> Result<String, Status> {
+) -> Result<Caller, Status> {
     let token = bearer_token(metadata)?;
     auth.authenticate(token).await.map_err(Status::from)
 }
 
-/// Per-node secrets from a file: `node-name: token` lines (a YAML map).
+/// Per-caller secrets from a file: a YAML map of `node-name` or
+/// `serviceaccount:<namespace>/<name>` to token (see the module docs).
 pub struct BootstrapTokens {
-    tokens: Vec<(String, String)>,
+    tokens: Vec<(Caller, String)>,
 }
 
 impl std::fmt::Debug for BootstrapTokens {
@@ -104,8 +167,12 @@ impl std::fmt::Debug for BootstrapTokens {
         // Never the tokens themselves.
         f.debug_struct("BootstrapTokens")
             .field(
-                "nodes",
-                &self.tokens.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                "callers",
+                &self
+                    .tokens
+                    .iter()
+                    .map(|(c, _)| c.to_string())
+                    .collect::<Vec<_>>(),
             )
             .finish()
     }
@@ -128,6 +195,7 @@ impl BootstrapTokens {
 
     pub fn new(map: BTreeMap<String, String>) -> Result<Self, AuthConfigError> {
         let mut seen = BTreeSet::new();
+        let mut tokens = Vec::with_capacity(map.len());
         for (node, token) in &map {
             let invalid = |reason: &str| AuthConfigError::Token {
                 node: node.clone(),
@@ -136,6 +204,22 @@ impl BootstrapTokens {
             if node.is_empty() {
                 return Err(invalid("the node name is empty"));
             }
+            let caller = match node.strip_prefix(SERVICE_ACCOUNT_PREFIX) {
+                None => Caller::Node(node.clone()),
+                Some(account) => {
+                    let (namespace, name) = account
+                        .split_once('/')
+                        // The identity rules, whatever the trust domain: a caller that could
+                        // never hold an identity is a typo.
+                        .filter(|(ns, name)| Identity::new("cluster.local", ns, name).is_ok())
+                        .ok_or_else(|| {
+                            invalid(
+                                "a workload key is serviceaccount:<namespace>/<name>, both valid Kubernetes names",
+                            )
+                        })?;
+                    Caller::workload(namespace, name)
+                }
+            };
             if token.len() < MIN_TOKEN_LEN {
                 return Err(invalid(
                     "shorter than 16 characters; use a long random secret",
@@ -145,12 +229,13 @@ impl BootstrapTokens {
                 return Err(invalid("only printable ASCII without spaces is allowed"));
             }
             if !seen.insert(token.as_str()) {
-                return Err(invalid("the same token is given to another node"));
+                return Err(invalid(
+                    "the same token is given to another node or account",
+                ));
             }
+            tokens.push((caller, token.clone()));
         }
-        Ok(Self {
-            tokens: map.into_iter().collect(),
-        })
+        Ok(Self { tokens })
     }
 }
 
@@ -165,12 +250,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Authenticator for BootstrapTokens {
-    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<String, AuthError>> {
-        // Every entry is compared, so the time taken does not say which node matched.
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, AuthError>> {
+        // Every entry is compared, so the time taken does not say which caller matched.
         let mut found = None;
-        for (node, expected) in &self.tokens {
+        for (caller, expected) in &self.tokens {
             if constant_time_eq(expected.as_bytes(), token.as_bytes()) {
-                found = Some(node.clone());
+                found = Some(caller.clone());
             }
         }
         Box::pin(std::future::ready(found.ok_or_else(|| {
@@ -180,8 +265,9 @@ impl Authenticator for BootstrapTokens {
 }
 
 /// Kubernetes service account tokens, checked with the TokenReview API. Only tokens of the
-/// agent's own service accounts are accepted: every pod's bound token names its node, and a
-/// workload must not be able to pass as its node's agent.
+/// agents' own service accounts make a node agent: every pod's bound token names its node, and
+/// a workload must not be able to pass as its node's agent. Other service accounts' tokens make
+/// workload callers, which the services authorize far more narrowly.
 pub struct TokenReview {
     client: kube::Client,
     /// Usernames allowed: `system:serviceaccount:<namespace>:<name>`.
@@ -214,7 +300,7 @@ impl TokenReview {
         })
     }
 
-    async fn review(&self, token: &str) -> Result<String, AuthError> {
+    async fn review(&self, token: &str) -> Result<Caller, AuthError> {
         let api: kube::Api<TokenReviewObject> = kube::Api::all(self.client.clone());
         let review = TokenReviewObject {
             spec: TokenReviewSpec {
@@ -240,27 +326,44 @@ impl TokenReview {
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
-        if !self.agents.contains(&username) {
-            return Err(AuthError::Refused(format!(
-                "{username} is not an agent service account"
-            )));
-        }
-        match user
+        let node = match user
             .extra
             .unwrap_or_default()
             .remove(NODE_NAME_EXTRA)
             .as_deref()
         {
-            Some([node]) if !node.is_empty() => Ok(node.clone()),
+            Some([node]) if !node.is_empty() => Some(node.clone()),
+            _ => None,
+        };
+        if self.agents.contains(&username) {
+            return node.map(Caller::Node).ok_or_else(|| {
+                AuthError::Refused(format!(
+                    "the token is not bound to a pod on a node (no {NODE_NAME_EXTRA}); use a projected service account token"
+                ))
+            });
+        }
+        // Kubernetes names service accounts `system:serviceaccount:<namespace>:<name>`;
+        // neither part can contain ':'.
+        match username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|account| account.split_once(':'))
+        {
+            Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() => {
+                Ok(Caller::Workload {
+                    namespace: namespace.to_owned(),
+                    service_account: name.to_owned(),
+                    node,
+                })
+            }
             _ => Err(AuthError::Refused(format!(
-                "the token is not bound to a pod on a node (no {NODE_NAME_EXTRA}); use a projected service account token"
+                "{username} is not a service account"
             ))),
         }
     }
 }
 
 impl Authenticator for TokenReview {
-    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<String, AuthError>> {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, AuthError>> {
         Box::pin(self.review(token))
     }
 }
@@ -269,13 +372,13 @@ impl Authenticator for TokenReview {
 pub struct AnyOf(pub Vec<Arc<dyn Authenticator>>);
 
 impl Authenticator for AnyOf {
-    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<String, AuthError>> {
+    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, AuthError>> {
         Box::pin(async move {
             let mut unavailable = None;
             let mut refused = None;
             for auth in &self.0 {
                 match auth.authenticate(token).await {
-                    Ok(node) => return Ok(node),
+                    Ok(caller) => return Ok(caller),
                     Err(e @ AuthError::Unavailable(_)) => unavailable = Some(e),
                     Err(e) => refused = Some(e),
                 }
@@ -292,20 +395,31 @@ impl Authenticator for AnyOf {
 pub(crate) mod tests {
     use super::*;
 
+    /// Service account `shop/waypoint`'s bootstrap token in [`tokens`].
+    pub(crate) const WAYPOINT_TOKEN: &str = "token-for-shop-waypoint-0123456789";
+    /// Service account `shop/web`'s (not a waypoint's) bootstrap token in [`tokens`].
+    pub(crate) const WEB_TOKEN: &str = "token-for-shop-web-0123456789";
+
     pub(crate) fn tokens() -> BootstrapTokens {
         BootstrapTokens::new(BTreeMap::from([
             ("node-a".into(), "token-for-node-a-0123456789".into()),
             ("node-b".into(), "token-for-node-b-0123456789".into()),
+            ("serviceaccount:shop/waypoint".into(), WAYPOINT_TOKEN.into()),
+            ("serviceaccount:shop/web".into(), WEB_TOKEN.into()),
         ]))
         .expect("valid tokens")
     }
 
     #[tokio::test]
-    async fn bootstrap_tokens_name_their_node() {
+    async fn bootstrap_tokens_name_their_node_or_service_account() {
         let t = tokens();
         assert_eq!(
             t.authenticate("token-for-node-b-0123456789").await.ok(),
-            Some("node-b".into())
+            Some(Caller::Node("node-b".into()))
+        );
+        assert_eq!(
+            t.authenticate(WAYPOINT_TOKEN).await.ok(),
+            Some(Caller::workload("shop", "waypoint"))
         );
         for bad in [
             "token-for-node-b-012345678",
@@ -315,6 +429,37 @@ pub(crate) mod tests {
         ] {
             assert!(t.authenticate(bad).await.is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn workload_keys_must_name_a_service_account() {
+        let load = |key: &str| {
+            BootstrapTokens::new(BTreeMap::from([(
+                key.to_owned(),
+                "a-long-enough-token-0123456789".to_owned(),
+            )]))
+        };
+        let ok = load("serviceaccount:shop/waypoint.v2").expect("valid");
+        assert_eq!(ok.tokens[0].0, Caller::workload("shop", "waypoint.v2"));
+        for bad in [
+            "serviceaccount:shop",
+            "serviceaccount:/waypoint",
+            "serviceaccount:shop/",
+            "serviceaccount:shop/a/b",
+            "serviceaccount:Shop/waypoint",
+            "serviceaccount:",
+        ] {
+            let err = load(bad).expect_err(bad).to_string();
+            assert!(
+                err.contains(bad) && err.contains("serviceaccount:<namespace>/<name>"),
+                "{bad}: {err}"
+            );
+        }
+        // Anything else is a node name, as before.
+        assert_eq!(
+            load("serviceaccounts-node").expect("node").tokens[0].0,
+            Caller::Node("serviceaccounts-node".into())
+        );
     }
 
     #[test]
@@ -379,7 +524,7 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn token_review_takes_the_node_of_agent_tokens_only() {
+    async fn token_review_tells_agents_from_workloads() {
         let (service, mut handle) = tower_test::mock::pair();
         let client = kube::Client::new(service, "default");
         let review = Arc::new(
@@ -404,13 +549,27 @@ pub(crate) mod tests {
                     "system:serviceaccount:trellis-system:trellis-agent",
                     Some("node-a"),
                 ),
-                Some("node-a"),
+                Some(Caller::Node("node-a".into())),
             ),
-            (user("system:serviceaccount:shop:web", Some("node-a")), None),
+            (
+                user("system:serviceaccount:shop:web", Some("node-a")),
+                Some(Caller::Workload {
+                    namespace: "shop".into(),
+                    service_account: "web".into(),
+                    node: Some("node-a".into()),
+                }),
+            ),
+            (
+                user("system:serviceaccount:shop:waypoint", None),
+                Some(Caller::workload("shop", "waypoint")),
+            ),
+            // An agent's token must say which node it is on; a workload's need not.
             (
                 user("system:serviceaccount:trellis-system:trellis-agent", None),
                 None,
             ),
+            (user("alice@example.com", Some("node-a")), None),
+            (user("system:serviceaccount:shop", None), None),
             (
                 serde_json::json!({"authenticated": false, "error": "expired"}),
                 None,
@@ -426,7 +585,7 @@ pub(crate) mod tests {
             .await
             .expect("request within 5 s");
             let got = call.await.expect("no panic");
-            assert_eq!(got.as_ref().ok().map(String::as_str), want, "{got:?}");
+            assert_eq!(got.as_ref().ok(), want.as_ref(), "{got:?}");
         }
     }
 }

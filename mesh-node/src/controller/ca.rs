@@ -1,18 +1,26 @@
-//! The CA service: signs agents' certificate requests for the identities of their own pods.
+//! The CA service: signs agents' certificate requests for the identities of their own pods,
+//! and waypoints' requests for their own identity.
 //!
-//! Each call is authenticated (the caller's node, see [`super::auth`]) and authorized against
-//! the latest published mesh state: the identity asked for must be that of at least one
-//! enrolled pod scheduled on the caller's node. Anything else is refused before any signing,
-//! logged and counted. The certificate is built from the identity alone (one URI SAN, no CN);
-//! only the request's public key is used, so private keys never leave the agents.
+//! Each call is authenticated (the [`Caller`], see [`super::auth`]) and authorized against the
+//! latest published mesh state:
+//! - a node agent may obtain the identity of at least one enrolled pod scheduled on its node,
+//!   and never a waypoint's identity (even if an enrolled pod shares its service account: the
+//!   translation rejects that pod instead), so no node can impersonate a waypoint;
+//! - a workload may obtain only its own identity, and only when its service account is that of
+//!   a waypoint (`Translation::waypoint_accounts`); other workloads get their certificates from
+//!   their node's agent.
+//!
+//! Anything else is refused before any signing, logged and counted. The certificate is built
+//! from the identity alone (one URI SAN, no CN); only the request's public key is used, so
+//! private keys never leave their holders.
 
 use std::{sync::Arc, time::Duration};
 
 use tonic::{Request, Response, Status};
 
 use super::{
-    SharedState,
-    auth::{self, Authenticator},
+    SharedState, Translation,
+    auth::{self, Authenticator, Caller},
     metrics::{ControllerMetrics, SignResult},
 };
 use crate::{
@@ -60,8 +68,8 @@ impl CaService {
     }
 
     async fn sign_inner(&self, request: Request<SignRequest>) -> Result<SignResponse, Status> {
-        let node = match auth::authenticate(self.auth.as_ref(), request.metadata()).await {
-            Ok(node) => node,
+        let caller = match auth::authenticate(self.auth.as_ref(), request.metadata()).await {
+            Ok(caller) => caller,
             Err(status) => {
                 tracing::warn!(peer = ?request.remote_addr(), reason = status.message(), "certificate request not authenticated");
                 let result = if status.code() == tonic::Code::Unavailable {
@@ -101,19 +109,15 @@ impl CaService {
                 Status::unavailable("the controller has not loaded the cluster state yet; retry"),
             ));
         };
-        if !state.translation.node_may_hold(&node, &identity) {
+        if let Err(reason) = may_hold(&state.translation, &caller, &identity) {
             tracing::warn!(
-                %node,
+                %caller,
                 %identity,
                 version = state.version,
-                "refused certificate: no enrolled pod on this node has this identity"
+                %reason,
+                "refused certificate"
             );
-            return Err(self.fail(
-                SignResult::Denied,
-                Status::permission_denied(format!(
-                    "node {node} runs no enrolled pod with identity {identity}: an agent may only obtain certificates for identities of pods scheduled on its own node"
-                )),
-            ));
+            return Err(self.fail(SignResult::Denied, Status::permission_denied(reason)));
         }
 
         let ttl = match request.ttl_secs {
@@ -133,11 +137,41 @@ impl CaService {
                 }
             })?;
         self.metrics.sign(SignResult::Signed);
-        tracing::info!(%node, %identity, ttl_secs = ttl.as_secs(), "signed workload certificate");
+        tracing::info!(%caller, %identity, ttl_secs = ttl.as_secs(), "signed workload certificate");
         Ok(SignResponse {
             chain_pem: signed.chain_pem,
             roots_pem: vec![self.ca.cert_pem().to_owned()],
         })
+    }
+}
+
+/// Whether `caller` may obtain a certificate for `identity` (see the module docs); the refusal
+/// names both.
+fn may_hold(translation: &Translation, caller: &Caller, identity: &Identity) -> Result<(), String> {
+    let (namespace, account) = (identity.namespace(), identity.service_account());
+    match caller {
+        Caller::Node(node) if translation.is_waypoint_account(namespace, account) => Err(format!(
+            "node {node} may not obtain identity {identity}: it is a waypoint's, which only the waypoint's own pods may obtain"
+        )),
+        Caller::Node(node) if !translation.node_may_hold(node, identity) => Err(format!(
+            "node {node} runs no enrolled pod with identity {identity}: an agent may only obtain certificates for identities of pods scheduled on its own node"
+        )),
+        Caller::Node(_) => Ok(()),
+        Caller::Workload {
+            namespace: own_namespace,
+            service_account: own_account,
+            ..
+        } if (own_namespace.as_str(), own_account.as_str()) != (namespace, account) => {
+            Err(format!(
+                "{caller} may not obtain identity {identity}: a workload may only obtain its own identity"
+            ))
+        }
+        Caller::Workload { .. } if !translation.is_waypoint_account(namespace, account) => {
+            Err(format!(
+                "{caller} is not the service account of a waypoint with running pods: other workloads get their certificates from their node's agent"
+            ))
+        }
+        Caller::Workload { .. } => Ok(()),
     }
 }
 
@@ -157,7 +191,7 @@ mod tests {
     use super::*;
     use crate::controller::{
         Published,
-        auth::tests::tokens,
+        auth::tests::{WAYPOINT_TOKEN, WEB_TOKEN, tokens},
         objects::{ClusterObjects, Object},
         translate::{TranslateSettings, translate},
     };
@@ -173,14 +207,22 @@ mod tests {
         for (name, sa, node, ip) in [
             ("web", "web.v2", "node-a", "10.0.0.1"),
             ("api", "api", "node-b", "10.0.1.1"),
+            ("wp", "waypoint", "node-a", "10.0.0.2"),
         ] {
             let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
-                "metadata": {"name": name, "namespace": "shop", "uid": format!("u-{name}")},
+                "metadata": {"name": name, "namespace": "shop", "uid": format!("u-{name}"),
+                             "labels": {"gateway.networking.k8s.io/gateway-name": name}},
                 "spec": {"serviceAccountName": sa, "nodeName": node, "containers": []},
-                "status": {"podIP": ip}}))
+                "status": {"phase": "Running", "podIP": ip}}))
             .expect("pod");
             o.apply(Object::Pod(pod)).expect("named");
         }
+        // Pod "wp" serves waypoint shop/wp; the other pods' labels name no waypoint.
+        let waypoint = crate::controller::objects::PolicyObject::untyped(&serde_json::json!({
+            "metadata": {"name": "wp", "namespace": "shop"},
+            "spec": {"gatewayClassName": "trellis-waypoint"}}))
+        .expect("gateway");
+        o.apply(Object::Gateway(waypoint)).expect("named");
         let translation = translate(
             &o,
             &TranslateSettings {
@@ -391,5 +433,81 @@ mod tests {
                 .message()
                 .contains("spiffe://cluster.local/ns/shop/sa/api")
         );
+    }
+
+    #[tokio::test]
+    async fn a_waypoint_may_obtain_only_its_own_identity_and_agents_never_may() {
+        let ca = Arc::new(LocalCa::generate(TD).expect("ca"));
+        let metrics = Arc::new(ControllerMetrics::new());
+        let svc = service(ca, metrics.clone());
+        let waypoint = "spiffe://cluster.local/ns/shop/sa/waypoint";
+        let signed = svc
+            .sign(request(
+                WAYPOINT_TOKEN,
+                waypoint,
+                csr(&rcgen::PKCS_ECDSA_P256_SHA256),
+                0,
+            ))
+            .await
+            .expect("a waypoint's own identity is signed")
+            .into_inner();
+        use rustls_pki_types::{CertificateDer, pem::PemObject};
+        let leaf = CertificateDer::from_pem_slice(signed.chain_pem[0].as_bytes()).expect("pem");
+        assert_eq!(
+            crate::tls::identity_of(&leaf)
+                .expect("identity")
+                .to_string(),
+            waypoint
+        );
+
+        let cases = [
+            (
+                "a waypoint asking for another identity",
+                WAYPOINT_TOKEN,
+                "spiffe://cluster.local/ns/shop/sa/web.v2",
+                "may only obtain its own identity",
+            ),
+            (
+                "a waypoint asking for its name in another namespace",
+                WAYPOINT_TOKEN,
+                "spiffe://cluster.local/ns/other/sa/waypoint",
+                "may only obtain its own identity",
+            ),
+            (
+                "a workload that is not a waypoint",
+                WEB_TOKEN,
+                "spiffe://cluster.local/ns/shop/sa/web",
+                "not the service account of a waypoint",
+            ),
+            (
+                "the agent of the waypoint pod's node",
+                "token-for-node-a-0123456789",
+                waypoint,
+                "it is a waypoint's",
+            ),
+        ];
+        for (name, token, identity, why) in cases {
+            let status = svc
+                .sign(request(
+                    token,
+                    identity,
+                    csr(&rcgen::PKCS_ECDSA_P256_SHA256),
+                    0,
+                ))
+                .await
+                .expect_err(name);
+            assert_eq!(
+                status.code(),
+                tonic::Code::PermissionDenied,
+                "{name}: {status:?}"
+            );
+            assert!(
+                status.message().contains(why),
+                "{name}: {}",
+                status.message()
+            );
+        }
+        assert_eq!(metrics.sign_count(SignResult::Signed), 1);
+        assert_eq!(metrics.sign_count(SignResult::Denied), 4);
     }
 }

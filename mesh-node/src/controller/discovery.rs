@@ -1,10 +1,17 @@
-//! The Discovery service: streams the mesh state to each agent, incrementally.
+//! The Discovery service: streams the mesh state to each agent and waypoint, incrementally.
 //!
-//! An agent authenticates (see [`super::auth`]), says Hello with its node name (which must be
-//! the node its credential proves), and receives a full snapshot of the current state, then a
-//! delta (upserts by key, removed keys) each time the state changes. Every update carries the
-//! version of the state it brings the agent to; versions increase. The agent's Acks are read
-//! alongside; resources it rejected are logged with its reason.
+//! A caller authenticates (see [`super::auth`]) and says Hello with its role:
+//! - `agent` (or empty): the caller must be a node agent, and the Hello must name the node its
+//!   credential proves. It receives everything except the routing objects.
+//! - `waypoint`: the caller must be a workload whose service account is a waypoint's (checked
+//!   against the current state, and again at every new state: a stream whose account stops
+//!   being a waypoint's ends with `permission_denied`). It receives everything agents receive
+//!   plus the `route/` resources. Its Hello's node is informational.
+//!
+//! Anything else is refused. The stream then carries a full snapshot of the current state,
+//! then a delta (upserts by key, removed keys) each time the state changes. Every update
+//! carries the version of the state it brings the caller to; versions increase. The caller's
+//! Acks are read alongside; resources it rejected are logged with its reason.
 //!
 //! Memory per agent is bounded: the stream holds at most [`StreamSettings::capacity`] updates.
 //! The next update is computed only when there is room, from what the agent was last sent to
@@ -27,8 +34,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{
     Published, SharedState,
-    auth::{self, Authenticator},
+    auth::{self, Authenticator, Caller},
     metrics::ControllerMetrics,
+    translate::{Role, for_role},
 };
 use crate::api::v1::{
     AgentMessage, Resource, Update, agent_message::Message, discovery_server::Discovery,
@@ -83,6 +91,62 @@ impl DiscoveryService {
 
 pub type UpdateStream = Pin<Box<dyn Stream<Item = Result<Update, Status>> + Send>>;
 
+impl DiscoveryService {
+    /// The role `caller` streams as, and for a waypoint its `(namespace, service account)`;
+    /// or why it may not (see the module docs).
+    fn authorize(
+        &self,
+        caller: &Caller,
+        hello: &crate::api::v1::Hello,
+    ) -> Result<(Role, Option<(String, String)>), Status> {
+        let role = match hello.role.as_str() {
+            "" | "agent" => Role::Agent,
+            "waypoint" => Role::Waypoint,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "Hello role {other:?} is unknown: say \"agent\" or \"waypoint\""
+                )));
+            }
+        };
+        match (caller, role) {
+            (Caller::Node(node), Role::Agent) if hello.node == *node => Ok((role, None)),
+            (Caller::Node(node), Role::Agent) => Err(Status::permission_denied(format!(
+                "Hello names node {:?} but the credential belongs to node {node:?}",
+                hello.node
+            ))),
+            (Caller::Node(node), Role::Waypoint) => Err(Status::permission_denied(format!(
+                "node {node}'s credential cannot stream as a waypoint: a waypoint authenticates as its own service account"
+            ))),
+            (Caller::Workload { .. }, Role::Agent) => Err(Status::permission_denied(format!(
+                "{caller} is a workload, not a node agent: workloads may only stream as a waypoint"
+            ))),
+            (
+                Caller::Workload {
+                    namespace,
+                    service_account,
+                    ..
+                },
+                Role::Waypoint,
+            ) => {
+                let account = (namespace.clone(), service_account.clone());
+                match self.state.borrow().as_deref() {
+                    None => Err(Status::unavailable(
+                        "the controller has not loaded the cluster state yet; retry",
+                    )),
+                    Some(state) if is_waypoint(state, &account) => Ok((role, Some(account))),
+                    Some(_) => Err(Status::permission_denied(format!(
+                        "{caller} is not the service account of a waypoint with running pods"
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+fn is_waypoint(state: &Published, (namespace, account): &(String, String)) -> bool {
+    state.translation.is_waypoint_account(namespace, account)
+}
+
 #[tonic::async_trait]
 impl Discovery for DiscoveryService {
     type StreamStream = UpdateStream;
@@ -91,7 +155,7 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<UpdateStream>, Status> {
-        let node = auth::authenticate(self.auth.as_ref(), request.metadata())
+        let caller = auth::authenticate(self.auth.as_ref(), request.metadata())
             .await
             .inspect_err(|status| {
                 tracing::warn!(peer = ?request.remote_addr(), reason = status.message(), "discovery stream not authenticated");
@@ -108,19 +172,21 @@ impl Discovery for DiscoveryService {
                 ));
             }
         };
-        if hello.node != node {
-            tracing::warn!(credential = %node, hello = %hello.node, "discovery Hello names another node");
-            return Err(Status::permission_denied(format!(
-                "Hello names node {:?} but the credential belongs to node {node:?}",
-                hello.node
-            )));
-        }
-        tracing::info!(%node, last_version = hello.last_version, "agent connected");
+        let (role, waypoint_account) = self.authorize(&caller, &hello).inspect_err(|status| {
+            tracing::warn!(%caller, role = %hello.role, hello_node = %hello.node, reason = status.message(), "discovery stream refused");
+        })?;
+        let peer = match role {
+            Role::Agent => caller.to_string(),
+            Role::Waypoint => format!("waypoint {caller}"),
+        };
+        tracing::info!(%peer, hello_node = %hello.node, last_version = hello.last_version, "connected");
 
         let (tx, rx) = mpsc::channel(self.settings.capacity.max(1));
         let final_status = Arc::new(Mutex::new(None));
         let agent = Agent {
-            node,
+            peer,
+            role,
+            waypoint_account,
             state: self.state.clone(),
             metrics: self.metrics.clone(),
             stop: self.shutdown.child_token(),
@@ -153,8 +219,13 @@ fn updates(
     })
 }
 
+/// One open stream, to an agent or a waypoint.
 struct Agent {
-    node: String,
+    /// Who is at the other end, for log lines.
+    peer: String,
+    role: Role,
+    /// A waypoint's `(namespace, service account)`: the stream ends once it is no longer one.
+    waypoint_account: Option<(String, String)>,
     state: SharedState,
     metrics: Arc<ControllerMetrics>,
     /// Ends this stream: on shutdown, or when the agent goes away.
@@ -174,7 +245,7 @@ impl Agent {
         self.metrics.agents_connected.inc();
         // Reading Acks ends the stream when the agent goes away, and vice versa.
         let reader = tokio::spawn(read_acks(
-            self.node.clone(),
+            self.peer.clone(),
             inbound,
             self.metrics.clone(),
             self.stop.clone(),
@@ -185,7 +256,7 @@ impl Agent {
             result = Err(Status::unavailable("the controller is shutting down"));
         }
         if let Err(status) = result {
-            tracing::info!(node = %self.node, reason = status.message(), "ending discovery stream");
+            tracing::info!(peer = %self.peer, reason = status.message(), "ending discovery stream");
             if let Ok(mut slot) = final_status.lock() {
                 *slot = Some(status);
             }
@@ -193,7 +264,7 @@ impl Agent {
         self.stop.cancel();
         let _ = reader.await;
         self.metrics.agents_connected.dec();
-        tracing::info!(node = %self.node, "agent disconnected");
+        tracing::info!(peer = %self.peer, "disconnected");
     }
 
     /// Sends the snapshot, then deltas, until the agent or the controller goes away.
@@ -213,16 +284,24 @@ impl Agent {
                 },
             };
             let current = self.state.borrow_and_update().clone();
+            if let (Some(current), Some(account)) = (&current, &self.waypoint_account)
+                && !is_waypoint(current, account)
+            {
+                return Err(Status::permission_denied(format!(
+                    "service account {}/{} is no longer a waypoint's",
+                    account.0, account.1
+                )));
+            }
             match (current, &sent) {
                 (Some(current), Some(prev)) if prev.version == current.version => drop(permit),
                 (Some(current), prev) => {
-                    let update = update_between(prev.as_deref(), &current);
+                    let update = update_between(prev.as_deref(), &current, self.role);
                     self.metrics.updates_sent.inc();
                     if update.snapshot {
                         self.metrics.snapshots_sent.inc();
                     }
                     tracing::debug!(
-                        node = %self.node,
+                        peer = %self.peer,
                         version = update.version,
                         snapshot = update.snapshot,
                         upserts = update.upserts.len(),
@@ -245,20 +324,34 @@ impl Agent {
     }
 }
 
-/// What brings an agent holding `prev` (nothing, for a new stream) to `current`: a snapshot,
-/// or the changed and removed resources when that is smaller.
-pub fn update_between(prev: Option<&Published>, current: &Published) -> Update {
+/// What brings a `role` stream holding `prev` (nothing, for a new stream) to `current`: a
+/// snapshot, or the changed and removed resources when that is smaller. Only resources the
+/// role receives ([`for_role`]) are considered, so an agent never sees a route, even removed.
+pub fn update_between(prev: Option<&Published>, current: &Published, role: Role) -> Update {
+    let visible = |resources: &BTreeMap<String, Resource>| -> usize {
+        resources.keys().filter(|k| for_role(k, role)).count()
+    };
     let snapshot = || Update {
         version: current.version,
         snapshot: true,
-        upserts: current.translation.resources.values().cloned().collect(),
+        upserts: current
+            .translation
+            .resources
+            .iter()
+            .filter(|(k, _)| for_role(k, role))
+            .map(|(_, r)| r.clone())
+            .collect(),
         removes: Vec::new(),
     };
     let Some(prev) = prev else {
         return snapshot();
     };
-    let (upserts, removes) = delta(&prev.translation.resources, &current.translation.resources);
-    if upserts.len() + removes.len() > current.translation.resources.len() {
+    let (upserts, removes) = delta(
+        &prev.translation.resources,
+        &current.translation.resources,
+        role,
+    );
+    if upserts.len() + removes.len() > visible(&current.translation.resources) {
         return snapshot();
     }
     Update {
@@ -269,26 +362,28 @@ pub fn update_between(prev: Option<&Published>, current: &Published) -> Update {
     }
 }
 
-/// Resources new or changed in `next`, and keys gone from it; both in key order.
+/// Resources `role` receives that are new or changed in `next`, and keys gone from it; both
+/// in key order.
 fn delta(
     prev: &BTreeMap<String, Resource>,
     next: &BTreeMap<String, Resource>,
+    role: Role,
 ) -> (Vec<Resource>, Vec<String>) {
     let upserts = next
         .iter()
-        .filter(|(key, resource)| prev.get(*key) != Some(resource))
+        .filter(|(key, resource)| for_role(key, role) && prev.get(*key) != Some(resource))
         .map(|(_, resource)| resource.clone())
         .collect();
     let removes = prev
         .keys()
-        .filter(|key| !next.contains_key(*key))
+        .filter(|key| for_role(key, role) && !next.contains_key(*key))
         .cloned()
         .collect();
     (upserts, removes)
 }
 
 async fn read_acks(
-    node: String,
+    peer: String,
     mut inbound: Streaming<AgentMessage>,
     metrics: Arc<ControllerMetrics>,
     stop: CancellationToken,
@@ -305,24 +400,24 @@ async fn read_acks(
                 for rejected in &ack.rejected {
                     metrics.resources_rejected_by_agents.inc();
                     tracing::warn!(
-                        %node,
+                        %peer,
                         version = ack.version,
                         key = %rejected.key,
                         reason = %rejected.reason,
-                        "agent rejected a resource; it keeps its last good state for it"
+                        "resource rejected by the receiver; it keeps its last good state for it"
                     );
                 }
-                tracing::debug!(%node, version = ack.version, "agent acknowledged");
+                tracing::debug!(%peer, version = ack.version, "acknowledged");
             }
             Ok(Some(AgentMessage {
                 message: Some(Message::Hello(_)),
-            })) => tracing::debug!(%node, "ignoring a second Hello"),
+            })) => tracing::debug!(%peer, "ignoring a second Hello"),
             Ok(Some(AgentMessage { message: None })) => {
-                tracing::debug!(%node, "ignoring an empty message");
+                tracing::debug!(%peer, "ignoring an empty message");
             }
             Ok(None) => break,
             Err(status) => {
-                tracing::debug!(%node, error = %status, "agent stream ended with an error");
+                tracing::debug!(%peer, error = %status, "stream ended with an error");
                 break;
             }
         }
@@ -370,11 +465,11 @@ mod tests {
         let v1 = published(1, &[a.clone(), b, c.clone()]);
         let v2 = published(2, &[a.clone(), b2.clone(), d.clone()]);
 
-        let first = update_between(None, &v1);
+        let first = update_between(None, &v1, Role::Agent);
         assert!(first.snapshot);
         assert_eq!(first.upserts.len(), 3);
 
-        let update = update_between(Some(&v1), &v2);
+        let update = update_between(Some(&v1), &v2, Role::Agent);
         assert!(!update.snapshot);
         assert_eq!(update.version, 2);
         assert_eq!(update.upserts, vec![b2.1, d.1]);
@@ -382,6 +477,60 @@ mod tests {
 
         // Everything replaced: a snapshot is smaller than the delta.
         let v3 = published(3, &[node("x", "10.0.0.5:15008")]);
-        assert!(update_between(Some(&v2), &v3).snapshot);
+        assert!(update_between(Some(&v2), &v3, Role::Agent).snapshot);
+    }
+
+    fn route(name: &str, spec: &str) -> (String, Resource) {
+        let key = format!("route/HTTPRoute/shop/{name}");
+        (
+            key.clone(),
+            Resource {
+                key,
+                kind: Some(api::resource::Kind::Policy(api::Policy {
+                    kind: "HTTPRoute".into(),
+                    namespace: "shop".into(),
+                    name: name.into(),
+                    generation: 1,
+                    spec_json: spec.into(),
+                })),
+            },
+        )
+    }
+
+    #[test]
+    fn routes_reach_waypoints_and_never_agents() {
+        let a = node("a", "10.0.0.1:15008");
+        let b = node("b", "10.0.0.2:15008");
+        let r1 = route("r1", "{}");
+        let r2 = route("r2", "{}");
+        let v1 = published(1, &[a.clone(), b.clone(), r1.clone(), r2.clone()]);
+        let keys = |u: &Update| u.upserts.iter().map(|r| r.key.clone()).collect::<Vec<_>>();
+
+        let agent = update_between(None, &v1, Role::Agent);
+        assert_eq!(keys(&agent), vec!["node/a", "node/b"]);
+        let waypoint = update_between(None, &v1, Role::Waypoint);
+        assert_eq!(
+            keys(&waypoint),
+            vec![
+                "node/a",
+                "node/b",
+                "route/HTTPRoute/shop/r1",
+                "route/HTTPRoute/shop/r2"
+            ]
+        );
+
+        // A route changes and another goes: the agent hears nothing of either.
+        let v2 = published(2, &[a.clone(), b.clone(), route("r1", r#"{"rules":[]}"#)]);
+        let agent = update_between(Some(&v1), &v2, Role::Agent);
+        assert!(!agent.snapshot, "an empty delta, not a snapshot");
+        assert_eq!(agent.version, 2);
+        assert!(
+            agent.upserts.is_empty() && agent.removes.is_empty(),
+            "{agent:?}"
+        );
+        let waypoint = update_between(Some(&v1), &v2, Role::Waypoint);
+        assert!(!waypoint.snapshot);
+        assert_eq!(keys(&waypoint), vec!["route/HTTPRoute/shop/r1"]);
+        assert_eq!(waypoint.removes, vec!["route/HTTPRoute/shop/r2".to_owned()]);
     }
 }

@@ -5,7 +5,8 @@
 //! subdirectories; hidden files are skipped so editors' and atomic writers' temporary files
 //! never count) is read in name order. YAML files may hold several documents separated by
 //! `---`; a `kind: List` document contributes its `items`. Each document is dispatched on
-//! `apiVersion`/`kind`; kinds the mesh does not read are ignored. A malformed document is
+//! `apiVersion`/`kind`; kinds the mesh does not read are ignored (Gateway API kinds are read at
+//! `gateway.networking.k8s.io/v1` only, TrafficPolicy at `traffic.trellis.dev/v1`). A malformed document is
 //! rejected alone, with an error naming the file and the document's index; everything else is
 //! applied. Writers should replace files atomically (write a hidden temporary file, then
 //! rename it): a half-written file is read as whatever it holds at that instant.
@@ -24,7 +25,7 @@ use std::{
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::objects::{ClusterObjects, Object, PolicyObject};
+use super::objects::{ClusterObjects, GATEWAY_API_VERSION, Object, PolicyObject, RouteKind};
 use crate::policy::PolicyKind;
 
 /// How often the directory is rescanned even without change events.
@@ -257,9 +258,18 @@ fn apply_value(
         (PolicyKind::API_VERSION, "PeerAuthentication") => Object::PeerAuthentication(
             PolicyObject::from_manifest(PolicyKind::PeerAuthentication, &value).map_err(typed)?,
         ),
-        _ => {
-            tracing::debug!(%api_version, %kind, "ignoring a kind the mesh does not read");
-            return Ok(());
+        // Kept as written: the controller reads only the class, the waypoints the routes.
+        (GATEWAY_API_VERSION, "Gateway") => {
+            Object::Gateway(PolicyObject::untyped(&value).map_err(typed)?)
+        }
+        (version, kind) => {
+            match RouteKind::from_kind(kind).filter(|k| k.api_version() == version) {
+                Some(route) => Object::Route(route, PolicyObject::untyped(&value).map_err(typed)?),
+                None => {
+                    tracing::debug!(%api_version, %kind, "ignoring a kind the mesh does not read");
+                    return Ok(());
+                }
+            }
         }
     };
     let object = default_namespace(object);
@@ -479,6 +489,63 @@ metadata: { name: web, namespace: shop }
             o.services.keys().collect::<Vec<_>>(),
             vec!["default/web"],
             "namespaced objects default to the default namespace"
+        );
+    }
+
+    #[test]
+    fn loads_gateways_and_routing_objects_untyped() {
+        let dir = TempDir::new("files-routes");
+        dir.write(
+            "routes.yaml",
+            r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: { name: waypoint, namespace: shop, generation: 2 }
+spec: { gatewayClassName: trellis-waypoint }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: web, namespace: shop }
+spec: { rules: [ { notAFieldYet: 1 } ] }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: { name: rpc }
+---
+apiVersion: traffic.trellis.dev/v1
+kind: TrafficPolicy
+metadata: { name: retries, namespace: shop }
+spec: { retries: { attempts: 3 } }
+--- # an older version of the Gateway API is not read
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: HTTPRoute
+metadata: { name: old, namespace: shop }
+--- # nor a kind of another group that happens to share a name
+apiVersion: example.com/v1
+kind: TrafficPolicy
+metadata: { name: other, namespace: shop }
+"#,
+        );
+        let loaded = load_dir(&dir.0).expect("load");
+        assert_eq!(loaded.errors, vec![]);
+        let o = &loaded.objects;
+        let gateway = &o.gateways["shop/waypoint"];
+        assert_eq!(gateway.spec["gatewayClassName"], "trellis-waypoint");
+        assert_eq!(gateway.metadata.generation, Some(2));
+        assert_eq!(o.http_routes.keys().collect::<Vec<_>>(), vec!["shop/web"]);
+        assert_eq!(
+            o.http_routes["shop/web"].spec["rules"][0]["notAFieldYet"], 1,
+            "specs are kept as written"
+        );
+        assert_eq!(
+            o.grpc_routes.keys().collect::<Vec<_>>(),
+            vec!["default/rpc"],
+            "namespaced like every kind"
+        );
+        assert_eq!(o.grpc_routes["default/rpc"].spec, serde_json::Value::Null);
+        assert_eq!(
+            o.traffic_policies.keys().collect::<Vec<_>>(),
+            vec!["shop/retries"]
         );
     }
 

@@ -7,6 +7,12 @@
 //! yet would unenroll every pod for a moment. After that, changes are published at most
 //! every [`DEBOUNCE`], so a burst of events becomes one snapshot.
 //!
+//! The Gateway API kinds and TrafficPolicy are watched untyped ([`DynamicObject`]) and are
+//! [optional](Kind::optional): a cluster without their CRD answers their list with 404, which
+//! counts as "listed, none" (so it never holds the other kinds back) and is logged once; the
+//! watcher keeps retrying with its backoff, and objects flow in as soon as the CRD is
+//! installed. Any other error holds publishing like for every kind.
+//!
 //! This layer only moves objects; every decision is in [`super::translate`].
 
 use std::{
@@ -19,6 +25,7 @@ use std::{
 use futures_util::{StreamExt, stream::BoxStream};
 use kube::{
     Api, Client, Resource,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
     runtime::{
         WatchStreamExt,
         watcher::{self, Event},
@@ -28,7 +35,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::objects::{ClusterObjects, Kind, Object};
+use super::objects::{ClusterObjects, GATEWAY_API_VERSION, Kind, Object, PolicyObject, RouteKind};
 use crate::policy::{AuthorizationPolicy, PeerAuthentication};
 
 /// Changes are gathered this long before a snapshot is published.
@@ -50,7 +57,46 @@ where
         .boxed()
 }
 
-fn map_event<K>(event: Event<K>, wrap: fn(K) -> Object) -> Event<Object> {
+/// Watches a kind the mesh keeps untyped (metadata and spec), by `apiVersion` and plural.
+fn watch_untyped(
+    client: &Client,
+    kind: Kind,
+    api_version: &str,
+    plural: &str,
+    wrap: fn(PolicyObject) -> Object,
+) -> BoxStream<'static, KindEvent> {
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(group, version, kind.as_str()),
+        plural,
+    );
+    let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+    watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .map(move |event| {
+            let event = event.map(|e| {
+                map_event(e, |o: DynamicObject| {
+                    wrap(PolicyObject {
+                        metadata: o.metadata,
+                        spec: o.data.get("spec").cloned().unwrap_or_default(),
+                    })
+                })
+            });
+            (kind, event)
+        })
+        .boxed()
+}
+
+/// Whether a watch failed because the API server does not serve the kind (no CRD).
+fn not_served(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.is_not_found(),
+        _ => false,
+    }
+}
+
+fn map_event<K>(event: Event<K>, wrap: impl Fn(K) -> Object) -> Event<Object> {
     match event {
         Event::Apply(o) => Event::Apply(wrap(o)),
         Event::Delete(o) => Event::Delete(wrap(o)),
@@ -85,6 +131,35 @@ pub async fn run(
             Kind::PeerAuthentication,
             |o: PeerAuthentication| Object::PeerAuthentication(o.into()),
         ),
+        // Optional (see the module docs).
+        watch_untyped(
+            &client,
+            Kind::Gateway,
+            GATEWAY_API_VERSION,
+            "gateways",
+            Object::Gateway,
+        ),
+        watch_untyped(
+            &client,
+            Kind::HttpRoute,
+            RouteKind::Http.api_version(),
+            RouteKind::Http.plural(),
+            |o| Object::Route(RouteKind::Http, o),
+        ),
+        watch_untyped(
+            &client,
+            Kind::GrpcRoute,
+            RouteKind::Grpc.api_version(),
+            RouteKind::Grpc.plural(),
+            |o| Object::Route(RouteKind::Grpc, o),
+        ),
+        watch_untyped(
+            &client,
+            Kind::TrafficPolicy,
+            RouteKind::TrafficPolicy.api_version(),
+            RouteKind::TrafficPolicy.plural(),
+            |o| Object::Route(RouteKind::TrafficPolicy, o),
+        ),
     ]);
     let mut store = Store::default();
     let mut publish_at: Option<tokio::time::Instant> = None;
@@ -100,15 +175,18 @@ pub async fn run(
             }
             event = events.next() => {
                 let Some((kind, event)) = event else { return };
-                match event {
-                    Ok(event) => {
-                        if store.handle(kind, event) && store.synced() && publish_at.is_none() {
-                            publish_at = Some(tokio::time::Instant::now() + DEBOUNCE);
-                        }
-                    }
+                let changed = match event {
+                    Ok(event) => store.handle(kind, event),
+                    Err(e) if kind.optional() && not_served(&e) => store.not_served(kind),
                     // The watcher recovers by itself (after a backoff); the store keeps the
                     // last state meanwhile.
-                    Err(e) => tracing::warn!(%kind, error = %e, "watch failed; retrying with backoff"),
+                    Err(e) => {
+                        tracing::warn!(%kind, error = %e, "watch failed; retrying with backoff");
+                        false
+                    }
+                };
+                if changed && store.synced() && publish_at.is_none() {
+                    publish_at = Some(tokio::time::Instant::now() + DEBOUNCE);
                 }
             }
         }
@@ -122,6 +200,8 @@ pub struct Store {
     /// Kinds being (re-)listed: their new contents, swapped in whole when the list is done.
     relisting: BTreeMap<Kind, ClusterObjects>,
     listed: BTreeSet<Kind>,
+    /// Optional kinds the API server does not serve (reported once until it does).
+    missing: BTreeSet<Kind>,
 }
 
 impl Store {
@@ -142,7 +222,9 @@ impl Store {
             Event::InitDone => {
                 let mut listed = self.relisting.remove(&kind).unwrap_or_default();
                 self.objects.replace_kind(kind, &mut listed);
-                if self.listed.insert(kind) {
+                let first = self.listed.insert(kind);
+                let was_missing = self.missing.remove(&kind);
+                if first || was_missing {
                     tracing::info!(%kind, "listed");
                 }
                 true
@@ -160,7 +242,25 @@ impl Store {
         }
     }
 
-    /// Whether every kind has been listed at least once.
+    /// An optional kind is not served (its CRD is not installed, or was removed): there are
+    /// none of it. Returns whether the published objects changed.
+    pub fn not_served(&mut self, kind: Kind) -> bool {
+        if self.missing.insert(kind) {
+            tracing::warn!(
+                %kind,
+                "the API server does not serve this kind (is its CRD installed?): the mesh runs without any; retrying with backoff"
+            );
+        } else {
+            tracing::debug!(%kind, "still not served");
+        }
+        self.relisting.remove(&kind);
+        let had_objects = self.objects.count(kind) > 0;
+        self.objects
+            .replace_kind(kind, &mut ClusterObjects::default());
+        self.listed.insert(kind) || had_objects
+    }
+
+    /// Whether every kind has been listed at least once (or found not served, if optional).
     pub fn synced(&self) -> bool {
         Kind::ALL.iter().all(|k| self.listed.contains(k))
     }
@@ -183,7 +283,9 @@ mod tests {
     type Resp = http::Response<kube::client::Body>;
     type Respond = tower_test::mock::SendResponse<Resp>;
 
-    const PATHS: [(&str, &str); 7] = [
+    /// What the recorded API server serves. GRPCRoute and TrafficPolicy are not (their CRDs
+    /// are "not installed"): their lists get 404.
+    const PATHS: [(&str, &str); 9] = [
         ("/api/v1/namespaces", "NamespaceList"),
         ("/api/v1/pods", "PodList"),
         ("/api/v1/services", "ServiceList"),
@@ -200,7 +302,14 @@ mod tests {
             "/apis/security.trellis.dev/v1/peerauthentications",
             "PeerAuthenticationList",
         ),
+        ("/apis/gateway.networking.k8s.io/v1/gateways", "GatewayList"),
+        (
+            "/apis/gateway.networking.k8s.io/v1/httproutes",
+            "HTTPRouteList",
+        ),
     ];
+    const GRPCROUTES: &str = "/apis/gateway.networking.k8s.io/v1/grpcroutes";
+    const TRAFFIC_POLICIES: &str = "/apis/traffic.trellis.dev/v1/trafficpolicies";
 
     fn path_of(kind: &str) -> &'static str {
         match kind {
@@ -211,6 +320,8 @@ mod tests {
             "Node" => PATHS[4].0,
             "AuthorizationPolicy" => PATHS[5].0,
             "PeerAuthentication" => PATHS[6].0,
+            "Gateway" => PATHS[7].0,
+            "HTTPRoute" => PATHS[8].0,
             other => panic!("no path for {other}"),
         }
     }
@@ -237,7 +348,7 @@ mod tests {
     async fn api_server(
         mut handle: tower_test::mock::Handle<Req, Resp>,
         mut commands: mpsc::UnboundedReceiver<Command>,
-        lists: Arc<std::sync::Mutex<HashMap<&'static str, u32>>>,
+        lists: Arc<std::sync::Mutex<HashMap<String, u32>>>,
     ) {
         let mut objects: Vec<Value> = Vec::new();
         let mut version = 1;
@@ -268,13 +379,24 @@ mod tests {
                 },
                 request = handle.next_request() => {
                     let Some((request, respond)) = request else { return };
+                    let query = request.uri().query().unwrap_or_default();
+                    if !query.contains("watch=true") {
+                        *lists
+                            .lock()
+                            .expect("lock")
+                            .entry(request.uri().path().to_owned())
+                            .or_default() += 1;
+                    }
                     let Some(&(path, list_kind)) =
                         PATHS.iter().find(|(p, _)| *p == request.uri().path())
                     else {
-                        respond.send_response(json_response(404, &json!({})));
+                        // What the API server answers for a resource it does not serve.
+                        respond.send_response(json_response(404, &json!({
+                            "kind": "Status", "apiVersion": "v1", "metadata": {},
+                            "status": "Failure", "reason": "NotFound", "code": 404,
+                            "message": "the server could not find the requested resource"})));
                         continue;
                     };
-                    let query = request.uri().query().unwrap_or_default();
                     if query.contains("watch=true") {
                         match queued.get_mut(path).and_then(VecDeque::pop_front) {
                             Some(events) => respond.send_response(watch_body(events)),
@@ -282,7 +404,6 @@ mod tests {
                         }
                         continue;
                     }
-                    *lists.lock().expect("lock").entry(path).or_default() += 1;
                     if fail_next.remove(path) {
                         respond.send_response(json_response(500, &json!({
                             "kind": "Status", "apiVersion": "v1", "metadata": {},
@@ -357,6 +478,23 @@ mod tests {
             "addressType": "IPv4",
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
             "endpoints": endpoints})
+    }
+
+    fn waypoint_gateway() -> Value {
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "waypoint", "namespace": "shop", "resourceVersion": "1",
+                         "generation": 1, "uid": "gw-1"},
+            "spec": {"gatewayClassName": "trellis-waypoint",
+                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+            "status": {"conditions": [{"type": "Programmed", "status": "True"}]}})
+    }
+
+    fn http_route(generation: u64, port: u64) -> Value {
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": "shop", "generation": generation,
+                         "resourceVersion": generation.to_string(), "uid": "route-1"},
+            "spec": {"parentRefs": [{"name": "waypoint"}],
+                     "rules": [{"backendRefs": [{"name": "web", "port": port}]}]}})
     }
 
     fn settings() -> TranslateSettings {
@@ -449,6 +587,16 @@ mod tests {
                 1,
             ),
             authorization_policy(2, "plain"),
+            waypoint_gateway(),
+            pod(
+                "shop",
+                "waypoint-1",
+                "node-b",
+                "10.0.1.9",
+                json!({"gateway.networking.k8s.io/gateway-name": "waypoint"}),
+                1,
+            ),
+            http_route(1, 80),
         ];
         commands
             .send(Command::FailNextList(path_of("Node")))
@@ -460,11 +608,24 @@ mod tests {
         let shutdown = CancellationToken::new();
         let source = tokio::spawn(run(client, tx, shutdown.clone()));
         expect_same_as_files(&mut rx, &state1, "initial list").await;
-        assert_eq!(
-            list_counts.lock().expect("lock").get(path_of("Node")),
-            Some(&2),
-            "published only after the failed nodes list was retried"
-        );
+        {
+            let counts = list_counts.lock().expect("lock");
+            assert_eq!(
+                counts.get(path_of("Node")),
+                Some(&2),
+                "published only after the failed nodes list was retried"
+            );
+            for missing in [GRPCROUTES, TRAFFIC_POLICIES] {
+                assert!(
+                    counts.get(missing).is_some_and(|n| *n >= 1),
+                    "{missing} was asked for, answered 404, and did not hold publishing back"
+                );
+            }
+        }
+        let got = rx.borrow().clone().expect("published");
+        let t = translate(&got, &settings());
+        assert!(t.resources.contains_key("waypoint/shop/waypoint"));
+        assert!(t.resources.contains_key("route/HTTPRoute/shop/web"));
 
         // 2. Watch events: a pod added, a namespace relabelled into the mesh, a pod opting
         //    out, a pod deleted, the slice updated.
@@ -521,6 +682,12 @@ mod tests {
                 vec![json!({"type": "MODIFIED", "object": authorization_policy(3, "legacy")})],
             ))
             .expect("server");
+        commands
+            .send(Command::Watch(
+                path_of("HTTPRoute"),
+                vec![json!({"type": "MODIFIED", "object": http_route(2, 8080)})],
+            ))
+            .expect("server");
         let state2 = vec![
             namespace("shop", Some("enabled"), 1),
             namespace("plain", Some("enabled"), 8),
@@ -559,6 +726,16 @@ mod tests {
                 9,
             ),
             authorization_policy(3, "legacy"),
+            waypoint_gateway(),
+            pod(
+                "shop",
+                "waypoint-1",
+                "node-b",
+                "10.0.1.9",
+                json!({"gateway.networking.k8s.io/gateway-name": "waypoint"}),
+                1,
+            ),
+            http_route(2, 8080),
         ];
         expect_same_as_files(&mut rx, &state2, "watch events").await;
 
@@ -592,6 +769,35 @@ mod tests {
             .expect("no panic");
         drop(commands);
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    }
+
+    #[test]
+    fn an_optional_kind_not_served_counts_as_listed_and_empty() {
+        let mut store = Store::default();
+        for kind in Kind::ALL.into_iter().filter(|k| *k != Kind::HttpRoute) {
+            store.handle(kind, Event::Init);
+            store.handle(kind, Event::InitDone);
+        }
+        assert!(!store.synced(), "HTTPRoutes not listed yet");
+        assert!(store.not_served(Kind::HttpRoute), "first answer: a change");
+        assert!(store.synced(), "a missing CRD does not hold the mesh back");
+        assert!(
+            !store.not_served(Kind::HttpRoute),
+            "the same answer again changes nothing"
+        );
+
+        // The CRD is installed: routes flow in.
+        let route = Object::Route(
+            RouteKind::Http,
+            PolicyObject::untyped(&http_route(1, 80)).expect("route"),
+        );
+        store.handle(Kind::HttpRoute, Event::Init);
+        store.handle(Kind::HttpRoute, Event::InitApply(route));
+        assert!(store.handle(Kind::HttpRoute, Event::InitDone));
+        assert_eq!(store.objects.http_routes.len(), 1);
+        // And removed again: they are gone with it.
+        assert!(store.not_served(Kind::HttpRoute));
+        assert!(store.objects.http_routes.is_empty());
     }
 
     #[test]

@@ -92,7 +92,7 @@ impl ControllerMetrics {
         );
         registry.register(
             "trellis_controller_agents_connected",
-            "Agents streaming configuration now",
+            "Agents and waypoints streaming configuration now",
             agents_connected.clone(),
         );
         registry.register(

@@ -1,7 +1,11 @@
 //! The Kubernetes objects the mesh is built from, as both sources deliver them.
 //!
-//! [`ClusterObjects`] holds Namespaces, Pods, Services, EndpointSlices, Nodes and the mesh's
-//! policies keyed by `namespace/name` (cluster-scoped objects by `name`). Every object enters through
+//! [`ClusterObjects`] holds Namespaces, Pods, Services, EndpointSlices, Nodes, the mesh's
+//! policies, Gateways (a Gateway of class `trellis-waypoint` is a waypoint) and the routing
+//! objects waypoints read (HTTPRoute, GRPCRoute, TrafficPolicy), keyed by `namespace/name`
+//! (cluster-scoped objects by `name`). Policies, Gateways and routing objects are kept as
+//! metadata plus an untyped spec ([`PolicyObject`]): the controller only carries them, and the
+//! component that reads each converts it. Every object enters through
 //! [`ClusterObjects::apply`], which strips it to the fields the translation reads: a cluster's
 //! pods carry container specs, managed fields and annotations many times larger than what the
 //! mesh needs, and the controller keeps every object in memory. Both the directory and the
@@ -26,6 +30,11 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// EndpointSlice label naming the Service the slice belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// `apiVersion` of the Gateway API kinds the mesh reads (Gateway, HTTPRoute, GRPCRoute).
+pub const GATEWAY_API_VERSION: &str = "gateway.networking.k8s.io/v1";
+/// `apiVersion` of Trellis's traffic management kinds (TrafficPolicy).
+pub const TRAFFIC_API_VERSION: &str = "traffic.trellis.dev/v1";
+
 /// The kinds of object the mesh reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
@@ -36,10 +45,14 @@ pub enum Kind {
     Node,
     AuthorizationPolicy,
     PeerAuthentication,
+    Gateway,
+    HttpRoute,
+    GrpcRoute,
+    TrafficPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -47,6 +60,10 @@ impl Kind {
         Kind::Node,
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
+        Kind::Gateway,
+        Kind::HttpRoute,
+        Kind::GrpcRoute,
+        Kind::TrafficPolicy,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -58,11 +75,76 @@ impl Kind {
             Kind::Node => "Node",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::Gateway => "Gateway",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
+            Kind::TrafficPolicy => "TrafficPolicy",
         }
     }
 
     const fn namespaced(self) -> bool {
         !matches!(self, Kind::Namespace | Kind::Node)
+    }
+
+    /// Kinds whose CRDs a cluster may not have: their absence means "none of them", never
+    /// an error that holds the rest of the mesh back. The mesh's own security policies are
+    /// not optional: without them, agents would run without protection they should enforce.
+    pub const fn optional(self) -> bool {
+        matches!(
+            self,
+            Kind::Gateway | Kind::HttpRoute | Kind::GrpcRoute | Kind::TrafficPolicy
+        )
+    }
+}
+
+/// The routing kinds: sent, as written, to waypoints only (`route/<kind>/<ns>/<name>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RouteKind {
+    Http,
+    Grpc,
+    TrafficPolicy,
+}
+
+impl RouteKind {
+    pub const ALL: [RouteKind; 3] = [RouteKind::Http, RouteKind::Grpc, RouteKind::TrafficPolicy];
+
+    /// The `kind` of the resource, as in manifests and in route keys.
+    pub const fn as_str(self) -> &'static str {
+        self.kind().as_str()
+    }
+
+    pub const fn kind(self) -> Kind {
+        match self {
+            RouteKind::Http => Kind::HttpRoute,
+            RouteKind::Grpc => Kind::GrpcRoute,
+            RouteKind::TrafficPolicy => Kind::TrafficPolicy,
+        }
+    }
+
+    pub const fn api_version(self) -> &'static str {
+        match self {
+            RouteKind::Http | RouteKind::Grpc => GATEWAY_API_VERSION,
+            RouteKind::TrafficPolicy => TRAFFIC_API_VERSION,
+        }
+    }
+
+    /// The resource name in API paths.
+    pub const fn plural(self) -> &'static str {
+        match self {
+            RouteKind::Http => "httproutes",
+            RouteKind::Grpc => "grpcroutes",
+            RouteKind::TrafficPolicy => "trafficpolicies",
+        }
+    }
+
+    pub fn from_kind(kind: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == kind)
+    }
+}
+
+impl std::fmt::Display for RouteKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -73,7 +155,9 @@ impl std::fmt::Display for Kind {
 }
 
 /// A policy object: its metadata and its spec, untyped until [`crate::policy::Policy::compile`]
-/// converts it (see [`crate::policy::stored`] for why).
+/// converts it (see [`crate::policy::stored`] for why). Gateways and routing objects are kept
+/// the same way: the controller reads only a Gateway's `spec.gatewayClassName`, and routes
+/// travel to the waypoints as written, for them to convert.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PolicyObject {
     pub metadata: ObjectMeta,
@@ -100,6 +184,18 @@ impl From<PeerAuthentication> for PolicyObject {
 }
 
 impl PolicyObject {
+    /// Metadata and spec of any manifest, the spec as written (`null` when absent).
+    pub fn untyped(value: &serde_json::Value) -> Result<Self, serde_json::Error> {
+        let metadata = match value.get("metadata") {
+            Some(m) => serde_json::from_value(m.clone())?,
+            None => ObjectMeta::default(),
+        };
+        Ok(Self {
+            metadata,
+            spec: value.get("spec").cloned().unwrap_or_default(),
+        })
+    }
+
     /// From a manifest of a policy kind: never fails on the spec, which is converted later.
     /// A spec of the kind's shape is normalised through its type, so a manifest on disk and
     /// the same object from the API server give the same bytes to the agents.
@@ -143,6 +239,8 @@ pub enum Object {
     Node(Node),
     AuthorizationPolicy(PolicyObject),
     PeerAuthentication(PolicyObject),
+    Gateway(PolicyObject),
+    Route(RouteKind, PolicyObject),
 }
 
 impl Object {
@@ -155,6 +253,8 @@ impl Object {
             Object::Node(_) => Kind::Node,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Object::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Object::Gateway(_) => Kind::Gateway,
+            Object::Route(kind, _) => kind.kind(),
         }
     }
 
@@ -165,7 +265,10 @@ impl Object {
             Object::Service(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
             Object::Node(o) => &o.metadata,
-            Object::AuthorizationPolicy(o) | Object::PeerAuthentication(o) => &o.metadata,
+            Object::AuthorizationPolicy(o)
+            | Object::PeerAuthentication(o)
+            | Object::Gateway(o)
+            | Object::Route(_, o) => &o.metadata,
         }
     }
 
@@ -176,7 +279,10 @@ impl Object {
             Object::Service(o) => &mut o.metadata,
             Object::EndpointSlice(o) => &mut o.metadata,
             Object::Node(o) => &mut o.metadata,
-            Object::AuthorizationPolicy(o) | Object::PeerAuthentication(o) => &mut o.metadata,
+            Object::AuthorizationPolicy(o)
+            | Object::PeerAuthentication(o)
+            | Object::Gateway(o)
+            | Object::Route(_, o) => &mut o.metadata,
         }
     }
 
@@ -229,6 +335,8 @@ impl Object {
             Object::Node(node) => Object::Node(strip_node(node)),
             Object::AuthorizationPolicy(p) => Object::AuthorizationPolicy(strip_policy(p)),
             Object::PeerAuthentication(p) => Object::PeerAuthentication(strip_policy(p)),
+            Object::Gateway(g) => Object::Gateway(strip_policy(g)),
+            Object::Route(kind, r) => Object::Route(kind, strip_policy(r)),
         }
     }
 }
@@ -257,7 +365,8 @@ fn strip_meta(meta: ObjectMeta, keep_times: bool) -> ObjectMeta {
 }
 
 /// Policies keep their whole spec (every field matters, unknown ones most of all) and the
-/// generation their status condition reports on.
+/// generation their status condition reports on. Gateways and routes are stripped the same way:
+/// routes are read by the waypoints, whole; Gateway specs are small.
 fn strip_policy(policy: PolicyObject) -> PolicyObject {
     let generation = policy.metadata.generation;
     let mut metadata = strip_meta(policy.metadata, false);
@@ -351,6 +460,10 @@ pub struct ClusterObjects {
     pub nodes: BTreeMap<String, Arc<Node>>,
     pub authorization_policies: BTreeMap<String, Arc<PolicyObject>>,
     pub peer_authentications: BTreeMap<String, Arc<PolicyObject>>,
+    pub gateways: BTreeMap<String, Arc<PolicyObject>>,
+    pub http_routes: BTreeMap<String, Arc<PolicyObject>>,
+    pub grpc_routes: BTreeMap<String, Arc<PolicyObject>>,
+    pub traffic_policies: BTreeMap<String, Arc<PolicyObject>>,
 }
 
 /// An object that cannot be stored.
@@ -366,6 +479,23 @@ impl ClusterObjects {
         match kind {
             PolicyKind::Authorization => &self.authorization_policies,
             PolicyKind::PeerAuthentication => &self.peer_authentications,
+        }
+    }
+
+    /// The routing objects of `kind`, by `namespace/name`.
+    pub fn routes(&self, kind: RouteKind) -> &BTreeMap<String, Arc<PolicyObject>> {
+        match kind {
+            RouteKind::Http => &self.http_routes,
+            RouteKind::Grpc => &self.grpc_routes,
+            RouteKind::TrafficPolicy => &self.traffic_policies,
+        }
+    }
+
+    fn routes_mut(&mut self, kind: RouteKind) -> &mut BTreeMap<String, Arc<PolicyObject>> {
+        match kind {
+            RouteKind::Http => &mut self.http_routes,
+            RouteKind::Grpc => &mut self.grpc_routes,
+            RouteKind::TrafficPolicy => &mut self.traffic_policies,
         }
     }
 
@@ -388,6 +518,8 @@ impl ClusterObjects {
             Object::PeerAuthentication(o) => {
                 self.peer_authentications.insert(key, Arc::new(o)).is_some()
             }
+            Object::Gateway(o) => self.gateways.insert(key, Arc::new(o)).is_some(),
+            Object::Route(kind, o) => self.routes_mut(kind).insert(key, Arc::new(o)).is_some(),
         };
         Ok(replaced)
     }
@@ -409,6 +541,10 @@ impl ClusterObjects {
             Kind::Node => self.nodes.remove(key).is_some(),
             Kind::AuthorizationPolicy => self.authorization_policies.remove(key).is_some(),
             Kind::PeerAuthentication => self.peer_authentications.remove(key).is_some(),
+            Kind::Gateway => self.gateways.remove(key).is_some(),
+            Kind::HttpRoute => self.http_routes.remove(key).is_some(),
+            Kind::GrpcRoute => self.grpc_routes.remove(key).is_some(),
+            Kind::TrafficPolicy => self.traffic_policies.remove(key).is_some(),
         };
     }
 
@@ -428,17 +564,34 @@ impl ClusterObjects {
             Kind::PeerAuthentication => {
                 self.peer_authentications = std::mem::take(&mut from.peer_authentications);
             }
+            Kind::Gateway => self.gateways = std::mem::take(&mut from.gateways),
+            Kind::HttpRoute => self.http_routes = std::mem::take(&mut from.http_routes),
+            Kind::GrpcRoute => self.grpc_routes = std::mem::take(&mut from.grpc_routes),
+            Kind::TrafficPolicy => {
+                self.traffic_policies = std::mem::take(&mut from.traffic_policies);
+            }
+        }
+    }
+
+    /// The number of stored objects of `kind`.
+    pub fn count(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Namespace => self.namespaces.len(),
+            Kind::Pod => self.pods.len(),
+            Kind::Service => self.services.len(),
+            Kind::EndpointSlice => self.endpoint_slices.len(),
+            Kind::Node => self.nodes.len(),
+            Kind::AuthorizationPolicy => self.authorization_policies.len(),
+            Kind::PeerAuthentication => self.peer_authentications.len(),
+            Kind::Gateway => self.gateways.len(),
+            Kind::HttpRoute => self.http_routes.len(),
+            Kind::GrpcRoute => self.grpc_routes.len(),
+            Kind::TrafficPolicy => self.traffic_policies.len(),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.namespaces.len()
-            + self.pods.len()
-            + self.services.len()
-            + self.endpoint_slices.len()
-            + self.nodes.len()
-            + self.authorization_policies.len()
-            + self.peer_authentications.len()
+        Kind::ALL.iter().map(|k| self.count(*k)).sum()
     }
 
     pub fn is_empty(&self) -> bool {

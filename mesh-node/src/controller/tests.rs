@@ -13,6 +13,10 @@ use crate::api::v1::{
 
 const TOKEN_A: &str = "token-for-node-a-0123456789";
 const TOKEN_B: &str = "token-for-node-b-0123456789";
+/// Service account shop/waypoint: the waypoint of [`WAYPOINT`].
+const TOKEN_WAYPOINT: &str = "token-for-shop-waypoint-0123456789";
+/// Service account shop/web: a workload, not a waypoint.
+const TOKEN_WEB: &str = "token-for-shop-web-0123456789";
 const LIMIT: Duration = Duration::from_secs(10);
 
 const CLUSTER: &str = r"
@@ -45,6 +49,29 @@ spec: { nodeName: node-b, serviceAccountName: api, containers: [] }
 status: { podIP: 10.0.1.1 }
 ";
 
+/// Waypoint shop/waypoint, its pod (on node-b), and a route for it.
+const WAYPOINT: &str = r"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: { name: waypoint, namespace: shop }
+spec: { gatewayClassName: trellis-waypoint }
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: waypoint-1
+  namespace: shop
+  uid: u-waypoint-1
+  labels: { gateway.networking.k8s.io/gateway-name: waypoint }
+spec: { nodeName: node-b, serviceAccountName: waypoint, containers: [] }
+status: { phase: Running, podIP: 10.0.1.9 }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: { name: web, namespace: shop }
+spec: { parentRefs: [ { name: waypoint } ], rules: [ { backendRefs: [ { name: web, port: 80 } ] } ] }
+";
+
 struct Running {
     dir: TempDir,
     addr: SocketAddr,
@@ -55,12 +82,28 @@ struct Running {
 }
 
 async fn start() -> Running {
+    start_with(&[]).await
+}
+
+/// Starts a controller on [`CLUSTER`] plus `extra` manifest files (name, contents).
+async fn start_with(extra: &[(&str, &str)]) -> Running {
     let dir = TempDir::new("controller");
     let manifests = dir.0.join("manifests");
     std::fs::create_dir(&manifests).expect("dir");
     std::fs::write(manifests.join("cluster.yaml"), CLUSTER).expect("write");
+    for (name, contents) in extra {
+        std::fs::write(manifests.join(name), contents).expect("write");
+    }
     let tokens = dir.0.join("tokens.yaml");
-    std::fs::write(&tokens, format!("node-a: {TOKEN_A}\nnode-b: {TOKEN_B}\n")).expect("write");
+    std::fs::write(
+        &tokens,
+        format!(
+            "node-a: {TOKEN_A}\nnode-b: {TOKEN_B}\n\
+             \"serviceaccount:shop/waypoint\": {TOKEN_WAYPOINT}\n\
+             \"serviceaccount:shop/web\": {TOKEN_WEB}\n"
+        ),
+    )
+    .expect("write");
     let config_text = format!(
         "listen: 127.0.0.1:0\n\
          ca: {{ cert: {0}/ca/ca.pem, key: {0}/ca/ca-key.pem }}\n\
@@ -116,17 +159,26 @@ fn authorized<T>(message: T, token: &str) -> tonic::Request<T> {
     request
 }
 
+type Stream = (mpsc::Sender<AgentMessage>, tonic::Streaming<Update>);
+
 /// Opens a discovery stream as `token`, saying Hello as `node`.
-async fn open_stream(
+async fn open_stream(channel: Channel, token: &str, node: &str) -> Result<Stream, tonic::Status> {
+    open_stream_as(channel, token, node, "").await
+}
+
+/// Opens a discovery stream as `token`, saying Hello as `node` in `role`.
+async fn open_stream_as(
     channel: Channel,
     token: &str,
     node: &str,
-) -> Result<(mpsc::Sender<AgentMessage>, tonic::Streaming<Update>), tonic::Status> {
+    role: &str,
+) -> Result<Stream, tonic::Status> {
     let (tx, rx) = mpsc::channel(8);
     tx.send(AgentMessage {
         message: Some(Message::Hello(Hello {
             node: node.into(),
             last_version: 0,
+            role: role.into(),
         })),
     })
     .await
@@ -308,6 +360,130 @@ async fn ca_over_tls_signs_for_local_pods_only_and_persists_its_root() {
     assert!(
         metrics.contains("trellis_controller_certificate_requests_total{result=\"denied\"} 1"),
         "{metrics}"
+    );
+    running.shutdown.cancel();
+    let _ = tokio::time::timeout(LIMIT, running.task).await;
+}
+
+/// Opens a waypoint stream, retrying while the controller has no state yet (just started).
+async fn open_waypoint_stream(channel: Channel, token: &str) -> Result<Stream, tonic::Status> {
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            match open_stream_as(channel.clone(), token, "node-b", "waypoint").await {
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("an answer other than unavailable in time")
+}
+
+#[tokio::test]
+async fn waypoints_stream_as_their_service_account_and_alone_receive_routes() {
+    let running = start_with(&[("waypoint.yaml", WAYPOINT)]).await;
+    let channel = channel(&running, None).await;
+
+    let (_acks, mut waypoint) = open_waypoint_stream(channel.clone(), TOKEN_WAYPOINT)
+        .await
+        .expect("the waypoint's service account streams as a waypoint");
+    let snapshot = next(&mut waypoint).await;
+    assert!(snapshot.snapshot);
+    assert_eq!(
+        keys(&snapshot),
+        vec![
+            "node/node-a",
+            "node/node-b",
+            "route/HTTPRoute/shop/web",
+            "waypoint/shop/waypoint",
+            "workload/u-waypoint-1",
+            "workload/u-web",
+        ]
+    );
+
+    let (_acks, mut agent) = open_stream(channel.clone(), TOKEN_A, "node-a")
+        .await
+        .expect("agent stream");
+    let agent_snapshot = next(&mut agent).await;
+    assert_eq!(
+        keys(&agent_snapshot),
+        vec![
+            "node/node-a",
+            "node/node-b",
+            "waypoint/shop/waypoint",
+            "workload/u-waypoint-1",
+            "workload/u-web",
+        ],
+        "agents learn of the waypoint but never receive routes"
+    );
+
+    for (what, token, role, code) in [
+        (
+            "an agent as a waypoint",
+            TOKEN_A,
+            "waypoint",
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "a waypoint as an agent",
+            TOKEN_WAYPOINT,
+            "agent",
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "a waypoint without a role",
+            TOKEN_WAYPOINT,
+            "",
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "another workload as a waypoint",
+            TOKEN_WEB,
+            "waypoint",
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "an unknown role",
+            TOKEN_A,
+            "gateway",
+            tonic::Code::InvalidArgument,
+        ),
+    ] {
+        let status = open_stream_as(channel.clone(), token, "node-a", role)
+            .await
+            .expect_err(what);
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+    }
+
+    // The Gateway goes: its service account is no longer a waypoint's, and its stream ends.
+    std::fs::remove_file(running.dir.0.join("manifests/waypoint.yaml")).expect("remove");
+    let ended = tokio::time::timeout(LIMIT, async {
+        loop {
+            match waypoint.message().await {
+                Ok(Some(_)) => {}
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends in time");
+    let status = ended.expect_err("ends with an error");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let status = open_stream_as(channel.clone(), TOKEN_WAYPOINT, "node-b", "waypoint")
+        .await
+        .expect_err("no longer a waypoint");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    // The agent saw the waypoint and its pod go, and nothing of the route.
+    let removed = next(&mut agent).await;
+    assert_eq!(
+        removed.removes,
+        vec![
+            "waypoint/shop/waypoint".to_owned(),
+            "workload/u-waypoint-1".to_owned()
+        ]
     );
     running.shutdown.cancel();
     let _ = tokio::time::timeout(LIMIT, running.task).await;

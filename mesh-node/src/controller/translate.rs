@@ -14,6 +14,11 @@
 //!   share the node's address and have no identity of their own on it).
 //! - When two pods claim one IP, the newer pod keeps it and the other is rejected: a new pod
 //!   must never inherit an old pod's identity through its address.
+//! - Waypoints (Gateways of class `trellis-waypoint`), their pods, and the
+//!   `trellis.dev/use-waypoint` labels: see [`waypoint`].
+//! - Routing objects (HTTPRoute, GRPCRoute, TrafficPolicy) are carried as written under
+//!   `route/<kind>/<ns>/<name>` for the waypoints; agents never receive them (see
+//!   [`for_role`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -25,11 +30,18 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use super::objects::{ClusterObjects, SERVICE_NAME_LABEL, ZONE_LABEL};
+use super::objects::{ClusterObjects, RouteKind, SERVICE_NAME_LABEL, ZONE_LABEL};
 use crate::{
     api::v1 as api,
     identity::Identity,
     policy::{Policy, PolicyId, PolicyKind, status::Condition},
+};
+
+pub mod waypoint;
+
+use waypoint::{Choice, PodWorkload, Waypoints};
+pub use waypoint::{
+    GATEWAY_NAME_LABEL, NO_WAYPOINT, USE_WAYPOINT_LABEL, WAYPOINT_CLASS, waypoint_key,
 };
 
 /// Namespace label that enrolls a namespace's pods, and pod label that opts one out.
@@ -45,26 +57,57 @@ pub struct TranslateSettings {
     pub hbone_port: u16,
 }
 
+/// Who a discovery stream is for: what it may receive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A node agent: everything but the routing objects.
+    Agent,
+    /// A waypoint proxy: everything, routing objects included.
+    Waypoint,
+}
+
+/// Prefix of the keys of routing objects, which only waypoints receive.
+pub const ROUTE_PREFIX: &str = "route/";
+
+/// Whether a stream for `role` receives the resource under `key`.
+pub fn for_role(key: &str, role: Role) -> bool {
+    role == Role::Waypoint || !key.starts_with(ROUTE_PREFIX)
+}
+
 /// The mesh state derived from the cluster's objects.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Translation {
-    /// By key: `workload/<uid>`, `service/<ns>/<name>`, `node/<name>`.
+    /// By key: `workload/<uid>`, `service/<ns>/<name>`, `node/<name>`,
+    /// `policy/<kind>/<ns>/<name>`, `waypoint/<ns>/<name>` and (for waypoints only, see
+    /// [`for_role`]) `route/<kind>/<ns>/<name>`.
     pub resources: BTreeMap<String, api::Resource>,
     /// Objects left out, each with the reason: `("Pod shop/web-1", "...")`.
     pub rejected: Vec<(String, String)>,
     /// The identities of enrolled pods, by the node they are scheduled on: what each node's
-    /// agent may obtain certificates for.
+    /// agent may obtain certificates for. Never a waypoint's identity.
     pub identities_by_node: BTreeMap<String, BTreeSet<Identity>>,
+    /// `(namespace, service account)` of every waypoint with running pods: the workload
+    /// callers that may obtain their own certificate and stream as a waypoint.
+    pub waypoint_accounts: BTreeSet<(String, String)>,
     /// The `Accepted` condition of every policy, as the agents will enforce it.
     pub policy_status: BTreeMap<(PolicyKind, PolicyId), Condition>,
 }
 
 impl Translation {
-    /// Whether `node` runs at least one enrolled pod with `identity`.
+    /// Whether `node` runs at least one enrolled pod with `identity` (which is never a
+    /// waypoint's).
     pub fn node_may_hold(&self, node: &str, identity: &Identity) -> bool {
-        self.identities_by_node
-            .get(node)
-            .is_some_and(|ids| ids.contains(identity))
+        !self.is_waypoint_account(identity.namespace(), identity.service_account())
+            && self
+                .identities_by_node
+                .get(node)
+                .is_some_and(|ids| ids.contains(identity))
+    }
+
+    /// Whether `namespace/service_account` is the service account of a waypoint.
+    pub fn is_waypoint_account(&self, namespace: &str, service_account: &str) -> bool {
+        self.waypoint_accounts
+            .contains(&(namespace.to_owned(), service_account.to_owned()))
     }
 }
 
@@ -80,6 +123,26 @@ pub fn node_key(name: &str) -> String {
 pub fn policy_key(kind: PolicyKind, namespace: &str, name: &str) -> String {
     format!("policy/{kind}/{namespace}/{name}")
 }
+pub fn route_key(kind: RouteKind, namespace: &str, name: &str) -> String {
+    format!("{ROUTE_PREFIX}{kind}/{namespace}/{name}")
+}
+
+/// Whether a namespace with `labels` is in the mesh.
+fn enabled(labels: Option<&BTreeMap<String, String>>) -> bool {
+    labels
+        .and_then(|l| l.get(MESH_LABEL))
+        .is_some_and(|v| v == MESH_ENABLED)
+}
+
+fn namespace_labels<'a>(
+    objects: &'a ClusterObjects,
+    namespace: &str,
+) -> Option<&'a BTreeMap<String, String>> {
+    objects
+        .namespaces
+        .get(namespace)
+        .and_then(|ns| ns.metadata.labels.as_ref())
+}
 
 pub fn translate(objects: &ClusterObjects, settings: &TranslateSettings) -> Translation {
     let mut out = Translation::default();
@@ -93,11 +156,40 @@ pub fn translate(objects: &ClusterObjects, settings: &TranslateSettings) -> Tran
         .collect();
     let zone_of = |node: &str| zones.get(node).copied().unwrap_or_default().to_owned();
 
+    let waypoints = Waypoints::of(objects);
     translate_nodes(objects, settings, &zone_of, &mut out);
-    let workloads = translate_pods(objects, settings, &zone_of, &mut out);
-    translate_services(objects, &workloads, &zone_of, &mut out);
+    waypoints.check_namespaces(objects, &mut out);
+    let workloads = translate_pods(objects, settings, &waypoints, &zone_of, &mut out);
+    translate_services(objects, &waypoints, &workloads, &zone_of, &mut out);
     translate_policies(objects, &mut out);
+    translate_routes(objects, &mut out);
     out
+}
+
+/// Routing objects go to the waypoints as written; the controller does not interpret them.
+fn translate_routes(objects: &ClusterObjects, out: &mut Translation) {
+    for kind in RouteKind::ALL {
+        for route in objects.routes(kind).values() {
+            let (Some(namespace), Some(name)) = (&route.metadata.namespace, &route.metadata.name)
+            else {
+                continue; // The store holds named objects only.
+            };
+            let key = route_key(kind, namespace, name);
+            out.resources.insert(
+                key.clone(),
+                api::Resource {
+                    key,
+                    kind: Some(api::resource::Kind::Policy(api::Policy {
+                        kind: kind.as_str().to_owned(),
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                        generation: route.metadata.generation.unwrap_or_default(),
+                        spec_json: route.spec.to_string(),
+                    })),
+                },
+            );
+        }
+    }
 }
 
 /// Policies are sent as written (see `policy::stored`); converting them here only yields the
@@ -186,17 +278,19 @@ struct WorkloadRef {
     zone: String,
 }
 
-/// Translates pods; returns the translated workloads by pod uid.
+/// Translates pods (and with them the waypoints they serve); returns the translated workloads
+/// by pod uid.
 fn translate_pods(
     objects: &ClusterObjects,
     settings: &TranslateSettings,
+    waypoints: &Waypoints,
     zone_of: &dyn Fn(&str) -> String,
     out: &mut Translation,
 ) -> HashMap<String, WorkloadRef> {
     let mut candidates: Vec<(&Pod, api::Workload, Identity)> = Vec::new();
     for (key, pod) in &objects.pods {
         let object = format!("Pod {key}");
-        match workload_of(objects, settings, pod, zone_of) {
+        match workload_of(objects, settings, waypoints, pod, zone_of) {
             Ok(Some(candidate)) => candidates.push((pod, candidate.0, candidate.1)),
             Ok(None) => {}
             Err(reason) => reject(out, object, reason),
@@ -233,8 +327,8 @@ fn translate_pods(
         }
     }
 
-    let mut workloads = HashMap::new();
-    for (i, (_, workload, identity)) in candidates.iter().enumerate() {
+    let mut winners: Vec<PodWorkload<'_>> = Vec::with_capacity(candidates.len());
+    for (i, (pod, workload, identity)) in candidates.iter().enumerate() {
         if let Some((ip, j)) = losers.get(&i) {
             let winner = &candidates[*j].1;
             reject(
@@ -247,11 +341,56 @@ fn translate_pods(
             );
             continue;
         }
+        winners.push(PodWorkload {
+            pod,
+            workload: workload.clone(),
+            identity: identity.clone(),
+        });
+    }
+
+    // Waypoints first: which service accounts are theirs decides the other pods' identities.
+    waypoint::translate_waypoints(waypoints, &winners, settings.hbone_port, out);
+
+    let mut workloads = HashMap::new();
+    for PodWorkload {
+        pod,
+        mut workload,
+        identity,
+    } in winners
+    {
+        let object = || format!("Pod {}/{}", workload.namespace, workload.name);
         if workload.enrolled {
-            out.identities_by_node
-                .entry(workload.node.clone())
-                .or_default()
-                .insert(identity.clone());
+            match waypoints.choose(
+                &workload.namespace,
+                pod.metadata.labels.as_ref(),
+                namespace_labels(objects, &workload.namespace),
+            ) {
+                Choice::Direct => {}
+                Choice::Through(name) => workload.waypoint = name,
+                Choice::Missing {
+                    waypoint,
+                    own_label: true,
+                } => reject(out, object(), waypoint::missing(&waypoint)),
+                // Reported once, on the namespace.
+                Choice::Missing { .. } => {}
+            }
+            if out.is_waypoint_account(identity.namespace(), identity.service_account()) {
+                reject(
+                    out,
+                    object(),
+                    format!(
+                        "runs as service account {}, which is a waypoint's: agents are never \
+                         given a waypoint's identity, so this pod gets no certificate (give it a \
+                         service account of its own)",
+                        workload.service_account
+                    ),
+                );
+            } else {
+                out.identities_by_node
+                    .entry(workload.node.clone())
+                    .or_default()
+                    .insert(identity);
+            }
         }
         workloads.insert(
             workload.uid.clone(),
@@ -273,10 +412,12 @@ fn translate_pods(
 }
 
 /// The workload of one pod: `Ok(None)` when the pod is not (yet, or any more) a workload,
-/// `Err(reason)` when it should be and cannot.
+/// `Err(reason)` when it should be and cannot. Its waypoint is resolved later, once the
+/// waypoints are known.
 fn workload_of(
     objects: &ClusterObjects,
     settings: &TranslateSettings,
+    waypoints: &Waypoints,
     pod: &Pod,
     zone_of: &dyn Fn(&str) -> String,
 ) -> Result<Option<(api::Workload, Identity)>, String> {
@@ -337,13 +478,12 @@ fn workload_of(
         .map_err(|e| format!("no valid SPIFFE identity: {e}"))?;
 
     let labels = meta.labels.clone().unwrap_or_default();
-    let namespace_enabled = objects
-        .namespaces
-        .get(namespace)
-        .and_then(|ns| ns.metadata.labels.as_ref())
-        .and_then(|l| l.get(MESH_LABEL))
-        .is_some_and(|v| v == MESH_ENABLED);
+    let namespace_enabled = enabled(namespace_labels(objects, namespace));
     let opted_out = labels.get(MESH_LABEL).is_some_and(|v| v == MESH_DISABLED);
+    // Loop protection: a waypoint's own connections are never redirected (module docs).
+    let waypoint_pod = waypoints
+        .served_by(namespace, meta.labels.as_ref())
+        .is_some();
 
     let workload = api::Workload {
         uid: uid.to_owned(),
@@ -353,14 +493,16 @@ fn workload_of(
         node: node.to_owned(),
         ips,
         labels: labels.into_iter().collect(),
-        enrolled: namespace_enabled && !opted_out,
+        enrolled: namespace_enabled && !opted_out && !waypoint_pod,
         zone: zone_of(node),
+        waypoint: String::new(),
     };
     Ok(Some((workload, identity)))
 }
 
 fn translate_services(
     objects: &ClusterObjects,
+    waypoints: &Waypoints,
     workloads: &HashMap<String, WorkloadRef>,
     zone_of: &dyn Fn(&str) -> String,
     out: &mut Translation,
@@ -390,7 +532,21 @@ fn translate_services(
             .map(Vec::as_slice)
             .unwrap_or_default();
         match service_of(ns, name, svc, my_slices, workloads, zone_of, out) {
-            Ok(resource) => {
+            Ok(mut resource) => {
+                let namespace_labels = namespace_labels(objects, ns);
+                let own = svc.metadata.labels.as_ref();
+                // A waypoint's own Service never routes through a waypoint (loop protection).
+                if enabled(namespace_labels) && waypoints.served_by(ns, own).is_none() {
+                    match waypoints.choose(ns, own, namespace_labels) {
+                        Choice::Direct => {}
+                        Choice::Through(waypoint) => resource.waypoint = waypoint,
+                        Choice::Missing {
+                            waypoint,
+                            own_label: true,
+                        } => reject(out, format!("Service {key}"), waypoint::missing(&waypoint)),
+                        Choice::Missing { .. } => {}
+                    }
+                }
                 let key = service_key(ns, name);
                 out.resources.insert(
                     key.clone(),
@@ -532,6 +688,7 @@ fn service_of(
         vips,
         ports,
         endpoints: endpoints.into_values().collect(),
+        waypoint: String::new(),
         prefer_close: prefer_close(spec.and_then(|s| s.traffic_distribution.as_deref())),
     })
 }
@@ -550,7 +707,7 @@ fn prefer_close(traffic_distribution: Option<&str>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::objects::Object;
+    use crate::controller::objects::{Object, PolicyObject};
 
     fn settings() -> TranslateSettings {
         TranslateSettings {
@@ -570,13 +727,13 @@ mod tests {
             }
             "Node" => Object::Node(serde_json::from_value(value).expect("node")),
             "AuthorizationPolicy" => Object::AuthorizationPolicy(
-                crate::controller::objects::PolicyObject::from_manifest(
-                    PolicyKind::Authorization,
-                    &value,
-                )
-                .expect("policy"),
+                PolicyObject::from_manifest(PolicyKind::Authorization, &value).expect("policy"),
             ),
-            other => panic!("unexpected kind {other}"),
+            "Gateway" => Object::Gateway(PolicyObject::untyped(&value).expect("gateway")),
+            other => match RouteKind::from_kind(other) {
+                Some(kind) => Object::Route(kind, PolicyObject::untyped(&value).expect("route")),
+                None => panic!("unexpected kind {other}"),
+            },
         };
         objects.apply(object).expect("named");
     }
@@ -1049,5 +1206,429 @@ mod tests {
                 .contains_key(&policy_key(PolicyKind::Authorization, "shop", "broken")),
             "a broken policy still reaches the agents, as its stand-in"
         );
+    }
+
+    fn gateway(ns: &str, name: &str, class: &str) -> serde_json::Value {
+        serde_json::json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"gatewayClassName": class,
+                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}})
+    }
+
+    /// A running pod of waypoint `waypoint` (label only; the Gateway is separate).
+    fn waypoint_pod(
+        ns: &str,
+        name: &str,
+        waypoint: &str,
+        account: &str,
+        node: &str,
+        ip: &str,
+    ) -> serde_json::Value {
+        let mut p = pod(ns, name, Some(node), Some(ip));
+        p["metadata"]["labels"][GATEWAY_NAME_LABEL] = waypoint.into();
+        p["spec"]["serviceAccountName"] = account.into();
+        p
+    }
+
+    fn service(ns: &str, name: &str, labels: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}})
+    }
+
+    fn waypoint_of(t: &Translation, ns: &str, name: &str) -> Option<api::Waypoint> {
+        match t.resources.get(&waypoint_key(ns, name))?.kind.clone()? {
+            api::resource::Kind::Waypoint(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    fn service_waypoint(t: &Translation, ns: &str, name: &str) -> Option<String> {
+        match t.resources.get(&service_key(ns, name))?.kind.clone()? {
+            api::resource::Kind::Service(s) => Some(s.waypoint),
+            _ => None,
+        }
+    }
+
+    fn rejections(t: &Translation) -> BTreeMap<String, String> {
+        t.rejected.iter().cloned().collect()
+    }
+
+    #[test]
+    fn waypoints_are_gateways_of_their_class_served_by_their_running_pods() {
+        let mut o = base();
+        apply(&mut o, gateway("shop", "waypoint", WAYPOINT_CLASS));
+        apply(&mut o, gateway("shop", "idle", WAYPOINT_CLASS));
+        apply(&mut o, gateway("shop", "ingress", "some-other-class"));
+        apply(&mut o, gateway("shop", "almost", "Trellis-Waypoint"));
+        for (name, account, node, ip) in [
+            ("wp-1", "waypoint", "node-a", "10.0.0.10"),
+            ("wp-2", "waypoint", "node-b", "10.0.1.10"),
+            ("wp-odd", "intruder", "node-b", "10.0.1.11"),
+        ] {
+            apply(
+                &mut o,
+                waypoint_pod("shop", name, "waypoint", account, node, ip),
+            );
+        }
+        let mut pending = waypoint_pod(
+            "shop",
+            "wp-new",
+            "waypoint",
+            "waypoint",
+            "node-a",
+            "10.0.0.11",
+        );
+        pending["status"]["phase"] = "Pending".into();
+        apply(&mut o, pending);
+        let mut draining = waypoint_pod(
+            "shop",
+            "wp-old",
+            "waypoint",
+            "waypoint",
+            "node-a",
+            "10.0.0.12",
+        );
+        draining["metadata"]["deletionTimestamp"] = "2024-01-01T00:00:00Z".into();
+        apply(&mut o, draining);
+        // Pods of a Gateway of another class, and pods naming a Gateway of another namespace,
+        // are ordinary workloads.
+        apply(
+            &mut o,
+            waypoint_pod(
+                "shop",
+                "ingress-1",
+                "ingress",
+                "ingress",
+                "node-a",
+                "10.0.0.20",
+            ),
+        );
+        apply(&mut o, namespace("other", Some("enabled")));
+        apply(
+            &mut o,
+            waypoint_pod(
+                "other",
+                "stray",
+                "waypoint",
+                "waypoint",
+                "node-a",
+                "10.0.0.30",
+            ),
+        );
+
+        let t = translate(&o, &settings());
+        let wp = waypoint_of(&t, "shop", "waypoint").expect("published");
+        assert_eq!(
+            (wp.namespace.as_str(), wp.name.as_str()),
+            ("shop", "waypoint")
+        );
+        assert_eq!(wp.service_account, "waypoint", "the most common account");
+        assert_eq!(wp.port, 15008);
+        let endpoints: Vec<_> = wp
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.ip.as_str(),
+                    e.workload_uid.as_str(),
+                    e.node.as_str(),
+                    e.zone.as_str(),
+                    e.ready,
+                )
+            })
+            .collect();
+        assert_eq!(
+            endpoints,
+            vec![
+                ("10.0.0.10", "uid-shop-wp-1", "node-a", "z1", true),
+                ("10.0.0.12", "uid-shop-wp-old", "node-a", "z1", false),
+                ("10.0.1.10", "uid-shop-wp-2", "node-b", "z2", true),
+            ],
+            "running pods only; a draining one takes no new connections"
+        );
+        let idle = waypoint_of(&t, "shop", "idle").expect("a waypoint without pods still exists");
+        assert!(idle.endpoints.is_empty());
+        assert_eq!(idle.service_account, "");
+        assert!(waypoint_of(&t, "shop", "ingress").is_none(), "other class");
+        assert!(
+            waypoint_of(&t, "shop", "almost").is_none(),
+            "class names are exact"
+        );
+
+        // Waypoint pods are workloads, never enrolled; the others are.
+        let enrolled = |uid: &str| workload(&t, uid).map(|w| w.enrolled);
+        for uid in [
+            "uid-shop-wp-1",
+            "uid-shop-wp-2",
+            "uid-shop-wp-odd",
+            "uid-shop-wp-new",
+        ] {
+            assert_eq!(enrolled(uid), Some(false), "{uid}");
+        }
+        assert_eq!(enrolled("uid-shop-ingress-1"), Some(true));
+        assert_eq!(enrolled("uid-other-stray"), Some(true));
+
+        // The waypoint's identity is its own: no agent may hold it.
+        assert_eq!(
+            t.waypoint_accounts,
+            BTreeSet::from([("shop".to_owned(), "waypoint".to_owned())])
+        );
+        let id = Identity::new("cluster.local", "shop", "waypoint").expect("id");
+        assert!(!t.node_may_hold("node-a", &id));
+        assert!(!t.node_may_hold("node-b", &id));
+        assert!(
+            !t.is_waypoint_account("shop", "intruder"),
+            "the minority account is not the waypoint's"
+        );
+        // The other namespace's pod runs as "waypoint" too, but that is another identity.
+        assert!(t.node_may_hold(
+            "node-a",
+            &Identity::new("cluster.local", "other", "waypoint").expect("id")
+        ));
+
+        let rejected = rejections(&t);
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        let odd = &rejected["Pod shop/wp-odd"];
+        assert!(
+            odd.contains("waypoint shop/waypoint")
+                && odd.contains("intruder")
+                && odd.contains("run as waypoint"),
+            "{odd}"
+        );
+    }
+
+    #[test]
+    fn a_tie_between_accounts_is_decided_by_name_not_by_order() {
+        let mut o = base();
+        apply(&mut o, gateway("shop", "waypoint", WAYPOINT_CLASS));
+        apply(
+            &mut o,
+            waypoint_pod("shop", "a", "waypoint", "zeta", "node-a", "10.0.0.1"),
+        );
+        apply(
+            &mut o,
+            waypoint_pod("shop", "b", "waypoint", "alpha", "node-a", "10.0.0.2"),
+        );
+        let t = translate(&o, &settings());
+        let wp = waypoint_of(&t, "shop", "waypoint").expect("published");
+        assert_eq!(wp.service_account, "alpha");
+        assert_eq!(wp.endpoints.len(), 1);
+        assert!(rejections(&t).contains_key("Pod shop/a"));
+    }
+
+    #[test]
+    fn an_enrolled_pod_sharing_a_waypoints_account_gets_no_identity() {
+        let mut o = base();
+        apply(&mut o, gateway("shop", "waypoint", WAYPOINT_CLASS));
+        apply(
+            &mut o,
+            waypoint_pod("shop", "wp", "waypoint", "shared", "node-a", "10.0.0.1"),
+        );
+        let mut app = pod("shop", "app", Some("node-b"), Some("10.0.1.1"));
+        app["spec"]["serviceAccountName"] = "shared".into();
+        apply(&mut o, app);
+        let t = translate(&o, &settings());
+        assert_eq!(
+            workload(&t, "uid-shop-app").map(|w| w.enrolled),
+            Some(true),
+            "still a workload"
+        );
+        let id = Identity::new("cluster.local", "shop", "shared").expect("id");
+        assert!(!t.node_may_hold("node-b", &id));
+        assert!(
+            t.identities_by_node.values().all(|ids| !ids.contains(&id)),
+            "{:?}",
+            t.identities_by_node
+        );
+        let rejected = rejections(&t);
+        assert!(
+            rejected["Pod shop/app"].contains("waypoint's"),
+            "{rejected:?}"
+        );
+    }
+
+    #[test]
+    fn use_waypoint_labels_on_namespaces_services_and_pods() {
+        let mut o = base();
+        let mut shop = namespace("shop", Some("enabled"));
+        shop["metadata"]["labels"][USE_WAYPOINT_LABEL] = "waypoint".into();
+        apply(&mut o, shop);
+        apply(&mut o, gateway("shop", "waypoint", WAYPOINT_CLASS));
+        apply(&mut o, gateway("shop", "special", WAYPOINT_CLASS));
+        apply(
+            &mut o,
+            waypoint_pod("shop", "wp", "waypoint", "waypoint", "node-a", "10.0.0.100"),
+        );
+        let labelled = |name: &str, ip: &str, key: &str, value: &str| {
+            let mut p = pod("shop", name, Some("node-a"), Some(ip));
+            p["metadata"]["labels"][key] = value.into();
+            p
+        };
+        apply(&mut o, pod("shop", "web", Some("node-a"), Some("10.0.0.1")));
+        apply(
+            &mut o,
+            labelled("api", "10.0.0.2", USE_WAYPOINT_LABEL, "special"),
+        );
+        apply(
+            &mut o,
+            labelled("batch", "10.0.0.3", USE_WAYPOINT_LABEL, NO_WAYPOINT),
+        );
+        apply(
+            &mut o,
+            labelled("ghost", "10.0.0.4", USE_WAYPOINT_LABEL, "nope"),
+        );
+        apply(
+            &mut o,
+            labelled("legacy", "10.0.0.5", MESH_LABEL, MESH_DISABLED),
+        );
+
+        apply(&mut o, service("shop", "web", serde_json::json!({})));
+        apply(
+            &mut o,
+            service(
+                "shop",
+                "api",
+                serde_json::json!({USE_WAYPOINT_LABEL: "special"}),
+            ),
+        );
+        apply(
+            &mut o,
+            service(
+                "shop",
+                "batch",
+                serde_json::json!({USE_WAYPOINT_LABEL: NO_WAYPOINT}),
+            ),
+        );
+        apply(
+            &mut o,
+            service(
+                "shop",
+                "ghost",
+                serde_json::json!({USE_WAYPOINT_LABEL: "nope"}),
+            ),
+        );
+        apply(
+            &mut o,
+            service(
+                "shop",
+                "waypoint",
+                serde_json::json!({GATEWAY_NAME_LABEL: "waypoint"}),
+            ),
+        );
+
+        // Not in the mesh: the label means nothing there.
+        let mut plain = namespace("plain", None);
+        plain["metadata"]["labels"][USE_WAYPOINT_LABEL] = "waypoint".into();
+        apply(&mut o, plain);
+        apply(&mut o, gateway("plain", "waypoint", WAYPOINT_CLASS));
+        apply(
+            &mut o,
+            pod("plain", "api", Some("node-b"), Some("10.0.1.1")),
+        );
+        apply(&mut o, service("plain", "api", serde_json::json!({})));
+
+        // In the mesh, its label naming a waypoint that does not exist.
+        let mut typo = namespace("typo", Some("enabled"));
+        typo["metadata"]["labels"][USE_WAYPOINT_LABEL] = "waypiont".into();
+        apply(&mut o, typo);
+        apply(&mut o, pod("typo", "a", Some("node-b"), Some("10.0.1.2")));
+        apply(&mut o, pod("typo", "b", Some("node-b"), Some("10.0.1.3")));
+        apply(&mut o, service("typo", "a", serde_json::json!({})));
+
+        let t = translate(&o, &settings());
+        let of_pod = |uid: &str| workload(&t, uid).map(|w| w.waypoint.clone());
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(
+            of_pod("uid-shop-web"),
+            some("shop/waypoint"),
+            "from the namespace"
+        );
+        assert_eq!(
+            of_pod("uid-shop-api"),
+            some("shop/special"),
+            "its own label first"
+        );
+        assert_eq!(of_pod("uid-shop-batch"), some(""), "opted out");
+        assert_eq!(of_pod("uid-shop-ghost"), some(""), "missing: direct");
+        assert_eq!(of_pod("uid-shop-legacy"), some(""), "not enrolled");
+        assert_eq!(of_pod("uid-shop-wp"), some(""), "a waypoint never uses one");
+        assert_eq!(
+            of_pod("uid-plain-api"),
+            some(""),
+            "namespace not in the mesh"
+        );
+        assert_eq!(of_pod("uid-typo-a"), some(""));
+
+        let of_service = |ns: &str, name: &str| service_waypoint(&t, ns, name);
+        assert_eq!(of_service("shop", "web"), some("shop/waypoint"));
+        assert_eq!(of_service("shop", "api"), some("shop/special"));
+        assert_eq!(of_service("shop", "batch"), some(""));
+        assert_eq!(of_service("shop", "ghost"), some(""));
+        assert_eq!(
+            of_service("shop", "waypoint"),
+            some(""),
+            "the waypoint's own Service"
+        );
+        assert_eq!(of_service("plain", "api"), some(""));
+        assert_eq!(of_service("typo", "a"), some(""));
+
+        let rejected = rejections(&t);
+        assert_eq!(
+            rejected.keys().map(String::as_str).collect::<Vec<_>>(),
+            vec!["Namespace typo", "Pod shop/ghost", "Service shop/ghost"],
+            "each label naming a missing waypoint once, on the object carrying it"
+        );
+        assert!(
+            rejected["Pod shop/ghost"].starts_with("waypoint shop/nope does not exist"),
+            "{rejected:?}"
+        );
+        assert!(
+            rejected["Namespace typo"].starts_with("waypoint typo/waypiont does not exist"),
+            "{rejected:?}"
+        );
+    }
+
+    #[test]
+    fn routes_are_carried_as_written_for_waypoints_only() {
+        let mut o = base();
+        let spec = serde_json::json!({
+            "parentRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "waypoint"}],
+            "rules": [{"backendRefs": [{"name": "web", "port": 80}], "someFutureField": true}]});
+        for (kind, api_version) in [
+            ("HTTPRoute", "gateway.networking.k8s.io/v1"),
+            ("GRPCRoute", "gateway.networking.k8s.io/v1"),
+            ("TrafficPolicy", "traffic.trellis.dev/v1"),
+        ] {
+            apply(
+                &mut o,
+                serde_json::json!({"apiVersion": api_version, "kind": kind,
+                    "metadata": {"name": "web", "namespace": "shop", "generation": 3},
+                    "spec": spec}),
+            );
+        }
+        let t = translate(&o, &settings());
+        for kind in RouteKind::ALL {
+            let key = route_key(kind, "shop", "web");
+            assert_eq!(key, format!("route/{}/shop/web", kind.as_str()));
+            let Some(api::resource::Kind::Policy(route)) =
+                t.resources.get(&key).and_then(|r| r.kind.clone())
+            else {
+                panic!("{key} missing: {:?}", t.resources.keys());
+            };
+            assert_eq!(route.kind, kind.as_str());
+            assert_eq!(
+                (route.namespace.as_str(), route.name.as_str()),
+                ("shop", "web")
+            );
+            assert_eq!(route.generation, 3);
+            let sent: serde_json::Value = serde_json::from_str(&route.spec_json).expect("json");
+            assert_eq!(sent, spec, "as written, unknown fields included");
+            assert!(for_role(&key, Role::Waypoint));
+            assert!(!for_role(&key, Role::Agent));
+        }
+        assert!(t.policy_status.is_empty(), "no status for routes (yet)");
+        assert!(for_role("waypoint/shop/waypoint", Role::Agent));
+        assert!(for_role("workload/u", Role::Agent));
     }
 }

@@ -628,18 +628,33 @@ impl CertManager {
     /// `prefetched` fires once the first state's certificates were requested (issued or
     /// failed), which the agent's readiness waits for.
     pub async fn run(
+        self,
+        states: watch::Receiver<Option<Arc<MeshState>>>,
+        prefetched: tokio::sync::oneshot::Sender<()>,
+        shutdown: CancellationToken,
+    ) {
+        self.follow(
+            states,
+            |s| s.as_ref().map(|s| s.local_identities()),
+            prefetched,
+            shutdown,
+        )
+        .await;
+    }
+
+    /// Keeps the certificates of `wanted(state)` for every new state until `shutdown` (a
+    /// waypoint wants its one identity whatever the state).
+    pub async fn follow<S>(
         mut self,
-        mut states: watch::Receiver<Option<Arc<MeshState>>>,
+        mut states: watch::Receiver<S>,
+        wanted: impl Fn(&S) -> Option<HashSet<Identity>>,
         prefetched: tokio::sync::oneshot::Sender<()>,
         shutdown: CancellationToken,
     ) {
         let mut states_open = true;
         let mut prefetched = Some(prefetched);
         loop {
-            let wanted = states
-                .borrow_and_update()
-                .as_ref()
-                .map(|s| s.local_identities());
+            let wanted = wanted(&states.borrow_and_update());
             if let Some(wanted) = wanted {
                 self.reconcile(&wanted).await;
                 if let Some(prefetched) = prefetched.take() {

@@ -35,7 +35,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::{AccessLog, ClientAddr, ProxyInputs, connect, copy::Counted};
@@ -158,17 +158,8 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
             async move { Ok::<_, Infallible>(peer.stream(req).await) }
         }
     });
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(inputs.settings.max_streams_per_connection)
-        .max_header_list_size(hbone::MAX_HEADER_LIST_SIZE)
-        .initial_stream_window_size(hbone::STREAM_WINDOW)
-        .initial_connection_window_size(hbone::CONNECTION_WINDOW)
-        .max_frame_size(hbone::MAX_FRAME_SIZE)
-        .max_pending_accept_reset_streams(hbone::MAX_PENDING_ACCEPT_RESETS)
-        .keep_alive_interval(hbone::KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(hbone::KEEPALIVE_TIMEOUT);
+    let mut builder = hbone::server_builder(inputs.settings.max_streams_per_connection);
+    builder.timer(TokioTimer::new());
     let connection = builder.serve_connection(TokioIo::new(tls), service);
     tokio::pin!(connection);
 
@@ -326,7 +317,7 @@ impl Peer {
             .headers()
             .get(http::header::FORWARDED)
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_forwarded_for)
+            .and_then(hbone::parse_forwarded_for)
             .unwrap_or(self.addr);
         let src_workload = state
             .workload_by_ip(client_addr.ip())
@@ -456,15 +447,6 @@ fn empty(status: StatusCode) -> HboneResponse {
     response
 }
 
-/// `for="ADDR"` from a `forwarded` header.
-fn parse_forwarded_for(value: &str) -> Option<SocketAddr> {
-    value
-        .split(';')
-        .find_map(|part| part.trim().strip_prefix("for="))
-        .map(|v| v.trim_matches('"'))
-        .and_then(|v| v.parse().ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,7 +454,10 @@ mod tests {
     #[test]
     fn forwarded_for_round_trips() {
         let addr: SocketAddr = "[fd00::1]:4000".parse().expect("addr");
-        assert_eq!(parse_forwarded_for(&hbone::forwarded_for(addr)), Some(addr));
-        assert_eq!(parse_forwarded_for("for=garbage"), None);
+        assert_eq!(
+            hbone::parse_forwarded_for(&hbone::forwarded_for(addr)),
+            Some(addr)
+        );
+        assert_eq!(hbone::parse_forwarded_for("for=garbage"), None);
     }
 }

@@ -43,11 +43,11 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
     log.src_identity = Some(&src.identity);
 
     // Resolve: what the destination stands for.
-    let destination = match resolve::destination(&state, dst.0) {
+    let destination = match resolve::destination(&state, &src, dst.0) {
         Ok(destination) => destination,
         Err(e) => {
-            let service = e.service().clone();
-            log.dst_service = Some(&service.hostname);
+            let service = e.service().cloned();
+            log.dst_service = service.as_ref().map(|s| s.hostname.as_str());
             return refuse(&inputs, log, stream, e.reason(), e.to_string());
         }
     };
@@ -65,6 +65,7 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
         &src,
         destination.candidates(),
         passthrough_allowed,
+        destination.waypoint(),
         client,
     )
     .await;
@@ -87,7 +88,7 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
         );
     }
     upstream_of(&mut log, opened.addr, Some(&opened.route));
-    let security = if matches!(opened.route, Route::Remote(..)) {
+    let security = if matches!(opened.route, Route::Remote(..) | Route::Waypoint(..)) {
         SecurityPolicy::MutualTls
     } else {
         SecurityPolicy::None
@@ -132,7 +133,10 @@ fn upstream_of<'a>(log: &mut AccessLog<'a>, addr: SocketAddr, route: Option<&'a 
     log.path = route.map_or("none", Route::path);
     let workload = route.and_then(Route::workload);
     log.dst_workload = workload.map(|w| w.as_ref());
-    log.dst_identity = workload.map(|w| &w.identity);
+    log.dst_identity = match route {
+        Some(Route::Waypoint(waypoint, _)) => Some(&waypoint.identity),
+        _ => workload.map(|w| &w.identity),
+    };
 }
 
 /// Counts, logs and resets a connection that cannot proceed.
@@ -243,6 +247,7 @@ mod tests {
             zone: None,
             cgroup: None,
             identity: Identity::new(TD, "shop", "client").expect("identity"),
+            waypoint: None,
         })
     }
 
@@ -421,7 +426,7 @@ mod tests {
     fn at_most_max_attempts_endpoints_are_tried() {
         let endpoints: Vec<Ipv4Addr> = (1..10).map(|i| Ipv4Addr::new(10, 0, 1, i)).collect();
         let state = MeshState::build("node-a", [], [], [web(&endpoints, 8080)], |_| None);
-        match resolve::destination(&state, SocketAddr::from((VIP, 80))) {
+        match resolve::destination(&state, &client_workload(), SocketAddr::from((VIP, 80))) {
             Ok(d) => {
                 assert_eq!(d.candidates().len(), resolve::MAX_ATTEMPTS);
                 assert!(d.candidates().iter().all(|a| a.port() == 8080));
@@ -430,7 +435,7 @@ mod tests {
         }
         let other = SocketAddr::from(([10, 0, 9, 9], 80));
         assert!(matches!(
-            resolve::destination(&state, other),
+            resolve::destination(&state, &client_workload(), other),
             Ok(resolve::Destination::Direct(a)) if a == other
         ));
     }

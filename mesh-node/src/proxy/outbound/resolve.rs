@@ -4,14 +4,31 @@
 //! else stands for itself. Each address is then routed the same way whether the application
 //! dialled it or a service resolved to it: a local pod directly, a pod on another node through
 //! that node's HBONE listener, anything else as plain TCP.
+//!
+//! A service or pod that uses a waypoint stands for the waypoint's pods instead: the waypoint
+//! chooses the endpoint, so the original destination travels as the CONNECT authority. The
+//! waypoint's own pods never go through it (loop protection). A waypoint with no ready pod
+//! refuses the connection rather than bypass the L7 policy it may enforce.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use super::super::HboneAddr;
 use crate::{
     service::Service,
-    workload::{MeshState, Workload},
+    workload::{
+        MeshState, Workload,
+        waypoint::{Waypoint, WaypointRef},
+    },
 };
+
+/// Where the next connection through a waypoint starts among its pods.
+static WAYPOINT_CURSOR: AtomicUsize = AtomicUsize::new(0);
 
 /// Endpoints tried for one connection to a service, at most. Each failed attempt can cost up
 /// to the connect timeout before the client hears anything, so this bounds the client's worst
@@ -30,6 +47,14 @@ pub enum Destination {
         service: Arc<Service>,
         endpoints: Vec<SocketAddr>,
     },
+    /// Through a waypoint: its pods' HBONE addresses to try, in order; `target` (what the
+    /// application dialled) is the CONNECT authority.
+    Waypoint {
+        waypoint: Arc<Waypoint>,
+        target: SocketAddr,
+        service: Option<Arc<Service>>,
+        endpoints: Vec<SocketAddr>,
+    },
 }
 
 impl Destination {
@@ -37,6 +62,7 @@ impl Destination {
         match self {
             Destination::Direct(_) => None,
             Destination::Service { service, .. } => Some(service),
+            Destination::Waypoint { service, .. } => service.as_ref(),
         }
     }
 
@@ -44,7 +70,19 @@ impl Destination {
     pub fn candidates(&self) -> &[SocketAddr] {
         match self {
             Destination::Direct(addr) => std::slice::from_ref(addr),
-            Destination::Service { endpoints, .. } => endpoints,
+            Destination::Service { endpoints, .. } | Destination::Waypoint { endpoints, .. } => {
+                endpoints
+            }
+        }
+    }
+
+    /// The waypoint the candidates belong to, and the authority to ask it for.
+    pub fn waypoint(&self) -> Option<(&Arc<Waypoint>, SocketAddr)> {
+        match self {
+            Destination::Waypoint {
+                waypoint, target, ..
+            } => Some((waypoint, *target)),
+            _ => None,
         }
     }
 }
@@ -64,6 +102,11 @@ pub enum ResolveError {
         .service.hostname
     )]
     NoReadyEndpoint { service: Arc<Service> },
+    #[error("waypoint {waypoint} is unknown or has no ready pod (check the Gateway and its pods)")]
+    NoReadyWaypoint {
+        waypoint: WaypointRef,
+        service: Option<Arc<Service>>,
+    },
 }
 
 impl ResolveError {
@@ -74,26 +117,54 @@ impl ResolveError {
             ResolveError::UnresolvedTargetPort { .. } | ResolveError::NoReadyEndpoint { .. } => {
                 "no_ready_endpoint"
             }
+            ResolveError::NoReadyWaypoint { .. } => "no_ready_waypoint",
         }
     }
 
-    pub fn service(&self) -> &Arc<Service> {
+    pub fn service(&self) -> Option<&Arc<Service>> {
         match self {
             ResolveError::UndefinedPort { service, .. }
             | ResolveError::UnresolvedTargetPort { service, .. }
-            | ResolveError::NoReadyEndpoint { service } => service,
+            | ResolveError::NoReadyEndpoint { service } => Some(service),
+            ResolveError::NoReadyWaypoint { service, .. } => service.as_ref(),
         }
     }
 }
 
-/// Resolves `dst`: a service VIP to the service's ready endpoints on the port's target port,
-/// in the service's order (see [`Service::candidates`]); any other address to itself.
-pub fn destination(state: &MeshState, dst: SocketAddr) -> Result<Destination, ResolveError> {
+/// Resolves `dst` for a connection from `src`: a service VIP to the service's ready endpoints
+/// on the port's target port, in the service's order (see [`Service::candidates`]); any other
+/// address to itself; either to its waypoint's pods when it uses one.
+pub fn destination(
+    state: &MeshState,
+    src: &Workload,
+    dst: SocketAddr,
+) -> Result<Destination, ResolveError> {
     let Some(service) = state.service_by_vip(dst.ip()) else {
-        return Ok(Destination::Direct(dst));
+        let waypoint = state
+            .workload_by_ip(dst.ip())
+            .and_then(|w| w.waypoint.as_ref());
+        return match waypoint {
+            Some(id) => through_waypoint(state, src, id, dst, None),
+            None => Ok(Destination::Direct(dst)),
+        };
     };
     let service = service.clone();
     let port = dst.port();
+    if service.port(port).is_none() {
+        return Err(ResolveError::UndefinedPort { service, port });
+    }
+    match service.waypoint.clone() {
+        Some(id) => through_waypoint(state, src, &id, dst, Some(service)),
+        None => direct_service(state, service, port),
+    }
+}
+
+/// A service port's ready endpoints, without a waypoint.
+fn direct_service(
+    state: &MeshState,
+    service: Arc<Service>,
+    port: u16,
+) -> Result<Destination, ResolveError> {
     let Some(service_port) = service.port(port) else {
         return Err(ResolveError::UndefinedPort { service, port });
     };
@@ -112,6 +183,45 @@ pub fn destination(state: &MeshState, dst: SocketAddr) -> Result<Destination, Re
     Ok(Destination::Service { service, endpoints })
 }
 
+/// The waypoint `id`'s ready pods for `dst`, unless `src` is one of them (then `dst` is
+/// resolved as if there were no waypoint).
+fn through_waypoint(
+    state: &MeshState,
+    src: &Workload,
+    id: &WaypointRef,
+    dst: SocketAddr,
+    service: Option<Arc<Service>>,
+) -> Result<Destination, ResolveError> {
+    let waypoint = state.waypoint(id);
+    if let Some(waypoint) = waypoint.filter(|w| w.serves_from(src)) {
+        tracing::debug!(waypoint = %waypoint.id, "connection from the waypoint's own pod goes direct");
+        return match service {
+            Some(service) => direct_service(state, service, dst.port()),
+            None => Ok(Destination::Direct(dst)),
+        };
+    }
+    // Consecutive connections start at consecutive waypoint pods.
+    let start = WAYPOINT_CURSOR.fetch_add(1, Ordering::Relaxed);
+    let endpoints: Vec<SocketAddr> = waypoint
+        .map(|w| w.ready_endpoints(start))
+        .unwrap_or_default()
+        .into_iter()
+        .take(MAX_ATTEMPTS)
+        .collect();
+    match waypoint {
+        Some(waypoint) if !endpoints.is_empty() => Ok(Destination::Waypoint {
+            waypoint: waypoint.clone(),
+            target: dst,
+            service,
+            endpoints,
+        }),
+        _ => Err(ResolveError::NoReadyWaypoint {
+            waypoint: id.clone(),
+            service,
+        }),
+    }
+}
+
 /// How one address is reached.
 #[derive(Clone, Debug)]
 pub enum Route {
@@ -119,6 +229,8 @@ pub enum Route {
     Local(Arc<Workload>),
     /// To a pod on another node, through that node's agent.
     Remote(Arc<Workload>, HboneAddr),
+    /// To a waypoint's pod, which forwards to the original destination.
+    Waypoint(Arc<Waypoint>, HboneAddr),
     /// Out of the mesh, as plain TCP.
     Passthrough,
 }
@@ -128,6 +240,7 @@ impl Route {
         match self {
             Route::Local(_) => "local",
             Route::Remote(..) => "hbone",
+            Route::Waypoint(..) => "waypoint",
             Route::Passthrough => "passthrough",
         }
     }
@@ -136,7 +249,7 @@ impl Route {
     pub fn workload(&self) -> Option<&Arc<Workload>> {
         match self {
             Route::Local(w) | Route::Remote(w, _) => Some(w),
-            Route::Passthrough => None,
+            Route::Waypoint(..) | Route::Passthrough => None,
         }
     }
 }

@@ -5,19 +5,22 @@
 //! does not when every endpoint would give the same answer: the source holds no certificate,
 //! or policy denied the connection.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use http::StatusCode;
 use tokio::net::TcpStream;
 
 use super::{
     super::{
-        ClientAddr, OriginalDst, ProxyInputs, connect,
+        ClientAddr, HboneAddr, OriginalDst, ProxyInputs, connect,
         pool::{PoolError, Tunnel},
     },
     resolve::{Route, route},
 };
-use crate::workload::{MeshState, Workload};
+use crate::{
+    identity::Identity,
+    workload::{MeshState, Workload, waypoint::Waypoint},
+};
 
 /// An open connection towards the destination.
 pub enum Upstream {
@@ -51,17 +54,25 @@ pub struct Attempt {
 /// endpoint would not change. On success, also returns the attempts that failed before it;
 /// on failure, every attempt made (at least one when there was a candidate).
 /// `passthrough_allowed`: whether an address outside the mesh may be dialled as plain TCP.
+/// `waypoint`: the candidates are that waypoint's pods, to be asked for the given address.
 pub async fn open_first(
     inputs: &ProxyInputs,
     state: &MeshState,
     src: &Workload,
     candidates: &[SocketAddr],
     passthrough_allowed: bool,
+    waypoint: Option<(&Arc<Waypoint>, SocketAddr)>,
     client: ClientAddr,
 ) -> Result<(Opened, Vec<Attempt>), Vec<Attempt>> {
     let mut failed = Vec::new();
     for &addr in candidates {
-        match open(inputs, state, src, addr, passthrough_allowed, client).await {
+        let opened = match waypoint {
+            Some((waypoint, target)) => {
+                open_waypoint(inputs, src, waypoint, addr, target, client).await
+            }
+            None => open(inputs, state, src, addr, passthrough_allowed, client).await,
+        };
+        match opened {
             Ok(opened) => return Ok((opened, failed)),
             Err(attempt) => {
                 let retry = attempt.retry;
@@ -107,21 +118,8 @@ async fn open(
                 )),
             }
         }
-        Route::Remote(w, node) => match inputs
-            .pool
-            .tunnel(
-                &inputs.certs,
-                &src.identity,
-                &w.identity,
-                *node,
-                OriginalDst(addr),
-                client,
-            )
-            .await
-        {
-            Ok(tunnel) => Ok(Upstream::Hbone(tunnel)),
-            Err(e) => Err((e.reason(), e.to_string(), retryable(&e))),
-        },
+        Route::Remote(w, node) => hbone(inputs, src, &w.identity, *node, addr, client).await,
+        Route::Waypoint(w, node) => hbone(inputs, src, &w.identity, *node, addr, client).await,
     };
     match result {
         Ok(upstream) => Ok(Opened {
@@ -135,6 +133,67 @@ async fn open(
             reason,
             error,
             retry,
+        }),
+    }
+}
+
+/// Opens a CONNECT stream for `addr` through `node`, whose peer must present `identity`.
+async fn hbone(
+    inputs: &ProxyInputs,
+    src: &Workload,
+    identity: &Identity,
+    node: HboneAddr,
+    addr: SocketAddr,
+    client: ClientAddr,
+) -> Result<Upstream, (&'static str, String, bool)> {
+    inputs
+        .pool
+        .tunnel(
+            &inputs.certs,
+            &src.identity,
+            identity,
+            node,
+            OriginalDst(addr),
+            client,
+        )
+        .await
+        .map(Upstream::Hbone)
+        .map_err(|e| (e.reason(), e.to_string(), retryable(&e)))
+}
+
+/// Opens HBONE to the waypoint pod at `addr`, asking for `target`.
+async fn open_waypoint(
+    inputs: &ProxyInputs,
+    src: &Workload,
+    waypoint: &Arc<Waypoint>,
+    addr: SocketAddr,
+    target: SocketAddr,
+    client: ClientAddr,
+) -> Result<Opened, Attempt> {
+    let route = Route::Waypoint(waypoint.clone(), HboneAddr(addr));
+    match inputs
+        .pool
+        .tunnel(
+            &inputs.certs,
+            &src.identity,
+            &waypoint.identity,
+            HboneAddr(addr),
+            OriginalDst(target),
+            client,
+        )
+        .await
+    {
+        Ok(tunnel) => Ok(Opened {
+            addr,
+            route,
+            upstream: Upstream::Hbone(tunnel),
+        }),
+        Err(e) => Err(Attempt {
+            addr,
+            route: Some(route),
+            reason: e.reason(),
+            error: format!("waypoint {}: {e}", waypoint.id),
+            retry: retryable(&e),
         }),
     }
 }

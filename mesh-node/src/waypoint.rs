@@ -1,0 +1,402 @@
+//! `mesh-node waypoint`: the L7 proxy for the services and pods that opt in
+//! (`trellis.dev/use-waypoint`).
+//!
+//! Source agents send the connections of opted-in destinations here over HBONE, with the
+//! original destination as the CONNECT authority. The waypoint terminates the tunnel as its
+//! own identity, parses HTTP (HTTP/1.1, HTTP/2, gRPC), applies the L7 behaviour the
+//! destination asks for, and sends each request over HBONE to the chosen endpoint's node
+//! agent, again as itself. Its own pods are not enrolled, so its connections are never
+//! redirected back into a node proxy (loop protection by construction).
+//!
+//! ```text
+//! controller stream (role waypoint) -> state task -> ArcSwap<MeshState>
+//! HBONE :15008 -> server (tunnel per client connection) -> forward (per request) -> upstream
+//! ```
+
+pub mod body;
+pub mod config;
+pub mod forward;
+pub mod server;
+pub mod telemetry;
+pub mod upstream;
+
+use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    admin::{self, AdminState, Surface},
+    agent::{
+        channel,
+        feed::{self, Applied, Resource, Resources},
+    },
+    config::ConfigError,
+    identity::{
+        CertStore, Identity,
+        store::{CertManager, Issuer, RemoteCa, StoreError},
+    },
+    metrics::{Direction, Metrics},
+    policy::{Engine, Policy},
+    proxy::{ClientAddr, pool::Pool},
+    service::Service,
+    tls::{self, TlsError},
+    workload::{MeshState, Workload, waypoint::WaypointRef},
+};
+
+pub use config::{Limits, WaypointConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WaypointError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot prepare the waypoint certificate store: {0}")]
+    Certs(#[from] StoreError),
+    #[error(transparent)]
+    ControlPlane(#[from] channel::ChannelError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Where a tunnel was going: a service (its VIP and port) or one pod, either of which names
+/// this waypoint.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The CONNECT authority: what the application dialled.
+    pub addr: SocketAddr,
+    pub service: Option<Arc<Service>>,
+    /// Set when the application dialled a pod directly.
+    pub workload: Option<Arc<Workload>>,
+}
+
+impl Target {
+    /// `dst` if it is a service port or a pod that uses waypoint `me`; `None` otherwise.
+    pub fn classify(mesh: &MeshState, me: &WaypointRef, dst: SocketAddr) -> Option<Self> {
+        if let Some(service) = mesh.service_by_vip(dst.ip()) {
+            let served =
+                service.waypoint.as_ref() == Some(me) && service.port(dst.port()).is_some();
+            return served.then(|| Self {
+                addr: dst,
+                service: Some(service.clone()),
+                workload: None,
+            });
+        }
+        let workload = mesh.workload_by_ip(dst.ip())?;
+        (workload.waypoint.as_ref() == Some(me)).then(|| Self {
+            addr: dst,
+            service: None,
+            workload: Some(workload.clone()),
+        })
+    }
+
+    /// The endpoint for the next request: the pod itself, or the service's next ready
+    /// endpoint on the port's target port. The service is looked up again in the current
+    /// state, so a long-lived client connection follows endpoint changes.
+    pub fn endpoint(&self, mesh: &MeshState) -> Option<SocketAddr> {
+        if self.workload.is_some() {
+            return Some(self.addr);
+        }
+        let service = mesh
+            .service_by_vip(self.addr.ip())
+            .or(self.service.as_ref())?;
+        let target_port = service.port(self.addr.port())?.target_port?;
+        // No node of its own: every endpoint is as close as any other.
+        let endpoint = service.candidates("", None).into_iter().next()?;
+        Some(SocketAddr::new(endpoint.ip, target_port))
+    }
+}
+
+/// What every listener and request of the waypoint shares.
+pub struct WaypointInputs {
+    pub me: WaypointRef,
+    pub identity: Identity,
+    pub mesh: Arc<ArcSwap<MeshState>>,
+    pub certs: Arc<CertStore>,
+    pub server_tls: Arc<rustls::ServerConfig>,
+    pub upstreams: upstream::Upstreams,
+    pub metrics: Arc<Metrics>,
+    pub http: telemetry::HttpMetrics,
+    pub limits: Limits,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+/// Pending connections the HBONE listener may queue.
+const LISTEN_BACKLOG: u32 = 1024;
+
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpListener, WaypointError> {
+    let bind = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    bind().map_err(|source| WaypointError::Bind { what, addr, source })
+}
+
+/// Runs the waypoint until `shutdown` is cancelled, then drains.
+pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<(), WaypointError> {
+    let identity = config.identity()?;
+    let me = WaypointRef {
+        namespace: config.namespace.clone(),
+        name: config.gateway.clone(),
+    };
+    let provider = tls::provider();
+    let cp = &config.control_plane;
+    let roots = channel::read_roots(cp)?;
+    let certs = Arc::new(CertStore::new(
+        provider.clone(),
+        &roots,
+        &config.trust_domain,
+    )?);
+    let channel = channel::channel(cp)?;
+    let token = channel::BearerToken::new(cp.token_file.clone());
+    let issuer = Issuer::Remote(RemoteCa::new(
+        channel.clone(),
+        token.clone(),
+        certs.roots().clone(),
+        provider.clone(),
+    ));
+    let cert_manager = CertManager::new(
+        certs.clone(),
+        issuer,
+        Duration::from_secs(config.certificate_ttl_secs),
+    );
+    let server_tls = Arc::new(tls::server_config(
+        provider,
+        certs.roots().clone(),
+        &config.trust_domain,
+        certs.clone(),
+    )?);
+
+    let hbone_listener = bind("hbone", config.listen.hbone).await?;
+    let admin_listener = bind("admin", config.listen.admin).await?;
+    let metrics_listener = match config.listen.metrics {
+        Some(addr) => Some(bind("metrics", addr).await?),
+        None => None,
+    };
+    let readiness_listener = match config.listen.readiness {
+        Some(addr) => Some(bind("readiness", addr).await?),
+        None => None,
+    };
+
+    let mesh = Arc::new(ArcSwap::from_pointee(MeshState::empty("")));
+    let mut metrics = Metrics::new();
+    let http = telemetry::HttpMetrics::register(metrics.registry_mut());
+    let metrics = Arc::new(metrics);
+    let connect_timeout = Duration::from_millis(config.limits.connect_timeout_ms);
+    let connector = upstream::HboneConnector {
+        state: mesh.clone(),
+        certs: certs.clone(),
+        pool: Arc::new(Pool::new(connect_timeout)),
+        identity: identity.clone(),
+        local: config.listen.hbone,
+    };
+    let tasks = TaskTracker::new();
+    let inputs = Arc::new(WaypointInputs {
+        me: me.clone(),
+        identity: identity.clone(),
+        mesh: mesh.clone(),
+        certs: certs.clone(),
+        server_tls,
+        upstreams: upstream::Upstreams::new(connector),
+        metrics: metrics.clone(),
+        http,
+        limits: config.limits.clone(),
+        shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
+    });
+
+    let mut listeners = tokio::task::JoinSet::new();
+    listeners.spawn(accept_loop(inputs.clone(), hbone_listener));
+
+    let status = Arc::new(ArcSwap::from_pointee(feed::FeedStatus {
+        address: cp.address.to_string(),
+        ..Default::default()
+    }));
+    let admin = Arc::new(AdminState {
+        state: mesh.clone(),
+        certs: certs.clone(),
+        metrics,
+        datapath: None,
+        feed: Some(status.clone()),
+        ready: false.into(),
+    });
+    listeners.spawn(admin::serve(
+        admin.clone(),
+        admin_listener,
+        Surface::Admin,
+        shutdown.clone(),
+    ));
+    if let Some(listener) = metrics_listener {
+        listeners.spawn(admin::serve(
+            admin.clone(),
+            listener,
+            Surface::Metrics,
+            shutdown.clone(),
+        ));
+    }
+    if let Some(listener) = readiness_listener {
+        listeners.spawn(admin::serve(
+            admin.clone(),
+            listener,
+            Surface::Readiness,
+            shutdown.clone(),
+        ));
+    }
+
+    // Its one certificate, whatever the state says.
+    let (_keep, wanted) = watch::channel(());
+    let (prefetched, first_cert) = oneshot::channel();
+    let own: HashSet<Identity> = [identity.clone()].into();
+    listeners.spawn(cert_manager.follow(
+        wanted,
+        move |_: &()| Some(own.clone()),
+        prefetched,
+        shutdown.clone(),
+    ));
+
+    let (applied_tx, applied_rx) = mpsc::channel(1);
+    let (first_state_tx, first_state) = oneshot::channel();
+    listeners.spawn(state_task(
+        mesh.clone(),
+        cp.root_namespace.clone(),
+        applied_rx,
+        first_state_tx,
+        shutdown.clone(),
+    ));
+    listeners.spawn(
+        feed::Feed {
+            node: String::new(),
+            role: "waypoint",
+            trust_domain: config.trust_domain.clone(),
+            channel,
+            token,
+            status,
+            applied: applied_tx,
+            backoff: feed::default_backoff(),
+        }
+        .run(shutdown.clone()),
+    );
+    listeners.spawn({
+        let admin = admin.clone();
+        let hbone = config.listen.hbone;
+        async move {
+            if first_state.await.is_ok() && first_cert.await.is_ok() {
+                admin
+                    .ready
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(waypoint = %me, %hbone, "waypoint ready");
+            }
+        }
+    });
+
+    shutdown.cancelled().await;
+    admin
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    listeners.shutdown().await;
+    tasks.close();
+    let drain = Duration::from_secs(config.drain_timeout_secs);
+    if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
+        tracing::warn!(
+            open = tasks.len(),
+            "drain deadline reached; closing remaining connections"
+        );
+    }
+    tracing::info!("waypoint stopped");
+    Ok(())
+}
+
+async fn accept_loop(inputs: Arc<WaypointInputs>, listener: tokio::net::TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = inputs.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                let _ = stream.set_nodelay(true);
+                let inputs2 = inputs.clone();
+                inputs.tasks.spawn(async move {
+                    let _active = inputs2.metrics.active(Direction::Inbound);
+                    server::handle(inputs2.clone(), stream, ClientAddr(client)).await;
+                });
+            }
+            Err(e) => {
+                // Out of descriptors and similar: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The single writer of the waypoint's state: every applied update becomes a new snapshot.
+async fn state_task(
+    mesh: Arc<ArcSwap<MeshState>>,
+    root_namespace: String,
+    mut applied: mpsc::Receiver<Applied>,
+    first: oneshot::Sender<()>,
+    shutdown: CancellationToken,
+) {
+    let mut first = Some(first);
+    loop {
+        let update = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            update = applied.recv() => update,
+        };
+        let Some(update) = update else { return };
+        mesh.store(Arc::new(build_state(&update.resources, &root_namespace)));
+        tracing::debug!(version = update.version, "waypoint state published");
+        let _ = update.done.send(());
+        if let Some(first) = first.take() {
+            let _ = first.send(());
+        }
+    }
+}
+
+/// The mesh as the waypoint sees it: no node of its own, every workload remote.
+fn build_state(resources: &Resources, root_namespace: &str) -> MeshState {
+    let mut workloads = Vec::new();
+    let mut nodes = Vec::new();
+    let mut services = Vec::new();
+    let mut waypoints = Vec::new();
+    let mut authorization = Vec::new();
+    let mut peer_authentication = Vec::new();
+    for resource in resources.values() {
+        match resource {
+            Resource::Workload(w) => workloads.push(w.clone()),
+            Resource::Node(n) => nodes.push(n.clone()),
+            Resource::Service(s) => services.push(s.clone()),
+            Resource::Waypoint(w) => waypoints.push(w.clone()),
+            Resource::Policy(p) => match &**p {
+                Policy::Authorization(p) => authorization.push(p.clone()),
+                Policy::PeerAuthentication(p) => peer_authentication.push(p.clone()),
+            },
+            Resource::Route(_) => {}
+        }
+    }
+    let mut state = MeshState::build("", workloads, nodes, services, |_| None);
+    state.set_waypoints(waypoints);
+    state.set_policy(Arc::new(Engine::new(
+        root_namespace,
+        authorization,
+        peer_authentication,
+    )));
+    state
+}

@@ -1,0 +1,258 @@
+//! HBONE from source agents, terminated: accept -> TLS as the waypoint's identity -> HTTP/2
+//! CONNECT per client connection -> classify the destination (a service or pod that uses
+//! this waypoint, nothing else) -> 200 -> serve HTTP/1.1 or HTTP/2 on the tunnel, each request
+//! through [`super::forward`].
+//!
+//! The waypoint is not an open relay: a CONNECT for anything that does not name this waypoint
+//! is refused with 400 and counted. Limits bound what one peer can make it hold: handshake and
+//! first-request deadlines, concurrent tunnels per connection, header sizes, concurrent
+//! requests, and HTTP/2 rapid-reset protection on both layers.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::{Target, WaypointInputs, forward::Downstream};
+use crate::{
+    hbone,
+    identity::Identity,
+    metrics::Direction,
+    proxy::{AccessLog, ClientAddr},
+    tls,
+};
+
+/// Smallest read buffer hyper's HTTP/1.1 server accepts; header limits below it are rounded up.
+const MIN_H1_BUFFER: usize = 8192;
+/// Time a tunnelled client has to send its request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub async fn handle(inputs: Arc<WaypointInputs>, stream: TcpStream, client: ClientAddr) {
+    let started = Instant::now();
+    let handshake_timeout = Duration::from_millis(inputs.limits.handshake_timeout_ms);
+    let acceptor = tokio_rustls::TlsAcceptor::from(inputs.server_tls.clone());
+    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            return refuse(
+                &inputs,
+                client.0,
+                None,
+                started,
+                "tls_handshake",
+                format!("TLS handshake failed: {e}"),
+            );
+        }
+        Err(_) => {
+            return refuse(
+                &inputs,
+                client.0,
+                None,
+                started,
+                "handshake_timeout",
+                "TLS handshake not completed in time".into(),
+            );
+        }
+    };
+    let Some(peer) = tls::peer_identity(tls.get_ref().1) else {
+        return refuse(
+            &inputs,
+            client.0,
+            None,
+            started,
+            "tls_handshake",
+            "no verified identity after handshake".into(),
+        );
+    };
+    let peer = Arc::new(peer);
+    let service = hyper::service::service_fn({
+        let inputs = inputs.clone();
+        let peer = peer.clone();
+        move |req| {
+            let inputs = inputs.clone();
+            let peer = peer.clone();
+            async move { Ok::<_, Infallible>(tunnel(inputs, peer, client.0, req)) }
+        }
+    });
+    let mut builder = hbone::server_builder(inputs.limits.max_tunnels_per_connection);
+    builder.timer(TokioTimer::new());
+    let connection = builder.serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(connection);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(peer = %client.0, identity = %peer, error = %e, "HBONE connection ended with error");
+                }
+                return;
+            }
+            _ = inputs.shutdown.cancelled(), if !closing => {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+type TunnelResponse = Response<Empty<Bytes>>;
+
+/// One CONNECT: classify, then serve HTTP on it once upgraded.
+fn tunnel(
+    inputs: Arc<WaypointInputs>,
+    peer: Arc<Identity>,
+    peer_addr: SocketAddr,
+    mut req: Request<Incoming>,
+) -> TunnelResponse {
+    let started = Instant::now();
+    if req.method() != Method::CONNECT {
+        let error = format!("method {} is not CONNECT", req.method());
+        refuse(
+            &inputs,
+            peer_addr,
+            Some(&peer),
+            started,
+            "bad_method",
+            error,
+        );
+        return status(StatusCode::BAD_REQUEST);
+    }
+    let dst = match hbone::parse_authority(req.uri().authority().map(|a| a.as_str())) {
+        Ok(dst) => dst,
+        Err(e) => {
+            let error = e.to_string();
+            refuse(
+                &inputs,
+                peer_addr,
+                Some(&peer),
+                started,
+                "bad_authority",
+                error,
+            );
+            return status(StatusCode::BAD_REQUEST);
+        }
+    };
+    let mesh = inputs.mesh.load_full();
+    let Some(target) = Target::classify(&mesh, &inputs.me, dst) else {
+        let error = format!("{dst} does not use waypoint {}", inputs.me);
+        refuse(
+            &inputs,
+            peer_addr,
+            Some(&peer),
+            started,
+            "not_served",
+            error,
+        );
+        return status(StatusCode::BAD_REQUEST);
+    };
+    // Telemetry only: the client as its node reported it, believed only when that address
+    // belongs to a workload holding the identity that authenticated.
+    let client_addr = req
+        .headers()
+        .get(http::header::FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .and_then(hbone::parse_forwarded_for);
+    let source = client_addr
+        .and_then(|a| mesh.known_workload_by_ip(a.ip()))
+        .filter(|w| w.identity == *peer)
+        .cloned();
+    let downstream = Arc::new(Downstream {
+        inputs: inputs.clone(),
+        peer: peer.clone(),
+        source,
+        client_addr: client_addr.unwrap_or(peer_addr),
+        target,
+    });
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    inputs.tasks.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "tunnel not established");
+                return;
+            }
+        };
+        serve_http(downstream, upgraded).await;
+    });
+    status(StatusCode::OK)
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (by the client's preface) on one tunnel until it closes.
+async fn serve_http(downstream: Arc<Downstream>, upgraded: hyper::upgrade::Upgraded) {
+    let limits = &downstream.inputs.limits;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size((limits.max_header_bytes as usize).max(MIN_H1_BUFFER))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes)
+        .max_concurrent_streams(limits.max_concurrent_requests)
+        .max_pending_accept_reset_streams(hbone::MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(Some(hbone::MAX_PENDING_ACCEPT_RESETS))
+        .keep_alive_interval(hbone::KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(hbone::KEEPALIVE_TIMEOUT);
+    let service = hyper::service::service_fn({
+        let downstream = downstream.clone();
+        move |req| {
+            let downstream = downstream.clone();
+            async move { Ok::<_, Infallible>(super::forward::handle(downstream, req).await) }
+        }
+    });
+    let connection = builder.serve_connection(upgraded, service);
+    tokio::pin!(connection);
+    let shutdown = downstream.inputs.shutdown.clone();
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    downstream.inputs.metrics.fail(Direction::Inbound, "http_protocol");
+                    tracing::info!(target: "access", client = %downstream.client_addr, identity = %downstream.peer, error = %e, "client HTTP connection ended with a protocol error");
+                }
+                return;
+            }
+            _ = shutdown.cancelled(), if !closing => {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+fn status(code: StatusCode) -> TunnelResponse {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = code;
+    response
+}
+
+/// Counts and logs a refused connection or tunnel.
+fn refuse(
+    inputs: &WaypointInputs,
+    addr: SocketAddr,
+    identity: Option<&Identity>,
+    started: Instant,
+    reason: &'static str,
+    error: String,
+) {
+    inputs.metrics.fail(Direction::Inbound, reason);
+    AccessLog {
+        src_identity: identity,
+        error: Some(format!("{reason}: {error}")),
+        ..AccessLog::new(Direction::Inbound, "waypoint", addr, started)
+    }
+    .emit();
+}

@@ -1,0 +1,135 @@
+//! Waypoints on the control-plane testbed: a Gateway of class `trellis-waypoint`, one testbed
+//! pod labelled as its pod, and `mesh-node waypoint` running in that pod's namespace and
+//! cgroup (not enrolled, so its own connections are not redirected).
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+use super::{
+    CONTROLLER_PORT, HBONE_PORT, Mesh, NAMESPACE, TRUST_DOMAIN, http_get, service_account,
+    write_manifest, write_private,
+};
+use crate::testbed::{Pod, Proc, SpawnOptions};
+
+/// The label that routes a namespace's, service's or pod's traffic through a waypoint.
+pub const USE_WAYPOINT_LABEL: &str = "trellis.dev/use-waypoint";
+/// The Gateway API label on a waypoint's pods.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+pub const WAYPOINT_METRICS_PORT: u16 = 15020;
+pub const WAYPOINT_READY_PORT: u16 = 15021;
+const WAYPOINT_READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running waypoint.
+pub struct Waypoint<'a> {
+    pub name: String,
+    pub pod: &'a Pod,
+    pub process: Proc,
+}
+
+impl Waypoint<'_> {
+    /// Its `/metrics` text, read from inside its pod.
+    pub fn metrics(&self) -> Result<String> {
+        let addr = SocketAddr::new(self.pod.ip4.into(), WAYPOINT_METRICS_PORT);
+        let (status, body) = self.pod.netns.run(move || http_get(addr, "/metrics"))??;
+        if status != 200 {
+            bail!("waypoint metrics returned {status}");
+        }
+        Ok(body)
+    }
+
+    /// Its access log events (JSON lines with target `access`).
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        self.process
+            .stderr_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "access")
+            .collect()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.process.stderr_text()
+    }
+}
+
+impl<'tb> Mesh<'tb> {
+    /// Declares Gateway `name` (class `trellis-waypoint`) in [`NAMESPACE`], makes `pod` its
+    /// pod (label [`GATEWAY_NAME_LABEL`]), starts `mesh-node waypoint` in it and waits until it
+    /// is ready. The pod's service account is the waypoint's identity.
+    pub fn start_waypoint(&mut self, name: &str, pod: &'tb Pod) -> Result<Waypoint<'tb>> {
+        let gateway = json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {
+                "gatewayClassName": "trellis-waypoint",
+                "listeners": [{"name": "mesh", "port": HBONE_PORT, "protocol": "HBONE"}],
+            },
+        });
+        write_manifest(
+            &self.control()?.manifests,
+            &format!("gateway-{name}.json"),
+            &gateway,
+        )?;
+        self.write_pod(pod, NAMESPACE, &[(GATEWAY_NAME_LABEL, name)])?;
+
+        let tb = self.tb;
+        let scratch = tb.scratch_dir();
+        let token_file = scratch.join(format!("token-waypoint-{name}"));
+        write_private(&token_file, &self.service_account_token(pod)?)?;
+        let controller = SocketAddr::new(tb.node(0).lan_ip4.into(), CONTROLLER_PORT);
+        let config = format!(
+            "namespace: {NAMESPACE}\n\
+             gateway: {name}\n\
+             service_account: {sa}\n\
+             trust_domain: {TRUST_DOMAIN}\n\
+             control_plane:\n  address: \"{controller}\"\n  ca_cert: {ca}\n  token_file: {token}\n\
+             listen:\n  hbone: \"[::]:{HBONE_PORT}\"\n  metrics: \"0.0.0.0:{WAYPOINT_METRICS_PORT}\"\n  readiness: \"0.0.0.0:{WAYPOINT_READY_PORT}\"\n\
+             log_format: json\n",
+            sa = service_account(pod),
+            ca = self.ca_dir.join("ca.pem").display(),
+            token = token_file.display(),
+        );
+        let path = scratch.join(format!("waypoint-{name}.yaml"));
+        std::fs::write(&path, &config)?;
+        mesh_node::waypoint::WaypointConfig::load(&path).context("generated waypoint config")?;
+        let path = path.to_string_lossy().into_owned();
+        let mut process = tb.spawn(
+            pod,
+            &["mesh-node", "waypoint", "--config", &path],
+            SpawnOptions::new()
+                .name(format!("waypoint-{name}"))
+                .env("RUST_LOG", "info"),
+        )?;
+        let ready = SocketAddr::new(pod.ip4.into(), WAYPOINT_READY_PORT);
+        let deadline = Instant::now() + WAYPOINT_READY_TIMEOUT;
+        loop {
+            if !process.is_running() {
+                bail!(
+                    "waypoint exited during start-up:\n{}",
+                    process.stderr_text()
+                );
+            }
+            if let Ok(Ok((200, _))) = pod.netns.run(move || http_get(ready, "/healthz/ready")) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "waypoint not ready after {WAYPOINT_READY_TIMEOUT:?}:\n{}\ncontroller log:\n{}",
+                    process.stderr_text(),
+                    self.controller_log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Waypoint {
+            name: name.to_owned(),
+            pod,
+            process,
+        })
+    }
+}

@@ -1,0 +1,180 @@
+//! Waypoints: the L7 proxy of the destinations that opt in with `trellis.dev/use-waypoint`.
+//!
+//! The client's node agent sends a connection for an opted-in Service to the waypoint's pod
+//! over HBONE (the Service's VIP as CONNECT authority); the waypoint parses each HTTP request,
+//! picks an endpoint and sends it over HBONE, as its own identity, to the endpoint's node.
+//! Everything runs for real: eBPF redirection, the agents, the controller, the waypoint
+//! process in a testbed pod, mutual TLS on both legs.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use mesh_tests::{
+    mesh::{
+        Mesh, MeshOptions, NAMESPACE, metric_sum,
+        waypoint::{USE_WAYPOINT_LABEL, Waypoint},
+    },
+    testbed::{Pod, Server, Testbed, e2e_gate},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const SERVICE: &str = "web";
+const SERVICE_HOSTNAME: &str = "web.default.svc.cluster.local";
+const SERVICE_PORT: u16 = 80;
+const TARGET_PORT: u16 = 8080;
+const WAYPOINT: &str = "waypoint";
+const N: usize = 20;
+const WAIT: Duration = Duration::from_secs(20);
+
+fn start(tb: &Testbed) -> Mesh<'_> {
+    Mesh::start(
+        tb,
+        &MeshOptions {
+            control_plane: true,
+            ..Default::default()
+        },
+    )
+    .expect("mesh")
+}
+
+/// An HTTP server on `pod:8080` that answers with the pod's name.
+fn serve(tb: &Testbed, pod: &Pod) -> Server {
+    tb.spawn_server(
+        pod,
+        &[
+            "--listen",
+            &format!("0.0.0.0:{TARGET_PORT}=http"),
+            "--name",
+            &pod.name,
+        ],
+    )
+    .expect("server")
+}
+
+/// Requests the waypoint counted for the service with `code`.
+fn waypoint_requests(waypoint: &Waypoint<'_>, code: &str) -> f64 {
+    let metrics = waypoint.metrics().expect("waypoint metrics");
+    metric_sum(
+        &metrics,
+        "istio_requests_total",
+        &[
+            ("reporter", "waypoint"),
+            ("destination_service", SERVICE_HOSTNAME),
+            ("response_code", code),
+        ],
+    )
+}
+
+/// Waits (bounded) until node `node` sends Service `web` through `waypoint` (`Some`) or
+/// directly (`None`).
+fn wait_service_waypoint(mesh: &Mesh<'_>, node: usize, waypoint: Option<&str>) {
+    let expected = waypoint.map(|w| format!("{NAMESPACE}/{w}"));
+    mesh.wait_config(node, WAIT, |dump| {
+        dump["services"].as_array().is_some_and(|services| {
+            services.iter().any(|s| {
+                s["name"] == SERVICE
+                    && s["waypoint"].as_str().map(str::to_owned) == expected
+                    && (expected.is_none()
+                        || dump["waypoints"]
+                            .as_array()
+                            .is_some_and(|w| w.iter().any(|w| w["name"] == WAYPOINT)))
+            })
+        })
+    })
+    .expect("service waypoint in the config dump");
+}
+
+#[test]
+fn service_traffic_goes_through_the_waypoint_once_the_namespace_opts_in() {
+    if !e2e_gate("service_traffic_goes_through_the_waypoint_once_the_namespace_opts_in") {
+        return;
+    }
+    let tb = Testbed::builder()
+        .nodes(2)
+        .pods_per_node(3)
+        .build()
+        .expect("testbed");
+    let mut mesh = start(&tb);
+    let client = tb.pod(0, 0);
+    let backends = [tb.pod(1, 0), tb.pod(1, 1)];
+    let _servers: Vec<Server> = backends.iter().map(|p| serve(&tb, p)).collect();
+    mesh.write_service(
+        SERVICE,
+        &[VIP.into()],
+        &[(SERVICE_PORT, TARGET_PORT)],
+        &backends.map(|p| (p, true)),
+        None,
+    )
+    .expect("service");
+    let waypoint = mesh
+        .start_waypoint(WAYPOINT, tb.pod(0, 2))
+        .expect("waypoint starts");
+    let vip = SocketAddr::from((VIP, SERVICE_PORT));
+
+    // Not opted in: straight to the endpoints; the waypoint sees nothing.
+    mesh.wait_service(0, SERVICE, 2, WAIT).expect("service");
+    for _ in 0..3 {
+        tb.get_server_name(client, vip, None).expect("direct GET");
+    }
+    assert_eq!(waypoint_requests(&waypoint, "200"), 0.0);
+
+    // The namespace opts in: every request now crosses the waypoint and still reaches a
+    // backend, over mutual TLS on both legs.
+    mesh.set_namespace_label(NAMESPACE, USE_WAYPOINT_LABEL, Some(WAYPOINT))
+        .expect("label namespace");
+    wait_service_waypoint(&mesh, 0, Some(WAYPOINT));
+    let mut answered = std::collections::BTreeSet::new();
+    for i in 0..N {
+        match tb.get_server_name(client, vip, None) {
+            Ok(server) => {
+                answered.insert(server);
+            }
+            Err(e) => panic!(
+                "request {i} through the waypoint failed: {e}\nwaypoint log:\n{}\nagent 0 log:\n{}",
+                waypoint.log_text(),
+                mesh.agent_log_text(0)
+            ),
+        }
+    }
+    let expected: std::collections::BTreeSet<String> =
+        backends.iter().map(|p| p.name.clone()).collect();
+    assert_eq!(
+        answered, expected,
+        "both endpoints serve through the waypoint"
+    );
+    assert_eq!(waypoint_requests(&waypoint, "200"), N as f64);
+
+    // The client's agent tunnelled to the waypoint; the endpoints' agent saw the waypoint's
+    // identity (it dials as itself), and the waypoint logged each request.
+    let waypoint_identity = format!(
+        "spiffe://cluster.local/ns/{NAMESPACE}/sa/{}",
+        mesh_tests::mesh::service_account(tb.pod(0, 2))
+    );
+    mesh.wait_access(0, WAIT, |e| {
+        e["direction"] == "outbound"
+            && e["path"] == "waypoint"
+            && e["dst_service"] == SERVICE_HOSTNAME
+    })
+    .expect("the client's agent logs the waypoint path");
+    mesh.wait_access(1, WAIT, |e| {
+        e["direction"] == "inbound" && e["src_identity"] == waypoint_identity.as_str()
+    })
+    .expect("the endpoints' agent sees the waypoint's identity");
+    let logged = waypoint
+        .access_log()
+        .iter()
+        .filter(|e| e["status"] == 200 && e["method"] == "GET")
+        .count();
+    assert!(logged >= N, "waypoint access log has {logged} requests");
+
+    // Opting out again takes the waypoint off the path.
+    mesh.set_namespace_label(NAMESPACE, USE_WAYPOINT_LABEL, None)
+        .expect("unlabel namespace");
+    wait_service_waypoint(&mesh, 0, None);
+    for _ in 0..3 {
+        tb.get_server_name(client, vip, None).expect("direct GET");
+    }
+    assert_eq!(waypoint_requests(&waypoint, "200"), N as f64);
+}

@@ -89,18 +89,7 @@ impl DatapathStats for Datapath {
 const LISTEN_BACKLOG: u32 = 4096;
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
-    let bind = || {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()
-        } else {
-            tokio::net::TcpSocket::new_v6()
-        }?;
-        // As TcpListener::bind does: a restarted agent must rebind while old connections linger.
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        socket.listen(LISTEN_BACKLOG)
-    };
-    bind().map_err(|source| AgentError::Bind { what, addr, source })
+    proxy::listen(addr, LISTEN_BACKLOG).map_err(|source| AgentError::Bind { what, addr, source })
 }
 
 /// How the state and certificates are sourced.

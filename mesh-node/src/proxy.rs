@@ -74,6 +74,19 @@ pub struct ProxyInputs {
     pub authorized: Arc<inbound::authorized::Authorized>,
 }
 
+/// A listener on `addr` with `backlog` pending connections. Like `TcpListener::bind`, it sets
+/// SO_REUSEADDR: a restarted proxy must rebind while its old connections linger.
+pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// Accepts until shutdown, handing each connection to `handle` as a tracked task.
 pub async fn accept_loop<F, Fut>(
     inputs: Arc<ProxyInputs>,

@@ -135,17 +135,11 @@ async fn bind(
     what: &'static str,
     addr: SocketAddr,
 ) -> Result<tokio::net::TcpListener, WaypointError> {
-    let bind = || {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()
-        } else {
-            tokio::net::TcpSocket::new_v6()
-        }?;
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        socket.listen(LISTEN_BACKLOG)
-    };
-    bind().map_err(|source| WaypointError::Bind { what, addr, source })
+    crate::proxy::listen(addr, LISTEN_BACKLOG).map_err(|source| WaypointError::Bind {
+        what,
+        addr,
+        source,
+    })
 }
 
 /// Runs the waypoint until `shutdown` is cancelled, then drains.

@@ -46,6 +46,20 @@ pub enum Surface {
     Readiness,
 }
 
+/// Serves each surface that has a listener, as tasks of `tasks`, until `shutdown`.
+pub fn serve_all(
+    admin: &Arc<AdminState>,
+    surfaces: [(Surface, Option<TcpListener>); 3],
+    tasks: &mut tokio::task::JoinSet<()>,
+    shutdown: &CancellationToken,
+) {
+    for (surface, listener) in surfaces {
+        if let Some(listener) = listener {
+            tasks.spawn(serve(admin.clone(), listener, surface, shutdown.clone()));
+        }
+    }
+}
+
 pub async fn serve(
     admin: Arc<AdminState>,
     listener: TcpListener,

@@ -286,28 +286,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         feed: feed_status.clone(),
         ready: false.into(),
     });
-    listeners.spawn(admin::serve(
-        admin.clone(),
-        admin_listener,
-        Surface::Admin,
-        shutdown.clone(),
-    ));
-    if let Some(listener) = metrics_listener {
-        listeners.spawn(admin::serve(
-            admin.clone(),
-            listener,
-            Surface::Metrics,
-            shutdown.clone(),
-        ));
-    }
-    if let Some(listener) = readiness_listener {
-        listeners.spawn(admin::serve(
-            admin.clone(),
-            listener,
-            Surface::Readiness,
-            shutdown.clone(),
-        ));
-    }
+    admin::serve_all(
+        &admin,
+        [
+            (Surface::Admin, Some(admin_listener)),
+            (Surface::Metrics, metrics_listener),
+            (Surface::Readiness, readiness_listener),
+        ],
+        &mut listeners,
+        &shutdown,
+    );
     let (prefetched, first_certs) = oneshot::channel();
     listeners.spawn(cert_manager.run(states.clone(), prefetched, shutdown.clone()));
     listeners.spawn(crate::proxy::inbound::reauthorize(

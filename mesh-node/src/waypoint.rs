@@ -230,28 +230,16 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
         feed: Some(status.clone()),
         ready: false.into(),
     });
-    listeners.spawn(admin::serve(
-        admin.clone(),
-        admin_listener,
-        Surface::Admin,
-        shutdown.clone(),
-    ));
-    if let Some(listener) = metrics_listener {
-        listeners.spawn(admin::serve(
-            admin.clone(),
-            listener,
-            Surface::Metrics,
-            shutdown.clone(),
-        ));
-    }
-    if let Some(listener) = readiness_listener {
-        listeners.spawn(admin::serve(
-            admin.clone(),
-            listener,
-            Surface::Readiness,
-            shutdown.clone(),
-        ));
-    }
+    admin::serve_all(
+        &admin,
+        [
+            (Surface::Admin, Some(admin_listener)),
+            (Surface::Metrics, metrics_listener),
+            (Surface::Readiness, readiness_listener),
+        ],
+        &mut listeners,
+        &shutdown,
+    );
 
     // Its one certificate, whatever the state says.
     let (_keep, wanted) = watch::channel(());

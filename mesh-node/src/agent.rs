@@ -88,6 +88,15 @@ impl DatapathStats for Datapath {
 /// outbound listener, so bursts of connects are normal; the kernel caps it at somaxconn.
 const LISTEN_BACKLOG: u32 = 4096;
 
+/// Connections per HBONE peer: as configured, else one per core the agent may use (the
+/// runtime has as many worker threads), so one peer's traffic can use every core.
+fn hbone_spread(outbound: &crate::config::OutboundConfig) -> usize {
+    outbound
+        .hbone_connections_per_peer
+        .or_else(|| std::thread::available_parallelism().ok())
+        .map_or(1, std::num::NonZeroUsize::get)
+}
+
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
     proxy::listen(addr, LISTEN_BACKLOG).map_err(|source| AgentError::Bind { what, addr, source })
 }
@@ -236,7 +245,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         certs: certs.clone(),
         original_dst: datapath.conntrack(),
         metrics: metrics.clone(),
-        pool: Pool::new(Duration::from_millis(config.outbound.connect_timeout_ms)),
+        pool: Pool::new(
+            Duration::from_millis(config.outbound.connect_timeout_ms),
+            hbone_spread(&config.outbound),
+        ),
         server_tls,
         settings: Settings {
             connect_timeout: Duration::from_millis(config.outbound.connect_timeout_ms),

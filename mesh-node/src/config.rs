@@ -260,6 +260,11 @@ pub struct OutboundConfig {
     /// Connect timeout for upstream dials, in milliseconds.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
+    /// How many HBONE connections to one peer (per source and destination identity) streams
+    /// are spread over; default: the number of cores the agent may use. One connection is
+    /// encrypted by one core at a time, so fewer caps a node's throughput to one peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hbone_connections_per_peer: Option<std::num::NonZeroUsize>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -594,6 +599,25 @@ workloads:
         );
         let again = AgentConfig::parse(&config.to_yaml()).expect("round trip");
         assert_eq!(again.workloads.len(), 2);
+    }
+
+    #[test]
+    fn hbone_connections_per_peer_is_optional_and_never_zero() {
+        let config = AgentConfig::parse(GOOD).expect("valid");
+        assert_eq!(config.outbound.hbone_connections_per_peer, None);
+        assert!(
+            !config.to_yaml().contains("hbone_connections_per_peer"),
+            "left out when unset, so agents that predate it read the file"
+        );
+        let with = |n: &str| format!("{GOOD}outbound: {{ hbone_connections_per_peer: {n} }}\n");
+        let four = AgentConfig::parse(&with("4")).expect("valid");
+        assert_eq!(
+            four.outbound
+                .hbone_connections_per_peer
+                .map(std::num::NonZeroUsize::get),
+            Some(4)
+        );
+        assert!(AgentConfig::parse(&with("0")).is_err(), "0 is refused");
     }
 
     #[test]

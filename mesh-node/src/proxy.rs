@@ -25,6 +25,7 @@ pub mod copy;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
+pub mod read_ahead;
 
 /// The address the application asked to connect to, before redirection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

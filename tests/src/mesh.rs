@@ -749,6 +749,7 @@ fn agent_defaults(node: &crate::testbed::Node, options: &MeshOptions) -> AgentCo
         outbound: OutboundConfig {
             unknown_destination: options.unknown_destination,
             connect_timeout_ms: 3_000,
+            hbone_connections_per_peer: None,
         },
         inbound: InboundConfig {
             handshake_timeout_ms: 5_000,

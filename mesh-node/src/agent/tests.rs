@@ -537,3 +537,15 @@ async fn a_wrong_token_is_refused_and_retried() {
     );
     controller.stop().await;
 }
+
+#[test]
+fn hbone_connections_per_peer_defaults_to_one_per_core() {
+    use crate::config::OutboundConfig;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(super::hbone_spread(&OutboundConfig::default()), cores);
+    let three = OutboundConfig {
+        hbone_connections_per_peer: std::num::NonZeroUsize::new(3),
+        ..OutboundConfig::default()
+    };
+    assert_eq!(super::hbone_spread(&three), 3, "configured: as configured");
+}

@@ -38,7 +38,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::{AccessLog, ClientAddr, ProxyInputs, connect, copy::Counted};
+use super::{AccessLog, ClientAddr, ProxyInputs, connect, copy::Counted, read_ahead::ReadAhead};
 use crate::{
     hbone,
     identity::{Identity, store::certificate_serial},
@@ -65,10 +65,12 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
     let started = Instant::now();
     // Read the ClientHello first, so a refusal can name its reason.
     let handshake = async {
-        let start =
-            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
-                .await
-                .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        let start = tokio_rustls::LazyConfigAcceptor::new(
+            rustls::server::Acceptor::default(),
+            ReadAhead::new(stream),
+        )
+        .await
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
         let hello = start.client_hello();
         if !hello
             .alpn()

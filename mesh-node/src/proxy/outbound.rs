@@ -298,7 +298,7 @@ mod tests {
             certs,
             original_dst: Arc::new(FixedDst(dst)),
             metrics: Arc::new(Metrics::new()),
-            pool: Pool::new(timeout),
+            pool: Pool::new(timeout, 1),
             server_tls: Arc::new(server_tls),
             settings: Settings {
                 connect_timeout: timeout,

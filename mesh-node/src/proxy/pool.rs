@@ -1,8 +1,14 @@
 //! Outbound HBONE connections, pooled by (source identity, destination identity, node).
 //!
-//! Each pooled connection is one mutual-TLS HTTP/2 connection carrying up to
-//! [`hbone::CLIENT_STREAMS_PER_CONNECTION`] CONNECT streams; past that a new connection is opened
-//! for the same key. Connections that closed are dropped when next looked at.
+//! Each pooled connection is one mutual-TLS HTTP/2 connection carrying CONNECT streams. One
+//! connection is one task on each node (its TLS records are sealed and opened there), so one
+//! connection cannot move more bytes than one core can encrypt. Streams of a key are
+//! therefore spread over up to `spread` connections (the agent uses its number of cores): a
+//! new stream takes an idle connection if there is one, else opens another connection while
+//! the key has fewer than `spread`, else joins the least loaded one ([`choose`]). A
+//! connection never carries more than [`hbone::CLIENT_STREAMS_PER_CONNECTION`] streams, so the
+//! peer's stream limit is never hit; past that, more connections open whatever `spread` says.
+//! Connections that closed are dropped when next looked at.
 //!
 //! A connection remembers the certificate it was dialled with. Once the store holds another
 //! one for its source identity (renewed, or re-issued) or none, the connection gets no new
@@ -28,7 +34,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
-use super::{ClientAddr, HboneAddr, OriginalDst};
+use super::{ClientAddr, HboneAddr, OriginalDst, read_ahead::ReadAhead};
 use crate::{
     hbone,
     identity::{CertStore, Identity, store::WorkloadCert},
@@ -112,6 +118,39 @@ impl Conn {
 
 type Slot = Arc<tokio::sync::Mutex<Vec<Conn>>>;
 
+/// What [`choose`] knows of one pooled connection.
+#[derive(Clone, Copy, Debug)]
+struct Load {
+    /// Still open.
+    ready: bool,
+    /// Streams open on it now.
+    streams: usize,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Choice {
+    /// Put the stream on the connection at this index.
+    Use(usize),
+    /// Open another connection for it.
+    Dial,
+}
+
+/// Where a new stream goes, given the key's current connections: an idle one first; else a
+/// new connection while there are fewer than `spread`; else the least loaded one with room
+/// (the first of equals, so the choice is stable). Only a key whose every connection is at
+/// [`hbone::CLIENT_STREAMS_PER_CONNECTION`] dials past `spread`.
+fn choose(loads: &[Load], spread: usize) -> Choice {
+    let least = loads
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.ready && l.streams < hbone::CLIENT_STREAMS_PER_CONNECTION)
+        .min_by_key(|(_, l)| l.streams);
+    match least {
+        Some((i, l)) if l.streams == 0 || loads.len() >= spread => Choice::Use(i),
+        _ => Choice::Dial,
+    }
+}
+
 /// Counts a stream against its connection until dropped.
 pub struct StreamGuard(Arc<AtomicUsize>);
 
@@ -130,13 +169,18 @@ pub struct Tunnel {
 pub struct Pool {
     slots: Mutex<HashMap<Key, Slot>>,
     connect_timeout: Duration,
+    /// How many connections per key streams are spread over (see the module docs).
+    spread: usize,
 }
 
 impl Pool {
-    pub fn new(connect_timeout: Duration) -> Self {
+    /// A pool dialling within `connect_timeout` that spreads each key's streams over up to
+    /// `spread` connections (at least one).
+    pub fn new(connect_timeout: Duration, spread: usize) -> Self {
         Self {
             slots: Mutex::default(),
             connect_timeout,
+            spread: spread.max(1),
         }
     }
 
@@ -211,13 +255,22 @@ impl Pool {
             }
             keep
         });
-        if let Some(conn) = conns.iter().find(|c| {
-            c.sender.is_ready()
-                && c.streams.load(Ordering::Relaxed) < hbone::CLIENT_STREAMS_PER_CONNECTION
-        }) {
+        let loads: Vec<Load> = conns
+            .iter()
+            .map(|c| Load {
+                ready: c.sender.is_ready(),
+                streams: c.streams.load(Ordering::Relaxed),
+            })
+            .collect();
+        if let Choice::Use(i) = choose(&loads, self.spread)
+            && let Some(conn) = conns.get(i)
+        {
             conn.streams.fetch_add(1, Ordering::Relaxed);
             return Ok((conn.sender.clone(), StreamGuard(conn.streams.clone())));
         }
+        // The slot stays locked while dialling: streams of this key that arrive meanwhile
+        // wait for this connection instead of each dialling their own. It happens at most
+        // `spread` times per key and certificate while streams stay open.
         let (sender, cert) = self.dial(certs, &key).await?;
         let streams = Arc::new(AtomicUsize::new(1));
         conns.push(Conn {
@@ -247,13 +300,16 @@ impl Pool {
             source: std::io::Error::other(e),
         })?;
         let connector = TlsConnector::from(cert.client_config.clone());
-        let tls = tokio::time::timeout(self.connect_timeout, connector.connect(server_name, tcp))
-            .await
-            .map_err(|_| PoolError::Tls {
-                addr,
-                source: std::io::ErrorKind::TimedOut.into(),
-            })?
-            .map_err(|source| PoolError::Tls { addr, source })?;
+        let tls = tokio::time::timeout(
+            self.connect_timeout,
+            connector.connect(server_name, ReadAhead::new(tcp)),
+        )
+        .await
+        .map_err(|_| PoolError::Tls {
+            addr,
+            source: std::io::ErrorKind::TimedOut.into(),
+        })?
+        .map_err(|source| PoolError::Tls { addr, source })?;
         if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
             return Err(PoolError::Alpn(addr));
         }
@@ -510,10 +566,98 @@ mod tests {
         assert!(rest.is_empty());
     }
 
+    fn loads(streams: &[usize]) -> Vec<Load> {
+        streams
+            .iter()
+            .map(|&streams| Load {
+                ready: true,
+                streams,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_new_stream_takes_an_idle_connection_before_opening_another() {
+        assert_eq!(choose(&[], 2), Choice::Dial, "no connection yet");
+        assert_eq!(choose(&loads(&[0]), 2), Choice::Use(0));
+        assert_eq!(choose(&loads(&[3, 0]), 4), Choice::Use(1));
+    }
+
+    #[test]
+    fn busy_connections_grow_to_the_spread_then_the_least_loaded_takes_the_stream() {
+        assert_eq!(choose(&loads(&[1]), 2), Choice::Dial);
+        assert_eq!(
+            choose(&loads(&[1]), 1),
+            Choice::Use(0),
+            "spread 1: one shared connection"
+        );
+        assert_eq!(choose(&loads(&[2, 1]), 2), Choice::Use(1));
+        assert_eq!(
+            choose(&loads(&[1, 1]), 2),
+            Choice::Use(0),
+            "the first of equals"
+        );
+        assert_eq!(
+            choose(&loads(&[5, 4, 6]), 2),
+            Choice::Use(1),
+            "more than the spread"
+        );
+    }
+
+    #[test]
+    fn full_or_closed_connections_take_no_stream() {
+        let full = hbone::CLIENT_STREAMS_PER_CONNECTION;
+        assert_eq!(
+            choose(&loads(&[full, full]), 2),
+            Choice::Dial,
+            "past the spread"
+        );
+        assert_eq!(choose(&loads(&[full, 7]), 2), Choice::Use(1));
+        let closed = Load {
+            ready: false,
+            streams: 0,
+        };
+        assert_eq!(choose(&[closed], 1), Choice::Dial);
+    }
+
+    #[tokio::test]
+    async fn concurrent_streams_spread_over_connections_and_idle_ones_are_reused() {
+        let h = Harness::start().await;
+        let pool = Pool::new(Duration::from_secs(5), 2);
+
+        let mut first = h.tunnel(&pool).await;
+        let mut second = h.tunnel(&pool).await;
+        assert_eq!(h.handshakes().len(), 2, "a busy connection: open a second");
+        let mut third = h.tunnel(&pool).await;
+        assert_eq!(
+            h.handshakes().len(),
+            2,
+            "at the spread: share the least loaded"
+        );
+        for tunnel in [&mut first, &mut second, &mut third] {
+            echo(tunnel, b"each stream carries its own bytes").await;
+        }
+        finish(first).await;
+        finish(second).await;
+        finish(third).await;
+
+        let fourth = h.tunnel(&pool).await;
+        let fifth = h.tunnel(&pool).await;
+        assert_eq!(
+            h.handshakes().len(),
+            2,
+            "idle pooled connections are reused"
+        );
+        finish(fourth).await;
+        finish(fifth).await;
+        assert!(h.closed().is_empty(), "pooled connections stay open");
+    }
+
     #[tokio::test]
     async fn a_replaced_certificate_retires_pooled_connections_without_cutting_their_streams() {
         let mut h = Harness::start().await;
-        let pool = Pool::new(Duration::from_secs(5));
+        // One connection per key, so that both streams share the connection being retired.
+        let pool = Pool::new(Duration::from_secs(5), 1);
 
         let mut first = h.tunnel(&pool).await;
         echo(&mut first, b"before renewal").await;

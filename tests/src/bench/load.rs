@@ -262,6 +262,30 @@ pub fn connect(to: SocketAddr, conns: usize, duration: Duration) -> Result<Value
     Ok(out)
 }
 
+/// The line [`hold`] prints once every connection is established end to end.
+pub const HOLDING: &str = "\"holding\"";
+
+/// Opens `conns` connections to an echo server, completes a 1-byte round trip on each (so
+/// every proxy on the way holds an established flow), prints a `{"holding": N}` line and keeps
+/// them open and silent for `hold` before closing them.
+pub fn hold(to: SocketAddr, conns: usize, hold: Duration) -> Result<Value> {
+    let mut held = Vec::with_capacity(conns);
+    for i in 0..conns {
+        let mut s = connect_blocking(to).with_context(|| format!("connection {}", i + 1))?;
+        s.write_all(&[7]).context("writing the byte")?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).context("reading the echo")?;
+        held.push(s);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{{{HOLDING}: {conns}}}").context("printing the ready line")?;
+    out.flush().context("printing the ready line")?;
+    drop(out);
+    thread::sleep(hold);
+    drop(held);
+    Ok(json!({ "conns": conns }))
+}
+
 fn one_connection(to: SocketAddr) -> Result<()> {
     let mut s = connect_blocking(to)?;
     s.write_all(&[7]).context("writing the byte")?;

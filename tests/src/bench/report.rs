@@ -274,6 +274,40 @@ pub fn build(runs: &[Run], memory: &[Value], settings: Value, machine: Value) ->
         rss("rss_after_load_bytes"),
         false,
     ));
+    figures.push(figure(
+        "both nodes",
+        "idle_conn_bytes",
+        "proxy memory per idle connection (bytes)",
+        Better::Lower,
+        Config::ALL.map(|c| {
+            median(
+                memory
+                    .iter()
+                    .filter(|m| m["config"] == c.key())
+                    .filter_map(|m| m["idle_conn_bytes"].as_f64())
+                    .collect(),
+            )
+        }),
+        false,
+    ));
+    // The part of RSS that is the process's own (heap, stacks): the rest is pages of the
+    // mapped binary, shared with every process running it and reclaimable by the kernel.
+    figures.push(figure(
+        "both nodes",
+        "rss.anon_idle_mib",
+        "proxy RSS idle, anonymous only (MiB)",
+        Better::Lower,
+        rss("rss_anon_idle_bytes"),
+        false,
+    ));
+    figures.push(figure(
+        "both nodes",
+        "rss.anon_after_load_mib",
+        "proxy RSS after load, anonymous only (MiB)",
+        Better::Lower,
+        rss("rss_anon_after_load_bytes"),
+        false,
+    ));
 
     let runs_json: Vec<Value> = runs
         .iter()

@@ -46,6 +46,11 @@ pub const RR_CONNS: usize = 4;
 pub const RR_SIZE: usize = 1024;
 /// Concurrent loops of the connection-rate test.
 pub const CONNECT_LOOPS: usize = 4;
+/// Established, silent connections held open to measure what an idle connection costs the
+/// proxies (below the load generator's default descriptor limit of 1024).
+pub const IDLE_CONNS: usize = 500;
+/// How long the load generator holds them; the sample is taken as soon as they are up.
+const IDLE_HOLD: Duration = Duration::from_secs(30);
 
 /// What `bench run` does.
 #[derive(Clone, Debug)]
@@ -224,7 +229,16 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
             let active = Active::start(&tb, config, &exe)
                 .with_context(|| format!("starting {}", config.key()))?;
             let pids = active.proxy_pids();
-            let rss_idle = rss_bytes(&pids)?;
+            let rss_idle = rss_bytes(&pids, "VmRSS:")?;
+            let anon_idle = rss_bytes(&pids, "RssAnon:")?;
+            let idle_conn_bytes = if pids.is_empty() {
+                None
+            } else {
+                Some(
+                    idle_connection_cost(&tb, &exe, config, &pids)
+                        .with_context(|| format!("round {} {} idle", round + 1, config.key()))?,
+                )
+            };
             for &(scenario, test) in &selected {
                 let run = measure(&tb, &exe, config, scenario, test, durations, &pids)
                     .with_context(|| {
@@ -247,13 +261,17 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
                 );
                 runs.push(Run { round, ..run });
             }
-            let rss_after = rss_bytes(&pids)?;
+            let rss_after = rss_bytes(&pids, "VmRSS:")?;
+            let anon_after = rss_bytes(&pids, "RssAnon:")?;
             if !pids.is_empty() {
                 memory.push(json!({
                     "round": round,
                     "config": config.key(),
                     "rss_idle_bytes": rss_idle,
                     "rss_after_load_bytes": rss_after,
+                    "rss_anon_idle_bytes": anon_idle,
+                    "rss_anon_after_load_bytes": anon_after,
+                    "idle_conn_bytes": idle_conn_bytes,
                 }));
             }
             active
@@ -333,6 +351,33 @@ fn measure(
         proxy_cpu_secs: (!pids.is_empty()).then_some(cpu),
         result,
     })
+}
+
+/// Anonymous memory the proxies hold per established, silent cross-node connection: the
+/// growth of their anonymous RSS while [`IDLE_CONNS`] such connections are open, divided by
+/// their number. Run on freshly started proxies, so freed memory the allocator keeps from
+/// earlier tests cannot hide the cost.
+fn idle_connection_cost(tb: &Testbed, exe: &str, config: Config, pids: &[u32]) -> Result<f64> {
+    let to = target(tb, config, Scenario::CrossNode, Test::Rr).to_string();
+    let before = rss_bytes(pids, "RssAnon:")?;
+    let cmd: Vec<String> = vec![
+        exe.into(),
+        "load".into(),
+        "hold".into(),
+        "--to".into(),
+        to,
+        "--conns".into(),
+        IDLE_CONNS.to_string(),
+        "--secs".into(),
+        IDLE_HOLD.as_secs().to_string(),
+    ];
+    let mut proc = tb.spawn(tb.pod(0, 0), &cmd, SpawnOptions::new().name("idle-conns"))?;
+    proc.wait_for_stdout_line(RUN_SLACK, |l| l.contains(super::load::HOLDING))?;
+    let held = rss_bytes(pids, "RssAnon:")?;
+    // Ending it early closes the connections before the next test; its exit status does not
+    // matter.
+    proc.kill()?;
+    Ok((held as f64 - before as f64) / IDLE_CONNS as f64)
 }
 
 /// Where the client dials for `test` in `scenario` under `config`.
@@ -481,17 +526,18 @@ fn cpu_seconds(pids: &[u32]) -> Result<f64> {
     Ok(ticks as f64 / USER_HZ)
 }
 
-/// Sum of the resident set sizes of `pids`, in bytes.
-fn rss_bytes(pids: &[u32]) -> Result<u64> {
+/// Sum of one resident-memory line of `/proc/PID/status` (`VmRSS:` for all of it, `RssAnon:`
+/// for heap and stacks without the mapped binary's pages) over `pids`, in bytes.
+fn rss_bytes(pids: &[u32], line: &str) -> Result<u64> {
     let mut total = 0;
     for pid in pids {
         let path = format!("/proc/{pid}/status");
         let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
         let kib = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(line))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .with_context(|| format!("no VmRSS in {path}"))?;
+            .with_context(|| format!("no {line} line in {path}"))?;
         total += kib * 1024;
     }
     Ok(total)

@@ -82,6 +82,15 @@ enum Load {
         #[arg(long)]
         secs: f64,
     },
+    /// Holds N established, silent connections to an echo server for a while.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        conns: usize,
+        #[arg(long)]
+        secs: f64,
+    },
     /// New connections per second against a `one` server.
     Connect {
         #[arg(long)]
@@ -155,6 +164,7 @@ fn main_inner(command: Command) -> Result<Option<Value>> {
                 secs: s,
             } => load::rr(to, conns, rate, size, secs(s)?).map(Some),
             Load::Connect { to, conns, secs: s } => load::connect(to, conns, secs(s)?).map(Some),
+            Load::Hold { to, conns, secs: s } => load::hold(to, conns, secs(s)?).map(Some),
         },
     }
 }

@@ -121,6 +121,10 @@ impl PolicyObject {
                 serde_json::from_value::<crate::policy::crd::PeerAuthenticationSpec>(spec.clone())
                     .and_then(serde_json::to_value)
             }
+            PolicyKind::RequestAuthentication => serde_json::from_value::<
+                crate::policy::crd::RequestAuthenticationSpec,
+            >(spec.clone())
+            .and_then(serde_json::to_value),
         };
         Ok(Self {
             metadata,
@@ -351,6 +355,8 @@ pub struct ClusterObjects {
     pub nodes: BTreeMap<String, Arc<Node>>,
     pub authorization_policies: BTreeMap<String, Arc<PolicyObject>>,
     pub peer_authentications: BTreeMap<String, Arc<PolicyObject>>,
+    /// Not filled yet: watching and loading RequestAuthentication is waypoint plumbing.
+    pub request_authentications: BTreeMap<String, Arc<PolicyObject>>,
 }
 
 /// An object that cannot be stored.
@@ -366,6 +372,7 @@ impl ClusterObjects {
         match kind {
             PolicyKind::Authorization => &self.authorization_policies,
             PolicyKind::PeerAuthentication => &self.peer_authentications,
+            PolicyKind::RequestAuthentication => &self.request_authentications,
         }
     }
 

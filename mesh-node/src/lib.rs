@@ -4,6 +4,7 @@
 //! - [`controller`]: the control plane: CA service and config distribution to agents.
 //! - [`config`], [`identity`], [`tls`], [`ebpf`], [`proxy`], [`metrics`], [`admin`]: its parts.
 //! - [`policy`]: L4 authorization policies and the per-connection decision.
+//! - [`waypoint`]: the L7 proxy per namespace or service.
 pub mod admin;
 pub mod agent;
 pub mod api;

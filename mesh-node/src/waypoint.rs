@@ -16,6 +16,8 @@
 pub mod body;
 pub mod config;
 pub mod forward;
+pub mod resilience;
+pub mod route;
 pub mod server;
 pub mod telemetry;
 pub mod upstream;
@@ -196,7 +198,10 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
     let connector = upstream::HboneConnector {
         state: mesh.clone(),
         certs: certs.clone(),
-        pool: Arc::new(Pool::new(connect_timeout)),
+        pool: Arc::new(Pool::new(
+            connect_timeout,
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        )),
         identity: identity.clone(),
         local: config.listen.hbone,
     };
@@ -369,6 +374,7 @@ fn build_state(resources: &Resources, root_namespace: &str) -> MeshState {
             Resource::Policy(p) => match &**p {
                 Policy::Authorization(p) => authorization.push(p.clone()),
                 Policy::PeerAuthentication(p) => peer_authentication.push(p.clone()),
+                Policy::RequestAuthentication(_) => {}
             },
             Resource::Route(_) => {}
         }

@@ -100,6 +100,8 @@ impl StateTask {
                 Resource::Policy(p) => match &**p {
                     Policy::Authorization(p) => authorization.push(p.clone()),
                     Policy::PeerAuthentication(p) => peer_authentication.push(p.clone()),
+                    // Read by waypoints only: node agents do not see requests.
+                    Policy::RequestAuthentication(_) => {}
                 },
                 Resource::Workload(_)
                 | Resource::Node(_)

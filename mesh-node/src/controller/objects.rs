@@ -217,6 +217,10 @@ impl PolicyObject {
                 serde_json::from_value::<crate::policy::crd::PeerAuthenticationSpec>(spec.clone())
                     .and_then(serde_json::to_value)
             }
+            PolicyKind::RequestAuthentication => serde_json::from_value::<
+                crate::policy::crd::RequestAuthenticationSpec,
+            >(spec.clone())
+            .and_then(serde_json::to_value),
         };
         Ok(Self {
             metadata,
@@ -464,6 +468,8 @@ pub struct ClusterObjects {
     pub http_routes: BTreeMap<String, Arc<PolicyObject>>,
     pub grpc_routes: BTreeMap<String, Arc<PolicyObject>>,
     pub traffic_policies: BTreeMap<String, Arc<PolicyObject>>,
+    /// Not filled yet: watching and loading RequestAuthentication is waypoint plumbing.
+    pub request_authentications: BTreeMap<String, Arc<PolicyObject>>,
 }
 
 /// An object that cannot be stored.
@@ -479,6 +485,7 @@ impl ClusterObjects {
         match kind {
             PolicyKind::Authorization => &self.authorization_policies,
             PolicyKind::PeerAuthentication => &self.peer_authentications,
+            PolicyKind::RequestAuthentication => &self.request_authentications,
         }
     }
 

@@ -118,6 +118,11 @@ async fn write(client: &Client, key: &Key, condition: &Condition) -> Result<(), 
                 .patch_status(&id.name, &params, &Patch::Apply(&patch))
                 .await?;
         }
+        PolicyKind::RequestAuthentication => {
+            Api::<crate::policy::RequestAuthentication>::namespaced(client.clone(), &id.namespace)
+                .patch_status(&id.name, &params, &Patch::Apply(&patch))
+                .await?;
+        }
     }
     Ok(())
 }

@@ -23,11 +23,13 @@ use super::status::PolicyStatus;
 /// Fields of an object that this version does not know, kept so they can be reported.
 pub type ExtraFields = BTreeMap<String, serde_json::Value>;
 
-/// Who may reach which workloads, on which ports.
+/// Who may reach which workloads, on which ports, and with which requests.
 ///
 /// A policy in the root namespace (`trellis-system` by default) applies mesh-wide: without a
 /// selector to every workload, with a selector to the matching workloads of every namespace.
 /// Elsewhere it applies to its own namespace's workloads, all of them or the selected ones.
+/// A policy with `targetRefs` is attached to waypoints instead, where request attributes
+/// (methods, paths, hosts, JWT principals, `when`) are evaluated.
 // Each `printcolumn(...)` repeats `type_`, which clippy takes for a duplicated attribute.
 #[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -39,7 +41,7 @@ pub type ExtraFields = BTreeMap<String, serde_json::Value>;
     status = "PolicyStatus",
     derive = "PartialEq",
     shortname = "ap",
-    doc = "Layer-4 authorization for mesh workloads (Istio-compatible fields).",
+    doc = "Authorization for mesh workloads (L4, node agents) and requests (L7, waypoints), with Istio-compatible fields.",
     printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
     printcolumn(
         name = "Accepted",
@@ -71,11 +73,15 @@ pub struct AuthorizationPolicySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
     pub provider: Option<serde_json::Value>,
-    /// Istio's binding of a policy to a gateway or service (recognised; not supported at L4).
+    /// The older single form of `targetRefs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
     pub target_ref: Option<serde_json::Value>,
-    /// Istio's binding of a policy to gateways or services (recognised; not supported at L4).
+    /// Attaches the policy to waypoints instead of workloads: `{kind: Gateway, group:
+    /// gateway.networking.k8s.io, name}` (that waypoint), `{kind: Service, group: "", name}`
+    /// (requests for that service), or, from the root namespace, `{kind: GatewayClass, name:
+    /// trellis-waypoint}` (every waypoint). Targets are in the policy's namespace; at most one
+    /// of `selector` and `targetRefs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
     pub target_refs: Option<serde_json::Value>,
@@ -106,7 +112,7 @@ pub struct Rule {
     pub from: Vec<RuleFrom>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub to: Vec<RuleTo>,
-    /// Request attributes (recognised; they need a waypoint, not supported at L4).
+    /// Request conditions, evaluated by waypoints (policies with `targetRefs`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub when: Vec<WhenCondition>,
     #[serde(flatten)]
@@ -144,12 +150,12 @@ pub struct Source {
     pub ip_blocks: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_ip_blocks: Vec<String>,
-    /// JWT principals (recognised; not supported at L4).
+    /// JWT principals `<iss>/<sub>`, evaluated by waypoints (policies with `targetRefs`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub request_principals: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_request_principals: Vec<String>,
-    /// Client addresses from `X-Forwarded-For` (recognised; not supported at L4).
+    /// Client addresses from `X-Forwarded-For` (recognised; not supported: they fail closed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remote_ip_blocks: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -179,7 +185,8 @@ pub struct Operation {
     pub ports: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_ports: Vec<String>,
-    /// HTTP attributes (recognised; they need a waypoint, not supported at L4).
+    /// HTTP attributes, evaluated by waypoints (policies with `targetRefs`): exact values or
+    /// `prefix*`, `*suffix`, `*`; methods exact only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -197,7 +204,7 @@ pub struct Operation {
     pub extra: ExtraFields,
 }
 
-/// An Istio `when` condition (recognised; not supported at L4).
+/// An Istio `when` condition, evaluated by waypoints (policies with `targetRefs`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
@@ -263,7 +270,104 @@ pub struct MutualTls {
     pub extra: ExtraFields,
 }
 
-/// Both CRDs as one multi-document YAML stream, in a fixed order: the text of
+/// End-user authentication with JSON Web Tokens at waypoints (Istio's `RequestAuthentication`).
+///
+/// A request carrying a token from a configured location is verified against the rule of
+/// its issuer; an invalid token is refused (401) even if no policy requires one, a request
+/// without a token passes, and `AuthorizationPolicy` `requestPrincipals` decide whether one
+/// is required. Attached to waypoints with `targetRefs` like `AuthorizationPolicy`; with a
+/// `selector` it has no effect (node agents do not see requests).
+// Each `printcolumn(...)` repeats `type_`, which clippy takes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "security.trellis.dev",
+    version = "v1",
+    kind = "RequestAuthentication",
+    namespaced,
+    status = "PolicyStatus",
+    derive = "PartialEq",
+    shortname = "ra",
+    doc = "JWT end-user authentication at waypoints (Istio-compatible fields).",
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].reason"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+pub struct RequestAuthenticationSpec {
+    /// Workloads (recognised; no effect: attach to waypoints with `targetRefs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    /// The older single form of `targetRefs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+    pub target_ref: Option<serde_json::Value>,
+    /// The waypoints or services the rules apply at, as for `AuthorizationPolicy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+    pub target_refs: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jwt_rules: Vec<JwtRule>,
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub extra: ExtraFields,
+}
+
+/// How to verify the tokens of one issuer.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+pub struct JwtRule {
+    /// The `iss` claim of the tokens this rule verifies (required).
+    #[serde(default)]
+    pub issuer: String,
+    /// Accepted `aud` values; a token must carry one of them. Empty: not checked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// The JSON Web Key Set, inline as a JSON string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
+    /// Where the waypoint fetches the key set (http or https), refreshed in the background.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    /// A file holding the key set, read by the waypoint (Trellis addition, for the
+    /// directory mode and tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<String>,
+    /// Headers carrying the token; default `Authorization: Bearer <token>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_headers: Vec<JwtHeader>,
+    /// Keep the token in the request forwarded upstream (default: removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_original_token: Option<bool>,
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub extra: ExtraFields,
+}
+
+/// A header carrying the token, after an optional prefix (like `Bearer `).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+pub struct JwtHeader {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub extra: ExtraFields,
+}
+
+/// The CRDs as one multi-document YAML stream, in a fixed order: the text of
 /// `charts/trellis/crds/security.trellis.dev.yaml`, printed by `mesh-node crds`, written by
 /// `cargo xtask crds`, and compared byte for byte by the chart's drift test, so the chart can
 /// never ship a schema the types above do not produce.
@@ -274,6 +378,8 @@ pub fn crds_yaml() -> Result<String, serde_saphyr::ser::Error> {
         "# Generated by `mesh-node crds` (run `cargo xtask crds`) from mesh-node/src/policy/crd.rs.\n\
          # Do not edit by hand: change the types and regenerate.\n",
     );
+    // RequestAuthentication (below) joins this list with the waypoint plumbing: the chart's
+    // RBAC and drift tests name the kinds it installs.
     for crd in [AuthorizationPolicy::crd(), PeerAuthentication::crd()] {
         out.push_str("---\n");
         out.push_str(&serde_saphyr::to_string(&crd)?);

@@ -15,6 +15,11 @@
 //! **Plaintext sources** have no principal and no namespace: `principals` and `namespaces`
 //! conditions do not match them, their `not` forms do (as in Istio).
 //!
+//! **Request facts.** At a waypoint a decision also sees the request
+//! ([`super::request::RequestFacts`]); HTTP and JWT conditions are then true or false. Node
+//! agents have none, and such conditions are unknown, exactly as fields they cannot read.
+//! Waypoint decisions ([`Engine::decide_request`]) are made in [`super::waypoint`].
+//!
 //! **Finding the policies** of a workload costs a hash lookup per scope (its namespace and the
 //! root namespace) plus one per label of the workload: policies with a selector are indexed
 //! under one of their labels, then checked against all of them.
@@ -26,9 +31,13 @@ use std::{
     sync::Arc,
 };
 
-use super::model::{
-    Action, AuthzPolicy, Enforcement, IpBlock, MtlsMode, NamespaceMatch, OperationMatch,
-    PeerPolicy, PolicyRef, PrincipalMatch, Rule, SourceMatch,
+use super::{
+    model::{
+        Action, AuthzPolicy, Enforcement, IpBlock, MtlsMode, NamespaceMatch, OperationMatch,
+        PeerPolicy, PolicyRef, PrincipalMatch, Rule, SourceMatch,
+    },
+    request::{self, Prepared},
+    waypoint::WaypointPolicies,
 };
 use crate::identity::Identity;
 
@@ -73,11 +82,12 @@ pub enum Truth {
 }
 
 impl Truth {
-    fn from_bool(b: bool) -> Self {
+    pub fn from_bool(b: bool) -> Self {
         if b { Self::Yes } else { Self::No }
     }
 
-    fn not(self) -> Self {
+    #[allow(clippy::should_implement_trait)]
+    pub fn not(self) -> Self {
         match self {
             Self::No => Self::Yes,
             Self::Unknown => Self::Unknown,
@@ -86,7 +96,7 @@ impl Truth {
     }
 
     /// `or` over the items, stopping at the first yes.
-    fn any<T>(items: &[T], mut f: impl FnMut(&T) -> Truth) -> Self {
+    pub fn any<T>(items: &[T], mut f: impl FnMut(&T) -> Truth) -> Self {
         let mut t = Self::No;
         for item in items {
             t = t.max(f(item));
@@ -106,7 +116,7 @@ impl Truth {
     }
 }
 
-fn principals(list: &[PrincipalMatch], source: Option<&Identity>) -> Truth {
+pub(super) fn principals(list: &[PrincipalMatch], source: Option<&Identity>) -> Truth {
     let Some(id) = source else {
         return Truth::No;
     };
@@ -117,7 +127,7 @@ fn principals(list: &[PrincipalMatch], source: Option<&Identity>) -> Truth {
     })
 }
 
-fn namespaces(list: &[NamespaceMatch], source: Option<&Identity>) -> Truth {
+pub(super) fn namespaces(list: &[NamespaceMatch], source: Option<&Identity>) -> Truth {
     let Some(id) = source else {
         return Truth::No;
     };
@@ -136,7 +146,12 @@ fn ip_blocks(list: &[IpBlock], ip: Option<IpAddr>) -> Truth {
 }
 
 impl SourceMatch {
+    /// The match for a connection (no request facts).
     pub fn eval(&self, flow: &Flow<'_>) -> Truth {
+        self.eval_with(flow, None)
+    }
+
+    pub(super) fn eval_with(&self, flow: &Flow<'_>, request: Option<&Prepared<'_>>) -> Truth {
         let source = flow.source;
         // Each condition present narrows the match (`and`); stop once it surely fails.
         let conditions = [
@@ -164,6 +179,14 @@ impl SourceMatch {
                 !self.not_ip_blocks.is_empty(),
                 Condition::IpBlocks(&self.not_ip_blocks, true),
             ),
+            (
+                !self.request_principals.is_empty(),
+                Condition::RequestPrincipals(&self.request_principals, false),
+            ),
+            (
+                !self.not_request_principals.is_empty(),
+                Condition::RequestPrincipals(&self.not_request_principals, true),
+            ),
         ];
         let mut t = Truth::start(self.unevaluable);
         for (present, condition) in conditions {
@@ -174,6 +197,9 @@ impl SourceMatch {
                 Condition::Principals(list, neg) => (principals(list, source), neg),
                 Condition::Namespaces(list, neg) => (namespaces(list, source), neg),
                 Condition::IpBlocks(list, neg) => (ip_blocks(list, flow.source_ip), neg),
+                Condition::RequestPrincipals(list, neg) => {
+                    (request::request_principals(list, false, request), neg)
+                }
             };
             t = t.min(if negated { value.not() } else { value });
             if t == Truth::No {
@@ -188,10 +214,16 @@ enum Condition<'a> {
     Principals(&'a [PrincipalMatch], bool),
     Namespaces(&'a [NamespaceMatch], bool),
     IpBlocks(&'a [IpBlock], bool),
+    RequestPrincipals(&'a [request::StringMatch], bool),
 }
 
 impl OperationMatch {
+    /// The match for a connection (no request facts).
     pub fn eval(&self, port: u16) -> Truth {
+        self.eval_with(port, None)
+    }
+
+    pub(super) fn eval_with(&self, port: u16, request: Option<&Prepared<'_>>) -> Truth {
         let mut t = Truth::start(self.unevaluable);
         if !self.ports.is_empty() {
             t = t.min(Truth::from_bool(self.ports.contains(&port)));
@@ -199,25 +231,42 @@ impl OperationMatch {
         if !self.not_ports.is_empty() {
             t = t.min(Truth::from_bool(!self.not_ports.contains(&port)));
         }
+        if t != Truth::No && !self.http.is_empty() {
+            t = t.min(self.http.eval(request));
+        }
         t
     }
 }
 
 impl Rule {
+    /// The match for a connection (no request facts).
     pub fn eval(&self, flow: &Flow<'_>) -> Truth {
+        self.eval_with(flow, None)
+    }
+
+    pub(super) fn eval_with(&self, flow: &Flow<'_>, request: Option<&Prepared<'_>>) -> Truth {
         if !self.port_hint.may_match(flow.port) {
             return Truth::No;
         }
         let mut t = Truth::start(self.unevaluable);
         // Ports first: the cheapest test, and often the one that rules a rule out.
         if !self.to.is_empty() {
-            t = t.min(Truth::any(&self.to, |op| op.eval(flow.port)));
+            t = t.min(Truth::any(&self.to, |op| op.eval_with(flow.port, request)));
             if t == Truth::No {
                 return t;
             }
         }
         if !self.from.is_empty() {
-            t = t.min(Truth::any(&self.from, |s| s.eval(flow)));
+            t = t.min(Truth::any(&self.from, |s| s.eval_with(flow, request)));
+            if t == Truth::No {
+                return t;
+            }
+        }
+        for condition in &self.when {
+            t = t.min(condition.eval(flow, request));
+            if t == Truth::No {
+                break;
+            }
         }
         t
     }
@@ -227,20 +276,29 @@ impl AuthzPolicy {
     /// The first rule that makes this policy act on the flow, and whether that rule matched
     /// only because part of it could not be evaluated (a fail-closed denial).
     pub fn matching_rule(&self, flow: &Flow<'_>) -> Option<(usize, bool)> {
+        self.matching_rule_with(flow, None)
+    }
+
+    pub(super) fn matching_rule_with(
+        &self,
+        flow: &Flow<'_>,
+        request: Option<&Prepared<'_>>,
+    ) -> Option<(usize, bool)> {
         match self.action {
-            Action::Deny => self
-                .rules
-                .iter()
-                .enumerate()
-                .find_map(|(i, r)| match r.eval(flow) {
-                    Truth::Yes => Some((i, false)),
-                    Truth::Unknown => Some((i, true)),
-                    Truth::No => None,
-                }),
+            Action::Deny => {
+                self.rules
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, r)| match r.eval_with(flow, request) {
+                        Truth::Yes => Some((i, false)),
+                        Truth::Unknown => Some((i, true)),
+                        Truth::No => None,
+                    })
+            }
             Action::Allow => self
                 .rules
                 .iter()
-                .position(|r| !r.unevaluable && r.eval(flow) == Truth::Yes)
+                .position(|r| !r.unevaluable && r.eval_with(flow, request) == Truth::Yes)
                 .map(|i| (i, false)),
             Action::Audit => None,
         }
@@ -347,7 +405,8 @@ pub struct PolicySet {
 
 impl PolicySet {
     /// Indexes converted policies (see [`AuthzPolicy::compile`]). Policies of
-    /// `root_namespace` apply mesh-wide. `AUDIT` policies are left out: they never decide.
+    /// `root_namespace` apply mesh-wide. `AUDIT` policies are left out: they never decide;
+    /// so are policies attached to waypoints only.
     pub fn new(root_namespace: &str, policies: impl IntoIterator<Item = AuthzPolicy>) -> Self {
         let mut set = Self {
             root_namespace: root_namespace.into(),
@@ -356,7 +415,7 @@ impl PolicySet {
             len: 0,
         };
         for policy in policies {
-            if policy.action == Action::Audit {
+            if policy.action == Action::Audit || !policy.binding.at_workloads() {
                 continue;
             }
             set.len += 1;
@@ -619,14 +678,14 @@ pub struct Decision {
 }
 
 impl Decision {
-    fn allow(reason: Reason) -> Self {
+    pub(super) fn allow(reason: Reason) -> Self {
         Self {
             verdict: Verdict::Allow,
             reason,
         }
     }
 
-    fn deny(reason: Reason) -> Self {
+    pub(super) fn deny(reason: Reason) -> Self {
         Self {
             verdict: Verdict::Deny,
             reason,
@@ -703,10 +762,14 @@ impl fmt::Display for Decision {
     }
 }
 
-/// Everything the node needs to decide: the entry point for the agent and for `explain`.
+/// Everything the node needs to decide: the entry point for the agent and for `explain`,
+/// and for the waypoint ([`Engine::decide_request`]).
 #[derive(Debug)]
 pub struct Engine {
+    /// Policies bound to workloads, for node agents.
     pub authorization: PolicySet,
+    /// Policies attached to waypoints.
+    pub waypoint: WaypointPolicies,
     pub peer_authentication: PeerAuthSet,
     /// Every policy the engine was built from, with its `Accepted` condition, sorted: what
     /// the agent's config dump shows.
@@ -754,8 +817,10 @@ impl Engine {
             }))
             .collect();
         listing.sort_by(|a, b| (&a.id, a.kind).cmp(&(&b.id, b.kind)));
+        let waypoint = WaypointPolicies::new(root_namespace, &authorization);
         Self {
             authorization: PolicySet::new(root_namespace, authorization),
+            waypoint,
             peer_authentication: PeerAuthSet::new(root_namespace, peer_authentication),
             listing,
         }

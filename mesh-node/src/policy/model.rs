@@ -1,13 +1,16 @@
-//! The policies as the node enforces them, converted from the custom resources.
+//! The policies as the node and the waypoints enforce them, converted from the custom
+//! resources.
 //!
-//! Conversion sorts every problem into one of two kinds:
+//! Where a policy is enforced follows from `selector` / `targetRefs` ([`Binding`]): on
+//! workloads by node agents, or on requests by waypoints. Conversion sorts every problem into
+//! one of two kinds:
 //!
-//! - **Unsupported** fields and values are ones a layer-4 proxy cannot evaluate (HTTP methods,
-//!   JWT principals, `when` conditions, wildcard principals, fields unknown to this version).
-//!   The policy is kept and those conditions fail closed: in an `ALLOW` rule they make the whole
-//!   rule match nothing; in a `DENY` rule they count as matching, so the rule matches
-//!   everything its other conditions allow. The evaluator implements both with a three-valued
-//!   match ([`super::eval`]).
+//! - **Unsupported** fields and values are ones the enforcing proxy cannot evaluate (request
+//!   attributes on workloads, wildcard principals, unmatchable patterns, fields unknown to this
+//!   version). The policy is kept and those conditions fail closed: in an `ALLOW` rule they
+//!   make the whole rule match nothing; in a `DENY` rule they count as matching, so the rule
+//!   matches everything its other conditions allow. The evaluator implements both with a
+//!   three-valued match ([`super::eval`]). Rules are converted in [`rules`].
 //! - **Invalid** objects (a port that is not a number, an address that is not a CIDR, an
 //!   unknown action, an unreadable scope) are rejected as a whole with an error naming the
 //!   field ([`PolicyError`]). A rejected object is not ignored, which would weaken protection
@@ -15,10 +18,11 @@
 //!   stand-in in its place that is at least as strict as anything the author could have meant
 //!   (see [`StandIn`]), and the status condition says so.
 //!
-//! Matching is literal throughout: principals are compared component by component with the
+//! Identities match literally: principals are compared component by component with the
 //! verified SPIFFE ID, namespaces by equality; the only pattern is Istio's `"*"` alone, meaning
 //! "any authenticated source". Other wildcard or regular-expression forms are unsupported
-//! values, never patterns.
+//! values, never patterns. Request attributes at waypoints take Istio's exact, `prefix*`,
+//! `*suffix` and `*` forms ([`super::request`]).
 
 use std::{
     collections::BTreeMap,
@@ -30,8 +34,16 @@ use std::{
 
 use kube::ResourceExt;
 
-use super::crd::{self, AuthorizationPolicy, ExtraFields, PeerAuthentication};
+use super::{
+    binding::Binding,
+    crd::{self, AuthorizationPolicy, ExtraFields, PeerAuthentication},
+    request::{HttpMatch, StringMatch, WhenMatch},
+};
 use crate::identity::Identity;
+
+mod rules;
+
+pub(crate) use rules::{namespace_match, principal_match};
 
 /// The object a policy came from: `namespace/name` and the generation it was converted from.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -61,6 +73,9 @@ pub enum PolicyError {
     Port { path: String, value: String },
     #[error("{path}: {value:?} is not an IP address or CIDR block (like 10.0.0.0/8 or fd00::/8)")]
     IpBlock { path: String, value: String },
+    /// A value that cannot be used, with what is wrong with it.
+    #[error("{path}: {why}")]
+    Invalid { path: String, why: String },
     /// The spec does not have the shape of the kind at all (a list where an object belongs).
     #[error("spec: cannot be read: {0}")]
     Unreadable(String),
@@ -79,19 +94,35 @@ impl PolicyError {
     }
 }
 
-/// Why a field cannot be evaluated by the node.
+/// Why a field cannot be evaluated where the policy is enforced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Why {
-    /// A request attribute (HTTP, JWT, `when`): only a waypoint sees it.
+    /// A request attribute (HTTP, JWT, `when`) in a policy bound to workloads: only a
+    /// waypoint sees it, and only policies attached to one with `targetRefs` apply there.
     Layer7(&'static str),
+    /// A value of a request attribute that cannot be matched as written.
+    Pattern {
+        value: String,
+        expected: &'static str,
+    },
+    /// A `when` key this version does not evaluate.
+    WhenKey(String),
+    /// A field or form Trellis evaluates nowhere.
+    NotSupported(&'static str),
     /// A field this version does not know.
     UnknownField,
     /// A value that can never be matched literally (wildcards, patterns, malformed names).
     NotLiteral(String),
     /// `action: CUSTOM` delegates to an external authorizer, which Trellis does not call.
     CustomAction,
-    /// Istio's binding to gateways and services (`targetRef(s)`), served by waypoints.
-    TargetRef,
+    /// Both `selector` and `targetRefs`: the object's scope is ambiguous.
+    SelectorAndTargets,
+    /// Both `targetRef` and `targetRefs`.
+    BothTargetRefForms,
+    /// A target of a kind waypoints do not serve (`group/kind`).
+    TargetKind(String),
+    /// A target in another namespace than the policy's.
+    OtherNamespace(String),
     /// `mode: DISABLE`: mesh traffic is always mutual TLS; plaintext stays accepted.
     DisableMode,
 }
@@ -99,7 +130,15 @@ pub enum Why {
 impl fmt::Display for Why {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Layer7(what) => write!(f, "{what} cannot be evaluated at L4 (needs a waypoint)"),
+            Self::Layer7(what) => write!(
+                f,
+                "{what} cannot be evaluated at L4 (needs a waypoint: attach the policy to one with targetRefs instead of a selector)"
+            ),
+            Self::Pattern { value, expected } => {
+                write!(f, "{value:?} cannot be matched as written: {expected}")
+            }
+            Self::WhenKey(key) => write!(f, "{key:?} is not a supported condition key"),
+            Self::NotSupported(what) => write!(f, "{what} is not supported"),
             Self::UnknownField => f.write_str("unknown field"),
             Self::NotLiteral(v) => write!(
                 f,
@@ -108,9 +147,18 @@ impl fmt::Display for Why {
             Self::CustomAction => {
                 f.write_str("CUSTOM needs an external authorizer, which is not supported")
             }
-            Self::TargetRef => {
-                f.write_str("binding to gateways or services is not supported at L4")
+            Self::SelectorAndTargets => {
+                f.write_str("a policy may have a selector or targetRefs, not both")
             }
+            Self::BothTargetRefForms => f.write_str("use targetRefs or targetRef, not both"),
+            Self::OtherNamespace(ns) => write!(
+                f,
+                "targets in another namespace ({ns:?}) are not supported: put the policy in the target's namespace"
+            ),
+            Self::TargetKind(kind) => write!(
+                f,
+                "{kind:?} is not a supported target: waypoints serve Gateway and GatewayClass (gateway.networking.k8s.io) and Service (core) targets"
+            ),
             Self::DisableMode => f.write_str("DISABLE is not supported; enforced as PERMISSIVE"),
         }
     }
@@ -143,6 +191,9 @@ pub enum StandIn {
     Strict,
     /// A rejected `AUDIT` policy: audit policies never change a decision, so nothing.
     Nothing,
+    /// A rejected `RequestAuthentication`: it accepts no issuer where it applies, so requests
+    /// carrying a token there are refused unless another one verifies it.
+    RejectTokens,
 }
 
 /// How faithfully an object is enforced; the status condition is derived from it.
@@ -186,8 +237,11 @@ impl fmt::Display for Action {
 pub struct AuthzPolicy {
     pub id: PolicyId,
     pub generation: Option<i64>,
-    /// Labels a workload must all carry; `None`: every workload of the scope.
+    /// Labels a workload must all carry; `None`: every workload of the scope. Only for
+    /// policies bound to workloads.
     pub selector: Option<BTreeMap<String, String>>,
+    /// Where the policy is enforced.
+    pub binding: Binding,
     pub action: Action,
     pub rules: Vec<Rule>,
     pub enforcement: Enforcement,
@@ -200,6 +254,8 @@ pub struct Rule {
     pub from: Vec<SourceMatch>,
     /// Empty: any port.
     pub to: Vec<OperationMatch>,
+    /// Request conditions; all must match (only in policies bound to waypoints).
+    pub when: Vec<WhenMatch>,
     /// Part of the rule cannot be evaluated (for `ALLOW`, anywhere in it): the rule never
     /// matches for certain.
     pub unevaluable: bool,
@@ -263,6 +319,9 @@ pub struct SourceMatch {
     pub not_namespaces: Vec<NamespaceMatch>,
     pub ip_blocks: Vec<IpBlock>,
     pub not_ip_blocks: Vec<IpBlock>,
+    /// `<iss>/<sub>` of the request's JWT (evaluated at waypoints only).
+    pub request_principals: Vec<StringMatch>,
+    pub not_request_principals: Vec<StringMatch>,
     /// A condition of this source cannot be evaluated.
     pub unevaluable: bool,
 }
@@ -272,6 +331,8 @@ pub struct SourceMatch {
 pub struct OperationMatch {
     pub ports: Vec<u16>,
     pub not_ports: Vec<u16>,
+    /// Hosts, methods and paths (evaluated at waypoints only).
+    pub http: HttpMatch,
     pub unevaluable: bool,
 }
 
@@ -381,10 +442,10 @@ impl fmt::Display for IpBlock {
 
 /// Collects the fields that fail closed while converting one object.
 #[derive(Default)]
-struct Notes(Vec<Unsupported>);
+pub(super) struct Notes(pub(super) Vec<Unsupported>);
 
 impl Notes {
-    fn add(&mut self, path: impl Into<String>, why: Why) {
+    pub(super) fn add(&mut self, path: impl Into<String>, why: Why) {
         self.0.push(Unsupported {
             path: path.into(),
             why,
@@ -392,7 +453,7 @@ impl Notes {
     }
 
     /// Notes every unknown field under `path`; true if there was any.
-    fn extra(&mut self, path: &str, extra: &ExtraFields) -> bool {
+    pub(super) fn extra(&mut self, path: &str, extra: &ExtraFields) -> bool {
         for key in extra.keys() {
             self.add(format!("{path}.{key}"), Why::UnknownField);
         }
@@ -400,7 +461,13 @@ impl Notes {
     }
 
     /// Notes a non-empty layer-7 field; true if it was set.
-    fn l7(&mut self, path: &str, field: &str, values: &[String], what: &'static str) -> bool {
+    pub(super) fn l7(
+        &mut self,
+        path: &str,
+        field: &str,
+        values: &[String],
+        what: &'static str,
+    ) -> bool {
         if !values.is_empty() {
             self.add(format!("{path}.{field}"), Why::Layer7(what));
         }
@@ -416,14 +483,14 @@ fn unsupported_err(path: impl Into<String>, why: Why) -> PolicyError {
 }
 
 /// The first unknown field of an object whose meaning it could change entirely.
-fn reject_extra(path: &str, extra: &ExtraFields) -> Result<(), PolicyError> {
+pub(super) fn reject_extra(path: &str, extra: &ExtraFields) -> Result<(), PolicyError> {
     match extra.keys().next() {
         Some(key) => Err(unsupported_err(format!("{path}.{key}"), Why::UnknownField)),
         None => Ok(()),
     }
 }
 
-fn metadata(obj: &impl ResourceExt) -> Result<(PolicyId, Option<i64>), PolicyError> {
+pub(super) fn metadata(obj: &impl ResourceExt) -> Result<(PolicyId, Option<i64>), PolicyError> {
     identify(obj.meta())
 }
 
@@ -444,7 +511,7 @@ pub(super) fn identify(
 }
 
 /// The selector's labels, `None` for "all workloads of the scope" (absent or empty).
-fn selector(
+pub(super) fn selector(
     sel: Option<&crd::WorkloadSelector>,
 ) -> Result<Option<BTreeMap<String, String>>, PolicyError> {
     let Some(sel) = sel else { return Ok(None) };
@@ -478,186 +545,6 @@ fn ip_blocks(path: &str, values: &[String]) -> Result<Vec<IpBlock>, PolicyError>
         .collect()
 }
 
-/// `<trust-domain>/ns/<namespace>/sa/<service-account>`, optionally with `spiffe://`, or `*`.
-fn principal(value: &str) -> PrincipalMatch {
-    if value == "*" {
-        return PrincipalMatch::AnyAuthenticated;
-    }
-    let rest = value.strip_prefix("spiffe://").unwrap_or(value);
-    let mut parts = rest.split('/');
-    if let (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) && let Ok(id) = Identity::new(td, ns, sa)
-    {
-        return PrincipalMatch::Exact(id);
-    }
-    PrincipalMatch::Unsupported
-}
-
-fn namespace(value: &str) -> NamespaceMatch {
-    let label = !value.is_empty()
-        && value.len() <= 63
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !value.starts_with('-')
-        && !value.ends_with('-');
-    match value {
-        "*" => NamespaceMatch::AnyAuthenticated,
-        v if label => NamespaceMatch::Exact(v.into()),
-        _ => NamespaceMatch::Unsupported,
-    }
-}
-
-fn principals(path: &str, values: &[String], notes: &mut Notes) -> Vec<PrincipalMatch> {
-    let mut out = Vec::with_capacity(values.len());
-    for (i, v) in values.iter().enumerate() {
-        let m = principal(v);
-        if m == PrincipalMatch::Unsupported {
-            notes.add(format!("{path}[{i}]"), Why::NotLiteral(v.clone()));
-        }
-        out.push(m);
-    }
-    out
-}
-
-fn namespaces(path: &str, values: &[String], notes: &mut Notes) -> Vec<NamespaceMatch> {
-    let mut out = Vec::with_capacity(values.len());
-    for (i, v) in values.iter().enumerate() {
-        let m = namespace(v);
-        if m == NamespaceMatch::Unsupported {
-            notes.add(format!("{path}[{i}]"), Why::NotLiteral(v.clone()));
-        }
-        out.push(m);
-    }
-    out
-}
-
-fn source(path: &str, from: &crd::RuleFrom, notes: &mut Notes) -> Result<SourceMatch, PolicyError> {
-    let before = notes.0.len();
-    notes.extra(path, &from.extra);
-    let Some(s) = &from.source else {
-        return Ok(SourceMatch {
-            unevaluable: notes.0.len() > before,
-            ..SourceMatch::default()
-        });
-    };
-    let path = format!("{path}.source");
-    notes.extra(&path, &s.extra);
-    notes.l7(
-        &path,
-        "requestPrincipals",
-        &s.request_principals,
-        "request principals (JWT)",
-    );
-    notes.l7(
-        &path,
-        "notRequestPrincipals",
-        &s.not_request_principals,
-        "request principals (JWT)",
-    );
-    notes.l7(
-        &path,
-        "remoteIpBlocks",
-        &s.remote_ip_blocks,
-        "remote IP blocks (X-Forwarded-For)",
-    );
-    notes.l7(
-        &path,
-        "notRemoteIpBlocks",
-        &s.not_remote_ip_blocks,
-        "remote IP blocks (X-Forwarded-For)",
-    );
-    let mut out = SourceMatch {
-        principals: principals(&format!("{path}.principals"), &s.principals, notes),
-        not_principals: principals(&format!("{path}.notPrincipals"), &s.not_principals, notes),
-        namespaces: namespaces(&format!("{path}.namespaces"), &s.namespaces, notes),
-        not_namespaces: namespaces(&format!("{path}.notNamespaces"), &s.not_namespaces, notes),
-        ip_blocks: ip_blocks(&format!("{path}.ipBlocks"), &s.ip_blocks)?,
-        not_ip_blocks: ip_blocks(&format!("{path}.notIpBlocks"), &s.not_ip_blocks)?,
-        unevaluable: false,
-    };
-    // Unsupported principal and namespace values evaluate as unknown on their own; the flag
-    // covers the conditions that have no place in the model.
-    out.unevaluable = notes.0[before..]
-        .iter()
-        .any(|n| !matches!(n.why, Why::NotLiteral(_)));
-    Ok(out)
-}
-
-fn operation(
-    path: &str,
-    to: &crd::RuleTo,
-    notes: &mut Notes,
-) -> Result<OperationMatch, PolicyError> {
-    let mut unevaluable = notes.extra(path, &to.extra);
-    let Some(op) = &to.operation else {
-        return Ok(OperationMatch {
-            unevaluable,
-            ..OperationMatch::default()
-        });
-    };
-    let path = format!("{path}.operation");
-    unevaluable |= notes.extra(&path, &op.extra);
-    unevaluable |= notes.l7(&path, "hosts", &op.hosts, "hosts");
-    unevaluable |= notes.l7(&path, "notHosts", &op.not_hosts, "hosts");
-    unevaluable |= notes.l7(&path, "methods", &op.methods, "HTTP methods");
-    unevaluable |= notes.l7(&path, "notMethods", &op.not_methods, "HTTP methods");
-    unevaluable |= notes.l7(&path, "paths", &op.paths, "HTTP paths");
-    unevaluable |= notes.l7(&path, "notPaths", &op.not_paths, "HTTP paths");
-    let ports = |field: &str, values: &[String]| {
-        values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| port(format!("{path}.{field}[{i}]"), v))
-            .collect::<Result<Vec<_>, _>>()
-    };
-    Ok(OperationMatch {
-        ports: ports("ports", &op.ports)?,
-        not_ports: ports("notPorts", &op.not_ports)?,
-        unevaluable,
-    })
-}
-
-fn rule(path: &str, r: &crd::Rule, action: Action, notes: &mut Notes) -> Result<Rule, PolicyError> {
-    let before = notes.0.len();
-    let mut unevaluable = notes.extra(path, &r.extra);
-    if !r.when.is_empty() {
-        notes.add(
-            format!("{path}.when"),
-            Why::Layer7("request conditions (when)"),
-        );
-        unevaluable = true;
-    }
-    let from = r
-        .from
-        .iter()
-        .enumerate()
-        .map(|(i, f)| source(&format!("{path}.from[{i}]"), f, notes))
-        .collect::<Result<_, _>>()?;
-    let to: Vec<OperationMatch> =
-        r.to.iter()
-            .enumerate()
-            .map(|(i, t)| operation(&format!("{path}.to[{i}]"), t, notes))
-            .collect::<Result<_, _>>()?;
-    // An ALLOW rule that cannot be fully evaluated matches nothing, whichever part of it is
-    // affected. DENY keeps the finer flags, so it matches on everything it can evaluate.
-    if action == Action::Allow && notes.0.len() > before {
-        unevaluable = true;
-    }
-    Ok(Rule {
-        port_hint: PortHint::of(&to),
-        from,
-        to,
-        unevaluable,
-    })
-}
-
 impl TryFrom<&AuthorizationPolicy> for AuthzPolicy {
     type Error = PolicyError;
 
@@ -686,18 +573,23 @@ impl TryFrom<&AuthorizationPolicy> for AuthzPolicy {
             }
         };
         reject_extra("spec", &spec.extra)?;
-        if spec.target_ref.is_some() {
-            return Err(unsupported_err("spec.targetRef", Why::TargetRef));
-        }
-        if spec.target_refs.is_some() {
-            return Err(unsupported_err("spec.targetRefs", Why::TargetRef));
-        }
         let selector = selector(spec.selector.as_ref())?;
+        let binding = Binding::of(
+            &id.namespace,
+            selector.is_some(),
+            spec.target_ref.as_ref(),
+            spec.target_refs.as_ref(),
+        )?;
+        let mut ctx = rules::Ctx {
+            notes: &mut notes,
+            action,
+            at_waypoint: binding.at_waypoints(),
+        };
         let rules = spec
             .rules
             .iter()
             .enumerate()
-            .map(|(i, r)| rule(&format!("spec.rules[{i}]"), r, action, &mut notes))
+            .map(|(i, r)| rules::rule(&format!("spec.rules[{i}]"), r, &mut ctx))
             .collect::<Result<_, _>>()?;
         let enforcement = if action == Action::Audit {
             Enforcement::NoEffect
@@ -710,6 +602,7 @@ impl TryFrom<&AuthorizationPolicy> for AuthzPolicy {
             id,
             generation,
             selector,
+            binding,
             action,
             rules,
             enforcement,
@@ -719,13 +612,15 @@ impl TryFrom<&AuthorizationPolicy> for AuthzPolicy {
 
 impl AuthzPolicy {
     /// The stand-in for an object whose spec cannot be read at all: nothing about it is
-    /// known, not even its action or selector, so every connection to its namespace (the
-    /// whole mesh, in the root namespace) is denied until it is fixed.
+    /// known, not even its action or binding, so every connection to its namespace (the
+    /// whole mesh, in the root namespace) and every request through waypoints for it is
+    /// denied until it is fixed.
     pub fn unreadable(id: PolicyId, generation: Option<i64>, error: String) -> Self {
         Self {
             id,
             generation,
             selector: None,
+            binding: Binding::Everywhere,
             action: Action::Deny,
             rules: vec![Rule::default()],
             enforcement: Enforcement::Rejected {
@@ -744,9 +639,15 @@ impl AuthzPolicy {
             Err(e) => e,
         };
         let (id, generation) = metadata(obj)?;
-        // The narrowest scope that surely covers what the author meant: the selector if it
-        // was readable, else the namespace.
+        // The narrowest scope that surely covers what the author meant: the selector or the
+        // targets if readable, else the namespace (its waypoints, for a waypoint policy).
         let selector = selector(obj.spec.selector.as_ref()).unwrap_or(None);
+        let binding = Binding::stand_in(
+            &id.namespace,
+            obj.spec.selector.is_some(),
+            obj.spec.target_ref.as_ref(),
+            obj.spec.target_refs.as_ref(),
+        );
         let (action, rules, stand_in) = match obj.spec.action.as_deref().unwrap_or("ALLOW") {
             "ALLOW" => (Action::Allow, Vec::new(), StandIn::AllowNothing),
             "AUDIT" => (Action::Audit, Vec::new(), StandIn::Nothing),
@@ -756,6 +657,7 @@ impl AuthzPolicy {
             id,
             generation,
             selector,
+            binding,
             action,
             rules,
             enforcement: Enforcement::Rejected { error, stand_in },

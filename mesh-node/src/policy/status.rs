@@ -8,7 +8,11 @@
 //! | False | `PartiallyEnforced` | enforced, but some fields fail closed (named in the message) |
 //! | False | `Invalid` | rejected (bad value); a stand-in is enforced fail closed |
 //! | False | `Unsupported` | rejected (a field changing the whole object's meaning); a stand-in is enforced |
-//! | False | `NoEffect` | `AUDIT` policy: never changes a decision, audit logging not implemented |
+//! | False | `NoEffect` | never changes anything: an `AUDIT` policy (audit logging is not implemented), or a `RequestAuthentication` bound to workloads (only waypoints read tokens) |
+//!
+//! Request attributes (HTTP fields, JWT principals, `when`) are enforced as written in a
+//! policy attached to waypoints (`targetRefs`); in a policy bound to workloads they make it
+//! `PartiallyEnforced`, with a message saying to attach it to a waypoint.
 //!
 //! `observedGeneration` is the object's `metadata.generation` the condition describes, so a
 //! reader can tell a stale status from a current one.
@@ -18,7 +22,11 @@ use std::fmt::Write as _;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::model::{Action, AuthzPolicy, Enforcement, PeerPolicy, StandIn};
+use super::{
+    binding::Binding,
+    jwt::JwtPolicy,
+    model::{Action, AuthzPolicy, Enforcement, PeerPolicy, StandIn},
+};
 
 pub const ACCEPTED: &str = "Accepted";
 
@@ -58,16 +66,35 @@ fn fail_closed_effect(action: Action) -> &'static str {
     }
 }
 
-fn stand_in_effect(stand_in: StandIn) -> &'static str {
-    match stand_in {
-        StandIn::AllowNothing => {
-            "enforced as an ALLOW policy with no rules on the workloads it may select: they are reachable only through other ALLOW policies"
+/// Where a stand-in applies, in words.
+fn scope(binding: &Binding) -> &'static str {
+    match binding {
+        Binding::Workloads => "the workloads it may select",
+        Binding::Targets(_) => "the waypoints and services it targets",
+        Binding::NamespaceWaypoints => "the waypoints serving its namespace",
+        Binding::Everywhere => {
+            "the workloads it may select and the waypoints serving its namespace"
         }
-        StandIn::DenyAll => "enforced as denying every connection to the workloads it may select",
-        StandIn::Strict => "enforced as STRICT on every port of the workloads it may select",
-        StandIn::Nothing => "it had no effect on decisions anyway",
     }
 }
+
+fn stand_in_effect(stand_in: StandIn, binding: &Binding) -> String {
+    let scope = scope(binding);
+    match stand_in {
+        StandIn::AllowNothing => format!(
+            "enforced as an ALLOW policy with no rules on {scope}: they are reachable only through other ALLOW policies"
+        ),
+        StandIn::DenyAll => format!("enforced as denying every connection to {scope}"),
+        StandIn::Strict => format!("enforced as STRICT on every port of {scope}"),
+        StandIn::Nothing => "it had no effect on decisions anyway".into(),
+        StandIn::RejectTokens => format!(
+            "enforced as accepting no issuer at {scope}: requests carrying a token there are refused unless another RequestAuthentication verifies it"
+        ),
+    }
+}
+
+const AUDIT_NO_EFFECT: &str =
+    "AUDIT policies never change a decision and audit logging is not implemented";
 
 fn condition(ok: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
     Condition {
@@ -80,7 +107,12 @@ fn condition(ok: bool, reason: &str, message: String, generation: Option<i64>) -
     }
 }
 
-fn from_enforcement(enforcement: &Enforcement, effect: &str, generation: Option<i64>) -> Condition {
+fn from_enforcement(
+    enforcement: &Enforcement,
+    binding: &Binding,
+    (effect, no_effect): (&str, &str),
+    generation: Option<i64>,
+) -> Condition {
     match enforcement {
         Enforcement::Full => condition(true, "Accepted", "enforced as written".into(), generation),
         Enforcement::FailClosed(fields) => {
@@ -96,15 +128,10 @@ fn from_enforcement(enforcement: &Enforcement, effect: &str, generation: Option<
         Enforcement::Rejected { error, stand_in } => condition(
             false,
             error.reason(),
-            format!("rejected: {error}; {}", stand_in_effect(*stand_in)),
+            format!("rejected: {error}; {}", stand_in_effect(*stand_in, binding)),
             generation,
         ),
-        Enforcement::NoEffect => condition(
-            false,
-            "NoEffect",
-            "AUDIT policies never change a decision and audit logging is not implemented".into(),
-            generation,
-        ),
+        Enforcement::NoEffect => condition(false, "NoEffect", no_effect.into(), generation),
     }
 }
 
@@ -113,7 +140,21 @@ fn from_enforcement(enforcement: &Enforcement, effect: &str, generation: Option<
 pub fn authorization_condition(policy: &AuthzPolicy) -> Condition {
     from_enforcement(
         &policy.enforcement,
-        fail_closed_effect(policy.action),
+        &policy.binding,
+        (fail_closed_effect(policy.action), AUDIT_NO_EFFECT),
+        policy.generation,
+    )
+}
+
+/// The `Accepted` condition of a request authentication.
+pub fn request_authentication_condition(policy: &JwtPolicy) -> Condition {
+    from_enforcement(
+        &policy.enforcement,
+        &policy.binding,
+        (
+            "",
+            "RequestAuthentication applies at waypoints only: attach it to one with targetRefs (with a selector or neither, nothing reads its tokens)",
+        ),
         policy.generation,
     )
 }
@@ -122,8 +163,9 @@ pub fn authorization_condition(policy: &AuthzPolicy) -> Condition {
 pub fn peer_condition(policy: &PeerPolicy) -> Condition {
     from_enforcement(
         &policy.enforcement,
+        &Binding::Workloads,
         // The only partial case is DISABLE, whose note says what is enforced instead.
-        "",
+        ("", ""),
         policy.generation,
     )
 }

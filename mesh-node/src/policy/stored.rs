@@ -12,7 +12,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use super::{
     crd::{
         AuthorizationPolicy, AuthorizationPolicySpec, PeerAuthentication, PeerAuthenticationSpec,
+        RequestAuthentication, RequestAuthenticationSpec,
     },
+    jwt::JwtPolicy,
     model::{AuthzPolicy, PeerPolicy, PolicyError, PolicyId, identify},
     status::{self, Condition},
 };
@@ -22,16 +24,26 @@ use super::{
 pub enum PolicyKind {
     Authorization,
     PeerAuthentication,
+    /// JWT verification at waypoints.
+    RequestAuthentication,
 }
 
 impl PolicyKind {
     pub const API_VERSION: &'static str = "security.trellis.dev/v1";
+
+    /// Every kind, in a fixed order.
+    pub const ALL: [Self; 3] = [
+        Self::Authorization,
+        Self::PeerAuthentication,
+        Self::RequestAuthentication,
+    ];
 
     /// The `kind` of the custom resource.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Authorization => "AuthorizationPolicy",
             Self::PeerAuthentication => "PeerAuthentication",
+            Self::RequestAuthentication => "RequestAuthentication",
         }
     }
 
@@ -39,6 +51,7 @@ impl PolicyKind {
         match kind {
             "AuthorizationPolicy" => Some(Self::Authorization),
             "PeerAuthentication" => Some(Self::PeerAuthentication),
+            "RequestAuthentication" => Some(Self::RequestAuthentication),
             _ => None,
         }
     }
@@ -50,11 +63,12 @@ impl std::fmt::Display for PolicyKind {
     }
 }
 
-/// A converted policy of either kind.
+/// A converted policy of any kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Policy {
     Authorization(AuthzPolicy),
     PeerAuthentication(PeerPolicy),
+    RequestAuthentication(JwtPolicy),
 }
 
 impl Policy {
@@ -93,6 +107,16 @@ impl Policy {
                     Err(e) => PeerPolicy::unreadable(id, generation, e.to_string()),
                 },
             ),
+            PolicyKind::RequestAuthentication => Self::RequestAuthentication(
+                match serde_json::from_value::<RequestAuthenticationSpec>(spec.clone()) {
+                    Ok(spec) => JwtPolicy::compile(&RequestAuthentication {
+                        metadata: metadata.clone(),
+                        spec,
+                        status: None,
+                    })?,
+                    Err(e) => JwtPolicy::unreadable(id, generation, e.to_string()),
+                },
+            ),
         })
     }
 
@@ -100,6 +124,7 @@ impl Policy {
         match self {
             Self::Authorization(_) => PolicyKind::Authorization,
             Self::PeerAuthentication(_) => PolicyKind::PeerAuthentication,
+            Self::RequestAuthentication(_) => PolicyKind::RequestAuthentication,
         }
     }
 
@@ -107,6 +132,7 @@ impl Policy {
         match self {
             Self::Authorization(p) => &p.id,
             Self::PeerAuthentication(p) => &p.id,
+            Self::RequestAuthentication(p) => &p.id,
         }
     }
 
@@ -115,6 +141,7 @@ impl Policy {
         match self {
             Self::Authorization(p) => status::authorization_condition(p),
             Self::PeerAuthentication(p) => status::peer_condition(p),
+            Self::RequestAuthentication(p) => status::request_authentication_condition(p),
         }
     }
 }

@@ -17,6 +17,8 @@ use crate::identity::Identity;
 
 const ROOT: &str = "trellis-system";
 
+mod l7;
+
 /// Converts manifests (each a YAML document of either kind) the way the node does.
 fn engine(manifests: &[&str]) -> Engine {
     let mut authz = Vec::new();
@@ -447,7 +449,11 @@ fn outcome(engine: &Engine, from: Src, to: Dst) -> Expect {
             .ip
             .map(|ip| ip.parse::<IpAddr>().expect("test address is valid")),
     };
-    let decision = engine.decide(&flow);
+    classify(&engine.decide(&flow))
+}
+
+/// A decision as a table expectation.
+fn classify(decision: &super::eval::Decision) -> Expect {
     let name = |id: &super::model::PolicyId| -> &'static str {
         // The table names policies as `namespace/name`; leak to compare with its literals.
         Box::leak(id.to_string().into_boxed_str())
@@ -555,7 +561,8 @@ const TABLE: &[Case] = &[
     Case { name: "DENY with a bad CIDR denies everything on its workloads", policies: &[DENY_BAD_CIDR, ALLOW_ALL], from: WEB, to: DB_5432, expect: Deny("shop/bad-cidr", 0) },
     Case { name: "unknown action denies everything on its workloads", policies: &[UNKNOWN_ACTION, ALLOW_ALL], from: WEB, to: DB_5432, expect: Deny("shop/typo", 0) },
     Case { name: "unreadable selector: the whole namespace allows nothing", policies: &[ALLOW_MATCH_EXPRESSIONS], from: WEB, to: WEB_80, expect: DenyNoAllow },
-    Case { name: "targetRefs: the whole namespace allows nothing", policies: &[ALLOW_TARGET_REFS], from: WEB, to: DB_5432, expect: DenyNoAllow },
+    // Changed with waypoints: a policy with targetRefs binds at waypoints only (see l7.rs).
+    Case { name: "targetRefs: node agents leave it to waypoints", policies: &[ALLOW_TARGET_REFS], from: WEB, to: DB_5432, expect: AllowDefault },
 
     // Regular-expression and wildcard characters are never patterns.
     Case { name: "ALLOW principal \".*\" matches nobody", policies: &[ALLOW_REGEX_PRINCIPAL], from: WEB, to: WEB_80, expect: DenyNoAllow },
@@ -765,12 +772,10 @@ fn a_bad_value_rejects_the_object_naming_the_field_and_the_stand_in() {
 
 #[test]
 fn scope_changing_fields_are_unsupported() {
+    // Changed with waypoints: targetRefs are supported (they bind at waypoints; l7.rs tests
+    // the invalid forms).
     let c = condition_of(ALLOW_TARGET_REFS);
-    assert_eq!(
-        (c.status.as_str(), c.reason.as_str()),
-        ("False", "Unsupported")
-    );
-    assert!(c.message.contains("spec.targetRefs"), "{}", c.message);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Accepted"));
     let c = condition_of(ALLOW_MATCH_EXPRESSIONS);
     assert!(
         c.message
@@ -944,7 +949,11 @@ fn decisions_explain_themselves() {
 
 #[test]
 fn crds_are_namespaced_v1_with_status_and_keep_unknown_fields() {
-    for crd in [AuthorizationPolicy::crd(), PeerAuthentication::crd()] {
+    for crd in [
+        AuthorizationPolicy::crd(),
+        PeerAuthentication::crd(),
+        super::crd::RequestAuthentication::crd(),
+    ] {
         assert_eq!(crd.spec.group, "security.trellis.dev");
         assert_eq!(crd.spec.scope, "Namespaced");
         let version = &crd.spec.versions[0];

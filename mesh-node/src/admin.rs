@@ -36,6 +36,9 @@ pub struct AdminState {
     /// The control plane feed's status, in live mode.
     pub feed: Option<Arc<ArcSwap<FeedStatus>>>,
     pub ready: AtomicBool,
+    /// What the role adds to the config dump, under `l7` (the waypoint's routes, traffic
+    /// policies and request authentications).
+    pub l7_dump: Option<Box<dyn Fn() -> serde_json::Value + Send + Sync>>,
 }
 
 /// Which routes a listener serves.
@@ -184,6 +187,7 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
         "certificates": certificates,
         "certificate_errors": admin.certs.failures().as_ref(),
         "datapath": datapath,
+        "l7": admin.l7_dump.as_ref().map(|dump| dump()),
     })
 }
 

@@ -297,6 +297,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         datapath: Some(datapath.clone()),
         feed: feed_status.clone(),
         ready: false.into(),
+        l7_dump: None,
     });
     admin::serve_all(
         &admin,

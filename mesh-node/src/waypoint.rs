@@ -16,6 +16,8 @@
 pub mod body;
 pub mod config;
 pub mod forward;
+pub mod l7;
+pub mod replay;
 pub mod resilience;
 pub mod route;
 pub mod server;
@@ -40,7 +42,10 @@ use crate::{
         store::{CertManager, Issuer, RemoteCa, StoreError},
     },
     metrics::{Direction, Metrics},
-    policy::{Engine, Policy},
+    policy::{
+        Engine, Policy,
+        jwt::{FetchSettings, JwksFetcher},
+    },
     proxy::{ClientAddr, pool::Pool},
     service::Service,
     tls::{self, TlsError},
@@ -48,6 +53,7 @@ use crate::{
 };
 
 pub use config::{Limits, WaypointConfig};
+use l7::{L7, Rejections};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WaypointError {
@@ -97,22 +103,6 @@ impl Target {
             workload: Some(workload.clone()),
         })
     }
-
-    /// The endpoint for the next request: the pod itself, or the service's next ready
-    /// endpoint on the port's target port. The service is looked up again in the current
-    /// state, so a long-lived client connection follows endpoint changes.
-    pub fn endpoint(&self, mesh: &MeshState) -> Option<SocketAddr> {
-        if self.workload.is_some() {
-            return Some(self.addr);
-        }
-        let service = mesh
-            .service_by_vip(self.addr.ip())
-            .or(self.service.as_ref())?;
-        let target_port = service.port(self.addr.port())?.target_port?;
-        // No node of its own: every endpoint is as close as any other.
-        let endpoint = service.candidates("", None).into_iter().next()?;
-        Some(SocketAddr::new(endpoint.ip, target_port))
-    }
 }
 
 /// What every listener and request of the waypoint shares.
@@ -120,6 +110,8 @@ pub struct WaypointInputs {
     pub me: WaypointRef,
     pub identity: Identity,
     pub mesh: Arc<ArcSwap<MeshState>>,
+    /// Routes, resilience and end-user authentication, compiled with each state.
+    pub l7: Arc<ArcSwap<L7>>,
     pub certs: Arc<CertStore>,
     pub server_tls: Arc<rustls::ServerConfig>,
     pub upstreams: upstream::Upstreams,
@@ -195,8 +187,10 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
     let http = telemetry::HttpMetrics::register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let connect_timeout = Duration::from_millis(config.limits.connect_timeout_ms);
+    let l7 = Arc::new(ArcSwap::from_pointee(L7::default()));
     let connector = upstream::HboneConnector {
         state: mesh.clone(),
+        l7: l7.clone(),
         certs: certs.clone(),
         pool: Arc::new(Pool::new(
             connect_timeout,
@@ -210,6 +204,7 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
         me: me.clone(),
         identity: identity.clone(),
         mesh: mesh.clone(),
+        l7: l7.clone(),
         certs: certs.clone(),
         server_tls,
         upstreams: upstream::Upstreams::new(connector),
@@ -234,6 +229,10 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
         datapath: None,
         feed: Some(status.clone()),
         ready: false.into(),
+        l7_dump: Some(Box::new({
+            let l7 = l7.clone();
+            move || l7.load().dump()
+        })),
     });
     admin::serve_all(
         &admin,
@@ -261,6 +260,7 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
     let (first_state_tx, first_state) = oneshot::channel();
     listeners.spawn(state_task(
         mesh.clone(),
+        l7,
         cp.root_namespace.clone(),
         applied_rx,
         first_state_tx,
@@ -336,19 +336,32 @@ async fn accept_loop(inputs: Arc<WaypointInputs>, listener: tokio::net::TcpListe
 /// The single writer of the waypoint's state: every applied update becomes a new snapshot.
 async fn state_task(
     mesh: Arc<ArcSwap<MeshState>>,
+    l7: Arc<ArcSwap<L7>>,
     root_namespace: String,
     mut applied: mpsc::Receiver<Applied>,
     first: oneshot::Sender<()>,
     shutdown: CancellationToken,
 ) {
     let mut first = Some(first);
+    let fetcher = JwksFetcher::http(FetchSettings::default());
+    let mut rejections = Rejections::new();
     loop {
         let update = tokio::select! {
             _ = shutdown.cancelled() => return,
             update = applied.recv() => update,
         };
         let Some(update) = update else { return };
-        mesh.store(Arc::new(build_state(&update.resources, &root_namespace)));
+        let state = Arc::new(build_state(&update.resources, &root_namespace));
+        let next = L7::build(
+            &update.resources,
+            &state,
+            &root_namespace,
+            &l7.load(),
+            &fetcher,
+            &mut rejections,
+        );
+        mesh.store(state);
+        l7.store(Arc::new(next));
         tracing::debug!(version = update.version, "waypoint state published");
         let _ = update.done.send(());
         if let Some(first) = first.take() {

@@ -441,6 +441,14 @@ impl MeshState {
         &self.services
     }
 
+    /// The service `namespace/name`.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
+        self.services
+            .binary_search_by(|s| (s.namespace.as_str(), s.name.as_str()).cmp(&(namespace, name)))
+            .ok()
+            .and_then(|i| self.services.get(i))
+    }
+
     /// The service whose virtual IP is `ip`, if exactly one claims it.
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.by_vip.get(&canonical(ip))

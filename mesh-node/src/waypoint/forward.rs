@@ -1,21 +1,52 @@
-//! One request through the waypoint, top to bottom: sanitize -> choose the endpoint ->
-//! send over HBONE -> respond; then one metric sample and one access log event.
+//! One request through the waypoint, top to bottom:
+//!
+//! sanitize -> normalize the path -> authenticate (JWT) -> authorize -> route -> rate limit ->
+//! inject faults -> admit (circuit breaker) -> send, with retries and timeouts -> mirror ->
+//! respond; then one metric sample and one access log event.
 //!
 //! Responses the waypoint makes itself carry a short reason in `response_flags` (metrics)
-//! and in the access log, so an operator can tell a 503 of the waypoint from one of the app.
+//! and in the access log, so an operator can tell a 503 of the waypoint from one of the app:
+//!
+//! | flag | status | meaning |
+//! |------|--------|---------|
+//! | `BR` | 400 | the request target cannot be normalized or forwarded |
+//! | `UA` | 401 | a JSON Web Token that does not verify |
+//! | `DENY` | 403 | an AuthorizationPolicy denies the request |
+//! | `NR` | 404 | routes apply to the destination but no rule matches |
+//! | `NC` | 500 | the chosen backend Service is unknown or has no such port |
+//! | `CF` | 500 | the matched rule cannot be served as configured (filter or backend) |
+//! | `RL` | 429 | rate limited (`retry-after` says when to come back) |
+//! | `FI` | any | an injected abort (`DI` when only a delay was injected) |
+//! | `UO` | 503 | a connection or request limit is reached (`trellis-overflow` names it) |
+//! | `UH` | 503 | no ready endpoint |
+//! | `UF` | 503 | the upstream connection failed |
+//! | `UC` | 502 | the upstream closed or reset before answering |
+//! | `UT` | 504 | a request or per-try timeout expired |
+//! | `URX` | any | the last of several tries failed; the status is that try's |
+
+mod plan;
+mod send;
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header, request::Parts};
 use hyper::body::Incoming;
 
 use super::{
     Target, WaypointInputs,
     body::{self, Body},
+    l7::L7,
     telemetry::RequestLabels,
 };
 use crate::{
     identity::Identity,
+    policy::{
+        eval::{Destination, Flow, Verdict},
+        jwt::{JwtOutcome, VerifiedJwt},
+        normalize_path,
+        request::{RequestFacts, WaypointTarget},
+    },
+    service::Service,
     workload::{MeshState, Workload},
 };
 
@@ -47,19 +78,58 @@ const HOP_BY_HOP: [header::HeaderName; 5] = [
 struct Outcome {
     status: StatusCode,
     flags: &'static str,
+    /// The Service the request was for: the routed backend, else the one dialled.
+    service: Option<Arc<Service>>,
     endpoint: Option<SocketAddr>,
+    /// `HTTPRoute ns/name rule N`, when a rule matched.
+    route: Option<String>,
+    tries: u32,
     error: Option<String>,
+}
+
+impl Outcome {
+    fn new(service: Option<Arc<Service>>) -> Self {
+        Self {
+            status: StatusCode::OK,
+            flags: "-",
+            service,
+            endpoint: None,
+            route: None,
+            tries: 0,
+            error: None,
+        }
+    }
+
+    /// A response the waypoint makes itself.
+    fn local(
+        mut self,
+        status: StatusCode,
+        flags: &'static str,
+        error: String,
+    ) -> (Response<Body>, Self) {
+        let mut response = Response::new(body::full(format!("{error}\n")));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        self.status = status;
+        self.flags = flags;
+        self.error = Some(error);
+        (response, self)
+    }
 }
 
 pub async fn handle(down: Arc<Downstream>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let mesh = down.inputs.mesh.load_full();
+    let l7 = down.inputs.l7.load_full();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let authority = request_authority(&req);
     let grpc = is_grpc(req.headers());
 
-    let (response, outcome) = forward(&down, &mesh, req).await;
+    let (response, outcome) = forward(&down, &mesh, &l7, req).await;
 
     let mut labels = RequestLabels::new(down.source.as_deref(), &down.peer).with_destination(
         outcome
@@ -67,7 +137,7 @@ pub async fn handle(down: Arc<Downstream>, req: Request<Incoming>) -> Response<B
             .and_then(|e| mesh.workload_by_ip(e.ip()))
             .map(|w| w.as_ref()),
     );
-    if let Some(service) = &down.target.service {
+    if let Some(service) = &outcome.service {
         labels.destination_service = service.hostname.clone();
         labels.destination_service_name = service.name.clone();
         labels.destination_service_namespace = service.namespace.clone();
@@ -86,8 +156,10 @@ pub async fn handle(down: Arc<Downstream>, req: Request<Incoming>) -> Response<B
         authority = %authority,
         path = %path,
         dst_addr = %down.target.addr,
-        dst_service = down.target.service.as_ref().map(|s| s.hostname.as_str()).unwrap_or_default(),
+        dst_service = outcome.service.as_ref().map(|s| s.hostname.as_str()).unwrap_or_default(),
+        route = outcome.route.as_deref().unwrap_or_default(),
         upstream = %outcome.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+        tries = outcome.tries,
         status = outcome.status.as_u16(),
         flags = outcome.flags,
         duration_ms = (duration_ms * 1000.0).round() / 1000.0,
@@ -100,100 +172,137 @@ pub async fn handle(down: Arc<Downstream>, req: Request<Incoming>) -> Response<B
 async fn forward(
     down: &Downstream,
     mesh: &MeshState,
+    l7: &L7,
     req: Request<Incoming>,
 ) -> (Response<Body>, Outcome) {
+    let outcome = Outcome::new(down.target.service.clone());
     let (mut parts, incoming) = req.into_parts();
     sanitize(&mut parts.headers);
 
-    // Choose the endpoint.
-    let Some(endpoint) = down.target.endpoint(mesh) else {
-        return local(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UH",
-            None,
-            format!("{} has no ready endpoint", down.target.addr),
-        );
-    };
+    // Normalize: the path that policies and routes see is the path the backend receives.
+    if let Err(e) = normalize(&mut parts) {
+        return outcome.local(StatusCode::BAD_REQUEST, "BR", e);
+    }
 
-    // Send.
-    if parts.headers.get(header::HOST).is_none()
-        && let Some(host) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        parts.headers.insert(header::HOST, host);
-    }
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    parts.uri = match Uri::builder()
-        .scheme("http")
-        .authority(endpoint.to_string())
-        .path_and_query(path_and_query)
-        .build()
-    {
-        Ok(uri) => uri,
-        Err(e) => {
-            return local(
-                StatusCode::BAD_REQUEST,
-                "BR",
-                Some(endpoint),
-                format!("request target cannot be forwarded: {e}"),
-            );
-        }
+    // Authenticate, then authorize.
+    let me = &down.inputs.me;
+    let target = WaypointTarget {
+        gateway_namespace: &me.namespace,
+        gateway_name: &me.name,
+        service: down
+            .target
+            .service
+            .as_ref()
+            .map(|s| (s.namespace.as_str(), s.name.as_str())),
     };
-    let client = down.inputs.upstreams.for_version(parts.version);
-    let request = Request::from_parts(parts, body::streamed(incoming));
-    match client.request(request).await {
-        Ok(response) => {
-            let status = response.status();
-            (
-                response.map(body::streamed),
-                Outcome {
-                    status,
-                    flags: "-",
-                    endpoint: Some(endpoint),
-                    error: None,
-                },
-            )
+    let jwt = match &l7.jwt {
+        Some(authenticator) => {
+            match authenticator.authenticate(&target, &parts.headers, std::time::SystemTime::now())
+            {
+                JwtOutcome::None => None,
+                JwtOutcome::Verified(jwt) => Some(jwt),
+                JwtOutcome::Invalid(e) => {
+                    let (mut response, outcome) = outcome.local(
+                        StatusCode::UNAUTHORIZED,
+                        "UA",
+                        format!("request token refused: {e}"),
+                    );
+                    response
+                        .headers_mut()
+                        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                    return (response, outcome);
+                }
+            }
         }
-        Err(e) => {
-            let flags = if e.is_connect() { "UF" } else { "UC" };
-            local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                flags,
-                Some(endpoint),
-                format!("upstream {endpoint}: {}", error_chain(&e)),
-            )
+        None => None,
+    };
+    if let Err(reason) = authorize(down, mesh, &target, &parts, jwt.as_ref()) {
+        return outcome.local(StatusCode::FORBIDDEN, "DENY", reason);
+    }
+    if let Some(jwt) = &jwt {
+        for name in &jwt.token_headers {
+            parts.headers.remove(name);
         }
     }
+
+    // Route, then send.
+    let plan = match plan::plan(down, mesh, l7, &mut parts) {
+        Ok(plan) => plan,
+        Err(refusal) => return refusal.respond(outcome),
+    };
+    send::send(down, plan, parts, incoming, outcome).await
 }
 
-/// A response the waypoint makes itself.
-fn local(
-    status: StatusCode,
-    flags: &'static str,
-    endpoint: Option<SocketAddr>,
-    error: String,
-) -> (Response<Body>, Outcome) {
-    let mut response = Response::new(body::full(format!("{error}\n")));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    (
-        response,
-        Outcome {
-            status,
-            flags,
-            endpoint,
-            error: Some(error),
+/// Rewrites the request target into its normal form, or says why it has none.
+fn normalize(parts: &mut Parts) -> Result<(), String> {
+    let raw = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let normalized = normalize_path(raw).map_err(|e| e.to_string())?;
+    if normalized.path_and_query() != raw {
+        let path_and_query = normalized
+            .path_and_query()
+            .parse::<http::uri::PathAndQuery>()
+            .map_err(|e| format!("normalized request target is not valid: {e}"))?;
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.path_and_query = Some(path_and_query);
+        parts.uri =
+            http::Uri::from_parts(uri).map_err(|e| format!("request target is not valid: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The waypoint's authorization decision, on the verified peer and the request's facts.
+fn authorize(
+    down: &Downstream,
+    mesh: &MeshState,
+    target: &WaypointTarget<'_>,
+    parts: &Parts,
+    jwt: Option<&VerifiedJwt>,
+) -> Result<(), String> {
+    let engine = mesh.policy();
+    let empty = std::collections::BTreeMap::new();
+    let destination = match (&down.target.workload, &down.target.service) {
+        (Some(w), _) => Destination::of(w),
+        (None, Some(s)) => Destination {
+            namespace: &s.namespace,
+            labels: &empty,
         },
-    )
+        (None, None) => Destination {
+            namespace: "",
+            labels: &empty,
+        },
+    };
+    let flow = Flow {
+        destination,
+        port: down.target.addr.port(),
+        source: Some(&down.peer),
+        // Believed only when the source node's address names a workload holding the
+        // identity that authenticated.
+        source_ip: down.source.as_ref().map(|_| down.client_addr.ip()),
+    };
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or_default();
+    let facts = RequestFacts {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        host,
+        headers: &parts.headers,
+        jwt,
+    };
+    let decision = engine.decide_request(target, &flow, &facts);
+    if decision.verdict == Verdict::Allow {
+        Ok(())
+    } else {
+        Err(format!("policy_denied: {decision}"))
+    }
 }
 
 /// Drops hop-by-hop headers (and those the `connection` header names) and internal ones.
@@ -278,5 +387,29 @@ mod tests {
         sanitize(&mut headers);
         let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-kept"]);
+    }
+
+    fn parts(target: &str) -> Parts {
+        Request::get(target)
+            .body(())
+            .expect("a valid request")
+            .into_parts()
+            .0
+    }
+
+    #[test]
+    fn the_forwarded_path_is_the_normalized_one_with_the_query_untouched() {
+        let mut p = parts("/a//b/../%61dmin?x=%2F");
+        normalize(&mut p).expect("normalizes");
+        assert_eq!(
+            p.uri.path_and_query().map(|p| p.as_str()),
+            Some("/a/admin?x=%2F")
+        );
+    }
+
+    #[test]
+    fn an_encoded_slash_in_the_path_is_refused() {
+        let mut p = parts("/public%2F..%2Fadmin");
+        assert!(normalize(&mut p).is_err());
     }
 }

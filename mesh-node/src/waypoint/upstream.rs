@@ -36,7 +36,11 @@ use crate::{
     workload::MeshState,
 };
 
-use super::body::Body;
+use super::{
+    body::Body,
+    l7::L7,
+    resilience::{ConnectionPermit, Overflow},
+};
 
 /// How long an idle upstream connection is kept for reuse.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -53,12 +57,16 @@ pub enum ConnectError {
     UnknownNode { addr: SocketAddr, node: String },
     #[error(transparent)]
     Hbone(#[from] PoolError),
+    #[error(transparent)]
+    Overflow(#[from] Overflow),
 }
 
 /// Opens HBONE tunnels to endpoints, as the waypoint's identity.
 #[derive(Clone)]
 pub struct HboneConnector {
     pub state: Arc<ArcSwap<MeshState>>,
+    /// For the connection limits (`maxConnections`) of the endpoint's Services.
+    pub l7: Arc<ArcSwap<L7>>,
     pub certs: Arc<CertStore>,
     pub pool: Arc<Pool>,
     pub identity: Identity,
@@ -92,6 +100,7 @@ impl tower::Service<Uri> for HboneConnector {
                     addr,
                     node: workload.node.clone(),
                 })?;
+            let permits = connection_permits(&state, &this.l7.load(), addr)?;
             let tunnel = this
                 .pool
                 .tunnel(
@@ -106,15 +115,43 @@ impl tower::Service<Uri> for HboneConnector {
             Ok(TokioIo::new(TunnelIo {
                 io: tunnel.io,
                 _guard: tunnel.guard,
+                _permits: permits,
             }))
         })
     }
 }
 
-/// One CONNECT stream, holding its slot in the HBONE connection while it lives.
+/// A slot of every Service the endpoint `addr` serves that limits its connections: an
+/// upstream connection counts against each of them while it is open. One of them full
+/// refuses the connection.
+fn connection_permits(
+    state: &MeshState,
+    l7: &L7,
+    addr: SocketAddr,
+) -> Result<Vec<ConnectionPermit>, Overflow> {
+    let mut permits = Vec::new();
+    for service in state.services() {
+        let Some(resilience) = l7.resilience.get(&service.namespace, &service.name) else {
+            continue;
+        };
+        let serves = service.endpoints.iter().any(|e| e.ip == addr.ip())
+            && service
+                .ports
+                .iter()
+                .any(|p| p.target_port == Some(addr.port()));
+        if serves && let Some(permit) = resilience.connection()? {
+            permits.push(permit);
+        }
+    }
+    Ok(permits)
+}
+
+/// One CONNECT stream, holding its slot in the HBONE connection and its connection permits
+/// while it lives.
 pub struct TunnelIo {
     io: TokioIo<hyper::upgrade::Upgraded>,
     _guard: StreamGuard,
+    _permits: Vec<ConnectionPermit>,
 }
 
 impl Connection for TunnelIo {

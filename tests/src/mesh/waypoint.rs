@@ -11,8 +11,8 @@ use anyhow::{Context, Result, bail};
 use serde_json::json;
 
 use super::{
-    CONTROLLER_PORT, HBONE_PORT, Mesh, NAMESPACE, TRUST_DOMAIN, http_get, service_account,
-    write_manifest, write_private,
+    CONTROLLER_PORT, HBONE_PORT, Mesh, NAMESPACE, TRUST_DOMAIN, http_get, remove_manifest,
+    service_account, write_manifest, write_private,
 };
 use crate::testbed::{Pod, Proc, SpawnOptions};
 
@@ -20,6 +20,7 @@ use crate::testbed::{Pod, Proc, SpawnOptions};
 pub const USE_WAYPOINT_LABEL: &str = "trellis.dev/use-waypoint";
 /// The Gateway API label on a waypoint's pods.
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+pub const WAYPOINT_ADMIN_PORT: u16 = 15000;
 pub const WAYPOINT_METRICS_PORT: u16 = 15020;
 pub const WAYPOINT_READY_PORT: u16 = 15021;
 const WAYPOINT_READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -54,6 +55,123 @@ impl Waypoint<'_> {
 
     pub fn log_text(&self) -> String {
         self.process.stderr_text()
+    }
+
+    /// Its `/config_dump`, read from inside its pod (the admin port listens on loopback).
+    pub fn config_dump(&self) -> Result<serde_json::Value> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], WAYPOINT_ADMIN_PORT));
+        let (status, body) = self
+            .pod
+            .netns
+            .run(move || http_get(addr, "/config_dump"))??;
+        if status != 200 {
+            bail!("waypoint config dump returned {status}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Waits (bounded) until its L7 configuration (`l7` of the config dump) satisfies
+    /// `ready`; returns it.
+    pub fn wait_l7(
+        &self,
+        timeout: Duration,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let dump = self.config_dump()?;
+            if ready(&dump["l7"]) {
+                return Ok(dump["l7"].clone());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "waypoint L7 configuration not as expected after {timeout:?}: {}",
+                    dump["l7"]
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits (bounded) until the waypoint programs exactly `routes` (`Kind ns/name`) and
+    /// applies exactly `traffic_policies` (`ns/name`).
+    pub fn wait_programmed(
+        &self,
+        routes: &[&str],
+        traffic_policies: &[&str],
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        let mut routes: Vec<String> = routes.iter().map(|r| (*r).to_owned()).collect();
+        routes.sort();
+        let mut policies: Vec<String> = traffic_policies.iter().map(|p| (*p).to_owned()).collect();
+        policies.sort();
+        self.wait_l7(timeout, |l7| {
+            let mut got_routes: Vec<String> = l7["routes"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|r| {
+                            format!(
+                                "{} {}/{}",
+                                r["kind"].as_str().unwrap_or_default(),
+                                r["namespace"].as_str().unwrap_or_default(),
+                                r["name"].as_str().unwrap_or_default()
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            got_routes.sort();
+            let mut got_policies: Vec<String> = l7["traffic_policies"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| p["id"].as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            got_policies.sort();
+            got_routes == routes && got_policies == policies
+        })
+    }
+}
+
+impl Mesh<'_> {
+    /// Creates or replaces an `HTTPRoute` or `GRPCRoute` in [`NAMESPACE`].
+    pub fn write_route(&mut self, kind: &str, name: &str, spec: serde_json::Value) -> Result<()> {
+        self.write_l7_object("gateway.networking.k8s.io/v1", kind, name, spec)
+    }
+
+    /// Creates or replaces a `TrafficPolicy` in [`NAMESPACE`].
+    pub fn write_traffic_policy(&mut self, name: &str, spec: serde_json::Value) -> Result<()> {
+        self.write_l7_object("traffic.trellis.dev/v1", "TrafficPolicy", name, spec)
+    }
+
+    /// Removes an object written by [`Mesh::write_route`] or [`Mesh::write_traffic_policy`].
+    pub fn delete_l7_object(&mut self, kind: &str, name: &str) -> Result<()> {
+        remove_manifest(
+            &self.control()?.manifests,
+            &format!("l7-{kind}-{name}.json"),
+        )
+    }
+
+    fn write_l7_object(
+        &mut self,
+        api_version: &str,
+        kind: &str,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> Result<()> {
+        let manifest = json!({
+            "apiVersion": api_version, "kind": kind,
+            "metadata": {"name": name, "namespace": NAMESPACE, "generation": 1},
+            "spec": spec,
+        });
+        write_manifest(
+            &self.control()?.manifests,
+            &format!("l7-{kind}-{name}.json"),
+            &manifest,
+        )
     }
 }
 

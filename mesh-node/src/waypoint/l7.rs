@@ -1,0 +1,183 @@
+//! The L7 configuration a waypoint serves with: its routes ([`RouteTable`]), the resilience of
+//! the Services behind it ([`Registry`]) and the end-user authentication that applies at it
+//! ([`JwtAuthenticator`]).
+//!
+//! Built by the state task from the controller's resources on every update, next to the
+//! [`MeshState`], and published as one immutable snapshot that each request loads once. The
+//! objects arrive as written and are compiled here, so a bad one rejects only itself: it is
+//! left out, and the reason is logged once per generation (the controller writes the same
+//! reason into the object's status).
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use super::{
+    resilience::{Registry, TrafficPolicy},
+    route::{self, RouteKind, RouteTable},
+};
+use crate::{
+    agent::feed::{Resource, Resources},
+    policy::{
+        Policy,
+        jwt::{JwksFetcher, JwtAuthenticator, JwtPolicy},
+    },
+    workload::MeshState,
+};
+
+/// The kind of the resilience objects among the `route/` resources.
+const TRAFFIC_POLICY_KIND: &str = "TrafficPolicy";
+
+/// One snapshot of the waypoint's L7 configuration.
+#[derive(Debug, Default)]
+pub struct L7 {
+    pub routes: RouteTable,
+    pub resilience: Registry,
+    pub jwt: Option<JwtAuthenticator>,
+    /// `namespace/name` of the `RequestAuthentication`s in force.
+    pub request_authentications: Vec<String>,
+    /// The objects left out, and why.
+    pub rejected: Rejections,
+}
+
+/// Why an object is not applied, by `Kind namespace/name`; kept between builds so that each
+/// rejection is logged once per generation.
+pub type Rejections = BTreeMap<String, (Option<i64>, String)>;
+
+impl L7 {
+    /// Compiles the routes, traffic policies and request authentications among `resources`.
+    /// `previous` keeps the runtime state (budgets, breakers, ejections, buckets) of the
+    /// Services whose policy did not change; `mesh` gives outlier detection its endpoints.
+    pub fn build(
+        resources: &Resources,
+        mesh: &MeshState,
+        root_namespace: &str,
+        previous: &L7,
+        fetcher: &JwksFetcher,
+        rejections: &mut Rejections,
+    ) -> Self {
+        let mut routes = Vec::new();
+        let mut traffic = Vec::new();
+        let mut jwt = Vec::<JwtPolicy>::new();
+        let mut rejected = Rejections::new();
+        for resource in resources.values() {
+            match resource {
+                Resource::Route(object) if object.kind == TRAFFIC_POLICY_KIND => {
+                    match TrafficPolicy::compile(
+                        &object.namespace,
+                        &object.name,
+                        object.generation,
+                        &object.spec,
+                    ) {
+                        Ok(policy) => traffic.push(policy),
+                        Err(e) => {
+                            rejected.insert(
+                                format!("TrafficPolicy {}/{}", object.namespace, object.name),
+                                (object.generation, e.to_string()),
+                            );
+                        }
+                    }
+                }
+                Resource::Route(object) => {
+                    let Ok(kind) = object.kind.parse::<RouteKind>() else {
+                        rejected.insert(
+                            format!("{} {}/{}", object.kind, object.namespace, object.name),
+                            (object.generation, "not a kind the waypoint serves".into()),
+                        );
+                        continue;
+                    };
+                    let compiled = route::compile(
+                        kind,
+                        &object.namespace,
+                        &object.name,
+                        object.generation,
+                        &object.spec,
+                    );
+                    if let Err(e) = &compiled.outcome {
+                        rejected
+                            .insert(compiled.id.to_string(), (object.generation, e.to_string()));
+                    }
+                    routes.push(compiled);
+                }
+                Resource::Policy(policy) => {
+                    if let Policy::RequestAuthentication(p) = &**policy {
+                        jwt.push(p.clone());
+                    }
+                }
+                Resource::Workload(_)
+                | Resource::Node(_)
+                | Resource::Service(_)
+                | Resource::Waypoint(_) => {}
+            }
+        }
+        let request_authentications = jwt.iter().map(|p| p.id.to_string()).collect();
+        for (object, (generation, reason)) in &rejected {
+            if rejections.get(object) != Some(&(*generation, reason.clone())) {
+                tracing::warn!(%object, reason, "not applied at this waypoint");
+            }
+        }
+        *rejections = rejected.clone();
+
+        let resilience = previous.resilience.rebuild(traffic);
+        track_endpoints(&resilience, mesh);
+        let jwt = (!jwt.is_empty())
+            .then(|| JwtAuthenticator::new(root_namespace, jwt, Some(fetcher.clone())));
+        if jwt.is_none() {
+            // No rule reads a JWKS URI any more: stop fetching.
+            fetcher.watch([]);
+        }
+        Self {
+            routes: RouteTable::new(routes),
+            resilience,
+            jwt,
+            request_authentications,
+            rejected,
+        }
+    }
+
+    /// What the waypoint's config dump shows under `l7`.
+    pub fn dump(&self) -> serde_json::Value {
+        serde_json::json!({
+            "routes": self.routes.routes().map(|r| serde_json::json!({
+                "kind": r.id.kind.as_str(),
+                "namespace": r.id.namespace,
+                "name": r.id.name,
+                "generation": r.generation,
+            })).collect::<Vec<_>>(),
+            "traffic_policies": self.resilience.applied().into_iter().map(|(id, services)| serde_json::json!({
+                "id": id.to_string(),
+                "services": services,
+            })).collect::<Vec<_>>(),
+            "traffic_policy_conflicts": self.resilience.conflicts().iter().map(|c| serde_json::json!({
+                "service": format!("{}/{}", c.namespace, c.service),
+                "applied": c.applied.to_string(),
+                "ignored": c.ignored.to_string(),
+            })).collect::<Vec<_>>(),
+            "request_authentications": self.request_authentications,
+            "rejected": self.rejected.iter().map(|(object, (generation, reason))| serde_json::json!({
+                "object": object,
+                "generation": generation,
+                "reason": reason,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Gives each outlier detector the current endpoints of its Service (on every target port),
+/// so endpoints that left are forgotten and new ones start clean.
+fn track_endpoints(registry: &Registry, mesh: &MeshState) {
+    for service in mesh.services() {
+        let Some(state) = registry.get(&service.namespace, &service.name) else {
+            continue;
+        };
+        let Some(outliers) = state.outliers() else {
+            continue;
+        };
+        let endpoints = service.endpoints.iter().flat_map(|e| {
+            service
+                .ports
+                .iter()
+                .filter_map(|p| p.target_port)
+                .map(move |port| SocketAddr::new(e.ip, port))
+        });
+        outliers.set_endpoints(endpoints);
+    }
+}

@@ -22,6 +22,7 @@ pub mod resilience;
 pub mod route;
 pub mod server;
 pub mod telemetry;
+pub mod trace;
 pub mod upstream;
 
 use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};

@@ -1,6 +1,6 @@
 //! One request through the waypoint, top to bottom:
 //!
-//! sanitize -> normalize the path -> authenticate (JWT) -> authorize -> route -> rate limit ->
+//! sanitize -> trace context -> normalize the path -> authenticate (JWT) -> authorize -> route -> rate limit ->
 //! inject faults -> admit (circuit breaker) -> send, with retries and timeouts -> mirror ->
 //! respond; then one metric sample and one access log event.
 //!
@@ -37,6 +37,7 @@ use super::{
     body::{self, Body},
     l7::L7,
     telemetry::RequestLabels,
+    trace::TraceContext,
 };
 use crate::{
     identity::Identity,
@@ -85,11 +86,13 @@ struct Outcome {
     route: Option<String>,
     tries: u32,
     error: Option<String>,
+    trace: Option<TraceContext>,
 }
 
 impl Outcome {
     fn new(service: Option<Arc<Service>>) -> Self {
         Self {
+            trace: None,
             status: StatusCode::OK,
             flags: "-",
             service,
@@ -160,6 +163,8 @@ pub async fn handle(down: Arc<Downstream>, req: Request<Incoming>) -> Response<B
         route = outcome.route.as_deref().unwrap_or_default(),
         upstream = %outcome.endpoint.map(|e| e.to_string()).unwrap_or_default(),
         tries = outcome.tries,
+        trace_id = outcome.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+        span_id = outcome.trace.map(|t| t.span_id_hex()).unwrap_or_default(),
         status = outcome.status.as_u16(),
         flags = outcome.flags,
         duration_ms = (duration_ms * 1000.0).round() / 1000.0,
@@ -175,9 +180,13 @@ async fn forward(
     l7: &L7,
     req: Request<Incoming>,
 ) -> (Response<Body>, Outcome) {
-    let outcome = Outcome::new(down.target.service.clone());
+    let mut outcome = Outcome::new(down.target.service.clone());
     let (mut parts, incoming) = req.into_parts();
     sanitize(&mut parts.headers);
+    outcome.trace = Some(TraceContext::propagate(
+        &mut parts.headers,
+        &mut fastrand::Rng::new(),
+    ));
 
     // Normalize: the path that policies and routes see is the path the backend receives.
     if let Err(e) = normalize(&mut parts) {

@@ -39,6 +39,7 @@
 mod cgroup;
 mod gate;
 mod http;
+mod l7;
 mod netns;
 mod plan;
 mod process;
@@ -56,6 +57,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 pub use cgroup::{cgroup_of, cgroup2_mount};
 pub use gate::{BPFFS, e2e_gate};
+pub use l7::RequestsOpts;
 pub use netns::{Netns, ip};
 pub use plan::{MAX_NODES, MAX_PODS_PER_NODE};
 pub use process::{CmdOutput, Proc, SpawnOptions, WORKSPACE_BINARIES, bin_path};

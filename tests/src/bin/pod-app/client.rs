@@ -1,6 +1,10 @@
-//! `pod-app` clients: send, fetch, echo, http-get, many, peername.
+//! `pod-app` clients: send, fetch, echo, http-get, many, peername, and (in submodules)
+//! requests and grpc.
 //!
 //! Each returns the JSON to print and whether the result verified.
+
+pub mod grpc;
+pub mod requests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

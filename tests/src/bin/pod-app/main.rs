@@ -12,16 +12,32 @@
 //!   writing, wait for the peer's EOF, close.
 //! * `http`: answer one HTTP/1.1 request with 200 and a JSON body
 //!   `{"server","peer","path","method","headers"}`, `Connection: close`.
+//! * `l7`: HTTP/1.1 with keep-alive and HTTP/2 with prior knowledge on the same port, plus
+//!   the gRPC health service; the path picks the answer (`/status/<code>`, `/delay/<ms>`,
+//!   `/flaky/<key>/<n>`, `/_seen`, anything else: 200 with the request as JSON). Each
+//!   connection is shut down gracefully after `--timeout-ms`. See `server/l7.rs`.
+//!
+//! Clients: `send`, `fetch`, `echo` and `many` against the byte servers above; `http-get`
+//! (one HTTP/1.1 GET); `peername`; `requests` (N HTTP/1.1 or HTTP/2 requests over keep-alive
+//! connections, tallied as `{"sent","statuses","servers","errors","first_error","last",...}`,
+//! see `client/requests.rs`); `grpc` (a health `Check` and optional `Watch`, printing
+//! `{"check","watched","statuses","ok"}`).
 //!
 //! Clients print ONE JSON object on stdout when done. Exit status: 0 when the operation
 //! completed and verified, 1 when it completed but verification failed (`"ok": false`, or
 //! `"failed" > 0` for `many`), 2 on an error (the object then has an `"error"` field).
+//! `requests` exits 0 whenever it ran: failed requests are in its tally (it reports what it
+//! has when `--timeout-ms` runs out, with `"timed_out": true`). `grpc` exits 2 on any gRPC
+//! error, with `"error": "Check: gRPC status Unavailable (14): ..."`, and 1 if the `Watch`
+//! stream ended before N messages.
 //! Every operation (and each server connection) is bounded by `--timeout-ms` (default 30000).
 //! Byte counts accept a binary suffix: `64K`, `256M`, `1G`.
 //! Addresses in the output are canonical (`10.0.0.1:80`, not `[::ffff:10.0.0.1]:80`).
 //! The payload is [`mesh_tests::pattern`], so tests can compute expected hashes.
 
 mod client;
+#[cfg(test)]
+mod l7_tests;
 mod server;
 
 use std::net::SocketAddr;
@@ -31,7 +47,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 /// The Trellis testbed workload.
 #[derive(Parser, Debug)]
@@ -101,6 +117,19 @@ enum Command {
     Peername {
         #[arg(long)]
         to: SocketAddr,
+    },
+    /// N HTTP requests over keep-alive connections (HTTP/1.1, or HTTP/2 with --http2).
+    Requests(client::requests::RequestsArgs),
+    /// gRPC health Check of a service, and with --watch N a Watch reading N messages.
+    Grpc {
+        #[arg(long)]
+        to: SocketAddr,
+        /// The service to check (`""`: the server as a whole).
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Also Watch the service and read this many messages.
+        #[arg(long)]
+        watch: Option<usize>,
     },
 }
 
@@ -172,6 +201,13 @@ async fn run(command: Command, timeout: Duration) -> Result<(Value, bool)> {
         Command::Peername { to } => tokio::time::timeout(timeout, client::peername(to))
             .await
             .map_err(bounded(format!("connect to {to}")))?,
+        // `requests` keeps its own deadline so it can report partial results.
+        Command::Requests(args) => client::requests::requests(args, timeout).await,
+        Command::Grpc { to, service, watch } => {
+            tokio::time::timeout(timeout, client::grpc::grpc(to, &service, watch, timeout))
+                .await
+                .map_err(bounded(format!("gRPC health of {service:?} at {to}")))?
+        }
     }
 }
 
@@ -200,6 +236,21 @@ fn parse_size(s: &str) -> Result<u64> {
         .with_context(|| format!("bad byte count {s:?}"))?;
     n.checked_mul(1 << shift)
         .with_context(|| format!("byte count {s:?} too large"))
+}
+
+/// HTTP headers as a JSON object: lower-case names, repeated headers joined with `, `,
+/// non-UTF-8 bytes replaced.
+pub(crate) fn headers_json(headers: &http::HeaderMap) -> Map<String, Value> {
+    let mut map = Map::new();
+    for (name, value) in headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        let joined = match map.get(name.as_str()).and_then(Value::as_str) {
+            Some(prev) => format!("{prev}, {value}"),
+            None => value.into_owned(),
+        };
+        map.insert(name.as_str().to_owned(), Value::String(joined));
+    }
+    map
 }
 
 /// `addr` with an IPv4-mapped IPv6 address turned back into IPv4.

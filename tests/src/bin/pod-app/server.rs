@@ -1,4 +1,6 @@
-//! `pod-app serve`: the echo, sink, source and http servers.
+//! `pod-app serve`: the echo, sink, source, http and l7 servers.
+
+mod l7;
 
 use std::fmt;
 use std::io::Write as _;
@@ -30,6 +32,7 @@ pub enum Mode {
     Sink,
     Source,
     Http,
+    L7,
 }
 
 impl fmt::Display for Mode {
@@ -39,6 +42,7 @@ impl fmt::Display for Mode {
             Mode::Sink => "sink",
             Mode::Source => "source",
             Mode::Http => "http",
+            Mode::L7 => "l7",
         })
     }
 }
@@ -73,7 +77,7 @@ pub struct ServeArgs {
     /// Mode of listeners given without `=MODE`.
     #[arg(long, value_enum, default_value_t = Mode::Echo)]
     mode: Mode,
-    /// Server name reported by `http` mode.
+    /// Server name reported by `http` and `l7` modes.
     #[arg(long, env = "POD_NAME", default_value = "pod-app")]
     name: String,
 }
@@ -99,9 +103,19 @@ pub async fn serve(args: ServeArgs, timeout: Duration) -> Result<()> {
     stdout.flush().context("flushing stdout")?;
     drop(stdout);
 
+    // One state for all `l7` listeners, so `/_seen` and `/flaky/` count per server process.
+    let l7 = if bound.iter().any(|(_, _, mode)| *mode == Mode::L7) {
+        Some(l7::L7::new(name.clone()).await)
+    } else {
+        None
+    };
     let mut loops = JoinSet::new();
     for (listener, addr, mode) in bound {
-        loops.spawn(accept_loop(listener, addr, mode, name.clone(), timeout));
+        let state = State {
+            name: name.clone(),
+            l7: l7.clone(),
+        };
+        loops.spawn(accept_loop(listener, addr, mode, state, timeout));
     }
     // Accept loops never return; if the task set ends, something is badly wrong.
     match loops.join_next().await {
@@ -110,26 +124,40 @@ pub async fn serve(args: ServeArgs, timeout: Duration) -> Result<()> {
     }
 }
 
+/// What connection handlers share.
+#[derive(Clone)]
+struct State {
+    name: Arc<str>,
+    /// Present when some listener is in `l7` mode.
+    l7: Option<Arc<l7::L7>>,
+}
+
 async fn accept_loop(
     listener: TcpListener,
     addr: SocketAddr,
     mode: Mode,
-    name: Arc<str>,
+    state: State,
     timeout: Duration,
 ) {
+    // `l7` connections shut down gracefully at `timeout`, then get a grace period.
+    let limit = match mode {
+        Mode::L7 => timeout + l7::GRACE,
+        _ => timeout,
+    };
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let name = name.clone();
+                let state = state.clone();
                 tokio::spawn(async move {
                     let peer = canonical(peer);
                     let result =
-                        tokio::time::timeout(timeout, handle(stream, peer, mode, &name)).await;
+                        tokio::time::timeout(limit, handle(stream, peer, mode, state, timeout))
+                            .await;
                     match result {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => eprintln!("pod-app {mode} {addr}: {peer}: {e:#}"),
                         Err(_) => {
-                            eprintln!("pod-app {mode} {addr}: {peer}: timed out after {timeout:?}")
+                            eprintln!("pod-app {mode} {addr}: {peer}: timed out after {limit:?}")
                         }
                     }
                 });
@@ -144,12 +172,22 @@ async fn accept_loop(
     }
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, mode: Mode, name: &str) -> Result<()> {
+async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    mode: Mode,
+    state: State,
+    timeout: Duration,
+) -> Result<()> {
     match mode {
         Mode::Echo => echo(stream).await,
         Mode::Sink => sink(stream, peer).await,
         Mode::Source => source(stream).await,
-        Mode::Http => http(stream, peer, name).await,
+        Mode::Http => http(stream, peer, &state.name).await,
+        Mode::L7 => match state.l7 {
+            Some(l7) => l7::serve_connection(l7, stream, peer, timeout).await,
+            None => bail!("no l7 state"),
+        },
     }
 }
 
@@ -301,6 +339,20 @@ async fn respond(stream: &mut TcpStream, status: &str, body: &str) -> Result<()>
     Ok(())
 }
 
+/// Runs an `l7` listener on `127.0.0.1:0` in this process (for the binary's own tests) and
+/// returns its address; it stops when the runtime does.
+#[cfg(test)]
+pub(crate) async fn spawn_l7(name: &str, timeout: Duration) -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let state = State {
+        name: Arc::from(name),
+        l7: Some(l7::L7::new(Arc::from(name)).await),
+    };
+    tokio::spawn(accept_loop(listener, addr, Mode::L7, state, timeout));
+    Ok(addr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,6 +362,8 @@ mod tests {
         let s: ListenSpec = "[::]:8080=http".parse().expect("spec");
         assert_eq!(s.addr.to_string(), "[::]:8080");
         assert_eq!(s.mode, Some(Mode::Http));
+        let s: ListenSpec = "0.0.0.0:8080=l7".parse().expect("spec");
+        assert_eq!(s.mode, Some(Mode::L7));
         let s: ListenSpec = "0.0.0.0:9000".parse().expect("spec");
         assert_eq!(s.mode, None);
         assert!("0.0.0.0:9000=bogus".parse::<ListenSpec>().is_err());

@@ -1,0 +1,822 @@
+//! L7 behaviour at the waypoint, end to end: Gateway API routing (header match, weighted
+//! split, mirroring, rewrites, redirects, response headers), resilience from `TrafficPolicy`
+//! (retries, timeouts, faults, circuit breaking, outlier ejection, rate limiting), L7
+//! authorization with path normalization and JWT, and gRPC.
+//!
+//! Each test runs the whole mesh for real (eBPF redirection, agents, controller, the
+//! waypoint process in a testbed pod, mutual TLS on both legs); clients are `pod-app` in a
+//! client pod, sending to a Service VIP whose namespace uses the waypoint.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{
+    mesh::{
+        Mesh, MeshOptions, NAMESPACE, metric_sum,
+        waypoint::{USE_WAYPOINT_LABEL, Waypoint},
+    },
+    testbed::{Pod, RequestsOpts, Server, Testbed, e2e_gate},
+};
+use serde_json::{Value, json};
+
+const PORT: u16 = 80;
+const TARGET_PORT: u16 = 8080;
+const WAYPOINT: &str = "waypoint";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The mesh with a waypoint on pod (0, 1) for the whole namespace; clients run on (0, 0).
+fn start(tb: &Testbed) -> (Mesh<'_>, Waypoint<'_>) {
+    let mut mesh = Mesh::start(
+        tb,
+        &MeshOptions {
+            control_plane: true,
+            ..Default::default()
+        },
+    )
+    .expect("mesh");
+    let waypoint = mesh
+        .start_waypoint(WAYPOINT, tb.pod(0, 1))
+        .expect("waypoint starts");
+    mesh.set_namespace_label(NAMESPACE, USE_WAYPOINT_LABEL, Some(WAYPOINT))
+        .expect("label namespace");
+    (mesh, waypoint)
+}
+
+/// An `l7` server on `pod:8080` that answers with the pod's name. Its connections live as
+/// long as the test (the default bound would recycle the waypoint's pooled connections).
+fn serve(tb: &Testbed, pod: &Pod) -> Server {
+    tb.spawn_server(
+        pod,
+        &[
+            "--timeout-ms",
+            "600000",
+            "--listen",
+            &format!("0.0.0.0:{TARGET_PORT}=l7"),
+            "--name",
+            &pod.name,
+        ],
+    )
+    .expect("server")
+}
+
+/// Service `name` with VIP `10.96.0.<octet>:80` over `pods:8080`; waits until node 0's agent
+/// sends it through the waypoint.
+fn service(mesh: &mut Mesh<'_>, name: &str, octet: u8, pods: &[&Pod]) -> SocketAddr {
+    let vip = Ipv4Addr::new(10, 96, 0, octet);
+    let endpoints: Vec<(&Pod, bool)> = pods.iter().map(|p| (*p, true)).collect();
+    mesh.write_service(
+        name,
+        &[vip.into()],
+        &[(PORT, TARGET_PORT)],
+        &endpoints,
+        None,
+    )
+    .expect("service");
+    mesh.wait_config(0, WAIT, |dump| {
+        dump["services"].as_array().is_some_and(|services| {
+            services.iter().any(|s| {
+                s["name"] == name
+                    && s["waypoint"] == format!("{NAMESPACE}/{WAYPOINT}")
+                    && s["endpoints"].as_array().map(Vec::len) == Some(pods.len())
+            })
+        })
+    })
+    .expect("service through the waypoint in node 0's config");
+    SocketAddr::from((vip, PORT))
+}
+
+/// `count` requests to `path` at `to` from `pod`; the client's JSON summary.
+fn requests(tb: &Testbed, pod: &Pod, to: SocketAddr, opts: RequestsOpts) -> Value {
+    tb.requests(pod, to, &opts)
+        .unwrap_or_else(|e| panic!("requests to {to}{}: {e:#}", opts.path))
+}
+
+fn get(tb: &Testbed, pod: &Pod, to: SocketAddr, path: &str, count: usize) -> Value {
+    requests(
+        tb,
+        pod,
+        to,
+        RequestsOpts {
+            path: path.into(),
+            count,
+            ..Default::default()
+        },
+    )
+}
+
+fn count_of(summary: &Value, field: &str, key: &str) -> u64 {
+    summary[field][key].as_u64().unwrap_or(0)
+}
+
+/// Requests the waypoint counted with these labels.
+fn waypoint_count(waypoint: &Waypoint<'_>, labels: &[(&str, &str)]) -> f64 {
+    let metrics = waypoint.metrics().expect("waypoint metrics");
+    let mut all = vec![("reporter", "waypoint")];
+    all.extend_from_slice(labels);
+    metric_sum(&metrics, "istio_requests_total", &all)
+}
+
+fn backend(name: &str) -> Value {
+    json!({"name": name, "port": PORT})
+}
+
+fn parent(service: &str) -> Value {
+    json!([{"group": "", "kind": "Service", "name": service, "port": PORT}])
+}
+
+#[test]
+fn routes_match_headers_split_by_weight_mirror_rewrite_and_redirect() {
+    if !e2e_gate("routes_match_headers_split_by_weight_mirror_rewrite_and_redirect") {
+        return;
+    }
+    let tb = Testbed::builder()
+        .nodes(2)
+        .pods_per_node(4)
+        .build()
+        .expect("testbed");
+    let (mut mesh, waypoint) = start(&tb);
+    let client = tb.pod(0, 0);
+    let (v1, v2, shadow) = (tb.pod(1, 0), tb.pod(1, 1), tb.pod(1, 2));
+    let _servers: Vec<Server> = [v1, v2, shadow].iter().map(|p| serve(&tb, p)).collect();
+    let web = service(&mut mesh, "web", 30, &[v1]);
+    service(&mut mesh, "web-v1", 31, &[v1]);
+    service(&mut mesh, "web-v2", 32, &[v2]);
+    service(&mut mesh, "shadow", 33, &[shadow]);
+
+    // Before any route: straight to the Service's own endpoints.
+    let plain = get(&tb, client, web, "/", 5);
+    assert_eq!(count_of(&plain, "servers", &v1.name), 5, "{plain}");
+
+    mesh.write_route(
+        "HTTPRoute",
+        "web",
+        json!({
+            "parentRefs": parent("web"),
+            "rules": [
+                {
+                    "matches": [{"headers": [{"name": "x-version", "value": "v2"}]}],
+                    "backendRefs": [backend("web-v2")],
+                },
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/mirrored"}}],
+                    "filters": [{"type": "RequestMirror", "requestMirror": {"backendRef": backend("shadow")}}],
+                    "backendRefs": [backend("web-v1")],
+                },
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/old"}}],
+                    "filters": [{"type": "URLRewrite", "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"}}}],
+                    "backendRefs": [backend("web-v1")],
+                },
+                {
+                    "matches": [{"path": {"type": "Exact", "value": "/moved"}}],
+                    "filters": [{"type": "RequestRedirect", "requestRedirect": {"path": {"type": "ReplaceFullPath", "replaceFullPath": "/here"}, "statusCode": 301}}],
+                },
+                {
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                    "filters": [{"type": "ResponseHeaderModifier", "responseHeaderModifier": {"add": [{"name": "x-routed", "value": "split"}]}}],
+                    "backendRefs": [
+                        {"name": "web-v1", "port": PORT, "weight": 90},
+                        {"name": "web-v2", "port": PORT, "weight": 10},
+                    ],
+                },
+            ],
+        }),
+    )
+    .expect("route");
+    waypoint
+        .wait_programmed(&["HTTPRoute default/web"], &[], WAIT)
+        .expect("route programmed");
+
+    // A header match sends every request to v2.
+    let by_header = requests(
+        &tb,
+        client,
+        web,
+        RequestsOpts {
+            path: "/".into(),
+            count: 20,
+            headers: vec!["x-version: v2".into()],
+            ..Default::default()
+        },
+    );
+    assert_eq!(count_of(&by_header, "servers", &v2.name), 20, "{by_header}");
+
+    // 90/10 over 2,000 requests: v2's share is binomial (mean 200, sd 13.4); 5 sd either way.
+    let split = get(&tb, client, web, "/", 2000);
+    assert_eq!(count_of(&split, "statuses", "200"), 2000, "{split}");
+    let to_v2 = count_of(&split, "servers", &v2.name);
+    let to_v1 = count_of(&split, "servers", &v1.name);
+    assert_eq!(to_v1 + to_v2, 2000, "{split}");
+    assert!(
+        (133..=267).contains(&to_v2),
+        "v2 got {to_v2} of 2000: {split}"
+    );
+    assert_eq!(split["last"]["headers"]["x-routed"], "split", "{split}");
+
+    // Mirroring: the client's answers come from v1, and the shadow receives a copy of each.
+    let mirrored = get(&tb, client, web, "/mirrored/x", 20);
+    assert_eq!(count_of(&mirrored, "servers", &v1.name), 20, "{mirrored}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let seen = get(
+            &tb,
+            client,
+            SocketAddr::new(shadow.ip4.into(), TARGET_PORT),
+            "/_seen",
+            1,
+        );
+        let copies = seen["last"]["body"]["paths"]["/mirrored/x"]
+            .as_u64()
+            .unwrap_or(0);
+        if copies == 20 {
+            break;
+        }
+        assert!(copies < 20, "more copies than requests: {seen}");
+        assert!(
+            Instant::now() < deadline,
+            "shadow saw {copies} of 20 copies: {seen}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Rewrite and redirect.
+    let rewritten = get(&tb, client, web, "/old/page", 1);
+    assert_eq!(
+        rewritten["last"]["body"]["path"], "/new/page",
+        "{rewritten}"
+    );
+    let redirected = get(&tb, client, web, "/moved", 1);
+    assert_eq!(redirected["last"]["status"], 301, "{redirected}");
+    assert_eq!(
+        redirected["last"]["headers"]["location"]
+            .as_str()
+            .map(|l| l.ends_with("/here")),
+        Some(true),
+        "{redirected}"
+    );
+
+    // The route's telemetry names the backend Service that answered.
+    assert!(
+        waypoint_count(
+            &waypoint,
+            &[
+                ("destination_service_name", "web-v2"),
+                ("response_code", "200")
+            ]
+        ) >= 20.0
+    );
+    let events = waypoint.access_log();
+    assert!(
+        events.iter().any(|e| e["route"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("HTTPRoute default/web rule 0"))),
+        "access log names the rule"
+    );
+
+    // The trace continues through the waypoint, which forwards its own span as the parent.
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traced = requests(
+        &tb,
+        client,
+        web,
+        RequestsOpts {
+            path: "/".into(),
+            count: 1,
+            headers: vec![format!("traceparent: {parent}")],
+            ..Default::default()
+        },
+    );
+    let forwarded = traced["last"]["body"]["headers"]["traceparent"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        forwarded.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && forwarded != parent,
+        "{traced}"
+    );
+
+    // Without the route, traffic goes to the Service's own endpoints again.
+    mesh.delete_l7_object("HTTPRoute", "web")
+        .expect("delete route");
+    waypoint
+        .wait_programmed(&[], &[], WAIT)
+        .expect("route removed");
+    let after = requests(
+        &tb,
+        client,
+        web,
+        RequestsOpts {
+            path: "/".into(),
+            count: 5,
+            headers: vec!["x-version: v2".into()],
+            ..Default::default()
+        },
+    );
+    assert_eq!(count_of(&after, "servers", &v1.name), 5, "{after}");
+}
+
+#[test]
+fn traffic_policies_retry_time_out_inject_faults_break_circuits_and_rate_limit() {
+    if !e2e_gate("traffic_policies_retry_time_out_inject_faults_break_circuits_and_rate_limit") {
+        return;
+    }
+    let tb = Testbed::builder()
+        .nodes(2)
+        .pods_per_node(4)
+        .build()
+        .expect("testbed");
+    let (mut mesh, waypoint) = start(&tb);
+    let client = tb.pod(0, 0);
+    let (a, b) = (tb.pod(1, 0), tb.pod(1, 1));
+    let _servers: Vec<Server> = [a, b].iter().map(|p| serve(&tb, p)).collect();
+    let flaky = service(&mut mesh, "flaky", 40, &[a]);
+    let slow = service(&mut mesh, "slow", 41, &[a]);
+    let faulty = service(&mut mesh, "faulty", 42, &[a]);
+    let limited = service(&mut mesh, "limited", 43, &[a]);
+    let pair = service(&mut mesh, "pair", 44, &[a, b]);
+
+    // Without a policy, a flaky backend's 503 reaches the client.
+    let unprotected = get(&tb, client, flaky, "/flaky/first/2", 1);
+    assert_eq!(
+        count_of(&unprotected, "statuses", "503"),
+        1,
+        "{unprotected}"
+    );
+
+    mesh.write_traffic_policy(
+        "flaky",
+        json!({"targetRefs": [{"group": "", "kind": "Service", "name": "flaky"}],
+               "retries": {"attempts": 3, "retryOn": ["5xx"]}}),
+    )
+    .expect("retry policy");
+    mesh.write_route(
+        "HTTPRoute",
+        "slow",
+        json!({"parentRefs": parent("slow"),
+               "rules": [{"backendRefs": [backend("slow")], "timeouts": {"request": "300ms"}}]}),
+    )
+    .expect("timeout route");
+    mesh.write_traffic_policy(
+        "faulty",
+        json!({"targetRefs": [{"group": "", "kind": "Service", "name": "faulty"}],
+               "fault": {"abort": {"httpStatus": 418, "percent": 30},
+                         "delay": {"fixedDelay": "1ms", "percent": 50}}}),
+    )
+    .expect("fault policy");
+    mesh.write_traffic_policy(
+        "limited",
+        json!({"targetRefs": [{"group": "", "kind": "Service", "name": "limited"}],
+               "rateLimit": {"requestsPerSecond": 1, "burst": 5}}),
+    )
+    .expect("rate limit policy");
+    mesh.write_traffic_policy(
+        "pair",
+        json!({"targetRefs": [{"group": "", "kind": "Service", "name": "pair"}],
+               "outlierDetection": {"consecutiveErrors": 3, "interval": "1s", "baseEjectionTime": "2s", "maxEjectionPercent": 50}}),
+    )
+    .expect("outlier policy");
+    waypoint
+        .wait_programmed(
+            &["HTTPRoute default/slow"],
+            &[
+                "default/faulty",
+                "default/flaky",
+                "default/limited",
+                "default/pair",
+            ],
+            WAIT,
+        )
+        .expect("policies applied");
+
+    // Retries turn the flaky backend's first two 503s into a success.
+    let retried = get(&tb, client, flaky, "/flaky/second/2", 1);
+    assert_eq!(count_of(&retried, "statuses", "200"), 1, "{retried}");
+    let event = waypoint
+        .access_log()
+        .into_iter()
+        .rev()
+        .find(|e| e["path"] == "/flaky/second/2")
+        .expect("access event of the retried request");
+    assert_eq!(event["tries"], 3, "{event}");
+
+    // The rule's request timeout answers 504 well before the backend would.
+    let started = Instant::now();
+    let timed_out = get(&tb, client, slow, "/delay/5000", 1);
+    assert_eq!(count_of(&timed_out, "statuses", "504"), 1, "{timed_out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the timeout fired late"
+    );
+
+    // Aborts at 30% and delays at 50% of 1,000 requests (binomial: sd 14.5 and 15.8).
+    let faults = get(&tb, client, faulty, "/", 1000);
+    let aborted = count_of(&faults, "statuses", "418");
+    assert_eq!(
+        aborted + count_of(&faults, "statuses", "200"),
+        1000,
+        "{faults}"
+    );
+    assert!(
+        (227..=373).contains(&aborted),
+        "aborted {aborted} of 1000: {faults}"
+    );
+    let delayed = waypoint_count(
+        &waypoint,
+        &[
+            ("destination_service_name", "faulty"),
+            ("response_flags", "DI"),
+        ],
+    );
+    let aborted_metric = waypoint_count(
+        &waypoint,
+        &[
+            ("destination_service_name", "faulty"),
+            ("response_flags", "FI"),
+        ],
+    );
+    assert_eq!(aborted_metric, aborted as f64);
+    // Delays are drawn for every request; those also aborted are counted as aborts.
+    let delayed_share = delayed / (1000.0 - aborted as f64);
+    assert!(
+        (0.38..=0.62).contains(&delayed_share),
+        "delayed share {delayed_share}"
+    );
+
+    // The token bucket lets the burst through, then answers 429 with retry-after.
+    let burst = get(&tb, client, limited, "/", 20);
+    let allowed = count_of(&burst, "statuses", "200");
+    let limited_count = count_of(&burst, "statuses", "429");
+    assert_eq!(allowed + limited_count, 20, "{burst}");
+    assert!((5..=8).contains(&allowed), "allowed {allowed}: {burst}");
+
+    // Outlier ejection: with pod b's server gone, its failures eject it and every request
+    // then goes to a; once b serves again and the ejection ends, it takes traffic again.
+    drop(_servers);
+    let _a_server = serve(&tb, a);
+    let failing = get(&tb, client, pair, "/", 40);
+    let failed = 40 - count_of(&failing, "statuses", "200");
+    assert!(failed <= 5, "b was not ejected after 3 errors: {failing}");
+    let healthy = get(&tb, client, pair, "/", 20);
+    assert_eq!(count_of(&healthy, "servers", &a.name), 20, "{healthy}");
+    let _b_server = serve(&tb, b);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let spread = get(&tb, client, pair, "/", 10);
+        if count_of(&spread, "servers", &b.name) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b never came back: {spread}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn circuit_breaker_refuses_requests_beyond_the_limit() {
+    if !e2e_gate("circuit_breaker_refuses_requests_beyond_the_limit") {
+        return;
+    }
+    let tb = Testbed::builder()
+        .nodes(2)
+        .pods_per_node(2)
+        .build()
+        .expect("testbed");
+    let (mut mesh, waypoint) = start(&tb);
+    let client = tb.pod(0, 0);
+    let backend_pod = tb.pod(1, 0);
+    let _server = serve(&tb, backend_pod);
+    let narrow = service(&mut mesh, "narrow", 50, &[backend_pod]);
+    mesh.write_traffic_policy(
+        "narrow",
+        json!({"targetRefs": [{"group": "", "kind": "Service", "name": "narrow"}],
+               "connectionPool": {"maxRequests": 1, "maxPendingRequests": 1}}),
+    )
+    .expect("breaker policy");
+    waypoint
+        .wait_programmed(&[], &["default/narrow"], WAIT)
+        .expect("policy applied");
+    // Eight concurrent slow requests: one in flight and one queued at a time; the others are
+    // refused at once with the limit named.
+    let burst = requests(
+        &tb,
+        client,
+        narrow,
+        RequestsOpts {
+            path: "/delay/500".into(),
+            count: 8,
+            concurrency: 8,
+            ..Default::default()
+        },
+    );
+    let refused = count_of(&burst, "statuses", "503");
+    let served = count_of(&burst, "statuses", "200");
+    assert_eq!(refused + served, 8, "{burst}");
+    assert!(served >= 2 && refused >= 1, "{burst}");
+    assert!(
+        waypoint_count(
+            &waypoint,
+            &[
+                ("destination_service_name", "narrow"),
+                ("response_flags", "UO")
+            ]
+        ) >= 1.0
+    );
+}
+
+/// An ES256 key, its JWKS and tokens signed with it.
+struct Issuer {
+    key: aws_lc_rs::signature::EcdsaKeyPair,
+}
+
+const ISSUER: &str = "https://issuer.test";
+
+impl Issuer {
+    fn new() -> Self {
+        let key = aws_lc_rs::signature::EcdsaKeyPair::generate(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        )
+        .expect("EC key");
+        Self { key }
+    }
+
+    fn jwks(&self) -> String {
+        use aws_lc_rs::signature::KeyPair as _;
+        use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+        // Uncompressed point: 0x04, x, y.
+        let point = self.key.public_key().as_ref();
+        json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1",
+                         "x": B64.encode(&point[1..33]), "y": B64.encode(&point[33..65])}]})
+        .to_string()
+    }
+
+    /// A token for `sub` expiring `ttl_secs` from now (negative: already expired).
+    fn token(&self, sub: &str, ttl_secs: i64) -> String {
+        use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs() as i64;
+        let header = json!({"alg": "ES256", "kid": "k1", "typ": "JWT"});
+        let claims = json!({"iss": ISSUER, "sub": sub, "exp": now + ttl_secs, "iat": now});
+        let input = format!(
+            "{}.{}",
+            B64.encode(header.to_string()),
+            B64.encode(claims.to_string())
+        );
+        let signature = self
+            .key
+            .sign(&aws_lc_rs::rand::SystemRandom::new(), input.as_bytes())
+            .expect("signing");
+        format!("{input}.{}", B64.encode(signature.as_ref()))
+    }
+}
+
+/// One request with these headers; its status.
+fn status_of(
+    tb: &Testbed,
+    pod: &Pod,
+    to: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[String],
+) -> u64 {
+    let summary = requests(
+        tb,
+        pod,
+        to,
+        RequestsOpts {
+            path: path.into(),
+            method: method.into(),
+            count: 1,
+            headers: headers.to_vec(),
+            ..Default::default()
+        },
+    );
+    summary["last"]["status"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no status for {method} {path}: {summary}"))
+}
+
+#[test]
+fn l7_authorization_on_normalized_paths_and_verified_tokens() {
+    if !e2e_gate("l7_authorization_on_normalized_paths_and_verified_tokens") {
+        return;
+    }
+    let tb = Testbed::builder()
+        .nodes(2)
+        .pods_per_node(2)
+        .build()
+        .expect("testbed");
+    let (mut mesh, waypoint) = start(&tb);
+    let client = tb.pod(0, 0);
+    let backend_pod = tb.pod(1, 0);
+    let _server = serve(&tb, backend_pod);
+    let web = service(&mut mesh, "web", 60, &[backend_pod]);
+    let target = json!([{"group": "", "kind": "Service", "name": "web"}]);
+    let issuer = Issuer::new();
+    mesh.write_policy(
+        "RequestAuthentication",
+        NAMESPACE,
+        "web-jwt",
+        json!({"targetRefs": target, "jwtRules": [{"issuer": ISSUER, "jwks": issuer.jwks()}]}),
+    )
+    .expect("request authentication");
+    mesh.write_policy(
+        "AuthorizationPolicy",
+        NAMESPACE,
+        "web-allow",
+        json!({"targetRefs": target, "action": "ALLOW", "rules": [
+            {"to": [{"operation": {"methods": ["GET"], "paths": ["/public/*"]}}]},
+            {"from": [{"source": {"requestPrincipals": [format!("{ISSUER}/alice")]}}],
+             "to": [{"operation": {"methods": ["GET"], "paths": ["/private"]}}]},
+        ]}),
+    )
+    .expect("allow policy");
+    mesh.write_policy(
+        "AuthorizationPolicy",
+        NAMESPACE,
+        "web-deny-admin",
+        json!({"targetRefs": target, "action": "DENY", "rules": [
+            {"to": [{"operation": {"paths": ["/admin*", "/public/admin*"]}}]},
+        ]}),
+    )
+    .expect("deny policy");
+    waypoint
+        .wait_l7(WAIT, |l7| {
+            l7["request_authentications"] == json!(["default/web-jwt"])
+        })
+        .expect("request authentication applied");
+    let deadline = Instant::now() + WAIT;
+    while status_of(&tb, client, web, "GET", "/nowhere", &[]) != 403 {
+        assert!(
+            Instant::now() < deadline,
+            "the ALLOW policy never applied at the waypoint"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Method and path.
+    assert_eq!(status_of(&tb, client, web, "GET", "/public/page", &[]), 200);
+    assert_eq!(
+        status_of(&tb, client, web, "POST", "/public/page", &[]),
+        403
+    );
+    assert_eq!(status_of(&tb, client, web, "GET", "/admin", &[]), 403);
+
+    // Spellings of /admin that a backend would resolve are normalized before the decision;
+    // encoded separators are refused outright.
+    for bypass in [
+        "//admin",
+        "/public/../admin",
+        "/%61dmin",
+        "/public/%2e%2e/admin",
+        "/./admin",
+    ] {
+        assert_eq!(
+            status_of(&tb, client, web, "GET", bypass, &[]),
+            403,
+            "{bypass}"
+        );
+    }
+    assert_eq!(
+        status_of(&tb, client, web, "GET", "/public%2F..%2Fadmin", &[]),
+        400
+    );
+    assert_eq!(
+        status_of(&tb, client, web, "GET", "/public/a/../b", &[]),
+        200
+    );
+
+    // /private needs alice's token; a bad or expired token is refused before authorization.
+    let bearer = |token: &str| vec![format!("authorization: Bearer {token}")];
+    assert_eq!(status_of(&tb, client, web, "GET", "/private", &[]), 403);
+    assert_eq!(
+        status_of(
+            &tb,
+            client,
+            web,
+            "GET",
+            "/private",
+            &bearer(&issuer.token("alice", 600))
+        ),
+        200
+    );
+    assert_eq!(
+        status_of(
+            &tb,
+            client,
+            web,
+            "GET",
+            "/private",
+            &bearer(&issuer.token("bob", 600))
+        ),
+        403
+    );
+    assert_eq!(
+        status_of(
+            &tb,
+            client,
+            web,
+            "GET",
+            "/private",
+            &bearer(&issuer.token("alice", -600))
+        ),
+        401
+    );
+    assert_eq!(
+        status_of(
+            &tb,
+            client,
+            web,
+            "GET",
+            "/private",
+            &bearer(&Issuer::new().token("alice", 600))
+        ),
+        401
+    );
+    assert_eq!(
+        status_of(&tb, client, web, "GET", "/public/x", &bearer("not.a.token")),
+        401
+    );
+
+    // The verified token is not forwarded to the backend.
+    let answer = requests(
+        &tb,
+        client,
+        web,
+        RequestsOpts {
+            path: "/private".into(),
+            count: 1,
+            headers: bearer(&issuer.token("alice", 600)),
+            ..Default::default()
+        },
+    );
+    assert_eq!(answer["last"]["status"], 200, "{answer}");
+    assert!(
+        answer["last"]["body"]["headers"]
+            .get("authorization")
+            .is_none(),
+        "{answer}"
+    );
+
+    // Denials are counted and logged with the deciding policy.
+    assert!(
+        waypoint_count(
+            &waypoint,
+            &[("response_code", "403"), ("response_flags", "DENY")]
+        ) >= 8.0
+    );
+    assert!(
+        waypoint_count(
+            &waypoint,
+            &[("response_code", "401"), ("response_flags", "UA")]
+        ) >= 3.0
+    );
+    assert!(
+        waypoint.access_log().iter().any(|e| e["error"]
+            .as_str()
+            .is_some_and(|r| r.contains("DENY policy default/web-deny-admin"))),
+        "the deny names its policy"
+    );
+}
+
+#[test]
+fn grpc_unary_and_streaming_calls_cross_the_waypoint() {
+    if !e2e_gate("grpc_unary_and_streaming_calls_cross_the_waypoint") {
+        return;
+    }
+    let tb = Testbed::builder()
+        .nodes(2)
+        .pods_per_node(2)
+        .build()
+        .expect("testbed");
+    let (mut mesh, waypoint) = start(&tb);
+    let client = tb.pod(0, 0);
+    let backend_pod = tb.pod(1, 0);
+    let _server = serve(&tb, backend_pod);
+    let grpc = service(&mut mesh, "grpc", 70, &[backend_pod]);
+
+    let answer = tb.grpc(client, grpc, "", 0).expect("unary check");
+    assert_eq!(answer["check"], "SERVING", "{answer}");
+    let streamed = tb
+        .grpc(client, grpc, "toggle", 10)
+        .expect("streaming watch");
+    assert_eq!(streamed["watched"], 10, "{streamed}");
+    let statuses: Vec<&str> = streamed["statuses"]
+        .as_array()
+        .map(|s| s.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert!(
+        statuses.contains(&"SERVING") && statuses.contains(&"NOT_SERVING"),
+        "{streamed}"
+    );
+    assert!(
+        waypoint_count(
+            &waypoint,
+            &[
+                ("request_protocol", "grpc"),
+                ("destination_service_name", "grpc")
+            ]
+        ) >= 2.0
+    );
+}

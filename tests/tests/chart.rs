@@ -22,7 +22,7 @@ use mesh_node::{
     check::CAPABILITIES,
     config::{AgentConfig, expand_env},
     controller::ControllerConfig,
-    policy::{AuthorizationPolicy, PeerAuthentication},
+    policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication},
 };
 use serde_json::{Value, json};
 
@@ -576,8 +576,12 @@ fn the_committed_crds_are_what_the_policy_types_generate() {
         );
     }
     // The YAML means exactly the CRDs the types define (no string mangled on the way out).
-    let expected = [AuthorizationPolicy::crd(), PeerAuthentication::crd()]
-        .map(|crd| serde_json::to_value(crd).expect("a CRD is JSON"));
+    let expected = [
+        AuthorizationPolicy::crd(),
+        PeerAuthentication::crd(),
+        RequestAuthentication::crd(),
+    ]
+    .map(|crd| serde_json::to_value(crd).expect("a CRD is JSON"));
     let parsed: Vec<Value> = committed_crds().into_iter().map(|(doc, _)| doc).collect();
     assert_eq!(
         parsed, expected,
@@ -594,7 +598,11 @@ fn the_crds_are_namespaced_v1_with_a_status_subresource_and_structural_schemas()
         .collect();
     assert_eq!(
         kinds,
-        BTreeSet::from(["AuthorizationPolicy", "PeerAuthentication"])
+        BTreeSet::from([
+            "AuthorizationPolicy",
+            "PeerAuthentication",
+            "RequestAuthentication"
+        ])
     );
     for (doc, crd) in &crds {
         let kind = &crd.spec.names.kind;
@@ -748,11 +756,33 @@ spec:
       mode: DISABLE
 "#;
 
+/// Tokens of one issuer verified at a waypoint, read from a custom header as well.
+const REQUEST_AUTHENTICATION: &str = r#"
+apiVersion: security.trellis.dev/v1
+kind: RequestAuthentication
+metadata:
+  name: shop-tokens
+  namespace: shop
+spec:
+  targetRefs:
+  - group: gateway.networking.k8s.io
+    kind: Gateway
+    name: waypoint
+  jwtRules:
+  - issuer: https://login.shop.example
+    audiences: [checkout]
+    jwksUri: https://login.shop.example/.well-known/jwks.json
+    fromHeaders:
+    - name: x-shop-token
+    forwardOriginalToken: true
+"#;
+
 #[test]
 fn istio_style_policies_satisfy_the_crd_schemas_and_malformed_ones_do_not() {
     for (sample, name) in [
         (ISTIO_AUTHORIZATION_POLICY, "AuthorizationPolicy"),
         (ISTIO_PEER_AUTHENTICATION, "PeerAuthentication"),
+        (REQUEST_AUTHENTICATION, "RequestAuthentication"),
         (
             "{apiVersion: security.trellis.dev/v1, kind: AuthorizationPolicy, \
              metadata: {name: deny-all, namespace: foo}, spec: {}}",
@@ -800,6 +830,15 @@ fn istio_style_policies_satisfy_the_crd_schemas_and_malformed_ones_do_not() {
         (
             "PeerAuthentication",
             "{portLevelMtls: {'8080': {mode: MUTUAL}}}",
+        ),
+        ("RequestAuthentication", "{jwtRules: {issuer: x}}"),
+        (
+            "RequestAuthentication",
+            "{jwtRules: [{issuer: x, audiences: checkout}]}",
+        ),
+        (
+            "RequestAuthentication",
+            "{jwtRules: [{issuer: x, forwardOriginalToken: maybe}]}",
         ),
     ] {
         assert!(

@@ -178,12 +178,12 @@ mod tests {
         (Client::new(service, "default"), calls)
     }
 
-    fn published(conditions: &[(&str, &str, &str)]) -> Arc<Published> {
+    fn published(kind: PolicyKind, conditions: &[(&str, &str, &str)]) -> Arc<Published> {
         let mut translation = Translation::default();
         for (name, status, reason) in conditions {
             translation.policy_status.insert(
                 (
-                    PolicyKind::Authorization,
+                    kind,
                     PolicyId {
                         namespace: "shop".into(),
                         name: (*name).into(),
@@ -222,7 +222,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn conditions_are_applied_to_the_status_once_per_change_and_retried() {
         let (client, calls) = api_server(1);
-        let (tx, rx) = watch::channel(Some(published(&[("p", "True", "Accepted")])));
+        let (tx, rx) = watch::channel(Some(published(
+            PolicyKind::Authorization,
+            &[("p", "True", "Accepted")],
+        )));
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(Some(client), rx, stop.clone()));
 
@@ -248,10 +251,16 @@ mod tests {
         assert!(first_time.as_str().is_some_and(|t| t.ends_with('Z')));
 
         // The same condition again writes nothing; a changed one writes once.
-        tx.send_replace(Some(published(&[("p", "True", "Accepted")])));
+        tx.send_replace(Some(published(
+            PolicyKind::Authorization,
+            &[("p", "True", "Accepted")],
+        )));
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert_eq!(calls.lock().expect("calls").len(), 2);
-        tx.send_replace(Some(published(&[("p", "False", "PartiallyEnforced")])));
+        tx.send_replace(Some(published(
+            PolicyKind::Authorization,
+            &[("p", "False", "PartiallyEnforced")],
+        )));
         let got = wait_calls(&calls, 3).await;
         assert_eq!(
             got[2].2["status"]["conditions"][0]["reason"],
@@ -259,5 +268,31 @@ mod tests {
         );
         stop.cancel();
         task.await.expect("no panic");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_policy_kind_is_written_to_its_own_resource() {
+        for (kind, plural) in [
+            (PolicyKind::PeerAuthentication, "peerauthentications"),
+            (PolicyKind::RequestAuthentication, "requestauthentications"),
+        ] {
+            let (client, calls) = api_server(0);
+            let (_tx, rx) = watch::channel(Some(published(kind, &[("p", "True", "Accepted")])));
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(run(Some(client), rx, stop.clone()));
+            let got = wait_calls(&calls, 1).await;
+            let (method, path, body) = &got[0];
+            assert_eq!(method, Method::PATCH);
+            assert!(
+                path.starts_with(&format!(
+                    "/apis/security.trellis.dev/v1/namespaces/shop/{plural}/p/status?"
+                )),
+                "{path}"
+            );
+            assert_eq!(body["kind"], kind.as_str());
+            assert_eq!(body["apiVersion"], "security.trellis.dev/v1");
+            stop.cancel();
+            task.await.expect("no panic");
+        }
     }
 }

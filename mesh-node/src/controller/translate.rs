@@ -192,10 +192,11 @@ fn translate_routes(objects: &ClusterObjects, out: &mut Translation) {
     }
 }
 
-/// Policies are sent as written (see `policy::stored`); converting them here only yields the
-/// status each object reports, which is exactly what every agent will enforce.
+/// Policies of every kind are sent as written (see `policy::stored`) to agents and waypoints
+/// alike, each of which reads the kinds it enforces; converting them here only yields the
+/// status each object reports, which is exactly what the nodes and waypoints will enforce.
 fn translate_policies(objects: &ClusterObjects, out: &mut Translation) {
-    for kind in [PolicyKind::Authorization, PolicyKind::PeerAuthentication] {
+    for kind in PolicyKind::ALL {
         for object in objects.policies(kind).values() {
             let policy = match Policy::compile(kind, &object.metadata, &object.spec) {
                 Ok(policy) => policy,
@@ -726,13 +727,16 @@ mod tests {
                 Object::EndpointSlice(serde_json::from_value(value).expect("endpointslice"))
             }
             "Node" => Object::Node(serde_json::from_value(value).expect("node")),
-            "AuthorizationPolicy" => Object::AuthorizationPolicy(
-                PolicyObject::from_manifest(PolicyKind::Authorization, &value).expect("policy"),
-            ),
             "Gateway" => Object::Gateway(PolicyObject::untyped(&value).expect("gateway")),
-            other => match RouteKind::from_kind(other) {
-                Some(kind) => Object::Route(kind, PolicyObject::untyped(&value).expect("route")),
-                None => panic!("unexpected kind {other}"),
+            other => match (PolicyKind::from_kind(other), RouteKind::from_kind(other)) {
+                (Some(kind), _) => Object::policy(
+                    kind,
+                    PolicyObject::from_manifest(kind, &value).expect("policy"),
+                ),
+                (None, Some(kind)) => {
+                    Object::Route(kind, PolicyObject::untyped(&value).expect("route"))
+                }
+                (None, None) => panic!("unexpected kind {other}"),
             },
         };
         objects.apply(object).expect("named");
@@ -1205,6 +1209,73 @@ mod tests {
             t.resources
                 .contains_key(&policy_key(PolicyKind::Authorization, "shop", "broken")),
             "a broken policy still reaches the agents, as its stand-in"
+        );
+    }
+
+    #[test]
+    fn request_authentications_are_sent_as_written_with_their_status() {
+        let mut objects = base();
+        let request_authentication = |name: &str, spec: serde_json::Value| {
+            serde_json::json!({"apiVersion": "security.trellis.dev/v1",
+                "kind": "RequestAuthentication",
+                "metadata": {"namespace": "shop", "name": name, "generation": 2}, "spec": spec})
+        };
+        let at_waypoint = serde_json::json!({
+            "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                            "name": "waypoint"}],
+            "jwtRules": [{"issuer": "https://issuer.example",
+                          "jwksUri": "https://issuer.example/keys"}]});
+        apply(
+            &mut objects,
+            request_authentication("at-waypoint", at_waypoint),
+        );
+        // Bound to workloads, whose nodes never see a request: accepted, but it does nothing.
+        apply(
+            &mut objects,
+            request_authentication(
+                "on-pods",
+                serde_json::json!({"selector": {"matchLabels": {"app": "web"}},
+                    "jwtRules": [{"issuer": "https://issuer.example",
+                                  "jwksUri": "https://issuer.example/keys"}]}),
+            ),
+        );
+        let t = translate(&objects, &settings());
+
+        let key = policy_key(PolicyKind::RequestAuthentication, "shop", "at-waypoint");
+        assert_eq!(key, "policy/RequestAuthentication/shop/at-waypoint");
+        let Some(api::resource::Kind::Policy(sent)) = t.resources[&key].kind.clone() else {
+            panic!("{key} is a policy resource");
+        };
+        assert_eq!(sent.kind, "RequestAuthentication");
+        assert_eq!(sent.generation, 2);
+        let spec: serde_json::Value = serde_json::from_str(&sent.spec_json).expect("json");
+        assert_eq!(spec["jwtRules"][0]["issuer"], "https://issuer.example");
+        assert!(
+            for_role(&key, Role::Agent) && for_role(&key, Role::Waypoint),
+            "agents ignore the kind themselves; the policy path is the same for both"
+        );
+
+        let status = |name: &str| {
+            t.policy_status[&(
+                PolicyKind::RequestAuthentication,
+                PolicyId {
+                    namespace: "shop".into(),
+                    name: name.into(),
+                },
+            )]
+                .clone()
+        };
+        let accepted = status("at-waypoint");
+        assert_eq!(
+            (accepted.status.as_str(), accepted.observed_generation),
+            ("True", Some(2)),
+            "{accepted:?}"
+        );
+        let on_pods = status("on-pods");
+        assert_eq!(
+            (on_pods.status.as_str(), on_pods.reason.as_str()),
+            ("False", "NoEffect"),
+            "{on_pods:?}"
         );
     }
 

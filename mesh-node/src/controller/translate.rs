@@ -18,7 +18,7 @@
 //!   `trellis.dev/use-waypoint` labels: see [`waypoint`].
 //! - Routing objects (HTTPRoute, GRPCRoute, TrafficPolicy) are carried as written under
 //!   `route/<kind>/<ns>/<name>` for the waypoints; agents never receive them (see
-//!   [`for_role`]).
+//!   [`for_role`]). Their status is derived in [`l7`].
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -37,6 +37,7 @@ use crate::{
     policy::{Policy, PolicyId, PolicyKind, status::Condition},
 };
 
+mod l7;
 pub mod waypoint;
 
 use waypoint::{Choice, PodWorkload, Waypoints};
@@ -91,6 +92,8 @@ pub struct Translation {
     pub waypoint_accounts: BTreeSet<(String, String)>,
     /// The `Accepted` condition of every policy, as the agents will enforce it.
     pub policy_status: BTreeMap<(PolicyKind, PolicyId), Condition>,
+    /// The `Accepted` condition of every TrafficPolicy, as the waypoints will apply it.
+    pub traffic_policy_status: BTreeMap<PolicyId, Condition>,
 }
 
 impl Translation {
@@ -163,6 +166,7 @@ pub fn translate(objects: &ClusterObjects, settings: &TranslateSettings) -> Tran
     translate_services(objects, &waypoints, &workloads, &zone_of, &mut out);
     translate_policies(objects, &mut out);
     translate_routes(objects, &mut out);
+    l7::traffic_policies(objects, &mut out);
     out
 }
 
@@ -1279,6 +1283,83 @@ mod tests {
         );
     }
 
+    #[test]
+    fn traffic_policies_report_what_the_waypoints_apply() {
+        let mut o = base();
+        let policy = |name: &str, spec: serde_json::Value| {
+            serde_json::json!({"apiVersion": "traffic.trellis.dev/v1", "kind": "TrafficPolicy",
+                "metadata": {"namespace": "shop", "name": name, "generation": 5}, "spec": spec})
+        };
+        let service = |name: &str| serde_json::json!({"kind": "Service", "name": name});
+        apply(
+            &mut o,
+            policy(
+                "a-retries",
+                serde_json::json!({"targetRefs": [service("reviews")],
+                    "retries": {"attempts": 2}}),
+            ),
+        );
+        // Later in name order and also on `reviews`: applied to `ratings` only.
+        apply(
+            &mut o,
+            policy(
+                "b-limits",
+                serde_json::json!({"targetRefs": [service("reviews"), service("ratings")],
+                    "rateLimit": {"requestsPerSecond": 10}}),
+            ),
+        );
+        // Rejected, so it takes no Service from anyone.
+        apply(
+            &mut o,
+            policy(
+                "c-typo",
+                serde_json::json!({"targetRefs": [service("ratings")],
+                    "retries": {"attempts": 2, "perTryTimout": "1s"}}),
+            ),
+        );
+        let t = translate(&o, &settings());
+        let status = |name: &str| {
+            t.traffic_policy_status[&PolicyId {
+                namespace: "shop".into(),
+                name: name.into(),
+            }]
+                .clone()
+        };
+
+        let a = status("a-retries");
+        assert_eq!(
+            (a.status.as_str(), a.reason.as_str(), a.observed_generation),
+            ("True", "Accepted", Some(5))
+        );
+        let b = status("b-limits");
+        assert_eq!(
+            (b.status.as_str(), b.reason.as_str()),
+            ("False", "Conflicted")
+        );
+        assert!(
+            b.message.contains("reviews (taken by a-retries)")
+                && b.message.contains("applied to its other targets"),
+            "{}",
+            b.message
+        );
+        let c = status("c-typo");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "Unsupported")
+        );
+        assert!(
+            c.message.contains("spec.retries.perTryTimout"),
+            "{}",
+            c.message
+        );
+        assert!(
+            t.resources
+                .contains_key(&route_key(RouteKind::TrafficPolicy, "shop", "c-typo")),
+            "a rejected policy is still carried as written; the waypoints ignore it the same way"
+        );
+        assert!(t.policy_status.is_empty(), "not a security policy");
+    }
+
     fn gateway(ns: &str, name: &str, class: &str) -> serde_json::Value {
         serde_json::json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
             "metadata": {"name": name, "namespace": ns},
@@ -1698,7 +1779,10 @@ mod tests {
             assert!(for_role(&key, Role::Waypoint));
             assert!(!for_role(&key, Role::Agent));
         }
-        assert!(t.policy_status.is_empty(), "no status for routes (yet)");
+        assert!(
+            t.policy_status.is_empty(),
+            "routing objects are not policies"
+        );
         assert!(for_role("waypoint/shop/waypoint", Role::Agent));
         assert!(for_role("workload/u", Role::Agent));
     }

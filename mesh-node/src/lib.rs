@@ -5,12 +5,14 @@
 //! - [`config`], [`identity`], [`tls`], [`ebpf`], [`proxy`], [`metrics`], [`admin`]: its parts.
 //! - [`policy`]: L4 authorization policies and the per-connection decision.
 //! - [`waypoint`]: the L7 proxy per namespace or service.
+//! - [`crds`]: the CustomResourceDefinitions of the mesh's own kinds, as the chart ships them.
 pub mod admin;
 pub mod agent;
 pub mod api;
 pub mod check;
 pub mod config;
 pub mod controller;
+pub mod crds;
 pub mod ebpf;
 pub mod hbone;
 pub mod identity;

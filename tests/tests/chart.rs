@@ -7,9 +7,9 @@
 //! agent's and controller's own loaders. `cargo xtask chart-check` runs these tests and, where
 //! `helm` is installed, `helm lint` and `helm template` on the real engine.
 //!
-//! The policy CRDs in `crds/` are generated from mesh-node's types (`cargo xtask crds`); the
-//! tests fail while the committed file differs, and validate Istio-style policies against the
-//! committed schemas.
+//! The CRDs in `crds/` (one file per API group) are generated from mesh-node's types (`cargo
+//! xtask crds`); the tests fail while a committed file differs, and validate sample objects
+//! (Istio-style policies, TrafficPolicies) against the committed schemas.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -22,7 +22,9 @@ use mesh_node::{
     check::CAPABILITIES,
     config::{AgentConfig, expand_env},
     controller::ControllerConfig,
-    policy::{AuthorizationPolicy, PeerAuthentication},
+    crds,
+    policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication},
+    waypoint::resilience::TrafficPolicy,
 };
 use serde_json::{Value, json};
 
@@ -493,12 +495,10 @@ fn the_controller_has_no_cluster_wide_secrets_access_and_the_agent_no_api_access
                 "{verb} {plural}.{group}"
             );
         }
-        for verb in ["patch", "update"] {
-            assert!(
-                grants("ClusterRole", group, &format!("{plural}/status"), verb),
-                "{verb} {plural}/status"
-            );
-        }
+        assert!(
+            grants("ClusterRole", group, &format!("{plural}/status"), "patch"),
+            "patch {plural}/status"
+        );
     }
     // Leader election of the status writer: Leases in the release namespace only.
     for verb in ["get", "create", "update"] {
@@ -540,49 +540,96 @@ fn the_controller_has_no_cluster_wide_secrets_access_and_the_agent_no_api_access
 }
 
 // ---------------------------------------------------------------------------------------------
-// The policy CRDs: `crds/`, which Helm installs before the templates and never templates.
+// The CRDs: `crds/<group>.yaml`, which Helm installs before the templates and never templates.
 
-const CRDS_FILE: &str = "crds/security.trellis.dev.yaml";
-
-/// The committed CRD documents, each as YAML data and as the API server's type.
-fn committed_crds() -> Vec<(Value, CustomResourceDefinition)> {
-    let text = read(CRDS_FILE);
+/// One committed CRD file's documents, each as YAML data and as the API server's type.
+fn committed_crds_of(group: &str) -> Vec<(Value, CustomResourceDefinition)> {
+    let file = format!("crds/{group}.yaml");
+    let text = read(&file);
     let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
-        .unwrap_or_else(|e| panic!("{CRDS_FILE} is not valid YAML: {e}"));
+        .unwrap_or_else(|e| panic!("{file} is not valid YAML: {e}"));
     docs.into_iter()
         .map(|doc| {
             let crd = serde_json::from_value(doc.clone()).unwrap_or_else(|e| {
-                panic!("{CRDS_FILE}: not an apiextensions.k8s.io/v1 CustomResourceDefinition: {e}")
+                panic!("{file}: not an apiextensions.k8s.io/v1 CustomResourceDefinition: {e}")
             });
             (doc, crd)
         })
         .collect()
 }
 
+/// Every committed CRD, of every group.
+fn committed_crds() -> Vec<(Value, CustomResourceDefinition)> {
+    crds::GROUPS
+        .into_iter()
+        .flat_map(committed_crds_of)
+        .collect()
+}
+
 #[test]
-fn the_committed_crds_are_what_the_policy_types_generate() {
-    let generated = mesh_node::policy::crd::crds_yaml().expect("the CRDs serialise as YAML");
-    let committed = read(CRDS_FILE);
-    if committed != generated {
-        let (mut old, mut new) = (committed.lines(), generated.lines());
-        let (line, was, now) = (1..)
-            .map(|n| (n, old.next(), new.next()))
-            .find(|(_, was, now)| was != now)
-            .expect("different texts differ on some line");
-        panic!(
-            "charts/trellis/{CRDS_FILE} is not what mesh-node/src/policy/crd.rs generates: run \
-             `cargo xtask crds` and commit the result. First difference, line {line}:\n  \
-             committed: {was:?}\n  generated: {now:?}"
-        );
+fn the_committed_crds_are_what_the_types_generate() {
+    let mut files: Vec<String> = std::fs::read_dir(chart_dir().join("crds"))
+        .expect("the chart has crds/")
+        .map(|entry| {
+            entry
+                .expect("a directory entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    files.sort();
+    let mut expected_files: Vec<String> = crds::GROUPS
+        .iter()
+        .map(|group| format!("{group}.yaml"))
+        .collect();
+    expected_files.sort();
+    assert_eq!(
+        files, expected_files,
+        "crds/ holds one file per API group, and nothing else"
+    );
+    for group in crds::GROUPS {
+        let file = format!("crds/{group}.yaml");
+        let generated = crds::yaml(group).expect("the CRDs serialise as YAML");
+        let committed = read(&file);
+        if committed != generated {
+            let (mut old, mut new) = (committed.lines(), generated.lines());
+            let (line, was, now) = (1..)
+                .map(|n| (n, old.next(), new.next()))
+                .find(|(_, was, now)| was != now)
+                .expect("different texts differ on some line");
+            panic!(
+                "charts/trellis/{file} is not what the types generate: run `cargo xtask crds` \
+                 and commit the result. First difference, line {line}:\n  \
+                 committed: {was:?}\n  generated: {now:?}"
+            );
+        }
     }
     // The YAML means exactly the CRDs the types define (no string mangled on the way out).
-    let expected = [AuthorizationPolicy::crd(), PeerAuthentication::crd()]
-        .map(|crd| serde_json::to_value(crd).expect("a CRD is JSON"));
-    let parsed: Vec<Value> = committed_crds().into_iter().map(|(doc, _)| doc).collect();
-    assert_eq!(
-        parsed, expected,
-        "the file, parsed, is the derived CRDs in order"
-    );
+    for (group, expected) in [
+        (
+            crds::SECURITY_GROUP,
+            vec![
+                AuthorizationPolicy::crd(),
+                PeerAuthentication::crd(),
+                RequestAuthentication::crd(),
+            ],
+        ),
+        (crds::TRAFFIC_GROUP, vec![TrafficPolicy::crd()]),
+    ] {
+        let expected: Vec<Value> = expected
+            .into_iter()
+            .map(|crd| serde_json::to_value(crd).expect("a CRD is JSON"))
+            .collect();
+        let parsed: Vec<Value> = committed_crds_of(group)
+            .into_iter()
+            .map(|(doc, _)| doc)
+            .collect();
+        assert_eq!(
+            parsed, expected,
+            "crds/{group}.yaml, parsed, is the derived CRDs in order"
+        );
+    }
 }
 
 #[test]
@@ -594,11 +641,21 @@ fn the_crds_are_namespaced_v1_with_a_status_subresource_and_structural_schemas()
         .collect();
     assert_eq!(
         kinds,
-        BTreeSet::from(["AuthorizationPolicy", "PeerAuthentication"])
+        BTreeSet::from([
+            "AuthorizationPolicy",
+            "PeerAuthentication",
+            "RequestAuthentication",
+            "TrafficPolicy",
+        ])
     );
     for (doc, crd) in &crds {
         let kind = &crd.spec.names.kind;
-        assert_eq!(crd.spec.group, "security.trellis.dev", "{kind}");
+        let expected_group = if kind == "TrafficPolicy" {
+            crds::TRAFFIC_GROUP
+        } else {
+            crds::SECURITY_GROUP
+        };
+        assert_eq!(crd.spec.group, expected_group, "{kind}");
         assert_eq!(
             crd.metadata.name.as_deref(),
             Some(format!("{}.{}", crd.spec.names.plural, crd.spec.group).as_str()),
@@ -748,11 +805,33 @@ spec:
       mode: DISABLE
 "#;
 
+/// Tokens of one issuer verified at a waypoint, read from a custom header as well.
+const REQUEST_AUTHENTICATION: &str = r#"
+apiVersion: security.trellis.dev/v1
+kind: RequestAuthentication
+metadata:
+  name: shop-tokens
+  namespace: shop
+spec:
+  targetRefs:
+  - group: gateway.networking.k8s.io
+    kind: Gateway
+    name: waypoint
+  jwtRules:
+  - issuer: https://login.shop.example
+    audiences: [checkout]
+    jwksUri: https://login.shop.example/.well-known/jwks.json
+    fromHeaders:
+    - name: x-shop-token
+    forwardOriginalToken: true
+"#;
+
 #[test]
 fn istio_style_policies_satisfy_the_crd_schemas_and_malformed_ones_do_not() {
     for (sample, name) in [
         (ISTIO_AUTHORIZATION_POLICY, "AuthorizationPolicy"),
         (ISTIO_PEER_AUTHENTICATION, "PeerAuthentication"),
+        (REQUEST_AUTHENTICATION, "RequestAuthentication"),
         (
             "{apiVersion: security.trellis.dev/v1, kind: AuthorizationPolicy, \
              metadata: {name: deny-all, namespace: foo}, spec: {}}",
@@ -801,6 +880,15 @@ fn istio_style_policies_satisfy_the_crd_schemas_and_malformed_ones_do_not() {
             "PeerAuthentication",
             "{portLevelMtls: {'8080': {mode: MUTUAL}}}",
         ),
+        ("RequestAuthentication", "{jwtRules: {issuer: x}}"),
+        (
+            "RequestAuthentication",
+            "{jwtRules: [{issuer: x, audiences: checkout}]}",
+        ),
+        (
+            "RequestAuthentication",
+            "{jwtRules: [{issuer: x, forwardOriginalToken: maybe}]}",
+        ),
     ] {
         assert!(
             validate_policy(&with_spec(kind, spec)).is_err(),
@@ -810,6 +898,62 @@ fn istio_style_policies_satisfy_the_crd_schemas_and_malformed_ones_do_not() {
     let no_spec = "{apiVersion: security.trellis.dev/v1, kind: PeerAuthentication, \
                    metadata: {name: x, namespace: foo}}";
     assert!(validate_policy(no_spec).is_err(), "a policy without spec");
+}
+
+/// Every section of a TrafficPolicy, as the resilience module documents it.
+const TRAFFIC_POLICY: &str = r#"
+apiVersion: traffic.trellis.dev/v1
+kind: TrafficPolicy
+metadata:
+  name: reviews-resilience
+  namespace: shop
+spec:
+  targetRefs:
+  - group: ""
+    kind: Service
+    name: reviews
+  retries:
+    attempts: 3
+    perTryTimeout: 500ms
+    retryOn: [5xx, connect-failure, retriable-status-codes]
+    retriableStatusCodes: [409]
+    budget: {percent: 20, minRetriesPerSecond: 10}
+  connectionPool: {maxConnections: 100, maxPendingRequests: 64, maxRequests: 1024}
+  outlierDetection: {consecutiveErrors: 5, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 10}
+  fault:
+    delay: {fixedDelay: 2s, percent: 10}
+    abort: {httpStatus: 503, percent: 5}
+  rateLimit: {requestsPerSecond: 100, burst: 200, per: source}
+"#;
+
+#[test]
+fn traffic_policies_satisfy_the_crd_schema_and_malformed_ones_do_not() {
+    validate_policy(TRAFFIC_POLICY).unwrap_or_else(|e| panic!("the sample must be accepted: {e}"));
+    let with_spec = |spec: &str| {
+        format!(
+            "{{apiVersion: traffic.trellis.dev/v1, kind: TrafficPolicy, \
+             metadata: {{name: x, namespace: shop}}, spec: {spec}}}"
+        )
+    };
+    validate_policy(&with_spec(
+        "{targetRefs: [{name: reviews}], retries: {attempts: 3, perTryTimout: 1s}}",
+    ))
+    .unwrap_or_else(|e| {
+        panic!("a misspelt field is kept for the controller to report, not pruned: {e}")
+    });
+    for spec in [
+        "{targetRefs: [{kind: Deployment, name: reviews}]}",
+        "{targetRefs: {name: reviews}}",
+        "{targetRefs: [{name: reviews}], retries: {attempts: three}}",
+        "{targetRefs: [{name: reviews}], retries: {attempts: 3, retryOn: [5XX]}}",
+        "{targetRefs: [{name: reviews}], retries: {attempts: 3, perTryTimeout: 1 second}}",
+        "{targetRefs: [{name: reviews}], rateLimit: {requestsPerSecond: 1, per: everyone}}",
+    ] {
+        assert!(
+            validate_policy(&with_spec(spec)).is_err(),
+            "TrafficPolicy with spec {spec} must be refused"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@
 //! - `image`: build the container image (`Dockerfile`) with docker or podman.
 //! - `chart-check`: check the Helm chart (schema, templates, RBAC); `helm lint` and
 //!   `helm template` too where helm is installed.
-//! - `crds`: regenerate the chart's policy CRDs (`charts/trellis/crds/`) from the Rust types
-//!   with `mesh-node crds`; the chart tests fail while the committed file differs.
+//! - `crds`: regenerate the chart's CRDs (`charts/trellis/crds/<group>.yaml`, one file per API
+//!   group) from the Rust types with `mesh-node crds`; the chart tests fail while a committed
+//!   file differs.
 //! - `bench`: build release binaries and run the `bench` binary (tests/src/bench.rs) as
 //!   root: Trellis against no mesh and a userspace relay floor on the namespace testbed; a
 //!   table on the terminal, every figure in `target/bench/latest.json`.
@@ -61,7 +62,7 @@ enum Task {
     /// Check the Helm chart: values against the schema, rendered templates, RBAC; plus
     /// `helm lint` and `helm template` when helm is installed.
     ChartCheck,
-    /// Regenerate charts/trellis/crds/ from the policy types (runs `mesh-node crds`).
+    /// Regenerate charts/trellis/crds/ from the Rust types (runs `mesh-node crds`).
     Crds,
     /// Benchmark Trellis against no mesh and a relay floor on the testbed (run as root).
     Bench {
@@ -101,9 +102,13 @@ enum Task {
 /// The image `image` builds and `kind-e2e` loads.
 const DEFAULT_IMAGE: &str = "trellis/mesh-node:dev";
 
-/// The chart's CRDs, relative to the workspace root. Helm 3 installs `crds/` before the
-/// templates (and never upgrades it); tests/tests/chart.rs checks it is what `crds` writes.
-const CRDS_FILE: &str = "charts/trellis/crds/security.trellis.dev.yaml";
+/// The chart's CRD directory, relative to the workspace root: one `<group>.yaml` per API group
+/// of [`CRD_GROUPS`]. Helm 3 installs `crds/` before the templates (and never upgrades it);
+/// tests/tests/chart.rs checks each file is what `crds` writes.
+const CRDS_DIR: &str = "charts/trellis/crds";
+/// The API groups `mesh-node crds --group` renders (mesh_node::crds::GROUPS; xtask depends on
+/// no other crate, and the chart tests fail if the two lists ever differ).
+const CRD_GROUPS: [&str; 2] = ["security.trellis.dev", "traffic.trellis.dev"];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -279,48 +284,53 @@ fn chart_check(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes the CRDs `mesh-node crds` prints into the chart. The generator runs through cargo
-/// rather than as a library call so that xtask keeps no dependency on the other crates.
+/// Writes the CRDs `mesh-node crds` prints for each API group into the chart. The generator
+/// runs through cargo rather than as a library call so that xtask keeps no dependency on the
+/// other crates.
 fn crds(root: &Path) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args([
-            "run",
-            "--quiet",
-            "--package",
-            "mesh-node",
-            "--bin",
-            "mesh-node",
-        ])
-        .args(["--", "crds"])
-        .current_dir(root)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("cannot start `cargo run --package mesh-node -- crds`")?;
-    if !out.status.success() {
-        bail!(
-            "`mesh-node crds` failed ({}); its errors are above (does `cargo build --bins` work?)",
-            out.status
+    for group in CRD_GROUPS {
+        let file = format!("{CRDS_DIR}/{group}.yaml");
+        let out = Command::new(&cargo)
+            .args([
+                "run",
+                "--quiet",
+                "--package",
+                "mesh-node",
+                "--bin",
+                "mesh-node",
+            ])
+            .args(["--", "crds", "--group", group])
+            .current_dir(root)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .context("cannot start `cargo run --package mesh-node -- crds`")?;
+        if !out.status.success() {
+            bail!(
+                "`mesh-node crds --group {group}` failed ({}); its errors are above (does `cargo build --bins` work?)",
+                out.status
+            );
+        }
+        let yaml =
+            String::from_utf8(out.stdout).context("`mesh-node crds` printed invalid UTF-8")?;
+        // An empty or truncated stream would otherwise replace the chart's CRDs silently.
+        if !yaml.contains("kind: CustomResourceDefinition") {
+            bail!("`mesh-node crds --group {group}` printed no CRDs; refusing to overwrite {file}");
+        }
+        let path = root.join(&file);
+        if std::fs::read_to_string(&path).is_ok_and(|old| old == yaml) {
+            println!("{file} is up to date");
+            continue;
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(&path, &yaml).with_context(|| format!("writing {}", path.display()))?;
+        println!(
+            "wrote {file}; on a cluster that has them, apply it by hand (helm never upgrades \
+             crds/): kubectl apply -f {file}"
         );
     }
-    let yaml = String::from_utf8(out.stdout).context("`mesh-node crds` printed invalid UTF-8")?;
-    // An empty or truncated stream would otherwise replace the chart's CRDs silently.
-    if yaml.matches("kind: CustomResourceDefinition").count() < 2 {
-        bail!("`mesh-node crds` printed no CRDs; refusing to overwrite {CRDS_FILE}");
-    }
-    let path = root.join(CRDS_FILE);
-    if std::fs::read_to_string(&path).is_ok_and(|old| old == yaml) {
-        println!("{CRDS_FILE} is up to date");
-        return Ok(());
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(&path, &yaml).with_context(|| format!("writing {}", path.display()))?;
-    println!(
-        "wrote {CRDS_FILE}; on a cluster that has them, apply it by hand (helm never upgrades \
-         crds/): kubectl apply -f {CRDS_FILE}"
-    );
     Ok(())
 }
 

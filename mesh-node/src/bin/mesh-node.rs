@@ -49,9 +49,13 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
     },
-    /// Print the policy CustomResourceDefinitions (`security.trellis.dev/v1`) as YAML, generated
-    /// from the Rust types; `cargo xtask crds` writes them into the Helm chart.
-    Crds,
+    /// Print the CustomResourceDefinitions of one API group as YAML, generated from the Rust
+    /// types; `cargo xtask crds` writes each group into the Helm chart.
+    Crds {
+        /// `security.trellis.dev` (the policy kinds) or `traffic.trellis.dev` (TrafficPolicy).
+        #[arg(long, default_value = mesh_node::crds::SECURITY_GROUP)]
+        group: String,
+    },
     /// Certificate authority utilities.
     Ca {
         #[command(subcommand)]
@@ -100,9 +104,8 @@ fn main() -> anyhow::Result<()> {
             node_init(&bpffs)?;
             Ok(())
         }
-        Command::Crds => {
-            let yaml = mesh_node::policy::crd::crds_yaml()
-                .context("cannot render the policy CRDs as YAML")?;
+        Command::Crds { group } => {
+            let yaml = mesh_node::crds::yaml(&group)?;
             // Not `print!`, which panics when the reader of a pipe has gone away.
             std::io::Write::write_all(&mut std::io::stdout().lock(), yaml.as_bytes())
                 .context("cannot write the CRDs to standard output")?;

@@ -252,12 +252,13 @@ fn apply_value(
         }
         // The spec stays untyped: one that does not convert is enforced fail closed, never
         // dropped here (see `policy::stored`).
-        (PolicyKind::API_VERSION, "AuthorizationPolicy") => Object::AuthorizationPolicy(
-            PolicyObject::from_manifest(PolicyKind::Authorization, &value).map_err(typed)?,
-        ),
-        (PolicyKind::API_VERSION, "PeerAuthentication") => Object::PeerAuthentication(
-            PolicyObject::from_manifest(PolicyKind::PeerAuthentication, &value).map_err(typed)?,
-        ),
+        (PolicyKind::API_VERSION, policy) => match PolicyKind::from_kind(policy) {
+            Some(kind) => Object::policy(
+                kind,
+                PolicyObject::from_manifest(kind, &value).map_err(typed)?,
+            ),
+            None => return ignore(&api_version, &kind),
+        },
         // Kept as written: the controller reads only the class, the waypoints the routes.
         (GATEWAY_API_VERSION, "Gateway") => {
             Object::Gateway(PolicyObject::untyped(&value).map_err(typed)?)
@@ -265,10 +266,7 @@ fn apply_value(
         (version, kind) => {
             match RouteKind::from_kind(kind).filter(|k| k.api_version() == version) {
                 Some(route) => Object::Route(route, PolicyObject::untyped(&value).map_err(typed)?),
-                None => {
-                    tracing::debug!(%api_version, %kind, "ignoring a kind the mesh does not read");
-                    return Ok(());
-                }
+                None => return ignore(&api_version, kind),
             }
         }
     };
@@ -283,6 +281,12 @@ fn apply_value(
         }
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// A document of a kind the mesh does not read: not an error.
+fn ignore(api_version: &str, kind: &str) -> Result<(), String> {
+    tracing::debug!(%api_version, %kind, "ignoring a kind the mesh does not read");
+    Ok(())
 }
 
 /// Like `kubectl apply`, a namespaced manifest without a namespace lands in `default`.
@@ -547,6 +551,68 @@ metadata: { name: other, namespace: shop }
             o.traffic_policies.keys().collect::<Vec<_>>(),
             vec!["shop/retries"]
         );
+    }
+
+    #[test]
+    fn loads_every_policy_kind_and_keeps_specs_that_do_not_convert() {
+        let dir = TempDir::new("files-policies");
+        dir.write(
+            "policies.yaml",
+            r#"
+apiVersion: security.trellis.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: deny-ssh, namespace: shop }
+spec: { action: DENY, rules: [ { to: [ { operation: { ports: ["22"] } } ] } ] }
+---
+apiVersion: security.trellis.dev/v1
+kind: PeerAuthentication
+metadata: { name: strict, namespace: shop }
+spec: { mtls: { mode: STRICT } }
+---
+apiVersion: security.trellis.dev/v1
+kind: RequestAuthentication
+metadata: { name: tokens, namespace: shop, generation: 4 }
+spec:
+  targetRefs: [ { kind: Gateway, group: gateway.networking.k8s.io, name: waypoint } ]
+  jwtRules: [ { issuer: "https://issuer.example", jwksUri: "https://issuer.example/keys" } ]
+--- # not the kind's shape: kept, for the waypoints to enforce as its stand-in
+apiVersion: security.trellis.dev/v1
+kind: RequestAuthentication
+metadata: { name: broken, namespace: shop }
+spec: { jwtRules: "everyone" }
+--- # a kind of the group the mesh does not read
+apiVersion: security.trellis.dev/v1
+kind: Sidecar
+metadata: { name: other, namespace: shop }
+"#,
+        );
+        let loaded = load_dir(&dir.0).expect("load");
+        assert_eq!(loaded.errors, vec![]);
+        let o = &loaded.objects;
+        assert_eq!(
+            o.policies(PolicyKind::Authorization)
+                .keys()
+                .collect::<Vec<_>>(),
+            vec!["shop/deny-ssh"]
+        );
+        assert_eq!(
+            o.policies(PolicyKind::PeerAuthentication)
+                .keys()
+                .collect::<Vec<_>>(),
+            vec!["shop/strict"]
+        );
+        let tokens = o.policies(PolicyKind::RequestAuthentication);
+        assert_eq!(
+            tokens.keys().collect::<Vec<_>>(),
+            vec!["shop/broken", "shop/tokens"]
+        );
+        assert_eq!(tokens["shop/tokens"].metadata.generation, Some(4));
+        assert_eq!(
+            tokens["shop/tokens"].spec["jwtRules"][0]["issuer"],
+            "https://issuer.example"
+        );
+        assert_eq!(tokens["shop/broken"].spec["jwtRules"], "everyone");
+        assert_eq!(o.len(), 4, "the Sidecar is not read");
     }
 
     #[test]

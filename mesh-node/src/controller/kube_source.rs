@@ -36,7 +36,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::objects::{ClusterObjects, GATEWAY_API_VERSION, Kind, Object, PolicyObject, RouteKind};
-use crate::policy::{AuthorizationPolicy, PeerAuthentication};
+use crate::policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 
 /// Changes are gathered this long before a snapshot is published.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -130,6 +130,11 @@ pub async fn run(
             &client,
             Kind::PeerAuthentication,
             |o: PeerAuthentication| Object::PeerAuthentication(o.into()),
+        ),
+        watch_kind(
+            &client,
+            Kind::RequestAuthentication,
+            |o: RequestAuthentication| Object::RequestAuthentication(o.into()),
         ),
         // Optional (see the module docs).
         watch_untyped(
@@ -285,7 +290,7 @@ mod tests {
 
     /// What the recorded API server serves. GRPCRoute and TrafficPolicy are not (their CRDs
     /// are "not installed"): their lists get 404.
-    const PATHS: [(&str, &str); 9] = [
+    const PATHS: [(&str, &str); 10] = [
         ("/api/v1/namespaces", "NamespaceList"),
         ("/api/v1/pods", "PodList"),
         ("/api/v1/services", "ServiceList"),
@@ -301,6 +306,10 @@ mod tests {
         (
             "/apis/security.trellis.dev/v1/peerauthentications",
             "PeerAuthenticationList",
+        ),
+        (
+            "/apis/security.trellis.dev/v1/requestauthentications",
+            "RequestAuthenticationList",
         ),
         ("/apis/gateway.networking.k8s.io/v1/gateways", "GatewayList"),
         (
@@ -320,8 +329,9 @@ mod tests {
             "Node" => PATHS[4].0,
             "AuthorizationPolicy" => PATHS[5].0,
             "PeerAuthentication" => PATHS[6].0,
-            "Gateway" => PATHS[7].0,
-            "HTTPRoute" => PATHS[8].0,
+            "RequestAuthentication" => PATHS[7].0,
+            "Gateway" => PATHS[8].0,
+            "HTTPRoute" => PATHS[9].0,
             other => panic!("no path for {other}"),
         }
     }
@@ -430,6 +440,16 @@ mod tests {
                          "uid": "ap-1", "resourceVersion": generation.to_string()},
             "spec": {"action": "DENY",
                      "rules": [{"from": [{"source": {"namespaces": [from]}}]}]}})
+    }
+
+    /// A token check at the waypoint, for `issuer`, at `generation`.
+    fn request_authentication(generation: u64, issuer: &str) -> Value {
+        json!({"apiVersion": "security.trellis.dev/v1", "kind": "RequestAuthentication",
+            "metadata": {"name": "tokens", "namespace": "shop", "generation": generation,
+                         "uid": "ra-1", "resourceVersion": generation.to_string()},
+            "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                                     "name": "waypoint"}],
+                     "jwtRules": [{"issuer": issuer, "jwksUri": format!("{issuer}/keys")}]}})
     }
 
     fn namespace(name: &str, mesh: Option<&str>, rv: u64) -> Value {
@@ -587,6 +607,7 @@ mod tests {
                 1,
             ),
             authorization_policy(2, "plain"),
+            request_authentication(1, "https://a.example"),
             waypoint_gateway(),
             pod(
                 "shop",
@@ -626,6 +647,10 @@ mod tests {
         let t = translate(&got, &settings());
         assert!(t.resources.contains_key("waypoint/shop/waypoint"));
         assert!(t.resources.contains_key("route/HTTPRoute/shop/web"));
+        assert!(
+            t.resources
+                .contains_key("policy/RequestAuthentication/shop/tokens")
+        );
 
         // 2. Watch events: a pod added, a namespace relabelled into the mesh, a pod opting
         //    out, a pod deleted, the slice updated.
@@ -684,6 +709,12 @@ mod tests {
             .expect("server");
         commands
             .send(Command::Watch(
+                path_of("RequestAuthentication"),
+                vec![json!({"type": "MODIFIED", "object": request_authentication(2, "https://b.example")})],
+            ))
+            .expect("server");
+        commands
+            .send(Command::Watch(
                 path_of("HTTPRoute"),
                 vec![json!({"type": "MODIFIED", "object": http_route(2, 8080)})],
             ))
@@ -726,6 +757,7 @@ mod tests {
                 9,
             ),
             authorization_policy(3, "legacy"),
+            request_authentication(2, "https://b.example"),
             waypoint_gateway(),
             pod(
                 "shop",

@@ -23,7 +23,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use crate::policy::{AuthorizationPolicy, PeerAuthentication, PolicyKind};
+use crate::policy::{AuthorizationPolicy, PeerAuthentication, PolicyKind, RequestAuthentication};
 
 /// Node label giving the node's zone; copied onto workloads and endpoints.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -45,6 +45,7 @@ pub enum Kind {
     Node,
     AuthorizationPolicy,
     PeerAuthentication,
+    RequestAuthentication,
     Gateway,
     HttpRoute,
     GrpcRoute,
@@ -52,7 +53,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -60,6 +61,7 @@ impl Kind {
         Kind::Node,
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
+        Kind::RequestAuthentication,
         Kind::Gateway,
         Kind::HttpRoute,
         Kind::GrpcRoute,
@@ -75,6 +77,7 @@ impl Kind {
             Kind::Node => "Node",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::RequestAuthentication => "RequestAuthentication",
             Kind::Gateway => "Gateway",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
@@ -88,7 +91,8 @@ impl Kind {
 
     /// Kinds whose CRDs a cluster may not have: their absence means "none of them", never
     /// an error that holds the rest of the mesh back. The mesh's own security policies are
-    /// not optional: without them, agents would run without protection they should enforce.
+    /// not optional: without them, agents and waypoints would run without protection they
+    /// should enforce (a DENY on a token's principal means nothing if tokens go unverified).
     pub const fn optional(self) -> bool {
         matches!(
             self,
@@ -183,6 +187,15 @@ impl From<PeerAuthentication> for PolicyObject {
     }
 }
 
+impl From<RequestAuthentication> for PolicyObject {
+    fn from(o: RequestAuthentication) -> Self {
+        Self {
+            metadata: o.metadata,
+            spec: serde_json::to_value(o.spec).unwrap_or_default(),
+        }
+    }
+}
+
 impl PolicyObject {
     /// Metadata and spec of any manifest, the spec as written (`null` when absent).
     pub fn untyped(value: &serde_json::Value) -> Result<Self, serde_json::Error> {
@@ -243,11 +256,21 @@ pub enum Object {
     Node(Node),
     AuthorizationPolicy(PolicyObject),
     PeerAuthentication(PolicyObject),
+    RequestAuthentication(PolicyObject),
     Gateway(PolicyObject),
     Route(RouteKind, PolicyObject),
 }
 
 impl Object {
+    /// A policy of `kind`.
+    pub fn policy(kind: PolicyKind, object: PolicyObject) -> Self {
+        match kind {
+            PolicyKind::Authorization => Object::AuthorizationPolicy(object),
+            PolicyKind::PeerAuthentication => Object::PeerAuthentication(object),
+            PolicyKind::RequestAuthentication => Object::RequestAuthentication(object),
+        }
+    }
+
     pub fn kind(&self) -> Kind {
         match self {
             Object::Namespace(_) => Kind::Namespace,
@@ -257,6 +280,7 @@ impl Object {
             Object::Node(_) => Kind::Node,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Object::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Object::RequestAuthentication(_) => Kind::RequestAuthentication,
             Object::Gateway(_) => Kind::Gateway,
             Object::Route(kind, _) => kind.kind(),
         }
@@ -271,6 +295,7 @@ impl Object {
             Object::Node(o) => &o.metadata,
             Object::AuthorizationPolicy(o)
             | Object::PeerAuthentication(o)
+            | Object::RequestAuthentication(o)
             | Object::Gateway(o)
             | Object::Route(_, o) => &o.metadata,
         }
@@ -285,6 +310,7 @@ impl Object {
             Object::Node(o) => &mut o.metadata,
             Object::AuthorizationPolicy(o)
             | Object::PeerAuthentication(o)
+            | Object::RequestAuthentication(o)
             | Object::Gateway(o)
             | Object::Route(_, o) => &mut o.metadata,
         }
@@ -339,6 +365,7 @@ impl Object {
             Object::Node(node) => Object::Node(strip_node(node)),
             Object::AuthorizationPolicy(p) => Object::AuthorizationPolicy(strip_policy(p)),
             Object::PeerAuthentication(p) => Object::PeerAuthentication(strip_policy(p)),
+            Object::RequestAuthentication(p) => Object::RequestAuthentication(strip_policy(p)),
             Object::Gateway(g) => Object::Gateway(strip_policy(g)),
             Object::Route(kind, r) => Object::Route(kind, strip_policy(r)),
         }
@@ -468,7 +495,6 @@ pub struct ClusterObjects {
     pub http_routes: BTreeMap<String, Arc<PolicyObject>>,
     pub grpc_routes: BTreeMap<String, Arc<PolicyObject>>,
     pub traffic_policies: BTreeMap<String, Arc<PolicyObject>>,
-    /// Not filled yet: watching and loading RequestAuthentication is waypoint plumbing.
     pub request_authentications: BTreeMap<String, Arc<PolicyObject>>,
 }
 
@@ -525,6 +551,10 @@ impl ClusterObjects {
             Object::PeerAuthentication(o) => {
                 self.peer_authentications.insert(key, Arc::new(o)).is_some()
             }
+            Object::RequestAuthentication(o) => self
+                .request_authentications
+                .insert(key, Arc::new(o))
+                .is_some(),
             Object::Gateway(o) => self.gateways.insert(key, Arc::new(o)).is_some(),
             Object::Route(kind, o) => self.routes_mut(kind).insert(key, Arc::new(o)).is_some(),
         };
@@ -548,6 +578,7 @@ impl ClusterObjects {
             Kind::Node => self.nodes.remove(key).is_some(),
             Kind::AuthorizationPolicy => self.authorization_policies.remove(key).is_some(),
             Kind::PeerAuthentication => self.peer_authentications.remove(key).is_some(),
+            Kind::RequestAuthentication => self.request_authentications.remove(key).is_some(),
             Kind::Gateway => self.gateways.remove(key).is_some(),
             Kind::HttpRoute => self.http_routes.remove(key).is_some(),
             Kind::GrpcRoute => self.grpc_routes.remove(key).is_some(),
@@ -571,6 +602,9 @@ impl ClusterObjects {
             Kind::PeerAuthentication => {
                 self.peer_authentications = std::mem::take(&mut from.peer_authentications);
             }
+            Kind::RequestAuthentication => {
+                self.request_authentications = std::mem::take(&mut from.request_authentications);
+            }
             Kind::Gateway => self.gateways = std::mem::take(&mut from.gateways),
             Kind::HttpRoute => self.http_routes = std::mem::take(&mut from.http_routes),
             Kind::GrpcRoute => self.grpc_routes = std::mem::take(&mut from.grpc_routes),
@@ -590,6 +624,7 @@ impl ClusterObjects {
             Kind::Node => self.nodes.len(),
             Kind::AuthorizationPolicy => self.authorization_policies.len(),
             Kind::PeerAuthentication => self.peer_authentications.len(),
+            Kind::RequestAuthentication => self.request_authentications.len(),
             Kind::Gateway => self.gateways.len(),
             Kind::HttpRoute => self.http_routes.len(),
             Kind::GrpcRoute => self.grpc_routes.len(),

@@ -1,9 +1,11 @@
-//! Reports each policy's `Accepted` condition: in the controller's log (both sources) and, with
-//! the Kubernetes source, in the object's `status` (server-side apply on the status
-//! subresource, field manager [`FIELD_MANAGER`]).
+//! Reports the `Accepted` condition of each policy (`security.trellis.dev`) and TrafficPolicy
+//! (`traffic.trellis.dev`): in the controller's log (both sources) and, with the Kubernetes
+//! source, in the object's `status` (server-side apply on the status subresource, field
+//! manager [`FIELD_MANAGER`]). Both kinds of status are one `conditions` list holding one
+//! condition, which is why they share this writer.
 //!
 //! The condition is the one [`super::translate`] derived with the same conversion every agent
-//! runs, so what the status says is what the nodes enforce. A condition is written when it
+//! and waypoint runs, so what the status says is what they enforce. A condition is written when it
 //! changes (its transition time only when its status does); a failed write is retried on a
 //! timer. Several controller replicas write the same condition under the same field manager,
 //! so they converge on one value instead of fighting over it.
@@ -17,16 +19,61 @@ use kube::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::Published;
-use crate::policy::{
-    AuthorizationPolicy, PeerAuthentication, PolicyId, PolicyKind,
-    status::{Condition, rfc3339, set_condition},
+use super::{Published, objects::TRAFFIC_API_VERSION, translate::Translation};
+use crate::{
+    policy::{
+        AuthorizationPolicy, PeerAuthentication, PolicyId, PolicyKind, RequestAuthentication,
+        status::{Condition, rfc3339, set_condition},
+    },
+    waypoint::resilience::TrafficPolicy,
 };
 
 pub const FIELD_MANAGER: &str = "trellis-controller";
-const RETRY: Duration = Duration::from_secs(10);
+pub(super) const RETRY: Duration = Duration::from_secs(10);
 
-type Key = (PolicyKind, PolicyId);
+/// A kind whose status is one `Accepted` condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Subject {
+    Policy(PolicyKind),
+    TrafficPolicy,
+}
+
+impl Subject {
+    pub const fn api_version(self) -> &'static str {
+        match self {
+            Self::Policy(_) => PolicyKind::API_VERSION,
+            Self::TrafficPolicy => TRAFFIC_API_VERSION,
+        }
+    }
+
+    pub const fn kind(self) -> &'static str {
+        match self {
+            Self::Policy(kind) => kind.as_str(),
+            Self::TrafficPolicy => "TrafficPolicy",
+        }
+    }
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.kind())
+    }
+}
+
+type Key = (Subject, PolicyId);
+
+/// Every condition `translation` derived, by object.
+fn conditions(translation: &Translation) -> BTreeMap<Key, &Condition> {
+    let policies = translation
+        .policy_status
+        .iter()
+        .map(|((kind, id), c)| ((Subject::Policy(*kind), id.clone()), c));
+    let traffic = translation
+        .traffic_policy_status
+        .iter()
+        .map(|(id, c)| ((Subject::TrafficPolicy, id.clone()), c));
+    policies.chain(traffic).collect()
+}
 
 /// Follows the published state until `stop`; `client` is `None` with the directory source.
 pub async fn run(
@@ -42,17 +89,17 @@ pub async fn run(
         let published = state.borrow_and_update().clone();
         if let Some(published) = published {
             let now = rfc3339(time::OffsetDateTime::now_utc());
-            let current = &published.translation.policy_status;
+            let current = conditions(&published.translation);
             reported.retain(|key, _| current.contains_key(key));
             unwritten.retain(|key, _| current.contains_key(key));
             for (key, condition) in current {
                 let mut conditions: Vec<Condition> =
-                    reported.get(key).cloned().into_iter().collect();
+                    reported.get(&key).cloned().into_iter().collect();
                 if set_condition(&mut conditions, condition.clone(), &now) {
                     let Some(new) = conditions.pop() else {
                         continue;
                     };
-                    log(key, &new);
+                    log(&key, &new);
                     reported.insert(key.clone(), new.clone());
                     if client.is_some() {
                         unwritten.insert(key.clone(), new);
@@ -89,12 +136,16 @@ fn log(key: &Key, condition: &Condition) {
     if condition.status == "True" {
         tracing::info!(%kind, %policy, generation = ?condition.observed_generation, "policy accepted");
     } else {
+        let what = match kind {
+            Subject::Policy(_) => "policy not enforced exactly as written",
+            Subject::TrafficPolicy => "traffic policy not applied as written",
+        };
         tracing::warn!(
             %kind, %policy,
             generation = ?condition.observed_generation,
             reason = %condition.reason,
             message = %condition.message,
-            "policy not enforced exactly as written"
+            "{what}"
         );
     }
 }
@@ -102,24 +153,29 @@ fn log(key: &Key, condition: &Condition) {
 async fn write(client: &Client, key: &Key, condition: &Condition) -> Result<(), kube::Error> {
     let (kind, id) = key;
     let patch = serde_json::json!({
-        "apiVersion": PolicyKind::API_VERSION,
-        "kind": kind.as_str(),
+        "apiVersion": kind.api_version(),
+        "kind": kind.kind(),
         "status": {"conditions": [condition]},
     });
     let params = PatchParams::apply(FIELD_MANAGER).force();
     match kind {
-        PolicyKind::Authorization => {
+        Subject::Policy(PolicyKind::Authorization) => {
             Api::<AuthorizationPolicy>::namespaced(client.clone(), &id.namespace)
                 .patch_status(&id.name, &params, &Patch::Apply(&patch))
                 .await?;
         }
-        PolicyKind::PeerAuthentication => {
+        Subject::Policy(PolicyKind::PeerAuthentication) => {
             Api::<PeerAuthentication>::namespaced(client.clone(), &id.namespace)
                 .patch_status(&id.name, &params, &Patch::Apply(&patch))
                 .await?;
         }
-        PolicyKind::RequestAuthentication => {
-            Api::<crate::policy::RequestAuthentication>::namespaced(client.clone(), &id.namespace)
+        Subject::Policy(PolicyKind::RequestAuthentication) => {
+            Api::<RequestAuthentication>::namespaced(client.clone(), &id.namespace)
+                .patch_status(&id.name, &params, &Patch::Apply(&patch))
+                .await?;
+        }
+        Subject::TrafficPolicy => {
+            Api::<TrafficPolicy>::namespaced(client.clone(), &id.namespace)
                 .patch_status(&id.name, &params, &Patch::Apply(&patch))
                 .await?;
         }
@@ -137,7 +193,6 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::controller::translate::Translation;
 
     type Calls = Arc<Mutex<Vec<(Method, String, Value)>>>;
 
@@ -178,26 +233,25 @@ mod tests {
         (Client::new(service, "default"), calls)
     }
 
-    fn published(conditions: &[(&str, &str, &str)]) -> Arc<Published> {
+    fn published(kind: Subject, conditions: &[(&str, &str, &str)]) -> Arc<Published> {
         let mut translation = Translation::default();
         for (name, status, reason) in conditions {
-            translation.policy_status.insert(
-                (
-                    PolicyKind::Authorization,
-                    PolicyId {
-                        namespace: "shop".into(),
-                        name: (*name).into(),
-                    },
-                ),
-                Condition {
-                    type_: "Accepted".into(),
-                    status: (*status).into(),
-                    reason: (*reason).into(),
-                    message: "m".into(),
-                    observed_generation: Some(4),
-                    last_transition_time: String::new(),
-                },
-            );
+            let id = PolicyId {
+                namespace: "shop".into(),
+                name: (*name).into(),
+            };
+            let condition = Condition {
+                type_: "Accepted".into(),
+                status: (*status).into(),
+                reason: (*reason).into(),
+                message: "m".into(),
+                observed_generation: Some(4),
+                last_transition_time: String::new(),
+            };
+            match kind {
+                Subject::Policy(kind) => translation.policy_status.insert((kind, id), condition),
+                Subject::TrafficPolicy => translation.traffic_policy_status.insert(id, condition),
+            };
         }
         Arc::new(Published {
             version: 1,
@@ -222,7 +276,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn conditions_are_applied_to_the_status_once_per_change_and_retried() {
         let (client, calls) = api_server(1);
-        let (tx, rx) = watch::channel(Some(published(&[("p", "True", "Accepted")])));
+        let (tx, rx) = watch::channel(Some(published(
+            Subject::Policy(PolicyKind::Authorization),
+            &[("p", "True", "Accepted")],
+        )));
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(Some(client), rx, stop.clone()));
 
@@ -248,10 +305,16 @@ mod tests {
         assert!(first_time.as_str().is_some_and(|t| t.ends_with('Z')));
 
         // The same condition again writes nothing; a changed one writes once.
-        tx.send_replace(Some(published(&[("p", "True", "Accepted")])));
+        tx.send_replace(Some(published(
+            Subject::Policy(PolicyKind::Authorization),
+            &[("p", "True", "Accepted")],
+        )));
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert_eq!(calls.lock().expect("calls").len(), 2);
-        tx.send_replace(Some(published(&[("p", "False", "PartiallyEnforced")])));
+        tx.send_replace(Some(published(
+            Subject::Policy(PolicyKind::Authorization),
+            &[("p", "False", "PartiallyEnforced")],
+        )));
         let got = wait_calls(&calls, 3).await;
         assert_eq!(
             got[2].2["status"]["conditions"][0]["reason"],
@@ -259,5 +322,42 @@ mod tests {
         );
         stop.cancel();
         task.await.expect("no panic");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_kind_is_written_to_its_own_resource() {
+        for (kind, collection) in [
+            (
+                Subject::Policy(PolicyKind::PeerAuthentication),
+                "security.trellis.dev/v1/namespaces/shop/peerauthentications",
+            ),
+            (
+                Subject::Policy(PolicyKind::RequestAuthentication),
+                "security.trellis.dev/v1/namespaces/shop/requestauthentications",
+            ),
+            (
+                Subject::TrafficPolicy,
+                "traffic.trellis.dev/v1/namespaces/shop/trafficpolicies",
+            ),
+        ] {
+            let (client, calls) = api_server(0);
+            let (_tx, rx) = watch::channel(Some(published(kind, &[("p", "True", "Accepted")])));
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(run(Some(client), rx, stop.clone()));
+            let got = wait_calls(&calls, 1).await;
+            let (method, path, body) = &got[0];
+            assert_eq!(method, Method::PATCH);
+            assert!(
+                path.starts_with(&format!("/apis/{collection}/p/status?")),
+                "{path}"
+            );
+            assert_eq!(body["kind"], kind.kind());
+            assert!(
+                collection.starts_with(body["apiVersion"].as_str().unwrap_or("?")),
+                "{collection}: {body}"
+            );
+            stop.cancel();
+            task.await.expect("no panic");
+        }
     }
 }

@@ -18,7 +18,7 @@
 //!   `trellis.dev/use-waypoint` labels: see [`waypoint`].
 //! - Routing objects (HTTPRoute, GRPCRoute, TrafficPolicy) are carried as written under
 //!   `route/<kind>/<ns>/<name>` for the waypoints; agents never receive them (see
-//!   [`for_role`]).
+//!   [`for_role`]). Their status is derived in [`l7`].
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -37,6 +37,7 @@ use crate::{
     policy::{Policy, PolicyId, PolicyKind, status::Condition},
 };
 
+mod l7;
 pub mod waypoint;
 
 use waypoint::{Choice, PodWorkload, Waypoints};
@@ -91,6 +92,8 @@ pub struct Translation {
     pub waypoint_accounts: BTreeSet<(String, String)>,
     /// The `Accepted` condition of every policy, as the agents will enforce it.
     pub policy_status: BTreeMap<(PolicyKind, PolicyId), Condition>,
+    /// The `Accepted` condition of every TrafficPolicy, as the waypoints will apply it.
+    pub traffic_policy_status: BTreeMap<PolicyId, Condition>,
 }
 
 impl Translation {
@@ -163,6 +166,7 @@ pub fn translate(objects: &ClusterObjects, settings: &TranslateSettings) -> Tran
     translate_services(objects, &waypoints, &workloads, &zone_of, &mut out);
     translate_policies(objects, &mut out);
     translate_routes(objects, &mut out);
+    l7::traffic_policies(objects, &mut out);
     out
 }
 
@@ -192,10 +196,11 @@ fn translate_routes(objects: &ClusterObjects, out: &mut Translation) {
     }
 }
 
-/// Policies are sent as written (see `policy::stored`); converting them here only yields the
-/// status each object reports, which is exactly what every agent will enforce.
+/// Policies of every kind are sent as written (see `policy::stored`) to agents and waypoints
+/// alike, each of which reads the kinds it enforces; converting them here only yields the
+/// status each object reports, which is exactly what the nodes and waypoints will enforce.
 fn translate_policies(objects: &ClusterObjects, out: &mut Translation) {
-    for kind in [PolicyKind::Authorization, PolicyKind::PeerAuthentication] {
+    for kind in PolicyKind::ALL {
         for object in objects.policies(kind).values() {
             let policy = match Policy::compile(kind, &object.metadata, &object.spec) {
                 Ok(policy) => policy,
@@ -726,13 +731,16 @@ mod tests {
                 Object::EndpointSlice(serde_json::from_value(value).expect("endpointslice"))
             }
             "Node" => Object::Node(serde_json::from_value(value).expect("node")),
-            "AuthorizationPolicy" => Object::AuthorizationPolicy(
-                PolicyObject::from_manifest(PolicyKind::Authorization, &value).expect("policy"),
-            ),
             "Gateway" => Object::Gateway(PolicyObject::untyped(&value).expect("gateway")),
-            other => match RouteKind::from_kind(other) {
-                Some(kind) => Object::Route(kind, PolicyObject::untyped(&value).expect("route")),
-                None => panic!("unexpected kind {other}"),
+            other => match (PolicyKind::from_kind(other), RouteKind::from_kind(other)) {
+                (Some(kind), _) => Object::policy(
+                    kind,
+                    PolicyObject::from_manifest(kind, &value).expect("policy"),
+                ),
+                (None, Some(kind)) => {
+                    Object::Route(kind, PolicyObject::untyped(&value).expect("route"))
+                }
+                (None, None) => panic!("unexpected kind {other}"),
             },
         };
         objects.apply(object).expect("named");
@@ -1208,6 +1216,150 @@ mod tests {
         );
     }
 
+    #[test]
+    fn request_authentications_are_sent_as_written_with_their_status() {
+        let mut objects = base();
+        let request_authentication = |name: &str, spec: serde_json::Value| {
+            serde_json::json!({"apiVersion": "security.trellis.dev/v1",
+                "kind": "RequestAuthentication",
+                "metadata": {"namespace": "shop", "name": name, "generation": 2}, "spec": spec})
+        };
+        let at_waypoint = serde_json::json!({
+            "targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                            "name": "waypoint"}],
+            "jwtRules": [{"issuer": "https://issuer.example",
+                          "jwksUri": "https://issuer.example/keys"}]});
+        apply(
+            &mut objects,
+            request_authentication("at-waypoint", at_waypoint),
+        );
+        // Bound to workloads, whose nodes never see a request: accepted, but it does nothing.
+        apply(
+            &mut objects,
+            request_authentication(
+                "on-pods",
+                serde_json::json!({"selector": {"matchLabels": {"app": "web"}},
+                    "jwtRules": [{"issuer": "https://issuer.example",
+                                  "jwksUri": "https://issuer.example/keys"}]}),
+            ),
+        );
+        let t = translate(&objects, &settings());
+
+        let key = policy_key(PolicyKind::RequestAuthentication, "shop", "at-waypoint");
+        assert_eq!(key, "policy/RequestAuthentication/shop/at-waypoint");
+        let Some(api::resource::Kind::Policy(sent)) = t.resources[&key].kind.clone() else {
+            panic!("{key} is a policy resource");
+        };
+        assert_eq!(sent.kind, "RequestAuthentication");
+        assert_eq!(sent.generation, 2);
+        let spec: serde_json::Value = serde_json::from_str(&sent.spec_json).expect("json");
+        assert_eq!(spec["jwtRules"][0]["issuer"], "https://issuer.example");
+        assert!(
+            for_role(&key, Role::Agent) && for_role(&key, Role::Waypoint),
+            "agents ignore the kind themselves; the policy path is the same for both"
+        );
+
+        let status = |name: &str| {
+            t.policy_status[&(
+                PolicyKind::RequestAuthentication,
+                PolicyId {
+                    namespace: "shop".into(),
+                    name: name.into(),
+                },
+            )]
+                .clone()
+        };
+        let accepted = status("at-waypoint");
+        assert_eq!(
+            (accepted.status.as_str(), accepted.observed_generation),
+            ("True", Some(2)),
+            "{accepted:?}"
+        );
+        let on_pods = status("on-pods");
+        assert_eq!(
+            (on_pods.status.as_str(), on_pods.reason.as_str()),
+            ("False", "NoEffect"),
+            "{on_pods:?}"
+        );
+    }
+
+    #[test]
+    fn traffic_policies_report_what_the_waypoints_apply() {
+        let mut o = base();
+        let policy = |name: &str, spec: serde_json::Value| {
+            serde_json::json!({"apiVersion": "traffic.trellis.dev/v1", "kind": "TrafficPolicy",
+                "metadata": {"namespace": "shop", "name": name, "generation": 5}, "spec": spec})
+        };
+        let service = |name: &str| serde_json::json!({"kind": "Service", "name": name});
+        apply(
+            &mut o,
+            policy(
+                "a-retries",
+                serde_json::json!({"targetRefs": [service("reviews")],
+                    "retries": {"attempts": 2}}),
+            ),
+        );
+        // Later in name order and also on `reviews`: applied to `ratings` only.
+        apply(
+            &mut o,
+            policy(
+                "b-limits",
+                serde_json::json!({"targetRefs": [service("reviews"), service("ratings")],
+                    "rateLimit": {"requestsPerSecond": 10}}),
+            ),
+        );
+        // Rejected, so it takes no Service from anyone.
+        apply(
+            &mut o,
+            policy(
+                "c-typo",
+                serde_json::json!({"targetRefs": [service("ratings")],
+                    "retries": {"attempts": 2, "perTryTimout": "1s"}}),
+            ),
+        );
+        let t = translate(&o, &settings());
+        let status = |name: &str| {
+            t.traffic_policy_status[&PolicyId {
+                namespace: "shop".into(),
+                name: name.into(),
+            }]
+                .clone()
+        };
+
+        let a = status("a-retries");
+        assert_eq!(
+            (a.status.as_str(), a.reason.as_str(), a.observed_generation),
+            ("True", "Accepted", Some(5))
+        );
+        let b = status("b-limits");
+        assert_eq!(
+            (b.status.as_str(), b.reason.as_str()),
+            ("False", "Conflicted")
+        );
+        assert!(
+            b.message.contains("reviews (taken by a-retries)")
+                && b.message.contains("applied to its other targets"),
+            "{}",
+            b.message
+        );
+        let c = status("c-typo");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "Unsupported")
+        );
+        assert!(
+            c.message.contains("spec.retries.perTryTimout"),
+            "{}",
+            c.message
+        );
+        assert!(
+            t.resources
+                .contains_key(&route_key(RouteKind::TrafficPolicy, "shop", "c-typo")),
+            "a rejected policy is still carried as written; the waypoints ignore it the same way"
+        );
+        assert!(t.policy_status.is_empty(), "not a security policy");
+    }
+
     fn gateway(ns: &str, name: &str, class: &str) -> serde_json::Value {
         serde_json::json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
             "metadata": {"name": name, "namespace": ns},
@@ -1627,7 +1779,10 @@ mod tests {
             assert!(for_role(&key, Role::Waypoint));
             assert!(!for_role(&key, Role::Agent));
         }
-        assert!(t.policy_status.is_empty(), "no status for routes (yet)");
+        assert!(
+            t.policy_status.is_empty(),
+            "routing objects are not policies"
+        );
         assert!(for_role("waypoint/shop/waypoint", Role::Agent));
         assert!(for_role("workload/u", Role::Agent));
     }

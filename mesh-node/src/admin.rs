@@ -1,7 +1,10 @@
 //! The agent's HTTP admin surface: health, readiness, metrics and the config dump.
 //!
 //! One router, served on up to three listeners: the admin port (loopback; everything), the
-//! metrics port (`/metrics`) and the readiness port (`/healthz/ready`).
+//! metrics port (`/metrics`) and the readiness port (`/healthz/ready`). Waypoints serve the
+//! same surface; their dump also lists their routing objects ([`l7`]).
+
+pub mod l7;
 
 use std::{
     convert::Infallible,
@@ -184,6 +187,8 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
         "services": state.services().iter().map(|s| s.as_ref()).collect::<Vec<_>>(),
         "waypoints": state.waypoints().into_iter().map(|w| w.as_ref()).collect::<Vec<_>>(),
         "policies": state.policy().listing,
+        "routes": state.l7().map(|l| &l.routes),
+        "traffic_policies": state.l7().map(|l| &l.traffic_policies),
         "certificates": certificates,
         "certificate_errors": admin.certs.failures().as_ref(),
         "datapath": datapath,

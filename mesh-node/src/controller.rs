@@ -8,7 +8,10 @@
 //! - [`discovery`]: streams the mesh state to every agent and waypoint, snapshot then deltas
 //!   (waypoints also receive the routing objects, agents never do).
 //!
-//! Both authenticate callers through [`auth`]: a node agent by its node, a waypoint by its
+//! The status of what the controller reads is reported by [`policy_status`] (the policies'
+//! and TrafficPolicies' `Accepted` condition) and [`route_status`] (the routes' parents).
+//!
+//! Both services authenticate callers through [`auth`]: a node agent by its node, a waypoint by its
 //! service account (see [`translate::waypoint`] for what makes a waypoint). The CA's root is loaded from files, or
 //! generated and persisted on first start. The controller serves TLS with a certificate it
 //! issues itself from that root (see [`serving_names`]), so agents verify it with the same
@@ -42,6 +45,7 @@ pub mod kube_source;
 pub mod metrics;
 pub mod objects;
 pub mod policy_status;
+pub mod route_status;
 pub mod translate;
 
 pub use objects::ClusterObjects;
@@ -557,6 +561,11 @@ impl Controller {
             stop.clone(),
         ));
         tasks.spawn(policy_status::run(
+            status_client.clone(),
+            state_rx.clone(),
+            stop.clone(),
+        ));
+        tasks.spawn(route_status::run(
             status_client,
             state_rx.clone(),
             stop.clone(),

@@ -352,7 +352,7 @@ async fn state_task(
             update = applied.recv() => update,
         };
         let Some(update) = update else { return };
-        let state = Arc::new(build_state(&update.resources, &root_namespace));
+        let mut state = build_state(&update.resources, &root_namespace);
         let next = L7::build(
             &update.resources,
             &state,
@@ -361,7 +361,8 @@ async fn state_task(
             &fetcher,
             &mut rejections,
         );
-        mesh.store(state);
+        state.set_l7(next.listing.clone());
+        mesh.store(Arc::new(state));
         l7.store(Arc::new(next));
         tracing::debug!(version = update.version, "waypoint state published");
         let _ = update.done.send(());

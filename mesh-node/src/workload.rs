@@ -19,6 +19,7 @@ use std::{
 pub mod waypoint;
 
 use crate::{
+    admin::l7::L7Listing,
     api::v1 as api,
     config::{AgentConfig, ConfigError},
     ebpf::{InboundMtls, PodCgroup},
@@ -219,6 +220,8 @@ pub struct MeshState {
     /// The authorization and peer authentication policies in force.
     policy: Arc<Engine>,
     waypoints: WaypointMap,
+    /// A waypoint's routing objects and their status, for its config dump; agents have none.
+    l7: Option<Arc<L7Listing>>,
 }
 
 impl MeshState {
@@ -397,6 +400,16 @@ impl MeshState {
 
     pub fn policy(&self) -> &Arc<Engine> {
         &self.policy
+    }
+
+    /// Lists a waypoint's routing objects in its config dump (see [`L7Listing`]).
+    pub fn set_l7(&mut self, listing: L7Listing) {
+        self.l7 = Some(Arc::new(listing));
+    }
+
+    /// The routing objects a waypoint listed; `None` on agents.
+    pub fn l7(&self) -> Option<&L7Listing> {
+        self.l7.as_deref()
     }
 
     pub fn local_node(&self) -> &str {

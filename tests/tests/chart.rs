@@ -500,6 +500,32 @@ fn the_controller_has_no_cluster_wide_secrets_access_and_the_agent_no_api_access
             "patch {plural}/status"
         );
     }
+    // The Gateway API routes (not the chart's CRDs) are read and their parents' status
+    // written; the Gateways only read (another controller may own a Gateway's status).
+    let gateway_api = "gateway.networking.k8s.io";
+    for plural in ["httproutes", "grpcroutes"] {
+        for verb in ["get", "list", "watch"] {
+            assert!(
+                grants("ClusterRole", gateway_api, plural, verb),
+                "{verb} {plural}"
+            );
+        }
+        assert!(
+            grants(
+                "ClusterRole",
+                gateway_api,
+                &format!("{plural}/status"),
+                "patch"
+            ),
+            "patch {plural}/status"
+        );
+    }
+    assert!(!grants(
+        "ClusterRole",
+        gateway_api,
+        "gateways/status",
+        "patch"
+    ));
     // Leader election of the status writer: Leases in the release namespace only.
     for verb in ["get", "create", "update"] {
         assert!(

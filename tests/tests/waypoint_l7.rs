@@ -820,3 +820,89 @@ fn grpc_unary_and_streaming_calls_cross_the_waypoint() {
         ) >= 2.0
     );
 }
+
+/// Runs `pod-app attack --kind KIND` from `pod` against `to`; its report.
+fn attack(tb: &Testbed, pod: &Pod, to: SocketAddr, kind: &str) -> Value {
+    let to = to.to_string();
+    let out = tb
+        .run(
+            pod,
+            &[
+                "pod-app",
+                "--timeout-ms",
+                "15000",
+                "attack",
+                "--to",
+                &to,
+                "--kind",
+                kind,
+            ],
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("attack {kind}: {e:#}"));
+    out.ok_json()
+        .unwrap_or_else(|e| panic!("attack {kind} report: {e:#}"))
+}
+
+#[test]
+fn hostile_http_is_refused_and_other_clients_keep_being_served() {
+    if !e2e_gate("hostile_http_is_refused_and_other_clients_keep_being_served") {
+        return;
+    }
+    let tb = Testbed::builder()
+        .nodes(2)
+        .pods_per_node(3)
+        .build()
+        .expect("testbed");
+    let (mut mesh, mut waypoint) = start(&tb);
+    let (client, attacker) = (tb.pod(0, 0), tb.pod(0, 2));
+    let backend_pod = tb.pod(1, 0);
+    let _server = serve(&tb, backend_pod);
+    let web = service(&mut mesh, "web", 80, &[backend_pod]);
+    let served = |n: usize| {
+        let summary = get(&tb, client, web, "/", n);
+        assert_eq!(count_of(&summary, "statuses", "200"), n as u64, "{summary}");
+    };
+    served(5);
+
+    // Smuggling: a length beside a transfer coding is answered once and the connection is
+    // closed, so the hidden request never runs; two different lengths are refused.
+    let cl_te = attack(&tb, attacker, web, "cl-te");
+    assert_eq!(
+        cl_te["statuses"].as_array().map(Vec::len),
+        Some(1),
+        "{cl_te}"
+    );
+    assert_eq!(cl_te["closed"], true, "{cl_te}");
+    let cl_cl = attack(&tb, attacker, web, "cl-cl");
+    assert!(
+        cl_cl["statuses"][0]
+            .as_str()
+            .is_some_and(|s| s.starts_with("HTTP/1.1 400")),
+        "{cl_cl}"
+    );
+    assert_eq!(cl_cl["closed"], true, "{cl_cl}");
+    let seen = tb
+        .l7_seen(client, SocketAddr::new(backend_pod.ip4.into(), TARGET_PORT))
+        .expect("backend's seen paths");
+    assert!(seen["paths"].get("/smuggled").is_none(), "{seen}");
+    served(5);
+
+    // HTTP/2 floods end the attacker's connection while everyone else is served.
+    std::thread::scope(|s| {
+        let flood = s.spawn(|| attack(&tb, attacker, web, "rapid-reset"));
+        served(50);
+        let report = flood.join().expect("attack thread");
+        assert!(
+            report["closed"] == true || report["goaway_error"].is_u64(),
+            "rapid reset not contained: {report}"
+        );
+    });
+    let continuation = attack(&tb, attacker, web, "continuation");
+    assert!(
+        continuation["closed"] == true || continuation["goaway_error"].is_u64(),
+        "CONTINUATION flood not contained: {continuation}"
+    );
+    served(20);
+    assert!(waypoint.process.is_running(), "the waypoint survived");
+}

@@ -35,6 +35,7 @@ use crate::{
     api::v1 as api,
     identity::Identity,
     policy::{Policy, PolicyId, PolicyKind, status::Condition},
+    waypoint::route::{ParentStatus, RouteId},
 };
 
 mod l7;
@@ -94,6 +95,9 @@ pub struct Translation {
     pub policy_status: BTreeMap<(PolicyKind, PolicyId), Condition>,
     /// The `Accepted` condition of every TrafficPolicy, as the waypoints will apply it.
     pub traffic_policy_status: BTreeMap<PolicyId, Condition>,
+    /// The `status.parents` entries of every HTTPRoute and GRPCRoute for the parents the
+    /// waypoints serve (none when it names none of them).
+    pub route_status: BTreeMap<RouteId, Vec<ParentStatus>>,
 }
 
 impl Translation {
@@ -167,6 +171,7 @@ pub fn translate(objects: &ClusterObjects, settings: &TranslateSettings) -> Tran
     translate_policies(objects, &mut out);
     translate_routes(objects, &mut out);
     l7::traffic_policies(objects, &mut out);
+    l7::routes(objects, &waypoints, &mut out);
     out
 }
 

@@ -315,7 +315,13 @@ fn authorize(
 }
 
 /// Drops hop-by-hop headers (and those the `connection` header names) and internal ones.
+/// A `Content-Length` beside `Transfer-Encoding` is dropped too: the transfer coding framed
+/// the body (RFC 9112 section 6.3), and the upstream request is framed anew from the body
+/// itself, so a stale length must not travel on and describe a different body.
 fn sanitize(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let named: Vec<header::HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -396,6 +402,22 @@ mod tests {
         sanitize(&mut headers);
         let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-kept"]);
+    }
+
+    #[test]
+    fn a_content_length_beside_a_transfer_coding_is_not_forwarded() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("45"));
+        sanitize(&mut headers);
+        assert!(headers.is_empty(), "{headers:?}");
+        let mut alone = HeaderMap::new();
+        alone.insert(header::CONTENT_LENGTH, HeaderValue::from_static("45"));
+        sanitize(&mut alone);
+        assert_eq!(alone.len(), 1);
     }
 
     fn parts(target: &str) -> Parts {

@@ -15,12 +15,13 @@ use super::{
     route::{self, RouteKind, RouteTable},
 };
 use crate::{
+    admin::l7::L7Listing,
     agent::feed::{Resource, Resources},
     policy::{
-        Policy,
+        Policy, PolicyId,
         jwt::{JwksFetcher, JwtAuthenticator, JwtPolicy},
     },
-    workload::MeshState,
+    workload::{MeshState, waypoint::WaypointRef},
 };
 
 /// The kind of the resilience objects among the `route/` resources.
@@ -36,6 +37,8 @@ pub struct L7 {
     pub request_authentications: Vec<String>,
     /// The objects left out, and why.
     pub rejected: Rejections,
+    /// Routes and traffic policies with their status, for the config dump.
+    pub listing: L7Listing,
 }
 
 /// Why an object is not applied, by `Kind namespace/name`; kept between builds so that each
@@ -57,17 +60,19 @@ impl L7 {
         let mut routes = Vec::new();
         let mut traffic = Vec::new();
         let mut jwt = Vec::<JwtPolicy>::new();
+        let mut traffic_compiled = Vec::new();
         let mut rejected = Rejections::new();
         for resource in resources.values() {
             match resource {
                 Resource::Route(object) if object.kind == TRAFFIC_POLICY_KIND => {
-                    match TrafficPolicy::compile(
+                    let compiled = TrafficPolicy::compile(
                         &object.namespace,
                         &object.name,
                         object.generation,
                         &object.spec,
-                    ) {
-                        Ok(policy) => traffic.push(policy),
+                    );
+                    match &compiled {
+                        Ok(policy) => traffic.push(policy.clone()),
                         Err(e) => {
                             rejected.insert(
                                 format!("TrafficPolicy {}/{}", object.namespace, object.name),
@@ -75,6 +80,11 @@ impl L7 {
                             );
                         }
                     }
+                    let id = PolicyId {
+                        namespace: object.namespace.clone(),
+                        name: object.name.clone(),
+                    };
+                    traffic_compiled.push((id, object.generation, compiled));
                 }
                 Resource::Route(object) => {
                     let Ok(kind) = object.kind.parse::<RouteKind>() else {
@@ -118,6 +128,31 @@ impl L7 {
 
         let resilience = previous.resilience.rebuild(traffic);
         track_endpoints(&resilience, mesh);
+        // What the config dump lists: each object with the status the controller writes.
+        let service_exists = |namespace: &str, name: &str| mesh.service(namespace, name).is_some();
+        let is_waypoint = |namespace: &str, name: &str| {
+            mesh.waypoint(&WaypointRef {
+                namespace: namespace.into(),
+                name: name.into(),
+            })
+            .is_some()
+        };
+        let listing = L7Listing::new(
+            routes.iter().map(|r| {
+                (
+                    r.id.clone(),
+                    r.generation,
+                    route::route_status(r, &service_exists, &is_waypoint),
+                )
+            }),
+            traffic_compiled.iter().map(|(id, generation, compiled)| {
+                (
+                    id.clone(),
+                    *generation,
+                    resilience.condition(id, compiled, *generation),
+                )
+            }),
+        );
         let jwt = (!jwt.is_empty())
             .then(|| JwtAuthenticator::new(root_namespace, jwt, Some(fetcher.clone())));
         if jwt.is_none() {
@@ -130,27 +165,14 @@ impl L7 {
             jwt,
             request_authentications,
             rejected,
+            listing,
         }
     }
 
-    /// What the waypoint's config dump shows under `l7`.
+    /// What the waypoint's config dump shows under `l7`, beside the `routes` and
+    /// `traffic_policies` listing ([`L7Listing`]).
     pub fn dump(&self) -> serde_json::Value {
         serde_json::json!({
-            "routes": self.routes.routes().map(|r| serde_json::json!({
-                "kind": r.id.kind.as_str(),
-                "namespace": r.id.namespace,
-                "name": r.id.name,
-                "generation": r.generation,
-            })).collect::<Vec<_>>(),
-            "traffic_policies": self.resilience.applied().into_iter().map(|(id, services)| serde_json::json!({
-                "id": id.to_string(),
-                "services": services,
-            })).collect::<Vec<_>>(),
-            "traffic_policy_conflicts": self.resilience.conflicts().iter().map(|c| serde_json::json!({
-                "service": format!("{}/{}", c.namespace, c.service),
-                "applied": c.applied.to_string(),
-                "ignored": c.ignored.to_string(),
-            })).collect::<Vec<_>>(),
             "request_authentications": self.request_authentications,
             "rejected": self.rejected.iter().map(|(object, (generation, reason))| serde_json::json!({
                 "object": object,

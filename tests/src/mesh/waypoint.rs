@@ -70,9 +70,8 @@ impl Waypoint<'_> {
         Ok(serde_json::from_str(&body)?)
     }
 
-    /// Waits (bounded) until its L7 configuration (`l7` of the config dump) satisfies
-    /// `ready`; returns it.
-    pub fn wait_l7(
+    /// Waits (bounded) until its config dump satisfies `ready`; returns it.
+    pub fn wait_dump(
         &self,
         timeout: Duration,
         ready: impl Fn(&serde_json::Value) -> bool,
@@ -80,12 +79,14 @@ impl Waypoint<'_> {
         let deadline = Instant::now() + timeout;
         loop {
             let dump = self.config_dump()?;
-            if ready(&dump["l7"]) {
-                return Ok(dump["l7"].clone());
+            if ready(&dump) {
+                return Ok(dump);
             }
             if Instant::now() > deadline {
                 bail!(
-                    "waypoint L7 configuration not as expected after {timeout:?}: {}",
+                    "waypoint config dump not as expected after {timeout:?}: routes {} traffic_policies {} l7 {}",
+                    dump["routes"],
+                    dump["traffic_policies"],
                     dump["l7"]
                 );
             }
@@ -93,8 +94,17 @@ impl Waypoint<'_> {
         }
     }
 
-    /// Waits (bounded) until the waypoint programs exactly `routes` (`Kind ns/name`) and
-    /// applies exactly `traffic_policies` (`ns/name`).
+    /// Waits (bounded) until the `l7` part of its config dump satisfies `ready`.
+    pub fn wait_l7(
+        &self,
+        timeout: Duration,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        Ok(self.wait_dump(timeout, |dump| ready(&dump["l7"]))?["l7"].clone())
+    }
+
+    /// Waits (bounded) until the waypoint holds exactly `routes` (`Kind ns/name`) and
+    /// `traffic_policies` (`ns/name`), as its config dump lists them.
     pub fn wait_programmed(
         &self,
         routes: &[&str],
@@ -105,24 +115,23 @@ impl Waypoint<'_> {
         routes.sort();
         let mut policies: Vec<String> = traffic_policies.iter().map(|p| (*p).to_owned()).collect();
         policies.sort();
-        self.wait_l7(timeout, |l7| {
-            let mut got_routes: Vec<String> = l7["routes"]
+        self.wait_dump(timeout, |dump| {
+            let mut got_routes: Vec<String> = dump["routes"]
                 .as_array()
                 .map(|a| {
                     a.iter()
                         .map(|r| {
                             format!(
-                                "{} {}/{}",
+                                "{} {}",
                                 r["kind"].as_str().unwrap_or_default(),
-                                r["namespace"].as_str().unwrap_or_default(),
-                                r["name"].as_str().unwrap_or_default()
+                                r["id"].as_str().unwrap_or_default()
                             )
                         })
                         .collect()
                 })
                 .unwrap_or_default();
             got_routes.sort();
-            let mut got_policies: Vec<String> = l7["traffic_policies"]
+            let mut got_policies: Vec<String> = dump["traffic_policies"]
                 .as_array()
                 .map(|a| {
                     a.iter()

@@ -2,8 +2,10 @@
 //!
 //! Reads the agent's admin endpoint (loopback on the node, port 15000 by default) and prints
 //! what it holds as tables: workloads, services, certificates and their expiry, the control
-//! plane feed and the datapath.
+//! plane feed and the datapath. Pointed at a waypoint's admin endpoint, it also shows the
+//! waypoint's routes and traffic policies.
 
+mod l7;
 mod tables;
 
 use std::net::SocketAddr;
@@ -68,6 +70,10 @@ enum Command {
     /// Authorization policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// A waypoint's HTTPRoutes and GRPCRoutes: how each parent takes them.
+    Routes,
+    /// A waypoint's TrafficPolicies, and whether each applies.
+    TrafficPolicies,
 }
 
 #[derive(Subcommand)]
@@ -130,6 +136,8 @@ fn main() -> Result<()> {
         Command::ConfigDump => println!("{}", runtime.block_on(get(cli.admin, "/config_dump"))?),
         Command::Metrics => print!("{}", runtime.block_on(get(cli.admin, "/metrics"))?),
         Command::Policy(PolicyCommand::List) => print!("{}", tables::policies(&dump()?)),
+        Command::Routes => print!("{}", l7::routes(&dump()?)),
+        Command::TrafficPolicies => print!("{}", l7::traffic_policies(&dump()?)),
         Command::Policy(PolicyCommand::Explain { from, to, output }) => {
             let query: String = form_urlencoded::Serializer::new(String::new())
                 .append_pair("from", from)

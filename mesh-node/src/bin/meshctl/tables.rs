@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 /// A cell's text: strings as they are, absent values as `-`, the rest as JSON.
-fn cell(v: &Value) -> String {
+pub fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) if s.is_empty() => "-".into(),
@@ -17,7 +17,7 @@ fn cell(v: &Value) -> String {
     }
 }
 
-fn list(v: &Value) -> impl Iterator<Item = &Value> {
+pub fn list(v: &Value) -> impl Iterator<Item = &Value> {
     v.as_array().into_iter().flatten()
 }
 
@@ -79,7 +79,7 @@ pub fn render(rows: &[Vec<String>]) -> String {
     out
 }
 
-fn header(names: &[&str]) -> Vec<String> {
+pub fn header(names: &[&str]) -> Vec<String> {
     names.iter().map(|s| (*s).to_owned()).collect()
 }
 

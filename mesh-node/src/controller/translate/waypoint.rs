@@ -90,7 +90,7 @@ impl Waypoints {
         Self(waypoints)
     }
 
-    fn exists(&self, namespace: &str, name: &str) -> bool {
+    pub(super) fn exists(&self, namespace: &str, name: &str) -> bool {
         self.0.contains(&(namespace.to_owned(), name.to_owned()))
     }
 

@@ -242,22 +242,6 @@ impl Registry {
         self.services.get(namespace)?.get(service)
     }
 
-    /// The policies in force and the Services each applies to, by policy.
-    pub fn applied(&self) -> std::collections::BTreeMap<&PolicyId, Vec<String>> {
-        let mut out: std::collections::BTreeMap<&PolicyId, Vec<String>> = Default::default();
-        for (namespace, services) in &self.services {
-            for (name, state) in services {
-                out.entry(&state.policy.id)
-                    .or_default()
-                    .push(format!("{namespace}/{name}"));
-            }
-        }
-        for services in out.values_mut() {
-            services.sort();
-        }
-        out
-    }
-
     /// Services targeted by more than one policy.
     pub fn conflicts(&self) -> &[Conflict] {
         &self.conflicts

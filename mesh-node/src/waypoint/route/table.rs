@@ -185,11 +185,6 @@ impl RouteTable {
         self.routes.len()
     }
 
-    /// The programmed routes, in `RouteId` order.
-    pub fn routes(&self) -> impl Iterator<Item = &Route> {
-        self.routes.iter().map(Arc::as_ref)
-    }
-
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
     }

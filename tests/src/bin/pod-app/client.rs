@@ -1,8 +1,9 @@
 //! `pod-app` clients: send, fetch, echo, http-get, many, peername, and (in submodules)
-//! requests and grpc.
+//! requests, grpc and attack.
 //!
 //! Each returns the JSON to print and whether the result verified.
 
+pub mod attack;
 pub mod grpc;
 pub mod requests;
 

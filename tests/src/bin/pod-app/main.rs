@@ -120,6 +120,13 @@ enum Command {
     },
     /// N HTTP requests over keep-alive connections (HTTP/1.1, or HTTP/2 with --http2).
     Requests(client::requests::RequestsArgs),
+    /// Hostile HTTP, byte by byte (see `client/attack.rs`); reports what came back.
+    Attack {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, value_enum)]
+        kind: client::attack::Kind,
+    },
     /// gRPC health Check of a service, and with --watch N a Watch reading N messages.
     Grpc {
         #[arg(long)]
@@ -203,6 +210,8 @@ async fn run(command: Command, timeout: Duration) -> Result<(Value, bool)> {
             .map_err(bounded(format!("connect to {to}")))?,
         // `requests` keeps its own deadline so it can report partial results.
         Command::Requests(args) => client::requests::requests(args, timeout).await,
+        // `attack` keeps its own deadline so it can report what came back until then.
+        Command::Attack { to, kind } => client::attack::attack(to, kind, timeout).await,
         Command::Grpc { to, service, watch } => {
             tokio::time::timeout(timeout, client::grpc::grpc(to, &service, watch, timeout))
                 .await

@@ -26,6 +26,15 @@ const TARGET_PORT: u16 = 8080;
 const WAYPOINT: &str = "waypoint";
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Two nodes of `pods` pods each.
+fn testbed(pods: usize) -> Testbed {
+    Testbed::builder()
+        .nodes(2)
+        .pods_per_node(pods)
+        .build()
+        .expect("testbed")
+}
+
 /// The mesh with a waypoint on pod (0, 1) for the whole namespace; clients run on (0, 0).
 fn start(tb: &Testbed) -> (Mesh<'_>, Waypoint<'_>) {
     let mut mesh = Mesh::start(
@@ -131,11 +140,7 @@ fn routes_match_headers_split_by_weight_mirror_rewrite_and_redirect() {
     if !e2e_gate("routes_match_headers_split_by_weight_mirror_rewrite_and_redirect") {
         return;
     }
-    let tb = Testbed::builder()
-        .nodes(2)
-        .pods_per_node(4)
-        .build()
-        .expect("testbed");
+    let tb = testbed(4);
     let (mut mesh, waypoint) = start(&tb);
     let client = tb.pod(0, 0);
     let (v1, v2, shadow) = (tb.pod(1, 0), tb.pod(1, 1), tb.pod(1, 2));
@@ -321,11 +326,7 @@ fn traffic_policies_retry_time_out_inject_faults_break_circuits_and_rate_limit()
     if !e2e_gate("traffic_policies_retry_time_out_inject_faults_break_circuits_and_rate_limit") {
         return;
     }
-    let tb = Testbed::builder()
-        .nodes(2)
-        .pods_per_node(4)
-        .build()
-        .expect("testbed");
+    let tb = testbed(4);
     let (mut mesh, waypoint) = start(&tb);
     let client = tb.pod(0, 0);
     let (a, b) = (tb.pod(1, 0), tb.pod(1, 1));
@@ -476,11 +477,7 @@ fn circuit_breaker_refuses_requests_beyond_the_limit() {
     if !e2e_gate("circuit_breaker_refuses_requests_beyond_the_limit") {
         return;
     }
-    let tb = Testbed::builder()
-        .nodes(2)
-        .pods_per_node(2)
-        .build()
-        .expect("testbed");
+    let tb = testbed(2);
     let (mut mesh, waypoint) = start(&tb);
     let client = tb.pod(0, 0);
     let backend_pod = tb.pod(1, 0);
@@ -602,11 +599,7 @@ fn l7_authorization_on_normalized_paths_and_verified_tokens() {
     if !e2e_gate("l7_authorization_on_normalized_paths_and_verified_tokens") {
         return;
     }
-    let tb = Testbed::builder()
-        .nodes(2)
-        .pods_per_node(2)
-        .build()
-        .expect("testbed");
+    let tb = testbed(2);
     let (mut mesh, waypoint) = start(&tb);
     let client = tb.pod(0, 0);
     let backend_pod = tb.pod(1, 0);
@@ -785,11 +778,7 @@ fn grpc_unary_and_streaming_calls_cross_the_waypoint() {
     if !e2e_gate("grpc_unary_and_streaming_calls_cross_the_waypoint") {
         return;
     }
-    let tb = Testbed::builder()
-        .nodes(2)
-        .pods_per_node(2)
-        .build()
-        .expect("testbed");
+    let tb = testbed(2);
     let (mut mesh, waypoint) = start(&tb);
     let client = tb.pod(0, 0);
     let backend_pod = tb.pod(1, 0);
@@ -849,11 +838,7 @@ fn hostile_http_is_refused_and_other_clients_keep_being_served() {
     if !e2e_gate("hostile_http_is_refused_and_other_clients_keep_being_served") {
         return;
     }
-    let tb = Testbed::builder()
-        .nodes(2)
-        .pods_per_node(3)
-        .build()
-        .expect("testbed");
+    let tb = testbed(3);
     let (mut mesh, mut waypoint) = start(&tb);
     let (client, attacker) = (tb.pod(0, 0), tb.pod(0, 2));
     let backend_pod = tb.pod(1, 0);

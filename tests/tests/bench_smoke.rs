@@ -1,7 +1,8 @@
 //! The benchmark machinery works: a quick `bench run` measures every configuration and writes
 //! a report with every figure. Speeds are never asserted: only that each configuration
 //! produced figures, and that the relay and Trellis runs really crossed a proxy (it spent
-//! CPU) while the no-mesh run had none.
+//! CPU) while the no-mesh run had none; for the HTTP test, that the waypoint configuration
+//! really crossed the waypoint (it spent CPU and answered every request).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -9,8 +10,9 @@ use std::time::{Duration, Instant};
 use mesh_tests::testbed::{bin_path, e2e_gate};
 use serde_json::Value;
 
-/// A quick run of two tests takes well under a minute; this bounds a hung run.
-const RUN_TIMEOUT: Duration = Duration::from_secs(240);
+/// A quick run of three tests takes about a minute (most of it starting the control plane
+/// and the waypoint, in debug builds); this bounds a hung run.
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn figure<'a>(report: &'a Value, scenario: &str, key: &str) -> &'a Value {
     report["figures"]
@@ -38,6 +40,7 @@ fn quick_bench_reports_every_configuration() {
     let mut child = Command::new(bin_path("bench").expect("bench binary (cargo build --bins)"))
         .args(["run", "--quick", "--rounds", "1"])
         .args(["--only", "same-node-rr", "--only", "cross-node-bulk1"])
+        .args(["--only", "cross-node-http"])
         .arg("--json")
         .arg(&json)
         .stdout(Stdio::null())
@@ -97,10 +100,43 @@ fn quick_bench_reports_every_configuration() {
     positive(rss, "relay");
     positive(rss, "trellis");
 
-    // Every run is in the report: 2 tests x 3 configurations x 1 round.
+    // HTTP: latency in no mesh, Trellis at L4 and through the waypoint, with the added
+    // latency against no mesh; the agents spent CPU in both mesh configurations, the waypoint
+    // in its own; every request was answered 200 (no `http.failed` row).
+    let l7 = ["no_mesh", "trellis", "waypoint"];
+    for key in ["http.p50_us", "http.p99_us", "http.max_us"] {
+        let f = figure(&report, "cross-node", key);
+        for c in l7 {
+            positive(f, c);
+        }
+        assert!(f["relay"].is_null(), "the relay ran the HTTP test: {f}");
+        for added in ["trellis_added_over_no_mesh", "waypoint_added_over_no_mesh"] {
+            assert!(f[added].as_f64().is_some(), "{key} has no {added}: {f}");
+        }
+    }
+    let agents = figure(&report, "cross-node", "http.agents_cpu_s_per_kreq");
+    assert!(agents["no_mesh"].is_null(), "{agents}");
+    positive(agents, "trellis");
+    positive(agents, "waypoint");
+    let waypoint = figure(&report, "cross-node", "http.waypoint_cpu_s_per_kreq");
+    assert!(waypoint["trellis"].is_null(), "{waypoint}");
+    positive(waypoint, "waypoint");
+    positive(
+        figure(&report, "waypoint", "waypoint.rss_idle_mib"),
+        "waypoint",
+    );
+    assert!(
+        report["figures"]
+            .as_array()
+            .is_some_and(|f| f.iter().all(|f| f["key"] != "http.failed")),
+        "some HTTP requests were not answered 200: {report:#}"
+    );
+
+    // Every run is in the report: 2 tests x 3 configurations (no mesh, relay, Trellis) and
+    // the HTTP test x 3 (no mesh, Trellis, waypoint), 1 round.
     assert_eq!(
         report["runs"].as_array().map(Vec::len),
-        Some(6),
+        Some(9),
         "{report:#}"
     );
 }

@@ -6,12 +6,16 @@
 //! - [`rr`]: open loop. Every request has a scheduled send time; the writer sends on schedule
 //!   whatever the replies do, and latency runs from the scheduled time to the reply, so a
 //!   stall shows in every request it delays (no coordinated omission).
+//! - [`http`]: the same open loop with HTTP/1.1 GETs on keep-alive connections: requests go
+//!   out on schedule whether or not the previous response is back (pipelined, in order), so
+//!   the offered rate stays fixed through a stall and latency still runs from the schedule.
 //! - [`connect`]: closed loop of connect, 1-byte echo, EOF, close.
 //!
-//! Blocking threads for `rr` and `connect`: timing precision matters there and a thread per
+//! Blocking threads for `rr`, `http` and `connect`: timing precision matters there and a thread per
 //! connection keeps the schedule independent of any runtime's timer wheel (1 ms ticks).
 
-use std::io::{Read, Write};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::thread;
@@ -28,6 +32,15 @@ const MAX_LATENCY_NS: u64 = 60_000_000_000;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Write size of bulk streams.
 const BULK_CHUNK: usize = 256 * 1024;
+/// What the HTTP test requests (the bench server answers every path alike).
+const HTTP_PATH: &str = "/bench";
+/// Bounds on a response head the HTTP client accepts: line length and header count.
+const HTTP_MAX_LINE: u64 = 8192;
+const HTTP_MAX_HEADERS: usize = 100;
+/// Bounds on a chunked response body: chunks, and trailer lines after the last one.
+const HTTP_MAX_CHUNKS: usize = 10_000;
+/// Pause between attempts of [`http_probe`].
+const PROBE_PAUSE: Duration = Duration::from_millis(100);
 
 /// A latency histogram in nanoseconds, 3 significant digits.
 pub fn new_histogram() -> Result<Histogram<u64>> {
@@ -208,6 +221,261 @@ pub fn rr(
     Ok(out)
 }
 
+/// Open-loop HTTP/1.1: `rate` GETs per second spread evenly over `conns` keep-alive
+/// connections to `to`, for `duration`. Latency runs from each request's scheduled send time to
+/// the end of its response body; only `200` responses are in the histogram, the others are
+/// counted by status (`failed`, `statuses`). A broken connection fails the run.
+pub fn http(to: SocketAddr, conns: usize, rate: u64, duration: Duration) -> Result<Value> {
+    ensure!(conns > 0 && rate > 0, "conns and rate must be positive");
+    let per_conn = (duration.as_secs_f64() * rate as f64 / conns as f64).ceil() as u64;
+    let interval = Duration::from_secs_f64(conns as f64 / rate as f64);
+    let request = http_request(to);
+    let mut streams = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let s = connect_blocking(to)?;
+        let mut reader = BufReader::new(s.try_clone().context("cloning the socket")?);
+        // One request first: the path (tunnels, certificates, the waypoint's upstream
+        // connection) is set up before timing, and a path that does not answer 200 fails here.
+        (&s).write_all(&request).context("warm-up request")?;
+        let (status, _) = read_response(&mut reader, &mut Vec::new()).context("warm-up reply")?;
+        ensure!(status == 200, "warm-up request to {to} answered {status}");
+        streams.push((s, reader));
+    }
+    let start = Instant::now() + Duration::from_millis(50);
+    let mut handles = Vec::new();
+    for (k, (stream, mut reader)) in streams.into_iter().enumerate() {
+        let first = start + interval.mul_f64(k as f64 / conns as f64);
+        let (tx, rx) = mpsc::channel::<Instant>();
+        let request = request.clone();
+        let writer = thread::spawn(move || -> Result<()> {
+            precise_sleeps();
+            for i in 0..per_conn {
+                let scheduled = first + interval.mul_f64(i as f64);
+                let now = Instant::now();
+                if scheduled > now {
+                    thread::sleep(scheduled - now);
+                }
+                // The reader may have failed and gone: then its error is the one to report.
+                if tx.send(scheduled).is_err() {
+                    return Ok(());
+                }
+                (&stream).write_all(&request).context("sending a request")?;
+            }
+            Ok(())
+        });
+        let reader = thread::spawn(move || -> Result<HttpTally> {
+            let mut tally = HttpTally::new()?;
+            let mut line = Vec::new();
+            for _ in 0..per_conn {
+                let scheduled = rx
+                    .recv_timeout(IO_TIMEOUT)
+                    .context("the writer stopped sending")?;
+                let (status, bytes) =
+                    read_response(&mut reader, &mut line).context("reading a response")?;
+                tally.last = Instant::now();
+                tally.body_bytes += bytes;
+                *tally.statuses.entry(status).or_default() += 1;
+                if status == 200 {
+                    let ns =
+                        u64::try_from(tally.last.saturating_duration_since(scheduled).as_nanos())
+                            .unwrap_or(MAX_LATENCY_NS);
+                    tally.hist.saturating_record(ns.max(1));
+                }
+            }
+            let _ = reader.get_ref().shutdown(Shutdown::Both);
+            Ok(tally)
+        });
+        handles.push((writer, reader));
+    }
+    let mut total = HttpTally::new()?;
+    total.last = start;
+    for (writer, reader) in handles {
+        let t = join(reader, "http reader")?;
+        join(writer, "http writer")?;
+        total.hist.add(&t.hist).context("merging histograms")?;
+        total.last = total.last.max(t.last);
+        total.body_bytes += t.body_bytes;
+        for (status, n) in t.statuses {
+            *total.statuses.entry(status).or_default() += n;
+        }
+    }
+    let secs = total.last.saturating_duration_since(start).as_secs_f64();
+    let responses: u64 = total.statuses.values().sum();
+    let ok = total.statuses.get(&200).copied().unwrap_or(0);
+    let mut out = percentiles_us(&total.hist);
+    out["conns"] = json!(conns);
+    out["rate"] = json!(rate);
+    out["secs"] = json!(secs);
+    out["responses"] = json!(responses);
+    out["ok"] = json!(ok);
+    out["failed"] = json!(responses - ok);
+    out["statuses"] = json!(
+        total
+            .statuses
+            .iter()
+            .map(|(s, n)| (s.to_string(), *n))
+            .collect::<BTreeMap<_, _>>()
+    );
+    out["body_bytes_per_response"] = json!(total.body_bytes as f64 / responses.max(1) as f64);
+    out["achieved_rps"] = json!(responses as f64 / secs.max(1e-9));
+    out["hist"] = histogram_buckets(&total.hist);
+    Ok(out)
+}
+
+/// What one connection of [`http`] saw.
+struct HttpTally {
+    hist: Histogram<u64>,
+    statuses: BTreeMap<u16, u64>,
+    body_bytes: u64,
+    last: Instant,
+}
+
+impl HttpTally {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            hist: new_histogram()?,
+            statuses: BTreeMap::new(),
+            body_bytes: 0,
+            last: Instant::now(),
+        })
+    }
+}
+
+/// One GET at a time to `to` until one is answered `200` or `within` has passed: the
+/// orchestrator's check that a freshly configured path (a waypoint learning its Services
+/// from the controller) serves before anything is timed.
+pub fn http_probe(to: SocketAddr, within: Duration) -> Result<Value> {
+    let started = Instant::now();
+    let deadline = started + within;
+    let request = http_request(to);
+    let mut attempts: u64 = 0;
+    let mut last = String::new();
+    // Bounded by the deadline: every attempt is bounded by the socket timeouts.
+    while Instant::now() < deadline {
+        attempts += 1;
+        let attempt = connect_blocking(to).and_then(|s| {
+            (&s).write_all(&request).context("sending the request")?;
+            let mut reader = BufReader::new(&s);
+            read_response(&mut reader, &mut Vec::new())
+        });
+        match attempt {
+            Ok((200, _)) => {
+                return Ok(json!({
+                    "attempts": attempts,
+                    "secs": started.elapsed().as_secs_f64(),
+                }));
+            }
+            Ok((status, _)) => last = format!("status {status}"),
+            Err(e) => last = format!("{e:#}"),
+        }
+        thread::sleep(PROBE_PAUSE);
+    }
+    bail!("no 200 from {to} within {within:?} ({attempts} attempts); last: {last}")
+}
+
+/// The request every HTTP test sends: a GET without a body on a keep-alive connection.
+fn http_request(to: SocketAddr) -> Vec<u8> {
+    format!("GET {HTTP_PATH} HTTP/1.1\r\nHost: {to}\r\nUser-Agent: trellis-bench\r\n\r\n")
+        .into_bytes()
+}
+
+/// Reads one HTTP/1.1 response (head, then a `Content-Length` or chunked body, discarded);
+/// returns its status and body length. `line` is a scratch buffer.
+fn read_response(r: &mut impl BufRead, line: &mut Vec<u8>) -> Result<(u16, u64)> {
+    read_line(r, line).context("status line")?;
+    let status_line = String::from_utf8_lossy(line);
+    let status: u16 = status_line
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("bad status line {:?}", status_line.trim_end()))?;
+    let (mut length, mut chunked, mut ended) = (None, false, false);
+    for _ in 0..HTTP_MAX_HEADERS {
+        read_line(r, line).context("header line")?;
+        if line.as_slice() == b"\r\n" || line.as_slice() == b"\n" {
+            ended = true;
+            break;
+        }
+        let text = String::from_utf8_lossy(line);
+        let Some((name, value)) = text.split_once(':') else {
+            bail!("bad header line {:?}", text.trim_end());
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            length = Some(
+                value
+                    .parse::<u64>()
+                    .with_context(|| format!("bad content-length {value:?}"))?,
+            );
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value.to_ascii_lowercase().ends_with("chunked");
+        }
+    }
+    ensure!(ended, "more than {HTTP_MAX_HEADERS} header lines");
+    ensure!(
+        !(100..200).contains(&status),
+        "unexpected interim response {status}"
+    );
+    let body = if chunked {
+        read_chunked(r, line)?
+    } else if let Some(n) = length {
+        discard(r, n)?;
+        n
+    } else if matches!(status, 204 | 304) {
+        0
+    } else {
+        bail!("response {status} has neither content-length nor chunked encoding");
+    };
+    Ok((status, body))
+}
+
+/// Reads and discards a chunked body and its trailers; returns the body length.
+fn read_chunked(r: &mut impl BufRead, line: &mut Vec<u8>) -> Result<u64> {
+    let mut total = 0;
+    for _ in 0..HTTP_MAX_CHUNKS {
+        read_line(r, line).context("chunk size")?;
+        let text = String::from_utf8_lossy(line);
+        let size = text.split(';').next().unwrap_or_default().trim();
+        let size = u64::from_str_radix(size, 16)
+            .with_context(|| format!("bad chunk size {:?}", text.trim_end()))?;
+        if size == 0 {
+            for _ in 0..HTTP_MAX_HEADERS {
+                read_line(r, line).context("trailer")?;
+                if line.as_slice() == b"\r\n" || line.as_slice() == b"\n" {
+                    return Ok(total);
+                }
+            }
+            bail!("more than {HTTP_MAX_HEADERS} trailer lines");
+        }
+        discard(r, size)?;
+        read_line(r, line).context("end of chunk")?;
+        total += size;
+    }
+    bail!("more than {HTTP_MAX_CHUNKS} chunks in one response")
+}
+
+/// One line (up to and with its `\n`) into `line`; fails on EOF or an overlong line.
+fn read_line(r: &mut impl BufRead, line: &mut Vec<u8>) -> Result<()> {
+    line.clear();
+    let n = r
+        .by_ref()
+        .take(HTTP_MAX_LINE)
+        .read_until(b'\n', line)
+        .context("reading")?;
+    ensure!(n > 0, "connection closed");
+    ensure!(
+        line.ends_with(b"\n"),
+        "line longer than {HTTP_MAX_LINE} bytes or cut short"
+    );
+    Ok(())
+}
+
+fn discard(r: &mut impl BufRead, n: u64) -> Result<()> {
+    let copied = std::io::copy(&mut r.by_ref().take(n), &mut std::io::sink()).context("body")?;
+    ensure!(copied == n, "body cut short: {copied} of {n} bytes");
+    Ok(())
+}
+
 /// Closed loop of new connections (connect, 1 byte each way, EOF, close) on `conns` threads
 /// for `duration`. The server closes first, so no client port is left in TIME_WAIT.
 pub fn connect(to: SocketAddr, conns: usize, duration: Duration) -> Result<Value> {
@@ -318,5 +586,51 @@ fn join<T>(handle: thread::JoinHandle<Result<T>>, what: &str) -> Result<T> {
     match handle.join() {
         Ok(r) => r.with_context(|| what.to_owned()),
         Err(_) => bail!("{what} thread panicked"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(bytes: &[u8]) -> Result<(u16, u64)> {
+        read_response(&mut &bytes[..], &mut Vec::new())
+    }
+
+    #[test]
+    fn reads_pipelined_responses_in_order() {
+        let two = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloHTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+        let mut r = &two[..];
+        let mut line = Vec::new();
+        assert_eq!(read_response(&mut r, &mut line).expect("first"), (200, 5));
+        assert_eq!(read_response(&mut r, &mut line).expect("second"), (503, 0));
+        assert!(r.is_empty(), "both responses consumed exactly");
+    }
+
+    #[test]
+    fn reads_chunked_bodies_with_trailers() {
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4;ext=1\r\nabcd\r\n2\r\nef\r\n0\r\nx-trailer: 1\r\n\r\n";
+        assert_eq!(parse(chunked).expect("chunked"), (200, 6));
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_frame() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\n\r\n"[..],
+            b"HTTP/1.1 abc OK\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n",
+            b"",
+        ] {
+            assert!(
+                parse(bad).is_err(),
+                "{:?} parsed",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
+            parse(b"HTTP/1.1 204 No Content\r\n\r\n").expect("204"),
+            (204, 0)
+        );
     }
 }

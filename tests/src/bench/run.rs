@@ -1,5 +1,5 @@
-//! The orchestrator: testbed, servers, the three configurations round by round, and the
-//! CPU and memory samples of the proxy processes around each load run.
+//! The orchestrator: testbed, servers, the configurations round by round, and the CPU and
+//! memory samples of the proxy processes around each load run.
 //!
 //! Topology (ports fixed so the relay maps are static):
 //!
@@ -9,7 +9,15 @@
 //! relay floor:  pod-0-0 -> relay A (node 0 gateway :1700x) -> relay B (node 1 LAN :1700x) -> pod-1-0
 //!               pod-0-0 -> relay A (node 0 gateway :1701x) -> pod-0-1
 //! Trellis:      pod-0-0 dials the server pod; the eBPF redirect and HBONE do the rest
+//! waypoint:     pod-0-0 dials Service VIP 10.96.0.80:80 (-> pod-1-0:5004), whose namespace
+//!               uses the waypoint in pod-1-1: agent 0 -> HBONE -> waypoint (HTTP parsed,
+//!               routed) -> HBONE as the waypoint -> agent 1 -> pod-1-0   (HTTP test only)
 //! ```
+//!
+//! The HTTP test (`cross-node-http`, alias `l7`) runs in no mesh, Trellis (L4: agents only) and
+//! the waypoint configuration (control-plane mode: controller, agents on its feed, and
+//! `mesh-node waypoint`); the other tests run in no mesh, the relay floor and Trellis. A
+//! configuration none of the selected tests runs in is not started at all.
 //!
 //! Trellis is torn down after each of its turns with `mesh-node agent --uninstall`, so the
 //! next no-mesh turn runs with no program attached at all.
@@ -21,7 +29,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
-use crate::mesh::{Mesh, MeshOptions};
+use crate::mesh::waypoint::{USE_WAYPOINT_LABEL, Waypoint};
+use crate::mesh::{Mesh, MeshOptions, NAMESPACE};
 use crate::testbed::{Proc, SpawnOptions, Testbed};
 
 use super::report::{self, Run};
@@ -30,6 +39,23 @@ use super::report::{self, Run};
 const SINK_PORT: u16 = 5001;
 const ECHO_PORT: u16 = 5002;
 const ONE_PORT: u16 = 5003;
+const HTTP_PORT: u16 = 5004;
+/// Every server port, in the order the relay maps them (relay port = base + index).
+const SERVER_PORTS: [(u16, &str); 4] = [
+    (SINK_PORT, "sink"),
+    (ECHO_PORT, "echo"),
+    (ONE_PORT, "one"),
+    (HTTP_PORT, "http"),
+];
+/// The waypoint configuration: the Gateway's name, the Service the HTTP test dials through it
+/// (a VIP from the range no testbed route uses, see `mesh::service`) and its port.
+const WAYPOINT_NAME: &str = "bench-waypoint";
+const HTTP_SERVICE: &str = "bench-http";
+const HTTP_VIP: [u8; 4] = [10, 96, 0, 80];
+const HTTP_SERVICE_PORT: u16 = 80;
+/// How long the waypoint configuration may take to route the Service once everything is up
+/// (the controller's feed reaching agent 0 and the waypoint).
+const WAYPOINT_ROUTE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Relay ports: cross-node chain (relay A and B) and same-node (relay A only).
 const RELAY_CROSS_BASE: u16 = 17000;
 const RELAY_SAME_BASE: u16 = 17010;
@@ -44,6 +70,10 @@ const USER_HZ: f64 = 100.0;
 pub const RR_RATE: u64 = 1000;
 pub const RR_CONNS: usize = 4;
 pub const RR_SIZE: usize = 1024;
+/// HTTP test (issue 7): GETs of a 1 KiB body ([`super::serve::HTTP_BODY`]) at 1000 rps over
+/// 4 keep-alive connections, like the request/response test.
+pub const HTTP_RATE: u64 = 1000;
+pub const HTTP_CONNS: usize = 4;
 /// Concurrent loops of the connection-rate test.
 pub const CONNECT_LOOPS: usize = 4;
 /// Established, silent connections held open to measure what an idle connection costs the
@@ -65,16 +95,24 @@ pub struct RunOptions {
     pub only: Vec<String>,
 }
 
-/// The three ways the same traffic crosses the testbed.
+/// The ways the same traffic crosses the testbed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Config {
     NoMesh,
     Relay,
+    /// Trellis at L4: the agents only (static configuration).
     Trellis,
+    /// Trellis with a waypoint on the path (control-plane mode); HTTP test only.
+    Waypoint,
 }
 
 impl Config {
-    pub const ALL: [Config; 3] = [Config::NoMesh, Config::Relay, Config::Trellis];
+    pub const ALL: [Config; 4] = [
+        Config::NoMesh,
+        Config::Relay,
+        Config::Trellis,
+        Config::Waypoint,
+    ];
 
     /// The JSON key.
     pub fn key(self) -> &'static str {
@@ -82,6 +120,7 @@ impl Config {
             Config::NoMesh => "no_mesh",
             Config::Relay => "relay",
             Config::Trellis => "trellis",
+            Config::Waypoint => "waypoint",
         }
     }
 }
@@ -109,10 +148,18 @@ pub enum Test {
     Bulk8,
     Rr,
     Connect,
+    /// HTTP/1.1 GETs through the L7 path (issue 7).
+    Http,
 }
 
 impl Test {
-    pub const ALL: [Test; 4] = [Test::Bulk1, Test::Bulk8, Test::Rr, Test::Connect];
+    pub const ALL: [Test; 5] = [
+        Test::Bulk1,
+        Test::Bulk8,
+        Test::Rr,
+        Test::Connect,
+        Test::Http,
+    ];
 
     pub fn key(self) -> &'static str {
         match self {
@@ -120,6 +167,15 @@ impl Test {
             Test::Bulk8 => "bulk8",
             Test::Rr => "rr",
             Test::Connect => "connect",
+            Test::Http => "http",
+        }
+    }
+
+    /// Another name `--only` matches (`cross-node-l7`).
+    fn alias(self) -> Option<&'static str> {
+        match self {
+            Test::Http => Some("l7"),
+            _ => None,
         }
     }
 
@@ -128,7 +184,24 @@ impl Test {
             Test::Bulk1 | Test::Bulk8 => SINK_PORT,
             Test::Rr => ECHO_PORT,
             Test::Connect => ONE_PORT,
+            Test::Http => HTTP_PORT,
         }
+    }
+
+    /// The configurations the test runs in: the byte-stream tests compare Trellis with the
+    /// relay floor; the HTTP test compares Trellis at L4 with Trellis through a waypoint (a
+    /// waypoint speaks HTTP only, and the relay adds nothing an L4 comparison lacks).
+    pub fn runs_in(self, config: Config) -> bool {
+        match self {
+            Test::Http => config != Config::Relay,
+            _ => config != Config::Waypoint,
+        }
+    }
+
+    /// The scenarios the test runs in: a waypoint is measured cross-node only (on one node
+    /// the waypoint's two hops would stay on that node, which no deployment can count on).
+    fn runs_on(self, scenario: Scenario) -> bool {
+        self != Test::Http || scenario == Scenario::CrossNode
     }
 }
 
@@ -138,6 +211,7 @@ struct Durations {
     bulk: Duration,
     rr: Duration,
     connect: Duration,
+    http: Duration,
 }
 
 impl Durations {
@@ -147,12 +221,14 @@ impl Durations {
                 bulk: Duration::from_secs(1),
                 rr: Duration::from_secs(2),
                 connect: Duration::from_secs(1),
+                http: Duration::from_secs(2),
             }
         } else {
             Self {
                 bulk: Duration::from_secs(5),
                 rr: Duration::from_secs(10),
                 connect: Duration::from_secs(5),
+                http: Duration::from_secs(10),
             }
         }
     }
@@ -162,6 +238,7 @@ impl Durations {
             Test::Bulk1 | Test::Bulk8 => self.bulk,
             Test::Rr => self.rr,
             Test::Connect => self.connect,
+            Test::Http => self.http,
         }
     }
 }
@@ -172,15 +249,23 @@ pub fn select(only: &[String]) -> Result<Vec<(Scenario, Test)>> {
         .iter()
         .flat_map(|&s| Test::ALL.iter().map(move |&t| (s, t)));
     let selected: Vec<_> = all
+        .filter(|(s, t)| t.runs_on(*s))
         .filter(|(s, t)| {
-            let name = format!("{}-{}", s.key(), t.key());
-            only.is_empty() || only.iter().any(|o| name.contains(o.as_str()))
+            let names: Vec<String> = std::iter::once(t.key())
+                .chain(t.alias())
+                .map(|k| format!("{}-{k}", s.key()))
+                .collect();
+            only.is_empty()
+                || only
+                    .iter()
+                    .any(|o| names.iter().any(|n| n.contains(o.as_str())))
         })
         .collect();
     if selected.is_empty() {
         bail!(
             "--only {only:?} selects no test; names are SCENARIO-TEST with SCENARIO cross-node or \
-             same-node and TEST bulk1, bulk8, rr or connect"
+             same-node and TEST bulk1, bulk8, rr or connect, or cross-node-http (alias \
+             cross-node-l7)"
         );
     }
     Ok(selected)
@@ -204,8 +289,7 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
         .build()
         .context("building the testbed")?;
     let listen = |ip: IpAddr| {
-        [(SINK_PORT, "sink"), (ECHO_PORT, "echo"), (ONE_PORT, "one")]
-            .map(|(port, mode)| format!("{}={mode}", SocketAddr::new(ip, port)))
+        SERVER_PORTS.map(|(port, mode)| format!("{}={mode}", SocketAddr::new(ip, port)))
     };
     let mut servers = Vec::new();
     for pod in [tb.pod(1, 0), tb.pod(0, 1)] {
@@ -221,17 +305,27 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
         )?);
     }
 
+    // Only the configurations a selected test runs in; the order rotates per round.
+    let configs: Vec<Config> = Config::ALL
+        .into_iter()
+        .filter(|c| selected.iter().any(|(_, t)| t.runs_in(*c)))
+        .collect();
     let mut runs: Vec<Run> = Vec::new();
     let mut memory: Vec<Value> = Vec::new();
     for round in 0..opts.rounds {
-        for c in 0..Config::ALL.len() {
-            let config = Config::ALL[(round + c) % Config::ALL.len()];
+        for c in 0..configs.len() {
+            let config = configs[(round + c) % configs.len()];
             let active = Active::start(&tb, config, &exe)
                 .with_context(|| format!("starting {}", config.key()))?;
             let pids = active.proxy_pids();
+            let waypoint_pids: Vec<u32> = active.waypoint_pid().into_iter().collect();
             let rss_idle = rss_bytes(&pids, "VmRSS:")?;
             let anon_idle = rss_bytes(&pids, "RssAnon:")?;
-            let idle_conn_bytes = if pids.is_empty() {
+            let waypoint_rss_idle = rss_bytes(&waypoint_pids, "VmRSS:")?;
+            let waypoint_anon_idle = rss_bytes(&waypoint_pids, "RssAnon:")?;
+            // The idle-connection cost is the agents' (or relays'); the waypoint configuration
+            // runs the same agents and carries HTTP only.
+            let idle_conn_bytes = if pids.is_empty() || config == Config::Waypoint {
                 None
             } else {
                 Some(
@@ -239,8 +333,8 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
                         .with_context(|| format!("round {} {} idle", round + 1, config.key()))?,
                 )
             };
-            for &(scenario, test) in &selected {
-                let run = measure(&tb, &exe, config, scenario, test, durations, &pids)
+            for &(scenario, test) in selected.iter().filter(|(_, t)| t.runs_in(config)) {
+                let run = measure(&tb, &exe, config, scenario, test, durations, &active)
                     .with_context(|| {
                         format!(
                             "round {} {} {}-{}",
@@ -264,7 +358,7 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
             let rss_after = rss_bytes(&pids, "VmRSS:")?;
             let anon_after = rss_bytes(&pids, "RssAnon:")?;
             if !pids.is_empty() {
-                memory.push(json!({
+                let mut sample = json!({
                     "round": round,
                     "config": config.key(),
                     "rss_idle_bytes": rss_idle,
@@ -272,7 +366,16 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
                     "rss_anon_idle_bytes": anon_idle,
                     "rss_anon_after_load_bytes": anon_after,
                     "idle_conn_bytes": idle_conn_bytes,
-                }));
+                });
+                if !waypoint_pids.is_empty() {
+                    sample["waypoint_rss_idle_bytes"] = json!(waypoint_rss_idle);
+                    sample["waypoint_rss_anon_idle_bytes"] = json!(waypoint_anon_idle);
+                    sample["waypoint_rss_after_load_bytes"] =
+                        json!(rss_bytes(&waypoint_pids, "VmRSS:")?);
+                    sample["waypoint_rss_anon_after_load_bytes"] =
+                        json!(rss_bytes(&waypoint_pids, "RssAnon:")?);
+                }
+                memory.push(sample);
             }
             active
                 .stop(&tb)
@@ -291,6 +394,10 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
         "rr_conns": RR_CONNS,
         "rr_size": RR_SIZE,
         "connect_loops": CONNECT_LOOPS,
+        "http_secs": durations.http.as_secs_f64(),
+        "http_rate": HTTP_RATE,
+        "http_conns": HTTP_CONNS,
+        "http_body_bytes": super::serve::HTTP_BODY,
         "bench_build": if cfg!(debug_assertions) { "debug" } else { "release" },
     });
     let report = report::build(&runs, &memory, settings, machine())?;
@@ -300,7 +407,7 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
     Ok(report)
 }
 
-/// One load run with the proxies' CPU time around it.
+/// One load run with the proxies' CPU time around it (the waypoint's apart from the agents').
 fn measure(
     tb: &Testbed,
     exe: &str,
@@ -308,8 +415,10 @@ fn measure(
     scenario: Scenario,
     test: Test,
     durations: Durations,
-    pids: &[u32],
+    active: &Active<'_>,
 ) -> Result<Run> {
+    let pids = active.proxy_pids();
+    let waypoint_pids: Vec<u32> = active.waypoint_pid().into_iter().collect();
     let to = target(tb, config, scenario, test).to_string();
     let duration = durations.of(test);
     let secs = format!("{}", duration.as_secs_f64());
@@ -333,14 +442,23 @@ fn measure(
             "--conns".into(),
             CONNECT_LOOPS.to_string(),
         ]),
+        Test::Http => cmd.extend([
+            "http".into(),
+            "--conns".into(),
+            HTTP_CONNS.to_string(),
+            "--rate".into(),
+            HTTP_RATE.to_string(),
+        ]),
     }
     cmd.extend(["--to".into(), to, "--secs".into(), secs]);
 
-    let cpu_before = cpu_seconds(pids)?;
+    let cpu_before = cpu_seconds(&pids)?;
+    let waypoint_before = cpu_seconds(&waypoint_pids)?;
     let started = Instant::now();
     let out = tb.run(tb.pod(0, 0), &cmd, duration + RUN_SLACK)?;
     let wall = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pids)? - cpu_before;
+    let cpu = cpu_seconds(&pids)? - cpu_before;
+    let waypoint_cpu = cpu_seconds(&waypoint_pids)? - waypoint_before;
     let result = out.ok_json()?;
     Ok(Run {
         round: 0,
@@ -349,6 +467,7 @@ fn measure(
         test,
         wall_secs: wall,
         proxy_cpu_secs: (!pids.is_empty()).then_some(cpu),
+        waypoint_cpu_secs: (!waypoint_pids.is_empty()).then_some(waypoint_cpu),
         result,
     })
 }
@@ -387,7 +506,10 @@ fn target(tb: &Testbed, config: Config, scenario: Scenario, test: Test) -> Socke
         Scenario::SameNode => tb.pod(0, 1),
     };
     match config {
-        Config::NoMesh | Config::Trellis => SocketAddr::new(server.ip4.into(), test.port()),
+        Config::Waypoint if test == Test::Http => SocketAddr::from((HTTP_VIP, HTTP_SERVICE_PORT)),
+        Config::NoMesh | Config::Trellis | Config::Waypoint => {
+            SocketAddr::new(server.ip4.into(), test.port())
+        }
         Config::Relay => {
             let base = match scenario {
                 Scenario::CrossNode => RELAY_CROSS_BASE,
@@ -404,6 +526,7 @@ fn target(tb: &Testbed, config: Config, scenario: Scenario, test: Test) -> Socke
 /// A configuration while it is up.
 struct Active<'tb> {
     mesh: Option<Mesh<'tb>>,
+    waypoint: Option<Waypoint<'tb>>,
     relays: Vec<Proc>,
 }
 
@@ -412,17 +535,20 @@ impl<'tb> Active<'tb> {
         match config {
             Config::NoMesh => Ok(Self {
                 mesh: None,
+                waypoint: None,
                 relays: Vec::new(),
             }),
             Config::Trellis => Ok(Self {
                 mesh: Some(Mesh::start(tb, &MeshOptions::default())?),
+                waypoint: None,
                 relays: Vec::new(),
             }),
+            Config::Waypoint => Self::start_waypoint(tb, exe),
             Config::Relay => {
                 let (a, b) = (tb.node(0), tb.node(1));
                 let mut a_maps = Vec::new();
                 let mut b_maps = Vec::new();
-                for port in [SINK_PORT, ECHO_PORT, ONE_PORT] {
+                for (port, _) in SERVER_PORTS {
                     let offset = port - SINK_PORT;
                     let cross = RELAY_CROSS_BASE + offset;
                     let same = RELAY_SAME_BASE + offset;
@@ -455,9 +581,76 @@ impl<'tb> Active<'tb> {
                         &format!("relay-{}", node.name),
                     )?);
                 }
-                Ok(Self { mesh: None, relays })
+                Ok(Self {
+                    mesh: None,
+                    waypoint: None,
+                    relays,
+                })
             }
         }
+    }
+
+    /// Control-plane mode with a waypoint in pod-1-1 for the whole namespace, and the HTTP
+    /// Service over pod-1-0; returns once a GET through the waypoint is answered.
+    fn start_waypoint(tb: &'tb Testbed, exe: &str) -> Result<Self> {
+        let mut mesh = Mesh::start(
+            tb,
+            &MeshOptions {
+                control_plane: true,
+                ..Default::default()
+            },
+        )?;
+        mesh.write_service(
+            HTTP_SERVICE,
+            &[IpAddr::from(HTTP_VIP)],
+            &[(HTTP_SERVICE_PORT, HTTP_PORT)],
+            &[(tb.pod(1, 0), true)],
+            None,
+        )?;
+        let waypoint = mesh
+            .start_waypoint(WAYPOINT_NAME, tb.pod(1, 1))
+            .context("starting the waypoint")?;
+        mesh.set_namespace_label(NAMESPACE, USE_WAYPOINT_LABEL, Some(WAYPOINT_NAME))?;
+        let through = format!("{NAMESPACE}/{WAYPOINT_NAME}");
+        mesh.wait_config(0, WAYPOINT_ROUTE_TIMEOUT, |dump| {
+            dump["services"].as_array().is_some_and(|services| {
+                services.iter().any(|s| {
+                    s["name"] == HTTP_SERVICE
+                        && s["waypoint"] == through.as_str()
+                        && s["endpoints"].as_array().map(Vec::len) == Some(1)
+                })
+            })
+        })
+        .context("agent 0 sending the HTTP Service through the waypoint")?;
+        // Agent 0 knowing the route is not enough: the waypoint learns the Service from its own
+        // stream and refuses tunnels for destinations it does not know yet.
+        let vip = SocketAddr::from((HTTP_VIP, HTTP_SERVICE_PORT)).to_string();
+        let secs = WAYPOINT_ROUTE_TIMEOUT.as_secs().to_string();
+        tb.run(
+            tb.pod(0, 0),
+            &[
+                exe,
+                "load",
+                "http-probe",
+                "--to",
+                vip.as_str(),
+                "--secs",
+                secs.as_str(),
+            ],
+            WAYPOINT_ROUTE_TIMEOUT + RUN_SLACK,
+        )?
+        .ok_json()
+        .with_context(|| {
+            format!(
+                "a GET through the waypoint\nwaypoint log:\n{}",
+                waypoint.log_text()
+            )
+        })?;
+        Ok(Self {
+            mesh: Some(mesh),
+            waypoint: Some(waypoint),
+            relays: Vec::new(),
+        })
     }
 
     /// The processes whose CPU and memory count as the proxy's.
@@ -468,9 +661,16 @@ impl<'tb> Active<'tb> {
         }
     }
 
+    /// The waypoint process, whose CPU and memory are reported apart from the agents'.
+    fn waypoint_pid(&self) -> Option<u32> {
+        self.waypoint.as_ref().map(|w| w.process.pid())
+    }
+
     /// Stops the proxies; for Trellis also detaches the datapath, so nothing is redirected.
     fn stop(self, tb: &Testbed) -> Result<()> {
         drop(self.relays);
+        // Before the agents and the controller: it would only log their absence.
+        drop(self.waypoint);
         let Some(mesh) = self.mesh else {
             return Ok(());
         };

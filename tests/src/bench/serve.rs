@@ -4,7 +4,9 @@
 //! - `sink`: read to EOF, answer with the byte count (8 bytes, little endian), close;
 //! - `echo`: send every byte back until EOF, then shut down writing;
 //! - `one`: echo one byte and close at once, so the server side closes first and the client
-//!   never holds a port in TIME_WAIT during the connection-rate run.
+//!   never holds a port in TIME_WAIT during the connection-rate run;
+//! - `http`: HTTP/1.1 (hyper, keep-alive, pipelined requests answered in order): every request
+//!   gets `200` with a fixed [`HTTP_BODY`]-byte body from one shared buffer.
 //!
 //! The relay is the floor any userspace proxy pays: accept, dial, `copy_bidirectional` with
 //! the same maximum buffer size as Trellis (256 KiB), no TLS, no framing.
@@ -14,6 +16,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,6 +31,10 @@ const RELAY_BUF: usize = 256 * 1024;
 const IDLE: Duration = Duration::from_secs(120);
 /// How long the relay waits for its upstream to accept.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Body size of every `http` response (issue 7: a small response, 1 KiB).
+pub const HTTP_BODY: usize = 1024;
+/// Largest request head the `http` server reads (hyper's smallest allowed buffer).
+const HTTP_MAX_HEAD: usize = 8192;
 
 /// What a server listener does with each connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +42,7 @@ pub enum Mode {
     Sink,
     Echo,
     One,
+    Http,
 }
 
 /// `ADDR=MODE` for [`serve`].
@@ -52,7 +62,8 @@ impl FromStr for Listen {
             "sink" => Mode::Sink,
             "echo" => Mode::Echo,
             "one" => Mode::One,
-            other => return Err(format!("unknown mode {other:?} (sink, echo, one)")),
+            "http" => Mode::Http,
+            other => return Err(format!("unknown mode {other:?} (sink, echo, one, http)")),
         };
         let addr = addr
             .parse()
@@ -95,8 +106,11 @@ pub async fn serve(listens: Vec<Listen>) -> Result<()> {
         listeners.push((listener, l.mode));
     }
     println!("{}", json!({"listening": true}));
+    // Built once: every response body is a cheap clone of the same bytes.
+    let body = Bytes::from(vec![b'x'; HTTP_BODY]);
     let mut tasks = tokio::task::JoinSet::new();
     for (listener, mode) in listeners {
+        let body = body.clone();
         tasks.spawn(async move {
             loop {
                 let (conn, _) = match listener.accept().await {
@@ -108,8 +122,9 @@ pub async fn serve(listens: Vec<Listen>) -> Result<()> {
                         continue;
                     }
                 };
+                let body = body.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle(conn, mode).await {
+                    if let Err(e) = handle(conn, mode, body).await {
                         eprintln!("bench serve ({mode:?}): {e:#}");
                     }
                 });
@@ -120,9 +135,10 @@ pub async fn serve(listens: Vec<Listen>) -> Result<()> {
     bail!("every listener stopped")
 }
 
-async fn handle(mut conn: TcpStream, mode: Mode) -> Result<()> {
+async fn handle(mut conn: TcpStream, mode: Mode, body: Bytes) -> Result<()> {
     conn.set_nodelay(true)?;
     match mode {
+        Mode::Http => serve_http(conn, body).await?,
         Mode::Sink => {
             let mut buf = vec![0u8; BUF];
             let mut total: u64 = 0;
@@ -155,6 +171,29 @@ async fn handle(mut conn: TcpStream, mode: Mode) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// HTTP/1.1 on one connection until the client closes it (or stays silent for [`IDLE`]).
+async fn serve_http(conn: TcpStream, body: Bytes) -> Result<()> {
+    let service = hyper::service::service_fn(move |_req| {
+        let body = body.clone();
+        async move {
+            let mut response = hyper::Response::new(Full::new(body));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/octet-stream"),
+            );
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(IDLE)
+        .max_buf_size(HTTP_MAX_HEAD)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(conn), service)
+        .await
+        .context("serving HTTP/1.1")
 }
 
 async fn idle<T>(fut: impl Future<Output = std::io::Result<T>>) -> Result<T> {

@@ -16,7 +16,7 @@ use serde_json::Value;
 #[derive(Parser, Debug)]
 #[command(
     name = "bench",
-    about = "Trellis against no mesh and a userspace relay floor"
+    about = "Trellis against no mesh, a userspace relay floor and (HTTP) a waypoint"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -37,11 +37,11 @@ enum Command {
         #[arg(long, default_value = "target/bench/latest.json")]
         json: PathBuf,
         /// Only tests whose SCENARIO-TEST name contains this (repeatable), e.g.
-        /// `same-node-rr`, `cross-node`, `bulk`.
+        /// `same-node-rr`, `cross-node`, `bulk`, `cross-node-http` (alias `l7`).
         #[arg(long)]
         only: Vec<String>,
     },
-    /// Servers: `--listen ADDR=sink|echo|one`, repeatable.
+    /// Servers: `--listen ADDR=sink|echo|one|http`, repeatable.
     Serve {
         #[arg(long, required = true)]
         listen: Vec<serve::Listen>,
@@ -88,6 +88,24 @@ enum Load {
         to: SocketAddr,
         #[arg(long)]
         conns: usize,
+        #[arg(long)]
+        secs: f64,
+    },
+    /// Open-loop HTTP/1.1 GETs against an `http` server (or a path to one).
+    Http {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = run::HTTP_CONNS)]
+        conns: usize,
+        #[arg(long, default_value_t = run::HTTP_RATE)]
+        rate: u64,
+        #[arg(long)]
+        secs: f64,
+    },
+    /// One GET at a time until one is answered 200, for at most SECS.
+    HttpProbe {
+        #[arg(long)]
+        to: SocketAddr,
         #[arg(long)]
         secs: f64,
     },
@@ -165,6 +183,13 @@ fn main_inner(command: Command) -> Result<Option<Value>> {
             } => load::rr(to, conns, rate, size, secs(s)?).map(Some),
             Load::Connect { to, conns, secs: s } => load::connect(to, conns, secs(s)?).map(Some),
             Load::Hold { to, conns, secs: s } => load::hold(to, conns, secs(s)?).map(Some),
+            Load::Http {
+                to,
+                conns,
+                rate,
+                secs: s,
+            } => load::http(to, conns, rate, secs(s)?).map(Some),
+            Load::HttpProbe { to, secs: s } => load::http_probe(to, secs(s)?).map(Some),
         },
     }
 }

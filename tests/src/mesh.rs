@@ -63,6 +63,8 @@ pub struct MeshOptions {
     /// Control plane mode: pods (node, index) that get no manifest at all (a test can add one
     /// later with [`Mesh::write_pod`]).
     pub absent: Vec<(usize, usize)>,
+    /// The agents' same-node fast path (`datapath.fast_path`), off by default as in production.
+    pub fast_path: bool,
 }
 
 impl Default for MeshOptions {
@@ -74,6 +76,7 @@ impl Default for MeshOptions {
             certificate_ttl_secs: 24 * 3600,
             control_plane: false,
             absent: Vec::new(),
+            fast_path: false,
         }
     }
 }
@@ -745,6 +748,7 @@ fn agent_defaults(node: &crate::testbed::Node, options: &MeshOptions) -> AgentCo
             pin_dir: node.bpf_pin_dir.clone(),
             excluded_ports: Vec::new(),
             excluded_cidrs: Vec::new(),
+            fast_path: options.fast_path,
         },
         outbound: OutboundConfig {
             unknown_destination: options.unknown_destination,

@@ -81,6 +81,9 @@ enum Task {
         /// Use debug binaries (quicker to build; the figures are not representative).
         #[arg(long)]
         debug: bool,
+        /// Run the Trellis configurations with the same-node fast path on.
+        #[arg(long)]
+        fast_path: bool,
     },
     /// Create a kind cluster, install the chart and check the mesh end to end.
     KindE2e {
@@ -158,6 +161,7 @@ fn main() -> Result<()> {
             json,
             only,
             debug,
+            fast_path,
         } => {
             // Every binary: the bench starts podexec, mesh-node and itself inside the testbed,
             // and finds them next to itself, so all come from the same profile.
@@ -178,6 +182,9 @@ fn main() -> Result<()> {
             }
             for o in &only {
                 bench.arg("--only").arg(o);
+            }
+            if fast_path {
+                bench.arg("--fast-path");
             }
             run(
                 &mut bench,

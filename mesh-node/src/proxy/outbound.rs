@@ -309,6 +309,7 @@ mod tests {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             authorized: Arc::default(),
+            fast_path: None,
         })
     }
 

@@ -93,6 +93,8 @@ pub struct RunOptions {
     pub json: PathBuf,
     /// Only tests whose `scenario-test` name contains one of these (all when empty).
     pub only: Vec<String>,
+    /// The Trellis configurations run with the same-node fast path on.
+    pub fast_path: bool,
 }
 
 /// The ways the same traffic crosses the testbed.
@@ -315,7 +317,7 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
     for round in 0..opts.rounds {
         for c in 0..configs.len() {
             let config = configs[(round + c) % configs.len()];
-            let active = Active::start(&tb, config, &exe)
+            let active = Active::start(&tb, config, &exe, opts.fast_path)
                 .with_context(|| format!("starting {}", config.key()))?;
             let pids = active.proxy_pids();
             let waypoint_pids: Vec<u32> = active.waypoint_pid().into_iter().collect();
@@ -386,6 +388,7 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
 
     let settings = json!({
         "quick": opts.quick,
+        "fast_path": opts.fast_path,
         "rounds": opts.rounds,
         "bulk_secs": durations.bulk.as_secs_f64(),
         "rr_secs": durations.rr.as_secs_f64(),
@@ -531,7 +534,11 @@ struct Active<'tb> {
 }
 
 impl<'tb> Active<'tb> {
-    fn start(tb: &'tb Testbed, config: Config, exe: &str) -> Result<Self> {
+    fn start(tb: &'tb Testbed, config: Config, exe: &str, fast_path: bool) -> Result<Self> {
+        let options = MeshOptions {
+            fast_path,
+            ..MeshOptions::default()
+        };
         match config {
             Config::NoMesh => Ok(Self {
                 mesh: None,
@@ -539,11 +546,11 @@ impl<'tb> Active<'tb> {
                 relays: Vec::new(),
             }),
             Config::Trellis => Ok(Self {
-                mesh: Some(Mesh::start(tb, &MeshOptions::default())?),
+                mesh: Some(Mesh::start(tb, &options)?),
                 waypoint: None,
                 relays: Vec::new(),
             }),
-            Config::Waypoint => Self::start_waypoint(tb, exe),
+            Config::Waypoint => Self::start_waypoint(tb, exe, options),
             Config::Relay => {
                 let (a, b) = (tb.node(0), tb.node(1));
                 let mut a_maps = Vec::new();
@@ -592,12 +599,12 @@ impl<'tb> Active<'tb> {
 
     /// Control-plane mode with a waypoint in pod-1-1 for the whole namespace, and the HTTP
     /// Service over pod-1-0; returns once a GET through the waypoint is answered.
-    fn start_waypoint(tb: &'tb Testbed, exe: &str) -> Result<Self> {
+    fn start_waypoint(tb: &'tb Testbed, exe: &str, options: MeshOptions) -> Result<Self> {
         let mut mesh = Mesh::start(
             tb,
             &MeshOptions {
                 control_plane: true,
-                ..Default::default()
+                ..options
             },
         )?;
         mesh.write_service(

@@ -40,6 +40,10 @@ enum Command {
         /// `same-node-rr`, `cross-node`, `bulk`, `cross-node-http` (alias `l7`).
         #[arg(long)]
         only: Vec<String>,
+        /// Run the Trellis configurations with the same-node fast path on
+        /// (`datapath.fast_path: true`).
+        #[arg(long)]
+        fast_path: bool,
     },
     /// Servers: `--listen ADDR=sink|echo|one|http`, repeatable.
     Serve {
@@ -153,12 +157,14 @@ fn main_inner(command: Command) -> Result<Option<Value>> {
             rounds,
             json,
             only,
+            fast_path,
         } => {
             let opts = run::RunOptions {
                 quick,
                 rounds: rounds.unwrap_or(if quick { 2 } else { 3 }),
                 json,
                 only,
+                fast_path,
             };
             // The table is the output; the JSON went to the file.
             run::run(&opts).map(|_| None)

@@ -109,7 +109,12 @@ async fn open(
             false,
         )),
         Route::Local(_) | Route::Passthrough => {
-            match connect(addr, inputs.settings.connect_timeout).await {
+            let dialled = if matches!(route, Route::Local(_)) {
+                crate::proxy::connect_local(inputs, addr).await
+            } else {
+                connect(addr, inputs.settings.connect_timeout).await
+            };
+            match dialled {
                 Ok(stream) => Ok(Upstream::Tcp(stream)),
                 Err(e) => Err((
                     "upstream_unreachable",

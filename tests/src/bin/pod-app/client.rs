@@ -1,11 +1,12 @@
 //! `pod-app` clients: send, fetch, echo, http-get, many, peername, and (in submodules)
-//! requests, grpc and attack.
+//! requests, grpc, attack and the splice(2) variants of send and fetch.
 //!
 //! Each returns the JSON to print and whether the result verified.
 
 pub mod attack;
 pub mod grpc;
 pub mod requests;
+pub mod splice;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -53,7 +53,7 @@ use crate::{
     workload::{MeshState, Workload, waypoint::WaypointRef},
 };
 
-pub use config::{Limits, WaypointConfig};
+pub use config::{Limits, TracingConfig, WaypointConfig};
 use l7::{L7, Rejections};
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +66,8 @@ pub enum WaypointError {
     ControlPlane(#[from] channel::ChannelError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Tracing(#[from] trace::export::ExportError),
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -119,6 +121,8 @@ pub struct WaypointInputs {
     pub metrics: Arc<Metrics>,
     pub http: telemetry::HttpMetrics,
     pub limits: Limits,
+    /// Span export, when a collector is configured.
+    pub spans: Option<trace::export::Spans>,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
 }
@@ -186,6 +190,19 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
     let mesh = Arc::new(ArcSwap::from_pointee(MeshState::empty("")));
     let mut metrics = Metrics::new();
     let http = telemetry::HttpMetrics::register(metrics.registry_mut());
+    let (spans, exporter) = match &config.tracing {
+        Some(tracing) => {
+            let source = trace::export::Source {
+                namespace: config.namespace.clone(),
+                gateway: config.gateway.clone(),
+                identity: identity.to_string(),
+            };
+            let (spans, exporter) =
+                trace::export::exporter(tracing, &source, metrics.registry_mut())?;
+            (Some(spans), Some(exporter))
+        }
+        None => (None, None),
+    };
     let metrics = Arc::new(metrics);
     let connect_timeout = Duration::from_millis(config.limits.connect_timeout_ms);
     let l7 = Arc::new(ArcSwap::from_pointee(L7::default()));
@@ -212,9 +229,13 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
         metrics: metrics.clone(),
         http,
         limits: config.limits.clone(),
+        spans,
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
     });
+    // The exporter outlives the drain, so the spans of requests finishing during it go out.
+    let export_stop = CancellationToken::new();
+    let export_task = exporter.map(|exporter| tokio::spawn(exporter.run(export_stop.clone())));
 
     let mut listeners = tokio::task::JoinSet::new();
     listeners.spawn(accept_loop(inputs.clone(), hbone_listener));
@@ -305,6 +326,12 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
             open = tasks.len(),
             "drain deadline reached; closing remaining connections"
         );
+    }
+    export_stop.cancel();
+    if let (Some(task), Some(tracing)) = (export_task, &config.tracing) {
+        // Its final flush is bounded by one export timeout; this only guards against a bug.
+        let bound = Duration::from_millis(tracing.export_timeout_ms) + Duration::from_secs(1);
+        let _ = tokio::time::timeout(bound, task).await;
     }
     tracing::info!("waypoint stopped");
     Ok(())

@@ -1,7 +1,7 @@
 //! L7 behaviour at the waypoint, end to end: Gateway API routing (header match, weighted
 //! split, mirroring, rewrites, redirects, response headers), resilience from `TrafficPolicy`
 //! (retries, timeouts, faults, circuit breaking, outlier ejection, rate limiting), L7
-//! authorization with path normalization and JWT, and gRPC.
+//! authorization with path normalization and JWT, gRPC, and span export to an OTLP collector.
 //!
 //! Each test runs the whole mesh for real (eBPF redirection, agents, controller, the
 //! waypoint process in a testbed pod, mutual TLS on both legs); clients are `pod-app` in a
@@ -890,4 +890,211 @@ fn hostile_http_is_refused_and_other_clients_keep_being_served() {
     );
     served(20);
     assert!(waypoint.process.is_running(), "the waypoint survived");
+}
+
+/// The collector's spans, read from inside its pod.
+fn spans(collector: &Pod) -> Value {
+    let addr = SocketAddr::from(([127, 0, 0, 1], TARGET_PORT));
+    let (status, body) = collector
+        .netns
+        .run(move || mesh_tests::mesh::http_get(addr, "/_spans"))
+        .expect("enter the collector's pod")
+        .expect("GET /_spans");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("spans JSON")
+}
+
+/// Waits (bounded) until the collector holds a span of `trace_id`; returns every span then.
+fn wait_span(collector: &Pod, trace_id: &str) -> Vec<Value> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let all = spans(collector)["spans"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if all.iter().any(|s| s["trace_id"] == trace_id) {
+            return all;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no span of trace {trace_id} after {WAIT:?}: {all:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn traced(tb: &Testbed, client: &Pod, to: SocketAddr, path: &str, traceparent: &str) -> Value {
+    requests(
+        tb,
+        client,
+        to,
+        RequestsOpts {
+            path: path.into(),
+            headers: vec![format!("traceparent: {traceparent}")],
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+fn sampled_requests_are_exported_as_spans_to_an_otlp_collector() {
+    if !e2e_gate("sampled_requests_are_exported_as_spans_to_an_otlp_collector") {
+        return;
+    }
+    let tb = testbed(2);
+    let (client, waypoint_pod, backend, collector_pod) =
+        (tb.pod(0, 0), tb.pod(0, 1), tb.pod(1, 0), tb.pod(1, 1));
+    let mut mesh = Mesh::start(
+        &tb,
+        &MeshOptions {
+            control_plane: true,
+            ..Default::default()
+        },
+    )
+    .expect("mesh");
+    let collector = serve(&tb, collector_pod);
+    // Traces the waypoint starts itself are never sampled here, so only the callers'
+    // decisions count; export fails fast once the collector is gone.
+    let tracing = format!(
+        "tracing:\n  otlp_endpoint: http://{}:{TARGET_PORT}\n  sampling_percent: 0\n  \
+         flush_interval_ms: 100\n  export_timeout_ms: 1000\n",
+        collector_pod.ip4
+    );
+    let waypoint = mesh
+        .start_waypoint_with(WAYPOINT, waypoint_pod, &tracing)
+        .expect("waypoint starts");
+    mesh.set_namespace_label(NAMESPACE, USE_WAYPOINT_LABEL, Some(WAYPOINT))
+        .expect("label namespace");
+    let _backend = serve(&tb, backend);
+    let web = service(&mut mesh, "web", 30, &[backend]);
+
+    // Unsampled: no caller context (the waypoint's own traces sample at 0%), or a caller
+    // that decided not to sample. Sent first: spans leave in order, so once the sampled
+    // request's span has arrived, any of these would have too.
+    let plain = get(&tb, client, web, "/", 10);
+    assert_eq!(count_of(&plain, "statuses", "200"), 10, "{plain}");
+    let unsampled = "00-11111111111111111111111111111111-2222222222222222-00";
+    traced(&tb, client, web, "/", unsampled);
+
+    // Sampled by the caller: one server span, child of the caller's, parent of the backend's.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let sampled = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let answer = traced(&tb, client, web, "/hello", &sampled);
+    let forwarded = answer["last"]["body"]["headers"]["traceparent"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let all = wait_span(collector_pod, trace_id);
+    assert_eq!(
+        all.len(),
+        1,
+        "only the sampled request is exported: {all:?}"
+    );
+    let span = &all[0];
+    assert_eq!(span["parent_span_id"], "00f067aa0ba902b7", "{span}");
+    assert_eq!(
+        forwarded,
+        format!(
+            "00-{trace_id}-{}-01",
+            span["span_id"].as_str().unwrap_or_default()
+        ),
+        "the backend's parent is the exported span"
+    );
+    assert_eq!(span["kind"], 2, "SPAN_KIND_SERVER: {span}");
+    assert_eq!(span["name"], "GET web.default.svc.cluster.local", "{span}");
+    let attributes = &span["attributes"];
+    assert_eq!(attributes["http.request.method"], "GET", "{span}");
+    assert_eq!(attributes["url.path"], "/hello", "{span}");
+    assert_eq!(attributes["http.response.status_code"], 200, "{span}");
+    assert_eq!(
+        attributes["trellis.destination.service"], "web.default.svc.cluster.local",
+        "{span}"
+    );
+    assert_eq!(
+        attributes["trellis.source.principal"],
+        mesh_tests::mesh::spiffe_id(client),
+        "{span}"
+    );
+    assert_eq!(
+        attributes["trellis.upstream"],
+        format!("{}:{TARGET_PORT}", backend.ip4),
+        "{span}"
+    );
+    assert_eq!(
+        span["resource"]["service.name"], "waypoint.default",
+        "{span}"
+    );
+    assert_eq!(span["status_code"], 0, "a 200 is no error: {span}");
+    let (start, end) = (
+        span["start_time_unix_nano"].as_u64().unwrap_or_default(),
+        span["end_time_unix_nano"].as_u64().unwrap_or_default(),
+    );
+    assert!(start > 0 && end >= start, "{span}");
+
+    // A 5xx is an error span.
+    let failing = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let answer = traced(
+        &tb,
+        client,
+        web,
+        "/status/503",
+        &format!("00-{failing}-00f067aa0ba902b7-01"),
+    );
+    assert_eq!(count_of(&answer, "statuses", "503"), 1, "{answer}");
+    let all = wait_span(collector_pod, failing);
+    let span = all
+        .iter()
+        .find(|s| s["trace_id"] == failing)
+        .expect("the failing request's span");
+    assert_eq!(span["status_code"], 2, "STATUS_CODE_ERROR: {span}");
+    assert_eq!(
+        span["attributes"]["http.response.status_code"], 503,
+        "{span}"
+    );
+    let exported = metric_sum(
+        &waypoint.metrics().expect("metrics"),
+        "trellis_spans_exported_total",
+        &[],
+    );
+    assert_eq!(
+        exported, 2.0,
+        "the waypoint counts what the collector accepted"
+    );
+
+    // The collector goes away: requests are served as before, spans are dropped and counted.
+    drop(collector);
+    let after = get(&tb, client, web, "/", 1);
+    assert_eq!(count_of(&after, "statuses", "200"), 1, "{after}");
+    let lost = "6bf92f3577b34da6a3ce929d0e0e4736";
+    let answer = traced(
+        &tb,
+        client,
+        web,
+        "/",
+        &format!("00-{lost}-00f067aa0ba902b7-01"),
+    );
+    assert_eq!(count_of(&answer, "statuses", "200"), 1, "{answer}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let metrics = waypoint.metrics().expect("metrics");
+        if metric_sum(
+            &metrics,
+            "trellis_spans_dropped_total",
+            &[("reason", "export_failed")],
+        ) >= 1.0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no export failure counted: {metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        waypoint.log_text().contains("span export failed"),
+        "the failure is logged with its reason"
+    );
+    let still = get(&tb, client, web, "/", 5);
+    assert_eq!(count_of(&still, "statuses", "200"), 5, "{still}");
 }

@@ -35,6 +35,92 @@ pub struct WaypointConfig {
     pub drain_timeout_secs: u64,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Span export over OTLP; without it, trace context is still propagated and logged.
+    #[serde(default)]
+    pub tracing: Option<TracingConfig>,
+}
+
+/// Where and how the waypoint exports one span per sampled request (OTLP over gRPC).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector's OTLP/gRPC endpoint, `http://host:port` (conventionally port 4317).
+    pub otlp_endpoint: String,
+    /// Share of the traces the waypoint starts itself (requests without a valid
+    /// `traceparent`) that are sampled, in percent. A request that arrives with a trace
+    /// context keeps its caller's sampling decision.
+    #[serde(default = "default_sampling_percent")]
+    pub sampling_percent: f64,
+    /// Spans waiting for export; beyond that, new spans are dropped and counted, so a slow or
+    /// absent collector costs the waypoint a bounded amount of memory and nothing else.
+    #[serde(default = "default_max_queued_spans")]
+    pub max_queued_spans: usize,
+    /// Spans per export request.
+    #[serde(default = "default_max_batch_spans")]
+    pub max_batch_spans: usize,
+    /// Longest a span waits for its batch to fill, in milliseconds.
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    /// One export request, connection included, in milliseconds.
+    #[serde(default = "default_export_timeout_ms")]
+    pub export_timeout_ms: u64,
+}
+
+fn default_sampling_percent() -> f64 {
+    1.0
+}
+fn default_max_queued_spans() -> usize {
+    4096
+}
+fn default_max_batch_spans() -> usize {
+    512
+}
+fn default_flush_interval_ms() -> u64 {
+    1000
+}
+fn default_export_timeout_ms() -> u64 {
+    5000
+}
+
+impl TracingConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let uri: http::Uri = self
+            .otlp_endpoint
+            .parse()
+            .map_err(|e| invalid("tracing.otlp_endpoint", format!("not a URI: {e}")))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(invalid(
+                "tracing.otlp_endpoint",
+                "must be http://host:port (OTLP over gRPC in plaintext, as to a collector \
+                 beside the waypoint)",
+            ));
+        }
+        if !(0.0..=100.0).contains(&self.sampling_percent) {
+            return Err(invalid(
+                "tracing.sampling_percent",
+                "must be within 0..=100",
+            ));
+        }
+        if self.max_queued_spans == 0 || self.max_queued_spans > 1 << 20 {
+            return Err(invalid(
+                "tracing.max_queued_spans",
+                "must be within 1..=1048576",
+            ));
+        }
+        if self.max_batch_spans == 0 || self.max_batch_spans > self.max_queued_spans {
+            return Err(invalid(
+                "tracing.max_batch_spans",
+                "must be positive and at most max_queued_spans",
+            ));
+        }
+        if self.flush_interval_ms == 0 || self.export_timeout_ms == 0 {
+            return Err(invalid(
+                "tracing",
+                "intervals and timeouts must be positive",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -154,6 +240,9 @@ impl WaypointConfig {
         if limits.handshake_timeout_ms == 0 || limits.connect_timeout_ms == 0 {
             return Err(invalid("limits", "timeouts must be positive"));
         }
+        if let Some(tracing) = &self.tracing {
+            tracing.validate()?;
+        }
         Ok(())
     }
 }
@@ -197,5 +286,48 @@ listen:
             WaypointConfig::parse(&tiny),
             Err(ConfigError::Invalid { field, .. }) if field == "limits.max_header_bytes"
         ));
+    }
+
+    #[test]
+    fn tracing_takes_a_plaintext_collector_and_gets_bounded_defaults() {
+        let with = format!("{MINIMAL}tracing:\n  otlp_endpoint: http://10.0.0.9:4317\n");
+        let tracing = WaypointConfig::parse(&with)
+            .expect("valid")
+            .tracing
+            .expect("tracing");
+        assert_eq!(tracing.sampling_percent, 1.0);
+        assert_eq!(tracing.max_queued_spans, 4096);
+        assert!(
+            WaypointConfig::parse(MINIMAL)
+                .expect("valid")
+                .tracing
+                .is_none()
+        );
+
+        for (bad, field) in [
+            ("otlp_endpoint: 10.0.0.9:4317", "tracing.otlp_endpoint"),
+            (
+                "otlp_endpoint: https://collector:4317",
+                "tracing.otlp_endpoint",
+            ),
+            (
+                "otlp_endpoint: http://c:4317\n  sampling_percent: 101",
+                "tracing.sampling_percent",
+            ),
+            (
+                "otlp_endpoint: http://c:4317\n  max_queued_spans: 0",
+                "tracing.max_queued_spans",
+            ),
+            (
+                "otlp_endpoint: http://c:4317\n  max_queued_spans: 10\n  max_batch_spans: 11",
+                "tracing.max_batch_spans",
+            ),
+        ] {
+            let text = format!("{MINIMAL}tracing:\n  {bad}\n");
+            match WaypointConfig::parse(&text) {
+                Err(ConfigError::Invalid { field: got, .. }) => assert_eq!(got, field, "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! sanitize -> trace context -> normalize the path -> authenticate (JWT) -> authorize -> route -> rate limit ->
 //! inject faults -> admit (circuit breaker) -> send, with retries and timeouts -> mirror ->
-//! respond; then one metric sample and one access log event.
+//! respond; then one metric sample, one access log event and, for a sampled trace with a
+//! collector configured, one exported span. All three end at the response head.
 //!
 //! Responses the waypoint makes itself carry a short reason in `response_flags` (metrics)
 //! and in the access log, so an operator can tell a 503 of the waypoint from one of the app:
@@ -27,7 +28,11 @@
 mod plan;
 mod send;
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header, request::Parts};
 use hyper::body::Incoming;
@@ -37,7 +42,10 @@ use super::{
     body::{self, Body},
     l7::L7,
     telemetry::RequestLabels,
-    trace::TraceContext,
+    trace::{
+        TraceContext,
+        export::{Attribute, RequestSpan},
+    },
 };
 use crate::{
     identity::Identity,
@@ -125,6 +133,8 @@ impl Outcome {
 
 pub async fn handle(down: Arc<Downstream>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
+    let started_at = SystemTime::now();
+    let version = req.version();
     let mesh = down.inputs.mesh.load_full();
     let l7 = down.inputs.l7.load_full();
     let method = req.method().clone();
@@ -171,7 +181,65 @@ pub async fn handle(down: Arc<Downstream>, req: Request<Incoming>) -> Response<B
         error = outcome.error.as_deref().unwrap_or_default(),
         "request"
     );
+    if let (Some(spans), Some(trace)) = (&down.inputs.spans, outcome.trace)
+        && trace.sampled()
+    {
+        let name = format!("{method} {}", labels.destination_service_or(&authority));
+        let mut attributes: Vec<(&'static str, Attribute)> = vec![
+            ("http.request.method", method.as_str().into()),
+            ("server.address", authority.as_str().into()),
+            ("url.path", path.as_str().into()),
+            ("network.protocol.version", protocol_version(version).into()),
+            (
+                "http.response.status_code",
+                i64::from(outcome.status.as_u16()).into(),
+            ),
+            ("trellis.response_flags", outcome.flags.into()),
+            ("trellis.source.principal", down.peer.to_string().into()),
+            ("trellis.tries", i64::from(outcome.tries).into()),
+        ];
+        if grpc {
+            attributes.push(("rpc.system", "grpc".into()));
+        }
+        if !labels.destination_service.is_empty() {
+            attributes.push((
+                "trellis.destination.service",
+                labels.destination_service.as_str().into(),
+            ));
+        }
+        if let Some(route) = &outcome.route {
+            attributes.push(("trellis.route", route.as_str().into()));
+        }
+        if let Some(endpoint) = outcome.endpoint {
+            attributes.push(("trellis.upstream", endpoint.to_string().into()));
+        }
+        // Server spans count 5xx as errors; 4xx are the client's.
+        let error = outcome.status.is_server_error().then(|| {
+            outcome
+                .error
+                .clone()
+                .unwrap_or_else(|| format!("upstream answered {}", outcome.status.as_u16()))
+        });
+        spans.record(RequestSpan {
+            trace,
+            name,
+            start: started_at,
+            duration: started.elapsed(),
+            attributes,
+            error,
+        });
+    }
     response
+}
+
+fn protocol_version(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "0.9",
+        http::Version::HTTP_10 => "1.0",
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_3 => "3",
+        _ => "1.1",
+    }
 }
 
 async fn forward(
@@ -183,9 +251,11 @@ async fn forward(
     let mut outcome = Outcome::new(down.target.service.clone());
     let (mut parts, incoming) = req.into_parts();
     sanitize(&mut parts.headers);
+    let spans = down.inputs.spans.as_ref();
     outcome.trace = Some(TraceContext::propagate(
         &mut parts.headers,
         &mut fastrand::Rng::new(),
+        |rng| spans.is_some_and(|s| s.sample_new(rng)),
     ));
 
     // Normalize: the path that policies and routes see is the path the backend receives.

@@ -56,6 +56,15 @@ impl RequestLabels {
         }
     }
 
+    /// The destination Service's hostname, else `fallback` (what the client addressed).
+    pub fn destination_service_or<'a>(&'a self, fallback: &'a str) -> &'a str {
+        if self.destination_service.is_empty() {
+            fallback
+        } else {
+            &self.destination_service
+        }
+    }
+
     pub fn with_destination(mut self, workload: Option<&Workload>) -> Self {
         if let Some(w) = workload {
             self.destination_workload = w.name.clone();

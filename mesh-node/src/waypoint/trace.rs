@@ -1,11 +1,16 @@
-//! W3C Trace Context (`traceparent`, `tracestate`) at the waypoint.
+//! W3C Trace Context (`traceparent`, `tracestate`) at the waypoint, and span export
+//! ([`export`]).
 //!
 //! The waypoint takes part in the trace as one hop: a request that arrives with a valid
 //! `traceparent` keeps its trace id and sampling flags and leaves with the waypoint's own span
 //! id as parent, so the backend's span is a child of the waypoint's; a request without one (or
-//! with one that does not parse) starts a new trace, unsampled, and any `tracestate` is
-//! dropped with the invalid header, as the specification requires. The ids appear in the
-//! access log, which ties a request's log lines to the application's traces.
+//! with one that does not parse) starts a new trace, sampled at the configured rate
+//! (unsampled when no exporter is configured), and any `tracestate` is dropped with the
+//! invalid header, as the specification requires. The ids appear in the access log, which
+//! ties a request's log lines to the application's traces; sampled requests' spans are
+//! exported over OTLP when a collector is configured.
+
+pub mod export;
 
 use std::fmt;
 
@@ -13,6 +18,8 @@ use http::{HeaderMap, HeaderValue};
 
 const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
+/// The `sampled` bit of the trace flags.
+const SAMPLED: u8 = 0x01;
 
 /// The trace context of one request as the waypoint forwards it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,8 +33,13 @@ pub struct TraceContext {
 }
 
 impl TraceContext {
-    /// Reads the client's context from `headers` and replaces it with the one to forward.
-    pub fn propagate(headers: &mut HeaderMap, rng: &mut fastrand::Rng) -> Self {
+    /// Reads the client's context from `headers` and replaces it with the one to forward. A
+    /// new trace is sampled when `sample_new` says so; an existing one keeps its flags.
+    pub fn propagate(
+        headers: &mut HeaderMap,
+        rng: &mut fastrand::Rng,
+        sample_new: impl FnOnce(&mut fastrand::Rng) -> bool,
+    ) -> Self {
         let incoming = headers
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
@@ -53,7 +65,7 @@ impl TraceContext {
                     trace_id,
                     span_id,
                     parent_id: None,
-                    flags: 0,
+                    flags: if sample_new(rng) { SAMPLED } else { 0 },
                 }
             }
         };
@@ -61,6 +73,11 @@ impl TraceContext {
             headers.insert(TRACEPARENT, value);
         }
         context
+    }
+
+    /// Whether the trace is recorded: the span of a sampled request is exported.
+    pub fn sampled(&self) -> bool {
+        self.flags & SAMPLED != 0
     }
 
     pub fn trace_id_hex(&self) -> String {
@@ -152,7 +169,8 @@ mod tests {
         if let Some(s) = state {
             headers.insert(TRACESTATE, HeaderValue::from_str(s).expect("header value"));
         }
-        let context = TraceContext::propagate(&mut headers, &mut fastrand::Rng::with_seed(7));
+        let context =
+            TraceContext::propagate(&mut headers, &mut fastrand::Rng::with_seed(7), |_| false);
         (context, headers)
     }
 
@@ -193,6 +211,28 @@ mod tests {
             assert!(headers.get(TRACESTATE).is_none(), "{bad:?}");
             assert!(parse(headers[TRACEPARENT].to_str().expect("ascii")).is_some());
         }
+    }
+
+    #[test]
+    fn new_traces_follow_the_sampling_decision_and_existing_ones_keep_theirs() {
+        let mut headers = HeaderMap::new();
+        let new = TraceContext::propagate(&mut headers, &mut fastrand::Rng::new(), |_| true);
+        assert!(new.sampled());
+        assert!(
+            headers[TRACEPARENT]
+                .to_str()
+                .expect("ascii")
+                .ends_with("-01")
+        );
+
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        let mut headers = HeaderMap::new();
+        headers.insert(TRACEPARENT, HeaderValue::from_static(unsampled));
+        let kept = TraceContext::propagate(&mut headers, &mut fastrand::Rng::new(), |_| {
+            panic!("a caller's decision is not re-made")
+        });
+        assert!(!kept.sampled());
+        assert!(forward(Some(VALID), None).0.sampled());
     }
 
     #[test]

@@ -189,6 +189,17 @@ impl<'tb> Mesh<'tb> {
     /// pod (label [`GATEWAY_NAME_LABEL`]), starts `mesh-node waypoint` in it and waits until it
     /// is ready. The pod's service account is the waypoint's identity.
     pub fn start_waypoint(&mut self, name: &str, pod: &'tb Pod) -> Result<Waypoint<'tb>> {
+        self.start_waypoint_with(name, pod, "")
+    }
+
+    /// [`Mesh::start_waypoint`] with `extra` appended to its configuration file (top-level
+    /// YAML keys, such as `tracing:`).
+    pub fn start_waypoint_with(
+        &mut self,
+        name: &str,
+        pod: &'tb Pod,
+        extra: &str,
+    ) -> Result<Waypoint<'tb>> {
         let gateway = json!({
             "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
             "metadata": {"name": name, "namespace": NAMESPACE},
@@ -216,7 +227,7 @@ impl<'tb> Mesh<'tb> {
              trust_domain: {TRUST_DOMAIN}\n\
              control_plane:\n  address: \"{controller}\"\n  ca_cert: {ca}\n  token_file: {token}\n\
              listen:\n  hbone: \"[::]:{HBONE_PORT}\"\n  metrics: \"0.0.0.0:{WAYPOINT_METRICS_PORT}\"\n  readiness: \"0.0.0.0:{WAYPOINT_READY_PORT}\"\n\
-             log_format: json\n",
+             log_format: json\n{extra}",
             sa = service_account(pod),
             ca = self.ca_dir.join("ca.pem").display(),
             token = token_file.display(),

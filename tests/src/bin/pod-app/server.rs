@@ -1,5 +1,6 @@
 //! `pod-app serve`: the echo, sink, source, http and l7 servers.
 
+mod collector;
 mod l7;
 
 use std::fmt;

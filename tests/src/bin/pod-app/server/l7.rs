@@ -13,7 +13,9 @@
 //!   `/_seen` itself excepted (so a test can check that mirrored copies arrived);
 //! * `content-type: application/grpc*`: the gRPC health service (`grpc.health.v1.Health`),
 //!   where service `""` is SERVING and service `"toggle"` flips between SERVING and
-//!   NOT_SERVING every [`TOGGLE_EVERY`], so a `Watch` on it streams messages.
+//!   NOT_SERVING every [`TOGGLE_EVERY`], so a `Watch` on it streams messages;
+//! * gRPC to `opentelemetry.proto.collector.trace.v1.TraceService`: an OTLP trace collector
+//!   ([`super::collector`]), whose spans `/_spans` lists.
 //!
 //! A malformed `/status/`, `/delay/` or `/flaky/` path gets 400 with an `error` field, so a
 //! typo in a test fails loudly instead of answering 200.
@@ -41,6 +43,7 @@ use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
+use super::collector::{self, Collector};
 use crate::headers_json;
 
 /// Largest request head: HTTP/1.1 read buffer and HTTP/2 header list.
@@ -150,6 +153,7 @@ pub struct L7 {
     name: Arc<str>,
     counters: Mutex<Counters>,
     health: HealthServer<HealthService>,
+    collector: Collector,
     toggler: JoinHandle<()>,
 }
 
@@ -172,6 +176,7 @@ impl L7 {
             name,
             counters: Mutex::new(Counters::default()),
             health,
+            collector: Collector::default(),
             toggler: tokio::spawn(toggle(reporter)),
         })
     }
@@ -195,10 +200,21 @@ impl L7 {
             .to_owned();
         let uri_path = req.uri().path().to_owned();
         let route = route(&uri_path);
+        if uri_path == "/_spans" {
+            return Ok(reply(StatusCode::OK, &self.collector.json()));
+        }
         if route != Route::Seen {
             self.counters().seen(&path);
         }
         if is_grpc(req.headers()) {
+            if uri_path.starts_with(collector::PATH_PREFIX) {
+                let mut server = self.collector.server();
+                std::future::poll_fn(|cx| {
+                    Service::<Request<Incoming>>::poll_ready(&mut server, cx)
+                })
+                .await?;
+                return server.call(req).await;
+            }
             return self.grpc(req).await;
         }
         let (parts, body) = req.into_parts();

@@ -109,6 +109,28 @@ fn default_root_namespace() -> String {
 }
 
 impl ControlPlaneConfig {
+    /// Checks what an agent or a waypoint needs to reach and trust its controller.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.address
+            .check()
+            .map_err(|reason| invalid("control_plane.address", reason))?;
+        if let Some(name) = &self.server_name
+            && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
+        {
+            return Err(invalid(
+                "control_plane.server_name",
+                format!("{name:?} is not a DNS name or IP address"),
+            ));
+        }
+        if self.ca_cert.as_os_str().is_empty() {
+            return Err(invalid("control_plane.ca_cert", "a PEM file is required"));
+        }
+        if self.token_file.as_os_str().is_empty() {
+            return Err(invalid("control_plane.token_file", "a file is required"));
+        }
+        check_dns_label("control_plane.root_namespace", &self.root_namespace)
+    }
+
     /// The TLS server name to verify the controller's certificate against.
     pub fn server_name(&self) -> String {
         self.server_name
@@ -506,24 +528,7 @@ impl AgentConfig {
     /// Live mode: the mesh comes from the controller, so the file must not describe it.
     fn validate_live(&self, cp: &ControlPlaneConfig) -> Result<(), ConfigError> {
         self.validate_common()?;
-        cp.address
-            .check()
-            .map_err(|reason| invalid("control_plane.address", reason))?;
-        if let Some(name) = &cp.server_name
-            && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
-        {
-            return Err(invalid(
-                "control_plane.server_name",
-                format!("{name:?} is not a DNS name or IP address"),
-            ));
-        }
-        if cp.ca_cert.as_os_str().is_empty() {
-            return Err(invalid("control_plane.ca_cert", "a PEM file is required"));
-        }
-        if cp.token_file.as_os_str().is_empty() {
-            return Err(invalid("control_plane.token_file", "a file is required"));
-        }
-        check_dns_label("control_plane.root_namespace", &cp.root_namespace)?;
+        cp.validate()?;
         if !self.nodes.is_empty() {
             return Err(invalid(
                 "nodes",

@@ -17,6 +17,7 @@ pub mod body;
 pub mod config;
 pub mod forward;
 pub mod l7;
+pub mod manifests;
 pub mod replay;
 pub mod resilience;
 pub mod route;

@@ -224,6 +224,7 @@ impl WaypointConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.identity()?;
+        self.control_plane.validate()?;
         if self.gateway.is_empty() || self.gateway.len() > 253 {
             return Err(invalid("gateway", "must be the Gateway's name"));
         }

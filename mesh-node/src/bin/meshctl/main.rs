@@ -3,7 +3,8 @@
 //! Reads the agent's admin endpoint (loopback on the node, port 15000 by default) and prints
 //! what it holds as tables: workloads, services, certificates and their expiry, the control
 //! plane feed and the datapath. Pointed at a waypoint's admin endpoint, it also shows the
-//! waypoint's routes and traffic policies.
+//! waypoint's routes and traffic policies. `meshctl waypoint generate` prints the objects that
+//! deploy a waypoint.
 
 mod l7;
 mod tables;
@@ -74,6 +75,43 @@ enum Command {
     Routes,
     /// A waypoint's TrafficPolicies, and whether each applies.
     TrafficPolicies,
+    /// Waypoints: generate the objects that deploy one.
+    #[command(subcommand)]
+    Waypoint(WaypointCommand),
+}
+
+#[derive(Subcommand)]
+enum WaypointCommand {
+    /// Prints (YAML, for `kubectl apply -f -`) a Gateway of class trellis-waypoint and the
+    /// ServiceAccount, ConfigMap and Deployment that run it.
+    Generate {
+        /// The Gateway's namespace.
+        #[arg(long, short = 'n')]
+        namespace: String,
+        /// The Gateway's name.
+        #[arg(long, default_value = "waypoint")]
+        name: String,
+        /// The service account (the waypoint's identity); by default the Gateway's name.
+        #[arg(long)]
+        service_account: Option<String>,
+        /// The mesh's root certificate, PEM: `kubectl get configmap trellis-ca-root -n
+        /// trellis-system -o jsonpath='{.data.root-cert\.pem}'`.
+        #[arg(long)]
+        root_cert: std::path::PathBuf,
+        #[arg(long, default_value = concat!("ghcr.io/trellis-mesh/mesh-node:", env!("CARGO_PKG_VERSION")))]
+        image: String,
+        #[arg(long, default_value_t = 1)]
+        replicas: i32,
+        /// The namespace Trellis is installed in: its controller, and the policies that apply
+        /// mesh-wide.
+        #[arg(long, default_value = "trellis-system")]
+        mesh_namespace: String,
+        /// The controller's address; by default its Service in the mesh namespace.
+        #[arg(long)]
+        controller: Option<String>,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -138,6 +176,37 @@ fn main() -> Result<()> {
         Command::Policy(PolicyCommand::List) => print!("{}", tables::policies(&dump()?)),
         Command::Routes => print!("{}", l7::routes(&dump()?)),
         Command::TrafficPolicies => print!("{}", l7::traffic_policies(&dump()?)),
+        Command::Waypoint(WaypointCommand::Generate {
+            namespace,
+            name,
+            service_account,
+            root_cert,
+            image,
+            replicas,
+            mesh_namespace,
+            controller,
+            trust_domain,
+        }) => {
+            let root_cert_pem = std::fs::read_to_string(root_cert)
+                .with_context(|| format!("reading the root certificate {}", root_cert.display()))?;
+            let spec = mesh_node::waypoint::manifests::WaypointSpec {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                service_account: service_account.clone().unwrap_or_else(|| name.clone()),
+                image: image.clone(),
+                replicas: *replicas,
+                trust_domain: trust_domain.clone(),
+                controller: controller
+                    .clone()
+                    .unwrap_or_else(|| format!("trellis-controller.{mesh_namespace}.svc:15012")),
+                root_namespace: mesh_namespace.clone(),
+                root_cert_pem,
+            };
+            let objects = mesh_node::waypoint::manifests::generate(&spec)?;
+            for object in objects {
+                print!("---\n{}", serde_saphyr::to_string(&object)?);
+            }
+        }
         Command::Policy(PolicyCommand::Explain { from, to, output }) => {
             let query: String = form_urlencoded::Serializer::new(String::new())
                 .append_pair("from", from)

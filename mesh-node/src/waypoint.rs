@@ -41,7 +41,7 @@ use crate::{
     config::ConfigError,
     identity::{
         CertStore, Identity,
-        store::{CertManager, Issuer, RemoteCa, StoreError},
+        store::{CertManager, Issuer, Prefetched, RemoteCa, StoreError},
     },
     metrics::{Direction, Metrics},
     policy::{
@@ -272,10 +272,12 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
     let (_keep, wanted) = watch::channel(());
     let (prefetched, first_cert) = oneshot::channel();
     let own: HashSet<Identity> = [identity.clone()].into();
+    // Ready only once it is held: a waypoint that answered its readiness probe without its
+    // certificate would refuse every handshake (the controller may not list its pods yet).
     listeners.spawn(cert_manager.follow(
         wanted,
         move |_: &()| Some(own.clone()),
-        prefetched,
+        (prefetched, Prefetched::Held),
         shutdown.clone(),
     ));
 

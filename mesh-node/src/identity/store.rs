@@ -636,19 +636,20 @@ impl CertManager {
         self.follow(
             states,
             |s| s.as_ref().map(|s| s.local_identities()),
-            prefetched,
+            (prefetched, Prefetched::Requested),
             shutdown,
         )
         .await;
     }
 
     /// Keeps the certificates of `wanted(state)` for every new state until `shutdown` (a
-    /// waypoint wants its one identity whatever the state).
+    /// waypoint wants its one identity whatever the state). `prefetched` fires once, when
+    /// the first wanted set is as far as its [`Prefetched`] says.
     pub async fn follow<S>(
         mut self,
         mut states: watch::Receiver<S>,
         wanted: impl Fn(&S) -> Option<HashSet<Identity>>,
-        prefetched: tokio::sync::oneshot::Sender<()>,
+        (prefetched, when): (tokio::sync::oneshot::Sender<()>, Prefetched),
         shutdown: CancellationToken,
     ) {
         let mut states_open = true;
@@ -657,7 +658,14 @@ impl CertManager {
             let wanted = wanted(&states.borrow_and_update());
             if let Some(wanted) = wanted {
                 self.reconcile(&wanted).await;
-                if let Some(prefetched) = prefetched.take() {
+                let done = match when {
+                    Prefetched::Requested => true,
+                    Prefetched::Held => {
+                        let held = self.store.snapshot();
+                        wanted.iter().all(|identity| held.contains_key(identity))
+                    }
+                };
+                if done && let Some(prefetched) = prefetched.take() {
                     let _ = prefetched.send(());
                 }
             }
@@ -669,6 +677,16 @@ impl CertManager {
             }
         }
     }
+}
+
+/// When [`CertManager::follow`] reports the first certificates as prefetched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prefetched {
+    /// Every wanted certificate was requested, issued or not: an agent serves the workloads
+    /// it holds certificates for while it retries the others.
+    Requested,
+    /// Every wanted certificate is held: a waypoint with no certificate can serve nothing.
+    Held,
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -63,6 +63,9 @@ pub struct MeshOptions {
     /// Control plane mode: pods (node, index) that get no manifest at all (a test can add one
     /// later with [`Mesh::write_pod`]).
     pub absent: Vec<(usize, usize)>,
+    /// Agents pool no HBONE connection (`outbound.hbone_single_use`): every connection is a
+    /// full handshake.
+    pub hbone_single_use: bool,
 }
 
 impl Default for MeshOptions {
@@ -74,6 +77,7 @@ impl Default for MeshOptions {
             certificate_ttl_secs: 24 * 3600,
             control_plane: false,
             absent: Vec::new(),
+            hbone_single_use: false,
         }
     }
 }
@@ -750,6 +754,7 @@ fn agent_defaults(node: &crate::testbed::Node, options: &MeshOptions) -> AgentCo
             unknown_destination: options.unknown_destination,
             connect_timeout_ms: 3_000,
             hbone_connections_per_peer: None,
+            hbone_single_use: options.hbone_single_use,
         },
         inbound: InboundConfig {
             handshake_timeout_ms: 5_000,

@@ -288,6 +288,8 @@ pub fn build(runs: &[Run], memory: &[Value], settings: Value, machine: Value) ->
                     .collect();
                 let merged = merged_histograms(&these)?;
                 let rr = rr_label(test);
+                let (rate, conns) = test.rr().unwrap_or_default();
+                let short = format!("req/resp @{rate}/{conns}c");
                 let key = test.key();
                 for (suffix, label, quantile) in LATENCY_ROWS {
                     figures.push(figure(
@@ -306,7 +308,7 @@ pub fn build(runs: &[Run], memory: &[Value], settings: Value, machine: Value) ->
                 figures.push(figure(
                     sc,
                     &format!("{key}.vcpu_per_krps"),
-                    &format!("{rr}: proxy vCPU per 1000 rps"),
+                    &format!("{short}, proxy vCPU per 1000 rps"),
                     Better::Lower,
                     per_config(&|r| per_krps(r.proxy_cpu_secs, r)),
                     false,
@@ -316,7 +318,7 @@ pub fn build(runs: &[Run], memory: &[Value], settings: Value, machine: Value) ->
                 figures.push(figure(
                     sc,
                     &format!("{key}.vcpu_per_krps_with_ebpf"),
-                    &format!("{rr}: proxy+eBPF vCPU per 1000 rps"),
+                    &format!("{short}, proxy+eBPF vCPU per 1000 rps"),
                     Better::Lower,
                     per_config(&|r| {
                         let all = r.proxy_cpu_secs.map(|p| p + r.ebpf_cpu_secs.unwrap_or(0.0));
@@ -327,7 +329,7 @@ pub fn build(runs: &[Run], memory: &[Value], settings: Value, machine: Value) ->
                 figures.push(figure(
                     sc,
                     &format!("{key}.machine_vcpu_per_krps"),
-                    &format!("{rr}: machine vCPU per 1000 rps"),
+                    &format!("{short}, machine vCPU per 1000 rps"),
                     Better::Lower,
                     per_config(&|r| {
                         let krps = r.result["rate"].as_f64()? / 1000.0;
@@ -428,10 +430,10 @@ pub fn build(runs: &[Run], memory: &[Value], settings: Value, machine: Value) ->
             }
             Test::Connect | Test::ConnectCold => {
                 let key = test.key();
-                let what = if test == Test::ConnectCold {
-                    "new conns/s, full mTLS handshake each"
+                let (what, short) = if test == Test::ConnectCold {
+                    ("new conns/s, full mTLS handshake each", "cold connections")
                 } else {
-                    "new connections/s (1-byte echo)"
+                    ("new connections/s (1-byte echo)", "new connections")
                 };
                 figures.push(figure(
                     sc,
@@ -444,7 +446,7 @@ pub fn build(runs: &[Run], memory: &[Value], settings: Value, machine: Value) ->
                 figures.push(figure(
                     sc,
                     &format!("{key}.vcpu_per_kconn"),
-                    &format!("{what}: proxy vCPU per 1000/s"),
+                    &format!("{short}, proxy vCPU per 1000/s"),
                     Better::Lower,
                     per_config(&|r| {
                         let k = r.result["per_s"].as_f64()? / 1000.0;
@@ -457,7 +459,7 @@ pub fn build(runs: &[Run], memory: &[Value], settings: Value, machine: Value) ->
                     figures.push(figure(
                         sc,
                         &format!("{key}.failed"),
-                        &format!("{what}: failed (median per run)"),
+                        &format!("failed {short} (median per run)"),
                         Better::Lower,
                         failed,
                         false,

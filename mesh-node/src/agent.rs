@@ -270,7 +270,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         pool: Pool::new(
             Duration::from_millis(config.outbound.connect_timeout_ms),
             hbone_spread(&config.outbound),
-        ),
+        )
+        .single_use(config.outbound.hbone_single_use),
         server_tls,
         settings: Settings {
             connect_timeout: Duration::from_millis(config.outbound.connect_timeout_ms),

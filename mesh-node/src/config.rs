@@ -300,6 +300,11 @@ pub struct OutboundConfig {
     /// encrypted by one core at a time, so fewer caps a node's throughput to one peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hbone_connections_per_peer: Option<std::num::NonZeroUsize>,
+    /// Every outbound stream dials its own HBONE connection (a full mutual-TLS handshake),
+    /// which closes when the stream ends. For measuring the cost of cold connections (the
+    /// benchmark's `connect-cold` test); never useful in production. Left out when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hbone_single_use: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -636,6 +641,19 @@ workloads:
             Some(4)
         );
         assert!(AgentConfig::parse(&with("0")).is_err(), "0 is refused");
+    }
+
+    #[test]
+    fn hbone_single_use_is_off_unless_set() {
+        let config = AgentConfig::parse(GOOD).expect("valid");
+        assert!(!config.outbound.hbone_single_use);
+        assert!(
+            !config.to_yaml().contains("hbone_single_use"),
+            "left out when off, so agents that predate it read the file"
+        );
+        let on = AgentConfig::parse(&format!("{GOOD}outbound: {{ hbone_single_use: true }}\n"))
+            .expect("valid");
+        assert!(on.outbound.hbone_single_use);
     }
 
     #[test]

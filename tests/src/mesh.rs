@@ -65,6 +65,9 @@ pub struct MeshOptions {
     pub absent: Vec<(usize, usize)>,
     /// The agents' same-node fast path (`datapath.fast_path`), off by default as in production.
     pub fast_path: bool,
+    /// Agents pool no HBONE connection (`outbound.hbone_single_use`): every connection is a
+    /// full handshake.
+    pub hbone_single_use: bool,
 }
 
 impl Default for MeshOptions {
@@ -77,6 +80,7 @@ impl Default for MeshOptions {
             control_plane: false,
             absent: Vec::new(),
             fast_path: false,
+            hbone_single_use: false,
         }
     }
 }
@@ -754,6 +758,7 @@ fn agent_defaults(node: &crate::testbed::Node, options: &MeshOptions) -> AgentCo
             unknown_destination: options.unknown_destination,
             connect_timeout_ms: 3_000,
             hbone_connections_per_peer: None,
+            hbone_single_use: options.hbone_single_use,
         },
         inbound: InboundConfig {
             handshake_timeout_ms: 5_000,

@@ -2,7 +2,9 @@
 //! a report with every figure. Speeds are never asserted: only that each configuration
 //! produced figures, and that the relay and Trellis runs really crossed a proxy (it spent
 //! CPU) while the no-mesh run had none; for the HTTP test, that the waypoint configuration
-//! really crossed the waypoint (it spent CPU and answered every request).
+//! really crossed the waypoint (it spent CPU and answered every request). The bench's own
+//! relay also runs as a `--peer` (started from the command template, dialled like the relay
+//! floor), which checks the peer machinery end to end.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,8 +12,8 @@ use std::time::{Duration, Instant};
 use mesh_tests::testbed::{bin_path, e2e_gate};
 use serde_json::Value;
 
-/// A quick run of three tests takes about a minute (most of it starting the control plane
-/// and the waypoint, in debug builds); this bounds a hung run.
+/// A quick run of four tests with a peer takes one to two minutes (much of it starting the
+/// control plane and the waypoint, in debug builds); this bounds a hung run.
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn figure<'a>(report: &'a Value, scenario: &str, key: &str) -> &'a Value {
@@ -40,7 +42,8 @@ fn quick_bench_reports_every_configuration() {
     let mut child = Command::new(bin_path("bench").expect("bench binary (cargo build --bins)"))
         .args(["run", "--quick", "--rounds", "1"])
         .args(["--only", "same-node-rr", "--only", "cross-node-bulk1"])
-        .args(["--only", "cross-node-http"])
+        .args(["--only", "cross-node-http", "--only", "same-node-pingpong"])
+        .args(["--peer", "{bench} relay {maps}", "--peer-dial", "relay"])
         .arg("--json")
         .arg(&json)
         .stdout(Stdio::null())
@@ -68,7 +71,7 @@ fn quick_bench_reports_every_configuration() {
             .expect("report is JSON");
     let _ = std::fs::remove_dir_all(&dir);
 
-    let configs = ["no_mesh", "relay", "trellis"];
+    let configs = ["no_mesh", "relay", "trellis", "peer"];
     for key in ["rr.p50_us", "rr.p99_us", "rr.max_us"] {
         let f = figure(&report, "same-node", key);
         for c in configs {
@@ -85,6 +88,33 @@ fn quick_bench_reports_every_configuration() {
         positive(bulk, c);
     }
     assert!(bulk["trellis_over_relay"].as_f64().is_some(), "{bulk}");
+    assert!(bulk["trellis_over_peer"].as_f64().is_some(), "{bulk}");
+
+    // Ping-pong: a rate and latency in every configuration.
+    for key in ["pingpong.per_s", "pingpong.p50_us", "pingpong.p99_us"] {
+        let f = figure(&report, "same-node", key);
+        for c in configs {
+            positive(f, c);
+        }
+    }
+
+    // CPU: the machine worked in every configuration; the Trellis eBPF programs ran (their
+    // run time is counted on top of the agents'), and no other configuration has any.
+    let busy = figure(&report, "same-node", "rr.machine_vcpu.busy");
+    for c in configs {
+        positive(busy, c);
+    }
+    let ebpf = figure(&report, "same-node", "rr.machine_vcpu.ebpf");
+    positive(ebpf, "trellis");
+    for c in ["no_mesh", "relay", "peer"] {
+        assert!(ebpf[c].is_null(), "{c} has an eBPF figure: {ebpf}");
+    }
+    let with_ebpf = figure(&report, "same-node", "rr.vcpu_per_krps_with_ebpf");
+    assert!(
+        positive(with_ebpf, "trellis")
+            > positive(figure(&report, "same-node", "rr.vcpu_per_krps"), "trellis"),
+        "{with_ebpf}"
+    );
 
     // Traffic crossed the proxies: they spent CPU on it. Without a mesh there is no proxy.
     for (scenario, key) in [
@@ -95,10 +125,13 @@ fn quick_bench_reports_every_configuration() {
         assert!(f["no_mesh"].is_null(), "no-mesh has a proxy figure: {f}");
         positive(f, "relay");
         positive(f, "trellis");
+        positive(f, "peer");
     }
     let rss = figure(&report, "both nodes", "rss.idle_mib");
     positive(rss, "relay");
     positive(rss, "trellis");
+    positive(rss, "peer");
+    positive(figure(&report, "both nodes", "idle_conn_bytes"), "trellis");
 
     // HTTP: latency in no mesh, Trellis at L4 and through the waypoint, with the added
     // latency against no mesh; the agents spent CPU in both mesh configurations, the waypoint
@@ -110,6 +143,7 @@ fn quick_bench_reports_every_configuration() {
             positive(f, c);
         }
         assert!(f["relay"].is_null(), "the relay ran the HTTP test: {f}");
+        assert!(f["peer"].is_null(), "the peer ran the HTTP test: {f}");
         for added in ["trellis_added_over_no_mesh", "waypoint_added_over_no_mesh"] {
             assert!(f[added].as_f64().is_some(), "{key} has no {added}: {f}");
         }
@@ -132,11 +166,11 @@ fn quick_bench_reports_every_configuration() {
         "some HTTP requests were not answered 200: {report:#}"
     );
 
-    // Every run is in the report: 2 tests x 3 configurations (no mesh, relay, Trellis) and
-    // the HTTP test x 3 (no mesh, Trellis, waypoint), 1 round.
+    // Every run is in the report: 3 tests x 4 configurations (no mesh, relay, Trellis, peer)
+    // and the HTTP test x 3 (no mesh, Trellis, waypoint), 1 round.
     assert_eq!(
         report["runs"].as_array().map(Vec::len),
-        Some(9),
+        Some(15),
         "{report:#}"
     );
 }

@@ -75,9 +75,17 @@ enum Task {
         /// Where to write the JSON report (default target/bench/latest.json).
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Only tests whose SCENARIO-TEST name contains this (repeatable), e.g. same-node-rr.
+        /// Only tests whose SCENARIO-TEST name is this, or else contains it (repeatable), e.g.
+        /// same-node-rr.
         #[arg(long)]
         only: Vec<String>,
+        /// Another node proxy to measure: a command template per node namespace (see
+        /// `bench run --help`).
+        #[arg(long)]
+        peer: Option<String>,
+        /// Where the client dials in the peer configuration: direct or relay.
+        #[arg(long)]
+        peer_dial: Option<String>,
         /// Use debug binaries (quicker to build; the figures are not representative).
         #[arg(long)]
         debug: bool,
@@ -160,6 +168,8 @@ fn main() -> Result<()> {
             rounds,
             json,
             only,
+            peer,
+            peer_dial,
             debug,
             fast_path,
         } => {
@@ -185,6 +195,12 @@ fn main() -> Result<()> {
             }
             if fast_path {
                 bench.arg("--fast-path");
+            }
+            if let Some(peer) = &peer {
+                bench.arg("--peer").arg(peer);
+            }
+            if let Some(dial) = &peer_dial {
+                bench.arg("--peer-dial").arg(dial);
             }
             run(
                 &mut bench,

@@ -16,6 +16,10 @@
 //! connections always handshake with the current certificate and a replaced one stops being
 //! presented. Streams already open keep running; HTTP/2 closes the connection once they are
 //! done, since the pool no longer holds a handle to it.
+//!
+//! A single-use pool ([`Pool::single_use`]) pools nothing: every stream dials its own
+//! connection, which closes with the stream for the same reason. It exists to measure what a
+//! cold connection (a full handshake per stream) costs.
 
 use std::{
     collections::HashMap,
@@ -171,6 +175,8 @@ pub struct Pool {
     connect_timeout: Duration,
     /// How many connections per key streams are spread over (see the module docs).
     spread: usize,
+    /// Every stream gets its own connection, never pooled.
+    single_use: bool,
 }
 
 impl Pool {
@@ -181,7 +187,14 @@ impl Pool {
             slots: Mutex::default(),
             connect_timeout,
             spread: spread.max(1),
+            single_use: false,
         }
+    }
+
+    /// With `single_use`, every stream dials a connection of its own that closes when the
+    /// stream ends (see the module docs).
+    pub fn single_use(self, single_use: bool) -> Self {
+        Self { single_use, ..self }
     }
 
     /// Opens a CONNECT stream to `dst` through the agent at `node`, presenting `src` and
@@ -235,6 +248,11 @@ impl Pool {
         certs: &CertStore,
         key: Key,
     ) -> Result<(SendRequest<Empty<Bytes>>, StreamGuard), PoolError> {
+        if self.single_use {
+            // Not stored: once this stream's sender is dropped, the connection closes.
+            let (sender, _) = self.dial(certs, &key).await?;
+            return Ok((sender, StreamGuard(Arc::new(AtomicUsize::new(1)))));
+        }
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             slots.entry(key.clone()).or_default().clone()
@@ -651,6 +669,24 @@ mod tests {
         finish(fourth).await;
         finish(fifth).await;
         assert!(h.closed().is_empty(), "pooled connections stay open");
+    }
+
+    #[tokio::test]
+    async fn a_single_use_pool_handshakes_per_stream_and_closes_with_it() {
+        let h = Harness::start().await;
+        let pool = Pool::new(Duration::from_secs(5), 2).single_use(true);
+
+        let mut first = h.tunnel(&pool).await;
+        echo(&mut first, b"cold").await;
+        finish(first).await;
+        let first_serial = h.handshakes();
+        assert_eq!(first_serial.len(), 1);
+        h.wait_closed(&first_serial[0]).await;
+
+        let mut second = h.tunnel(&pool).await;
+        echo(&mut second, b"cold again").await;
+        finish(second).await;
+        assert_eq!(h.handshakes().len(), 2, "no connection is reused");
     }
 
     #[tokio::test]

@@ -3,12 +3,16 @@
 //! - [`bulk`]: N streams write as fast as they can for a fixed time; the sink answers each
 //!   stream's EOF with the byte count it received, so the figure counts bytes that arrived
 //!   (not bytes still in socket buffers) and the time runs until the last count is back.
+//! - [`bulk_reverse`]: the other way: N streams read from a source server for a fixed time and
+//!   count what arrived.
 //! - [`rr`]: open loop. Every request has a scheduled send time; the writer sends on schedule
 //!   whatever the replies do, and latency runs from the scheduled time to the reply, so a
 //!   stall shows in every request it delays (no coordinated omission).
 //! - [`http`]: the same open loop with HTTP/1.1 GETs on keep-alive connections: requests go
 //!   out on schedule whether or not the previous response is back (pipelined, in order), so
 //!   the offered rate stays fixed through a stall and latency still runs from the schedule.
+//! - [`pingpong`]: closed loop on one connection: the next message leaves when the previous
+//!   one is back, so the rate is round trips per second and latency is each round trip.
 //! - [`connect`]: closed loop of connect, 1-byte echo, EOF, close.
 //!
 //! Blocking threads for `rr`, `http` and `connect`: timing precision matters there and a thread per
@@ -132,6 +136,82 @@ pub async fn bulk(to: SocketAddr, streams: usize, duration: Duration) -> Result<
         "secs": secs,
         "gbps": total as f64 * 8.0 / secs / 1e9,
     }))
+}
+
+/// Bulk throughput server -> client: `streams` connections to a source server, each read for
+/// `duration`; counts the bytes that arrived.
+pub async fn bulk_reverse(to: SocketAddr, streams: usize, duration: Duration) -> Result<Value> {
+    ensure!(streams > 0, "streams must be at least 1");
+    let mut conns = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        let conn = tokio::time::timeout(IO_TIMEOUT, tokio::net::TcpStream::connect(to))
+            .await
+            .with_context(|| format!("connecting to {to} timed out"))?
+            .with_context(|| format!("connecting to {to}"))?;
+        conns.push(conn);
+    }
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut conn in conns {
+        tasks.spawn(async move {
+            let mut buf = vec![0u8; BULK_CHUNK];
+            let mut received: u64 = 0;
+            while Instant::now() < deadline {
+                let n = tokio::time::timeout(IO_TIMEOUT, conn.read(&mut buf))
+                    .await
+                    .context("bulk read stalled")?
+                    .context("bulk read")?;
+                ensure!(n > 0, "the source closed the stream early");
+                received += n as u64;
+            }
+            // Dropping the connection ends the source's writes.
+            anyhow::Ok(received)
+        });
+    }
+    let mut total: u64 = 0;
+    while let Some(joined) = tasks.join_next().await {
+        total += joined.context("bulk stream task")??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(json!({
+        "streams": streams,
+        "reverse": true,
+        "bytes": total,
+        "secs": secs,
+        "gbps": total as f64 * 8.0 / secs / 1e9,
+    }))
+}
+
+/// Closed-loop ping-pong of `size`-byte messages on one connection to an echo server for
+/// `duration`: round trips per second and the latency of each.
+pub fn pingpong(to: SocketAddr, size: usize, duration: Duration) -> Result<Value> {
+    ensure!(size > 0, "size must be positive");
+    let s = connect_blocking(to)?;
+    let out = vec![0x42u8; size];
+    let mut back = vec![0u8; size];
+    // One round trip first: the path is set up before timing.
+    (&s).write_all(&out).context("warm-up message")?;
+    (&s).read_exact(&mut back).context("warm-up reply")?;
+    let mut hist = new_histogram()?;
+    let start = Instant::now();
+    let deadline = start + duration;
+    while Instant::now() < deadline {
+        let t0 = Instant::now();
+        (&s).write_all(&out).context("sending a message")?;
+        (&s).read_exact(&mut back).context("reading the echo")?;
+        let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(MAX_LATENCY_NS);
+        hist.saturating_record(ns.max(1));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let _ = s.shutdown(Shutdown::Both);
+    let mut out = percentiles_us(&hist);
+    out["size"] = json!(size);
+    out["secs"] = json!(secs);
+    out["round_trips"] = json!(hist.len());
+    out["per_s"] = json!(hist.len() as f64 / secs.max(1e-9));
+    out["hist"] = histogram_buckets(&hist);
+    Ok(out)
 }
 
 /// Open-loop request/response: `rate` requests per second of `size` bytes, spread evenly over
@@ -530,6 +610,30 @@ pub fn connect(to: SocketAddr, conns: usize, duration: Duration) -> Result<Value
     Ok(out)
 }
 
+/// One connection to a `one` server (1-byte echo) at a time until one completes or `within`
+/// has passed: the orchestrator's check that a path (a `--peer`) carries traffic.
+pub fn probe(to: SocketAddr, within: Duration) -> Result<Value> {
+    let started = Instant::now();
+    let deadline = started + within;
+    let mut attempts: u64 = 0;
+    let mut last = String::new();
+    // Bounded by the deadline: every attempt is bounded by the socket timeouts.
+    while Instant::now() < deadline {
+        attempts += 1;
+        match one_connection(to) {
+            Ok(()) => {
+                return Ok(json!({
+                    "attempts": attempts,
+                    "secs": started.elapsed().as_secs_f64(),
+                }));
+            }
+            Err(e) => last = format!("{e:#}"),
+        }
+        thread::sleep(PROBE_PAUSE);
+    }
+    bail!("no echo from {to} within {within:?} ({attempts} attempts); last: {last}")
+}
+
 /// The line [`hold`] prints once every connection is established end to end.
 pub const HOLDING: &str = "\"holding\"";
 
@@ -537,6 +641,7 @@ pub const HOLDING: &str = "\"holding\"";
 /// every proxy on the way holds an established flow), prints a `{"holding": N}` line and keeps
 /// them open and silent for `hold` before closing them.
 pub fn hold(to: SocketAddr, conns: usize, hold: Duration) -> Result<Value> {
+    raise_fd_limit();
     let mut held = Vec::with_capacity(conns);
     for i in 0..conns {
         let mut s = connect_blocking(to).with_context(|| format!("connection {}", i + 1))?;
@@ -573,6 +678,21 @@ fn connect_blocking(to: SocketAddr) -> Result<TcpStream> {
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     Ok(s)
+}
+
+/// Lifts the soft descriptor limit to the hard one: [`hold`] needs one per connection (the
+/// orchestrator raised the hard limit for everything it starts).
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                eprintln!("bench: cannot raise the descriptor limit to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("bench: cannot read the descriptor limit: {e}"),
+    }
 }
 
 /// Timer slack of 1 ns for this thread: the default 50 us would show up as latency.

@@ -5,14 +5,19 @@
 //! p99.9 and max see every sample. Ratios are Trellis over no mesh and over the relay floor of
 //! the same run; "added" is Trellis's (and the relay's) latency minus no mesh's. The HTTP
 //! test's figures (the L7 table) compare Trellis at L4 and Trellis through a waypoint with no
-//! mesh, the same way, and count the waypoint's CPU and memory apart from the agents'.
+//! mesh, the same way, and count the waypoint's CPU and memory apart from the agents'. A
+//! `--peer` gets its own column, compared with no mesh and with Trellis.
+//!
+//! The machine table shows, per test, the whole machine's CPU (user, system, softirq) in
+//! vCPUs over the run, and the Trellis eBPF programs' run time, which no process's CPU time
+//! includes.
 
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
+use super::catalog::{Config, PINGPONG_SIZE, RR_SIZE, Scenario, Test};
 use super::load::{histogram_from_buckets, new_histogram};
-use super::run::{Config, Scenario, Test};
 
 /// One load run as measured by the orchestrator.
 #[derive(Clone, Debug)]
@@ -28,6 +33,10 @@ pub struct Run {
     pub proxy_cpu_secs: Option<f64>,
     /// CPU time of the waypoint in that window (waypoint configuration only).
     pub waypoint_cpu_secs: Option<f64>,
+    /// Run time of the eBPF programs the proxies hold in that window (Trellis only).
+    pub ebpf_cpu_secs: Option<f64>,
+    /// The whole machine's CPU in that window by kind, in vCPUs (see [`super::cpu`]).
+    pub machine_vcpus: Value,
     /// What the load generator printed.
     pub result: Value,
 }
@@ -37,8 +46,16 @@ impl Run {
     pub fn summary(&self) -> String {
         let r = &self.result;
         let main = match self.test {
-            Test::Bulk1 | Test::Bulk8 => format!("{:.2} Gbit/s", num(&r["gbps"])),
-            Test::Rr => format!(
+            Test::Bulk1 | Test::Bulk8 | Test::Bulk1Rev | Test::Bulk8Rev => {
+                format!("{:.2} Gbit/s", num(&r["gbps"]))
+            }
+            Test::PingPong => format!(
+                "{:.0} round trips/s, p50 {:.0} us, p99 {:.0} us",
+                num(&r["per_s"]),
+                num(&r["p50_us"]),
+                num(&r["p99_us"])
+            ),
+            Test::Rr | Test::Rr64 | Test::Rr10k => format!(
                 "p50 {:.0} us, p99 {:.0} us, max {:.0} us",
                 num(&r["p50_us"]),
                 num(&r["p99_us"]),
@@ -51,7 +68,7 @@ impl Run {
                 num(&r["max_us"]),
                 r["failed"].as_u64().unwrap_or(0)
             ),
-            Test::Connect => format!(
+            Test::Connect | Test::ConnectCold => format!(
                 "{:.0} conn/s ({} failed)",
                 num(&r["per_s"]),
                 r["failed"].as_u64().unwrap_or(0)
@@ -61,10 +78,18 @@ impl Run {
             Some(cpu) => format!("{main}; proxy CPU {cpu:.2} s in {:.1} s", self.wall_secs),
             None => main,
         };
-        match self.waypoint_cpu_secs {
+        let main = match self.waypoint_cpu_secs {
             Some(cpu) => format!("{main}; waypoint CPU {cpu:.2} s"),
             None => main,
-        }
+        };
+        let main = match self.ebpf_cpu_secs {
+            Some(cpu) => format!("{main}; eBPF {cpu:.3} s"),
+            None => main,
+        };
+        format!(
+            "{main}; machine {:.2} vCPU",
+            num(&self.machine_vcpus["busy"])
+        )
     }
 }
 
@@ -99,7 +124,7 @@ fn figure(
     key: &str,
     label: &str,
     better: Better,
-    [no_mesh, relay, trellis, waypoint]: [Option<f64>; 4],
+    [no_mesh, relay, trellis, waypoint, peer]: [Option<f64>; 5],
     latency: bool,
 ) -> Value {
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
@@ -126,6 +151,10 @@ fn figure(
         "waypoint_over_no_mesh": ratio(waypoint, no_mesh),
         "waypoint_over_trellis": ratio(waypoint, trellis),
         "waypoint_added_over_no_mesh": added(waypoint),
+        "peer": peer,
+        "peer_over_no_mesh": ratio(peer, no_mesh),
+        "trellis_over_peer": ratio(trellis, peer),
+        "peer_added_over_no_mesh": added(peer),
     })
 }
 
@@ -135,7 +164,7 @@ fn l7_figure(
     key: &str,
     label: &str,
     better: Better,
-    values: [Option<f64>; 4],
+    values: [Option<f64>; 5],
     latency: bool,
 ) -> Value {
     let mut f = figure(scenario, key, label, better, values, latency);
@@ -143,9 +172,30 @@ fn l7_figure(
     f
 }
 
+/// A row of the machine table (see [`table`]): vCPUs of one kind during one test.
+fn machine_figure(scenario: &str, test: Test, kind: &str, values: [Option<f64>; 5]) -> Value {
+    let mut f = figure(
+        scenario,
+        &format!("{}.machine_vcpu.{kind}", test.key()),
+        &format!("{}: machine {kind} (vCPU)", test.key()),
+        Better::Lower,
+        values,
+        false,
+    );
+    f["table"] = "machine".into();
+    f["test"] = test.key().into();
+    f
+}
+
+/// The table label of a request/response test.
+fn rr_label(test: Test) -> String {
+    let (rate, conns) = test.rr().unwrap_or_default();
+    format!("{} KiB req/resp @{rate} rps, {conns} conns", RR_SIZE / 1024)
+}
+
 /// Each configuration's runs' histograms merged (`None` for a configuration without runs).
-fn merged_histograms(runs: &[&Run]) -> Result<[Option<Histogram<u64>>; 4]> {
-    let mut merged = [None, None, None, None];
+fn merged_histograms(runs: &[&Run]) -> Result<[Option<Histogram<u64>>; 5]> {
+    let mut merged = [None, None, None, None, None];
     for (slot, c) in merged.iter_mut().zip(Config::ALL) {
         let mut h = new_histogram()?;
         let mut any = false;
@@ -160,8 +210,8 @@ fn merged_histograms(runs: &[&Run]) -> Result<[Option<Histogram<u64>>; 4]> {
 }
 
 /// A quantile (`None`: the maximum) of each merged histogram, in microseconds.
-fn quantile_us(merged: &[Option<Histogram<u64>>; 4], quantile: Option<f64>) -> [Option<f64>; 4] {
-    let mut out = [None; 4];
+fn quantile_us(merged: &[Option<Histogram<u64>>; 5], quantile: Option<f64>) -> [Option<f64>; 5] {
+    let mut out = [None; 5];
     for (slot, h) in out.iter_mut().zip(merged) {
         *slot = h.as_ref().filter(|h| !h.is_empty()).map(|h| {
             let ns = match quantile {
@@ -198,16 +248,18 @@ pub fn build(runs: &[Run], memory: &[Value], settings: Value, machine: Value) ->
                 .collect()
         };
         // The median over rounds of `f` for each configuration.
-        let per_config = |f: &dyn Fn(&Run) -> Option<f64>| -> [Option<f64>; 4] {
+        let per_config = |f: &dyn Fn(&Run) -> Option<f64>| -> [Option<f64>; 5] {
             Config::ALL.map(|c| median(of(c).into_iter().filter_map(f).collect()))
         };
         let cpu_rate = |r: &Run| r.proxy_cpu_secs.map(|cpu| cpu / r.wall_secs);
         match test {
-            Test::Bulk1 | Test::Bulk8 => {
-                let streams = if test == Test::Bulk1 {
-                    "1 stream"
-                } else {
-                    "8 streams"
+            Test::Bulk1 | Test::Bulk8 | Test::Bulk1Rev | Test::Bulk8Rev => {
+                let (n, reverse) = test.bulk().unwrap_or((1, false));
+                let streams = match (n, reverse) {
+                    (1, false) => "1 stream".to_owned(),
+                    (n, false) => format!("{n} streams"),
+                    (1, true) => "1 stream server->client".to_owned(),
+                    (n, true) => format!("{n} streams server->client"),
                 };
                 figures.push(figure(
                     sc,
@@ -229,34 +281,88 @@ pub fn build(runs: &[Run], memory: &[Value], settings: Value, machine: Value) ->
                     false,
                 ));
             }
-            Test::Rr => {
+            Test::Rr | Test::Rr64 | Test::Rr10k => {
                 let these: Vec<&Run> = runs
                     .iter()
                     .filter(|r| r.scenario == scenario && r.test == test)
                     .collect();
                 let merged = merged_histograms(&these)?;
-                let rr = "1 KiB req/resp @1000 rps, 4 conns";
-                for (key, label, quantile) in LATENCY_ROWS {
+                let rr = rr_label(test);
+                let (rate, conns) = test.rr().unwrap_or_default();
+                let short = format!("req/resp @{rate}/{conns}c");
+                let key = test.key();
+                for (suffix, label, quantile) in LATENCY_ROWS {
                     figures.push(figure(
                         sc,
-                        &format!("rr.{key}"),
+                        &format!("{key}.{suffix}"),
                         &format!("{rr}: {label} (us)"),
                         Better::Lower,
                         quantile_us(&merged, quantile),
                         true,
                     ));
                 }
+                let per_krps = |cpu: Option<f64>, r: &Run| {
+                    let krps = r.result["rate"].as_f64()? / 1000.0;
+                    cpu.map(|c| c / r.wall_secs / krps)
+                };
                 figures.push(figure(
                     sc,
-                    "rr.vcpu_per_krps",
-                    "req/resp, proxy vCPU per 1000 rps",
+                    &format!("{key}.vcpu_per_krps"),
+                    &format!("{short}, proxy vCPU per 1000 rps"),
+                    Better::Lower,
+                    per_config(&|r| per_krps(r.proxy_cpu_secs, r)),
+                    false,
+                ));
+                // The eBPF programs run in the pods' and the kernel's context, so they are
+                // added to the proxies' own time (nothing to add for a relay).
+                figures.push(figure(
+                    sc,
+                    &format!("{key}.vcpu_per_krps_with_ebpf"),
+                    &format!("{short}, proxy+eBPF vCPU per 1000 rps"),
                     Better::Lower,
                     per_config(&|r| {
-                        let krps = r.result["rate"].as_f64()? / 1000.0;
-                        cpu_rate(r).map(|v| v / krps)
+                        let all = r.proxy_cpu_secs.map(|p| p + r.ebpf_cpu_secs.unwrap_or(0.0));
+                        per_krps(all, r)
                     }),
                     false,
                 ));
+                figures.push(figure(
+                    sc,
+                    &format!("{key}.machine_vcpu_per_krps"),
+                    &format!("{short}, machine vCPU per 1000 rps"),
+                    Better::Lower,
+                    per_config(&|r| {
+                        let krps = r.result["rate"].as_f64()? / 1000.0;
+                        r.machine_vcpus["busy"].as_f64().map(|v| v / krps)
+                    }),
+                    false,
+                ));
+            }
+            Test::PingPong => {
+                let these: Vec<&Run> = runs
+                    .iter()
+                    .filter(|r| r.scenario == scenario && r.test == test)
+                    .collect();
+                let merged = merged_histograms(&these)?;
+                let pp = format!("{PINGPONG_SIZE} B ping-pong, 1 conn");
+                figures.push(figure(
+                    sc,
+                    "pingpong.per_s",
+                    &format!("{pp}: round trips/s"),
+                    Better::Higher,
+                    per_config(&|r| r.result["per_s"].as_f64()),
+                    false,
+                ));
+                for (suffix, label, quantile) in LATENCY_ROWS {
+                    figures.push(figure(
+                        sc,
+                        &format!("pingpong.{suffix}"),
+                        &format!("{pp}: {label} (us)"),
+                        Better::Lower,
+                        quantile_us(&merged, quantile),
+                        true,
+                    ));
+                }
             }
             Test::Http => {
                 let these: Vec<&Run> = runs
@@ -322,19 +428,25 @@ pub fn build(runs: &[Run], memory: &[Value], settings: Value, machine: Value) ->
                     ));
                 }
             }
-            Test::Connect => {
+            Test::Connect | Test::ConnectCold => {
+                let key = test.key();
+                let (what, short) = if test == Test::ConnectCold {
+                    ("new conns/s, full mTLS handshake each", "cold connections")
+                } else {
+                    ("new connections/s (1-byte echo)", "new connections")
+                };
                 figures.push(figure(
                     sc,
-                    "connect.per_s",
-                    "new connections/s (1-byte echo)",
+                    &format!("{key}.per_s"),
+                    what,
                     Better::Higher,
                     per_config(&|r| r.result["per_s"].as_f64()),
                     false,
                 ));
                 figures.push(figure(
                     sc,
-                    "connect.vcpu_per_kconn",
-                    "new connections, proxy vCPU per 1000/s",
+                    &format!("{key}.vcpu_per_kconn"),
+                    &format!("{short}, proxy vCPU per 1000/s"),
                     Better::Lower,
                     per_config(&|r| {
                         let k = r.result["per_s"].as_f64()? / 1000.0;
@@ -346,8 +458,8 @@ pub fn build(runs: &[Run], memory: &[Value], settings: Value, machine: Value) ->
                 if failed.iter().flatten().any(|f| *f > 0.0) {
                     figures.push(figure(
                         sc,
-                        "connect.failed",
-                        "failed connections (median per run)",
+                        &format!("{key}.failed"),
+                        &format!("failed {short} (median per run)"),
                         Better::Lower,
                         failed,
                         false,
@@ -355,8 +467,22 @@ pub fn build(runs: &[Run], memory: &[Value], settings: Value, machine: Value) ->
                 }
             }
         }
+        for kind in ["user", "system", "softirq", "busy"] {
+            figures.push(machine_figure(
+                sc,
+                test,
+                kind,
+                per_config(&|r| r.machine_vcpus[kind].as_f64()),
+            ));
+        }
+        figures.push(machine_figure(
+            sc,
+            test,
+            "ebpf",
+            per_config(&|r| r.ebpf_cpu_secs.map(|e| e / r.wall_secs)),
+        ));
     }
-    let rss = |field: &str| -> [Option<f64>; 4] {
+    let rss = |field: &str| -> [Option<f64>; 5] {
         Config::ALL.map(|c| {
             median(
                 memory
@@ -477,6 +603,8 @@ pub fn build(runs: &[Run], memory: &[Value], settings: Value, machine: Value) ->
                 "wall_secs": r.wall_secs,
                 "proxy_cpu_secs": r.proxy_cpu_secs,
                 "waypoint_cpu_secs": r.waypoint_cpu_secs,
+                "ebpf_cpu_secs": r.ebpf_cpu_secs,
+                "machine_vcpus": r.machine_vcpus,
                 "result": result,
             })
         })
@@ -488,117 +616,4 @@ pub fn build(runs: &[Run], memory: &[Value], settings: Value, machine: Value) ->
         "memory": memory,
         "runs": runs_json,
     }))
-}
-
-/// The terminal tables, one row per scenario x metric: the byte-stream tests (no mesh, relay
-/// floor, Trellis) and, when the HTTP test ran, the L7 table (no mesh, Trellis at L4, Trellis
-/// through a waypoint).
-pub fn table(report: &Value) -> String {
-    let fmt = |v: &Value| match v.as_f64() {
-        None => "-".to_owned(),
-        Some(x) if x.abs() >= 100.0 => format!("{x:.0}"),
-        Some(x) if x.abs() >= 10.0 => format!("{x:.1}"),
-        Some(x) if x.abs() >= 0.1 => format!("{x:.2}"),
-        Some(x) => format!("{x:.3}"),
-    };
-    let ratio = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.2}x"));
-    let added = |v: &Value| v.as_f64().map_or(String::new(), |x| format!("{x:+.0}"));
-    let figures = report["figures"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let (l7, l4): (Vec<&Value>, Vec<&Value>) = figures.iter().partition(|f| f["table"] == "l7");
-    // Value columns: 9 wide as always for the byte-stream table, 10 for the L7 table's
-    // longer headings.
-    let header = |cells: &[&str], width: usize| {
-        let mut line = format!("{:<11} {:<44}", cells[0], cells[1]);
-        for c in &cells[2..] {
-            line.push_str(&format!(" {c:>width$}"));
-        }
-        line.push('\n');
-        line.push_str(&"-".repeat(line.len().saturating_sub(1)));
-        line.push('\n');
-        line
-    };
-    let row = |f: &Value, cells: &[String], width: usize| {
-        let mut line = format!(
-            "{:<11} {:<44}",
-            f["scenario"].as_str().unwrap_or(""),
-            f["metric"].as_str().unwrap_or("")
-        );
-        for c in cells {
-            line.push_str(&format!(" {c:>width$}"));
-        }
-        // Rows without an added-latency figure would end in blanks.
-        let mut line = line.trim_end().to_owned();
-        line.push('\n');
-        line
-    };
-    let mut out = String::new();
-    if !l4.is_empty() {
-        out.push_str(&header(
-            &[
-                "scenario",
-                "metric",
-                "no-mesh",
-                "relay",
-                "Trellis",
-                "T/no-mesh",
-                "T/relay",
-                "T added",
-            ],
-            9,
-        ));
-        for f in l4 {
-            out.push_str(&row(
-                f,
-                &[
-                    fmt(&f["no_mesh"]),
-                    fmt(&f["relay"]),
-                    fmt(&f["trellis"]),
-                    ratio(&f["trellis_over_no_mesh"]),
-                    ratio(&f["trellis_over_relay"]),
-                    added(&f["trellis_added_over_no_mesh"]),
-                ],
-                9,
-            ));
-        }
-    }
-    if !l7.is_empty() {
-        if !out.is_empty() {
-            out.push('\n');
-        }
-        out.push_str(&header(
-            &[
-                "scenario",
-                "metric (L7)",
-                "no-mesh",
-                "Trellis L4",
-                "waypoint",
-                "L4/no-mesh",
-                "W/no-mesh",
-                "W/L4",
-                "L4 added",
-                "W added",
-            ],
-            10,
-        ));
-        for f in l7 {
-            out.push_str(&row(
-                f,
-                &[
-                    fmt(&f["no_mesh"]),
-                    fmt(&f["trellis"]),
-                    fmt(&f["waypoint"]),
-                    ratio(&f["trellis_over_no_mesh"]),
-                    ratio(&f["waypoint_over_no_mesh"]),
-                    ratio(&f["waypoint_over_trellis"]),
-                    added(&f["trellis_added_over_no_mesh"]),
-                    added(&f["waypoint_added_over_no_mesh"]),
-                ],
-                10,
-            ));
-        }
-    }
-    out
 }

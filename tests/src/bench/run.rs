@@ -1,5 +1,5 @@
 //! The orchestrator: testbed, servers, the configurations round by round, and the CPU and
-//! memory samples of the proxy processes around each load run.
+//! memory samples around each load run (see [`super::cpu`]).
 //!
 //! Topology (ports fixed so the relay maps are static):
 //!
@@ -9,6 +9,8 @@
 //! relay floor:  pod-0-0 -> relay A (node 0 gateway :1700x) -> relay B (node 1 LAN :1700x) -> pod-1-0
 //!               pod-0-0 -> relay A (node 0 gateway :1701x) -> pod-0-1
 //! Trellis:      pod-0-0 dials the server pod; the eBPF redirect and HBONE do the rest
+//! --peer:       a command per node namespace; pod-0-0 dials the server pod or, with
+//!               `--peer-dial relay`, the relay floor's addresses (see `super::peer`)
 //! waypoint:     pod-0-0 dials Service VIP 10.96.0.80:80 (-> pod-1-0:5004), whose namespace
 //!               uses the waypoint in pod-1-1: agent 0 -> HBONE -> waypoint (HTTP parsed,
 //!               routed) -> HBONE as the waypoint -> agent 1 -> pod-1-0   (HTTP test only)
@@ -20,7 +22,9 @@
 //! configuration none of the selected tests runs in is not started at all.
 //!
 //! Trellis is torn down after each of its turns with `mesh-node agent --uninstall`, so the
-//! next no-mesh turn runs with no program attached at all.
+//! next no-mesh turn runs with no program attached at all. The cold-connection test runs
+//! under Trellis in a turn of its own, with agents that pool no HBONE connection
+//! (`outbound.hbone_single_use`), so every connection costs a full mutual-TLS handshake.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -33,20 +37,14 @@ use crate::mesh::waypoint::{USE_WAYPOINT_LABEL, Waypoint};
 use crate::mesh::{Mesh, MeshOptions, NAMESPACE};
 use crate::testbed::{Proc, SpawnOptions, Testbed};
 
+use super::catalog::{
+    CONNECT_LOOPS, Config, Durations, HTTP_CONNS, HTTP_PORT, HTTP_RATE, PINGPONG_SIZE, RR_SIZE,
+    SERVER_PORTS, SINK_PORT, Scenario, Test, select,
+};
+use super::cpu::{self, BpfStats, MachineCpu};
+use super::peer::{self, Dial, Peer};
 use super::report::{self, Run};
 
-/// Server ports in the server pods.
-const SINK_PORT: u16 = 5001;
-const ECHO_PORT: u16 = 5002;
-const ONE_PORT: u16 = 5003;
-const HTTP_PORT: u16 = 5004;
-/// Every server port, in the order the relay maps them (relay port = base + index).
-const SERVER_PORTS: [(u16, &str); 4] = [
-    (SINK_PORT, "sink"),
-    (ECHO_PORT, "echo"),
-    (ONE_PORT, "one"),
-    (HTTP_PORT, "http"),
-];
 /// The waypoint configuration: the Gateway's name, the Service the HTTP test dials through it
 /// (a VIP from the range no testbed route uses, see `mesh::service`) and its port.
 const WAYPOINT_NAME: &str = "bench-waypoint";
@@ -61,26 +59,23 @@ const RELAY_CROSS_BASE: u16 = 17000;
 const RELAY_SAME_BASE: u16 = 17010;
 /// How long a server or relay may take to print its ready line.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a `--peer` may take until a connection through it is answered.
+const PEER_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on one load run beyond its nominal duration (connects, drains, process start).
 const RUN_SLACK: Duration = Duration::from_secs(60);
-/// /proc reports CPU times in USER_HZ, which the kernel ABI fixes at 100 on Linux.
-const USER_HZ: f64 = 100.0;
-
-/// Request/response parameters (issue 6: 1 KiB at 1000 rps over 4 connections).
-pub const RR_RATE: u64 = 1000;
-pub const RR_CONNS: usize = 4;
-pub const RR_SIZE: usize = 1024;
-/// HTTP test (issue 7): GETs of a 1 KiB body ([`super::serve::HTTP_BODY`]) at 1000 rps over
-/// 4 keep-alive connections, like the request/response test.
-pub const HTTP_RATE: u64 = 1000;
-pub const HTTP_CONNS: usize = 4;
-/// Concurrent loops of the connection-rate test.
-pub const CONNECT_LOOPS: usize = 4;
 /// Established, silent connections held open to measure what an idle connection costs the
-/// proxies (below the load generator's default descriptor limit of 1024).
-pub const IDLE_CONNS: usize = 500;
+/// proxies, and fewer with `--quick`.
+pub const IDLE_CONNS: usize = 10_000;
+pub const IDLE_CONNS_QUICK: usize = 1_000;
+/// Time allowed per held connection to be opened, on top of [`RUN_SLACK`].
+const IDLE_CONNECT_BUDGET: Duration = Duration::from_millis(10);
 /// How long the load generator holds them; the sample is taken as soon as they are up.
 const IDLE_HOLD: Duration = Duration::from_secs(30);
+/// Descriptor limit (soft and hard) the orchestrator sets for itself and so for everything it
+/// starts: relay A holds two descriptors per held connection, the servers and agents one.
+const FD_LIMIT: u64 = 65_536;
+/// Descriptors a proxy needs besides the held connections (listeners, HBONE, logs).
+const FD_RESERVE: u64 = 200;
 
 /// What `bench run` does.
 #[derive(Clone, Debug)]
@@ -95,182 +90,39 @@ pub struct RunOptions {
     pub only: Vec<String>,
     /// The Trellis configurations run with the same-node fast path on.
     pub fast_path: bool,
+    /// Another node proxy to measure as one more configuration.
+    pub peer: Option<Peer>,
 }
 
-/// The ways the same traffic crosses the testbed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Config {
-    NoMesh,
-    Relay,
-    /// Trellis at L4: the agents only (static configuration).
-    Trellis,
-    /// Trellis with a waypoint on the path (control-plane mode); HTTP test only.
-    Waypoint,
+/// One bring-up of a configuration within a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Turn {
+    config: Config,
+    /// Trellis with agents that pool no HBONE connection (the cold-connection test).
+    single_use: bool,
 }
 
-impl Config {
-    pub const ALL: [Config; 4] = [
-        Config::NoMesh,
-        Config::Relay,
-        Config::Trellis,
-        Config::Waypoint,
-    ];
-
-    /// The JSON key.
-    pub fn key(self) -> &'static str {
-        match self {
-            Config::NoMesh => "no_mesh",
-            Config::Relay => "relay",
-            Config::Trellis => "trellis",
-            Config::Waypoint => "waypoint",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Scenario {
-    CrossNode,
-    SameNode,
-}
-
-impl Scenario {
-    pub const ALL: [Scenario; 2] = [Scenario::CrossNode, Scenario::SameNode];
-
-    pub fn key(self) -> &'static str {
-        match self {
-            Scenario::CrossNode => "cross-node",
-            Scenario::SameNode => "same-node",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Test {
-    Bulk1,
-    Bulk8,
-    Rr,
-    Connect,
-    /// HTTP/1.1 GETs through the L7 path (issue 7).
-    Http,
-}
-
-impl Test {
-    pub const ALL: [Test; 5] = [
-        Test::Bulk1,
-        Test::Bulk8,
-        Test::Rr,
-        Test::Connect,
-        Test::Http,
-    ];
-
-    pub fn key(self) -> &'static str {
-        match self {
-            Test::Bulk1 => "bulk1",
-            Test::Bulk8 => "bulk8",
-            Test::Rr => "rr",
-            Test::Connect => "connect",
-            Test::Http => "http",
-        }
+impl Turn {
+    fn runs(self, test: Test) -> bool {
+        test.runs_in(self.config) && test.single_use_agents(self.config) == self.single_use
     }
 
-    /// Another name `--only` matches (`cross-node-l7`).
-    fn alias(self) -> Option<&'static str> {
-        match self {
-            Test::Http => Some("l7"),
-            _ => None,
-        }
-    }
-
-    fn port(self) -> u16 {
-        match self {
-            Test::Bulk1 | Test::Bulk8 => SINK_PORT,
-            Test::Rr => ECHO_PORT,
-            Test::Connect => ONE_PORT,
-            Test::Http => HTTP_PORT,
-        }
-    }
-
-    /// The configurations the test runs in: the byte-stream tests compare Trellis with the
-    /// relay floor; the HTTP test compares Trellis at L4 with Trellis through a waypoint (a
-    /// waypoint speaks HTTP only, and the relay adds nothing an L4 comparison lacks).
-    pub fn runs_in(self, config: Config) -> bool {
-        match self {
-            Test::Http => config != Config::Relay,
-            _ => config != Config::Waypoint,
-        }
-    }
-
-    /// The scenarios the test runs in: a waypoint is measured cross-node only (on one node
-    /// the waypoint's two hops would stay on that node, which no deployment can count on).
-    fn runs_on(self, scenario: Scenario) -> bool {
-        self != Test::Http || scenario == Scenario::CrossNode
-    }
-}
-
-/// How long each test measures.
-#[derive(Clone, Copy, Debug)]
-struct Durations {
-    bulk: Duration,
-    rr: Duration,
-    connect: Duration,
-    http: Duration,
-}
-
-impl Durations {
-    fn new(quick: bool) -> Self {
-        if quick {
-            Self {
-                bulk: Duration::from_secs(1),
-                rr: Duration::from_secs(2),
-                connect: Duration::from_secs(1),
-                http: Duration::from_secs(2),
-            }
+    fn name(self) -> String {
+        if self.single_use {
+            format!("{} (single-use HBONE)", self.config.key())
         } else {
-            Self {
-                bulk: Duration::from_secs(5),
-                rr: Duration::from_secs(10),
-                connect: Duration::from_secs(5),
-                http: Duration::from_secs(10),
-            }
-        }
-    }
-
-    fn of(self, test: Test) -> Duration {
-        match test {
-            Test::Bulk1 | Test::Bulk8 => self.bulk,
-            Test::Rr => self.rr,
-            Test::Connect => self.connect,
-            Test::Http => self.http,
+            self.config.key().to_owned()
         }
     }
 }
 
-/// The tests `only` selects, in a fixed order.
-pub fn select(only: &[String]) -> Result<Vec<(Scenario, Test)>> {
-    let all = Scenario::ALL
-        .iter()
-        .flat_map(|&s| Test::ALL.iter().map(move |&t| (s, t)));
-    let selected: Vec<_> = all
-        .filter(|(s, t)| t.runs_on(*s))
-        .filter(|(s, t)| {
-            let names: Vec<String> = std::iter::once(t.key())
-                .chain(t.alias())
-                .map(|k| format!("{}-{k}", s.key()))
-                .collect();
-            only.is_empty()
-                || only
-                    .iter()
-                    .any(|o| names.iter().any(|n| n.contains(o.as_str())))
-        })
-        .collect();
-    if selected.is_empty() {
-        bail!(
-            "--only {only:?} selects no test; names are SCENARIO-TEST with SCENARIO cross-node or \
-             same-node and TEST bulk1, bulk8, rr or connect, or cross-node-http (alias \
-             cross-node-l7)"
-        );
-    }
-    Ok(selected)
+/// What every measurement needs.
+struct Bench<'a> {
+    tb: &'a Testbed,
+    exe: &'a str,
+    durations: Durations,
+    /// Where the client dials in the peer configuration.
+    peer_dial: Dial,
 }
 
 /// Runs the benchmark, prints the table and writes the JSON report; returns the report.
@@ -284,12 +136,34 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
     let durations = Durations::new(opts.quick);
     let exe = std::env::current_exe().context("finding the bench binary")?;
     let exe = exe.to_string_lossy().into_owned();
+    let wanted = if opts.quick {
+        IDLE_CONNS_QUICK
+    } else {
+        IDLE_CONNS
+    };
+    // Relay A holds two descriptors per held connection.
+    let fits = usize::try_from(raise_fd_limit().saturating_sub(FD_RESERVE) / 2).unwrap_or(0);
+    let idle_conns = wanted.min(fits);
+    if idle_conns < wanted {
+        eprintln!(
+            "bench: the descriptor limit cannot be raised to {FD_LIMIT}: holding {idle_conns} \
+             idle connections instead of {wanted}"
+        );
+    }
+    // Before any agent loads its programs; restored when the run ends, however it ends.
+    let _bpf_stats = BpfStats::enable();
 
     let tb = Testbed::builder()
         .nodes(2)
         .pods_per_node(2)
         .build()
         .context("building the testbed")?;
+    let bench = Bench {
+        tb: &tb,
+        exe: &exe,
+        durations,
+        peer_dial: opts.peer.as_ref().map(|p| p.dial).unwrap_or_default(),
+    };
     let listen = |ip: IpAddr| {
         SERVER_PORTS.map(|(port, mode)| format!("{}={mode}", SocketAddr::new(ip, port)))
     };
@@ -307,18 +181,32 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
         )?);
     }
 
-    // Only the configurations a selected test runs in; the order rotates per round.
-    let configs: Vec<Config> = Config::ALL
-        .into_iter()
-        .filter(|c| selected.iter().any(|(_, t)| t.runs_in(*c)))
-        .collect();
+    // Only the configurations a selected test runs in (the peer only when given); the order
+    // rotates per round.
+    let mut turns: Vec<Turn> = Vec::new();
+    for config in Config::ALL {
+        if config == Config::Peer && opts.peer.is_none() {
+            continue;
+        }
+        for single_use in [false, true] {
+            let turn = Turn { config, single_use };
+            if selected.iter().any(|(_, t)| turn.runs(*t)) {
+                turns.push(turn);
+            }
+        }
+    }
     let mut runs: Vec<Run> = Vec::new();
     let mut memory: Vec<Value> = Vec::new();
     for round in 0..opts.rounds {
-        for c in 0..configs.len() {
-            let config = configs[(round + c) % configs.len()];
-            let active = Active::start(&tb, config, &exe, opts.fast_path)
-                .with_context(|| format!("starting {}", config.key()))?;
+        for c in 0..turns.len() {
+            let turn = turns[(round + c) % turns.len()];
+            let config = turn.config;
+            let active = match (config, &opts.peer) {
+                _ if turn.single_use => Active::start_single_use(&tb, opts.fast_path),
+                (Config::Peer, Some(peer)) => Active::start_peer(&bench, peer),
+                _ => Active::start(&tb, config, &exe, opts.fast_path),
+            }
+            .with_context(|| format!("starting {}", turn.name()))?;
             let pids = active.proxy_pids();
             let waypoint_pids: Vec<u32> = active.waypoint_pid().into_iter().collect();
             let rss_idle = rss_bytes(&pids, "VmRSS:")?;
@@ -326,28 +214,28 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
             let waypoint_rss_idle = rss_bytes(&waypoint_pids, "VmRSS:")?;
             let waypoint_anon_idle = rss_bytes(&waypoint_pids, "RssAnon:")?;
             // The idle-connection cost is the agents' (or relays'); the waypoint configuration
-            // runs the same agents and carries HTTP only.
-            let idle_conn_bytes = if pids.is_empty() || config == Config::Waypoint {
+            // runs the same agents and carries HTTP only, the single-use agents the cold test.
+            let sample_memory = !pids.is_empty() && !turn.single_use;
+            let idle_conn_bytes = if !sample_memory || config == Config::Waypoint {
                 None
             } else {
                 Some(
-                    idle_connection_cost(&tb, &exe, config, &pids)
+                    idle_connection_cost(&bench, config, &pids, idle_conns)
                         .with_context(|| format!("round {} {} idle", round + 1, config.key()))?,
                 )
             };
-            for &(scenario, test) in selected.iter().filter(|(_, t)| t.runs_in(config)) {
-                let run = measure(&tb, &exe, config, scenario, test, durations, &active)
-                    .with_context(|| {
-                        format!(
-                            "round {} {} {}-{}",
-                            round + 1,
-                            config.key(),
-                            scenario.key(),
-                            test.key()
-                        )
-                    })?;
+            for &(scenario, test) in selected.iter().filter(|(_, t)| turn.runs(*t)) {
+                let run = measure(&bench, config, scenario, test, &active).with_context(|| {
+                    format!(
+                        "round {} {} {}-{}",
+                        round + 1,
+                        turn.name(),
+                        scenario.key(),
+                        test.key()
+                    )
+                })?;
                 eprintln!(
-                    "bench: round {}/{} {:<8} {:<10} {:<8} {}",
+                    "bench: round {}/{} {:<8} {:<10} {:<12} {}",
                     round + 1,
                     opts.rounds,
                     config.key(),
@@ -359,7 +247,7 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
             }
             let rss_after = rss_bytes(&pids, "VmRSS:")?;
             let anon_after = rss_bytes(&pids, "RssAnon:")?;
-            if !pids.is_empty() {
+            if sample_memory {
                 let mut sample = json!({
                     "round": round,
                     "config": config.key(),
@@ -367,6 +255,7 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
                     "rss_after_load_bytes": rss_after,
                     "rss_anon_idle_bytes": anon_idle,
                     "rss_anon_after_load_bytes": anon_after,
+                    "idle_conns": idle_conn_bytes.map(|_| idle_conns),
                     "idle_conn_bytes": idle_conn_bytes,
                 });
                 if !waypoint_pids.is_empty() {
@@ -381,11 +270,18 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
             }
             active
                 .stop(&tb)
-                .with_context(|| format!("stopping {}", config.key()))?;
+                .with_context(|| format!("stopping {}", turn.name()))?;
         }
     }
     drop(servers);
 
+    let rr_tests: Vec<Value> = Test::ALL
+        .iter()
+        .filter_map(|t| {
+            t.rr()
+                .map(|(rate, conns)| json!({"test": t.key(), "rate": rate, "conns": conns}))
+        })
+        .collect();
     let settings = json!({
         "quick": opts.quick,
         "fast_path": opts.fast_path,
@@ -393,54 +289,70 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
         "bulk_secs": durations.bulk.as_secs_f64(),
         "rr_secs": durations.rr.as_secs_f64(),
         "connect_secs": durations.connect.as_secs_f64(),
-        "rr_rate": RR_RATE,
-        "rr_conns": RR_CONNS,
         "rr_size": RR_SIZE,
+        "rr_tests": rr_tests,
+        "pingpong_size": PINGPONG_SIZE,
+        "pingpong_secs": durations.rr.as_secs_f64(),
         "connect_loops": CONNECT_LOOPS,
+        "idle_conns": idle_conns,
         "http_secs": durations.http.as_secs_f64(),
         "http_rate": HTTP_RATE,
         "http_conns": HTTP_CONNS,
         "http_body_bytes": super::serve::HTTP_BODY,
+        "peer": opts.peer.as_ref().map(|p| json!({
+            "command": p.template.join(" "),
+            "dial": format!("{:?}", p.dial).to_lowercase(),
+        })),
         "bench_build": if cfg!(debug_assertions) { "debug" } else { "release" },
     });
     let report = report::build(&runs, &memory, settings, machine())?;
-    println!("{}", report::table(&report));
+    println!("{}", super::table::table(&report));
     write_json(&opts.json, &report)?;
     eprintln!("bench: wrote {}", opts.json.display());
     Ok(report)
 }
 
-/// One load run with the proxies' CPU time around it (the waypoint's apart from the agents').
+/// One load run with the CPU time around it: the proxies' (the waypoint's apart from the
+/// agents'), their eBPF programs' and the whole machine's.
 fn measure(
-    tb: &Testbed,
-    exe: &str,
+    bench: &Bench<'_>,
     config: Config,
     scenario: Scenario,
     test: Test,
-    durations: Durations,
     active: &Active<'_>,
 ) -> Result<Run> {
     let pids = active.proxy_pids();
     let waypoint_pids: Vec<u32> = active.waypoint_pid().into_iter().collect();
-    let to = target(tb, config, scenario, test).to_string();
-    let duration = durations.of(test);
+    let to = target(bench, config, scenario, test).to_string();
+    let duration = bench.durations.of(test);
     let secs = format!("{}", duration.as_secs_f64());
-    let mut cmd: Vec<String> = vec![exe.into(), "load".into()];
+    let mut cmd: Vec<String> = vec![bench.exe.into(), "load".into()];
     match test {
-        Test::Bulk1 | Test::Bulk8 => {
-            let streams = if test == Test::Bulk1 { "1" } else { "8" };
-            cmd.extend(["bulk".into(), "--streams".into(), streams.into()]);
+        Test::Bulk1 | Test::Bulk8 | Test::Bulk1Rev | Test::Bulk8Rev => {
+            let (streams, reverse) = test.bulk().unwrap_or((1, false));
+            cmd.extend(["bulk".into(), "--streams".into(), streams.to_string()]);
+            if reverse {
+                cmd.push("--reverse".into());
+            }
         }
-        Test::Rr => cmd.extend([
-            "rr".into(),
-            "--conns".into(),
-            RR_CONNS.to_string(),
-            "--rate".into(),
-            RR_RATE.to_string(),
+        Test::Rr | Test::Rr64 | Test::Rr10k => {
+            let (rate, conns) = test.rr().unwrap_or_default();
+            cmd.extend([
+                "rr".into(),
+                "--conns".into(),
+                conns.to_string(),
+                "--rate".into(),
+                rate.to_string(),
+                "--size".into(),
+                RR_SIZE.to_string(),
+            ]);
+        }
+        Test::PingPong => cmd.extend([
+            "pingpong".into(),
             "--size".into(),
-            RR_SIZE.to_string(),
+            PINGPONG_SIZE.to_string(),
         ]),
-        Test::Connect => cmd.extend([
+        Test::Connect | Test::ConnectCold => cmd.extend([
             "connect".into(),
             "--conns".into(),
             CONNECT_LOOPS.to_string(),
@@ -455,13 +367,22 @@ fn measure(
     }
     cmd.extend(["--to".into(), to, "--secs".into(), secs]);
 
-    let cpu_before = cpu_seconds(&pids)?;
-    let waypoint_before = cpu_seconds(&waypoint_pids)?;
+    let cpu_before = cpu::process_seconds(&pids)?;
+    let waypoint_before = cpu::process_seconds(&waypoint_pids)?;
+    let ebpf_before = cpu::ebpf_seconds(&pids)?;
+    let machine_before = MachineCpu::now()?;
     let started = Instant::now();
-    let out = tb.run(tb.pod(0, 0), &cmd, duration + RUN_SLACK)?;
+    let out = bench
+        .tb
+        .run(bench.tb.pod(0, 0), &cmd, duration + RUN_SLACK)?;
     let wall = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(&pids)? - cpu_before;
-    let waypoint_cpu = cpu_seconds(&waypoint_pids)? - waypoint_before;
+    let machine = MachineCpu::now()?.vcpus_since(&machine_before, wall);
+    let cpu = cpu::process_seconds(&pids)? - cpu_before;
+    let waypoint_cpu = cpu::process_seconds(&waypoint_pids)? - waypoint_before;
+    let ebpf = match (cpu::ebpf_seconds(&pids)?, ebpf_before) {
+        (Some(after), Some(before)) => Some(after - before),
+        _ => None,
+    };
     let result = out.ok_json()?;
     Ok(Run {
         round: 0,
@@ -471,49 +392,58 @@ fn measure(
         wall_secs: wall,
         proxy_cpu_secs: (!pids.is_empty()).then_some(cpu),
         waypoint_cpu_secs: (!waypoint_pids.is_empty()).then_some(waypoint_cpu),
+        ebpf_cpu_secs: ebpf,
+        machine_vcpus: machine,
         result,
     })
 }
 
 /// Anonymous memory the proxies hold per established, silent cross-node connection: the
-/// growth of their anonymous RSS while [`IDLE_CONNS`] such connections are open, divided by
-/// their number. Run on freshly started proxies, so freed memory the allocator keeps from
-/// earlier tests cannot hide the cost.
-fn idle_connection_cost(tb: &Testbed, exe: &str, config: Config, pids: &[u32]) -> Result<f64> {
-    let to = target(tb, config, Scenario::CrossNode, Test::Rr).to_string();
+/// growth of their anonymous RSS while `conns` such connections are open, divided by their
+/// number. Run on freshly started proxies, so freed memory the allocator keeps from earlier
+/// tests cannot hide the cost.
+fn idle_connection_cost(
+    bench: &Bench<'_>,
+    config: Config,
+    pids: &[u32],
+    conns: usize,
+) -> Result<f64> {
+    let tb = bench.tb;
+    let to = target(bench, config, Scenario::CrossNode, Test::Rr).to_string();
     let before = rss_bytes(pids, "RssAnon:")?;
     let cmd: Vec<String> = vec![
-        exe.into(),
+        bench.exe.into(),
         "load".into(),
         "hold".into(),
         "--to".into(),
         to,
         "--conns".into(),
-        IDLE_CONNS.to_string(),
+        conns.to_string(),
         "--secs".into(),
         IDLE_HOLD.as_secs().to_string(),
     ];
     let mut proc = tb.spawn(tb.pod(0, 0), &cmd, SpawnOptions::new().name("idle-conns"))?;
-    proc.wait_for_stdout_line(RUN_SLACK, |l| l.contains(super::load::HOLDING))?;
+    let within = RUN_SLACK + IDLE_CONNECT_BUDGET * u32::try_from(conns).unwrap_or(u32::MAX);
+    proc.wait_for_stdout_line(within, |l| l.contains(super::load::HOLDING))?;
     let held = rss_bytes(pids, "RssAnon:")?;
     // Ending it early closes the connections before the next test; its exit status does not
     // matter.
     proc.kill()?;
-    Ok((held as f64 - before as f64) / IDLE_CONNS as f64)
+    Ok((held as f64 - before as f64) / conns as f64)
 }
 
 /// Where the client dials for `test` in `scenario` under `config`.
-fn target(tb: &Testbed, config: Config, scenario: Scenario, test: Test) -> SocketAddr {
+fn target(bench: &Bench<'_>, config: Config, scenario: Scenario, test: Test) -> SocketAddr {
+    let tb = bench.tb;
     let server = match scenario {
         Scenario::CrossNode => tb.pod(1, 0),
         Scenario::SameNode => tb.pod(0, 1),
     };
+    let via_relay =
+        config == Config::Relay || (config == Config::Peer && bench.peer_dial == Dial::Relay);
     match config {
         Config::Waypoint if test == Test::Http => SocketAddr::from((HTTP_VIP, HTTP_SERVICE_PORT)),
-        Config::NoMesh | Config::Trellis | Config::Waypoint => {
-            SocketAddr::new(server.ip4.into(), test.port())
-        }
-        Config::Relay => {
+        _ if via_relay => {
             let base = match scenario {
                 Scenario::CrossNode => RELAY_CROSS_BASE,
                 Scenario::SameNode => RELAY_SAME_BASE,
@@ -523,7 +453,37 @@ fn target(tb: &Testbed, config: Config, scenario: Scenario, test: Test) -> Socke
                 base + test.port() - SINK_PORT,
             )
         }
+        _ => SocketAddr::new(server.ip4.into(), test.port()),
     }
+}
+
+/// The relay floor's `LISTEN=TARGET` maps for node 0 (relay A: the cross-node chain's first
+/// hop and the same-node relay) and node 1 (relay B: the chain's last hop).
+fn relay_maps(tb: &Testbed) -> [Vec<String>; 2] {
+    let (a, b) = (tb.node(0), tb.node(1));
+    let mut a_maps = Vec::new();
+    let mut b_maps = Vec::new();
+    for (port, _) in SERVER_PORTS {
+        let offset = port - SINK_PORT;
+        let cross = RELAY_CROSS_BASE + offset;
+        let same = RELAY_SAME_BASE + offset;
+        a_maps.push(format!(
+            "{}={}",
+            SocketAddr::new(a.gateway_ip4.into(), cross),
+            SocketAddr::new(b.lan_ip4.into(), cross)
+        ));
+        a_maps.push(format!(
+            "{}={}",
+            SocketAddr::new(a.gateway_ip4.into(), same),
+            SocketAddr::new(tb.pod(0, 1).ip4.into(), port)
+        ));
+        b_maps.push(format!(
+            "{}={}",
+            SocketAddr::new(b.lan_ip4.into(), cross),
+            SocketAddr::new(tb.pod(1, 0).ip4.into(), port)
+        ));
+    }
+    [a_maps, b_maps]
 }
 
 /// A configuration while it is up.
@@ -552,29 +512,8 @@ impl<'tb> Active<'tb> {
             }),
             Config::Waypoint => Self::start_waypoint(tb, exe, options),
             Config::Relay => {
+                let [a_maps, b_maps] = relay_maps(tb);
                 let (a, b) = (tb.node(0), tb.node(1));
-                let mut a_maps = Vec::new();
-                let mut b_maps = Vec::new();
-                for (port, _) in SERVER_PORTS {
-                    let offset = port - SINK_PORT;
-                    let cross = RELAY_CROSS_BASE + offset;
-                    let same = RELAY_SAME_BASE + offset;
-                    a_maps.push(format!(
-                        "{}={}",
-                        SocketAddr::new(a.gateway_ip4.into(), cross),
-                        SocketAddr::new(b.lan_ip4.into(), cross)
-                    ));
-                    a_maps.push(format!(
-                        "{}={}",
-                        SocketAddr::new(a.gateway_ip4.into(), same),
-                        SocketAddr::new(tb.pod(0, 1).ip4.into(), port)
-                    ));
-                    b_maps.push(format!(
-                        "{}={}",
-                        SocketAddr::new(b.lan_ip4.into(), cross),
-                        SocketAddr::new(tb.pod(1, 0).ip4.into(), port)
-                    ));
-                }
                 let mut relays = Vec::new();
                 for (node, maps) in [(a, a_maps), (b, b_maps)] {
                     let mut cmd = vec![exe.to_owned(), "relay".into()];
@@ -594,7 +533,77 @@ impl<'tb> Active<'tb> {
                     relays,
                 })
             }
+            Config::Peer => bail!("the peer configuration starts with `Active::start_peer`"),
         }
+    }
+
+    /// Trellis whose agents pool no HBONE connection: every connection a full handshake.
+    fn start_single_use(tb: &'tb Testbed, fast_path: bool) -> Result<Self> {
+        let options = MeshOptions {
+            hbone_single_use: true,
+            fast_path,
+            ..MeshOptions::default()
+        };
+        Ok(Self {
+            mesh: Some(Mesh::start(tb, &options)?),
+            waypoint: None,
+            relays: Vec::new(),
+        })
+    }
+
+    /// The `--peer` command in each node's namespace; returns once a connection through it
+    /// is answered in both scenarios.
+    fn start_peer(bench: &Bench<'tb>, peer: &Peer) -> Result<Self> {
+        let tb = bench.tb;
+        let maps = relay_maps(tb);
+        let mut procs = Vec::new();
+        for (index, maps) in maps.into_iter().enumerate() {
+            let node = tb.node(index);
+            let vars = peer::NodeVars {
+                bench: bench.exe.to_owned(),
+                node: node.name.clone(),
+                index,
+                lan_ip: node.lan_ip4,
+                gateway_ip: node.gateway_ip4,
+                peer_lan_ip: tb.node(1 - index).lan_ip4,
+                pod_cgroup: node.pod_cgroup_root.to_string_lossy().into_owned(),
+                maps,
+            };
+            let cmd = peer::expand(&peer.template, &vars);
+            procs.push(tb.spawn(
+                node,
+                &cmd,
+                SpawnOptions::new().name(format!("peer-{}", node.name)),
+            )?);
+        }
+        let active = Self {
+            mesh: None,
+            waypoint: None,
+            relays: procs,
+        };
+        let secs = PEER_READY_TIMEOUT.as_secs().to_string();
+        for scenario in Scenario::ALL {
+            let to = target(bench, Config::Peer, scenario, Test::Connect).to_string();
+            tb.run(
+                tb.pod(0, 0),
+                &[bench.exe, "load", "probe", "--to", &to, "--secs", &secs],
+                PEER_READY_TIMEOUT + RUN_SLACK,
+            )?
+            .ok_json()
+            .with_context(|| {
+                let logs: Vec<String> = active
+                    .relays
+                    .iter()
+                    .map(|p| format!("{}:\n{}", p.description(), p.stderr_text()))
+                    .collect();
+                format!(
+                    "a connection through the peer ({})\n{}",
+                    scenario.key(),
+                    logs.join("\n")
+                )
+            })?;
+        }
+        Ok(active)
     }
 
     /// Control-plane mode with a waypoint in pod-1-1 for the whole namespace, and the HTTP
@@ -710,27 +719,30 @@ fn spawn_ready<'a>(
     Ok(proc)
 }
 
-/// Sum of user and system CPU time of `pids` (all their threads), in seconds.
-fn cpu_seconds(pids: &[u32]) -> Result<f64> {
-    let mut ticks: u64 = 0;
-    for pid in pids {
-        let path = format!("/proc/{pid}/stat");
-        let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        // Fields after the command name, which is in parentheses and may contain spaces.
-        let rest = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .with_context(|| format!("unexpected {path}: {stat:?}"))?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of the line; `rest` starts at field 3.
-        for i in [11, 12] {
-            ticks += fields
-                .get(i)
-                .and_then(|f| f.parse::<u64>().ok())
-                .with_context(|| format!("no CPU time field in {path}: {stat:?}"))?;
+/// Raises the descriptor limit (soft and hard) to [`FD_LIMIT`]: everything the orchestrator
+/// starts inherits it, and the idle-connection test holds thousands. Without the right to
+/// raise the hard limit (a container without `CAP_SYS_RESOURCE`), the soft limit goes up to
+/// the hard one. Returns the soft limit in force.
+fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            eprintln!("bench: cannot read the descriptor limit: {e}");
+            return 0;
         }
+    };
+    if hard < FD_LIMIT && setrlimit(Resource::RLIMIT_NOFILE, FD_LIMIT, FD_LIMIT).is_ok() {
+        return FD_LIMIT;
     }
-    Ok(ticks as f64 / USER_HZ)
+    let target = soft.max(hard.min(FD_LIMIT));
+    if target > soft
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, target, hard)
+    {
+        eprintln!("bench: cannot raise the descriptor limit to {target}: {e}");
+        return soft;
+    }
+    target
 }
 
 /// Sum of one resident-memory line of `/proc/PID/status` (`VmRSS:` for all of it, `RssAnon:`

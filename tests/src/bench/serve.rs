@@ -2,6 +2,8 @@
 //!
 //! Servers are deliberately cheaper than anything they measure (no hashing, large reads):
 //! - `sink`: read to EOF, answer with the byte count (8 bytes, little endian), close;
+//! - `source`: write as fast as the connection takes until the client closes it (the reverse
+//!   bulk tests: the client counts what arrives);
 //! - `echo`: send every byte back until EOF, then shut down writing;
 //! - `one`: echo one byte and close at once, so the server side closes first and the client
 //!   never holds a port in TIME_WAIT during the connection-rate run;
@@ -40,6 +42,7 @@ const HTTP_MAX_HEAD: usize = 8192;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Sink,
+    Source,
     Echo,
     One,
     Http,
@@ -60,10 +63,15 @@ impl FromStr for Listen {
             .ok_or_else(|| format!("expected ADDR=MODE, got {s:?}"))?;
         let mode = match mode {
             "sink" => Mode::Sink,
+            "source" => Mode::Source,
             "echo" => Mode::Echo,
             "one" => Mode::One,
             "http" => Mode::Http,
-            other => return Err(format!("unknown mode {other:?} (sink, echo, one, http)")),
+            other => {
+                return Err(format!(
+                    "unknown mode {other:?} (sink, source, echo, one, http)"
+                ));
+            }
         };
         let addr = addr
             .parse()
@@ -152,6 +160,7 @@ async fn handle(mut conn: TcpStream, mode: Mode, body: Bytes) -> Result<()> {
             conn.write_all(&total.to_le_bytes()).await?;
             conn.shutdown().await?;
         }
+        Mode::Source => source(conn).await?,
         Mode::Echo => {
             let mut buf = vec![0u8; BUF];
             loop {
@@ -171,6 +180,27 @@ async fn handle(mut conn: TcpStream, mode: Mode, body: Bytes) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes until the client goes away: its close (reset or broken pipe) is the normal end.
+async fn source(mut conn: TcpStream) -> Result<()> {
+    let buf = vec![0xa5u8; BUF];
+    loop {
+        match idle(conn.write_all(&buf)).await {
+            Ok(()) => {}
+            Err(e)
+                if e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                    matches!(
+                        io.kind(),
+                        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                    )
+                }) =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// HTTP/1.1 on one connection until the client closes it (or stays silent for [`IDLE`]).

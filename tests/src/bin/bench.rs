@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use mesh_tests::bench::{load, run, serve};
+use mesh_tests::bench::{catalog, load, peer, run, serve};
 use serde_json::Value;
 
 #[derive(Parser, Debug)]
@@ -36,16 +36,27 @@ enum Command {
         /// Where to write the JSON report.
         #[arg(long, default_value = "target/bench/latest.json")]
         json: PathBuf,
-        /// Only tests whose SCENARIO-TEST name contains this (repeatable), e.g.
-        /// `same-node-rr`, `cross-node`, `bulk`, `cross-node-http` (alias `l7`).
+        /// Only tests whose SCENARIO-TEST name is this, or else contains it (repeatable),
+        /// e.g. `same-node-rr` (that test alone), `cross-node`, `bulk`, `rev`,
+        /// `cross-node-http` (alias `l7`).
         #[arg(long)]
         only: Vec<String>,
         /// Run the Trellis configurations with the same-node fast path on
         /// (`datapath.fast_path: true`).
         #[arg(long)]
         fast_path: bool,
+        /// Another node proxy as one more configuration: a command template started in each
+        /// node's namespace, split on whitespace, with placeholders {bench}, {node}, {index},
+        /// {lan_ip}, {gateway_ip}, {peer_lan_ip}, {pod_cgroup} and {maps} (see the `peer`
+        /// module), e.g. `--peer '{bench} relay {maps}' --peer-dial relay`.
+        #[arg(long)]
+        peer: Option<String>,
+        /// Where the client dials in the peer configuration: `direct` (the server pod; the
+        /// peer intercepts) or `relay` (the relay floor's addresses on the client's node).
+        #[arg(long, default_value = "direct")]
+        peer_dial: peer::Dial,
     },
-    /// Servers: `--listen ADDR=sink|echo|one|http`, repeatable.
+    /// Servers: `--listen ADDR=sink|source|echo|one|http`, repeatable.
     Serve {
         #[arg(long, required = true)]
         listen: Vec<serve::Listen>,
@@ -64,12 +75,31 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum Load {
-    /// Throughput to a sink over N streams.
+    /// Throughput to a sink over N streams, or with --reverse from a source.
     Bulk {
         #[arg(long)]
         to: SocketAddr,
         #[arg(long, default_value_t = 1)]
         streams: usize,
+        /// Server to client: read from a `source` server.
+        #[arg(long)]
+        reverse: bool,
+        #[arg(long)]
+        secs: f64,
+    },
+    /// Closed-loop ping-pong on one connection to an echo server.
+    Pingpong {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = catalog::PINGPONG_SIZE)]
+        size: usize,
+        #[arg(long)]
+        secs: f64,
+    },
+    /// One 1-byte echo at a time against a `one` server until one completes, for at most SECS.
+    Probe {
+        #[arg(long)]
+        to: SocketAddr,
         #[arg(long)]
         secs: f64,
     },
@@ -77,11 +107,11 @@ enum Load {
     Rr {
         #[arg(long)]
         to: SocketAddr,
-        #[arg(long, default_value_t = run::RR_CONNS)]
+        #[arg(long, default_value_t = catalog::RR_CONNS)]
         conns: usize,
-        #[arg(long, default_value_t = run::RR_RATE)]
+        #[arg(long, default_value_t = catalog::RR_RATE)]
         rate: u64,
-        #[arg(long, default_value_t = run::RR_SIZE)]
+        #[arg(long, default_value_t = catalog::RR_SIZE)]
         size: usize,
         #[arg(long)]
         secs: f64,
@@ -99,9 +129,9 @@ enum Load {
     Http {
         #[arg(long)]
         to: SocketAddr,
-        #[arg(long, default_value_t = run::HTTP_CONNS)]
+        #[arg(long, default_value_t = catalog::HTTP_CONNS)]
         conns: usize,
-        #[arg(long, default_value_t = run::HTTP_RATE)]
+        #[arg(long, default_value_t = catalog::HTTP_RATE)]
         rate: u64,
         #[arg(long)]
         secs: f64,
@@ -117,7 +147,7 @@ enum Load {
     Connect {
         #[arg(long)]
         to: SocketAddr,
-        #[arg(long, default_value_t = run::CONNECT_LOOPS)]
+        #[arg(long, default_value_t = catalog::CONNECT_LOOPS)]
         conns: usize,
         #[arg(long)]
         secs: f64,
@@ -158,13 +188,17 @@ fn main_inner(command: Command) -> Result<Option<Value>> {
             json,
             only,
             fast_path,
+            peer,
+            peer_dial,
         } => {
+            let peer = peer.map(|p| peer::Peer::new(&p, peer_dial)).transpose()?;
             let opts = run::RunOptions {
                 quick,
                 rounds: rounds.unwrap_or(if quick { 2 } else { 3 }),
                 json,
                 only,
                 fast_path,
+                peer,
             };
             // The table is the output; the JSON went to the file.
             run::run(&opts).map(|_| None)
@@ -175,11 +209,20 @@ fn main_inner(command: Command) -> Result<Option<Value>> {
             Load::Bulk {
                 to,
                 streams,
+                reverse,
                 secs: s,
             } => {
                 let d = secs(s)?;
-                runtime()?.block_on(load::bulk(to, streams, d)).map(Some)
+                if reverse {
+                    runtime()?
+                        .block_on(load::bulk_reverse(to, streams, d))
+                        .map(Some)
+                } else {
+                    runtime()?.block_on(load::bulk(to, streams, d)).map(Some)
+                }
             }
+            Load::Pingpong { to, size, secs: s } => load::pingpong(to, size, secs(s)?).map(Some),
+            Load::Probe { to, secs: s } => load::probe(to, secs(s)?).map(Some),
             Load::Rr {
                 to,
                 conns,

@@ -540,11 +540,11 @@ impl Datapath {
         }
         // aya's program types share no trait for this sequence, hence a macro.
         macro_rules! attach_and_pin {
-            ($ty:ty, $name:expr $(, $attach_type:expr)?) => {{
+            ($cgroup:expr, $ty:ty, $name:expr $(, $attach_type:expr)?) => {{
                 let name = $name;
                 let program: &mut $ty = program_mut(&mut datapath._ebpf, name)?;
                 let id = program
-                    .attach(&cgroup, $($attach_type,)? CgroupAttachMode::Single)
+                    .attach($cgroup, $($attach_type,)? CgroupAttachMode::Single)
                     .map_err(|source| EbpfError::Program { name, source })?;
                 let link = program
                     .take_link(id)
@@ -555,10 +555,11 @@ impl Datapath {
             }};
         }
         for name in SOCK_ADDR_PROGRAMS {
-            attach_and_pin!(CgroupSockAddr, name);
+            attach_and_pin!(&cgroup, CgroupSockAddr, name);
         }
-        attach_and_pin!(SockOps, programs::SOCK_OPS);
+        attach_and_pin!(&cgroup, SockOps, programs::SOCK_OPS);
         attach_and_pin!(
+            &cgroup,
             CgroupSkb,
             programs::MTLS_INGRESS,
             CgroupSkbAttachType::Ingress
@@ -572,7 +573,6 @@ impl Datapath {
                 name: programs::FASTPATH_MSG,
                 source,
             })?;
-        let proxy_link = links_dir.join(programs::SOCK_OPS_PROXY);
         match &spec.fast_path {
             Some(proxy_cgroup) => {
                 let cgroup = File::open(proxy_cgroup).map_err(|source| EbpfError::Io {
@@ -580,21 +580,11 @@ impl Datapath {
                     path: proxy_cgroup.clone(),
                     source,
                 })?;
-                let name = programs::SOCK_OPS_PROXY;
-                let program: &mut SockOps = program_mut(&mut datapath._ebpf, name)?;
-                let id = program
-                    .attach(&cgroup, CgroupAttachMode::Single)
-                    .map_err(|source| EbpfError::Program { name, source })?;
-                let link = program
-                    .take_link(id)
-                    .map_err(|source| EbpfError::Program { name, source })?;
-                let link =
-                    FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?;
-                replace_pinned_link(link, &proxy_link)?;
+                attach_and_pin!(&cgroup, SockOps, programs::SOCK_OPS_PROXY);
             }
             // A previous agent's attachment goes (its program also checks the flag).
             None => {
-                let _ = std::fs::remove_file(&proxy_link);
+                let _ = std::fs::remove_file(links_dir.join(programs::SOCK_OPS_PROXY));
             }
         }
         drop(pod_sockets);

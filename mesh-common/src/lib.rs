@@ -11,9 +11,8 @@
 /// Layout version of the pinned maps. Bumped whenever a key or value type changes, so an agent
 /// never reuses maps pinned by an incompatible build (they live in a different directory).
 /// Version 2: `Enrollment.flags` gained `STRICT_INBOUND`, and `MTLS_PORTS`, `NODE_ADDRS` and
-/// two counters were added. Version 3: the same-node fast path (`FASTPATH_*` maps, three
-/// counters, `ProxyConfig::FAST_PATH`).
-pub const LAYOUT_VERSION: u32 = 3;
+/// two counters were added.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Map names, as they appear in the object file and under the pin directory.
 pub mod maps {
@@ -38,18 +37,6 @@ pub mod maps {
     /// `HashMap<[u32; 4] address, u32>`: every address of the node's network namespace (IPv4
     /// mapped into IPv6). Plaintext from these (kubelet probes, the node proxy) is always let in.
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
-    /// `SockHash<SockPair>`: pod sockets on the same-node fast path (a redirected pod's
-    /// connection to the node proxy, and pods' ends of connections the node proxy delivers).
-    /// The `fastpath_msg` program runs on every message they send.
-    pub const FASTPATH_PODS: &str = "FASTPATH_PODS";
-    /// `SockHash<SockPair>`: the node proxy's ends of those connections. Only ever a redirect
-    /// target: what a pod sends is queued straight onto the proxy's socket, skipping the TCP/IP
-    /// stack of both network namespaces.
-    pub const FASTPATH_PROXY: &str = "FASTPATH_PROXY";
-    /// `HashMap<SockPair, u32>`: pod sockets that sent through the stack because the proxy's
-    /// end was not there yet; they keep doing so, since bytes queued by a redirect would
-    /// overtake bytes still in flight. Removed when the socket closes.
-    pub const FASTPATH_FALLBACK: &str = "FASTPATH_FALLBACK";
 }
 
 /// Program names, as they appear in the object file.
@@ -59,11 +46,6 @@ pub mod programs {
     pub const GETPEERNAME4: &str = "getpeername4";
     pub const GETPEERNAME6: &str = "getpeername6";
     pub const SOCK_OPS: &str = "sock_ops";
-    /// sock_ops on the node proxy's own cgroup: puts the proxy's accepted ends of redirected
-    /// connections on the fast path.
-    pub const SOCK_OPS_PROXY: &str = "sock_ops_proxy";
-    /// sk_msg on [`super::maps::FASTPATH_PODS`]: redirects a pod's sends into the proxy's socket.
-    pub const FASTPATH_MSG: &str = "fastpath_msg";
     /// cgroup_skb ingress: drops plaintext connection attempts to STRICT pods.
     pub const MTLS_INGRESS: &str = "mtls_ingress";
 }
@@ -80,9 +62,6 @@ pub const MAX_MTLS_PORTS: u32 = 16_384;
 /// Capacity of [`maps::NODE_ADDRS`]. Generous because every host-side veth of a pod may carry an
 /// IPv6 link-local address of its own.
 pub const MAX_NODE_ADDRS: u32 = 4_096;
-/// Capacity of each fast-path map: connections on the fast path per node. A socket that finds
-/// its map full simply stays on the TCP/IP path.
-pub const MAX_FASTPATH_SOCKETS: u32 = 65_536;
 
 /// Inbound mode values of [`maps::MTLS_PORTS`].
 pub const MTLS_PERMISSIVE: u32 = 0;
@@ -130,34 +109,7 @@ pub struct ProxyConfig {
     pub ip6: [u32; 4],
     /// Port of the outbound listener, host byte order.
     pub outbound_port: u32,
-    /// Bit set of `ProxyConfig::*` flags.
     pub flags: u32,
-}
-
-impl ProxyConfig {
-    /// The same-node fast path is on: new connections between pods and the node proxy join the
-    /// `FASTPATH_*` maps. Turning it off leaves connections already on it alone.
-    pub const FAST_PATH: u32 = 1 << 0;
-}
-
-/// Key of the fast-path maps: a TCP socket as it sees itself (its own end, then its peer's). The
-/// other end of the same connection has the two swapped ([`SockPair::peer`]).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockPair {
-    pub local: SockKey,
-    pub remote: SockKey,
-}
-
-impl SockPair {
-    /// The key of the other end of the connection.
-    #[inline(always)]
-    pub const fn peer(&self) -> Self {
-        Self {
-            local: self.remote,
-            remote: self.local,
-        }
-    }
 }
 
 /// Key of [`maps::ORIG_BY_TUPLE`]: one end of a TCP connection.
@@ -205,17 +157,10 @@ pub enum Stat {
     StrictDropped = 6,
     /// A plaintext connection attempt to a PERMISSIVE pod, not from the node, was let in.
     PlaintextAccepted = 7,
-    /// A message a pod sent was queued straight onto the node proxy's socket.
-    FastpathRedirected = 8,
-    /// A pod socket on the fast path sent before the proxy's end joined it, and stays on the
-    /// TCP/IP path.
-    FastpathFallback = 9,
-    /// A socket could not join the fast path (map full); it stays on the TCP/IP path.
-    FastpathFull = 10,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 8;
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Redirected,
         Stat::Excluded,
@@ -225,9 +170,6 @@ impl Stat {
         Stat::PeerRewritten,
         Stat::StrictDropped,
         Stat::PlaintextAccepted,
-        Stat::FastpathRedirected,
-        Stat::FastpathFallback,
-        Stat::FastpathFull,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -240,9 +182,6 @@ impl Stat {
             Stat::PeerRewritten => "peer_rewritten",
             Stat::StrictDropped => "strict_dropped",
             Stat::PlaintextAccepted => "plaintext_accepted",
-            Stat::FastpathRedirected => "fastpath_redirected",
-            Stat::FastpathFallback => "fastpath_fallback",
-            Stat::FastpathFull => "fastpath_full",
         }
     }
 }
@@ -292,8 +231,6 @@ mod pod {
     unsafe impl aya::Pod for super::ProxyConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockKey {}
-    // SAFETY: as above: two `SockKey`s, `#[repr(C)]`, no padding.
-    unsafe impl aya::Pod for super::SockPair {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: as above.
@@ -304,7 +241,6 @@ mod pod {
 const _: () = assert!(core::mem::size_of::<Enrollment>() == 8);
 const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 28);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
-const _: () = assert!(core::mem::size_of::<SockPair>() == 40);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
 const _: () = assert!(core::mem::size_of::<MtlsPortKey>() == 16);
 
@@ -327,23 +263,6 @@ mod tests {
         assert!(is_local_v6(&v4_mapped(be(127, 0, 0, 1))));
         assert!(!is_local_v6(&v4_mapped(be(10, 1, 2, 3))));
         assert!(!is_local_v6(&[be(0xfd, 0, 0, 0), 0, 0, be(0, 0, 0, 1)]));
-    }
-
-    #[test]
-    fn a_socket_pair_and_its_peer_swap_ends() {
-        let pair = SockPair {
-            local: SockKey {
-                ip: v4_mapped(be(10, 0, 0, 2)),
-                port: 40_000,
-            },
-            remote: SockKey {
-                ip: v4_mapped(be(10, 0, 0, 1)),
-                port: 15_001,
-            },
-        };
-        assert_eq!(pair.peer().local, pair.remote);
-        assert_eq!(pair.peer().remote, pair.local);
-        assert_eq!(pair.peer().peer(), pair);
     }
 
     #[test]

@@ -11,12 +11,6 @@
 //! - `mtls_ingress` (cgroup_skb ingress) drops plaintext connection attempts to pods in STRICT
 //!   mutual TLS mode unless they come from the node itself (kubelet probes, the node proxy
 //!   delivering what it received over HBONE), and counts those PERMISSIVE pods let in.
-//! - The same-node fast path: `sock_ops` (pod sockets) and `sock_ops_proxy` (on the proxy's own
-//!   cgroup) put both ends of pod <-> proxy connections in socket hashes, and `fastpath_msg`
-//!   (sk_msg) queues what a pod sends straight onto the proxy's socket, so those bytes skip the
-//!   TCP/IP stack of both network namespaces. Only the proxy's sockets are ever redirect
-//!   targets: a pod reads everything through the ordinary stack, so applications that read
-//!   with `splice()` (which bypasses sockmap queues) keep working.
 //!
 //! Enrollment is data (the `ENROLLED` map), never attachment, so pods come and go without
 //! touching programs. The proxy's own sockets are never redirected by construction: the agent
@@ -27,24 +21,22 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_addr,
-        sk_action::{SK_DROP, SK_PASS},
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE, bpf_sock_addr,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
         bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_skb, cgroup_sock_addr, map, sk_msg, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
-    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
 use mesh_common::{
     AF_INET, AF_INET6, Enrollment, MAX_ENROLLED_CGROUPS, MAX_EXCLUDED_NETS, MAX_EXCLUDED_PORTS,
-    MAX_FASTPATH_SOCKETS, MAX_MTLS_PORTS, MAX_NODE_ADDRS, MAX_TRACKED_CONNECTIONS, MTLS_STRICT,
-    MtlsPortKey, OrigDst, ProxyConfig, SockKey, SockPair, Stat, is_local_v6, is_v4_mapped,
-    v4_mapped,
+    MAX_MTLS_PORTS, MAX_NODE_ADDRS, MAX_TRACKED_CONNECTIONS, MTLS_STRICT, MtlsPortKey, OrigDst,
+    ProxyConfig, SockKey, Stat, is_local_v6, is_v4_mapped, v4_mapped,
 };
 
 /// Verdicts of cgroup sock_addr programs.
@@ -76,12 +68,6 @@ static DP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
 static MTLS_PORTS: HashMap<MtlsPortKey, u32> = HashMap::pinned(MAX_MTLS_PORTS, 0);
 #[map]
 static NODE_ADDRS: HashMap<[u32; 4], u32> = HashMap::pinned(MAX_NODE_ADDRS, 0);
-#[map]
-static FASTPATH_PODS: SockHash<SockPair> = SockHash::pinned(MAX_FASTPATH_SOCKETS, 0);
-#[map]
-static FASTPATH_PROXY: SockHash<SockPair> = SockHash::pinned(MAX_FASTPATH_SOCKETS, 0);
-#[map]
-static FASTPATH_FALLBACK: HashMap<SockPair, u32> = HashMap::pinned(MAX_FASTPATH_SOCKETS, 0);
 
 #[inline(always)]
 fn count(stat: Stat) {
@@ -118,17 +104,6 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
 pub fn sock_ops(ctx: SockOpsContext) -> u32 {
     try_sock_ops(&ctx);
     1
-}
-
-#[sock_ops]
-pub fn sock_ops_proxy(ctx: SockOpsContext) -> u32 {
-    try_sock_ops_proxy(&ctx);
-    1
-}
-
-#[sk_msg]
-pub fn fastpath_msg(ctx: SkMsgContext) -> u32 {
-    try_fastpath_msg(&ctx)
 }
 
 #[cgroup_skb(ingress)]
@@ -442,117 +417,32 @@ fn try_getpeername(ctx: &SockAddrContext, family: u32) {
     count(Stat::PeerRewritten);
 }
 
-/// Indexes redirected connections by the client's address once established, puts pod ends of
-/// connections to and from the node proxy on the fast path, and forgets both when they close.
+/// Indexes redirected connections by the client's address once established, and forgets them
+/// when they close.
 #[inline(always)]
 fn try_sock_ops(ctx: &SockOpsContext) {
     let op = ctx.op();
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
+        return;
+    }
+    // SAFETY: cookie helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = local_key(ctx);
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        // SAFETY: cookie helper on the program's own context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         // SAFETY: read-only lookup; the value is copied before the map is written.
         let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else {
             return;
         };
-        if ORIG_BY_TUPLE.insert(local_key(ctx), orig, 0).is_err() {
+        if ORIG_BY_TUPLE.insert(key, orig, 0).is_err() {
             count(Stat::TupleFull);
             return;
         }
-        // Ask for a state callback so every entry is dropped when the connection closes.
+        // Ask for a state callback so both entries are dropped when the connection closes.
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-        if fast_path_on() {
-            join_fast_path(ctx, &FASTPATH_PODS);
-        }
-    } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        // A pod accepted a connection: from the node proxy delivering (or from kubelet, which
-        // cannot be told apart; its socket just never finds a proxy end to redirect to).
-        if !fast_path_on() {
-            return;
-        }
-        let remote = sock_pair(ctx).remote.ip;
-        if is_loopback(&remote) || !is_node_addr(&remote) {
-            return;
-        }
-        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-        join_fast_path(ctx, &FASTPATH_PODS);
-    } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
-        // SAFETY: cookie helper on the program's own context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let _ = ORIG_BY_TUPLE.remove(local_key(ctx));
+    } else if ctx.arg(1) == BPF_TCP_CLOSE {
+        let _ = ORIG_BY_TUPLE.remove(key);
         let _ = ORIG_BY_COOKIE.remove(cookie);
-        // The socket leaves the socket hash by itself; its fallback mark must not outlive it.
-        let _ = FASTPATH_FALLBACK.remove(sock_pair(ctx));
     }
-}
-
-/// Puts the node proxy's accepted end of a redirected connection on the fast path. Runs on the
-/// proxy's own cgroup, when the handshake completes: before the pod's first bytes are
-/// processed, so they can already be redirected.
-#[inline(always)]
-fn try_sock_ops_proxy(ctx: &SockOpsContext) {
-    if ctx.op() != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        return;
-    }
-    let Some(proxy) = PROXY_CONFIG.get(0) else {
-        return;
-    };
-    if proxy.flags & ProxyConfig::FAST_PATH == 0 {
-        return;
-    }
-    let pair = sock_pair(ctx);
-    let listener = if is_v4_mapped(&pair.local.ip) {
-        v4_mapped(proxy.ip4)
-    } else {
-        proxy.ip6
-    };
-    if pair.local.port != proxy.outbound_port || pair.local.ip != listener {
-        return;
-    }
-    join_fast_path(ctx, &FASTPATH_PROXY);
-}
-
-#[inline(always)]
-fn fast_path_on() -> bool {
-    PROXY_CONFIG
-        .get(0)
-        .is_some_and(|proxy| proxy.flags & ProxyConfig::FAST_PATH != 0)
-}
-
-/// Adds the socket of `ctx` to `map` under its own view of the connection.
-#[inline(always)]
-fn join_fast_path(ctx: &SockOpsContext, map: &SockHash<SockPair>) {
-    let mut pair = sock_pair(ctx);
-    // SAFETY: the kernel passes a valid `bpf_sock_ops` for the duration of the program, and
-    // the helper only reads the socket it points to.
-    let ops = unsafe { &mut *ctx.ops };
-    if map.update(&mut pair, ops, 0).is_err() {
-        count(Stat::FastpathFull);
-    }
-}
-
-/// Sends a pod's message straight into the node proxy's socket when its end is on the fast
-/// path. A socket that ever sent through the stack stays there: bytes queued by a redirect
-/// would overtake bytes still in flight, and the proxy would read them out of order.
-#[inline(always)]
-fn try_fastpath_msg(ctx: &SkMsgContext) -> u32 {
-    let pair = msg_pair(ctx);
-    // SAFETY: read-only lookup of a plain-data value.
-    if unsafe { FASTPATH_FALLBACK.get(pair) }.is_some() {
-        return SK_PASS;
-    }
-    let mut peer = pair.peer();
-    if FASTPATH_PROXY.redirect_msg(ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
-        count(Stat::FastpathRedirected);
-        return SK_PASS;
-    }
-    if FASTPATH_FALLBACK.insert(pair, 1, 0).is_err() {
-        // Without the mark a later message could be redirected past this one: refuse the
-        // send (EACCES) rather than risk delivering bytes out of order.
-        count(Stat::FastpathFull);
-        return SK_DROP;
-    }
-    count(Stat::FastpathFallback);
-    SK_PASS
 }
 
 /// The socket's own address and port. Both address forms are read unconditionally, each with a
@@ -576,92 +466,19 @@ fn local_key(ctx: &SockOpsContext) -> SockKey {
             core::ptr::read_volatile(&raw const (*ops).local_port),
         )
     };
+    let mapped = v4_mapped(ip4);
+    let is_v4 = (family == AF_INET) as u32;
+    // Branch-free select between the two forms.
+    let mask = 0u32.wrapping_sub(is_v4);
     SockKey {
-        ip: select_ip(family, ip4, ip6),
+        ip: [
+            (mapped[0] & mask) | (ip6[0] & !mask),
+            (mapped[1] & mask) | (ip6[1] & !mask),
+            (mapped[2] & mask) | (ip6[2] & !mask),
+            (mapped[3] & mask) | (ip6[3] & !mask),
+        ],
         port,
     }
-}
-
-/// Both ends of the socket of `ctx`, as it sees them. Same fixed-offset loads as
-/// [`local_key`]; `remote_port` holds the port in network byte order in its upper half.
-#[inline(always)]
-fn sock_pair(ctx: &SockOpsContext) -> SockPair {
-    let ops = ctx.ops;
-    // SAFETY: the kernel passes a valid `bpf_sock_ops` for the duration of the program; each
-    // load reads one aligned u32 field of it.
-    let (ip4, ip6, port) = unsafe {
-        (
-            core::ptr::read_volatile(&raw const (*ops).remote_ip4),
-            [
-                core::ptr::read_volatile(&raw const (*ops).remote_ip6[0]),
-                core::ptr::read_volatile(&raw const (*ops).remote_ip6[1]),
-                core::ptr::read_volatile(&raw const (*ops).remote_ip6[2]),
-                core::ptr::read_volatile(&raw const (*ops).remote_ip6[3]),
-            ],
-            core::ptr::read_volatile(&raw const (*ops).remote_port),
-        )
-    };
-    // SAFETY: as above.
-    let family = unsafe { core::ptr::read_volatile(&raw const (*ops).family) };
-    SockPair {
-        local: local_key(ctx),
-        remote: SockKey {
-            ip: select_ip(family, ip4, ip6),
-            port: u32::from_be(port),
-        },
-    }
-}
-
-/// Both ends of the sending socket of an sk_msg program, as in [`sock_pair`].
-#[inline(always)]
-fn msg_pair(ctx: &SkMsgContext) -> SockPair {
-    let msg = ctx.msg;
-    // SAFETY: the kernel passes a valid `sk_msg_md` for the duration of the program; each load
-    // reads one aligned u32 field of it.
-    let (family, local4, local6, local_port, remote4, remote6, remote_port) = unsafe {
-        (
-            core::ptr::read_volatile(&raw const (*msg).family),
-            core::ptr::read_volatile(&raw const (*msg).local_ip4),
-            [
-                core::ptr::read_volatile(&raw const (*msg).local_ip6[0]),
-                core::ptr::read_volatile(&raw const (*msg).local_ip6[1]),
-                core::ptr::read_volatile(&raw const (*msg).local_ip6[2]),
-                core::ptr::read_volatile(&raw const (*msg).local_ip6[3]),
-            ],
-            core::ptr::read_volatile(&raw const (*msg).local_port),
-            core::ptr::read_volatile(&raw const (*msg).remote_ip4),
-            [
-                core::ptr::read_volatile(&raw const (*msg).remote_ip6[0]),
-                core::ptr::read_volatile(&raw const (*msg).remote_ip6[1]),
-                core::ptr::read_volatile(&raw const (*msg).remote_ip6[2]),
-                core::ptr::read_volatile(&raw const (*msg).remote_ip6[3]),
-            ],
-            core::ptr::read_volatile(&raw const (*msg).remote_port),
-        )
-    };
-    SockPair {
-        local: SockKey {
-            ip: select_ip(family, local4, local6),
-            port: local_port,
-        },
-        remote: SockKey {
-            ip: select_ip(family, remote4, remote6),
-            port: u32::from_be(remote_port),
-        },
-    }
-}
-
-/// The IPv4 address in its mapped form for `AF_INET`, else the IPv6 one, without a branch.
-#[inline(always)]
-fn select_ip(family: u32, ip4: u32, ip6: [u32; 4]) -> [u32; 4] {
-    let mapped = v4_mapped(ip4);
-    let mask = 0u32.wrapping_sub((family == AF_INET) as u32);
-    [
-        (mapped[0] & mask) | (ip6[0] & !mask),
-        (mapped[1] & mask) | (ip6[1] & !mask),
-        (mapped[2] & mask) | (ip6[2] & !mask),
-        (mapped[3] & mask) | (ip6[3] & !mask),
-    ]
 }
 
 #[cfg(not(test))]

@@ -97,27 +97,6 @@ fn hbone_spread(outbound: &crate::config::OutboundConfig) -> usize {
         .map_or(1, std::num::NonZeroUsize::get)
 }
 
-/// Where the fast path's proxy half attaches, if the fast path is on and can be.
-fn fast_path_cgroup(enabled: bool) -> Option<std::path::PathBuf> {
-    if !enabled {
-        return None;
-    }
-    match crate::ebpf::fast_path::own_cgroup() {
-        Ok(Some(cgroup)) => Some(cgroup),
-        Ok(None) => {
-            tracing::warn!(
-                "same-node fast path off: the agent runs in the machine's root cgroup, where \
-                 its program would see every process's sockets; run it in a cgroup of its own"
-            );
-            None
-        }
-        Err(error) => {
-            tracing::warn!(%error, "same-node fast path off: cannot read the agent's own cgroup");
-            None
-        }
-    }
-}
-
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
     proxy::listen(addr, LISTEN_BACKLOG).map_err(|source| AgentError::Bind { what, addr, source })
 }
@@ -234,7 +213,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             .iter()
             .filter_map(|c| parse_cidr(c).ok())
             .collect(),
-        fast_path: fast_path_cgroup(config.datapath.fast_path),
     };
     // Refuse to start, before touching the kernel, where the datapath cannot work.
     let preflight = crate::check::run(&crate::check::Environment {
@@ -282,7 +260,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
         authorized: Arc::default(),
-        fast_path: datapath.fast_path(),
     });
 
     let mut listeners = tokio::task::JoinSet::new();

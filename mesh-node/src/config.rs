@@ -271,19 +271,6 @@ pub struct DatapathConfig {
     /// Destination networks never redirected, in CIDR notation.
     #[serde(default)]
     pub excluded_cidrs: Vec<String>,
-    /// The same-node fast path (off by default): what a pod sends to the node proxy (its
-    /// outbound connections, and its replies on connections the proxy delivered) is queued by
-    /// the kernel straight onto the proxy's socket instead of crossing the TCP/IP stack twice.
-    /// Its pod sockets join a socket hash, which changes how the kernel reads them: on kernels
-    /// measured so far, a *blocking* read that starts before the proxy's reply arrives fails with
-    /// EAGAIN. Turn it on only where every meshed application reads with non-blocking sockets
-    /// (epoll: Go, Rust, Node.js, Java NIO, Envoy, nginx); see ARCHITECTURE.md.
-    #[serde(default = "default_fast_path")]
-    pub fast_path: bool,
-}
-
-fn default_fast_path() -> bool {
-    false
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

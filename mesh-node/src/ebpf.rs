@@ -14,9 +14,6 @@
 //! the node's own addresses in `NODE_ADDRS` (plaintext from those always passes: kubelet
 //! probes and the proxy's deliveries). Writes are ordered so that a failure leaves a port
 //! refusing plaintext rather than accepting it.
-//!
-//! The same-node fast path ([`fast_path`]) needs one more attachment: `sock_ops_proxy` on the
-//! proxy's own cgroup, and `fastpath_msg` on the `FASTPATH_PODS` socket hash.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -29,21 +26,17 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkMsg, SockOps,
-        links::FdLink,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, links::FdLink,
     },
 };
 use mesh_common::{
     Enrollment, LAYOUT_VERSION, MTLS_PERMISSIVE, MTLS_STRICT, MtlsPortKey, OrigDst, ProxyConfig,
-    SockKey, SockPair, Stat, maps, programs,
+    SockKey, Stat, maps, programs,
 };
 
-pub mod fast_path;
 mod log;
-
-pub use fast_path::FastPath;
 
 /// The eBPF object built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
@@ -120,10 +113,6 @@ pub struct DatapathSpec {
     pub outbound6: Option<SocketAddr>,
     pub excluded_ports: Vec<u16>,
     pub excluded_nets: Vec<(IpAddr, u8)>,
-    /// The same-node fast path: `Some` with the proxy's own cgroup (see
-    /// [`fast_path::own_cgroup`]) turns it on; `None` leaves every connection on the TCP/IP
-    /// path.
-    pub fast_path: Option<PathBuf>,
 }
 
 /// A pod cgroup to enroll, identified by its directory.
@@ -202,7 +191,6 @@ pub struct Datapath {
     _ebpf: Ebpf,
     conntrack: Arc<ConnTrack>,
     stats: PerCpuArray<MapData, u64>,
-    fast_path: Option<Arc<FastPath>>,
     version_dir: PathBuf,
     _logger: Option<log::LogPump>,
 }
@@ -511,13 +499,10 @@ impl Datapath {
             by_tuple: take_map(&mut ebpf, maps::ORIG_BY_TUPLE)?,
         });
         let stats = take_map(&mut ebpf, maps::DP_STATS)?;
-        let pod_sockets: SockHash<MapData, SockPair> = take_map(&mut ebpf, maps::FASTPATH_PODS)?;
-        let proxy_sockets: SockHash<MapData, SockPair> = take_map(&mut ebpf, maps::FASTPATH_PROXY)?;
         let mut datapath = Self {
             _ebpf: ebpf,
             conntrack,
             stats,
-            fast_path: None,
             version_dir: version_dir.clone(),
             _logger: logger,
         };
@@ -533,11 +518,6 @@ impl Datapath {
         // Every program is loaded (verified) before any is attached: a program the kernel
         // refuses must not leave pods with a redirect but no tracking (half-redirected).
         load_programs(&mut datapath._ebpf)?;
-        // Only now may the map handle go: programs refer to their maps by descriptor until they
-        // are loaded.
-        if spec.fast_path.is_some() {
-            datapath.fast_path = Some(Arc::new(FastPath::new(proxy_sockets)));
-        }
         // aya's program types share no trait for this sequence, hence a macro.
         macro_rules! attach_and_pin {
             ($cgroup:expr, $ty:ty, $name:expr $(, $attach_type:expr)?) => {{
@@ -564,44 +544,15 @@ impl Datapath {
             programs::MTLS_INGRESS,
             CgroupSkbAttachType::Ingress
         );
-        // The verdict program belongs to the socket hash, not to a cgroup: attaching replaces
-        // a previous agent's, and sockets keep the program they joined with.
-        let program: &mut SkMsg = program_mut(&mut datapath._ebpf, programs::FASTPATH_MSG)?;
-        program
-            .attach(pod_sockets.fd())
-            .map_err(|source| EbpfError::Program {
-                name: programs::FASTPATH_MSG,
-                source,
-            })?;
-        match &spec.fast_path {
-            Some(proxy_cgroup) => {
-                let cgroup = File::open(proxy_cgroup).map_err(|source| EbpfError::Io {
-                    what: "cannot open the proxy's own cgroup",
-                    path: proxy_cgroup.clone(),
-                    source,
-                })?;
-                attach_and_pin!(&cgroup, SockOps, programs::SOCK_OPS_PROXY);
-            }
-            // A previous agent's attachment goes (its program also checks the flag).
-            None => {
-                let _ = std::fs::remove_file(links_dir.join(programs::SOCK_OPS_PROXY));
-            }
-        }
-        drop(pod_sockets);
 
         // 3. Only now retire datapaths of other layout versions.
         remove_other_versions(&spec.pin_dir);
-        tracing::info!(pin_dir = %version_dir.display(), cgroup_root = %spec.cgroup_root.display(), fast_path = ?spec.fast_path, "datapath attached");
+        tracing::info!(pin_dir = %version_dir.display(), cgroup_root = %spec.cgroup_root.display(), "datapath attached");
         Ok((datapath, enroller))
     }
 
     pub fn conntrack(&self) -> Arc<ConnTrack> {
         self.conntrack.clone()
-    }
-
-    /// The proxy's handle on the same-node fast path, when it is on.
-    pub fn fast_path(&self) -> Option<Arc<FastPath>> {
-        self.fast_path.clone()
     }
 
     /// Where maps and links are pinned.
@@ -683,16 +634,6 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
     let program: &mut SockOps = program_mut(ebpf, programs::SOCK_OPS)?;
     program.load().map_err(|source| EbpfError::Program {
         name: programs::SOCK_OPS,
-        source,
-    })?;
-    let program: &mut SockOps = program_mut(ebpf, programs::SOCK_OPS_PROXY)?;
-    program.load().map_err(|source| EbpfError::Program {
-        name: programs::SOCK_OPS_PROXY,
-        source,
-    })?;
-    let program: &mut SkMsg = program_mut(ebpf, programs::FASTPATH_MSG)?;
-    program.load().map_err(|source| EbpfError::Program {
-        name: programs::FASTPATH_MSG,
         source,
     })?;
     let program: &mut CgroupSkb = program_mut(ebpf, programs::MTLS_INGRESS)?;
@@ -843,11 +784,7 @@ fn proxy_config(spec: &DatapathSpec) -> ProxyConfig {
         ip4,
         ip6,
         outbound_port: u32::from(spec.outbound4.port()),
-        flags: if spec.fast_path.is_some() {
-            ProxyConfig::FAST_PATH
-        } else {
-            0
-        },
+        flags: 0,
     }
 }
 

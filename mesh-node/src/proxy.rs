@@ -73,8 +73,6 @@ pub struct ProxyInputs {
     pub tasks: TaskTracker,
     /// Open inbound connections, re-authorized when the policies change.
     pub authorized: Arc<inbound::authorized::Authorized>,
-    /// The same-node fast path, when on: connections dialled to local pods join it.
-    pub fast_path: Option<Arc<crate::ebpf::FastPath>>,
 }
 
 /// A listener on `addr` with `backlog` pending connections. Like `TcpListener::bind`, it sets
@@ -135,16 +133,6 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<Tcp
             "connect timed out",
         )),
     }
-}
-
-/// Dials a pod of this node and, with the fast path on, puts the connection on it before the
-/// first byte is forwarded.
-pub async fn connect_local(inputs: &ProxyInputs, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let stream = connect(addr, inputs.settings.connect_timeout).await?;
-    if let Some(fast_path) = &inputs.fast_path {
-        fast_path.join(&stream);
-    }
-    Ok(stream)
 }
 
 /// Closes `stream` with a reset, so the client learns promptly that the connection failed.

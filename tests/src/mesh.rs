@@ -63,8 +63,6 @@ pub struct MeshOptions {
     /// Control plane mode: pods (node, index) that get no manifest at all (a test can add one
     /// later with [`Mesh::write_pod`]).
     pub absent: Vec<(usize, usize)>,
-    /// The agents' same-node fast path (`datapath.fast_path`), off by default as in production.
-    pub fast_path: bool,
     /// Agents pool no HBONE connection (`outbound.hbone_single_use`): every connection is a
     /// full handshake.
     pub hbone_single_use: bool,
@@ -79,7 +77,6 @@ impl Default for MeshOptions {
             certificate_ttl_secs: 24 * 3600,
             control_plane: false,
             absent: Vec::new(),
-            fast_path: false,
             hbone_single_use: false,
         }
     }
@@ -752,7 +749,6 @@ fn agent_defaults(node: &crate::testbed::Node, options: &MeshOptions) -> AgentCo
             pin_dir: node.bpf_pin_dir.clone(),
             excluded_ports: Vec::new(),
             excluded_cidrs: Vec::new(),
-            fast_path: options.fast_path,
         },
         outbound: OutboundConfig {
             unknown_destination: options.unknown_destination,

@@ -35,8 +35,7 @@ const CLIENT_TIMEOUT_MS: &str = "200000";
 const LOG_TIMEOUT: Duration = Duration::from_secs(15);
 const MIB: u64 = 1 << 20;
 
-/// The programs the agent pins under `links/`, one per hook (with the same-node fast path on,
-/// also `sock_ops_proxy` on the agent's own cgroup).
+/// The programs the agent pins under `links/`, one per hook.
 const PROGRAMS: [&str; 6] = [
     "connect4",
     "connect6",

@@ -60,7 +60,6 @@ impl Bed {
             outbound6: Some((node.gateway_ip6, 15001).into()),
             excluded_ports: Vec::new(),
             excluded_nets: Vec::new(),
-            fast_path: None,
         };
         let handle = runtime.handle().clone();
         let (datapath, enroller) = node.netns.run(move || {

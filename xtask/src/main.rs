@@ -89,9 +89,6 @@ enum Task {
         /// Use debug binaries (quicker to build; the figures are not representative).
         #[arg(long)]
         debug: bool,
-        /// Run the Trellis configurations with the same-node fast path on.
-        #[arg(long)]
-        fast_path: bool,
     },
     /// Create a kind cluster, install the chart and check the mesh end to end.
     KindE2e {
@@ -171,7 +168,6 @@ fn main() -> Result<()> {
             peer,
             peer_dial,
             debug,
-            fast_path,
         } => {
             // Every binary: the bench starts podexec, mesh-node and itself inside the testbed,
             // and finds them next to itself, so all come from the same profile.
@@ -192,9 +188,6 @@ fn main() -> Result<()> {
             }
             for o in &only {
                 bench.arg("--only").arg(o);
-            }
-            if fast_path {
-                bench.arg("--fast-path");
             }
             if let Some(peer) = &peer {
                 bench.arg("--peer").arg(peer);

@@ -38,9 +38,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::{
-    AccessLog, ClientAddr, ProxyInputs, connect_local, copy::Counted, read_ahead::ReadAhead,
-};
+use super::{AccessLog, ClientAddr, ProxyInputs, connect, copy::Counted, read_ahead::ReadAhead};
 use crate::{
     hbone,
     identity::{Identity, store::certificate_serial},
@@ -354,7 +352,7 @@ impl Peer {
         }
 
         // Deliver.
-        let upstream = match connect_local(inputs, dst).await {
+        let upstream = match connect(dst, inputs.settings.connect_timeout).await {
             Ok(upstream) => upstream,
             Err(e) => {
                 return self.refuse(

@@ -309,7 +309,6 @@ mod tests {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             authorized: Arc::default(),
-            fast_path: None,
         })
     }
 

@@ -88,8 +88,6 @@ pub struct RunOptions {
     pub json: PathBuf,
     /// Only tests whose `scenario-test` name contains one of these (all when empty).
     pub only: Vec<String>,
-    /// The Trellis configurations run with the same-node fast path on.
-    pub fast_path: bool,
     /// Another node proxy to measure as one more configuration.
     pub peer: Option<Peer>,
 }
@@ -202,9 +200,9 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
             let turn = turns[(round + c) % turns.len()];
             let config = turn.config;
             let active = match (config, &opts.peer) {
-                _ if turn.single_use => Active::start_single_use(&tb, opts.fast_path),
+                _ if turn.single_use => Active::start_single_use(&tb),
                 (Config::Peer, Some(peer)) => Active::start_peer(&bench, peer),
-                _ => Active::start(&tb, config, &exe, opts.fast_path),
+                _ => Active::start(&tb, config, &exe),
             }
             .with_context(|| format!("starting {}", turn.name()))?;
             let pids = active.proxy_pids();
@@ -284,7 +282,6 @@ pub fn run(opts: &RunOptions) -> Result<Value> {
         .collect();
     let settings = json!({
         "quick": opts.quick,
-        "fast_path": opts.fast_path,
         "rounds": opts.rounds,
         "bulk_secs": durations.bulk.as_secs_f64(),
         "rr_secs": durations.rr.as_secs_f64(),
@@ -494,11 +491,7 @@ struct Active<'tb> {
 }
 
 impl<'tb> Active<'tb> {
-    fn start(tb: &'tb Testbed, config: Config, exe: &str, fast_path: bool) -> Result<Self> {
-        let options = MeshOptions {
-            fast_path,
-            ..MeshOptions::default()
-        };
+    fn start(tb: &'tb Testbed, config: Config, exe: &str) -> Result<Self> {
         match config {
             Config::NoMesh => Ok(Self {
                 mesh: None,
@@ -506,11 +499,11 @@ impl<'tb> Active<'tb> {
                 relays: Vec::new(),
             }),
             Config::Trellis => Ok(Self {
-                mesh: Some(Mesh::start(tb, &options)?),
+                mesh: Some(Mesh::start(tb, &MeshOptions::default())?),
                 waypoint: None,
                 relays: Vec::new(),
             }),
-            Config::Waypoint => Self::start_waypoint(tb, exe, options),
+            Config::Waypoint => Self::start_waypoint(tb, exe),
             Config::Relay => {
                 let [a_maps, b_maps] = relay_maps(tb);
                 let (a, b) = (tb.node(0), tb.node(1));
@@ -538,10 +531,9 @@ impl<'tb> Active<'tb> {
     }
 
     /// Trellis whose agents pool no HBONE connection: every connection a full handshake.
-    fn start_single_use(tb: &'tb Testbed, fast_path: bool) -> Result<Self> {
+    fn start_single_use(tb: &'tb Testbed) -> Result<Self> {
         let options = MeshOptions {
             hbone_single_use: true,
-            fast_path,
             ..MeshOptions::default()
         };
         Ok(Self {
@@ -608,12 +600,12 @@ impl<'tb> Active<'tb> {
 
     /// Control-plane mode with a waypoint in pod-1-1 for the whole namespace, and the HTTP
     /// Service over pod-1-0; returns once a GET through the waypoint is answered.
-    fn start_waypoint(tb: &'tb Testbed, exe: &str, options: MeshOptions) -> Result<Self> {
+    fn start_waypoint(tb: &'tb Testbed, exe: &str) -> Result<Self> {
         let mut mesh = Mesh::start(
             tb,
             &MeshOptions {
                 control_plane: true,
-                ..options
+                ..Default::default()
             },
         )?;
         mesh.write_service(

@@ -41,10 +41,6 @@ enum Command {
         /// `cross-node-http` (alias `l7`).
         #[arg(long)]
         only: Vec<String>,
-        /// Run the Trellis configurations with the same-node fast path on
-        /// (`datapath.fast_path: true`).
-        #[arg(long)]
-        fast_path: bool,
         /// Another node proxy as one more configuration: a command template started in each
         /// node's namespace, split on whitespace, with placeholders {bench}, {node}, {index},
         /// {lan_ip}, {gateway_ip}, {peer_lan_ip}, {pod_cgroup} and {maps} (see the `peer`
@@ -187,7 +183,6 @@ fn main_inner(command: Command) -> Result<Option<Value>> {
             rounds,
             json,
             only,
-            fast_path,
             peer,
             peer_dial,
         } => {
@@ -197,7 +192,6 @@ fn main_inner(command: Command) -> Result<Option<Value>> {
                 rounds: rounds.unwrap_or(if quick { 2 } else { 3 }),
                 json,
                 only,
-                fast_path,
                 peer,
             };
             // The table is the output; the JSON went to the file.

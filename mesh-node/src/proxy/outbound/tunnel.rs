@@ -109,12 +109,7 @@ async fn open(
             false,
         )),
         Route::Local(_) | Route::Passthrough => {
-            let dialled = if matches!(route, Route::Local(_)) {
-                crate::proxy::connect_local(inputs, addr).await
-            } else {
-                connect(addr, inputs.settings.connect_timeout).await
-            };
-            match dialled {
+            match connect(addr, inputs.settings.connect_timeout).await {
                 Ok(stream) => Ok(Upstream::Tcp(stream)),
                 Err(e) => Err((
                     "upstream_unreachable",

@@ -1,12 +1,11 @@
 //! `pod-app` clients: send, fetch, echo, http-get, many, peername, and (in submodules)
-//! requests, grpc, attack and the splice(2) variants of send and fetch.
+//! requests, grpc and attack.
 //!
 //! Each returns the JSON to print and whether the result verified.
 
 pub mod attack;
 pub mod grpc;
 pub mod requests;
-pub mod splice;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -71,11 +71,8 @@ enum Command {
         #[arg(long, value_parser = parse_size)]
         bytes: u64,
         /// Write this string at every 64 KiB of the stream (findable in packet captures).
-        #[arg(long, conflicts_with = "splice")]
-        marker: Option<String>,
-        /// Move the bytes into the socket with splice(2) from a pipe.
         #[arg(long)]
-        splice: bool,
+        marker: Option<String>,
     },
     /// Ask a `source` server for N bytes and hash what arrives.
     Fetch {
@@ -83,9 +80,6 @@ enum Command {
         to: SocketAddr,
         #[arg(long, value_parser = parse_size)]
         bytes: u64,
-        /// Move the bytes out of the socket with splice(2) into a pipe.
-        #[arg(long)]
-        splice: bool,
     },
     /// Send N bytes to an `echo` server and check they come back unchanged.
     Echo {
@@ -189,33 +183,12 @@ async fn run(command: Command, timeout: Duration) -> Result<(Value, bool)> {
             bytes,
             concurrency,
         } => client::many(to, connections, bytes, concurrency, timeout).await,
-        Command::Send {
-            to,
-            bytes,
-            splice: true,
-            ..
-        } => tokio::time::timeout(
-            timeout,
-            tokio::task::spawn_blocking(move || client::splice::send(to, bytes)),
-        )
-        .await
-        .map_err(bounded(format!("send to {to}")))??,
-        Command::Send {
-            to, bytes, marker, ..
-        } => tokio::time::timeout(timeout, client::send(to, bytes, marker.as_deref()))
-            .await
-            .map_err(bounded(format!("send to {to}")))?,
-        Command::Fetch {
-            to,
-            bytes,
-            splice: true,
-        } => tokio::time::timeout(
-            timeout,
-            tokio::task::spawn_blocking(move || client::splice::fetch(to, bytes)),
-        )
-        .await
-        .map_err(bounded(format!("fetch from {to}")))??,
-        Command::Fetch { to, bytes, .. } => tokio::time::timeout(timeout, client::fetch(to, bytes))
+        Command::Send { to, bytes, marker } => {
+            tokio::time::timeout(timeout, client::send(to, bytes, marker.as_deref()))
+                .await
+                .map_err(bounded(format!("send to {to}")))?
+        }
+        Command::Fetch { to, bytes } => tokio::time::timeout(timeout, client::fetch(to, bytes))
             .await
             .map_err(bounded(format!("fetch from {to}")))?,
         Command::Echo { to, bytes } => tokio::time::timeout(timeout, client::echo(to, bytes))

@@ -32,16 +32,9 @@ pub enum Mode {
     Echo,
     Sink,
     Source,
-    /// Speaks first: writes [`GREETING_BYTES`] of the pattern as soon as it accepts, before
-    /// reading anything (as SMTP or database servers greet), half-closes, then waits for EOF.
-    /// `fetch --bytes 16M` reads and checks it.
-    Greeter,
     Http,
     L7,
 }
-
-/// What a `greeter` writes.
-pub const GREETING_BYTES: u64 = 16 << 20;
 
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -49,7 +42,6 @@ impl fmt::Display for Mode {
             Mode::Echo => "echo",
             Mode::Sink => "sink",
             Mode::Source => "source",
-            Mode::Greeter => "greeter",
             Mode::Http => "http",
             Mode::L7 => "l7",
         })
@@ -192,7 +184,6 @@ async fn handle(
         Mode::Echo => echo(stream).await,
         Mode::Sink => sink(stream, peer).await,
         Mode::Source => source(stream).await,
-        Mode::Greeter => greeter(stream).await,
         Mode::Http => http(stream, peer, &state.name).await,
         Mode::L7 => match state.l7 {
             Some(l7) => l7::serve_connection(l7, stream, peer, timeout).await,
@@ -263,24 +254,6 @@ async fn source(mut stream: TcpStream) -> Result<()> {
     }
     w.shutdown().await.context("shutdown")?;
     // Close only after the client is done, so it never sees a reset.
-    tokio::io::copy(&mut r, &mut tokio::io::sink())
-        .await
-        .context("waiting for EOF")?;
-    Ok(())
-}
-
-async fn greeter(mut stream: TcpStream) -> Result<()> {
-    let (mut r, mut w) = stream.split();
-    let mut pattern = Pattern::new(GREETING_BYTES);
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = pattern.fill(&mut buf);
-        if n == 0 {
-            break;
-        }
-        w.write_all(&buf[..n]).await.context("writing")?;
-    }
-    w.shutdown().await.context("shutdown")?;
     tokio::io::copy(&mut r, &mut tokio::io::sink())
         .await
         .context("waiting for EOF")?;

@@ -33,7 +33,7 @@ const RELAY_BUF: usize = 256 * 1024;
 const IDLE: Duration = Duration::from_secs(120);
 /// How long the relay waits for its upstream to accept.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
-/// Body size of every `http` response (issue 7: a small response, 1 KiB).
+/// Body size of every `http` response: a small response, 1 KiB.
 pub const HTTP_BODY: usize = 1024;
 /// Largest request head the `http` server reads (hyper's smallest allowed buffer).
 const HTTP_MAX_HEAD: usize = 8192;

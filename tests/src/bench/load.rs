@@ -84,8 +84,8 @@ pub fn percentiles_us(h: &Histogram<u64>) -> Value {
     })
 }
 
-/// Bulk throughput client -> server over `streams` connections for `duration`.
-pub async fn bulk(to: SocketAddr, streams: usize, duration: Duration) -> Result<Value> {
+/// `streams` connections to `to`, all established before any bytes move.
+async fn connect_streams(to: SocketAddr, streams: usize) -> Result<Vec<tokio::net::TcpStream>> {
     ensure!(streams > 0, "streams must be at least 1");
     let mut conns = Vec::with_capacity(streams);
     for _ in 0..streams {
@@ -95,6 +95,12 @@ pub async fn bulk(to: SocketAddr, streams: usize, duration: Duration) -> Result<
             .with_context(|| format!("connecting to {to}"))?;
         conns.push(conn);
     }
+    Ok(conns)
+}
+
+/// Bulk throughput client -> server over `streams` connections for `duration`.
+pub async fn bulk(to: SocketAddr, streams: usize, duration: Duration) -> Result<Value> {
+    let conns = connect_streams(to, streams).await?;
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = tokio::task::JoinSet::new();
@@ -141,15 +147,7 @@ pub async fn bulk(to: SocketAddr, streams: usize, duration: Duration) -> Result<
 /// Bulk throughput server -> client: `streams` connections to a source server, each read for
 /// `duration`; counts the bytes that arrived.
 pub async fn bulk_reverse(to: SocketAddr, streams: usize, duration: Duration) -> Result<Value> {
-    ensure!(streams > 0, "streams must be at least 1");
-    let mut conns = Vec::with_capacity(streams);
-    for _ in 0..streams {
-        let conn = tokio::time::timeout(IO_TIMEOUT, tokio::net::TcpStream::connect(to))
-            .await
-            .with_context(|| format!("connecting to {to} timed out"))?
-            .with_context(|| format!("connecting to {to}"))?;
-        conns.push(conn);
-    }
+    let conns = connect_streams(to, streams).await?;
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = tokio::task::JoinSet::new();

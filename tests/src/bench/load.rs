@@ -131,17 +131,7 @@ pub async fn bulk(to: SocketAddr, streams: usize, duration: Duration) -> Result<
             anyhow::Ok(sent)
         });
     }
-    let mut total: u64 = 0;
-    while let Some(joined) = tasks.join_next().await {
-        total += joined.context("bulk stream task")??;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    Ok(json!({
-        "streams": streams,
-        "bytes": total,
-        "secs": secs,
-        "gbps": total as f64 * 8.0 / secs / 1e9,
-    }))
+    bulk_result(tasks, start, streams, false).await
 }
 
 /// Bulk throughput server -> client: `streams` connections to a source server, each read for
@@ -167,6 +157,16 @@ pub async fn bulk_reverse(to: SocketAddr, streams: usize, duration: Duration) ->
             anyhow::Ok(received)
         });
     }
+    bulk_result(tasks, start, streams, true).await
+}
+
+/// Waits for every stream's byte count and reports the aggregate rate since `start`.
+async fn bulk_result(
+    mut tasks: tokio::task::JoinSet<Result<u64>>,
+    start: Instant,
+    streams: usize,
+    reverse: bool,
+) -> Result<Value> {
     let mut total: u64 = 0;
     while let Some(joined) = tasks.join_next().await {
         total += joined.context("bulk stream task")??;
@@ -174,7 +174,7 @@ pub async fn bulk_reverse(to: SocketAddr, streams: usize, duration: Duration) ->
     let secs = start.elapsed().as_secs_f64();
     Ok(json!({
         "streams": streams,
-        "reverse": true,
+        "reverse": reverse,
         "bytes": total,
         "secs": secs,
         "gbps": total as f64 * 8.0 / secs / 1e9,

@@ -53,7 +53,7 @@ fn copy_8mib_each_way(bencher: Bencher<'_, '_>) {
                 let (proxy_b, mut server) = tokio::io::duplex(PIPE);
                 let proxy = async {
                     let mut counted = copy::Counted::default();
-                    copy::bidirectional(proxy_a, proxy_b, &mut counted)
+                    copy::bidirectional(proxy_a, proxy_b, &mut counted, copy::Timeouts::NONE)
                         .await
                         .expect("copy");
                     counted

@@ -44,12 +44,26 @@ pub struct AdminState {
     pub l7_dump: Option<Box<dyn Fn() -> serde_json::Value + Send + Sync>>,
 }
 
+/// Connections one admin surface serves at once; more are closed on accept. Probes and scrapes
+/// need a handful.
+const MAX_OPEN_PER_SURFACE: usize = 64;
+
 /// Which routes a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Surface {
     Admin,
     Metrics,
     Readiness,
+}
+
+impl Surface {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Metrics => "metrics",
+            Self::Readiness => "readiness",
+        }
+    }
 }
 
 /// Serves each surface that has a listener, as tasks of `tasks`, until `shutdown`.
@@ -72,19 +86,28 @@ pub async fn serve(
     surface: Surface,
     shutdown: CancellationToken,
 ) {
+    let mut backoff = crate::accept::Backoff::new(surface.as_str());
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_OPEN_PER_SURFACE));
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    tracing::warn!(error = %e, ?surface, "admin accept failed");
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
         };
+        backoff.reset();
+        // A flood of requests to one surface cannot take descriptors the others need.
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let admin = admin.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(route(&admin, surface, &req)) }

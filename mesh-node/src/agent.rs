@@ -44,7 +44,12 @@ use crate::{
         store::{CertManager, IssueError, Issuer, RemoteCa, StoreError},
     },
     metrics::{DatapathStats, Direction, Metrics},
-    proxy::{self, ProxyInputs, Settings, pool::Pool},
+    proxy::{
+        self, ProxyInputs, Settings,
+        copy::Timeouts,
+        limits::{Caps, Limits},
+        pool::Pool,
+    },
     tls::{self, TlsError},
     workload::MeshState,
 };
@@ -256,10 +261,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             handshake_timeout: Duration::from_millis(config.inbound.handshake_timeout_ms),
             unknown_destination: config.outbound.unknown_destination,
             max_streams_per_connection: config.inbound.max_streams_per_connection,
+            timeouts: Timeouts {
+                idle: Duration::from_secs(config.limits.idle_timeout_secs),
+                half_close: Duration::from_secs(config.limits.half_close_timeout_secs),
+            },
         },
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
         authorized: Arc::default(),
+        limits: Limits::new(caps(&config.limits)),
     });
 
     let mut listeners = tokio::task::JoinSet::new();
@@ -401,4 +411,24 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     }
     tracing::info!("agent stopped; datapath left pinned for the next agent");
     Ok(())
+}
+
+/// The connection caps, the node-wide one fitted under this process's descriptor limit.
+fn caps(limits: &crate::config::LimitsConfig) -> Caps {
+    let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1_024);
+    let caps = Caps {
+        connections: limits.effective_max_connections(nofile),
+        per_pod: limits.max_connections_per_pod,
+        handshakes: limits.max_pending_handshakes,
+    };
+    tracing::info!(
+        max_connections = caps.connections,
+        max_connections_per_pod = caps.per_pod,
+        max_pending_handshakes = caps.handshakes,
+        nofile,
+        "connection limits"
+    );
+    caps
 }

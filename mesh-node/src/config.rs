@@ -62,6 +62,9 @@ pub struct AgentConfig {
     pub outbound: OutboundConfig,
     #[serde(default)]
     pub inbound: InboundConfig,
+    /// How much of the node one pod or peer may take.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// How long open connections may drain after SIGTERM.
     #[serde(default = "default_drain")]
     pub drain_timeout_secs: u64,
@@ -305,6 +308,125 @@ pub struct InboundConfig {
     pub max_streams_per_connection: u32,
 }
 
+/// Caps and timeouts that keep one pod, or one peer, from taking the node proxy down (see
+/// `proxy::limits` and `proxy::copy`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Proxied connections the agent holds at once, both directions together. Default, and
+    /// upper bound: what the descriptor limit allows after `reserved_descriptors` (two
+    /// descriptors per connection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Outbound connections one pod may hold at once.
+    #[serde(default = "default_max_connections_per_pod")]
+    pub max_connections_per_pod: usize,
+    /// HBONE handshakes in progress at once (peers not yet authenticated).
+    #[serde(default = "default_max_pending_handshakes")]
+    pub max_pending_handshakes: usize,
+    /// A proxied connection on which no byte moves either way for this long is reset.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// Once one side of a connection finished sending, the other may stay silent this long.
+    #[serde(default = "default_half_close_timeout")]
+    pub half_close_timeout_secs: u64,
+    /// Descriptors kept out of the connection budget: listeners, admin and readiness
+    /// requests, HBONE connections, the control plane.
+    #[serde(default = "default_reserved_descriptors")]
+    pub reserved_descriptors: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: None,
+            max_connections_per_pod: default_max_connections_per_pod(),
+            max_pending_handshakes: default_max_pending_handshakes(),
+            idle_timeout_secs: default_idle_timeout(),
+            half_close_timeout_secs: default_half_close_timeout(),
+            reserved_descriptors: default_reserved_descriptors(),
+        }
+    }
+}
+
+fn default_max_connections_per_pod() -> usize {
+    1_024
+}
+fn default_max_pending_handshakes() -> usize {
+    256
+}
+fn default_idle_timeout() -> u64 {
+    3_600
+}
+fn default_half_close_timeout() -> u64 {
+    300
+}
+fn default_reserved_descriptors() -> usize {
+    256
+}
+
+/// A week: longer idle or half-close timeouts protect nothing.
+const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let range = |field: &str, value: u64, min: u64, max: u64| {
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(invalid(
+                    format!("limits.{field}"),
+                    format!("{value} is outside {min}..={max}"),
+                ))
+            }
+        };
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        if let Some(max) = self.max_connections {
+            range("max_connections", count(max), 1, 10_000_000)?;
+        }
+        range(
+            "max_connections_per_pod",
+            count(self.max_connections_per_pod),
+            1,
+            1_000_000,
+        )?;
+        range(
+            "max_pending_handshakes",
+            count(self.max_pending_handshakes),
+            1,
+            65_536,
+        )?;
+        range(
+            "idle_timeout_secs",
+            self.idle_timeout_secs,
+            1,
+            MAX_TIMEOUT_SECS,
+        )?;
+        range(
+            "half_close_timeout_secs",
+            self.half_close_timeout_secs,
+            1,
+            self.idle_timeout_secs,
+        )?;
+        range(
+            "reserved_descriptors",
+            count(self.reserved_descriptors),
+            32,
+            1_000_000,
+        )?;
+        Ok(())
+    }
+
+    /// The node-wide connection cap under a descriptor limit of `nofile`: the configured
+    /// one, but never more than the descriptors left after the reserve allow.
+    pub fn effective_max_connections(&self, nofile: u64) -> usize {
+        let budget =
+            nofile.saturating_sub(u64::try_from(self.reserved_descriptors).unwrap_or(u64::MAX)) / 2;
+        let budget = usize::try_from(budget).unwrap_or(usize::MAX).max(1);
+        self.max_connections.map_or(budget, |max| max.min(budget))
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UnknownDestination {
@@ -486,6 +608,7 @@ impl AgentConfig {
 
     /// The settings both modes share.
     fn validate_common(&self) -> Result<(), ConfigError> {
+        self.limits.validate()?;
         Identity::new(&self.trust_domain, "default", "default")
             .map_err(|e| invalid("trust_domain", e.to_string()))?;
         if self.certificate_ttl_secs < 60 {

@@ -124,14 +124,15 @@ pub struct PodCgroup {
     pub inbound: InboundMtls,
 }
 
-/// A pod's inbound mutual TLS mode: STRICT drops, in the kernel, plaintext connection attempts
-/// that come neither from the node (its proxy, kubelet probes) nor from the pod itself.
-/// PERMISSIVE (the default) lets them in and counts them.
+/// Which plaintext a pod refuses in the kernel: connection attempts that come neither from the
+/// node (its proxy, kubelet probes) nor from the pod itself, to ports where a caller without an
+/// identity is denied, by STRICT mutual TLS or by authorization policy alike (see
+/// [`crate::policy::Engine::plaintext_refusals`]). Other ports let plaintext in and count it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct InboundMtls {
-    /// The mode of every port without an override.
+    /// Whether ports without an override refuse plaintext.
     pub strict: bool,
-    /// Per-port overrides: port -> strict.
+    /// Per-port overrides: port -> refuses plaintext.
     pub ports: BTreeMap<u16, bool>,
 }
 

@@ -5,7 +5,10 @@
 //! - [`config`], [`identity`], [`tls`], [`ebpf`], [`proxy`], [`metrics`], [`admin`]: its parts.
 //! - [`policy`]: L4 authorization policies and the per-connection decision.
 //! - [`waypoint`]: the L7 proxy per namespace or service.
+//! - [`accept`], [`log_limit`]: what every listener does with failed accepts and floods of
+//!   refusals.
 //! - [`crds`]: the CustomResourceDefinitions of the mesh's own kinds, as the chart ships them.
+pub mod accept;
 pub mod admin;
 pub mod agent;
 pub mod api;
@@ -16,6 +19,7 @@ pub mod crds;
 pub mod ebpf;
 pub mod hbone;
 pub mod identity;
+pub mod log_limit;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

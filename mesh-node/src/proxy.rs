@@ -23,6 +23,7 @@ use crate::{
 
 pub mod copy;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
 pub mod pool;
 pub mod read_ahead;
@@ -56,6 +57,8 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     pub unknown_destination: UnknownDestination,
     pub max_streams_per_connection: u32,
+    /// Idle and half-close timeouts of every proxied connection.
+    pub timeouts: copy::Timeouts,
 }
 
 /// What every listener and connection task shares.
@@ -71,8 +74,10 @@ pub struct ProxyInputs {
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them to drain.
     pub tasks: TaskTracker,
-    /// Open inbound connections, re-authorized when the policies change.
+    /// Open connections to local pods, re-authorized when the policies change.
     pub authorized: Arc<inbound::authorized::Authorized>,
+    /// Connection and handshake caps.
+    pub limits: Arc<limits::Limits>,
 }
 
 /// A listener on `addr` with `backlog` pending connections. Like `TcpListener::bind`, it sets
@@ -98,6 +103,7 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(Arc<ProxyInputs>, TcpStream, ClientAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let mut backoff = crate::accept::Backoff::new(direction.as_str());
     loop {
         let accepted = tokio::select! {
             _ = inputs.shutdown.cancelled() => break,
@@ -105,6 +111,7 @@ pub async fn accept_loop<F, Fut>(
         };
         match accepted {
             Ok((stream, peer)) => {
+                backoff.reset();
                 let _ = stream.set_nodelay(true);
                 inputs
                     .tasks
@@ -113,8 +120,7 @@ pub async fn accept_loop<F, Fut>(
             Err(e) => {
                 // Out of file descriptors or memory: shed load instead of spinning.
                 inputs.metrics.fail(direction, "accept");
-                tracing::warn!(error = %e, ?direction, "accept failed; pausing briefly");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                backoff.failed(&e).await;
             }
         }
     }

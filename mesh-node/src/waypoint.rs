@@ -341,6 +341,7 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
 }
 
 async fn accept_loop(inputs: Arc<WaypointInputs>, listener: tokio::net::TcpListener) {
+    let mut backoff = crate::accept::Backoff::new("hbone");
     loop {
         let accepted = tokio::select! {
             _ = inputs.shutdown.cancelled() => return,
@@ -348,6 +349,7 @@ async fn accept_loop(inputs: Arc<WaypointInputs>, listener: tokio::net::TcpListe
         };
         match accepted {
             Ok((stream, client)) => {
+                backoff.reset();
                 let _ = stream.set_nodelay(true);
                 let inputs2 = inputs.clone();
                 inputs.tasks.spawn(async move {
@@ -355,11 +357,7 @@ async fn accept_loop(inputs: Arc<WaypointInputs>, listener: tokio::net::TcpListe
                     server::handle(inputs2.clone(), stream, ClientAddr(client)).await;
                 });
             }
-            Err(e) => {
-                // Out of descriptors and similar: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            Err(e) => backoff.failed(&e).await,
         }
     }
 }

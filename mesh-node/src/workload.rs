@@ -24,7 +24,7 @@ use crate::{
     config::{AgentConfig, ConfigError},
     ebpf::{InboundMtls, PodCgroup},
     identity::Identity,
-    policy::{Destination, Engine, MtlsMode},
+    policy::{Destination, Engine},
     service::Service,
     workload::waypoint::{Waypoint, WaypointMap, WaypointRef},
 };
@@ -360,23 +360,16 @@ impl MeshState {
         self.services = services;
     }
 
-    /// Puts the policies in force, and derives from them the plaintext mode the datapath
-    /// enforces for each enrolled local pod (see [`crate::ebpf::InboundMtls`]).
+    /// Puts the policies in force, and derives from them what the datapath enforces for
+    /// plaintext to each enrolled local pod (see [`crate::ebpf::InboundMtls`] and
+    /// [`Engine::plaintext_refusals`]).
     pub fn set_policy(&mut self, policy: Arc<Engine>) {
         for cgroup in &mut self.local_cgroups {
             let Some(workload) = self.by_cgroup.get(&cgroup.id) else {
                 continue;
             };
-            let (mode, ports) = policy
-                .peer_authentication
-                .resolve_workload(&Destination::of(workload));
-            cgroup.inbound = InboundMtls {
-                strict: mode == MtlsMode::Strict,
-                ports: ports
-                    .into_iter()
-                    .map(|(port, mode)| (port, mode == MtlsMode::Strict))
-                    .collect(),
-            };
+            let (strict, ports) = policy.plaintext_refusals(&Destination::of(workload));
+            cgroup.inbound = InboundMtls { strict, ports };
         }
         self.policy = policy;
     }

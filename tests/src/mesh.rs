@@ -25,8 +25,8 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result, bail};
 use mesh_node::{
     config::{
-        AgentConfig, CaConfig, ControlPlaneConfig, DatapathConfig, InboundConfig, ListenConfig,
-        LogFormat, NodeConfig, OutboundConfig, UnknownDestination, WorkloadConfig,
+        AgentConfig, CaConfig, ControlPlaneConfig, DatapathConfig, InboundConfig, LimitsConfig,
+        ListenConfig, LogFormat, NodeConfig, OutboundConfig, UnknownDestination, WorkloadConfig,
     },
     identity::LocalCa,
 };
@@ -66,6 +66,8 @@ pub struct MeshOptions {
     /// Agents pool no HBONE connection (`outbound.hbone_single_use`): every connection is a
     /// full handshake.
     pub hbone_single_use: bool,
+    /// The agents' connection caps and timeouts.
+    pub limits: LimitsConfig,
 }
 
 impl Default for MeshOptions {
@@ -78,6 +80,7 @@ impl Default for MeshOptions {
             control_plane: false,
             absent: Vec::new(),
             hbone_single_use: false,
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -760,6 +763,7 @@ fn agent_defaults(node: &crate::testbed::Node, options: &MeshOptions) -> AgentCo
             handshake_timeout_ms: 5_000,
             max_streams_per_connection: 512,
         },
+        limits: options.limits.clone(),
         drain_timeout_secs: options.drain_timeout_secs,
         log_format: LogFormat::Json,
         nodes: Vec::new(),

@@ -326,18 +326,28 @@ fn a_policy_change_closes_the_open_connections_it_now_denies() {
     }
     let tb = Testbed::builder()
         .nodes(2)
-        .pods_per_node(2)
+        .pods_per_node(3)
         .build()
         .expect("testbed");
     let mut mesh = start(&tb, Vec::new());
     let (a, c) = (tb.pod(0, 0), tb.pod(0, 1));
-    let server = tb.pod(1, 0);
+    // One server across the LAN (decided by its node's agent) and one beside the clients
+    // (decided by their own node's agent).
+    let (server, local_server) = (tb.pod(1, 0), tb.pod(0, 2));
     let _echo = tb
         .spawn_server(server, &["--listen", "0.0.0.0:7000=echo"])
         .expect("echo server");
+    let _local_echo = tb
+        .spawn_server(local_server, &["--listen", "0.0.0.0:7000=echo"])
+        .expect("echo server");
     let mut from_a = Held::open(&tb, a, server, 7000);
     let mut from_c = Held::open(&tb, c, server, 7000);
-    assert!(from_a.ping() && from_c.ping(), "both connections work");
+    let mut local_from_a = Held::open(&tb, a, local_server, 7000);
+    let mut local_from_c = Held::open(&tb, c, local_server, 7000);
+    assert!(
+        from_a.ping() && from_c.ping() && local_from_a.ping() && local_from_c.ping(),
+        "every connection works"
+    );
 
     mesh.write_policy(
         AUTHZ,
@@ -357,14 +367,26 @@ fn a_policy_change_closes_the_open_connections_it_now_denies() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let deadline = Instant::now() + WAIT;
+    while local_from_a.ping() {
+        assert!(
+            Instant::now() < deadline,
+            "a's open same-node connection survived the policy that denies it"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(from_c.ping(), "c's connection is not denied and stays open");
-    let errors = access_errors(&mesh, 1);
-    assert!(
-        errors.iter().any(|e| e.starts_with("policy_revoked")
-            && e.contains("DENY policy default/deny-a rule 0 matched")),
-        "node 1 logs why it closed the connection: {errors:#?}"
-    );
+    assert!(local_from_c.ping(), "so is c's same-node connection");
+    for node in [1, 0] {
+        let errors = access_errors(&mesh, node);
+        assert!(
+            errors.iter().any(|e| e.starts_with("policy_revoked")
+                && e.contains("DENY policy default/deny-a rule 0 matched")),
+            "node {node} logs why it closed the connection: {errors:#?}"
+        );
+    }
     settle(&tb, a, server, 7000, false);
+    settle(&tb, a, local_server, 7000, false);
 }
 
 #[test]

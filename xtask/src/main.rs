@@ -140,10 +140,17 @@ fn main() -> Result<()> {
             if !no_lint {
                 cargo(&root, &["fmt", "--all", "--", "--check"])?;
                 cargo(&root, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
-                // The eBPF crate only builds for the BPF target, with nightly.
+                // The eBPF crate only builds for the BPF target, with the toolchain whose
+                // LLVM is bpf-linker's (as mesh-node's build script chooses it).
+                let toolchain = bpf_toolchain()?;
+                let mut clippy = Command::new("cargo");
+                if !toolchain.starts_with("nightly") {
+                    clippy.env("RUSTC_BOOTSTRAP", "1");
+                }
                 run(
-                    Command::new("cargo")
-                        .args(["+nightly", "clippy", "-p", "mesh-ebpf", "--release"])
+                    clippy
+                        .arg(format!("+{toolchain}"))
+                        .args(["clippy", "-p", "mesh-ebpf", "--release"])
                         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
                         .args(["--target-dir", "target/bpf-clippy", "--", "-D", "warnings"])
                         .current_dir(&root),
@@ -365,6 +372,32 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
         Command::new(cargo).args(args).current_dir(root),
         &format!("cargo {}", args.join(" ")),
     )
+}
+
+/// The first installed toolchain whose LLVM is bpf-linker's (22): a nightly, else stable
+/// (with `RUSTC_BOOTSTRAP=1` for `-Z build-std`). The same order as mesh-node's build script.
+fn bpf_toolchain() -> Result<String> {
+    let preferred = std::env::var("TRELLIS_BPF_TOOLCHAIN").ok();
+    for toolchain in
+        preferred
+            .iter()
+            .map(String::as_str)
+            .chain(["nightly", "nightly-2026-05-19", "stable"])
+    {
+        let out = Command::new("rustup")
+            .args(["run", toolchain, "rustc", "-vV"])
+            .output();
+        let llvm_22 = out.is_ok_and(|o| {
+            o.status.success()
+                && String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .any(|l| l.starts_with("LLVM version: 22."))
+        });
+        if llvm_22 {
+            return Ok(toolchain.to_owned());
+        }
+    }
+    bail!("no Rust toolchain with LLVM 22 for the BPF target; run .ci/setup")
 }
 
 fn run(command: &mut Command, what: &str) -> Result<()> {

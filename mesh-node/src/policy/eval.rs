@@ -25,7 +25,7 @@
 //! under one of their labels, then checked against all of them.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::IpAddr,
     sync::Arc,
@@ -475,6 +475,31 @@ impl PolicySet {
         out
     }
 
+    /// Every port that the policies applying to a workload name, in `ports`, `notPorts` or a
+    /// `destination.port` condition: a decision can differ only between these ports and the
+    /// rest, which all decide alike.
+    pub fn named_ports(&self, dest: &Destination<'_>) -> BTreeSet<u16> {
+        let mut ports = BTreeSet::new();
+        for policy in self.applicable(dest) {
+            for rule in &policy.rules {
+                for op in &rule.to {
+                    ports.extend(op.ports.iter().chain(&op.not_ports).copied());
+                }
+                for when in &rule.when {
+                    if when.key == request::WhenKey::DestinationPort {
+                        ports.extend(when.values.iter().chain(&when.not_values).filter_map(|v| {
+                            match v {
+                                request::WhenValue::Port(p) => Some(*p),
+                                _ => None,
+                            }
+                        }));
+                    }
+                }
+            }
+        }
+        ports
+    }
+
     /// The authorization decision for a flow (without `PeerAuthentication`; see [`Engine`]).
     pub fn evaluate(&self, flow: &Flow<'_>) -> Decision {
         let dest = &flow.destination;
@@ -562,15 +587,8 @@ impl PeerAuthSet {
     pub fn resolve_workload(&self, dest: &Destination<'_>) -> (MtlsMode, BTreeMap<u16, MtlsMode>) {
         // Port-level modes only exist for ports a policy names, and 0 is never one.
         let default = self.resolve(dest, 0).mode;
-        let mut named: Vec<u16> = [dest.namespace, self.root_namespace.as_str()]
-            .into_iter()
-            .filter_map(|ns| self.namespaces.get(ns))
-            .flat_map(|scope| scope.wide.iter().chain(&scope.selected))
-            .flat_map(|p| p.ports.keys().copied())
-            .collect();
-        named.sort_unstable();
-        named.dedup();
-        let ports = named
+        let ports = self
+            .named_ports(dest)
             .into_iter()
             .filter_map(|port| {
                 let mode = self.resolve(dest, port).mode;
@@ -578,6 +596,16 @@ impl PeerAuthSet {
             })
             .collect();
         (default, ports)
+    }
+
+    /// Every port a policy in a workload's scopes names at port level.
+    pub fn named_ports(&self, dest: &Destination<'_>) -> BTreeSet<u16> {
+        [dest.namespace, self.root_namespace.as_str()]
+            .into_iter()
+            .filter_map(|ns| self.namespaces.get(ns))
+            .flat_map(|scope| scope.wide.iter().chain(&scope.selected))
+            .flat_map(|p| p.ports.keys().copied())
+            .collect()
     }
 
     /// The effective mode of a workload's port.
@@ -824,6 +852,38 @@ impl Engine {
             peer_authentication: PeerAuthSet::new(root_namespace, peer_authentication),
             listing,
         }
+    }
+
+    /// What the datapath enforces for plaintext to a workload: whether a caller without an
+    /// identity, whose address the kernel does not weigh, is refused on the ports no policy
+    /// names, and on each named port where that differs. It is [`Engine::decide`] itself for
+    /// such a caller (STRICT mutual TLS, DENY and ALLOW policies alike), so the kernel and
+    /// `explain` cannot disagree; `ipBlocks` conditions are unknown for it and fail closed.
+    pub fn plaintext_refusals(&self, dest: &Destination<'_>) -> (bool, BTreeMap<u16, bool>) {
+        let mut named = self.authorization.named_ports(dest);
+        named.extend(self.peer_authentication.named_ports(dest));
+        let refused = |port: u16| {
+            !self
+                .decide(&Flow {
+                    destination: *dest,
+                    port,
+                    source: None,
+                    source_ip: None,
+                })
+                .is_allowed()
+        };
+        // Any port no policy names stands for all of them; if every port is named, there is
+        // no other port and the default never applies.
+        let other = (0..=u16::MAX).find(|p| !named.contains(p));
+        let default = other.is_none_or(refused);
+        let ports = named
+            .into_iter()
+            .filter_map(|port| {
+                let r = refused(port);
+                (r != default).then_some((port, r))
+            })
+            .collect();
+        (default, ports)
     }
 
     pub fn decide(&self, flow: &Flow<'_>) -> Decision {

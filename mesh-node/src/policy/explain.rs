@@ -2,8 +2,10 @@
 //! agent enforces ([`super::Engine::decide`]) over the state it holds, with what decided it.
 //!
 //! The flow is evaluated as the destination's node would see it: an enrolled source arrives
-//! over HBONE with its verified identity and its own address; a source outside the mesh
-//! arrives as plaintext from its address.
+//! over HBONE (or, on the same node, through the node proxy) with its verified identity and
+//! its own address; a source outside the mesh (an unenrolled pod, or any other address)
+//! arrives as plaintext, which the kernel judges by destination port alone: it has no
+//! identity, and its address is not weighed, so `ipBlocks` conditions fail closed for it.
 
 use serde::Serialize;
 
@@ -13,7 +15,7 @@ use crate::workload::{MeshState, Workload};
 /// Why a flow cannot be explained.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ExplainError {
-    #[error("{0:?} is not namespace/name")]
+    #[error("{0:?} is not namespace/name (or, for a caller outside the mesh, an IP address)")]
     BadPod(String),
     #[error("{0:?} is not namespace/name:port (port 1-65535)")]
     BadDestination(String),
@@ -77,20 +79,39 @@ fn find<'a>(state: &'a MeshState, pod: &str) -> Result<&'a Workload, ExplainErro
         .ok_or_else(|| ExplainError::UnknownPod(pod.to_owned()))
 }
 
-/// Explains the flow from pod `from` (`namespace/name`) to `to` (`namespace/name:port`).
+/// Explains the flow from `from` (a pod, `namespace/name`, or the IP address of a caller
+/// outside the mesh) to `to` (`namespace/name:port`).
 pub fn explain(state: &MeshState, from: &str, to: &str) -> Result<Explanation, ExplainError> {
     let bad_to = || ExplainError::BadDestination(to.to_owned());
     let (pod, port) = to.rsplit_once(':').ok_or_else(bad_to)?;
     let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad_to)?;
-    let source = find(state, from)?;
+    // What the enforcing side knows of the source: a meshed pod's identity and own address;
+    // nothing of a plaintext caller.
+    let (source, identity, source_ip) = match from.parse::<std::net::IpAddr>() {
+        Ok(ip) => {
+            let party = Party {
+                pod: String::new(),
+                identity: String::new(),
+                enrolled: false,
+                ip: Some(ip.to_string()),
+            };
+            (party, None, None)
+        }
+        Err(_) => {
+            let w = find(state, from)?;
+            let enrolled = w.enrolled;
+            let ip = w.ips.first().copied().filter(|_| enrolled);
+            (Party::of(w), enrolled.then_some(&w.identity), ip)
+        }
+    };
     let destination = find(state, pod)?;
     let engine = state.policy();
     let dest = Destination::of(destination);
     let decision = engine.decide(&Flow {
         destination: dest,
         port,
-        source: source.enrolled.then_some(&source.identity),
-        source_ip: source.ips.first().copied(),
+        source: identity,
+        source_ip,
     });
     let rule = match &decision.reason {
         Reason::Allowed { rule, .. } | Reason::Denied { rule, .. } => Some(*rule),
@@ -98,7 +119,6 @@ pub fn explain(state: &MeshState, from: &str, to: &str) -> Result<Explanation, E
     };
     let mtls = engine.peer_authentication.resolve(&dest, port);
     Ok(Explanation {
-        source: Party::of(source),
         destination: Party::of(destination),
         port,
         connection: if source.enrolled {
@@ -106,6 +126,7 @@ pub fn explain(state: &MeshState, from: &str, to: &str) -> Result<Explanation, E
         } else {
             "plaintext"
         },
+        source,
         verdict: decision.verdict.to_string(),
         policy: decision.policy().map(|p| p.id.to_string()),
         rule,

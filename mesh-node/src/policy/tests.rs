@@ -18,6 +18,7 @@ use crate::identity::Identity;
 const ROOT: &str = "trellis-system";
 
 mod l7;
+mod plaintext;
 
 /// Converts manifests (each a YAML document of either kind) the way the node does.
 fn engine(manifests: &[&str]) -> Engine {

@@ -63,6 +63,14 @@ struct Peer {
 
 pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientAddr) {
     let started = Instant::now();
+    // Limit: unauthenticated peers hold at most so many handshakes at once.
+    let handshake_permit = match inputs.limits.handshake() {
+        Ok(permit) => permit,
+        Err(e) => {
+            super::reset(stream);
+            return refuse_connection(&inputs, client, started, e.reason(), e.to_string());
+        }
+    };
     // Read the ClientHello first, so a refusal can name its reason.
     let handshake = async {
         let start = tokio_rustls::LazyConfigAcceptor::new(
@@ -124,6 +132,7 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
             );
         }
     };
+    drop(handshake_permit);
     let conn = tls.get_ref().1;
     let identity = tls::peer_identity(conn);
     let cert_serial = conn
@@ -352,6 +361,17 @@ impl Peer {
         }
 
         // Deliver.
+        let permit = match inputs.limits.connection(None) {
+            Ok(permit) => permit,
+            Err(e) => {
+                return self.refuse(
+                    started,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    e.reason(),
+                    e.to_string(),
+                );
+            }
+        };
         let upstream = match connect(dst, inputs.settings.connect_timeout).await {
             Ok(upstream) => upstream,
             Err(e) => {
@@ -373,16 +393,26 @@ impl Peer {
         let registration = inputs.authorized.register(grant);
         inputs.tasks.spawn(async move {
             let _active = active;
+            let _permit = permit;
             let mut counted = Counted::default();
+            let timeouts = peer.inputs.settings.timeouts;
+            let mut upstream = upstream;
             let error = match on_upgrade.await {
                 Ok(upgraded) => {
                     let mut tunnel = TokioIo::new(upgraded);
-                    let mut upstream = upstream;
-                    tokio::select! {
-                        result = super::copy::bidirectional(&mut tunnel, &mut upstream, &mut counted) => {
-                            result.err().map(|e| e.to_string())
+                    let copied = tokio::select! {
+                        result = super::copy::bidirectional(&mut tunnel, &mut upstream, &mut counted, timeouts) => Some(result),
+                        () = registration.close.cancelled() => None,
+                    };
+                    match copied {
+                        Some(Ok(())) => None,
+                        Some(Err(e)) => {
+                            if e.kind() == std::io::ErrorKind::TimedOut {
+                                peer.inputs.metrics.fail(Direction::Inbound, "idle_timeout");
+                            }
+                            Some(e.to_string())
                         }
-                        () = registration.close.cancelled() => {
+                        None => {
                             peer.inputs.metrics.fail(Direction::Inbound, "policy_revoked");
                             Some(match registration.revoked() {
                                 Some(decision) => format!("policy_revoked: closed after a policy change: {decision}"),
@@ -393,6 +423,10 @@ impl Peer {
                 }
                 Err(e) => Some(format!("tunnel not established: {e}")),
             };
+            if error.is_some() {
+                // The pod learns its connection was cut, not finished.
+                super::reset(upstream);
+            }
             drop(registration);
             let (sent, received) = (counted.a_to_b, counted.b_to_a);
             let metrics = &peer.inputs.metrics;

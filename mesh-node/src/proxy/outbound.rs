@@ -9,7 +9,12 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::TcpStream;
 
-use super::{AccessLog, ClientAddr, ProxyInputs, reset};
+use super::{
+    AccessLog, ClientAddr, ProxyInputs,
+    copy::{self, Counted},
+    inbound::authorized::Registration,
+    reset,
+};
 use crate::{
     config::UnknownDestination,
     metrics::{Direction, Reporter, SecurityPolicy, TcpLabels},
@@ -41,6 +46,11 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
     };
     log.src_workload = Some(&src);
     log.src_identity = Some(&src.identity);
+    // Limit: one pod cannot hold the node's descriptors.
+    let permit = match inputs.limits.connection(Some(cgroup)) {
+        Ok(permit) => permit,
+        Err(e) => return refuse(&inputs, log, stream, e.reason(), e.to_string()),
+    };
 
     // Resolve: what the destination stands for.
     let destination = match resolve::destination(&state, &src, dst.0) {
@@ -100,14 +110,26 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
     inputs.metrics.opened.get_or_create(&labels).inc();
 
     // Copy.
+    let timeouts = inputs.settings.timeouts;
     let (sent, received, error) = match opened.upstream {
-        Upstream::Tcp(upstream) => copy(stream, upstream).await,
+        Upstream::Tcp(upstream) => copy_tcp(&inputs, stream, upstream, None).await,
+        Upstream::Local(upstream, registration) => {
+            copy_tcp(&inputs, stream, upstream, Some(&registration)).await
+        }
         Upstream::Hbone(tunnel) => {
-            let result = copy(stream, tunnel.io).await;
+            let mut stream = stream;
+            let mut counted = Counted::default();
+            let result = copy::bidirectional(&mut stream, tunnel.io, &mut counted, timeouts).await;
             drop(tunnel.guard);
-            result
+            let error = result.err().map(|e| {
+                // The tunnel broke or timed out: the pod learns it was cut, not finished.
+                reset(stream);
+                failed_copy(&inputs, &e)
+            });
+            (counted.a_to_b, counted.b_to_a, error)
         }
     };
+    drop(permit);
 
     // Account.
     inputs.metrics.closed.get_or_create(&labels).inc();
@@ -178,19 +200,52 @@ fn failure(service: Option<&str>, failed: &[Attempt]) -> (&'static str, String) 
     }
 }
 
-/// Copies both ways until both sides finished, preserving half-close.
-pub async fn copy<A, B>(mut a: A, mut b: B) -> (u64, u64, Option<String>)
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let mut counted = super::copy::Counted::default();
-    let result = super::copy::bidirectional(&mut a, &mut b, &mut counted).await;
-    (
-        counted.a_to_b,
-        counted.b_to_a,
-        result.err().map(|e| e.to_string()),
-    )
+/// Copies between a pod and a plain TCP upstream (a local pod, or outside the mesh) until both
+/// sides finished. A failure on either side, a timeout, or a policy change that revokes the
+/// connection (`registration`, for local pods) resets both: an abort stays an abort.
+async fn copy_tcp(
+    inputs: &ProxyInputs,
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    registration: Option<&Registration>,
+) -> (u64, u64, Option<String>) {
+    let mut counted = Counted::default();
+    let revoked = async {
+        match registration {
+            Some(registration) => registration.close.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let copied = tokio::select! {
+        result = copy::bidirectional(&mut client, &mut upstream, &mut counted, inputs.settings.timeouts) => Some(result),
+        () = revoked => None,
+    };
+    let error = match copied {
+        Some(Ok(())) => None,
+        Some(Err(e)) => Some(failed_copy(inputs, &e)),
+        None => {
+            inputs.metrics.fail(Direction::Outbound, "policy_revoked");
+            Some(match registration.and_then(Registration::revoked) {
+                Some(decision) => {
+                    format!("policy_revoked: closed after a policy change: {decision}")
+                }
+                None => "policy_revoked: closed after a policy change".to_owned(),
+            })
+        }
+    };
+    if error.is_some() {
+        reset(client);
+        reset(upstream);
+    }
+    (counted.a_to_b, counted.b_to_a, error)
+}
+
+/// Counts a copy that ended in error and renders it for the access log.
+fn failed_copy(inputs: &ProxyInputs, e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        inputs.metrics.fail(Direction::Outbound, "idle_timeout");
+    }
+    e.to_string()
 }
 
 #[cfg(test)]
@@ -215,7 +270,11 @@ mod tests {
         ebpf::PodCgroup,
         identity::{CertStore, Identity, LocalCa},
         metrics::Metrics,
-        proxy::{OriginalDst, OriginalDstLookup, Settings, pool::Pool},
+        proxy::{
+            OriginalDst, OriginalDstLookup, Settings,
+            limits::{Caps, Limits},
+            pool::Pool,
+        },
         service::{Endpoint, Service, ServicePort},
         tls,
         workload::{MeshState, Workload},
@@ -305,10 +364,16 @@ mod tests {
                 handshake_timeout: timeout,
                 unknown_destination: UnknownDestination::Deny,
                 max_streams_per_connection: 100,
+                timeouts: copy::Timeouts::NONE,
             },
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             authorized: Arc::default(),
+            limits: Limits::new(Caps {
+                connections: 100,
+                per_pod: 100,
+                handshakes: 10,
+            }),
         })
     }
 

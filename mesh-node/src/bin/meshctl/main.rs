@@ -119,7 +119,7 @@ enum PolicyCommand {
     /// The verdict for a flow, decided by the agent's own engine over its current state,
     /// and the policy and rule that decided it.
     Explain {
-        /// Source pod: NAMESPACE/NAME.
+        /// Source: a pod, NAMESPACE/NAME, or the IP address of a caller outside the mesh.
         #[arg(long)]
         from: String,
         /// Destination pod and port: NAMESPACE/NAME:PORT.

@@ -4,6 +4,12 @@
 //! upstream is open can move on to the next candidate without losing or repeating a byte. It
 //! does not when every endpoint would give the same answer: the source holds no certificate,
 //! or policy denied the connection.
+//!
+//! **Same-node destinations are authorized here.** A local pod is dialled directly, so no
+//! other agent sees the connection: this node's engine decides it exactly as the inbound
+//! path decides a CONNECT (the source is known by its cgroup, so its identity and address
+//! are facts), and the delivered connection is registered so a policy change that now denies
+//! it closes it.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -13,19 +19,24 @@ use tokio::net::TcpStream;
 use super::{
     super::{
         ClientAddr, HboneAddr, OriginalDst, ProxyInputs, connect,
+        inbound::authorized::{Grant, Registration},
         pool::{PoolError, Tunnel},
     },
     resolve::{Route, route},
 };
 use crate::{
     identity::Identity,
-    workload::{MeshState, Workload, waypoint::Waypoint},
+    policy::{Destination, Flow},
+    workload::{MeshState, Workload, canonical, waypoint::Waypoint},
 };
 
 /// An open connection towards the destination.
 pub enum Upstream {
-    /// To a local pod, or out of the mesh.
+    /// Out of the mesh.
     Tcp(TcpStream),
+    /// To a pod on this node, authorized by this node's policies and registered so that a
+    /// policy change can revoke it.
+    Local(TcpStream, Registration),
     /// A CONNECT stream through the destination's node.
     Hbone(Tunnel),
 }
@@ -108,16 +119,11 @@ async fn open(
             "destination is outside the mesh and outbound.unknown_destination is deny".to_owned(),
             false,
         )),
-        Route::Local(_) | Route::Passthrough => {
-            match connect(addr, inputs.settings.connect_timeout).await {
-                Ok(stream) => Ok(Upstream::Tcp(stream)),
-                Err(e) => Err((
-                    "upstream_unreachable",
-                    format!("cannot connect to {addr}: {e}"),
-                    true,
-                )),
-            }
-        }
+        Route::Local(w) => local(inputs, state, src, w, addr, client).await,
+        Route::Passthrough => match connect(addr, inputs.settings.connect_timeout).await {
+            Ok(stream) => Ok(Upstream::Tcp(stream)),
+            Err(e) => Err(unreachable(addr, &e)),
+        },
         Route::Remote(w, node) => hbone(inputs, src, &w.identity, *node, addr, client).await,
         Route::Waypoint(w, node) => hbone(inputs, src, &w.identity, *node, addr, client).await,
     };
@@ -135,6 +141,50 @@ async fn open(
             retry,
         }),
     }
+}
+
+/// Authorizes a connection to `dst`, a pod on this node, then dials it (see the module docs).
+async fn local(
+    inputs: &ProxyInputs,
+    state: &MeshState,
+    src: &Workload,
+    dst: &Workload,
+    addr: SocketAddr,
+    client: ClientAddr,
+) -> Result<Upstream, (&'static str, String, bool)> {
+    // The client's address is the source pod's own (it connected from its namespace); it is
+    // a fact only while the pod still holds it.
+    let client_ip = canonical(client.0.ip());
+    let grant = Grant {
+        destination_uid: dst.uid.clone(),
+        port: addr.port(),
+        source: src.identity.clone(),
+        source_ip: src.ips.contains(&client_ip).then_some(client_ip),
+    };
+    let decision = state.policy().decide(&Flow {
+        destination: Destination::of(dst),
+        port: grant.port,
+        source: Some(&grant.source),
+        source_ip: grant.source_ip,
+    });
+    if !decision.is_allowed() {
+        let error = format!("to {addr} ({}/{}): {decision}", dst.namespace, dst.name);
+        return Err(("policy_denied", error, false));
+    }
+    // Registered before the dial, so a policy change during it is not missed.
+    let registration = inputs.authorized.register(grant);
+    match connect(addr, inputs.settings.connect_timeout).await {
+        Ok(stream) => Ok(Upstream::Local(stream, registration)),
+        Err(e) => Err(unreachable(addr, &e)),
+    }
+}
+
+fn unreachable(addr: SocketAddr, e: &std::io::Error) -> (&'static str, String, bool) {
+    (
+        "upstream_unreachable",
+        format!("cannot connect to {addr}: {e}"),
+        true,
+    )
 }
 
 /// Opens a CONNECT stream for `addr` through `node`, whose peer must present `identity`.

@@ -350,6 +350,55 @@ async fn read_body<R: tokio::io::AsyncBufRead + Unpin>(
 
 /// Opens `connections` echo connections, at most `concurrency` at a time (all at once by
 /// default: then every connection is established before any of them sends data).
+/// Opens `connections` connections to `to` (64 at a time), holds them for `hold`, then
+/// reports how many are still open (a read would block), how many the other end closed or
+/// reset, and how many could not connect at all.
+pub async fn hoard(to: SocketAddr, connections: usize, hold: Duration) -> Result<(Value, bool)> {
+    let mut open = Vec::with_capacity(connections);
+    let mut connect_errors = 0usize;
+    let mut errors = Vec::new();
+    for chunk in (0..connections).collect::<Vec<_>>().chunks(64) {
+        let mut tasks = JoinSet::new();
+        for _ in chunk {
+            tasks.spawn(TcpStream::connect(to));
+        }
+        while let Some(joined) = tasks.join_next().await {
+            match joined.context("connect task")? {
+                Ok(stream) => open.push(stream),
+                Err(e) => {
+                    connect_errors += 1;
+                    if errors.len() < MAX_ERRORS {
+                        errors.push(e.to_string());
+                    }
+                }
+            }
+        }
+    }
+    tokio::time::sleep(hold).await;
+    let (mut alive, mut closed, mut reset) = (0usize, 0usize, 0usize);
+    let mut byte = [0u8; 1];
+    for stream in &open {
+        match stream.try_read(&mut byte) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => alive += 1,
+            Ok(0) => closed += 1,
+            // Bytes from a server that speaks first: open.
+            Ok(_) => alive += 1,
+            Err(_) => reset += 1,
+        }
+    }
+    Ok((
+        json!({
+            "opened": open.len(),
+            "alive": alive,
+            "closed": closed,
+            "reset": reset,
+            "connect_errors": connect_errors,
+            "errors": errors,
+        }),
+        true,
+    ))
+}
+
 pub async fn many(
     to: SocketAddr,
     connections: usize,

@@ -113,6 +113,17 @@ enum Command {
         #[arg(long)]
         concurrency: Option<usize>,
     },
+    /// Open up to N connections and hold them without sending, then report how many are
+    /// still open and how many the other end reset or closed.
+    Hoard {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        connections: usize,
+        /// How long to hold them before checking.
+        #[arg(long, default_value_t = 2_000)]
+        hold_ms: u64,
+    },
     /// Connect and report the local address and the peer name the socket sees.
     Peername {
         #[arg(long)]
@@ -205,6 +216,16 @@ async fn run(command: Command, timeout: Duration) -> Result<(Value, bool)> {
         )
         .await
         .map_err(bounded(format!("GET {path} from {to}")))?,
+        Command::Hoard {
+            to,
+            connections,
+            hold_ms,
+        } => tokio::time::timeout(
+            timeout,
+            client::hoard(to, connections, Duration::from_millis(hold_ms)),
+        )
+        .await
+        .map_err(bounded(format!("hoard of {to}")))?,
         Command::Peername { to } => tokio::time::timeout(timeout, client::peername(to))
             .await
             .map_err(bounded(format!("connect to {to}")))?,

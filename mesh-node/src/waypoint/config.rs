@@ -313,6 +313,71 @@ listen:
     }
 
     #[test]
+    fn every_duration_and_count_is_bounded() {
+        // MINIMAL ends on line 10; appended fields start on line 11.
+        for (bad, field, line) in [
+            ("certificate_ttl_secs: 599", "certificate_ttl_secs", 11),
+            (
+                "certificate_ttl_secs: 18446744073709551615",
+                "certificate_ttl_secs",
+                11,
+            ),
+            ("drain_timeout_secs: 3601", "drain_timeout_secs", 11),
+            (
+                "limits:\n  handshake_timeout_ms: 0",
+                "limits.handshake_timeout_ms",
+                12,
+            ),
+            (
+                "limits:\n  connect_timeout_ms: 120001",
+                "limits.connect_timeout_ms",
+                12,
+            ),
+            (
+                "limits:\n  max_tunnels_per_connection: 0",
+                "limits.max_tunnels_per_connection",
+                12,
+            ),
+            (
+                "limits:\n  max_concurrent_requests: 10001",
+                "limits.max_concurrent_requests",
+                12,
+            ),
+            (
+                "limits:\n  max_header_bytes: 1048577",
+                "limits.max_header_bytes",
+                12,
+            ),
+            (
+                "limits:\n  max_buffered_body_bytes: 67108865",
+                "limits.max_buffered_body_bytes",
+                12,
+            ),
+            (
+                "tracing:\n  otlp_endpoint: http://c:4317\n  flush_interval_ms: 0",
+                "tracing.flush_interval_ms",
+                13,
+            ),
+            (
+                "tracing:\n  otlp_endpoint: http://c:4317\n  export_timeout_ms: 0",
+                "tracing.export_timeout_ms",
+                13,
+            ),
+            ("drain_timeout_secs: -1", "drain_timeout_secs", 11),
+            (
+                "limits:\n  max_header_byte: 10",
+                "limits.max_header_byte",
+                12,
+            ),
+        ] {
+            let text = format!("{MINIMAL}{bad}\n");
+            let err = WaypointConfig::parse(&text).expect_err(bad);
+            assert_eq!(err.field(), Some(field), "{bad}: {err}");
+            assert_eq!(err.line(), Some(line), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn tracing_takes_a_plaintext_collector_and_gets_bounded_defaults() {
         let with = format!("{MINIMAL}tracing:\n  otlp_endpoint: http://10.0.0.9:4317\n");
         let tracing = WaypointConfig::parse(&with)

@@ -39,7 +39,7 @@ use crate::{
     config::{AgentConfig, ConfigError, parse_cidr},
     ebpf::{Datapath, DatapathSpec, EbpfError},
     identity::{
-        CertStore, Identity, LocalCa,
+        CertStore, Identity,
         ca::CaError,
         store::{CertManager, IssueError, Issuer, RemoteCa, StoreError},
     },
@@ -121,11 +121,17 @@ enum Source {
 
 /// Runs the agent until `shutdown` is cancelled, then drains.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    // First of all: a value the datapath cannot take (more exclusions than its maps hold)
+    // must be refused before a pinned map that the previous agent's programs still read is
+    // rewritten, whoever built this configuration.
+    config.validate()?;
     let provider = tls::provider();
     let ttl = Duration::from_secs(config.certificate_ttl_secs);
     let (source, certs, issuer, initial) = match (&config.ca, &config.control_plane) {
         (Some(ca), _) => {
-            let ca = LocalCa::load(&ca.cert, &ca.key)?;
+            // Checked again here (the file may have changed since it was loaded), and still
+            // before any listener or pinned map is touched.
+            let ca = ca.load()?;
             let certs = Arc::new(CertStore::new(
                 provider.clone(),
                 std::slice::from_ref(ca.cert_der()),
@@ -158,10 +164,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             (source, certs, issuer, None)
         }
         (None, None) => {
-            return Err(AgentError::Config(ConfigError::Invalid {
-                field: "ca".into(),
-                reason: "one of ca or control_plane is required".into(),
-            }));
+            return Err(AgentError::Config(crate::config::invalid(
+                "ca",
+                "one of ca or control_plane is required",
+            )));
         }
     };
     let mut cert_manager = CertManager::new(certs.clone(), issuer, ttl);

@@ -6,18 +6,28 @@
 //! - live (`control_plane`): nodes and workloads stream from `mesh-node controller`, which also
 //!   signs certificates; the file only says how to reach and trust it.
 //!
-//! Both share the node, trust domain, listener and datapath settings. Validation errors name
-//! the offending field.
+//! Both share the node, trust domain, listener and datapath settings. Every value is checked
+//! here, before the agent touches the kernel or the network; a refusal names the offending
+//! field and, where the file spells it out, its line.
+
+mod limits;
+mod lines;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+pub use validate::bounds;
+pub(crate) use validate::within;
 
 use std::{
-    collections::HashSet,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::Identity;
+pub use limits::LimitsConfig;
+pub use lines::Lines;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -26,17 +36,112 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid YAML for the agent: {reason}")]
-    Parse { path: PathBuf, reason: String },
-    #[error("invalid config: {field}: {reason}")]
-    Invalid { field: String, reason: String },
+    /// The file does not deserialize: YAML syntax, an unknown or missing field, a wrong type.
+    #[error("{} is not a valid configuration: {}{reason}", file_name(path), place(field, *line))]
+    Parse {
+        path: PathBuf,
+        /// Field path (`datapath.excluded_ports[2]`); empty for YAML syntax errors.
+        field: String,
+        line: Option<u64>,
+        reason: String,
+    },
+    /// A value deserialized but is refused (range, reference, address).
+    #[error("invalid config: {}{reason}", place(field, *line))]
+    Invalid {
+        field: String,
+        /// Where the field, or the nearest enclosing one, is written; none for defaults.
+        line: Option<u64>,
+        reason: String,
+    },
 }
 
-fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+fn file_name(path: &Path) -> String {
+    if path.as_os_str().is_empty() {
+        "the configuration".into()
+    } else {
+        format!("config file {}", path.display())
+    }
+}
+
+fn place(field: &str, line: Option<u64>) -> String {
+    match (field.is_empty(), line) {
+        (false, Some(line)) => format!("{field} (line {line}): "),
+        (false, None) => format!("{field}: "),
+        (true, Some(line)) => format!("line {line}: "),
+        (true, None) => String::new(),
+    }
+}
+
+/// A refusal of `field`, located later by [`ConfigError::located`].
+pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
+        line: None,
         reason: reason.into(),
     }
+}
+
+impl ConfigError {
+    /// The field this refusal names, if any.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::Parse { field, .. } | Self::Invalid { field, .. } => Some(field),
+            Self::Read { .. } => None,
+        }
+    }
+
+    /// The line of the file this refusal points at, if any.
+    pub fn line(&self) -> Option<u64> {
+        match self {
+            Self::Parse { line, .. } | Self::Invalid { line, .. } => *line,
+            Self::Read { .. } => None,
+        }
+    }
+
+    /// Adds the line of the refused field, found in the `text` it was read from.
+    pub(crate) fn located(self, text: &str) -> Self {
+        match self {
+            Self::Invalid {
+                field,
+                line: None,
+                reason,
+            } => Self::Invalid {
+                line: Lines::of(text).line(&field),
+                field,
+                reason,
+            },
+            other => other,
+        }
+    }
+
+    /// Names the file a refusal came from.
+    pub(crate) fn in_file(self, file: &Path) -> Self {
+        match self {
+            Self::Parse {
+                field,
+                line,
+                reason,
+                ..
+            } => Self::Parse {
+                path: file.into(),
+                field,
+                line,
+                reason,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Deserializes a configuration file (agent or waypoint), then runs its checks; every refusal
+/// names the field and its line.
+pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    validate: impl FnOnce(&T) -> Result<(), ConfigError>,
+) -> Result<T, ConfigError> {
+    let config = lines::from_yaml::<T>(text)?;
+    validate(&config).map_err(|e| e.located(text))?;
+    Ok(config)
 }
 
 /// The agent configuration file (YAML).
@@ -205,12 +310,19 @@ pub fn expand_env(
     let mut rest = text;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
+        // The YAML is not parsed yet, so the refusal points at the reference's line.
+        let line = text[..text.len() - rest.len() + start]
+            .matches('\n')
+            .count() as u64
+            + 1;
+        let refuse = |reason: String| ConfigError::Invalid {
+            field: "config".into(),
+            line: Some(line),
+            reason,
+        };
         let after = &rest[start + 2..];
         let end = after.find('}').ok_or_else(|| {
-            invalid(
-                "config",
-                "unterminated ${ (write ${NAME} to use an environment variable)",
-            )
+            refuse("unterminated ${ (write ${NAME} to use an environment variable)".into())
         })?;
         let name = &after[..end];
         let valid = !name.is_empty()
@@ -219,16 +331,14 @@ pub fn expand_env(
                 .bytes()
                 .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
         if !valid {
-            return Err(invalid(
-                "config",
-                format!("${{{name}}} is not an environment variable reference (A-Z, 0-9, _)"),
-            ));
+            return Err(refuse(format!(
+                "${{{name}}} is not an environment variable reference (A-Z, 0-9, _)"
+            )));
         }
         let value = lookup(name).ok_or_else(|| {
-            invalid(
-                "config",
-                format!("${{{name}}} is used but the environment variable {name} is not set"),
-            )
+            refuse(format!(
+                "${{{name}}} is used but the environment variable {name} is not set"
+            ))
         })?;
         out.push_str(&value);
         rest = &after[end + 1..];
@@ -274,9 +384,14 @@ pub struct DatapathConfig {
     /// Destination networks never redirected, in CIDR notation.
     #[serde(default)]
     pub excluded_cidrs: Vec<String>,
+    /// Accept exclusions wide enough to take most or all traffic out of the mesh (an IPv4
+    /// prefix shorter than /8, an IPv6 prefix shorter than /16, such as `0.0.0.0/0`). Off by
+    /// default: such an entry is almost always a mistake that silently turns the mesh off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_catch_all_exclusions: bool,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboundConfig {
     /// What to do with connections to addresses outside the mesh.
@@ -297,7 +412,7 @@ pub struct OutboundConfig {
     pub hbone_single_use: bool,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InboundConfig {
     /// Time allowed for a TLS handshake plus the first CONNECT request.
@@ -308,122 +423,25 @@ pub struct InboundConfig {
     pub max_streams_per_connection: u32,
 }
 
-/// Caps and timeouts that keep one pod, or one peer, from taking the node proxy down (see
-/// `proxy::limits` and `proxy::copy`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsConfig {
-    /// Proxied connections the agent holds at once, both directions together. Default, and
-    /// upper bound: what the descriptor limit allows after `reserved_descriptors` (two
-    /// descriptors per connection).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_connections: Option<usize>,
-    /// Outbound connections one pod may hold at once.
-    #[serde(default = "default_max_connections_per_pod")]
-    pub max_connections_per_pod: usize,
-    /// HBONE handshakes in progress at once (peers not yet authenticated).
-    #[serde(default = "default_max_pending_handshakes")]
-    pub max_pending_handshakes: usize,
-    /// A proxied connection on which no byte moves either way for this long is reset.
-    #[serde(default = "default_idle_timeout")]
-    pub idle_timeout_secs: u64,
-    /// Once one side of a connection finished sending, the other may stay silent this long.
-    #[serde(default = "default_half_close_timeout")]
-    pub half_close_timeout_secs: u64,
-    /// Descriptors kept out of the connection budget: listeners, admin and readiness
-    /// requests, HBONE connections, the control plane.
-    #[serde(default = "default_reserved_descriptors")]
-    pub reserved_descriptors: usize,
-}
-
-impl Default for LimitsConfig {
+// Written out rather than derived: an omitted `outbound:` or `inbound:` section must get the
+// same defaults as an omitted field, not zero timeouts and zero streams.
+impl Default for OutboundConfig {
     fn default() -> Self {
         Self {
-            max_connections: None,
-            max_connections_per_pod: default_max_connections_per_pod(),
-            max_pending_handshakes: default_max_pending_handshakes(),
-            idle_timeout_secs: default_idle_timeout(),
-            half_close_timeout_secs: default_half_close_timeout(),
-            reserved_descriptors: default_reserved_descriptors(),
+            unknown_destination: UnknownDestination::default(),
+            connect_timeout_ms: default_connect_timeout(),
+            hbone_connections_per_peer: None,
+            hbone_single_use: false,
         }
     }
 }
 
-fn default_max_connections_per_pod() -> usize {
-    1_024
-}
-fn default_max_pending_handshakes() -> usize {
-    256
-}
-fn default_idle_timeout() -> u64 {
-    3_600
-}
-fn default_half_close_timeout() -> u64 {
-    300
-}
-fn default_reserved_descriptors() -> usize {
-    256
-}
-
-/// A week: longer idle or half-close timeouts protect nothing.
-const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
-
-impl LimitsConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        let range = |field: &str, value: u64, min: u64, max: u64| {
-            if (min..=max).contains(&value) {
-                Ok(())
-            } else {
-                Err(invalid(
-                    format!("limits.{field}"),
-                    format!("{value} is outside {min}..={max}"),
-                ))
-            }
-        };
-        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
-        if let Some(max) = self.max_connections {
-            range("max_connections", count(max), 1, 10_000_000)?;
+impl Default for InboundConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout_ms: default_handshake_timeout(),
+            max_streams_per_connection: default_max_streams(),
         }
-        range(
-            "max_connections_per_pod",
-            count(self.max_connections_per_pod),
-            1,
-            1_000_000,
-        )?;
-        range(
-            "max_pending_handshakes",
-            count(self.max_pending_handshakes),
-            1,
-            65_536,
-        )?;
-        range(
-            "idle_timeout_secs",
-            self.idle_timeout_secs,
-            1,
-            MAX_TIMEOUT_SECS,
-        )?;
-        range(
-            "half_close_timeout_secs",
-            self.half_close_timeout_secs,
-            1,
-            self.idle_timeout_secs,
-        )?;
-        range(
-            "reserved_descriptors",
-            count(self.reserved_descriptors),
-            32,
-            1_000_000,
-        )?;
-        Ok(())
-    }
-
-    /// The node-wide connection cap under a descriptor limit of `nofile`: the configured
-    /// one, but never more than the descriptors left after the reserve allow.
-    pub fn effective_max_connections(&self, nofile: u64) -> usize {
-        let budget =
-            nofile.saturating_sub(u64::try_from(self.reserved_descriptors).unwrap_or(u64::MAX)) / 2;
-        let budget = usize::try_from(budget).unwrap_or(usize::MAX).max(1);
-        self.max_connections.map_or(budget, |max| max.min(budget))
     }
 }
 
@@ -496,167 +514,29 @@ fn default_sa() -> String {
 }
 
 impl AgentConfig {
+    /// Reads, checks and, in static mode, opens the CA files: a key that does not match its
+    /// certificate, or a certificate that is not a CA, is refused here rather than giving an
+    /// agent whose certificates no peer accepts.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),
             source,
         })?;
         let text = expand_env(&text, |name| std::env::var(name).ok())?;
-        Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { reason, .. } => ConfigError::Parse {
-                path: path.into(),
-                reason,
-            },
-            other => other,
-        })
+        let config = Self::parse(&text).map_err(|e| e.in_file(path))?;
+        if let Some(ca) = &config.ca {
+            ca.load().map_err(|e| e.located(&text))?;
+        }
+        Ok(config)
     }
 
+    /// Parses and checks a configuration; files it names are not opened.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: AgentConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::new(),
-            reason: e.to_string(),
-        })?;
-        config.validate()?;
-        Ok(config)
+        parse_yaml(text, Self::validate)
     }
 
     pub fn to_yaml(&self) -> String {
         serde_saphyr::to_string(self).unwrap_or_default()
-    }
-
-    /// Checks everything serde cannot: references between sections, addresses, names.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        check_node_name("node", &self.node)?;
-        match (&self.ca, &self.control_plane) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "control_plane",
-                    "set either ca (static mode) or control_plane, not both",
-                ));
-            }
-            (None, None) => {
-                return Err(invalid(
-                    "ca",
-                    "one of ca (static mode) or control_plane is required",
-                ));
-            }
-            (None, Some(cp)) => return self.validate_live(cp),
-            (Some(_), None) => {}
-        }
-        self.validate_common()?;
-        let mut node_names = HashSet::new();
-        for (i, node) in self.nodes.iter().enumerate() {
-            check_node_name(&format!("nodes[{i}].name"), &node.name)?;
-            if !node_names.insert(node.name.as_str()) {
-                return Err(invalid(format!("nodes[{i}].name"), "duplicate node"));
-            }
-            if node.hbone.ip().is_unspecified() || node.hbone.port() == 0 {
-                return Err(invalid(
-                    format!("nodes[{i}].hbone"),
-                    "must be a concrete address",
-                ));
-            }
-        }
-        if !node_names.contains(self.node.as_str()) {
-            return Err(invalid(
-                "node",
-                format!("{:?} is not listed under nodes", self.node),
-            ));
-        }
-        let mut ips = HashSet::new();
-        let mut names = HashSet::new();
-        for (i, w) in self.workloads.iter().enumerate() {
-            let field = |f: &str| format!("workloads[{i}].{f}");
-            check_dns_label(&field("name"), &w.name)?;
-            Identity::new(&self.trust_domain, &w.namespace, &w.service_account)
-                .map_err(|e| invalid(field("namespace/service_account"), e.to_string()))?;
-            if !names.insert((w.namespace.as_str(), w.name.as_str())) {
-                return Err(invalid(
-                    field("name"),
-                    "duplicate workload in its namespace",
-                ));
-            }
-            if !node_names.contains(w.node.as_str()) {
-                return Err(invalid(field("node"), format!("unknown node {:?}", w.node)));
-            }
-            if w.ips.is_empty() {
-                return Err(invalid(field("ips"), "at least one address is required"));
-            }
-            for (j, ip) in w.ips.iter().enumerate() {
-                if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
-                    return Err(invalid(
-                        format!("workloads[{i}].ips[{j}]"),
-                        "not a pod address",
-                    ));
-                }
-                if !ips.insert(*ip) {
-                    return Err(invalid(
-                        format!("workloads[{i}].ips[{j}]"),
-                        "address used twice",
-                    ));
-                }
-            }
-            if w.node == self.node && w.cgroup.is_none() {
-                return Err(invalid(
-                    field("cgroup"),
-                    "required for workloads on this node",
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// The settings both modes share.
-    fn validate_common(&self) -> Result<(), ConfigError> {
-        self.limits.validate()?;
-        Identity::new(&self.trust_domain, "default", "default")
-            .map_err(|e| invalid("trust_domain", e.to_string()))?;
-        if self.certificate_ttl_secs < 60 {
-            return Err(invalid("certificate_ttl_secs", "must be at least 60"));
-        }
-        if self.listen.outbound.ip().is_unspecified() || !self.listen.outbound.is_ipv4() {
-            return Err(invalid(
-                "listen.outbound",
-                "must be a concrete IPv4 address that pods can reach",
-            ));
-        }
-        if let Some(addr) = self.listen.outbound6 {
-            if addr.ip().is_unspecified() || !addr.is_ipv6() {
-                return Err(invalid(
-                    "listen.outbound6",
-                    "must be a concrete IPv6 address",
-                ));
-            }
-            if addr.port() != self.listen.outbound.port() {
-                return Err(invalid(
-                    "listen.outbound6",
-                    "must use the same port as listen.outbound",
-                ));
-            }
-        }
-        for (i, cidr) in self.datapath.excluded_cidrs.iter().enumerate() {
-            parse_cidr(cidr).map_err(|r| invalid(format!("datapath.excluded_cidrs[{i}]"), r))?;
-        }
-        Ok(())
-    }
-
-    /// Live mode: the mesh comes from the controller, so the file must not describe it.
-    fn validate_live(&self, cp: &ControlPlaneConfig) -> Result<(), ConfigError> {
-        self.validate_common()?;
-        cp.validate()?;
-        if !self.nodes.is_empty() {
-            return Err(invalid(
-                "nodes",
-                "must be empty with control_plane: nodes come from the controller",
-            ));
-        }
-        if !self.workloads.is_empty() {
-            return Err(invalid(
-                "workloads",
-                "must be empty with control_plane: workloads come from the controller",
-            ));
-        }
-        Ok(())
     }
 }
 
@@ -690,246 +570,5 @@ fn check_dns_label(field: &str, value: &str) -> Result<(), ConfigError> {
         Ok(())
     } else {
         Err(invalid(field, format!("{value:?} is not a DNS label")))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const GOOD: &str = r#"
-node: node-a
-ca: { cert: /ca.pem, key: /ca.key }
-listen: { outbound: "10.0.0.1:15001", hbone: "10.1.0.1:15008" }
-datapath: { cgroup_root: /sys/fs/cgroup/pods, excluded_cidrs: ["10.96.0.1/32"] }
-nodes:
-  - { name: node-a, hbone: "10.1.0.1:15008" }
-  - { name: node-b, hbone: "10.1.0.2:15008" }
-workloads:
-  - { name: web, namespace: shop, service_account: web, node: node-a, ips: [10.0.0.10], cgroup: /sys/fs/cgroup/pods/web }
-  - { name: db, namespace: shop, node: node-b, ips: [10.0.1.10] }
-"#;
-
-    fn error_field(text: &str) -> String {
-        match AgentConfig::parse(text) {
-            Err(ConfigError::Invalid { field, .. }) => field,
-            other => panic!("expected a validation error, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_valid_file_loads_with_defaults() {
-        let config = AgentConfig::parse(GOOD).expect("valid");
-        assert_eq!(config.trust_domain, "cluster.local");
-        assert_eq!(config.workloads[1].service_account, "default");
-        assert_eq!(
-            config.listen.admin,
-            SocketAddr::from(([127, 0, 0, 1], 15000))
-        );
-        assert_eq!(
-            config.outbound.unknown_destination,
-            UnknownDestination::Passthrough
-        );
-        let again = AgentConfig::parse(&config.to_yaml()).expect("round trip");
-        assert_eq!(again.workloads.len(), 2);
-    }
-
-    #[test]
-    fn hbone_connections_per_peer_is_optional_and_never_zero() {
-        let config = AgentConfig::parse(GOOD).expect("valid");
-        assert_eq!(config.outbound.hbone_connections_per_peer, None);
-        assert!(
-            !config.to_yaml().contains("hbone_connections_per_peer"),
-            "left out when unset, so agents that predate it read the file"
-        );
-        let with = |n: &str| format!("{GOOD}outbound: {{ hbone_connections_per_peer: {n} }}\n");
-        let four = AgentConfig::parse(&with("4")).expect("valid");
-        assert_eq!(
-            four.outbound
-                .hbone_connections_per_peer
-                .map(std::num::NonZeroUsize::get),
-            Some(4)
-        );
-        assert!(AgentConfig::parse(&with("0")).is_err(), "0 is refused");
-    }
-
-    #[test]
-    fn hbone_single_use_is_off_unless_set() {
-        let config = AgentConfig::parse(GOOD).expect("valid");
-        assert!(!config.outbound.hbone_single_use);
-        assert!(
-            !config.to_yaml().contains("hbone_single_use"),
-            "left out when off, so agents that predate it read the file"
-        );
-        let on = AgentConfig::parse(&format!("{GOOD}outbound: {{ hbone_single_use: true }}\n"))
-            .expect("valid");
-        assert!(on.outbound.hbone_single_use);
-    }
-
-    #[test]
-    fn errors_name_the_field() {
-        assert_eq!(
-            error_field(&GOOD.replace("node: node-b, ips", "node: node-x, ips")),
-            "workloads[1].node"
-        );
-        assert_eq!(
-            error_field(&GOOD.replace("ips: [10.0.1.10]", "ips: [10.0.0.10]")),
-            "workloads[1].ips[0]"
-        );
-        assert_eq!(
-            error_field(&GOOD.replace(", cgroup: /sys/fs/cgroup/pods/web", "")),
-            "workloads[0].cgroup"
-        );
-        assert_eq!(
-            error_field(&GOOD.replace("10.96.0.1/32", "10.96.0.1/33")),
-            "datapath.excluded_cidrs[0]"
-        );
-        assert_eq!(
-            error_field(&GOOD.replace(
-                "outbound: \"10.0.0.1:15001\"",
-                "outbound: \"0.0.0.0:15001\""
-            )),
-            "listen.outbound"
-        );
-        assert_eq!(
-            error_field(&GOOD.replace("node: node-a\nca", "node: node-z\nca")),
-            "node"
-        );
-        assert_eq!(
-            error_field(&GOOD.replace(
-                "namespace: shop, service_account: web",
-                "namespace: Shop, service_account: web"
-            )),
-            "workloads[0].namespace/service_account"
-        );
-    }
-
-    #[test]
-    fn unknown_fields_are_rejected() {
-        let text = GOOD.replace("node: node-a\n", "node: node-a\nnode_name: typo\n");
-        assert!(matches!(
-            AgentConfig::parse(&text),
-            Err(ConfigError::Parse { .. })
-        ));
-    }
-
-    const LIVE: &str = r#"
-node: node-a
-control_plane: { address: "10.1.0.1:15012", ca_cert: /etc/trellis/ca.pem, token_file: /var/run/token }
-listen: { outbound: "10.0.0.1:15001", hbone: "10.1.0.1:15008" }
-datapath: { cgroup_root: /sys/fs/cgroup/kubepods.slice }
-"#;
-
-    #[test]
-    fn live_mode_needs_only_the_control_plane() {
-        let config = AgentConfig::parse(LIVE).expect("valid");
-        let cp = config.control_plane.as_ref().expect("control plane");
-        assert!(config.ca.is_none());
-        assert_eq!(cp.server_name(), "10.1.0.1", "defaults to the address's IP");
-        let named = AgentConfig::parse(&LIVE.replace(
-            "ca_cert:",
-            "server_name: trellis-controller.trellis-system.svc, ca_cert:",
-        ))
-        .expect("valid");
-        assert_eq!(
-            named.control_plane.expect("cp").server_name(),
-            "trellis-controller.trellis-system.svc"
-        );
-        let again = AgentConfig::parse(&config.to_yaml()).expect("round trip");
-        assert!(again.control_plane.is_some() && again.ca.is_none());
-    }
-
-    #[test]
-    fn one_file_serves_every_node_through_the_environment() {
-        let env = |name: &str| match name {
-            "NODE_NAME" => Some("ip-10-1-0-1.ec2.internal".to_owned()),
-            "HOST_IP" => Some("10.1.0.1".to_owned()),
-            _ => None,
-        };
-        let text = LIVE
-            .replace("node: node-a", "node: ${NODE_NAME}")
-            .replace("hbone: \"10.1.0.1:15008\"", "hbone: \"${HOST_IP}:15008\"")
-            .replace(
-                "address: \"10.1.0.1:15012\"",
-                "address: trellis-controller.trellis-system.svc:15012",
-            );
-        let config = AgentConfig::parse(&expand_env(&text, env).expect("expands")).expect("valid");
-        assert_eq!(config.node, "ip-10-1-0-1.ec2.internal");
-        assert_eq!(config.listen.hbone, "10.1.0.1:15008".parse().expect("addr"));
-        let cp = config.control_plane.expect("cp");
-        assert_eq!(cp.server_name(), "trellis-controller.trellis-system.svc");
-
-        for (text, needle) in [
-            ("node: ${POD_IP}", "POD_IP is not set"),
-            ("node: ${node}", "not an environment variable reference"),
-            ("node: ${NODE_NAME", "unterminated"),
-        ] {
-            let err = expand_env(text, env).expect_err(text).to_string();
-            assert!(err.contains(needle), "{text}: {err}");
-        }
-        assert_eq!(expand_env("cost: $5", env).expect("plain $"), "cost: $5");
-    }
-
-    #[test]
-    fn controller_addresses_are_ip_or_dns_with_a_port() {
-        for good in [
-            "10.1.0.1:15012",
-            "[fd00::1]:15012",
-            "trellis-controller.trellis-system.svc:15012",
-        ] {
-            assert!(ControllerAddress(good.into()).check().is_ok(), "{good}");
-        }
-        assert_eq!(
-            ControllerAddress("[fd00::1]:15012".into()).host(),
-            "fd00::1"
-        );
-        for bad in [
-            "10.1.0.1",
-            "0.0.0.0:15012",
-            "fd00::1:15012",
-            "host:0",
-            "bad host!:1",
-            "x:y",
-        ] {
-            assert!(ControllerAddress(bad.into()).check().is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn exactly_one_mode_is_required() {
-        let both = LIVE.replace(
-            "node: node-a\n",
-            "node: node-a\nca: { cert: /ca.pem, key: /ca.key }\n",
-        );
-        assert_eq!(error_field(&both), "control_plane");
-        let neither = GOOD.replace("ca: { cert: /ca.pem, key: /ca.key }\n", "");
-        assert_eq!(error_field(&neither), "ca");
-    }
-
-    #[test]
-    fn live_mode_refuses_a_static_mesh_description() {
-        let with_nodes = format!("{LIVE}nodes: [{{ name: node-a, hbone: \"10.1.0.1:15008\" }}]\n");
-        assert_eq!(error_field(&with_nodes), "nodes");
-        let with_workloads = format!(
-            "{LIVE}workloads: [{{ name: web, namespace: shop, node: node-a, ips: [10.0.0.10], cgroup: /x }}]\n"
-        );
-        assert_eq!(error_field(&with_workloads), "workloads");
-        assert_eq!(
-            error_field(&LIVE.replace("10.1.0.1:15012", "0.0.0.0:15012")),
-            "control_plane.address"
-        );
-        assert_eq!(
-            error_field(&LIVE.replace("ca_cert:", "server_name: \"bad name!\", ca_cert:")),
-            "control_plane.server_name"
-        );
-        assert_eq!(
-            error_field(&LIVE.replace("token_file: /var/run/token", "token_file: \"\"")),
-            "control_plane.token_file"
-        );
-        // The shared checks apply in live mode too.
-        assert_eq!(
-            error_field(&LIVE.replace("10.0.0.1:15001", "0.0.0.0:15001")),
-            "listen.outbound"
-        );
     }
 }

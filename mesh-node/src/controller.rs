@@ -294,6 +294,17 @@ impl ControllerConfig {
         if self.certificate_ttl_secs == 0 {
             return Err(invalid("certificate_ttl_secs", "must be positive"));
         }
+        // The same ceiling as the agents' own: a year, far from any time arithmetic overflow.
+        let ceiling = *crate::config::bounds::AGENT_CERT_TTL_SECS.end();
+        if self.max_certificate_ttl_secs > ceiling {
+            return Err(invalid(
+                "max_certificate_ttl_secs",
+                format!(
+                    "{} is out of range: allowed up to {ceiling} (one year)",
+                    self.max_certificate_ttl_secs
+                ),
+            ));
+        }
         if self.max_certificate_ttl_secs < self.certificate_ttl_secs {
             return Err(invalid(
                 "max_certificate_ttl_secs",

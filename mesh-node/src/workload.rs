@@ -246,10 +246,7 @@ impl MeshState {
         let mut workloads = Vec::with_capacity(config.workloads.len());
         for (i, w) in config.workloads.iter().enumerate() {
             let identity = Identity::new(&config.trust_domain, &w.namespace, &w.service_account)
-                .map_err(|e| ConfigError::Invalid {
-                    field: format!("workloads[{i}]"),
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| crate::config::invalid(format!("workloads[{i}]"), e.to_string()))?;
             workloads.push(Arc::new(Workload {
                 // Static workloads have no pod object; their name is unique per namespace.
                 uid: format!("static.{}.{}", w.namespace, w.name),

@@ -752,6 +752,7 @@ fn agent_defaults(node: &crate::testbed::Node, options: &MeshOptions) -> AgentCo
             pin_dir: node.bpf_pin_dir.clone(),
             excluded_ports: Vec::new(),
             excluded_cidrs: Vec::new(),
+            allow_catch_all_exclusions: false,
         },
         outbound: OutboundConfig {
             unknown_destination: options.unknown_destination,

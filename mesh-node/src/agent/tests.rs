@@ -549,3 +549,29 @@ fn hbone_connections_per_peer_defaults_to_one_per_core() {
     };
     assert_eq!(super::hbone_spread(&three), 3, "configured: as configured");
 }
+
+#[tokio::test]
+async fn a_refused_configuration_stops_the_agent_before_the_datapath() {
+    // A configuration built in code, never validated: more exclusions than the pinned map
+    // holds. The agent must refuse it before it binds a listener or opens the pin directory,
+    // which would otherwise be created here.
+    let pin_dir = std::env::temp_dir().join(format!("trellis-agent-order-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    let text = format!(
+        "node: node-a\nca: {{ cert: /nonexistent/ca.pem, key: /nonexistent/ca.key }}\n\
+         listen: {{ outbound: \"127.0.0.1:1\", hbone: \"127.0.0.1:1\" }}\n\
+         datapath: {{ cgroup_root: /nonexistent, pin_dir: {} }}\n\
+         nodes: [{{ name: node-a, hbone: \"10.1.0.1:15008\" }}]\n",
+        pin_dir.display()
+    );
+    let mut config = crate::config::AgentConfig::parse(&text).expect("valid as written");
+    config.datapath.excluded_ports =
+        (1..=u16::try_from(mesh_common::MAX_EXCLUDED_PORTS + 1).expect("fits")).collect();
+    match super::run(config, CancellationToken::new()).await {
+        Err(super::AgentError::Config(err)) => {
+            assert_eq!(err.field(), Some("datapath.excluded_ports"), "{err}");
+        }
+        other => panic!("expected a configuration refusal, got {other:?}"),
+    }
+    assert!(!pin_dir.exists(), "nothing was pinned");
+}

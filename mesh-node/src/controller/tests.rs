@@ -534,6 +534,10 @@ fn config_errors_name_the_field() {
             "certificate_ttl_secs: 100\nmax_certificate_ttl_secs: 50\n",
             "max_certificate_ttl_secs",
         ),
+        (
+            "certificate_ttl_secs: 18446744073709551615\nmax_certificate_ttl_secs: 18446744073709551615\n",
+            "max_certificate_ttl_secs",
+        ),
         ("server_names: [\"not a name\"]\n", "server_names"),
         ("hbone_port: 0\n", "hbone_port"),
     ] {

@@ -36,6 +36,18 @@ pub enum CaError {
     },
     #[error("invalid certificate signing request: {0}")]
     Csr(String),
+    #[error(
+        "the CA private key does not match the CA certificate's public key: use the key the \
+         certificate was issued for"
+    )]
+    KeyMismatch,
+    #[error(
+        "the CA certificate cannot sign certificates ({0}): use the root or intermediate CA \
+         certificate, not a workload or server certificate"
+    )]
+    NotACa(&'static str),
+    #[error("the CA certificate is outside its validity period ({0}): renew or replace the CA")]
+    NotValidNow(String),
 }
 
 /// Tolerated clock skew between nodes: certificates are valid from a little before issuance.
@@ -67,16 +79,20 @@ impl LocalCa {
         Self::from_pem(&read(cert)?, &read(key)?)
     }
 
+    /// Every way a CA is loaded (the agent's static mode, the controller's files and Secret)
+    /// comes through here, so a mismatched pair or a non-CA certificate is refused at start
+    /// rather than signing certificates that every peer rejects.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
         let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Invalid {
             what: "private key",
             reason: e.to_string(),
         })?;
+        let cert_der = pem_to_der(cert_pem)?;
+        check_ca(&cert_der, &key)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| CaError::Invalid {
             what: "certificate",
             reason: e.to_string(),
         })?;
-        let cert_der = pem_to_der(cert_pem)?;
         Ok(Self {
             issuer,
             cert_der,
@@ -283,9 +299,57 @@ fn workload_params(
     // mostly in the past, and renewal at half of it would be due on arrival (a renewal loop).
     let backdate = BACKDATE.min(ttl / 4);
     let now = time::OffsetDateTime::now_utc();
+    // Checked: a lifetime past the end of the calendar the certificate can express must be a
+    // refusal, never a panic in the signer.
+    let not_after = time::Duration::try_from(ttl)
+        .ok()
+        .and_then(|ttl| now.checked_add(ttl))
+        .ok_or_else(|| CaError::Sign {
+            identity: identity.to_string(),
+            reason: format!("a lifetime of {} s is out of range", ttl.as_secs()),
+        })?;
     params.not_before = now - backdate;
-    params.not_after = now + ttl;
-    Ok((params, ((now - backdate).into(), (now + ttl).into())))
+    params.not_after = not_after;
+    Ok((params, ((now - backdate).into(), not_after.into())))
+}
+
+/// A signing pair is usable only if the key is the certificate's, the certificate is a CA
+/// (basicConstraints CA=true) allowed to sign certificates (keyCertSign, when key usage is
+/// restricted at all), and it is valid now: otherwise peers reject everything it signs.
+fn check_ca(cert_der: &CertificateDer<'_>, key: &KeyPair) -> Result<(), CaError> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der).map_err(|e| {
+        CaError::Invalid {
+            what: "certificate",
+            reason: format!("not an X.509 certificate: {e}"),
+        }
+    })?;
+    if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(CaError::KeyMismatch);
+    }
+    if !cert.is_ca() {
+        return Err(CaError::NotACa("basicConstraints does not say CA=true"));
+    }
+    match cert.key_usage() {
+        Ok(Some(usage)) if !usage.value.key_cert_sign() => {
+            return Err(CaError::NotACa("key usage lacks keyCertSign"));
+        }
+        Ok(_) => {}
+        Err(e) => {
+            return Err(CaError::Invalid {
+                what: "certificate",
+                reason: format!("unreadable key usage extension: {e}"),
+            });
+        }
+    }
+    let validity = cert.validity();
+    if !validity.is_valid() {
+        return Err(CaError::NotValidNow(format!(
+            "valid from {} to {}",
+            validity.not_before, validity.not_after
+        )));
+    }
+    Ok(())
 }
 
 /// The mesh only uses ECDSA P-256 keys; the request's signature algorithm alone does not say
@@ -398,6 +462,49 @@ mod tests {
             .expect("issued");
         let life = day.not_after.duration_since(day.not_before).expect("life");
         assert_eq!(life.as_secs(), 24 * 3600 + 300);
+    }
+
+    #[test]
+    fn a_pair_that_cannot_sign_is_refused() {
+        let root = LocalCa::generate("cluster.local").expect("root");
+        let other = LocalCa::generate("cluster.local").expect("other");
+        assert!(LocalCa::from_pem(root.cert_pem(), &root.key_pem()).is_ok());
+        assert!(matches!(
+            LocalCa::from_pem(root.cert_pem(), &other.key_pem()),
+            Err(CaError::KeyMismatch)
+        ));
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let leaf = CertificateParams::new(vec!["leaf.example".into()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("leaf");
+        assert!(matches!(
+            LocalCa::from_pem(&leaf.pem(), &key.serialize_pem()),
+            Err(CaError::NotACa(_))
+        ));
+        let mut expired = CertificateParams::default();
+        expired.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        expired.not_before = time::OffsetDateTime::now_utc() - Duration::from_secs(7200);
+        expired.not_after = time::OffsetDateTime::now_utc() - Duration::from_secs(3600);
+        let expired = expired.self_signed(&key).expect("expired");
+        assert!(matches!(
+            LocalCa::from_pem(&expired.pem(), &key.serialize_pem()),
+            Err(CaError::NotValidNow(_))
+        ));
+    }
+
+    #[test]
+    fn a_lifetime_beyond_the_calendar_is_an_error_not_a_panic() {
+        let ca = LocalCa::generate("cluster.local").expect("ca");
+        let id = Identity::new("cluster.local", "shop", "web").expect("id");
+        assert!(matches!(
+            ca.issue(&id, Duration::from_secs(u64::MAX)),
+            Err(CaError::Sign { .. })
+        ));
+        assert!(matches!(
+            ca.issue(&id, Duration::from_secs(200 * 365 * 24 * 3600)),
+            Ok(_) | Err(CaError::Sign { .. })
+        ));
     }
 
     #[test]

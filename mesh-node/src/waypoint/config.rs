@@ -1,15 +1,12 @@
 //! The waypoint's configuration file (YAML): who it is, where its controller is, where it
 //! listens. Everything about traffic comes from the controller's stream, not from here.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-};
+use std::{net::SocketAddr, path::Path};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{ConfigError, ControlPlaneConfig, LogFormat},
+    config::{ConfigError, ControlPlaneConfig, LogFormat, bounds, invalid, within},
     identity::Identity,
 };
 
@@ -113,13 +110,17 @@ impl TracingConfig {
                 "must be positive and at most max_queued_spans",
             ));
         }
-        if self.flush_interval_ms == 0 || self.export_timeout_ms == 0 {
-            return Err(invalid(
-                "tracing",
-                "intervals and timeouts must be positive",
-            ));
-        }
-        Ok(())
+        // A batch waits at most a minute: longer only holds spans in memory.
+        within(
+            "tracing.flush_interval_ms",
+            self.flush_interval_ms,
+            10..=60_000,
+        )?;
+        within(
+            "tracing.export_timeout_ms",
+            self.export_timeout_ms,
+            bounds::TIMEOUT_MS,
+        )
     }
 }
 
@@ -158,6 +159,48 @@ pub struct Limits {
     pub max_buffered_body_bytes: usize,
 }
 
+/// The most a request head may take: far above any real header set (16 KiB by default), low
+/// enough that one client cannot make the waypoint buffer megabytes per request.
+const MAX_HEADER_BYTES: std::ops::RangeInclusive<u32> = 1024..=1024 * 1024;
+/// Buffered request bodies (for retries and mirrors), per request: zero disables buffering;
+/// 64 MiB times the concurrent requests is already more memory than a waypoint should hold.
+const MAX_BUFFERED_BODY_BYTES: std::ops::RangeInclusive<usize> = 0..=64 * 1024 * 1024;
+
+impl Limits {
+    fn validate(&self) -> Result<(), ConfigError> {
+        within(
+            "limits.handshake_timeout_ms",
+            self.handshake_timeout_ms,
+            bounds::TIMEOUT_MS,
+        )?;
+        within(
+            "limits.connect_timeout_ms",
+            self.connect_timeout_ms,
+            bounds::TIMEOUT_MS,
+        )?;
+        within(
+            "limits.max_tunnels_per_connection",
+            self.max_tunnels_per_connection,
+            bounds::STREAMS_PER_CONNECTION,
+        )?;
+        within(
+            "limits.max_header_bytes",
+            self.max_header_bytes,
+            MAX_HEADER_BYTES,
+        )?;
+        within(
+            "limits.max_concurrent_requests",
+            self.max_concurrent_requests,
+            bounds::STREAMS_PER_CONNECTION,
+        )?;
+        within(
+            "limits.max_buffered_body_bytes",
+            self.max_buffered_body_bytes,
+            MAX_BUFFERED_BODY_BYTES,
+        )
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -184,36 +227,18 @@ fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 15000))
 }
 
-fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field: field.into(),
-        reason: reason.into(),
-    }
-}
-
 impl WaypointConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),
             source,
         })?;
-        Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { reason, .. } => ConfigError::Parse {
-                path: path.into(),
-                reason,
-            },
-            other => other,
-        })
+        Self::parse(&text).map_err(|e| e.in_file(path))
     }
 
+    /// Parses and checks a configuration; a refusal names the field and its line.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: WaypointConfig =
-            serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
-                path: PathBuf::new(),
-                reason: e.to_string(),
-            })?;
-        config.validate()?;
-        Ok(config)
+        crate::config::parse_yaml(text, Self::validate)
     }
 
     /// The identity the waypoint holds.
@@ -228,19 +253,17 @@ impl WaypointConfig {
         if self.gateway.is_empty() || self.gateway.len() > 253 {
             return Err(invalid("gateway", "must be the Gateway's name"));
         }
-        if self.certificate_ttl_secs < 600 {
-            return Err(invalid("certificate_ttl_secs", "at least 600"));
-        }
-        let limits = &self.limits;
-        if limits.max_header_bytes < 1024 {
-            return Err(invalid("limits.max_header_bytes", "at least 1024"));
-        }
-        if limits.max_concurrent_requests == 0 || limits.max_tunnels_per_connection == 0 {
-            return Err(invalid("limits", "concurrency limits must be positive"));
-        }
-        if limits.handshake_timeout_ms == 0 || limits.connect_timeout_ms == 0 {
-            return Err(invalid("limits", "timeouts must be positive"));
-        }
+        within(
+            "certificate_ttl_secs",
+            self.certificate_ttl_secs,
+            bounds::WAYPOINT_CERT_TTL_SECS,
+        )?;
+        within(
+            "drain_timeout_secs",
+            self.drain_timeout_secs,
+            bounds::DRAIN_TIMEOUT_SECS,
+        )?;
+        self.limits.validate()?;
         if let Some(tracing) = &self.tracing {
             tracing.validate()?;
         }
@@ -287,6 +310,71 @@ listen:
             WaypointConfig::parse(&tiny),
             Err(ConfigError::Invalid { field, .. }) if field == "limits.max_header_bytes"
         ));
+    }
+
+    #[test]
+    fn every_duration_and_count_is_bounded() {
+        // MINIMAL ends on line 10; appended fields start on line 11.
+        for (bad, field, line) in [
+            ("certificate_ttl_secs: 599", "certificate_ttl_secs", 11),
+            (
+                "certificate_ttl_secs: 18446744073709551615",
+                "certificate_ttl_secs",
+                11,
+            ),
+            ("drain_timeout_secs: 3601", "drain_timeout_secs", 11),
+            (
+                "limits:\n  handshake_timeout_ms: 0",
+                "limits.handshake_timeout_ms",
+                12,
+            ),
+            (
+                "limits:\n  connect_timeout_ms: 120001",
+                "limits.connect_timeout_ms",
+                12,
+            ),
+            (
+                "limits:\n  max_tunnels_per_connection: 0",
+                "limits.max_tunnels_per_connection",
+                12,
+            ),
+            (
+                "limits:\n  max_concurrent_requests: 10001",
+                "limits.max_concurrent_requests",
+                12,
+            ),
+            (
+                "limits:\n  max_header_bytes: 1048577",
+                "limits.max_header_bytes",
+                12,
+            ),
+            (
+                "limits:\n  max_buffered_body_bytes: 67108865",
+                "limits.max_buffered_body_bytes",
+                12,
+            ),
+            (
+                "tracing:\n  otlp_endpoint: http://c:4317\n  flush_interval_ms: 0",
+                "tracing.flush_interval_ms",
+                13,
+            ),
+            (
+                "tracing:\n  otlp_endpoint: http://c:4317\n  export_timeout_ms: 0",
+                "tracing.export_timeout_ms",
+                13,
+            ),
+            ("drain_timeout_secs: -1", "drain_timeout_secs", 11),
+            (
+                "limits:\n  max_header_byte: 10",
+                "limits.max_header_byte",
+                12,
+            ),
+        ] {
+            let text = format!("{MINIMAL}{bad}\n");
+            let err = WaypointConfig::parse(&text).expect_err(bad);
+            assert_eq!(err.field(), Some(field), "{bad}: {err}");
+            assert_eq!(err.line(), Some(line), "{bad}: {err}");
+        }
     }
 
     #[test]

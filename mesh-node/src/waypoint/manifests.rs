@@ -62,10 +62,10 @@ pub fn generate(spec: &WaypointSpec) -> Result<Vec<Value>, ConfigError> {
     // What the pod will load; refused here rather than in a crash-looping pod.
     WaypointConfig::parse(&config_text)?;
     if !spec.root_cert_pem.contains("-----BEGIN CERTIFICATE-----") {
-        return Err(ConfigError::Invalid {
-            field: "root certificate".into(),
-            reason: "not a PEM certificate (take it from ConfigMap trellis-ca-root)".into(),
-        });
+        return Err(crate::config::invalid(
+            "root certificate",
+            "not a PEM certificate (take it from ConfigMap trellis-ca-root)",
+        ));
     }
 
     let labels = BTreeMap::from([

@@ -12,7 +12,9 @@
 /// never reuses maps pinned by an incompatible build (they live in a different directory).
 /// Version 2: `Enrollment.flags` gained `STRICT_INBOUND`, and `MTLS_PORTS`, `NODE_ADDRS` and
 /// two counters were added.
-pub const LAYOUT_VERSION: u32 = 2;
+/// Version 3: `SOCK_CGROUPS` (socket storage) and two counters were added; `OrigDst.cgroup_id`
+/// is the pod of the socket's creation cgroup.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Map names, as they appear in the object file and under the pin directory.
 pub mod maps {
@@ -37,6 +39,11 @@ pub mod maps {
     /// `HashMap<[u32; 4] address, u32>`: every address of the node's network namespace (IPv4
     /// mapped into IPv6). Plaintext from these (kubelet probes, the node proxy) is always let in.
     pub const NODE_ADDRS: &str = "NODE_ADDRS";
+    /// Socket storage (`BPF_MAP_TYPE_SK_STORAGE`, cloned to accepted sockets) of
+    /// [`crate::SockCgroups`]: the cgroup a TCP socket was created in, and its ancestors,
+    /// written by `sock_create`. Identity comes from here, not from whichever process calls
+    /// `connect()`.
+    pub const SOCK_CGROUPS: &str = "SOCK_CGROUPS";
 }
 
 /// Program names, as they appear in the object file.
@@ -48,11 +55,18 @@ pub mod programs {
     pub const SOCK_OPS: &str = "sock_ops";
     /// cgroup_skb ingress: drops plaintext connection attempts to STRICT pods.
     pub const MTLS_INGRESS: &str = "mtls_ingress";
+    /// cgroup/sock_create: records the cgroup a TCP socket is created in.
+    pub const SOCK_CREATE: &str = "sock_create";
+    /// cgroup/sock_release: forgets the original destination of a socket being closed.
+    pub const SOCK_RELEASE: &str = "sock_release";
 }
 
 /// Capacity of the connection-tracking maps. LRU maps: a flood of connections evicts the
 /// oldest entries rather than failing new connects.
 pub const MAX_TRACKED_CONNECTIONS: u32 = 65_536;
+/// How deep below the cgroup2 root a socket's cgroup may be and still be matched to its pod:
+/// the number of cgroup ids [`SockCgroups`] holds.
+pub const MAX_CGROUP_DEPTH: usize = 16;
 /// Capacity of the enrollment map: pods per node.
 pub const MAX_ENROLLED_CGROUPS: u32 = 4_096;
 pub const MAX_EXCLUDED_PORTS: u32 = 256;
@@ -133,8 +147,21 @@ pub struct OrigDst {
     pub port: u32,
     /// Address family of the application's socket.
     pub family: u32,
-    /// cgroup of the process that connected: the kernel's word on which pod this is.
+    /// The enrolled pod cgroup the socket was created in (see [`SockCgroups`]): the kernel's
+    /// word on which pod this is.
     pub cgroup_id: u64,
+}
+
+/// Value of [`maps::SOCK_CGROUPS`]: the cgroup a socket was created in and its ancestors.
+///
+/// `ids[0]` is the creation cgroup itself; `ids[level]` for `level >= 1` is its ancestor at
+/// that level below the root (level 1 is a child of the root), 0 past the cgroup's own depth.
+/// The programs look `ids[0]` up in [`maps::ENROLLED`], then the ancestors from the top down,
+/// so a socket of a container cgroup below an enrolled pod cgroup belongs to that pod.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockCgroups {
+    pub ids: [u64; MAX_CGROUP_DEPTH],
 }
 
 /// Indexes of [`maps::DP_STATS`]: events the datapath counts.
@@ -157,10 +184,16 @@ pub enum Stat {
     StrictDropped = 6,
     /// A plaintext connection attempt to a PERMISSIVE pod, not from the node, was let in.
     PlaintextAccepted = 7,
+    /// A connect() on a socket without a recorded creation cgroup (created before the
+    /// datapath was attached) was matched to a pod by the calling process's cgroup.
+    CallerCgroupFallback = 8,
+    /// A TCP socket of an enrolled pod was refused at creation because its creation cgroup
+    /// could not be recorded (socket storage allocation failed).
+    SocketUntracked = 9,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Redirected,
         Stat::Excluded,
@@ -170,6 +203,8 @@ impl Stat {
         Stat::PeerRewritten,
         Stat::StrictDropped,
         Stat::PlaintextAccepted,
+        Stat::CallerCgroupFallback,
+        Stat::SocketUntracked,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -182,6 +217,8 @@ impl Stat {
             Stat::PeerRewritten => "peer_rewritten",
             Stat::StrictDropped => "strict_dropped",
             Stat::PlaintextAccepted => "plaintext_accepted",
+            Stat::CallerCgroupFallback => "caller_cgroup_fallback",
+            Stat::SocketUntracked => "socket_untracked",
         }
     }
 }
@@ -235,6 +272,8 @@ mod pod {
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::MtlsPortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockCgroups {}
 }
 
 // No padding anywhere: the size is the sum of the fields.
@@ -243,6 +282,7 @@ const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 28);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
 const _: () = assert!(core::mem::size_of::<MtlsPortKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SockCgroups>() == 8 * MAX_CGROUP_DEPTH);
 
 #[cfg(test)]
 mod tests {

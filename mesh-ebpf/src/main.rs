@@ -3,10 +3,16 @@
 //! Attached to a node's pod cgroup root, these programs steer every TCP connection of an enrolled
 //! pod into the node proxy and remember where it was going:
 //!
+//! - `sock_create` records the cgroup each TCP socket is created in (socket storage), so that
+//!   a connection belongs to the pod that created its socket, whichever process connects it.
 //! - `connect4`/`connect6` rewrite the destination of an enrolled pod's `connect()` to the proxy's
 //!   outbound listener and record the original destination under the socket's cookie.
 //! - `sock_ops` sees the connection established, and indexes the record by the client's own
-//!   address and port, which is what the proxy sees as the peer after `accept()`.
+//!   address and port, which is what the proxy sees as the peer after `accept()`. It asks for
+//!   state callbacks as soon as a tracked connection sends its SYN, so records go when it
+//!   closes, established or not.
+//! - `sock_release` forgets the record of a socket being closed (also one whose connect failed
+//!   before any SYN was sent).
 //! - `getpeername4`/`getpeername6` give the application back the address it asked for.
 //! - `mtls_ingress` (cgroup_skb ingress) drops plaintext connection attempts to pods in STRICT
 //!   mutual TLS mode unless they come from the node itself (kubelet probes, the node proxy
@@ -18,25 +24,30 @@
 #![no_std]
 #![no_main]
 
+use core::{ffi::c_void, ptr};
+
 use aya_ebpf::{
     EbpfContext,
     bindings::{
+        BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE,
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE, bpf_sock_addr,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_map_type::BPF_MAP_TYPE_SK_STORAGE,
+        bpf_sock_addr,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
-        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id, generated::bpf_sk_storage_get,
     },
-    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
+    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
 use mesh_common::{
-    AF_INET, AF_INET6, Enrollment, MAX_ENROLLED_CGROUPS, MAX_EXCLUDED_NETS, MAX_EXCLUDED_PORTS,
-    MAX_MTLS_PORTS, MAX_NODE_ADDRS, MAX_TRACKED_CONNECTIONS, MTLS_STRICT, MtlsPortKey, OrigDst,
-    ProxyConfig, SockKey, Stat, is_local_v6, is_v4_mapped, v4_mapped,
+    AF_INET, AF_INET6, Enrollment, MAX_CGROUP_DEPTH, MAX_ENROLLED_CGROUPS, MAX_EXCLUDED_NETS,
+    MAX_EXCLUDED_PORTS, MAX_MTLS_PORTS, MAX_NODE_ADDRS, MAX_TRACKED_CONNECTIONS, MTLS_STRICT,
+    MtlsPortKey, OrigDst, ProxyConfig, SockCgroups, SockKey, Stat, is_local_v6, is_v4_mapped,
+    v4_mapped,
 };
 
 /// Verdicts of cgroup sock_addr programs.
@@ -48,6 +59,51 @@ const SOCK_STREAM: u32 = 1;
 /// Verdicts of cgroup_skb programs.
 const PASS: i32 = 1;
 const DROP: i32 = 0;
+/// Verdicts of cgroup sock programs (socket creation).
+const SOCK_ALLOW: i32 = 1;
+const SOCK_REFUSE: i32 = 0;
+
+/// Flags of [`SockStorage`] maps: socket storage must not be preallocated, and is copied from
+/// a listener to the sockets it accepts (which the kernel puts in the listener's cgroup, and
+/// which `sock_create` never sees).
+const SOCK_STORAGE_FLAGS: usize = (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize;
+/// libbpf's `LIBBPF_PIN_BY_NAME`: pinned under the loader's map directory, by the map's name.
+const PIN_BY_NAME: usize = 1;
+
+/// A socket storage map, in the BTF form loaders read (`BPF_MAP_TYPE_SK_STORAGE` exists only
+/// with BTF). aya-ebpf's own definition can neither pin nor clone, and its accessors only take
+/// a sock_addr context; the loader reads this struct's member types, never its values.
+#[repr(C)]
+struct SockStorage<T> {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; SOCK_STORAGE_FLAGS],
+    pinning: *const [i32; PIN_BY_NAME],
+}
+
+// SAFETY: the fields are null placeholders that only describe the map in BTF; nothing reads or
+// writes them, so sharing the static between CPUs shares no state.
+unsafe impl<T> Sync for SockStorage<T> {}
+
+impl<T> SockStorage<T> {
+    const fn new() -> Self {
+        Self {
+            r#type: ptr::null(),
+            key: ptr::null(),
+            value: ptr::null(),
+            max_entries: ptr::null(),
+            map_flags: ptr::null(),
+            pinning: ptr::null(),
+        }
+    }
+
+    /// What map helpers take: the loader relocates references to the static into the map.
+    fn as_ptr(&self) -> *mut c_void {
+        ptr::from_ref(self).cast_mut().cast()
+    }
+}
 
 #[map]
 static ENROLLED: HashMap<u64, Enrollment> = HashMap::pinned(MAX_ENROLLED_CGROUPS, 0);
@@ -68,6 +124,8 @@ static DP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
 static MTLS_PORTS: HashMap<MtlsPortKey, u32> = HashMap::pinned(MAX_MTLS_PORTS, 0);
 #[map]
 static NODE_ADDRS: HashMap<[u32; 4], u32> = HashMap::pinned(MAX_NODE_ADDRS, 0);
+#[btf_map]
+static SOCK_CGROUPS: SockStorage<SockCgroups> = SockStorage::new();
 
 #[inline(always)]
 fn count(stat: Stat) {
@@ -76,6 +134,17 @@ fn count(stat: Stat) {
         // storage has no concurrent writer while this program runs on the CPU.
         unsafe { *slot += 1 };
     }
+}
+
+#[cgroup_sock(sock_create)]
+pub fn sock_create(ctx: SockContext) -> i32 {
+    try_sock_create(&ctx)
+}
+
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    try_sock_release(&ctx);
+    SOCK_ALLOW
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -119,7 +188,7 @@ fn try_connect(ctx: &SockAddrContext, family: u32) -> i32 {
     if sa.type_ != SOCK_STREAM {
         return ALLOW;
     }
-    let Some((cgroup_id, enrollment)) = enrolled_pod() else {
+    let Some((cgroup_id, enrollment)) = socket_pod(sa) else {
         return ALLOW;
     };
     if enrollment.flags & Enrollment::REDIRECT_OUTBOUND == 0 {
@@ -179,19 +248,101 @@ fn try_connect(ctx: &SockAddrContext, family: u32) -> i32 {
     ALLOW
 }
 
-/// How deep below the root a process's cgroup may be and still be matched to its pod.
-const MAX_CGROUP_DEPTH: i32 = 16;
+/// Records the cgroup a TCP socket is created in, and its ancestors. The program runs in the
+/// creating task, whose cgroup is the one the kernel stamps on the socket.
+///
+/// Fails closed: a socket of an enrolled pod whose cgroup cannot be recorded (the kernel could
+/// not allocate the storage) is refused, since a later connect() would otherwise be judged by
+/// whichever process makes it.
+#[inline(always)]
+fn try_sock_create(ctx: &SockContext) -> i32 {
+    // SAFETY: the kernel passes a valid `bpf_sock` for the duration of the program.
+    if unsafe { (*ctx.sock).type_ } != SOCK_STREAM {
+        return SOCK_ALLOW;
+    }
+    // SAFETY: cgroup sock programs pass their context as the socket (the kernel takes the
+    // socket from it); a null initial value with F_CREATE makes zeroed storage.
+    let stored = unsafe {
+        bpf_sk_storage_get(
+            SOCK_CGROUPS.as_ptr(),
+            ctx.as_ptr(),
+            ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    }
+    .cast::<SockCgroups>();
+    if stored.is_null() {
+        if enrolled_pod().is_some() {
+            count(Stat::SocketUntracked);
+            return SOCK_REFUSE;
+        }
+        return SOCK_ALLOW;
+    }
+    // SAFETY: a non-null result points to this socket's storage, sized for `SockCgroups`, and
+    // nothing else writes it while the socket is being created.
+    let ids = unsafe { &mut (*stored).ids };
+    // SAFETY: helper without arguments, allowed in cgroup sock programs.
+    ids[0] = unsafe { bpf_get_current_cgroup_id() };
+    for (level, id) in ids.iter_mut().enumerate().skip(1) {
+        // SAFETY: helper with a plain integer argument; returns 0 past the current depth.
+        *id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+    }
+    SOCK_ALLOW
+}
+
+/// Forgets the original destination of a socket being closed. The state callback covers
+/// connections that sent a SYN; this covers the rest (a connect() redirected here that then
+/// failed before sending one, such as an unreachable route).
+#[inline(always)]
+fn try_sock_release(ctx: &SockContext) {
+    // SAFETY: the kernel passes a valid `bpf_sock` for the duration of the program.
+    if unsafe { (*ctx.sock).type_ } != SOCK_STREAM {
+        return;
+    }
+    // SAFETY: cookie helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = ORIG_BY_COOKIE.remove(cookie);
+}
+
+/// The enrolled pod the socket of `sa` belongs to: the one its creation cgroup (recorded by
+/// `sock_create`) is in, never the cgroup of the process calling connect(), which may have
+/// moved since.
+///
+/// A socket without a record was created before the datapath was attached (or before an
+/// upgrade to this layout); for it the calling process's cgroup is the only evidence left, and
+/// was the rule before. Refusing such sockets instead would break every pre-existing socket of
+/// every pod, meshed or not, since nothing else says whose they are.
+#[inline(always)]
+fn socket_pod(sa: &bpf_sock_addr) -> Option<(u64, Enrollment)> {
+    // SAFETY: `sk` is the socket of the syscall, always set for sock_addr programs.
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    // SAFETY: lookup without F_CREATE of the socket's storage; `sk` is a full socket.
+    let stored =
+        unsafe { bpf_sk_storage_get(SOCK_CGROUPS.as_ptr(), sk.cast(), ptr::null_mut(), 0) }
+            .cast::<SockCgroups>();
+    if stored.is_null() {
+        let pod = enrolled_pod();
+        if pod.is_some() {
+            count(Stat::CallerCgroupFallback);
+        }
+        return pod;
+    }
+    // SAFETY: a non-null result points to this socket's storage, sized for `SockCgroups`;
+    // the value is copied out.
+    let ids = unsafe { (*stored).ids };
+    find_enrolled(ids[0], |level| ids[level])
+}
 
 /// The enrolled pod cgroup the calling process belongs to: its own cgroup or an ancestor. In
 /// Kubernetes, processes live in container cgroups below the pod's cgroup, which is the one
 /// the agent enrolls.
 #[inline(always)]
 fn enrolled_pod() -> Option<(u64, Enrollment)> {
-    // SAFETY: helper without arguments, allowed in cgroup sock_addr programs.
+    // SAFETY: helper without arguments, allowed in cgroup sock and sock_addr programs.
     let current = unsafe { bpf_get_current_cgroup_id() };
     find_enrolled(current, |level| {
         // SAFETY: helper with a plain integer argument; returns 0 past the current depth.
-        unsafe { bpf_get_current_ancestor_cgroup_id(level) }
+        unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) }
     })
 }
 
@@ -205,13 +356,14 @@ fn enrolled_receiver(ctx: &SkBuffContext) -> Option<(u64, Enrollment)> {
     let current = unsafe { bpf_skb_cgroup_id(skb) };
     find_enrolled(current, |level| {
         // SAFETY: as above, with a plain integer argument; returns 0 past the socket's depth.
-        unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
+        unsafe { bpf_skb_ancestor_cgroup_id(skb, level as i32) }
     })
 }
 
-/// Looks `current` up in [`ENROLLED`], then its ancestors from the top of the hierarchy down.
+/// Looks `current` up in [`ENROLLED`], then its ancestors from the top of the hierarchy down
+/// (`ancestor_at(level)`, 0 past the cgroup's depth).
 #[inline(always)]
-fn find_enrolled(current: u64, ancestor_at: impl Fn(i32) -> u64) -> Option<(u64, Enrollment)> {
+fn find_enrolled(current: u64, ancestor_at: impl Fn(usize) -> u64) -> Option<(u64, Enrollment)> {
     // SAFETY: read-only lookup of a plain-data value, copied out.
     if let Some(enrollment) = unsafe { ENROLLED.get(current) } {
         return Some((current, *enrollment));
@@ -418,15 +570,28 @@ fn try_getpeername(ctx: &SockAddrContext, family: u32) {
 }
 
 /// Indexes redirected connections by the client's address once established, and forgets them
-/// when they close.
+/// when they close, whether they were established or not.
 #[inline(always)]
 fn try_sock_ops(ctx: &SockOpsContext) {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB
+        && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_STATE_CB
+    {
         return;
     }
     // SAFETY: cookie helper on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // The SYN is about to go out. Ask for state callbacks now rather than once established,
+        // so a connection that is refused, times out or is closed before the handshake ends
+        // (TCP_CLOSE from SYN_SENT) drops its record too.
+        // SAFETY: read-only lookup; only its presence is used.
+        if unsafe { ORIG_BY_COOKIE.get(cookie) }.is_some() {
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        }
+        return;
+    }
     let key = local_key(ctx);
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         // SAFETY: read-only lookup; the value is copied before the map is written.
@@ -437,7 +602,8 @@ fn try_sock_ops(ctx: &SockOpsContext) {
             count(Stat::TupleFull);
             return;
         }
-        // Ask for a state callback so both entries are dropped when the connection closes.
+        // Asked for at connect already; again here for connections whose SYN went out before
+        // this program was attached.
         let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     } else if ctx.arg(1) == BPF_TCP_CLOSE {
         let _ = ORIG_BY_TUPLE.remove(key);

@@ -196,6 +196,9 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
             })).collect::<Vec<_>>(),
             "pending_cgroups": state.pending_cgroups().iter().map(|w| serde_json::json!({"uid": w.uid, "namespace": w.namespace, "name": w.name})).collect::<Vec<_>>(),
             "events": d.stats().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            // Counted entry by entry: a tracking map near its capacity evicts live entries.
+            "tracked": d.conntrack().tracked(),
+            "tracked_capacity": mesh_common::MAX_TRACKED_CONNECTIONS,
         })
     });
     let control_plane = admin.feed.as_ref().map(|f| FeedStatus::clone(&f.load()));

@@ -28,7 +28,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, links::FdLink,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, SockOps,
+        links::FdLink,
     },
 };
 use mesh_common::{
@@ -200,6 +201,16 @@ pub struct Datapath {
 #[derive(Debug)]
 pub struct ConnTrack {
     by_tuple: HashMap<MapData, SockKey, OrigDst>,
+    by_cookie: HashMap<MapData, u64, OrigDst>,
+}
+
+/// How many connections the tracking maps hold now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Tracked {
+    /// Redirected sockets, from connect() until they close (established or not).
+    pub by_cookie: usize,
+    /// Established redirected connections, until they close.
+    pub by_tuple: usize,
 }
 
 impl ConnTrack {
@@ -209,6 +220,14 @@ impl ConnTrack {
         let key = sock_key(client);
         let orig = self.by_tuple.get(&key, 0).ok()?;
         Some((orig_to_socket_addr(&orig), orig.cgroup_id))
+    }
+
+    /// Counts the entries of both maps (one syscall per entry: for diagnostics, not hot paths).
+    pub fn tracked(&self) -> Tracked {
+        Tracked {
+            by_cookie: self.by_cookie.keys().filter(Result::is_ok).count(),
+            by_tuple: self.by_tuple.keys().filter(Result::is_ok).count(),
+        }
     }
 }
 
@@ -498,6 +517,7 @@ impl Datapath {
         }
         let conntrack = Arc::new(ConnTrack {
             by_tuple: take_map(&mut ebpf, maps::ORIG_BY_TUPLE)?,
+            by_cookie: take_map(&mut ebpf, maps::ORIG_BY_COOKIE)?,
         });
         let stats = take_map(&mut ebpf, maps::DP_STATS)?;
         let mut datapath = Self {
@@ -534,6 +554,11 @@ impl Datapath {
                     FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?;
                 replace_pinned_link(link, &links_dir.join(name))?;
             }};
+        }
+        // Socket creation first: the sooner sockets carry their creation cgroup, the fewer
+        // connects fall back to the calling process's cgroup.
+        for name in SOCK_PROGRAMS {
+            attach_and_pin!(&cgroup, CgroupSock, name);
         }
         for name in SOCK_ADDR_PROGRAMS {
             attach_and_pin!(&cgroup, CgroupSockAddr, name);
@@ -624,8 +649,17 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = [
     programs::GETPEERNAME6,
 ];
 
+/// The cgroup sock programs: socket creation (identity) and release (tracking cleanup).
+const SOCK_PROGRAMS: [&str; 2] = [programs::SOCK_CREATE, programs::SOCK_RELEASE];
+
 /// Loads (and so verifies) every program of the object into the kernel, without attaching.
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), EbpfError> {
+    for name in SOCK_PROGRAMS {
+        let program: &mut CgroupSock = program_mut(ebpf, name)?;
+        program
+            .load()
+            .map_err(|source| EbpfError::Program { name, source })?;
+    }
     for name in SOCK_ADDR_PROGRAMS {
         let program: &mut CgroupSockAddr = program_mut(ebpf, name)?;
         program

@@ -36,7 +36,9 @@ const LOG_TIMEOUT: Duration = Duration::from_secs(15);
 const MIB: u64 = 1 << 20;
 
 /// The programs the agent pins under `links/`, one per hook.
-const PROGRAMS: [&str; 6] = [
+const PROGRAMS: [&str; 8] = [
+    "sock_create",
+    "sock_release",
     "connect4",
     "connect6",
     "getpeername4",
@@ -371,6 +373,29 @@ fn map_ids(mesh: &Mesh, node: usize) -> Result<Vec<(String, u64)>> {
             ))
         })
         .collect()
+}
+
+/// Entries of the per-socket tracking map (`ORIG_BY_COOKIE`) on `node`, from its config dump.
+fn tracked_by_cookie(mesh: &Mesh, node: usize) -> Result<u64> {
+    let dump = mesh.config_dump(node)?;
+    dump["datapath"]["tracked"]["by_cookie"]
+        .as_u64()
+        .with_context(|| format!("no tracked connection count in {}", dump["datapath"]))
+}
+
+/// Waits (bounded) until `node` tracks at most `baseline` sockets again, and returns the count.
+fn wait_tracked_at_most(mesh: &Mesh, node: usize, baseline: u64) -> Result<u64> {
+    let deadline = Instant::now() + LOG_TIMEOUT;
+    loop {
+        let now = tracked_by_cookie(mesh, node)?;
+        if now <= baseline {
+            return Ok(now);
+        }
+        if Instant::now() >= deadline {
+            bail!("node {node} still tracks {now} sockets, {baseline} before ({LOG_TIMEOUT:?})");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn pin_dir(mesh: &Mesh, node: usize) -> Result<PathBuf> {
@@ -868,6 +893,204 @@ fn loopback_inside_a_pod_is_never_redirected() -> Result<()> {
     for local in &locals {
         assert!(events_from(&mesh, 0, local).is_empty());
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5b. A connection belongs to the pod whose cgroup created its socket
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn connections_belong_to_the_cgroup_that_created_the_socket_not_the_caller() -> Result<()> {
+    if !e2e_gate("connections_belong_to_the_cgroup_that_created_the_socket_not_the_caller") {
+        return Ok(());
+    }
+    let tb = testbed(false)?;
+    let mesh = Mesh::start(&tb, &MeshOptions::default())?;
+    let _srv = server(&tb, tb.pod(1, 0), &["[::]:9001=sink"])?;
+    let (a, b) = (tb.pod(0, 0), tb.pod(0, 1));
+    let system = tb.node(0).system_cgroup.display().to_string();
+    let a_cgroup = a.cgroup.display().to_string();
+    let redirected = dp_event(&mesh, 0, "redirected")?;
+    let to = "10.200.1.10:9001";
+
+    // Outbound on node 0 and inbound on node 1 for the connection from `local`.
+    let events = |local: &str| -> Result<(Value, Value)> {
+        let out = mesh.wait_access(0, LOG_TIMEOUT, |e| {
+            e["direction"] == "outbound" && e["src_addr"] == local
+        })?;
+        let inb = mesh.wait_access(1, LOG_TIMEOUT, |e| {
+            e["direction"] == "inbound" && e["src_addr"] == local
+        })?;
+        Ok((out, inb))
+    };
+
+    // Created in pod A, connected after moving to the node's system cgroup: still A's
+    // connection, through the mesh (the server sees node 1's gateway, not the pod).
+    let v = pod_app(
+        &tb,
+        a,
+        &[
+            "moved-send",
+            "--to",
+            to,
+            "--cgroup",
+            &system,
+            "--bytes",
+            "64K",
+        ],
+    )?;
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(str_of(&v, "connected_from")?.ends_with("/n0/system"), "{v}");
+    assert_eq!(
+        addr_of(&v["reply"], "peer")?.ip().to_string(),
+        "10.200.1.1",
+        "{v}"
+    );
+    let (out, inb) = events(str_of(&v, "local")?)?;
+    assert_eq!(out["src_workload"], "default/pod-0-0", "{out}");
+    assert_eq!(inb["src_identity"], spiffe_id(a).as_str(), "{inb}");
+
+    // Created in pod B, connected from inside pod A's cgroup: B's connection, never A's.
+    let v = pod_app(
+        &tb,
+        b,
+        &[
+            "moved-send",
+            "--to",
+            to,
+            "--cgroup",
+            &a_cgroup,
+            "--bytes",
+            "64K",
+        ],
+    )?;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(
+        str_of(&v, "connected_from")?,
+        str_of(&v, "created_in")?.replace(
+            b.cgroup
+                .file_name()
+                .and_then(|n| n.to_str())
+                .context("pod B cgroup name")?,
+            a.cgroup
+                .file_name()
+                .and_then(|n| n.to_str())
+                .context("pod A cgroup name")?,
+        ),
+        "{v}"
+    );
+    assert_eq!(
+        addr_of(&v["reply"], "peer")?.ip().to_string(),
+        "10.200.1.1",
+        "{v}"
+    );
+    let (out, inb) = events(str_of(&v, "local")?)?;
+    assert_eq!(out["src_workload"], "default/pod-0-1", "{out}");
+    assert_eq!(inb["src_identity"], spiffe_id(b).as_str(), "{inb}");
+
+    // Created on the node, outside every pod, connected from inside pod A's cgroup: not a pod
+    // socket, so not redirected (the server sees the node's own address).
+    let v = pod_app(
+        &tb,
+        tb.node(0),
+        &[
+            "moved-send",
+            "--to",
+            to,
+            "--cgroup",
+            &a_cgroup,
+            "--bytes",
+            "64K",
+        ],
+    )?;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["reply"]["peer"], v["local"], "{v}");
+    assert_eq!(addr_of(&v, "local")?.ip().to_string(), "10.199.0.1", "{v}");
+    let node_local = str_of(&v, "local")?.to_owned();
+
+    assert_eq!(dp_event(&mesh, 0, "redirected")?, redirected + 2.0);
+    // Every socket here was created after the datapath was attached: none was judged by the
+    // process that connected it.
+    assert_eq!(dp_event(&mesh, 0, "caller_cgroup_fallback")?, 0.0);
+    fence(&tb, &mesh, to)?;
+    for node in 0..2 {
+        let events = events_from(&mesh, node, &node_local);
+        assert!(
+            events.is_empty(),
+            "node {node} proxied {node_local}: {events:?}"
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5c. Connects that never establish leave no tracking record behind
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn connects_that_never_establish_leave_no_tracking_record() -> Result<()> {
+    if !e2e_gate("connects_that_never_establish_leave_no_tracking_record") {
+        return Ok(());
+    }
+    const COUNT: f64 = 2000.0;
+    let tb = testbed(false)?;
+    let mesh = Mesh::start(&tb, &MeshOptions::default())?;
+    let pod = tb.pod(0, 1);
+    // The proxy listens on the node's pod gateway address: make it unreachable from this pod.
+    let gateway = tb.node(0).gateway_ip4.to_string();
+    let ip = |args: &[&str]| -> Result<()> {
+        let mut cmd = vec!["ip"];
+        cmd.extend_from_slice(args);
+        tb.run(pod, &cmd, RUN_TIMEOUT)?.check()?;
+        Ok(())
+    };
+    let abort = || -> Result<Value> {
+        let count = COUNT.to_string();
+        pod_app(
+            &tb,
+            pod,
+            &[
+                "abort-connects",
+                "--to",
+                "10.200.1.10:9001",
+                "--count",
+                &count,
+            ],
+        )
+    };
+    let baseline = tracked_by_cookie(&mesh, 0)?;
+
+    // SYNs nobody answers (the gateway's neighbour entry names a MAC nobody has); each socket is
+    // closed while its connection is still in SYN_SENT.
+    ip(&[
+        "neigh",
+        "replace",
+        &gateway,
+        "lladdr",
+        "02:00:00:00:00:99",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ])?;
+    let redirected = dp_event(&mesh, 0, "redirected")?;
+    let v = abort()?;
+    assert_eq!(v["in_progress"].as_f64(), Some(COUNT), "{v}");
+    assert_eq!(dp_event(&mesh, 0, "redirected")? - redirected, COUNT, "{v}");
+    wait_tracked_at_most(&mesh, 0, baseline)?;
+
+    // Connects that fail after the redirect but before any SYN is sent (no route to the proxy).
+    ip(&["neigh", "del", &gateway, "dev", "eth0"])?;
+    ip(&["route", "add", "unreachable", &format!("{gateway}/32")])?;
+    let redirected = dp_event(&mesh, 0, "redirected")?;
+    let v = abort()?;
+    assert_eq!(v["errors"]["EHOSTUNREACH"].as_f64(), Some(COUNT), "{v}");
+    assert_eq!(dp_event(&mesh, 0, "redirected")? - redirected, COUNT, "{v}");
+    wait_tracked_at_most(&mesh, 0, baseline)?;
+
+    let dump = mesh.config_dump(0)?;
+    assert_eq!(dump["datapath"]["events"]["track_full"], 0, "{dump}");
     Ok(())
 }
 

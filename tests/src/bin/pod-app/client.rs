@@ -1,4 +1,5 @@
-//! `pod-app` clients: send, fetch, echo, http-get, many, peername, and (in submodules)
+//! `pod-app` clients: send, moved-send, abort-connects, fetch, echo, http-get, many, peername,
+//! and (in submodules)
 //! requests, grpc and attack.
 //!
 //! Each returns the JSON to print and whether the result verified.
@@ -8,6 +9,7 @@ pub mod grpc;
 pub mod requests;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +18,7 @@ use mesh_tests::pattern::{CHUNK, Pattern, Verifier, hex};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Barrier, Semaphore};
 use tokio::task::JoinSet;
 
@@ -45,7 +47,100 @@ fn elapsed_ms(start: Instant) -> u64 {
 
 pub async fn send(to: SocketAddr, bytes: u64, marker: Option<&str>) -> Result<(Value, bool)> {
     let start = Instant::now();
-    let (mut stream, local, peer) = connect(to).await?;
+    let (stream, local, peer) = connect(to).await?;
+    send_over(stream, local, peer, bytes, marker, start).await
+}
+
+/// `send` on a socket created in this process's cgroup and connected after the process moved
+/// itself to `cgroup` (a cgroup v2 directory): the cgroup the kernel stamped on the socket and
+/// the caller's cgroup at connect() then differ. Reports both.
+pub async fn moved_send(to: SocketAddr, cgroup: &Path, bytes: u64) -> Result<(Value, bool)> {
+    let start = Instant::now();
+    let socket = if to.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .context("socket")?;
+    let created_in = own_cgroup()?;
+    let procs = cgroup.join("cgroup.procs");
+    std::fs::write(&procs, std::process::id().to_string())
+        .with_context(|| format!("moving to {}", procs.display()))?;
+    let connected_from = own_cgroup()?;
+    if connected_from == created_in {
+        bail!("still in {created_in} after writing to {}", procs.display());
+    }
+    let stream = socket
+        .connect(to)
+        .await
+        .with_context(|| format!("connecting to {to}"))?;
+    let local = canonical(stream.local_addr().context("getsockname")?);
+    let peer = canonical(stream.peer_addr().context("getpeername")?);
+    let (mut value, ok) = send_over(stream, local, peer, bytes, None, start).await?;
+    value["created_in"] = json!(created_in);
+    value["connected_from"] = json!(connected_from);
+    Ok((value, ok))
+}
+
+/// This process's cgroup v2 path (the `0::` line of `/proc/self/cgroup`).
+fn own_cgroup() -> Result<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
+        .with_context(|| format!("no cgroup v2 line in {text:?}"))
+}
+
+/// `count` non-blocking connects to `to`, each socket closed right after connect() returned,
+/// before any handshake could finish unless the peer is this host. Tallies what connect()
+/// said: `{"attempts","in_progress","connected","errors":{"ERRNO":n}}`.
+pub fn abort_connects(to: SocketAddr, count: u64) -> Result<(Value, bool)> {
+    use nix::errno::Errno;
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, connect, socket};
+    use std::os::fd::AsRawFd;
+
+    let family = if to.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let addr = SockaddrStorage::from(to);
+    let (mut in_progress, mut connected) = (0u64, 0u64);
+    let mut errors: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for _ in 0..count {
+        let fd = socket(
+            family,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .context("socket")?;
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => connected += 1,
+            Err(Errno::EINPROGRESS) => in_progress += 1,
+            Err(e) => *errors.entry(format!("{e:?}")).or_default() += 1,
+        }
+        drop(fd);
+    }
+    Ok((
+        json!({
+            "attempts": count,
+            "in_progress": in_progress,
+            "connected": connected,
+            "errors": errors,
+        }),
+        true,
+    ))
+}
+
+async fn send_over(
+    mut stream: TcpStream,
+    local: SocketAddr,
+    peer: SocketAddr,
+    bytes: u64,
+    marker: Option<&str>,
+    start: Instant,
+) -> Result<(Value, bool)> {
     let mut pattern = match marker {
         Some(m) => Pattern::with_marker(bytes, m.as_bytes())?,
         None => Pattern::new(bytes),

@@ -17,7 +17,9 @@
 //!   `/flaky/<key>/<n>`, `/_seen`, anything else: 200 with the request as JSON). Each
 //!   connection is shut down gracefully after `--timeout-ms`. See `server/l7.rs`.
 //!
-//! Clients: `send`, `fetch`, `echo` and `many` against the byte servers above; `http-get`
+//! Clients: `send`, `fetch`, `echo` and `many` against the byte servers above (`moved-send`:
+//! `send` from a socket created in another cgroup than the one connecting it);
+//! `abort-connects` (connects closed before their handshake can end); `http-get`
 //! (one HTTP/1.1 GET); `peername`; `requests` (N HTTP/1.1 or HTTP/2 requests over keep-alive
 //! connections, tallied as `{"sent","statuses","servers","errors","first_error","last",...}`,
 //! see `client/requests.rs`); `grpc` (a health `Check` and optional `Watch`, printing
@@ -73,6 +75,25 @@ enum Command {
         /// Write this string at every 64 KiB of the stream (findable in packet captures).
         #[arg(long)]
         marker: Option<String>,
+    },
+    /// `send`, on a socket created here and connected after this process moved itself to
+    /// another cgroup (writing its pid to `CGROUP/cgroup.procs`). Adds `created_in` and
+    /// `connected_from` (cgroup paths) to the report.
+    MovedSend {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        cgroup: std::path::PathBuf,
+        #[arg(long, value_parser = parse_size)]
+        bytes: u64,
+    },
+    /// N non-blocking connects, each socket closed as soon as connect() returns; tallies
+    /// `{"attempts","in_progress","connected","errors"}`.
+    AbortConnects {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: u64,
     },
     /// Ask a `source` server for N bytes and hash what arrives.
     Fetch {
@@ -199,6 +220,12 @@ async fn run(command: Command, timeout: Duration) -> Result<(Value, bool)> {
                 .await
                 .map_err(bounded(format!("send to {to}")))?
         }
+        Command::MovedSend { to, cgroup, bytes } => {
+            tokio::time::timeout(timeout, client::moved_send(to, &cgroup, bytes))
+                .await
+                .map_err(bounded(format!("send to {to} from {}", cgroup.display())))?
+        }
+        Command::AbortConnects { to, count } => client::abort_connects(to, count),
         Command::Fetch { to, bytes } => tokio::time::timeout(timeout, client::fetch(to, bytes))
             .await
             .map_err(bounded(format!("fetch from {to}")))?,

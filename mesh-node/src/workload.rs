@@ -220,6 +220,8 @@ pub struct MeshState {
     /// The authorization and peer authentication policies in force.
     policy: Arc<Engine>,
     waypoints: WaypointMap,
+    /// The waypoints each enrolled workload (by uid) must be reached through.
+    guards: HashMap<String, waypoint::Guards>,
     /// A waypoint's routing objects and their status, for its config dump; agents have none.
     l7: Option<Arc<L7Listing>>,
 }
@@ -365,8 +367,14 @@ impl MeshState {
             let Some(workload) = self.by_cgroup.get(&cgroup.id) else {
                 continue;
             };
-            let (strict, ports) = policy.plaintext_refusals(&Destination::of(workload));
-            cgroup.inbound = InboundMtls { strict, ports };
+            // A workload behind a waypoint takes no plaintext at all: it could not have
+            // crossed the waypoint.
+            cgroup.inbound = if self.guards.contains_key(&workload.uid) {
+                InboundMtls::strict()
+            } else {
+                let (strict, ports) = policy.plaintext_refusals(&Destination::of(workload));
+                InboundMtls { strict, ports }
+            };
         }
         self.policy = policy;
     }
@@ -375,6 +383,70 @@ impl MeshState {
     /// Puts the known waypoints in place (live mode; static configurations have none).
     pub fn set_waypoints(&mut self, waypoints: impl IntoIterator<Item = Arc<Waypoint>>) {
         self.waypoints = waypoints.into_iter().map(|w| (w.id.clone(), w)).collect();
+        self.guards = self.index_guards();
+    }
+
+    /// The waypoints of each enrolled workload: its own and its Services' (see
+    /// [`waypoint::Guards`]). A waypoint that is named but not known guards nothing: its
+    /// traffic goes direct until it exists.
+    fn index_guards(&self) -> HashMap<String, waypoint::Guards> {
+        let mut by_uid: HashMap<String, Vec<Arc<Waypoint>>> = HashMap::new();
+        for w in self.workloads.iter().filter(|w| w.enrolled) {
+            if let Some(waypoint) = w.waypoint.as_ref().and_then(|id| self.waypoints.get(id)) {
+                by_uid
+                    .entry(w.uid.clone())
+                    .or_default()
+                    .push(waypoint.clone());
+            }
+        }
+        for service in &self.services {
+            let Some(waypoint) = service
+                .waypoint
+                .as_ref()
+                .and_then(|id| self.waypoints.get(id))
+            else {
+                continue;
+            };
+            for endpoint in &service.endpoints {
+                let workload = endpoint
+                    .workload_uid
+                    .as_deref()
+                    .and_then(|uid| self.workloads.iter().find(|w| w.uid == uid))
+                    .or_else(|| self.by_ip.get(&canonical(endpoint.ip)));
+                if let Some(w) = workload.filter(|w| w.enrolled) {
+                    by_uid
+                        .entry(w.uid.clone())
+                        .or_default()
+                        .push(waypoint.clone());
+                }
+            }
+        }
+        let opted_out = |uid: &str| {
+            self.workloads.iter().any(|w| {
+                w.uid == uid
+                    && w.labels
+                        .get(waypoint::ENFORCEMENT_LABEL)
+                        .map(String::as_str)
+                        == Some("disabled")
+            })
+        };
+        by_uid
+            .into_iter()
+            .filter(|(uid, _)| !opted_out(uid))
+            .map(|(uid, waypoints)| (uid, waypoint::Guards::new(waypoints)))
+            .collect()
+    }
+
+    /// Whether `other` requires the same waypoints of every workload.
+    pub fn same_guards(&self, other: &MeshState) -> bool {
+        self.guards == other.guards
+    }
+
+    /// The waypoints `workload`'s connections must come through (empty: none).
+    pub fn guards(&self, workload: &Workload) -> &waypoint::Guards {
+        static NONE: std::sync::LazyLock<waypoint::Guards> =
+            std::sync::LazyLock::new(waypoint::Guards::default);
+        self.guards.get(&workload.uid).unwrap_or(&NONE)
     }
 
     pub fn waypoint(&self, id: &WaypointRef) -> Option<&Arc<Waypoint>> {

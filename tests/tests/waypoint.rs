@@ -178,3 +178,143 @@ fn service_traffic_goes_through_the_waypoint_once_the_namespace_opts_in() {
     }
     assert_eq!(waypoint_requests(&waypoint, "200"), N as f64);
 }
+
+#[test]
+fn a_pod_behind_a_waypoint_takes_connections_through_it_only() {
+    if !e2e_gate("a_pod_behind_a_waypoint_takes_connections_through_it_only") {
+        return;
+    }
+    let tb = Testbed::builder()
+        .nodes(2)
+        .pods_per_node(3)
+        .external(true)
+        .build()
+        .expect("testbed");
+    // pod-0-1 is outside the mesh: it can only speak plaintext.
+    let mut mesh = Mesh::start(
+        &tb,
+        &MeshOptions {
+            control_plane: true,
+            unenrolled: vec![(0, 1)],
+            ..Default::default()
+        },
+    )
+    .expect("mesh");
+    let (client, plain) = (tb.pod(0, 0), tb.pod(0, 1));
+    let backend = tb.pod(1, 0);
+    let _server = serve(&tb, backend);
+    mesh.write_service(
+        SERVICE,
+        &[VIP.into()],
+        &[(SERVICE_PORT, TARGET_PORT)],
+        &[(backend, true)],
+        None,
+    )
+    .expect("service");
+    let waypoint = mesh
+        .start_waypoint(WAYPOINT, tb.pod(0, 2))
+        .expect("waypoint starts");
+    let direct = SocketAddr::from((backend.ip4, TARGET_PORT));
+    let external = tb.external().expect("external host");
+    let short = Some(Duration::from_millis(1500));
+    mesh.wait_service(0, SERVICE, 1, WAIT).expect("service");
+    assert_eq!(
+        tb.get_server_name(plain, direct, short).as_deref(),
+        Ok(backend.name.as_str()),
+        "without a waypoint, plaintext reaches the PERMISSIVE pod"
+    );
+
+    // The Service gets a waypoint: its endpoint now takes connections through it only.
+    mesh.set_namespace_label(NAMESPACE, USE_WAYPOINT_LABEL, Some(WAYPOINT))
+        .expect("label namespace");
+    wait_service_waypoint(&mesh, 1, Some(WAYPOINT));
+    let backend_cgroup = backend.cgroup.to_string_lossy().into_owned();
+    mesh.wait_config(1, WAIT, |d| {
+        d["datapath"]["enrolled_cgroups"]
+            .as_array()
+            .is_some_and(|a| {
+                a.iter()
+                    .any(|c| c["path"] == backend_cgroup.as_str() && c["inbound_mtls"] == "STRICT")
+            })
+    })
+    .expect("node 1 refuses plaintext to the waypoint's endpoint");
+
+    // A meshed client dialling the pod's own address is sent through the waypoint too.
+    let through_waypoint = |mesh: &Mesh<'_>| {
+        mesh.access_log(0)
+            .iter()
+            .filter(|e| e["direction"] == "outbound" && e["path"] == "waypoint")
+            .count()
+    };
+    let (before, served_before) = (through_waypoint(&mesh), waypoint.access_log().len());
+    assert_eq!(
+        tb.get_server_name(client, direct, None).as_deref(),
+        Ok(backend.name.as_str())
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    while through_waypoint(&mesh) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client's agent took the waypoint path for the pod address"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        waypoint.access_log().len() > served_before,
+        "the waypoint served the pod-addressed request"
+    );
+
+    // Plaintext, from a pod outside the mesh or a host off the mesh, never reaches it.
+    for (who, result) in [
+        ("unenrolled pod", tb.get_server_name(plain, direct, short)),
+        ("external host", tb.get_server_name(external, direct, short)),
+    ] {
+        let error = result.expect_err(who);
+        assert!(
+            error.contains("timed out"),
+            "{who}: dropped, not answered: {error}"
+        );
+    }
+
+    // explain says so, and names the waypoint; from the waypoint's identity it allows.
+    let admin = format!("127.0.0.1:{}", mesh_tests::mesh::ADMIN_PORT);
+    let explain = |from: &str| -> serde_json::Value {
+        let to = format!("{NAMESPACE}/{}:{TARGET_PORT}", backend.name);
+        tb.run(
+            tb.node(1),
+            &[
+                "meshctl", "--admin", &admin, "policy", "explain", "--from", from, "--to", &to,
+                "-o", "json",
+            ],
+            WAIT,
+        )
+        .expect("meshctl")
+        .ok_json()
+        .expect("explain")
+    };
+    let bypass = explain(&format!("{NAMESPACE}/{}", client.name));
+    assert_eq!(bypass["verdict"], "deny", "{bypass:#}");
+    assert_eq!(
+        bypass["waypoints"],
+        serde_json::json!([format!("{NAMESPACE}/{WAYPOINT}")]),
+        "{bypass:#}"
+    );
+    let plaintext = explain(&external.ip4.to_string());
+    assert_eq!(plaintext["verdict"], "deny", "{plaintext:#}");
+
+    // The pod opts out explicitly: plaintext gets in again.
+    mesh.write_pod(
+        backend,
+        NAMESPACE,
+        &[("trellis.dev/waypoint-enforcement", "disabled")],
+    )
+    .expect("opt out");
+    let deadline = std::time::Instant::now() + WAIT;
+    while tb.get_server_name(plain, direct, short).as_deref() != Ok(backend.name.as_str()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the opted-out pod takes plaintext again"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

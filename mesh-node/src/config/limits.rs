@@ -170,6 +170,8 @@ mod tests {
             let error = limits.validate().expect_err(field).to_string();
             assert!(error.contains(field), "{error}");
         }
-        LimitsConfig::default().validate().expect("defaults are valid");
+        LimitsConfig::default()
+            .validate()
+            .expect("defaults are valid");
     }
 }

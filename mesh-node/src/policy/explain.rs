@@ -61,6 +61,8 @@ pub struct Explanation {
     pub rule: Option<usize>,
     /// The decision in words, as access logs print it.
     pub reason: String,
+    /// The waypoints the destination takes connections from (none: any source).
+    pub waypoints: Vec<String>,
     /// The destination port's mutual TLS mode and the PeerAuthentication that set it.
     pub mtls_mode: String,
     pub mtls_policy: Option<String>,
@@ -117,6 +119,22 @@ pub fn explain(state: &MeshState, from: &str, to: &str) -> Result<Explanation, E
         Reason::Allowed { rule, .. } | Reason::Denied { rule, .. } => Some(*rule),
         _ => None,
     };
+    let guards = state.guards(destination);
+    let waypoints: Vec<String> = guards
+        .waypoints()
+        .iter()
+        .map(|w| w.id.to_string())
+        .collect();
+    // Behind a waypoint, a connection that did not come from it is refused before any policy.
+    let (verdict, policy, rule, reason) = match guards.admit(identity) {
+        Err(bypass) => ("deny".to_owned(), None, None, format!("deny: {bypass}")),
+        Ok(()) => (
+            decision.verdict.to_string(),
+            decision.policy().map(|p| p.id.to_string()),
+            rule,
+            decision.to_string(),
+        ),
+    };
     let mtls = engine.peer_authentication.resolve(&dest, port);
     Ok(Explanation {
         destination: Party::of(destination),
@@ -127,10 +145,11 @@ pub fn explain(state: &MeshState, from: &str, to: &str) -> Result<Explanation, E
             "plaintext"
         },
         source,
-        verdict: decision.verdict.to_string(),
-        policy: decision.policy().map(|p| p.id.to_string()),
+        verdict,
+        policy,
         rule,
-        reason: decision.to_string(),
+        reason,
+        waypoints,
         mtls_mode: mtls.mode.to_string(),
         mtls_policy: mtls.policy.map(|p| p.id.to_string()),
     })

@@ -211,8 +211,9 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
     }
 }
 
-/// Re-authorizes open inbound connections whenever a new state changes the policies or the
-/// local workloads (whose labels select policies), until `shutdown`.
+/// Re-authorizes open connections to local pods whenever a new state changes the policies,
+/// the waypoints pods must be reached through, or the local workloads (whose labels select
+/// policies), until `shutdown`.
 pub async fn reauthorize(
     inputs: Arc<ProxyInputs>,
     mut states: tokio::sync::watch::Receiver<Option<Arc<MeshState>>>,
@@ -224,6 +225,7 @@ pub async fn reauthorize(
         if let Some(state) = state {
             let changed = last.as_ref().is_none_or(|last| {
                 !Arc::ptr_eq(last.policy(), state.policy())
+                    || !last.same_guards(&state)
                     || last
                         .workloads()
                         .iter()
@@ -334,6 +336,16 @@ impl Peer {
             .workload_by_ip(client_addr.ip())
             .filter(|w| w.identity == self.identity)
             .cloned();
+
+        // A workload behind a waypoint takes connections from the waypoint only.
+        if let Err(bypass) = state.guards(&target).admit(Some(&self.identity)) {
+            return self.refuse(
+                started,
+                StatusCode::UNAUTHORIZED,
+                "waypoint_bypass",
+                format!("to {dst} ({}/{}): {bypass}", target.namespace, target.name),
+            );
+        }
 
         // Authorize (see the module docs).
         let grant = authorized::Grant {

@@ -165,6 +165,53 @@ impl Waypoint {
 
 pub type WaypointMap = std::collections::HashMap<WaypointRef, Arc<Waypoint>>;
 
+/// The pod label that lets a workload served by a waypoint accept connections that did not
+/// cross it (value `disabled`): its L7 policies are then skipped by such connections.
+pub const ENFORCEMENT_LABEL: &str = "trellis.dev/waypoint-enforcement";
+
+/// The waypoints a workload's connections must come through: its own, and those of every
+/// Service it is an endpoint of. Its node refuses a connection from any other identity, and
+/// all plaintext, so L7 policies cannot be skipped by dialling the pod directly.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Guards(Vec<Arc<Waypoint>>);
+
+impl Guards {
+    pub fn new(mut waypoints: Vec<Arc<Waypoint>>) -> Self {
+        waypoints.sort_by(|a, b| a.id.cmp(&b.id));
+        waypoints.dedup_by(|a, b| a.id == b.id);
+        Self(waypoints)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn waypoints(&self) -> &[Arc<Waypoint>] {
+        &self.0
+    }
+
+    /// Whether a connection from `source` (`None`: plaintext) crossed one of the waypoints.
+    pub fn admit(&self, source: Option<&Identity>) -> Result<(), Bypass> {
+        if self.0.is_empty() || source.is_some_and(|s| self.0.iter().any(|w| w.identity == *s)) {
+            return Ok(());
+        }
+        Err(Bypass {
+            waypoints: self.0.iter().map(|w| w.id.to_string()).collect(),
+        })
+    }
+}
+
+/// A connection to a waypoint's workload that did not come through the waypoint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the destination is served by waypoint {}: connections must come through it (label the \
+     pod {ENFORCEMENT_LABEL}=disabled to accept others)",
+    .waypoints.join(", ")
+)]
+pub struct Bypass {
+    pub waypoints: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,5 +286,24 @@ mod tests {
         for bad in ["shop", "shop/", "/w", "Shop/w", "shop/w/x"] {
             assert!(optional_ref(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn only_the_waypoints_identities_are_admitted() {
+        let waypoint =
+            Arc::new(Waypoint::from_resource(resource(), "cluster.local").expect("waypoint"));
+        let guards = Guards::new(vec![waypoint.clone(), waypoint.clone()]);
+        assert_eq!(guards.waypoints().len(), 1, "one entry per waypoint");
+        assert_eq!(guards.admit(Some(&waypoint.identity)), Ok(()));
+        let other = Identity::new("cluster.local", "shop", "web").expect("identity");
+        let refused = guards.admit(Some(&other)).expect_err("another identity");
+        assert_eq!(refused.waypoints, ["shop/waypoint"]);
+        assert!(refused.to_string().contains(ENFORCEMENT_LABEL));
+        assert!(guards.admit(None).is_err(), "plaintext never crossed it");
+        assert_eq!(
+            Guards::default().admit(None),
+            Ok(()),
+            "no waypoint: no constraint"
+        );
     }
 }

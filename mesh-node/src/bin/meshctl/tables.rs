@@ -296,6 +296,13 @@ pub fn explanation(e: &Value) -> String {
             cell(&e["rule"])
         ));
     }
+    if let Some(waypoints) = e["waypoints"].as_array().filter(|w| !w.is_empty()) {
+        let names: Vec<String> = waypoints.iter().map(cell).collect();
+        out.push_str(&format!(
+            "  waypoint    only through {}\n",
+            names.join(", ")
+        ));
+    }
     out.push_str(&format!(
         "  mTLS mode   {} ({})\n",
         cell(&e["mtls_mode"]),

@@ -5,7 +5,8 @@
 //! workload, port, verified source identity and address) and gets a cancellation token; the
 //! registration is dropped with the connection. [`Authorized::reevaluate`] runs the engine of a
 //! new state over every open connection, with the destination's labels as that state knows
-//! them, and cancels those now denied, recording the decision for the access log.
+//! them (and the waypoints it must now be reached through), and cancels those now denied,
+//! recording why for the access log.
 
 use std::{
     collections::HashMap,
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     identity::Identity,
-    policy::{Decision, Destination, Flow},
+    policy::{Destination, Flow},
     workload::MeshState,
 };
 
@@ -38,7 +39,7 @@ pub struct Grant {
 struct Open {
     grant: Grant,
     close: CancellationToken,
-    revoked: Arc<OnceLock<Decision>>,
+    revoked: Arc<OnceLock<String>>,
 }
 
 /// The registry of open inbound connections (one per agent).
@@ -56,13 +57,13 @@ pub struct Registration {
     id: u64,
     /// Cancelled when a policy change denies the connection.
     pub close: CancellationToken,
-    revoked: Arc<OnceLock<Decision>>,
+    revoked: Arc<OnceLock<String>>,
 }
 
 impl Registration {
-    /// The decision that revoked the connection, once it has been.
-    pub fn revoked(&self) -> Option<&Decision> {
-        self.revoked.get()
+    /// Why the connection was revoked, once it has been.
+    pub fn revoked(&self) -> Option<&str> {
+        self.revoked.get().map(String::as_str)
     }
 }
 
@@ -118,6 +119,12 @@ impl Authorized {
             let Some(destination) = local.get(conn.grant.destination_uid.as_str()) else {
                 continue;
             };
+            if let Err(bypass) = state.guards(destination).admit(Some(&conn.grant.source)) {
+                let _ = conn.revoked.set(bypass.to_string());
+                conn.close.cancel();
+                closed += 1;
+                continue;
+            }
             let decision = engine.decide(&Flow {
                 destination: Destination::of(destination),
                 port: conn.grant.port,
@@ -125,7 +132,7 @@ impl Authorized {
                 source_ip: conn.grant.source_ip,
             });
             if !decision.is_allowed() {
-                let _ = conn.revoked.set(decision);
+                let _ = conn.revoked.set(decision.to_string());
                 conn.close.cancel();
                 closed += 1;
             }

@@ -140,11 +140,14 @@ pub fn destination(
     dst: SocketAddr,
 ) -> Result<Destination, ResolveError> {
     let Some(service) = state.service_by_vip(dst.ip()) else {
+        // A pod behind a waypoint (its own, or its Service's) is reached through it even when
+        // dialled by address: its node takes nothing else.
         let waypoint = state
             .workload_by_ip(dst.ip())
-            .and_then(|w| w.waypoint.as_ref());
+            .and_then(|w| state.guards(w).waypoints().first())
+            .map(|w| w.id.clone());
         return match waypoint {
-            Some(id) => through_waypoint(state, src, id, dst, None),
+            Some(id) => through_waypoint(state, src, &id, dst, None),
             None => Ok(Destination::Direct(dst)),
         };
     };

@@ -161,6 +161,10 @@ async fn local(
         source: src.identity.clone(),
         source_ip: src.ips.contains(&client_ip).then_some(client_ip),
     };
+    if let Err(bypass) = state.guards(dst).admit(Some(&src.identity)) {
+        let error = format!("to {addr} ({}/{}): {bypass}", dst.namespace, dst.name);
+        return Err(("waypoint_bypass", error, false));
+    }
     let decision = state.policy().decide(&Flow {
         destination: Destination::of(dst),
         port: grant.port,

@@ -21,7 +21,7 @@ use std::{
 };
 
 use mesh_tests::{
-    mesh::{ADMIN_PORT, MESH_LABEL, Mesh, MeshOptions, NAMESPACE, metric_sum, spiffe_id},
+    mesh::{MESH_LABEL, Mesh, MeshOptions, NAMESPACE, metric_sum, spiffe_id},
     testbed::{Pod, Proc, Server, SpawnOptions, Testbed, bin_path, e2e_gate},
 };
 use serde_json::{Value, json};
@@ -106,6 +106,12 @@ fn settle(tb: &Testbed, client: &Pod, server: &Pod, port: u16, reachable: bool) 
     }
 }
 
+/// `meshctl policy explain` on `node`'s agent, as JSON.
+fn explain(mesh: &Mesh<'_>, node: usize, from: &str, to: &str) -> Value {
+    mesh.explain(node, from, to)
+        .expect("meshctl policy explain succeeds")
+}
+
 /// Istio-style principal of a testbed pod in `namespace`.
 fn principal(pod: &Pod, namespace: &str) -> String {
     spiffe_id(pod)
@@ -125,22 +131,6 @@ fn datapath_event(mesh: &Mesh<'_>, node: usize, event: &str) -> u64 {
         .ok()
         .and_then(|d| d["datapath"]["events"][event].as_u64())
         .unwrap_or(0)
-}
-
-/// `meshctl policy explain` run on `node`, against that node's agent, as JSON.
-fn explain(tb: &Testbed, node: usize, from: &str, to: &str) -> Value {
-    let admin = format!("127.0.0.1:{ADMIN_PORT}");
-    let out = tb
-        .run(
-            tb.node(node),
-            &[
-                "meshctl", "--admin", &admin, "policy", "explain", "--from", from, "--to", to,
-                "-o", "json",
-            ],
-            WAIT,
-        )
-        .expect("meshctl runs");
-    out.ok_json().expect("meshctl policy explain succeeds")
 }
 
 #[test]
@@ -224,15 +214,25 @@ fn authorization_by_namespace_and_principal_where_deny_wins() {
 
     // The agent's engine explains both, naming the deciding policy and rule.
     let from = format!("{NAMESPACE}/{}", a.name);
-    let denied = explain(&tb, 1, &from, &format!("{NAMESPACE}/{}:9090", server.name));
+    let denied = explain(
+        &mesh,
+        1,
+        &from,
+        &format!("{NAMESPACE}/{}:9090", server.name),
+    );
     assert_eq!(denied["verdict"], "deny", "{denied:#}");
     assert_eq!(denied["policy"], "default/deny-a-9090", "{denied:#}");
     assert_eq!(denied["rule"], 0, "{denied:#}");
-    let allowed = explain(&tb, 1, &from, &format!("{NAMESPACE}/{}:8080", server.name));
+    let allowed = explain(
+        &mesh,
+        1,
+        &from,
+        &format!("{NAMESPACE}/{}:8080", server.name),
+    );
     assert_eq!(allowed["verdict"], "allow", "{allowed:#}");
     assert_eq!(allowed["policy"], "default/allow-a", "{allowed:#}");
     let other = explain(
-        &tb,
+        &mesh,
         0,
         &format!("{NAMESPACE}/{}", c.name),
         &format!("{NAMESPACE}/{}:8080", server.name),

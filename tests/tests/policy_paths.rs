@@ -3,7 +3,8 @@
 //!
 //! A table in the manner of an adversarial-calls suite: every combination of
 //! {same node, cross node} x {IPv4, IPv6, IPv4-mapped} x {meshed pod, unenrolled pod, host
-//! outside the mesh} x {no policy, DENY, ALLOW-only, ipBlocks} x {PERMISSIVE, STRICT}, each
+//! outside the mesh, raw SYN from a meshed pod} x {no policy, DENY, ALLOW-only, ipBlocks} x
+//! {PERMISSIVE, STRICT} (raw SYNs over IPv4 only), each
 //! asserting what the caller's socket sees and the verdict `explain` gives for it:
 //!
 //! - a meshed caller's connection is decided by the node proxy on its verified identity, on
@@ -23,7 +24,7 @@ use std::{
 };
 
 use mesh_tests::{
-    mesh::{ADMIN_PORT, Mesh, MeshOptions, NAMESPACE, spiffe_id},
+    mesh::{Mesh, MeshOptions, NAMESPACE, spiffe_id},
     testbed::{Place, Pod, Testbed, e2e_gate},
 };
 use serde_json::{Value, json};
@@ -42,6 +43,8 @@ enum Caller {
     Meshed,
     Unenrolled,
     Outside,
+    /// A SYN written to a raw socket by the meshed pod: no connect(), so no redirect.
+    RawSyn,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,13 +120,20 @@ fn addr(server: &Pod, family: Family) -> SocketAddr {
 
 fn cases() -> Vec<Case> {
     let mut cases = Vec::new();
-    for caller in [Caller::Meshed, Caller::Unenrolled, Caller::Outside] {
+    for caller in [
+        Caller::Meshed,
+        Caller::Unenrolled,
+        Caller::Outside,
+        Caller::RawSyn,
+    ] {
         for route in [Route::SameNode, Route::CrossNode] {
             for family in [Family::V4, Family::V6, Family::V4Mapped] {
                 // The host outside the mesh is on neither node: "same node" is the node-0
                 // server for it, reached across the LAN like the other. It has no mapped form
                 // to try.
-                if caller == Caller::Outside && family == Family::V4Mapped {
+                if caller == Caller::Outside && family == Family::V4Mapped
+                    || caller == Caller::RawSyn && family != Family::V4
+                {
                     continue;
                 }
                 cases.push(Case {
@@ -148,10 +158,13 @@ enum Seen {
 fn try_case(tb: &Testbed, parties: &Parties<'_>, case: Case) -> Seen {
     let server = parties.server(case.route);
     let to = addr(server, case.family);
+    if case.caller == Caller::RawSyn {
+        return raw_syn(tb, parties.meshed, to);
+    }
     let (place, timeout): (Place<'_>, Duration) = match case.caller {
         Caller::Meshed => (parties.meshed.into(), MESHED_TIMEOUT),
         Caller::Unenrolled => (parties.unenrolled.into(), PLAINTEXT_TIMEOUT),
-        Caller::Outside => (
+        Caller::Outside | Caller::RawSyn => (
             tb.external().expect("external host").into(),
             PLAINTEXT_TIMEOUT,
         ),
@@ -161,6 +174,30 @@ fn try_case(tb: &Testbed, parties: &Parties<'_>, case: Case) -> Seen {
         Ok(other) => Seen::Refused(format!("wrong server {other}")),
         Err(e) if e.contains("timed out") => Seen::TimedOut(e),
         Err(e) => Seen::Refused(e),
+    }
+}
+
+/// One raw SYN from `pod` to `to`: a SYN-ACK is an answer, silence a drop.
+fn raw_syn(tb: &Testbed, pod: &Pod, to: SocketAddr) -> Seen {
+    let timeout_ms = PLAINTEXT_TIMEOUT.as_millis().to_string();
+    let to = to.to_string();
+    let cmd = [
+        "pod-app",
+        "--timeout-ms",
+        &timeout_ms,
+        "raw-syn",
+        "--to",
+        &to,
+    ];
+    let answer = tb
+        .run(pod, &cmd, SETTLE)
+        .and_then(|out| out.ok_json())
+        .map(|v| v["answer"].as_str().unwrap_or_default().to_owned());
+    match answer.as_deref() {
+        Ok("syn-ack") => Seen::Answered,
+        Ok("none") => Seen::TimedOut("no answer to the SYN".into()),
+        Ok(other) => Seen::Refused(format!("answer {other}")),
+        Err(e) => Seen::Refused(format!("{e:#}")),
     }
 }
 
@@ -179,26 +216,18 @@ fn sweep(tb: &Testbed, parties: &Parties<'_>, cases: &[Case]) -> Vec<Seen> {
 }
 
 /// `meshctl policy explain` on the destination's node, for the case's caller.
-fn explain(tb: &Testbed, parties: &Parties<'_>, case: Case) -> Value {
+fn explain(tb: &Testbed, mesh: &Mesh<'_>, parties: &Parties<'_>, case: Case) -> Value {
     let server = parties.server(case.route);
     let from = match case.caller {
         Caller::Meshed => format!("{NAMESPACE}/{}", parties.meshed.name),
         Caller::Unenrolled => format!("{NAMESPACE}/{}", parties.unenrolled.name),
         Caller::Outside => tb.external().expect("external host").ip4.to_string(),
+        // Plaintext from the meshed pod's own address.
+        Caller::RawSyn => parties.meshed.ip4.to_string(),
     };
     let to = format!("{NAMESPACE}/{}:{PORT}", server.name);
-    let admin = format!("127.0.0.1:{ADMIN_PORT}");
-    let out = tb
-        .run(
-            tb.node(server.node),
-            &[
-                "meshctl", "--admin", &admin, "policy", "explain", "--from", &from, "--to", &to,
-                "-o", "json",
-            ],
-            SETTLE,
-        )
-        .expect("meshctl runs");
-    out.ok_json().expect("meshctl policy explain succeeds")
+    mesh.explain(server.node, &from, &to)
+        .expect("meshctl policy explain succeeds")
 }
 
 fn policy_spec(policy: Policy, parties: &Parties<'_>, external: IpAddr) -> Option<Value> {
@@ -330,7 +359,7 @@ fn every_path_to_a_meshed_pod_is_decided_and_explain_agrees() {
                 {
                     failures.push(format!("{row}: denied by a timeout, not a reset: {e}"));
                 }
-                let explained = explain(&tb, &parties, *case);
+                let explained = explain(&tb, &mesh, &parties, *case);
                 let verdict = if *want { "allow" } else { "deny" };
                 if explained["verdict"] != verdict {
                     failures.push(format!(

@@ -277,20 +277,9 @@ fn a_pod_behind_a_waypoint_takes_connections_through_it_only() {
     }
 
     // explain says so, and names the waypoint; from the waypoint's identity it allows.
-    let admin = format!("127.0.0.1:{}", mesh_tests::mesh::ADMIN_PORT);
-    let explain = |from: &str| -> serde_json::Value {
+    let explain = |from: &str| {
         let to = format!("{NAMESPACE}/{}:{TARGET_PORT}", backend.name);
-        tb.run(
-            tb.node(1),
-            &[
-                "meshctl", "--admin", &admin, "policy", "explain", "--from", from, "--to", &to,
-                "-o", "json",
-            ],
-            WAIT,
-        )
-        .expect("meshctl")
-        .ok_json()
-        .expect("explain")
+        mesh.explain(1, from, &to).expect("explain")
     };
     let bypass = explain(&format!("{NAMESPACE}/{}", client.name));
     assert_eq!(bypass["verdict"], "deny", "{bypass:#}");

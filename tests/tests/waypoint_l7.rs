@@ -953,6 +953,14 @@ fn sampled_requests_are_exported_as_spans_to_an_otlp_collector() {
     )
     .expect("mesh");
     let collector = serve(&tb, collector_pod);
+    // The waypoint's own connections (span export) are plaintext, and the collector is in the
+    // namespace the waypoint serves: it opts out of taking connections through it only.
+    mesh.write_pod(
+        collector_pod,
+        NAMESPACE,
+        &[("trellis.dev/waypoint-enforcement", "disabled")],
+    )
+    .expect("collector opts out");
     // Traces the waypoint starts itself are never sampled here, so only the callers'
     // decisions count; export fails fast once the collector is gone.
     let tracing = format!(

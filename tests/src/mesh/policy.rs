@@ -8,6 +8,21 @@ use serde_json::{Value, json};
 use super::{Mesh, remove_manifest, write_manifest};
 
 impl Mesh<'_> {
+    /// `meshctl policy explain --from FROM --to TO -o json`, run on node `node` against its
+    /// agent: the verdict the data path enforces there.
+    pub fn explain(&self, node: usize, from: &str, to: &str) -> Result<Value> {
+        let admin = format!("127.0.0.1:{}", super::ADMIN_PORT);
+        let out = self.tb.run(
+            self.tb.node(node),
+            &[
+                "meshctl", "--admin", &admin, "policy", "explain", "--from", from, "--to", to,
+                "-o", "json",
+            ],
+            Duration::from_secs(20),
+        )?;
+        out.ok_json()
+    }
+
     /// Creates or replaces policy `namespace/name` of `kind` (`AuthorizationPolicy` or
     /// `PeerAuthentication`) with `spec`.
     pub fn write_policy(

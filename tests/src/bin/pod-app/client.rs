@@ -6,6 +6,7 @@
 
 pub mod attack;
 pub mod grpc;
+pub mod raw_syn;
 pub mod requests;
 
 use std::net::SocketAddr;

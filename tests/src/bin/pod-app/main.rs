@@ -145,6 +145,12 @@ enum Command {
         #[arg(long, default_value_t = 2_000)]
         hold_ms: u64,
     },
+    /// One TCP SYN on a raw socket (bypassing connect() and so any redirect), and what came
+    /// back: `syn-ack`, `rst` or `none`.
+    RawSyn {
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// Connect and report the local address and the peer name the socket sees.
     Peername {
         #[arg(long)]
@@ -253,6 +259,12 @@ async fn run(command: Command, timeout: Duration) -> Result<(Value, bool)> {
         )
         .await
         .map_err(bounded(format!("hoard of {to}")))?,
+        Command::RawSyn { to } => {
+            let wait = timeout;
+            tokio::task::spawn_blocking(move || client::raw_syn::raw_syn(to, wait))
+                .await
+                .context("raw-syn task")?
+        }
         Command::Peername { to } => tokio::time::timeout(timeout, client::peername(to))
             .await
             .map_err(bounded(format!("connect to {to}")))?,

@@ -21,6 +21,7 @@ pub mod cgroups;
 pub mod channel;
 pub mod enrollment;
 pub mod feed;
+pub mod plaintext;
 pub mod state;
 #[cfg(test)]
 mod tests;
@@ -331,6 +332,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     listeners.spawn(crate::proxy::inbound::reauthorize(
         inputs.clone(),
         states.clone(),
+        shutdown.clone(),
+    ));
+    listeners.spawn(plaintext::run(
+        states.clone(),
+        inputs.metrics.clone(),
         shutdown.clone(),
     ));
     let (synced, first_sync) = oneshot::channel();

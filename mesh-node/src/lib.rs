@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod service;
+pub mod sock_diag;
 pub mod tls;
 pub mod waypoint;
 pub mod workload;

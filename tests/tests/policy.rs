@@ -588,3 +588,64 @@ fn a_denied_flow_stays_denied_while_agents_restart() {
         probed.len()
     );
 }
+
+#[test]
+fn open_plaintext_connections_are_aborted_when_a_policy_starts_refusing_plaintext() {
+    if !e2e_gate("open_plaintext_connections_are_aborted_when_a_policy_starts_refusing_plaintext") {
+        return;
+    }
+    let tb = Testbed::builder()
+        .nodes(2)
+        .pods_per_node(2)
+        .build()
+        .expect("testbed");
+    // pod-0-1 is outside the mesh: its connection reaches the server straight, in plaintext.
+    let mut mesh = start(&tb, vec![(0, 1)]);
+    let (meshed, plain) = (tb.pod(0, 0), tb.pod(0, 1));
+    let server = tb.pod(1, 0);
+    let _echo = tb
+        .spawn_server(server, &["--listen", "0.0.0.0:7000=echo"])
+        .expect("echo server");
+    mesh.write_pod(server, NAMESPACE, &[("app", "server")])
+        .expect("label server");
+    let mut from_plain = Held::open(&tb, plain, server, 7000);
+    let mut from_meshed = Held::open(&tb, meshed, server, 7000);
+    assert!(
+        from_plain.ping() && from_meshed.ping(),
+        "both connections work"
+    );
+
+    // Only the meshed pod's principal is allowed now: plaintext has none.
+    mesh.write_policy(
+        AUTHZ,
+        NAMESPACE,
+        "allow-meshed",
+        json!({"selector": {"matchLabels": {"app": "server"}},
+               "rules": [{"from": [{"source": {"principals": [principal(meshed, NAMESPACE)]}}]}]}),
+    )
+    .expect("policy");
+    let deadline = Instant::now() + WAIT;
+    while from_plain.ping() {
+        assert!(
+            Instant::now() < deadline,
+            "the open plaintext connection survived the policy that refuses plaintext"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(from_meshed.ping(), "the allowed mesh connection stays open");
+    let metrics = mesh.metrics(1).expect("metrics");
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "trellis_connection_failures_total",
+            &[("direction", "inbound"), ("reason", "plaintext_revoked")]
+        ),
+        1.0,
+        "exactly the plaintext connection was aborted"
+    );
+    let error = get(&tb, plain, server, 7000).expect_err("new plaintext is refused");
+    assert!(
+        error.contains("timed out"),
+        "dropped in the kernel: {error}"
+    );
+}

@@ -217,6 +217,9 @@ pub struct MeshState {
     services: Vec<Arc<Service>>,
     /// Services by each virtual IP only they claim (canonical).
     by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// Services by the address of each of their endpoints (canonical), ordered by
+    /// (namespace, name): the services a pod-addressed request is also for.
+    by_endpoint: HashMap<IpAddr, Vec<Arc<Service>>>,
     /// The authorization and peer authentication policies in force.
     policy: Arc<Engine>,
     waypoints: WaypointMap,
@@ -339,6 +342,12 @@ impl MeshState {
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let mut ambiguous = HashSet::new();
         for service in &services {
+            for endpoint in &service.endpoints {
+                let list = self.by_endpoint.entry(canonical(endpoint.ip)).or_default();
+                if !list.iter().any(|s| Arc::ptr_eq(s, service)) {
+                    list.push(service.clone());
+                }
+            }
             for vip in &service.vips {
                 let vip = canonical(*vip);
                 if ambiguous.contains(&vip) {
@@ -453,6 +462,13 @@ impl MeshState {
             .binary_search_by(|s| (s.namespace.as_str(), s.name.as_str()).cmp(&(namespace, name)))
             .ok()
             .and_then(|i| self.services.get(i))
+    }
+
+    /// The services with an endpoint at `ip`, ordered by (namespace, name).
+    pub fn services_by_endpoint(&self, ip: IpAddr) -> &[Arc<Service>] {
+        self.by_endpoint
+            .get(&canonical(ip))
+            .map_or(&[], Vec::as_slice)
     }
 
     /// The service whose virtual IP is `ip`, if exactly one claims it.

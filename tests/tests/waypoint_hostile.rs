@@ -388,7 +388,14 @@ fn requests_that_would_make_policy_and_backend_disagree_are_refused() {
             Via::Dead => dead,
         };
         let before = backend_requests(&tb, client, pod);
-        let (status, body) = send(&tb, client, to, &row.send);
+        let (status, body) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            send(&tb, client, to, &row.send)
+        }))
+        .unwrap_or_else(|_| {
+            let log = waypoint.log_text();
+            let tail = &log[log.len().saturating_sub(4000)..];
+            panic!("{}: no answer; the waypoint's log ends with:\n{tail}", row.name)
+        });
         let received = backend_requests(&tb, client, pod) - before;
         let mut problems = Vec::new();
         if status != row.status {

@@ -152,7 +152,9 @@ pub async fn attack(
             }
             written += chunk.len();
         }
-        written
+        // The write half is handed back, not dropped: a FIN now would let a server that
+        // does not wait on half-closed connections close before it answers.
+        (written, writer)
     };
     let read = async move {
         let mut received = Vec::new();
@@ -170,7 +172,7 @@ pub async fn attack(
     };
     tokio::pin!(read);
     let (written, outcome) = tokio::select! {
-        written = write => {
+        (written, _writer) = write => {
             // Everything sent: wait for the peer to answer and close, or to fall quiet.
             let quiet = QUIET.min(deadline.saturating_duration_since(Instant::now()));
             (written, tokio::time::timeout(quiet, &mut read).await.ok())

@@ -764,14 +764,43 @@ pub(crate) mod tests {
         ) else {
             panic!("authorization policy");
         };
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        let Policy::Authorization(deny_on_db_service) = compile(
+            PolicyKind::Authorization,
+            "db-service",
+            serde_json::json!({"action": "DENY", "targetRefs": [{"kind": "Service", "name": "db"}],
+                "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]}),
+        ) else {
+            panic!("authorization policy");
+        };
+        // db crosses a waypoint, and Service db has it as an endpoint.
+        let mut db = (*arc(api_workload("u2", "db", "node-a", "10.0.0.2"))).clone();
+        db.waypoint = Some(waypoint::WaypointRef {
+            namespace: "shop".into(),
+            name: "wp".into(),
+        });
+        let db_service = Arc::new(Service::new(
+            "db".into(),
+            "shop".into(),
+            vec![ip("10.96.0.2")],
+            Vec::new(),
+            vec![crate::service::Endpoint {
+                ip: ip("10.0.0.2"),
+                node: "node-a".into(),
+                zone: String::new(),
+                ready: true,
+                workload_uid: Some("u2".into()),
+            }],
+            false,
+        ));
         let mut state = MeshState::build(
             "node-a",
             [
                 arc(api_workload("u1", "web", "node-a", "10.0.0.1")),
-                arc(api_workload("u2", "db", "node-a", "10.0.0.2")),
+                Arc::new(db),
             ],
             [],
-            [],
+            [db_service],
             |w| {
                 Some(PodCgroup {
                     path: format!("/cg/{}", w.uid).into(),
@@ -782,7 +811,7 @@ pub(crate) mod tests {
         );
         state.set_policy(Arc::new(Engine::new(
             crate::policy::DEFAULT_ROOT_NAMESPACE,
-            [deny_web],
+            [deny_web, deny_on_db_service],
             [strict_db],
         )));
         let mode = |path: &str| {
@@ -812,8 +841,21 @@ pub(crate) mod tests {
         assert_eq!(e.rule, Some(0));
         assert_eq!(e.mtls_mode, "STRICT");
         assert_eq!(e.mtls_policy.as_deref(), Some("shop/db"));
+        // The Service's waypoint policy is named for its pod, however it is addressed.
+        assert_eq!(e.waypoint.as_deref(), Some("shop/wp"));
+        assert_eq!(e.waypoint_policies, ["shop/db-service"]);
+        assert_eq!(
+            state
+                .services_by_endpoint(ip("10.0.0.2"))
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>(),
+            ["db"]
+        );
         let e = explain(&state, "shop/db", "shop/web:80").expect("explained");
         assert_eq!((e.verdict.as_str(), e.policy), ("allow", None));
+        assert_eq!(e.waypoint, None);
+        assert!(e.waypoint_policies.is_empty());
         assert!(explain(&state, "shop/nope", "shop/web:80").is_err());
         assert!(explain(&state, "shop/db", "shop/web:0").is_err());
         assert!(explain(&state, "shop/db", "shop/web").is_err());

@@ -394,7 +394,10 @@ fn requests_that_would_make_policy_and_backend_disagree_are_refused() {
         .unwrap_or_else(|_| {
             let log = waypoint.log_text();
             let tail = &log[log.len().saturating_sub(4000)..];
-            panic!("{}: no answer; the waypoint's log ends with:\n{tail}", row.name)
+            panic!(
+                "{}: no answer; the waypoint's log ends with:\n{tail}",
+                row.name
+            )
         });
         let received = backend_requests(&tb, client, pod) - before;
         let mut problems = Vec::new();

@@ -10,7 +10,9 @@
 //! - `paths`: matched against the normalized path without its query
 //!   ([`super::normalize`]); exact and prefix values must already be in normal form (a value
 //!   the waypoint would never see, like `/a//b`, is unsupported rather than silently dead).
-//! - `hosts`: case-insensitive and port-insensitive: the request's host is lower-cased and
+//! - `hosts`: matched against the request's one authority (the waypoint refuses a `Host` that
+//!   disagrees with `:authority` or an absolute-form target, and two `Host` headers);
+//!   case-insensitive and port-insensitive: the request's host is lower-cased and
 //!   its port and one trailing dot removed; values with a port are unsupported.
 //! - `requestPrincipals`: `<iss>/<sub>` of the verified JWT; no JWT matches nothing (so
 //!   `notRequestPrincipals: ["*"]` matches requests without one).
@@ -56,7 +58,8 @@ pub struct RequestFacts<'a> {
     /// The normalized path ([`super::normalize::NormalizedPath::path`]); a query, if passed
     /// along, is ignored.
     pub path: &'a str,
-    /// `:authority` or `Host`, as received (case and port are ignored when matching).
+    /// The request's one authority (`:authority`, absolute-form target or `Host`, which the
+    /// waypoint has made agree); case and port are ignored when matching.
     pub host: &'a str,
     pub headers: &'a HeaderMap,
     /// The request's verified JWT, if it carried one ([`super::jwt::JwtAuthenticator`]).

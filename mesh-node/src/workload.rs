@@ -217,6 +217,9 @@ pub struct MeshState {
     services: Vec<Arc<Service>>,
     /// Services by each virtual IP only they claim (canonical).
     by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// Services by the address of each of their endpoints (canonical), ordered by
+    /// (namespace, name): the services a pod-addressed request is also for.
+    by_endpoint: HashMap<IpAddr, Vec<Arc<Service>>>,
     /// The authorization and peer authentication policies in force.
     policy: Arc<Engine>,
     waypoints: WaypointMap,
@@ -338,6 +341,12 @@ impl MeshState {
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let mut ambiguous = HashSet::new();
         for service in &services {
+            for endpoint in &service.endpoints {
+                let list = self.by_endpoint.entry(canonical(endpoint.ip)).or_default();
+                if !list.iter().any(|s| Arc::ptr_eq(s, service)) {
+                    list.push(service.clone());
+                }
+            }
             for vip in &service.vips {
                 let vip = canonical(*vip);
                 if ambiguous.contains(&vip) {
@@ -522,6 +531,13 @@ impl MeshState {
             .binary_search_by(|s| (s.namespace.as_str(), s.name.as_str()).cmp(&(namespace, name)))
             .ok()
             .and_then(|i| self.services.get(i))
+    }
+
+    /// The services with an endpoint at `ip`, ordered by (namespace, name).
+    pub fn services_by_endpoint(&self, ip: IpAddr) -> &[Arc<Service>] {
+        self.by_endpoint
+            .get(&canonical(ip))
+            .map_or(&[], Vec::as_slice)
     }
 
     /// The service whose virtual IP is `ip`, if exactly one claims it.
@@ -817,14 +833,43 @@ pub(crate) mod tests {
         ) else {
             panic!("authorization policy");
         };
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        let Policy::Authorization(deny_on_db_service) = compile(
+            PolicyKind::Authorization,
+            "db-service",
+            serde_json::json!({"action": "DENY", "targetRefs": [{"kind": "Service", "name": "db"}],
+                "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]}),
+        ) else {
+            panic!("authorization policy");
+        };
+        // db crosses a waypoint, and Service db has it as an endpoint.
+        let mut db = (*arc(api_workload("u2", "db", "node-a", "10.0.0.2"))).clone();
+        db.waypoint = Some(waypoint::WaypointRef {
+            namespace: "shop".into(),
+            name: "wp".into(),
+        });
+        let db_service = Arc::new(Service::new(
+            "db".into(),
+            "shop".into(),
+            vec![ip("10.96.0.2")],
+            Vec::new(),
+            vec![crate::service::Endpoint {
+                ip: ip("10.0.0.2"),
+                node: "node-a".into(),
+                zone: String::new(),
+                ready: true,
+                workload_uid: Some("u2".into()),
+            }],
+            false,
+        ));
         let mut state = MeshState::build(
             "node-a",
             [
                 arc(api_workload("u1", "web", "node-a", "10.0.0.1")),
-                arc(api_workload("u2", "db", "node-a", "10.0.0.2")),
+                Arc::new(db),
             ],
             [],
-            [],
+            [db_service],
             |w| {
                 Some(PodCgroup {
                     path: format!("/cg/{}", w.uid).into(),
@@ -835,7 +880,7 @@ pub(crate) mod tests {
         );
         state.set_policy(Arc::new(Engine::new(
             crate::policy::DEFAULT_ROOT_NAMESPACE,
-            [deny_web],
+            [deny_web, deny_on_db_service],
             [strict_db],
         )));
         let mode = |path: &str| {
@@ -865,8 +910,21 @@ pub(crate) mod tests {
         assert_eq!(e.rule, Some(0));
         assert_eq!(e.mtls_mode, "STRICT");
         assert_eq!(e.mtls_policy.as_deref(), Some("shop/db"));
+        // The Service's waypoint policy is named for its pod, however it is addressed.
+        assert_eq!(e.waypoint.as_deref(), Some("shop/wp"));
+        assert_eq!(e.waypoint_policies, ["shop/db-service"]);
+        assert_eq!(
+            state
+                .services_by_endpoint(ip("10.0.0.2"))
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>(),
+            ["db"]
+        );
         let e = explain(&state, "shop/db", "shop/web:80").expect("explained");
         assert_eq!((e.verdict.as_str(), e.policy), ("allow", None));
+        assert_eq!(e.waypoint, None);
+        assert!(e.waypoint_policies.is_empty());
         assert!(explain(&state, "shop/nope", "shop/web:80").is_err());
         assert!(explain(&state, "shop/db", "shop/web:0").is_err());
         assert!(explain(&state, "shop/db", "shop/web").is_err());

@@ -297,7 +297,7 @@ impl<T: Clone> TargetIndex<T> {
             target.gateway_name,
         ));
         let mut namespaces = vec![target.gateway_namespace, self.root_namespace.as_str()];
-        if let Some((ns, name)) = target.service {
+        for &(ns, name) in target.services {
             lists.extend(named(&self.services, ns, name));
             namespaces.push(ns);
         }

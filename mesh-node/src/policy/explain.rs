@@ -6,10 +6,16 @@
 //! its own address; a source outside the mesh (an unenrolled pod, or any other address)
 //! arrives as plaintext, which the kernel judges by destination port alone: it has no
 //! identity, and its address is not weighed, so `ipBlocks` conditions fail closed for it.
+//!
+//! When the destination uses a waypoint, the explanation also names the waypoint and the
+//! policies attached there that its HTTP requests are judged by: those of the waypoint's
+//! `Gateway` and class, and those of every Service that has the pod as an endpoint, whether
+//! the client dials the Service's address or the pod's (request facts decide those, so no
+//! verdict is given for them here).
 
 use serde::Serialize;
 
-use super::{Destination, Flow, Reason};
+use super::{Destination, Flow, Reason, request::WaypointTarget};
 use crate::workload::{MeshState, Workload};
 
 /// Why a flow cannot be explained.
@@ -66,6 +72,11 @@ pub struct Explanation {
     /// The destination port's mutual TLS mode and the PeerAuthentication that set it.
     pub mtls_mode: String,
     pub mtls_policy: Option<String>,
+    /// The destination's waypoint (`namespace/name`), when it uses one.
+    pub waypoint: Option<String>,
+    /// The AuthorizationPolicies that waypoint applies to requests for the destination,
+    /// `DENY` first (see the module documentation).
+    pub waypoint_policies: Vec<String>,
 }
 
 fn find<'a>(state: &'a MeshState, pod: &str) -> Result<&'a Workload, ExplainError> {
@@ -136,7 +147,37 @@ pub fn explain(state: &MeshState, from: &str, to: &str) -> Result<Explanation, E
         ),
     };
     let mtls = engine.peer_authentication.resolve(&dest, port);
+    let waypoint_policies = match &destination.waypoint {
+        Some(waypoint) => {
+            let mut services: Vec<(&str, &str)> = Vec::new();
+            for ip in &destination.ips {
+                for s in state.services_by_endpoint(*ip) {
+                    let id = (s.namespace.as_str(), s.name.as_str());
+                    if !services.contains(&id) {
+                        services.push(id);
+                    }
+                }
+            }
+            let target = WaypointTarget {
+                gateway_namespace: &waypoint.namespace,
+                gateway_name: &waypoint.name,
+                services: &services,
+            };
+            engine
+                .waypoint
+                .applicable(&target)
+                .iter()
+                .map(|p| p.id.to_string())
+                .collect()
+        }
+        None => Vec::new(),
+    };
     Ok(Explanation {
+        waypoint: destination
+            .waypoint
+            .as_ref()
+            .map(|w| format!("{}/{}", w.namespace, w.name)),
+        waypoint_policies,
         destination: Party::of(destination),
         port,
         connection: if source.enrolled {

@@ -13,7 +13,8 @@
 //! - a request **without a token** passes; authorization decides whether one was needed
 //!   (`requestPrincipals: ["*"]`);
 //! - a request with a token that does not verify (bad signature, unknown issuer or key,
-//!   expired, wrong audience, malformed, oversized, several tokens) is **refused with 401**,
+//!   expired, wrong audience, malformed, oversized, several tokens, a `crit` header) is
+//!   **refused with 401**,
 //!   whatever the authorization policies say;
 //! - a verified token gives the request principal `<iss>/<sub>` and its claims to
 //!   authorization ([`VerifiedJwt`]); unless `forwardOriginalToken` is set, the caller removes
@@ -110,4 +111,6 @@ pub enum JwtError {
     Audience,
     #[error("the token's claim {0} has the wrong type")]
     ClaimType(&'static str),
+    #[error("the token's header lists critical extensions (crit), which are not supported")]
+    CriticalExtension,
 }

@@ -8,7 +8,8 @@
 //!   is `/admin`, and writes every other escape with upper-case hex (`%2a` becomes `%2A`);
 //!   it never decodes twice (`%2561` stays `%2561`);
 //! - **rejects** (the caller answers 400) what backends disagree on or what could smuggle a
-//!   separator past a policy: an encoded `/` or `\` (`%2F`, `%5C`), an encoded or raw control
+//!   separator past a policy: path parameters (a `;` in any segment, raw or as `%3B`), an
+//!   encoded `/` or `\` (`%2F`, `%5C`), an encoded or raw control
 //!   character (NUL included), a raw `\`, `#` or non-ASCII byte, an invalid escape (`%G0`, a
 //!   truncated `%4`), and escapes that do not decode to valid UTF-8 (overlong forms such as
 //!   `%C0%AF`, a historical way of spelling `/`);
@@ -22,10 +23,14 @@
 //!   most backends agree). Match both explicitly if a backend folds case.
 //! - A **trailing slash** is kept: `/admin/` and `/admin` are different paths, for Istio's
 //!   exact `paths` as here. Use the prefix form `/admin*` to cover both and everything below.
-//! - **`;` parameters** are ordinary characters: `/admin;x` is not `/admin`. Some backends
-//!   (Java servlet containers) strip them; protect such backends with a prefix (`/admin*`).
-//!   The one exception: a dot segment with parameters (`/public/..;x/admin`), which those
-//!   backends resolve as `..`, is refused.
+//!
+//! **Path parameters are refused, not stripped.** Backends disagree on `;`: servlet
+//! containers drop `;params` from every segment before routing (so `/;x/admin`, `/..;/admin`
+//! and, in some, `/%3B/admin` reach `/admin`), while most others treat `;` as data. No single
+//! rewrite is right for both, and stripping would silently change what applications that use
+//! matrix parameters receive; refusing makes the path that policy and routes see the only one
+//! any backend can read. The cost: a `;jsessionid=` URL or matrix parameters cannot cross a
+//! waypoint (put them in the query or a cookie).
 //!
 //! Input is bounded: a target longer than [`MAX_TARGET_LEN`] bytes is rejected before any work.
 
@@ -51,8 +56,8 @@ pub enum PathError {
     BadCharacter(char),
     #[error("the request path contains percent escapes that are not valid UTF-8")]
     InvalidUtf8,
-    #[error("the request path contains a dot segment with parameters (like ..;x)")]
-    DotParameters,
+    #[error("the request path contains a path parameter (';' or %3B)")]
+    PathParameters,
 }
 
 /// A normalized request target: the path to authorize, route and forward, and the query as
@@ -120,7 +125,7 @@ pub fn normalize_path(raw: &str) -> Result<NormalizedPath, PathError> {
     }
     let decoded = decode(path.as_bytes())?;
     Ok(NormalizedPath {
-        path: resolve_segments(&decoded)?,
+        path: resolve_segments(&decoded),
         query,
     })
 }
@@ -149,6 +154,7 @@ fn decode(path: &[u8]) -> Result<String, PathError> {
             flush_high(&mut high, &mut out)?;
             match v {
                 b'/' | b'\\' => return Err(PathError::EncodedSeparator),
+                b';' => return Err(PathError::PathParameters),
                 0..=0x1F | 0x7F => return Err(PathError::Control),
                 v if is_unreserved(v) => out.push(char::from(v)),
                 v => push_escape(&mut out, v),
@@ -158,6 +164,7 @@ fn decode(path: &[u8]) -> Result<String, PathError> {
         flush_high(&mut high, &mut out)?;
         match b {
             0..=0x1F | 0x7F => return Err(PathError::Control),
+            b';' => return Err(PathError::PathParameters),
             b'\\' | b'#' | b' ' => return Err(PathError::BadCharacter(char::from(b))),
             0x80..=0xFF => return Err(PathError::BadCharacter(char::REPLACEMENT_CHARACTER)),
             b => out.push(char::from(b)),
@@ -193,8 +200,9 @@ fn flush_high(high: &mut Vec<u8>, out: &mut String) -> Result<(), PathError> {
     Ok(())
 }
 
-/// Merges slashes and resolves dot segments of a decoded, ASCII path starting with `/`.
-fn resolve_segments(path: &str) -> Result<String, PathError> {
+/// Merges slashes and resolves dot segments of a decoded, ASCII path starting with `/`
+/// (without `;`, which [`decode`] refuses).
+fn resolve_segments(path: &str) -> String {
     let mut segments: Vec<&str> = Vec::new();
     let mut trailing_slash = false;
     // Empty segments come from repeated slashes (merged) and the leading slash.
@@ -207,9 +215,6 @@ fn resolve_segments(path: &str) -> Result<String, PathError> {
                 segments.pop();
                 trailing_slash = true;
             }
-            s if matches!(s.split(';').next(), Some("." | "..")) => {
-                return Err(PathError::DotParameters);
-            }
             s => segments.push(s),
         }
     }
@@ -221,7 +226,7 @@ fn resolve_segments(path: &str) -> Result<String, PathError> {
     if trailing_slash || segments.is_empty() {
         out.push('/');
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]

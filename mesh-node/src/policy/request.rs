@@ -10,11 +10,16 @@
 //! - `paths`: matched against the normalized path without its query
 //!   ([`super::normalize`]); exact and prefix values must already be in normal form (a value
 //!   the waypoint would never see, like `/a//b`, is unsupported rather than silently dead).
-//! - `hosts`: case-insensitive and port-insensitive: the request's host is lower-cased and
+//! - `hosts`: matched against the request's one authority (the waypoint refuses a `Host` that
+//!   disagrees with `:authority` or an absolute-form target, and two `Host` headers);
+//!   case-insensitive and port-insensitive: the request's host is lower-cased and
 //!   its port and one trailing dot removed; values with a port are unsupported.
 //! - `requestPrincipals`: `<iss>/<sub>` of the verified JWT; no JWT matches nothing (so
 //!   `notRequestPrincipals: ["*"]` matches requests without one).
-//! - `when`: `request.headers[<name>]` (several values of one header are joined with `,`),
+//! - `when`: `request.headers[<name>]` (a header sent several times is judged value by value:
+//!   the condition holds, or fails, only if it does for every value; when the values disagree
+//!   it is unknown, so a `DENY` matches if any value matches and an `ALLOW` only if every
+//!   value satisfies it; one field line is one value, commas included),
 //!   `request.auth.principal`, `request.auth.audiences`, `request.auth.presenter`,
 //!   `request.auth.claims[<c>]` (nested as `[a][b]`; a claim must be a string or a list of
 //!   strings), `source.principal` and `source.namespace` (literal, like `principals` and
@@ -34,14 +39,16 @@ use super::{
 };
 use crate::identity::Identity;
 
-/// The waypoint a request arrived at and the service it is for: which policies apply.
+/// The waypoint a request arrived at and the services it is for: which policies apply.
 #[derive(Debug, Clone, Copy)]
 pub struct WaypointTarget<'a> {
     /// The waypoint's `Gateway` object.
     pub gateway_namespace: &'a str,
     pub gateway_name: &'a str,
-    /// The destination service (namespace, name), when the request is for one.
-    pub service: Option<(&'a str, &'a str)>,
+    /// The destination services (namespace, name): the one whose address was dialled, or,
+    /// for a request addressed to a pod, every service that has the pod as an endpoint (the
+    /// policies attached to a service protect its endpoints however they are addressed).
+    pub services: &'a [(&'a str, &'a str)],
 }
 
 /// What a waypoint knows about one request, beyond the connection ([`Flow`]).
@@ -51,7 +58,8 @@ pub struct RequestFacts<'a> {
     /// The normalized path ([`super::normalize::NormalizedPath::path`]); a query, if passed
     /// along, is ignored.
     pub path: &'a str,
-    /// `:authority` or `Host`, as received (case and port are ignored when matching).
+    /// The request's one authority (`:authority`, absolute-form target or `Host`, which the
+    /// waypoint has made agree); case and port are ignored when matching.
     pub host: &'a str,
     pub headers: &'a HeaderMap,
     /// The request's verified JWT, if it carried one ([`super::jwt::JwtAuthenticator`]).
@@ -321,21 +329,47 @@ impl WhenMatch {
         if self.values.is_empty() && self.not_values.is_empty() {
             return Truth::Unknown;
         }
-        let fact = self.fact(flow, request.facts);
+        if let WhenKey::Header(name) = &self.key {
+            return self.eval_header(request.facts.headers, name);
+        }
+        self.eval_fact(&self.fact(flow, request.facts))
+    }
+
+    fn eval_fact(&self, fact: &Fact<'_>) -> Truth {
         let mut t = Truth::Yes;
         if !self.values.is_empty() {
-            t = t.min(Truth::any(&self.values, |v| value_matches(v, &fact)));
+            t = t.min(Truth::any(&self.values, |v| value_matches(v, fact)));
         }
         if !self.not_values.is_empty() {
-            t = t.min(Truth::any(&self.not_values, |v| value_matches(v, &fact)).not());
+            t = t.min(Truth::any(&self.not_values, |v| value_matches(v, fact)).not());
         }
         t
+    }
+
+    /// A header condition on each of the header's values: their common verdict, or unknown
+    /// when they disagree (a repeated header must not let a client pick the value a policy
+    /// judges while the backend reads another).
+    fn eval_header(&self, headers: &HeaderMap, name: &HeaderName) -> Truth {
+        let mut verdict = None;
+        for value in headers.get_all(name) {
+            let fact = value
+                .to_str()
+                .map_or(Fact::Unknown, |v| Fact::Str(Cow::Borrowed(v)));
+            let t = self.eval_fact(&fact);
+            match verdict {
+                None => verdict = Some(t),
+                Some(seen) if seen == t => {}
+                Some(_) => return Truth::Unknown,
+            }
+        }
+        verdict.unwrap_or_else(|| self.eval_fact(&Fact::Absent))
     }
 
     fn fact<'a>(&'a self, flow: &Flow<'a>, facts: &'a RequestFacts<'a>) -> Fact<'a> {
         let jwt = facts.jwt;
         match &self.key {
-            WhenKey::Header(name) => header_fact(facts.headers, name),
+            // Judged value by value in `eval_header`.
+            WhenKey::Header(_) => Fact::Unknown,
             WhenKey::AuthPrincipal => jwt.map_or(Fact::Absent, |j| {
                 Fact::Str(Cow::Borrowed(j.principal.as_str()))
             }),
@@ -355,28 +389,6 @@ impl WhenMatch {
             WhenKey::Unsupported => Fact::Unknown,
         }
     }
-}
-
-/// All values of a header joined with `,` (as Envoy matches them); unknown if one is not
-/// text.
-fn header_fact<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Fact<'a> {
-    let mut values = headers.get_all(name).iter();
-    let Some(first) = values.next() else {
-        return Fact::Absent;
-    };
-    let Ok(first) = first.to_str() else {
-        return Fact::Unknown;
-    };
-    let mut joined = Cow::Borrowed(first);
-    for v in values {
-        let Ok(v) = v.to_str() else {
-            return Fact::Unknown;
-        };
-        let s = joined.to_mut();
-        s.push(',');
-        s.push_str(v);
-    }
-    Fact::Str(joined)
 }
 
 fn claim_fact(value: Option<&serde_json::Value>) -> Fact<'_> {

@@ -7,9 +7,37 @@ use http_body_util::{BodyExt, Full, combinators::BoxBody};
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BodyError>;
 
-/// A peer's body, streamed as it arrives.
+/// An upstream's body, streamed as it arrives.
 pub fn streamed(body: hyper::body::Incoming) -> Body {
     body.map_err(|e| Box::new(e) as BodyError).boxed()
+}
+
+/// A client's request body failed while the waypoint forwarded it (malformed chunked
+/// framing, or the client went away): the request's fault, never the endpoint's.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body failed: {0}")]
+pub struct ClientBodyError(#[source] hyper::Error);
+
+/// A client's request body, streamed as it arrives; its errors are [`ClientBodyError`]s.
+pub fn from_client(body: hyper::body::Incoming) -> Body {
+    body.map_err(|e| Box::new(ClientBodyError(e)) as BodyError)
+        .boxed()
+}
+
+/// Whether `e` (or one of its sources) is a [`ClientBodyError`].
+pub fn is_client_body_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    let mut depth = 0;
+    while let Some(err) = next
+        && depth < 16
+    {
+        if err.is::<ClientBodyError>() {
+            return true;
+        }
+        next = err.source();
+        depth += 1;
+    }
+    false
 }
 
 /// A body held in memory.

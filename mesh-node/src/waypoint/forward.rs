@@ -1,16 +1,20 @@
 //! One request through the waypoint, top to bottom:
 //!
-//! sanitize -> trace context -> normalize the path -> authenticate (JWT) -> authorize -> route -> rate limit ->
+//! sanitize -> admit (method, target form, one authority) -> trace context -> normalize the
+//! path -> authenticate (JWT) -> authorize -> route -> rate limit ->
 //! inject faults -> admit (circuit breaker) -> send, with retries and timeouts -> mirror ->
 //! respond; then one metric sample, one access log event and, for a sampled trace with a
 //! collector configured, one exported span. All three end at the response head.
 //!
 //! Responses the waypoint makes itself carry a short reason in `response_flags` (metrics)
-//! and in the access log, so an operator can tell a 503 of the waypoint from one of the app:
+//! and in the access log, so an operator can tell a 503 of the waypoint from one of the app.
+//! The body of such a response is the status's reason phrase only: which policy denied, why a
+//! token failed or which endpoint was unreachable is for the access log, not for the client.
 //!
 //! | flag | status | meaning |
 //! |------|--------|---------|
-//! | `BR` | 400 | the request target cannot be normalized or forwarded |
+//! | `BR` | 400 | the request target, its authority or its body cannot be forwarded as sent |
+//! | `BR` | 405 | method CONNECT, never relayed ([`admit`]) |
 //! | `UA` | 401 | a JSON Web Token that does not verify |
 //! | `DENY` | 403 | an AuthorizationPolicy denies the request |
 //! | `NR` | 404 | routes apply to the destination but no rule matches |
@@ -25,6 +29,7 @@
 //! | `UT` | 504 | a request or per-try timeout expired |
 //! | `URX` | any | the last of several tries failed; the status is that try's |
 
+mod admit;
 mod plan;
 mod send;
 
@@ -111,14 +116,17 @@ impl Outcome {
         }
     }
 
-    /// A response the waypoint makes itself.
+    /// A response the waypoint makes itself: `error` goes to the access log and the span,
+    /// the client reads only the reason phrase (policy names, token failures and endpoint
+    /// addresses would tell it how to get past the waypoint or what lies behind it).
     fn local(
         mut self,
         status: StatusCode,
         flags: &'static str,
         error: String,
     ) -> (Response<Body>, Self) {
-        let mut response = Response::new(body::full(format!("{error}\n")));
+        let reason = status.canonical_reason().unwrap_or("Error");
+        let mut response = Response::new(body::full(format!("{reason}\n")));
         *response.status_mut() = status;
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -251,6 +259,10 @@ async fn forward(
     let mut outcome = Outcome::new(down.target.service.clone());
     let (mut parts, incoming) = req.into_parts();
     sanitize(&mut parts.headers);
+    // One method, target form and authority for everything below ([`admit`]).
+    if let Err(refusal) = admit::admit(&mut parts) {
+        return outcome.local(refusal.status(), "BR", refusal.to_string());
+    }
     let spans = down.inputs.spans.as_ref();
     outcome.trace = Some(TraceContext::propagate(
         &mut parts.headers,
@@ -265,14 +277,11 @@ async fn forward(
 
     // Authenticate, then authorize.
     let me = &down.inputs.me;
+    let services = target_services(mesh, &down.target);
     let target = WaypointTarget {
         gateway_namespace: &me.namespace,
         gateway_name: &me.name,
-        service: down
-            .target
-            .service
-            .as_ref()
-            .map(|s| (s.namespace.as_str(), s.name.as_str())),
+        services: &services,
     };
     let jwt = match &l7.jwt {
         Some(authenticator) => {
@@ -310,6 +319,28 @@ async fn forward(
         Err(refusal) => return refusal.respond(outcome),
     };
     send::send(down, plan, parts, incoming, outcome).await
+}
+
+/// The services whose attached policies apply: the one dialled, or every service that has the
+/// dialled pod as an endpoint (a Service's policies protect its endpoints however the client
+/// addresses them).
+fn target_services<'m>(mesh: &'m MeshState, target: &'m Target) -> Vec<(&'m str, &'m str)> {
+    match &target.service {
+        Some(s) => vec![(s.namespace.as_str(), s.name.as_str())],
+        None => {
+            let ips = target.workload.iter().flat_map(|w| w.ips.iter().copied());
+            let mut out: Vec<(&str, &str)> = Vec::new();
+            for ip in std::iter::once(target.addr.ip()).chain(ips) {
+                for s in mesh.services_by_endpoint(ip) {
+                    let id = (s.namespace.as_str(), s.name.as_str());
+                    if !out.contains(&id) {
+                        out.push(id);
+                    }
+                }
+            }
+            out
+        }
+    }
 }
 
 /// Rewrites the request target into its normal form, or says why it has none.

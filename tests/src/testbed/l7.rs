@@ -28,6 +28,8 @@ pub struct RequestsOpts {
     pub count: usize,
     /// HTTP/2 with prior knowledge instead of HTTP/1.1.
     pub http2: bool,
+    /// HTTP/2: an `:authority` sent beside the `host` header (which then stays).
+    pub authority: Option<String>,
     /// Request body size in bytes (the test pattern).
     pub body_bytes: u64,
     /// Requests in flight at once.
@@ -44,6 +46,7 @@ impl Default for RequestsOpts {
             headers: Vec::new(),
             count: 1,
             http2: false,
+            authority: None,
             body_bytes: 0,
             concurrency: 1,
             timeout: None,
@@ -106,6 +109,9 @@ impl Testbed {
         }
         if opts.http2 {
             cmd.push("--http2".to_owned());
+        }
+        if let Some(authority) = &opts.authority {
+            cmd.extend(["--authority".to_owned(), authority.clone()]);
         }
         self.run(place, &cmd, timeout + RUN_MARGIN)?.ok_json()
     }

@@ -312,6 +312,20 @@ pub fn explanation(e: &Value) -> String {
             format!("from PeerAuthentication {}", cell(&e["mtls_policy"]))
         }
     ));
+    if !e["waypoint"].is_null() {
+        let policies: Vec<&str> = list(&e["waypoint_policies"])
+            .filter_map(Value::as_str)
+            .collect();
+        out.push_str(&format!(
+            "  waypoint    {}: HTTP requests (to a Service's address or the pod's) are also judged by {}\n",
+            cell(&e["waypoint"]),
+            if policies.is_empty() {
+                "no AuthorizationPolicy".to_owned()
+            } else {
+                policies.join(", ")
+            }
+        ));
+    }
     out
 }
 

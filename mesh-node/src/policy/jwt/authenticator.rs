@@ -123,6 +123,11 @@ impl JwtAuthenticator {
             .map_err(|_| JwtError::Malformed)?;
         let header = unverified.header;
         check_algorithm(header.alg)?;
+        // RFC 7515 section 4.1.11: a recipient must refuse a token whose `crit` names an
+        // extension it does not implement; this verifier implements none.
+        if header.crit.is_some() {
+            return Err(JwtError::CriticalExtension);
+        }
         let issuer = match unverified.claims.get("iss") {
             Some(Value::String(iss)) => iss.clone(),
             Some(_) => return Err(JwtError::ClaimType("iss")),

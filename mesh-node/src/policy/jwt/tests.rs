@@ -154,7 +154,7 @@ fn authenticator(policies: Vec<JwtPolicy>) -> JwtAuthenticator {
 const WEB: WaypointTarget<'static> = WaypointTarget {
     gateway_namespace: "shop",
     gateway_name: "waypoint",
-    service: Some(("shop", "web")),
+    services: &[("shop", "web")],
 };
 
 fn bearer(token: &str) -> HeaderMap {
@@ -210,6 +210,20 @@ fn a_valid_es256_token_verifies() {
 #[test]
 fn a_token_without_kid_is_tried_against_each_suitable_key() {
     let t = token(&json!({"alg": "ES256"}), &claims(), Signer::Ec(&EC));
+    assert!(matches!(outcome_of(&t), JwtOutcome::Verified(_)));
+}
+
+#[test]
+fn a_token_with_critical_extensions_is_refused_even_when_signed() {
+    let header = json!({"alg": "ES256", "kid": "e1", "crit": ["exp-ext"], "exp-ext": 1});
+    let t = token(&header, &claims(), Signer::Ec(&EC));
+    assert_eq!(error_of(&t), JwtError::CriticalExtension);
+    // The same token without `crit` verifies: the key and claims are not what failed.
+    let t = token(
+        &json!({"alg": "ES256", "kid": "e1"}),
+        &claims(),
+        Signer::Ec(&EC),
+    );
     assert!(matches!(outcome_of(&t), JwtOutcome::Verified(_)));
 }
 
@@ -385,7 +399,7 @@ fn custom_headers_and_forwarding_the_token() {
 fn tokens_are_only_read_where_a_request_authentication_applies() {
     let auth = authenticator(vec![request_authentication("jwt", &inline_rule(""))]);
     let db = WaypointTarget {
-        service: Some(("shop", "db")),
+        services: &[("shop", "db")],
         ..WEB
     };
     assert_eq!(

@@ -53,9 +53,6 @@ fn what_the_waypoint_does_not_fold() {
     // A trailing slash is another path (as for Istio's exact paths); `/admin*` covers both.
     assert_eq!(normal("/admin/").0, "/admin/");
     assert_eq!(normal("/admin").0, "/admin");
-    // `;` parameters are ordinary characters.
-    assert_eq!(normal("/admin;x").0, "/admin;x");
-    assert_eq!(normal("/admin;jsessionid=1/../x").0, "/x");
 }
 
 #[test]
@@ -105,11 +102,18 @@ fn targets_that_could_smuggle_a_separator_are_refused() {
         ("?q", PathError::NotOriginForm),
         ("*", PathError::NotOriginForm),
         ("http://h/admin", PathError::NotOriginForm),
-        // Servlet containers resolve `..;x` as `..`.
-        ("/public/..;/admin", PathError::DotParameters),
-        ("/public/..;jsessionid=1/admin", PathError::DotParameters),
-        ("/.;x/admin", PathError::DotParameters),
-        ("/%2e%2e;/admin", PathError::DotParameters),
+        // Path parameters, in any segment, raw or encoded: servlet containers strip them
+        // (`/;/admin` is `/admin` there, `..;x` is `..`), other backends do not.
+        ("/public/..;/admin", PathError::PathParameters),
+        ("/public/..;jsessionid=1/admin", PathError::PathParameters),
+        ("/.;x/admin", PathError::PathParameters),
+        ("/%2e%2e;/admin", PathError::PathParameters),
+        ("/;/admin", PathError::PathParameters),
+        ("/;x/admin", PathError::PathParameters),
+        ("/%3B/admin", PathError::PathParameters),
+        ("/%3bx/admin", PathError::PathParameters),
+        ("/admin;x", PathError::PathParameters),
+        ("/admin;jsessionid=1/../x", PathError::PathParameters),
     ];
     let mut failures = Vec::new();
     for (raw, want) in table {
@@ -137,11 +141,116 @@ fn normalizing_twice_changes_nothing() {
     for raw in [
         "//a/./b/../c%2a%41?q",
         "/%c3%a9t%C3%A9/",
-        "/a;b/../c;",
+        "/a:b/../c@",
         "/~x/.y/..z",
     ] {
         let once = normalize_path(raw).expect("valid target");
         let twice = normalize_path(&once.path_and_query()).expect("normal form is valid");
         assert_eq!(once, twice, "{raw:?}");
+    }
+}
+
+/// Property tests: whatever the input, the normal form has the shape policies rely on, and
+/// spellings a backend reads as one path normalize to one string.
+mod properties {
+    use proptest::prelude::*;
+
+    use super::{PathError, normalize_path};
+
+    /// Pieces of hostile targets: separators, dots, escapes of every kind, parameters.
+    fn piece() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            "/", "//", ".", "..", "a", "B", "admin", "%61", "%2e", "%2E", "%2F", "%2f", "%5C", ";",
+            ";x=1", "%3B", "%3b", "%41", "~", "%7e", "-", "%25", "%2a", "?", "q=%2F", "%c3%a9",
+            "%C0%AF", "#", "%00", ":", "@", "!", "%20", "\\",
+        ])
+    }
+
+    fn target() -> impl Strategy<Value = String> {
+        prop::collection::vec(piece(), 0..16).prop_map(|pieces| format!("/{}", pieces.concat()))
+    }
+
+    /// A path a backend reads unambiguously: segments of unreserved and safe characters.
+    fn plain_segments() -> impl Strategy<Value = Vec<String>> {
+        prop::collection::vec("[a-zA-Z0-9_~:@!-]{1,6}", 0..6)
+    }
+
+    /// One way of spelling a segment that every backend decodes to the segment itself.
+    fn respell(segment: &str, how: u8) -> String {
+        match how % 4 {
+            // Percent-encode every unreserved character, with either hex case.
+            0 => segment
+                .bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                        if how & 0x10 == 0 {
+                            format!("%{b:02X}")
+                        } else {
+                            format!("%{b:02x}")
+                        }
+                    } else {
+                        char::from(b).to_string()
+                    }
+                })
+                .collect(),
+            // A detour through a sibling and back.
+            1 => format!("x/../{segment}"),
+            // A `.` segment before it.
+            2 => format!("./{segment}"),
+            // An extra slash before it.
+            _ => format!("/{segment}"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn the_normal_form_is_a_fixed_point_without_parameters_dots_or_empty_segments(raw in target()) {
+            if let Ok(n) = normalize_path(&raw) {
+                let path = n.path();
+                prop_assert!(path.starts_with('/'));
+                prop_assert!(!path.contains(';'), "{raw:?} -> {path:?}");
+                prop_assert!(!path.to_ascii_uppercase().contains("%3B"), "{raw:?} -> {path:?}");
+                prop_assert!(!path.contains("//"), "{raw:?} -> {path:?}");
+                let segments: Vec<&str> = path.split('/').collect();
+                prop_assert!(!segments.contains(&".") && !segments.contains(&".."), "{raw:?} -> {path:?}");
+                let again = normalize_path(&n.path_and_query());
+                prop_assert_eq!(again.as_ref(), Ok(&n), "{:?} is not a fixed point", raw);
+            }
+        }
+
+        #[test]
+        fn spellings_a_backend_reads_as_one_path_normalize_to_one_string(
+            segments in plain_segments(),
+            hows in prop::collection::vec(any::<u8>(), 6),
+            trailing in any::<bool>(),
+        ) {
+            let plain = format!("/{}{}", segments.join("/"), if trailing && !segments.is_empty() { "/" } else { "" });
+            let respelled = format!(
+                "/{}{}",
+                segments.iter().zip(&hows).map(|(s, h)| respell(s, *h)).collect::<Vec<_>>().join("/"),
+                if trailing && !segments.is_empty() { "/" } else { "" },
+            );
+            let a = normalize_path(&plain).map(|n| n.path().to_owned());
+            let b = normalize_path(&respelled).map(|n| n.path().to_owned());
+            prop_assert_eq!(&a, &b, "{} and {} differ", plain, respelled);
+            prop_assert_eq!(a, Ok(plain.replace("//", "/")));
+        }
+
+        #[test]
+        fn a_parameter_in_any_segment_is_refused(
+            segments in prop::collection::vec("[a-z]{1,4}", 1..5),
+            at in any::<prop::sample::Index>(),
+            param in prop::sample::select(vec![";", ";x", ";jsessionid=1", "%3B", "%3bx"]),
+        ) {
+            let i = at.index(segments.len());
+            let raw: String = segments
+                .iter()
+                .enumerate()
+                .map(|(j, s)| if j == i { format!("/{s}{param}") } else { format!("/{s}") })
+                .collect();
+            prop_assert_eq!(normalize_path(&raw), Err(PathError::PathParameters));
+            let leading = format!("/{param}{raw}");
+            prop_assert_eq!(normalize_path(&leading), Err(PathError::PathParameters));
+        }
     }
 }

@@ -109,6 +109,23 @@ spec:
   rules: [{when: [{key: "request.headers[x-debug]", values: ["*"]}]}]
 "#;
 
+const DENY_DEBUG_ON: &str = r#"
+kind: AuthorizationPolicy
+metadata: {namespace: shop, name: debug-on}
+spec:
+  targetRefs: [{kind: Service, name: web}]
+  action: DENY
+  rules: [{when: [{key: "request.headers[x-debug]", values: ["1"]}]}]
+"#;
+
+const ALLOW_NOT_TENANT_EVIL: &str = r#"
+kind: AuthorizationPolicy
+metadata: {namespace: shop, name: not-evil}
+spec:
+  targetRefs: [{kind: Service, name: web}]
+  rules: [{when: [{key: "request.headers[x-tenant]", notValues: ["evil"]}]}]
+"#;
+
 const ALLOW_ADMINS_GROUP: &str = r#"
 kind: AuthorizationPolicy
 metadata: {namespace: shop, name: admins}
@@ -381,7 +398,7 @@ fn decide(policies: &[&str], req: Req) -> Expect {
     let target = WaypointTarget {
         gateway_namespace: "shop",
         gateway_name: "waypoint",
-        service: Some(req.service),
+        services: &[req.service],
     };
     let facts = RequestFacts {
         method: req.method,
@@ -446,7 +463,16 @@ const TABLE: &[Case] = &[
     Case { name: "header value prefix", policies: &[ALLOW_TENANT_HEADER], req: headers(&[("x-tenant", "beta-3")]), expect: Allow("shop/tenant", 0) },
     Case { name: "header absent", policies: &[ALLOW_TENANT_HEADER], req: GET, expect: DenyNoAllow },
     Case { name: "header values are case-sensitive", policies: &[ALLOW_TENANT_HEADER], req: headers(&[("x-tenant", "ACME")]), expect: DenyNoAllow },
-    Case { name: "a repeated header is matched joined with commas", policies: &[ALLOW_TENANT_HEADER], req: headers(&[("x-tenant", "acme"), ("x-tenant", "evil")]), expect: DenyNoAllow },
+    Case { name: "ALLOW: every value of a repeated header must match", policies: &[ALLOW_TENANT_HEADER], req: headers(&[("x-tenant", "acme"), ("x-tenant", "evil")]), expect: DenyNoAllow },
+    Case { name: "ALLOW: every value of a repeated header must match, in any order", policies: &[ALLOW_TENANT_HEADER], req: headers(&[("x-tenant", "evil"), ("x-tenant", "acme")]), expect: DenyNoAllow },
+    Case { name: "ALLOW: a repeated header whose values all match", policies: &[ALLOW_TENANT_HEADER], req: headers(&[("x-tenant", "acme"), ("x-tenant", "beta-1")]), expect: Allow("shop/tenant", 0) },
+    Case { name: "ALLOW notValues: one excluded value among several", policies: &[ALLOW_NOT_TENANT_EVIL], req: headers(&[("x-tenant", "acme"), ("x-tenant", "evil")]), expect: DenyNoAllow },
+    Case { name: "ALLOW notValues: no excluded value", policies: &[ALLOW_NOT_TENANT_EVIL], req: headers(&[("x-tenant", "acme"), ("x-tenant", "beta")]), expect: Allow("shop/not-evil", 0) },
+    Case { name: "DENY: any value of a repeated header matching denies", policies: &[DENY_DEBUG_ON], req: headers(&[("x-debug", "1"), ("x-debug", "0")]), expect: DenyFailClosed("shop/debug-on", 0) },
+    Case { name: "DENY: any value, in any order", policies: &[DENY_DEBUG_ON], req: headers(&[("x-debug", "0"), ("x-debug", "1")]), expect: DenyFailClosed("shop/debug-on", 0) },
+    Case { name: "DENY: every value matching denies surely", policies: &[DENY_DEBUG_ON], req: headers(&[("x-debug", "1"), ("x-debug", "1")]), expect: Deny("shop/debug-on", 0) },
+    Case { name: "DENY: no value matching passes", policies: &[DENY_DEBUG_ON], req: headers(&[("x-debug", "0"), ("x-debug", "2")]), expect: AllowDefault },
+    Case { name: "DENY: one field line is one value, commas included", policies: &[DENY_DEBUG_ON], req: headers(&[("x-debug", "1,0")]), expect: AllowDefault },
     Case { name: "header presence (*) denies", policies: &[DENY_DEBUG_HEADER], req: headers(&[("X-Debug", "")]), expect: Deny("shop/no-debug", 0) },
     Case { name: "header presence: absent passes", policies: &[DENY_DEBUG_HEADER], req: GET, expect: AllowDefault },
 
@@ -541,7 +567,7 @@ fn node_agents_and_waypoints_split_the_policies() {
     let target = WaypointTarget {
         gateway_namespace: "shop",
         gateway_name: "waypoint",
-        service: Some(("shop", "web")),
+        services: &[("shop", "web")],
     };
     let names: Vec<String> = engine
         .waypoint
@@ -572,7 +598,7 @@ spec:
     let target = WaypointTarget {
         gateway_namespace: "shop",
         gateway_name: "waypoint",
-        service: Some(("shop", "web")),
+        services: &[("shop", "web")],
     };
     assert_eq!(engine.waypoint.applicable(&target).len(), 1);
     // One ALLOW policy, counted once when none matches.
@@ -765,13 +791,13 @@ fn an_unreadable_spec_denies_at_the_waypoints_too() {
     let target = WaypointTarget {
         gateway_namespace: "blog",
         gateway_name: "waypoint",
-        service: Some(("shop", "web")),
+        services: &[("shop", "web")],
     };
     assert_eq!(engine.waypoint.applicable(&target).len(), 1);
     let elsewhere = WaypointTarget {
         gateway_namespace: "blog",
         gateway_name: "waypoint",
-        service: Some(("blog", "web")),
+        services: &[("blog", "web")],
     };
     assert!(engine.waypoint.applicable(&elsewhere).is_empty());
 }

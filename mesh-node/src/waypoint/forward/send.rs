@@ -132,7 +132,7 @@ pub async fn send(
         None => Vec::new(),
     };
     let retries = route_retry.is_some() || resilience.is_some_and(|r| r.policy().retries.is_some());
-    let streamed = body::streamed(incoming);
+    let streamed = body::from_client(incoming);
     let mut source = if retries || !mirrors.is_empty() {
         Source::Replay(Replayable::new(
             streamed,
@@ -254,6 +254,15 @@ impl Tries<'_> {
                     Ok(response),
                 ),
                 Ok(Err(e)) => {
+                    if body::is_client_body_error(&e) {
+                        // The client's framing failed, not the endpoint: no retry, no outlier
+                        // record, and 400 as for any other malformed request.
+                        return Err(Failure::new(
+                            StatusCode::BAD_REQUEST,
+                            "BR",
+                            format!("request body: {}", error_chain(&e)),
+                        ));
+                    }
                     if let Some(overflow) = overflow_of(&e) {
                         // A limit of this waypoint, not a fault of the endpoint.
                         return Err(Failure {

@@ -164,6 +164,9 @@ enum Command {
         to: SocketAddr,
         #[arg(long, value_enum)]
         kind: client::attack::Kind,
+        /// The request bytes of `--kind raw`.
+        #[arg(long)]
+        request: Option<String>,
     },
     /// gRPC health Check of a service, and with --watch N a Watch reading N messages.
     Grpc {
@@ -271,7 +274,9 @@ async fn run(command: Command, timeout: Duration) -> Result<(Value, bool)> {
         // `requests` keeps its own deadline so it can report partial results.
         Command::Requests(args) => client::requests::requests(args, timeout).await,
         // `attack` keeps its own deadline so it can report what came back until then.
-        Command::Attack { to, kind } => client::attack::attack(to, kind, timeout).await,
+        Command::Attack { to, kind, request } => {
+            client::attack::attack(to, kind, request, timeout).await
+        }
         Command::Grpc { to, service, watch } => {
             tokio::time::timeout(timeout, client::grpc::grpc(to, &service, watch, timeout))
                 .await

@@ -5,6 +5,11 @@
 //! connection, everything is sent and the peer has been quiet for a moment, or the deadline
 //! passes. It reports what came back: the HTTP/1.1 status lines, or the HTTP/2 frames by
 //! type and the GOAWAY error code, and whether the peer closed. Reading is bounded.
+//!
+//! `raw` sends the bytes of `--request` as given (a request a well-behaved client library
+//! would never write: two `Host` headers, an absolute-form target naming another host, an
+//! authority-form target, a malformed chunked body) and reports each HTTP/1.1 response with
+//! its status and body (JSON when it parses), so a test sees what the backend echoed.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -26,6 +31,8 @@ pub enum Kind {
     RapidReset,
     /// HTTP/2: one HEADERS frame without END_HEADERS, then CONTINUATION frames without end.
     Continuation,
+    /// HTTP/1.1: the bytes of `--request`, verbatim.
+    Raw,
 }
 
 /// The most bytes kept from the peer's answer.
@@ -61,8 +68,9 @@ const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 
 /// The bytes of an attack, in the chunks they are written in.
-fn payload(kind: Kind) -> Vec<Vec<u8>> {
+fn payload(kind: Kind, request: &[u8]) -> Vec<Vec<u8>> {
     match kind {
+        Kind::Raw => vec![request.to_vec()],
         Kind::ClTe => vec![
             b"POST /smuggle HTTP/1.1\r\nHost: x\r\nContent-Length: 45\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
                 .to_vec(),
@@ -116,14 +124,25 @@ fn payload(kind: Kind) -> Vec<Vec<u8>> {
     }
 }
 
-pub async fn attack(to: SocketAddr, kind: Kind, timeout: Duration) -> Result<(Value, bool)> {
+pub async fn attack(
+    to: SocketAddr,
+    kind: Kind,
+    request: Option<String>,
+    timeout: Duration,
+) -> Result<(Value, bool)> {
+    let request = match (kind, request) {
+        (Kind::Raw, Some(r)) => r.into_bytes(),
+        (Kind::Raw, None) => anyhow::bail!("--kind raw needs --request"),
+        (_, Some(_)) => anyhow::bail!("--request is only for --kind raw"),
+        (_, None) => Vec::new(),
+    };
     let started = Instant::now();
     let deadline = started + timeout;
     let stream = TcpStream::connect(to)
         .await
         .with_context(|| format!("connecting to {to}"))?;
     let (mut reader, mut writer) = stream.into_split();
-    let chunks = payload(kind);
+    let chunks = payload(kind, &request);
     let total: usize = chunks.iter().map(Vec::len).sum();
     let write = async move {
         let mut written = 0usize;
@@ -133,7 +152,9 @@ pub async fn attack(to: SocketAddr, kind: Kind, timeout: Duration) -> Result<(Va
             }
             written += chunk.len();
         }
-        written
+        // The write half is handed back, not dropped: a FIN now would let a server that
+        // does not wait on half-closed connections close before it answers.
+        (written, writer)
     };
     let read = async move {
         let mut received = Vec::new();
@@ -151,7 +172,7 @@ pub async fn attack(to: SocketAddr, kind: Kind, timeout: Duration) -> Result<(Va
     };
     tokio::pin!(read);
     let (written, outcome) = tokio::select! {
-        written = write => {
+        (written, _writer) = write => {
             // Everything sent: wait for the peer to answer and close, or to fall quiet.
             let quiet = QUIET.min(deadline.saturating_duration_since(Instant::now()));
             (written, tokio::time::timeout(quiet, &mut read).await.ok())
@@ -174,6 +195,9 @@ pub async fn attack(to: SocketAddr, kind: Kind, timeout: Duration) -> Result<(Va
             let statuses: Vec<&str> = text.lines().filter(|l| l.starts_with("HTTP/1.")).collect();
             report["statuses"] = json!(statuses);
         }
+        Kind::Raw => {
+            report["responses"] = json!(responses(&received));
+        }
         Kind::RapidReset | Kind::Continuation => {
             let (frames, goaway) = frames(&received);
             report["frames"] = frames;
@@ -181,6 +205,80 @@ pub async fn attack(to: SocketAddr, kind: Kind, timeout: Duration) -> Result<(Va
         }
     }
     Ok((report, true))
+}
+
+/// The HTTP/1.1 responses in the peer's bytes: `{"status", "body"}` each, the body framed by
+/// `content-length` or chunked coding (else it runs to the end) and parsed as JSON when it
+/// is JSON. Stops at the first thing that does not parse.
+fn responses(bytes: &[u8]) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while let Some(end) = find(rest, b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&rest[..end]);
+        let mut lines = head.split("\r\n");
+        let Some(status) = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|c| c.parse::<u16>().ok())
+        else {
+            break;
+        };
+        let mut length = None;
+        let mut chunked = false;
+        for line in lines {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
+            if name == "content-length" {
+                length = value.parse::<usize>().ok();
+            } else if name == "transfer-encoding" && value.eq_ignore_ascii_case("chunked") {
+                chunked = true;
+            }
+        }
+        let after = &rest[end + 4..];
+        let (body, next) = if chunked {
+            dechunk(after)
+        } else {
+            let n = length.unwrap_or(after.len()).min(after.len());
+            (after[..n].to_vec(), &after[n..])
+        };
+        let body = serde_json::from_slice::<Value>(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+        out.push(json!({"status": status, "body": body}));
+        rest = next;
+    }
+    out
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A chunked body and what follows it; a truncated one is returned as far as it goes.
+fn dechunk(mut bytes: &[u8]) -> (Vec<u8>, &[u8]) {
+    let mut body = Vec::new();
+    while let Some(line_end) = find(bytes, b"\r\n") {
+        let size = std::str::from_utf8(&bytes[..line_end])
+            .ok()
+            .and_then(|l| usize::from_str_radix(l.split(';').next().unwrap_or("").trim(), 16).ok());
+        let Some(size) = size else {
+            break;
+        };
+        let data = &bytes[line_end + 2..];
+        if size == 0 {
+            // The last chunk, then (no trailers here) one empty line.
+            let rest = data.strip_prefix(b"\r\n").unwrap_or(data);
+            return (body, rest);
+        }
+        let Some(chunk) = data.get(..size) else {
+            body.extend_from_slice(data);
+            return (body, &[]);
+        };
+        body.extend_from_slice(chunk);
+        bytes = data.get(size + 2..).unwrap_or(&[]);
+    }
+    (body, bytes)
 }
 
 /// Frame counts by type name, and the error code of the first GOAWAY, from the peer's bytes.
@@ -232,9 +330,21 @@ mod tests {
     }
 
     #[test]
+    fn raw_responses_are_read_with_their_bodies() {
+        let bytes = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{\"a\":\"b\"}\nHTTP/1.1 400 Bad Request\r\ntransfer-encoding: chunked\r\n\r\n4\r\nBad \r\n8\r\nRequest\n\r\n0\r\n\r\n";
+        assert_eq!(
+            responses(bytes),
+            vec![
+                json!({"status": 200, "body": {"a": "b"}}),
+                json!({"status": 400, "body": "Bad Request\n"}),
+            ]
+        );
+    }
+
+    #[test]
     fn the_smuggling_payloads_hide_a_second_request() {
         for kind in [Kind::ClTe, Kind::ClCl] {
-            let text = String::from_utf8(payload(kind).concat()).expect("ascii");
+            let text = String::from_utf8(payload(kind, b"").concat()).expect("ascii");
             assert_eq!(text.matches(" HTTP/1.1\r\n").count(), 2, "{kind:?}");
         }
     }

@@ -56,6 +56,10 @@ pub struct RequestsArgs {
     /// HTTP/2 with prior knowledge instead of HTTP/1.1.
     #[arg(long)]
     http2: bool,
+    /// HTTP/2 only: the `:authority`, sent beside the `Host` header instead of replacing it
+    /// (a client that names two hosts).
+    #[arg(long, requires = "http2")]
+    authority: Option<String>,
     /// Request body size (pattern bytes), e.g. `64K`.
     #[arg(long, value_parser = crate::parse_size, default_value = "0")]
     body_bytes: u64,
@@ -90,7 +94,9 @@ impl Plan {
         ensure_path(&args.path)?;
         // HTTP/1.1 sends the path and a Host header; HTTP/2 the absolute URI, from which
         // hyper takes `:scheme` and `:authority` (and a `host` header would be redundant).
-        let uri = if args.http2 {
+        let uri = if let Some(authority) = &args.authority {
+            format!("http://{authority}{}", args.path)
+        } else if args.http2 {
             headers.remove(HOST);
             format!("http://{host}{}", args.path)
         } else {

@@ -8,6 +8,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -276,6 +277,17 @@ fn a_pod_behind_a_waypoint_takes_connections_through_it_only() {
         );
     }
 
+    // HBONE straight to the pod's node, with a valid mesh identity that is not the waypoint's,
+    // is refused before anything is dialled.
+    let status = direct_hbone(&mesh, &tb, client, backend).expect("HBONE exchange");
+    assert_eq!(status, 401, "a CONNECT that skips the waypoint is refused");
+    mesh.wait_access(1, WAIT, |e| {
+        e["error"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("401 waypoint_bypass"))
+    })
+    .expect("node 1 logs the bypass");
+
     // explain says so, and names the waypoint; from the waypoint's identity it allows.
     let explain = |from: &str| {
         let to = format!("{NAMESPACE}/{}:{TARGET_PORT}", backend.name);
@@ -306,4 +318,53 @@ fn a_pod_behind_a_waypoint_takes_connections_through_it_only() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Opens HBONE from node 0's namespace to `target`'s node as `caller`'s identity (a
+/// certificate from the mesh's own CA), asks for `target:8080` and returns the status.
+fn direct_hbone(mesh: &Mesh<'_>, tb: &Testbed, caller: &Pod, target: &Pod) -> anyhow::Result<u16> {
+    use mesh_node::{
+        identity::{Identity, LocalCa},
+        tls,
+    };
+    let ca = LocalCa::load(&mesh.ca_dir.join("ca.pem"), &mesh.ca_dir.join("ca-key.pem"))?;
+    let trust_domain = mesh_tests::mesh::TRUST_DOMAIN;
+    let identity = |pod: &Pod| {
+        Identity::new(
+            trust_domain,
+            NAMESPACE,
+            &mesh_tests::mesh::service_account(pod),
+        )
+    };
+    let issued = ca.issue(&identity(caller)?, Duration::from_secs(3600))?;
+    let roots = Arc::new(tls::root_store(ca.cert_der())?);
+    let config = Arc::new(tls::client_config(
+        tls::provider(),
+        roots,
+        trust_domain,
+        issued.chain,
+        issued.key,
+    )?);
+    let name = rustls_pki_types::ServerName::try_from(identity(target)?.to_sni())?;
+    let hbone = SocketAddr::from((tb.node(target.node).lan_ip4, mesh_tests::mesh::HBONE_PORT));
+    let authority = SocketAddr::from((target.ip4, TARGET_PORT)).to_string();
+    tb.node(0).netns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(tokio::time::timeout(WAIT, async move {
+            let tcp = tokio::net::TcpStream::connect(hbone).await?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            let (client, connection) = h2::client::handshake(tls).await?;
+            tokio::spawn(connection);
+            let request = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(authority)
+                .body(())?;
+            let (response, _send) = client.ready().await?.send_request(request, false)?;
+            Ok::<_, anyhow::Error>(response.await?.status().as_u16())
+        }))?
+    })?
 }

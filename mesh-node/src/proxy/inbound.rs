@@ -204,7 +204,7 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
                     error: Some(format!("idle_connection: no request within {:?} of the handshake", inputs.settings.handshake_timeout)),
                     ..AccessLog::new(Direction::Inbound, "hbone", peer.addr, started)
                 }
-                .emit();
+                .emit(&inputs.access_log, &inputs.metrics);
                 return;
             }
         }
@@ -267,7 +267,7 @@ fn refuse_connection(
         error: Some(error),
         ..AccessLog::new(Direction::Inbound, "hbone", client.0, started)
     }
-    .emit();
+    .emit(&inputs.access_log, &inputs.metrics);
 }
 
 type HboneResponse = Response<Empty<Bytes>>;
@@ -465,7 +465,7 @@ impl Peer {
                 started,
                 error,
             }
-            .emit();
+            .emit(&peer.inputs.access_log, &peer.inputs.metrics);
         });
         empty(StatusCode::OK)
     }
@@ -484,7 +484,7 @@ impl Peer {
             error: Some(format!("{} {reason}: {error}", status.as_u16())),
             ..AccessLog::new(Direction::Inbound, "hbone", self.addr, started)
         }
-        .emit();
+        .emit(&self.inputs.access_log, &self.inputs.metrics);
         empty(status)
     }
 }

@@ -44,6 +44,7 @@ use crate::{
         ca::CaError,
         store::{CertManager, IssueError, Issuer, RemoteCa, StoreError},
     },
+    log_limit::AccessLogLimit,
     metrics::{DatapathStats, Direction, Metrics},
     proxy::{
         self, ProxyInputs, Settings,
@@ -277,6 +278,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         tasks: tasks.clone(),
         authorized: Arc::default(),
         limits: Limits::new(caps(&config.limits)),
+        access_log: Arc::new(AccessLogLimit::new(
+            config.limits.access_log_per_source_per_sec,
+            config.limits.access_log_burst,
+        )),
     });
 
     let mut listeners = tokio::task::JoinSet::new();

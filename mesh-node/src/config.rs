@@ -26,7 +26,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use limits::LimitsConfig;
+pub use limits::{DEFAULT_ACCESS_LOG_BURST, DEFAULT_ACCESS_LOG_PER_SOURCE_PER_SEC, LimitsConfig};
 pub use lines::Lines;
 
 #[derive(Debug, thiserror::Error)]

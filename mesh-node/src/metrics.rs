@@ -142,6 +142,9 @@ pub struct Metrics {
     pub received_bytes: Family<TcpLabels, Counter>,
     pub failures: Family<FailureLabels, Counter>,
     pub active: Family<DirectionLabels, Gauge>,
+    /// Access-log events left out by the per-source rate limit (the metrics above count
+    /// those connections all the same).
+    pub access_log_suppressed: Family<DirectionLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -167,6 +170,7 @@ impl Metrics {
         let received_bytes = Family::default();
         let failures = Family::default();
         let active = Family::default();
+        let access_log_suppressed = Family::default();
         registry.register(
             "istio_tcp_connections_opened",
             "TCP connections opened",
@@ -197,6 +201,11 @@ impl Metrics {
             "Connections being proxied now",
             active.clone(),
         );
+        registry.register(
+            "trellis_access_log_suppressed",
+            "Access log events not written because their source exceeded its rate",
+            access_log_suppressed.clone(),
+        );
         Self {
             registry,
             opened,
@@ -205,6 +214,7 @@ impl Metrics {
             received_bytes,
             failures,
             active,
+            access_log_suppressed,
         }
     }
 

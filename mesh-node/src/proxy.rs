@@ -17,7 +17,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::UnknownDestination,
     identity::{CertStore, Identity},
-    metrics::{Direction, Metrics},
+    log_limit::{AccessLogLimit, LogSource},
+    metrics::{Direction, DirectionLabels, Metrics},
     workload::{MeshState, Workload},
 };
 
@@ -78,6 +79,8 @@ pub struct ProxyInputs {
     pub authorized: Arc<inbound::authorized::Authorized>,
     /// Connection and handshake caps.
     pub limits: Arc<limits::Limits>,
+    /// Access-log events per source.
+    pub access_log: Arc<AccessLogLimit>,
 }
 
 /// A listener on `addr` with `backlog` pending connections. Like `TcpListener::bind`, it sets
@@ -196,7 +199,22 @@ impl<'a> AccessLog<'a> {
         }
     }
 
-    pub fn emit(&self) {
+    /// Writes the event unless its source is over its rate (`limit`); one left out is counted
+    /// in `metrics` and reported by the source's next written event as `suppressed`.
+    pub fn emit(&self, limit: &AccessLogLimit, metrics: &Metrics) {
+        let source = match (self.direction, self.src_identity) {
+            (Direction::Inbound, Some(id)) => LogSource::Identity(id),
+            _ => LogSource::Addr(self.src_addr.ip()),
+        };
+        let Some(suppressed) = limit.admit(source, Instant::now()) else {
+            metrics
+                .access_log_suppressed
+                .get_or_create(&DirectionLabels {
+                    direction: self.direction,
+                })
+                .inc();
+            return;
+        };
         let name = |w: Option<&Workload>| {
             w.map(|w| format!("{}/{}", w.namespace, w.name))
                 .unwrap_or_default()
@@ -221,6 +239,7 @@ impl<'a> AccessLog<'a> {
             bytes_received = self.received,
             duration_ms = (duration_ms * 1000.0).round() / 1000.0,
             error,
+            suppressed,
             "connection"
         );
     }

@@ -122,6 +122,8 @@ pub struct WaypointInputs {
     pub metrics: Arc<Metrics>,
     pub http: telemetry::HttpMetrics,
     pub limits: Limits,
+    /// Access-log events per source (the node defaults: a waypoint has no such setting).
+    pub access_log: Arc<crate::log_limit::AccessLogLimit>,
     /// Span export, when a collector is configured.
     pub spans: Option<trace::export::Spans>,
     pub shutdown: CancellationToken,
@@ -230,6 +232,10 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
         metrics: metrics.clone(),
         http,
         limits: config.limits.clone(),
+        access_log: Arc::new(crate::log_limit::AccessLogLimit::new(
+            crate::config::DEFAULT_ACCESS_LOG_PER_SOURCE_PER_SEC,
+            crate::config::DEFAULT_ACCESS_LOG_BURST,
+        )),
         spans,
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),

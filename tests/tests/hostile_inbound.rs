@@ -909,6 +909,9 @@ const RESET_WRITES: usize = 20;
 const CONTINUATION_FRAMES: usize = 1024;
 /// A flood must cost its sender the connection at once (milliseconds in practice), long before
 /// it has been fully written.
+/// PING or SETTINGS floods: writes of this many frames each (the bound is 100 per 10 s).
+const CONTROL_FRAMES_PER_WRITE: usize = 50;
+const CONTROL_WRITES: usize = 40;
 const FLOOD_CLOSE_BOUND: Duration = Duration::from_secs(5);
 
 /// A header block over the configured limit is refused per stream (the connection keeps
@@ -1023,6 +1026,43 @@ fn oversized_headers_and_http2_floods_are_contained() -> Result<()> {
         end.goaway == Some(raw::ENHANCE_YOUR_CALM),
         "rapid reset: expected GOAWAY(ENHANCE_YOUR_CALM), got {end:?}"
     );
+
+    // HOSTILE 11: PING and SETTINGS floods end in GOAWAY(ENHANCE_YOUR_CALM), each counted.
+    for (what, kind, payload) in [
+        ("PING flood", raw::PING, &[7u8; 8][..]),
+        ("SETTINGS flood", raw::SETTINGS, &[][..]),
+    ] {
+        let floods = || -> Result<f64> {
+            Ok(metric_sum(
+                &env.mesh.metrics(1)?,
+                "trellis_connection_failures_total",
+                &[("direction", "inbound"), ("reason", "http2_flood")],
+            ))
+        };
+        let before = floods()?;
+        let end =
+            env.flood_while_serving(what, config.clone(), name.clone(), CONTROL_WRITES, |_| {
+                let mut out = Vec::new();
+                for _ in 0..CONTROL_FRAMES_PER_WRITE {
+                    raw::frame(&mut out, kind, 0, 0, payload);
+                }
+                out
+            })?;
+        ensure!(
+            end.closed_after.is_some_and(|t| t < FLOOD_CLOSE_BOUND)
+                && end.goaway == Some(raw::ENHANCE_YOUR_CALM),
+            "{what}: expected GOAWAY(ENHANCE_YOUR_CALM) and the connection closed, got {end:?}"
+        );
+        let deadline = Instant::now() + LOG_TIMEOUT;
+        while floods()? < before + 1.0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ensure!(
+            floods()? == before + 1.0,
+            "{what}: http2_flood counted {} times, expected once",
+            floods()? - before
+        );
+    }
 
     // HOSTILE 11: CONTINUATION flood: a header block that never ends.
     let continuation = |i: usize| -> Vec<u8> {
@@ -1897,6 +1937,7 @@ mod raw {
     pub const HEADERS: u8 = 0x1;
     pub const RST_STREAM: u8 = 0x3;
     pub const SETTINGS: u8 = 0x4;
+    pub const PING: u8 = 0x6;
     pub const GOAWAY: u8 = 0x7;
     pub const CONTINUATION: u8 = 0x9;
     pub const END_HEADERS: u8 = 0x4;

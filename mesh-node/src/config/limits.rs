@@ -32,7 +32,20 @@ pub struct LimitsConfig {
     /// requests, HBONE connections, the control plane.
     #[serde(default = "default_reserved_descriptors")]
     pub reserved_descriptors: usize,
+    /// Access-log events written per second for one source (the pod's address outbound, the
+    /// peer's identity inbound); events past it are counted, not written.
+    #[serde(default = "default_access_log_per_source_per_sec")]
+    pub access_log_per_source_per_sec: u32,
+    /// Access-log events one source may write at once before its rate applies.
+    #[serde(default = "default_access_log_burst")]
+    pub access_log_burst: u32,
 }
+
+/// A hundred connections a second from one pod is busy but honest traffic; past that the log
+/// is noise that costs disk and the node's other pods their log lines.
+pub const DEFAULT_ACCESS_LOG_PER_SOURCE_PER_SEC: u32 = 100;
+/// Two seconds' worth, so a burst of short connections after a quiet spell is logged whole.
+pub const DEFAULT_ACCESS_LOG_BURST: u32 = 200;
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -43,6 +56,8 @@ impl Default for LimitsConfig {
             idle_timeout_secs: default_idle_timeout(),
             half_close_timeout_secs: default_half_close_timeout(),
             reserved_descriptors: default_reserved_descriptors(),
+            access_log_per_source_per_sec: DEFAULT_ACCESS_LOG_PER_SOURCE_PER_SEC,
+            access_log_burst: DEFAULT_ACCESS_LOG_BURST,
         }
     }
 }
@@ -62,6 +77,12 @@ fn default_half_close_timeout() -> u64 {
 fn default_reserved_descriptors() -> usize {
     256
 }
+fn default_access_log_per_source_per_sec() -> u32 {
+    DEFAULT_ACCESS_LOG_PER_SOURCE_PER_SEC
+}
+fn default_access_log_burst() -> u32 {
+    DEFAULT_ACCESS_LOG_BURST
+}
 
 /// Connections in all: at least one; ten million is beyond any node's descriptors.
 const MAX_CONNECTIONS: RangeInclusive<usize> = 1..=10_000_000;
@@ -73,6 +94,9 @@ const MAX_PENDING_HANDSHAKES: RangeInclusive<usize> = 1..=65_536;
 const IDLE_TIMEOUT_SECS: RangeInclusive<u64> = 1..=7 * 24 * 3600;
 /// The reserve: the listeners, a few admin requests and the control plane need a few dozen.
 const RESERVED_DESCRIPTORS: RangeInclusive<usize> = 32..=1_000_000;
+/// Access-log rate and burst per source: zero would log nothing; past a million a second the
+/// limit protects nothing.
+const ACCESS_LOG_RATE: RangeInclusive<u32> = 1..=1_000_000;
 
 impl LimitsConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
@@ -104,6 +128,16 @@ impl LimitsConfig {
             "limits.reserved_descriptors",
             self.reserved_descriptors,
             RESERVED_DESCRIPTORS,
+        )?;
+        within(
+            "limits.access_log_per_source_per_sec",
+            self.access_log_per_source_per_sec,
+            ACCESS_LOG_RATE,
+        )?;
+        within(
+            "limits.access_log_burst",
+            self.access_log_burst,
+            ACCESS_LOG_RATE,
         )
     }
 

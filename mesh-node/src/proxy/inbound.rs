@@ -20,6 +20,7 @@
 //! deadline, for its certificate rather than failing a pod that is joining.
 
 pub mod authorized;
+mod flood;
 
 use std::{
     convert::Infallible,
@@ -171,7 +172,9 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
     });
     let mut builder = hbone::server_builder(inputs.settings.max_streams_per_connection);
     builder.timer(TokioTimer::new());
-    let connection = builder.serve_connection(TokioIo::new(tls), service);
+    let flooded = tokio_util::sync::CancellationToken::new();
+    let transport = flood::FloodGuard::new(tls, flooded.clone());
+    let connection = builder.serve_connection(TokioIo::new(transport), service);
     tokio::pin!(connection);
 
     // A peer that completes the handshake but never sends a CONNECT is closed after the
@@ -183,10 +186,19 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
     loop {
         tokio::select! {
             result = connection.as_mut() => {
+                if flooded.is_cancelled() {
+                    return flood_ended(&peer, started);
+                }
                 if let Err(e) = result {
                     tracing::debug!(peer = %peer.addr, identity = %peer.identity, error = %e, "HBONE connection ended with error");
                 }
                 return;
+            }
+            () = flooded.cancelled() => {
+                // The transport writes GOAWAY and closes; a peer that does not read gets
+                // only a short grace.
+                let _ = tokio::time::timeout(FLOOD_GRACE, connection.as_mut()).await;
+                return flood_ended(&peer, started);
             }
             _ = inputs.shutdown.cancelled(), if !closing => {
                 closing = true;
@@ -204,11 +216,32 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
                     error: Some(format!("idle_connection: no request within {:?} of the handshake", inputs.settings.handshake_timeout)),
                     ..AccessLog::new(Direction::Inbound, "hbone", peer.addr, started)
                 }
-                .emit();
+                .emit(&inputs.access_log, &inputs.metrics);
                 return;
             }
         }
     }
+}
+
+/// How long a flooded connection may take to deliver its GOAWAY.
+const FLOOD_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Counts and logs (as the connection's access log event) a connection ended for a flood of
+/// HTTP/2 control frames.
+fn flood_ended(peer: &Peer, started: Instant) {
+    let inputs = &peer.inputs;
+    inputs.metrics.fail(Direction::Inbound, "http2_flood");
+    AccessLog {
+        src_identity: Some(&peer.identity),
+        src_cert_serial: Some(&peer.cert_serial),
+        error: Some(format!(
+            "http2_flood: more than {} PING or SETTINGS frames in {:?}; sent GOAWAY(ENHANCE_YOUR_CALM)",
+            flood::MAX_CONTROL_FRAMES,
+            flood::WINDOW
+        )),
+        ..AccessLog::new(Direction::Inbound, "hbone", peer.addr, started)
+    }
+    .emit(&inputs.access_log, &inputs.metrics);
 }
 
 /// Re-authorizes open connections to local pods whenever a new state changes the policies,
@@ -267,7 +300,7 @@ fn refuse_connection(
         error: Some(error),
         ..AccessLog::new(Direction::Inbound, "hbone", client.0, started)
     }
-    .emit();
+    .emit(&inputs.access_log, &inputs.metrics);
 }
 
 type HboneResponse = Response<Empty<Bytes>>;
@@ -465,7 +498,7 @@ impl Peer {
                 started,
                 error,
             }
-            .emit();
+            .emit(&peer.inputs.access_log, &peer.inputs.metrics);
         });
         empty(StatusCode::OK)
     }
@@ -484,7 +517,7 @@ impl Peer {
             error: Some(format!("{} {reason}: {error}", status.as_u16())),
             ..AccessLog::new(Direction::Inbound, "hbone", self.addr, started)
         }
-        .emit();
+        .emit(&self.inputs.access_log, &self.inputs.metrics);
         empty(status)
     }
 }

@@ -146,7 +146,7 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
     log.sent = sent;
     log.received = received;
     log.error = error;
-    log.emit();
+    log.emit(&inputs.access_log, &inputs.metrics);
 }
 
 /// Records the upstream tried last (the one the bytes go to, once open) in the access log.
@@ -171,7 +171,7 @@ fn refuse(
 ) {
     inputs.metrics.fail(Direction::Outbound, reason);
     log.error = Some(error);
-    log.emit();
+    log.emit(&inputs.access_log, &inputs.metrics);
     reset(stream);
 }
 
@@ -374,6 +374,7 @@ mod tests {
                 per_pod: 100,
                 handshakes: 10,
             }),
+            access_log: Arc::new(crate::log_limit::AccessLogLimit::new(100, 200)),
         })
     }
 

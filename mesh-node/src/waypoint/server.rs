@@ -254,5 +254,5 @@ fn refuse(
         error: Some(format!("{reason}: {error}")),
         ..AccessLog::new(Direction::Inbound, "waypoint", addr, started)
     }
-    .emit();
+    .emit(&inputs.access_log, &inputs.metrics);
 }

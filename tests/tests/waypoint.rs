@@ -352,7 +352,7 @@ fn direct_hbone(mesh: &Mesh<'_>, tb: &Testbed, caller: &Pod, target: &Pod) -> an
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        rt.block_on(tokio::time::timeout(WAIT, async move {
+        let exchange = async move {
             let tcp = tokio::net::TcpStream::connect(hbone).await?;
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
@@ -365,6 +365,7 @@ fn direct_hbone(mesh: &Mesh<'_>, tb: &Testbed, caller: &Pod, target: &Pod) -> an
                 .body(())?;
             let (response, _send) = client.ready().await?.send_request(request, false)?;
             Ok::<_, anyhow::Error>(response.await?.status().as_u16())
-        }))?
+        };
+        rt.block_on(async move { tokio::time::timeout(WAIT, exchange).await })?
     })?
 }

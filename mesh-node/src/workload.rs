@@ -399,13 +399,17 @@ impl MeshState {
     /// [`waypoint::Guards`]). A waypoint that is named but not known guards nothing: its
     /// traffic goes direct until it exists.
     fn index_guards(&self) -> HashMap<String, waypoint::Guards> {
-        let mut by_uid: HashMap<String, Vec<Arc<Waypoint>>> = HashMap::new();
-        for w in self.workloads.iter().filter(|w| w.enrolled) {
+        // One pass over the workloads, then one lookup per endpoint: rebuilt on every state.
+        let enrolled: HashMap<&str, &Arc<Workload>> = self
+            .workloads
+            .iter()
+            .filter(|w| w.enrolled)
+            .map(|w| (w.uid.as_str(), w))
+            .collect();
+        let mut by_uid: HashMap<&str, Vec<Arc<Waypoint>>> = HashMap::new();
+        for w in enrolled.values() {
             if let Some(waypoint) = w.waypoint.as_ref().and_then(|id| self.waypoints.get(id)) {
-                by_uid
-                    .entry(w.uid.clone())
-                    .or_default()
-                    .push(waypoint.clone());
+                by_uid.entry(&w.uid).or_default().push(waypoint.clone());
             }
         }
         for service in &self.services {
@@ -417,32 +421,26 @@ impl MeshState {
                 continue;
             };
             for endpoint in &service.endpoints {
-                let workload = endpoint
-                    .workload_uid
-                    .as_deref()
-                    .and_then(|uid| self.workloads.iter().find(|w| w.uid == uid))
-                    .or_else(|| self.by_ip.get(&canonical(endpoint.ip)));
+                let workload = match endpoint.workload_uid.as_deref() {
+                    Some(uid) => enrolled.get(uid).copied(),
+                    None => self.by_ip.get(&canonical(endpoint.ip)),
+                };
                 if let Some(w) = workload.filter(|w| w.enrolled) {
-                    by_uid
-                        .entry(w.uid.clone())
-                        .or_default()
-                        .push(waypoint.clone());
+                    by_uid.entry(&w.uid).or_default().push(waypoint.clone());
                 }
             }
         }
-        let opted_out = |uid: &str| {
-            self.workloads.iter().any(|w| {
-                w.uid == uid
-                    && w.labels
-                        .get(waypoint::ENFORCEMENT_LABEL)
-                        .map(String::as_str)
-                        == Some("disabled")
-            })
-        };
         by_uid
             .into_iter()
-            .filter(|(uid, _)| !opted_out(uid))
-            .map(|(uid, waypoints)| (uid, waypoint::Guards::new(waypoints)))
+            .filter(|(uid, _)| {
+                enrolled.get(uid).is_none_or(|w| {
+                    w.labels
+                        .get(waypoint::ENFORCEMENT_LABEL)
+                        .map(String::as_str)
+                        != Some("disabled")
+                })
+            })
+            .map(|(uid, waypoints)| (uid.to_owned(), waypoint::Guards::new(waypoints)))
             .collect()
     }
 

@@ -7,124 +7,19 @@
 //! did not move). Answers the waypoint makes itself carry the reason phrase only.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
 use mesh_tests::{
-    mesh::{
-        Mesh, MeshOptions, NAMESPACE,
-        waypoint::{USE_WAYPOINT_LABEL, Waypoint},
-    },
-    testbed::{Pod, RequestsOpts, Server, Testbed, e2e_gate},
+    mesh::NAMESPACE,
+    testbed::{Pod, RequestsOpts, Testbed, e2e_gate},
 };
 use serde_json::{Value, json};
 
-const PORT: u16 = 80;
-const TARGET_PORT: u16 = 8080;
-const WAYPOINT: &str = "waypoint";
-const WAIT: Duration = Duration::from_secs(20);
-const ISSUER: &str = "https://issuer.test";
+mod waypoint_fixture;
 
-fn start(tb: &Testbed) -> (Mesh<'_>, Waypoint<'_>) {
-    let mut mesh = Mesh::start(
-        tb,
-        &MeshOptions {
-            control_plane: true,
-            ..Default::default()
-        },
-    )
-    .expect("mesh");
-    let waypoint = mesh
-        .start_waypoint(WAYPOINT, tb.pod(0, 1))
-        .expect("waypoint starts");
-    mesh.set_namespace_label(NAMESPACE, USE_WAYPOINT_LABEL, Some(WAYPOINT))
-        .expect("label namespace");
-    (mesh, waypoint)
-}
-
-fn serve(tb: &Testbed, pod: &Pod) -> Server {
-    tb.spawn_server(
-        pod,
-        &[
-            "--timeout-ms",
-            "600000",
-            "--listen",
-            &format!("0.0.0.0:{TARGET_PORT}=l7"),
-            "--name",
-            &pod.name,
-        ],
-    )
-    .expect("server")
-}
-
-/// Service `name` with VIP `10.96.0.<octet>:80` over `pods:8080`, through the waypoint.
-fn service(mesh: &mut Mesh<'_>, name: &str, octet: u8, pods: &[&Pod]) -> SocketAddr {
-    let vip = Ipv4Addr::new(10, 96, 0, octet);
-    let endpoints: Vec<(&Pod, bool)> = pods.iter().map(|p| (*p, true)).collect();
-    mesh.write_service(
-        name,
-        &[vip.into()],
-        &[(PORT, TARGET_PORT)],
-        &endpoints,
-        None,
-    )
-    .expect("service");
-    mesh.wait_config(0, WAIT, |dump| {
-        dump["services"].as_array().is_some_and(|services| {
-            services.iter().any(|s| {
-                s["name"] == name
-                    && s["waypoint"] == format!("{NAMESPACE}/{WAYPOINT}")
-                    && s["endpoints"].as_array().map(Vec::len) == Some(pods.len())
-            })
-        })
-    })
-    .expect("service through the waypoint in node 0's config");
-    SocketAddr::from((vip, PORT))
-}
-
-/// An ES256 key and tokens signed with it, any header.
-struct Issuer {
-    key: aws_lc_rs::signature::EcdsaKeyPair,
-}
-
-impl Issuer {
-    fn new() -> Self {
-        let key = aws_lc_rs::signature::EcdsaKeyPair::generate(
-            &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-        )
-        .expect("EC key");
-        Self { key }
-    }
-
-    fn jwks(&self) -> String {
-        use aws_lc_rs::signature::KeyPair as _;
-        use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
-        let point = self.key.public_key().as_ref();
-        json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1",
-                         "x": B64.encode(&point[1..33]), "y": B64.encode(&point[33..65])}]})
-        .to_string()
-    }
-
-    fn token(&self, header: &Value, sub: &str) -> String {
-        use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock after 1970")
-            .as_secs();
-        let claims = json!({"iss": ISSUER, "sub": sub, "exp": now + 600, "iat": now});
-        let input = format!(
-            "{}.{}",
-            B64.encode(header.to_string()),
-            B64.encode(claims.to_string())
-        );
-        let signature = self
-            .key
-            .sign(&aws_lc_rs::rand::SystemRandom::new(), input.as_bytes())
-            .expect("signing");
-        format!("{input}.{}", B64.encode(signature.as_ref()))
-    }
-}
+use waypoint_fixture::{ISSUER, Issuer, TARGET_PORT, WAIT, serve, service, start};
 
 /// Where a row's request is sent.
 #[derive(Clone, Copy, Debug)]
@@ -316,8 +211,12 @@ fn requests_that_would_make_policy_and_backend_disagree_are_refused() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let bearer =
-        |header: Value| format!("authorization: Bearer {}", issuer.token(&header, "alice"));
+    let bearer = |header: Value| {
+        format!(
+            "authorization: Bearer {}",
+            issuer.token_with_header(&header, "alice", 600)
+        )
+    };
     let alice = bearer(json!({"alg": "ES256", "kid": "k1"}));
     let alice = alice.as_str();
     // Signed by the right key: only the `crit` header makes it fail.

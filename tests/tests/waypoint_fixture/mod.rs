@@ -1,0 +1,139 @@
+//! What the waypoint's end-to-end tests share: the mesh with a waypoint on pod (0, 1) for the
+//! whole namespace, `l7` backends, Services through the waypoint, and a JWT issuer.
+
+#![allow(
+    dead_code,
+    reason = "each test binary that includes the fixture uses its own part of it"
+)]
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use mesh_tests::{
+    mesh::{
+        Mesh, MeshOptions, NAMESPACE,
+        waypoint::{USE_WAYPOINT_LABEL, Waypoint},
+    },
+    testbed::{Pod, Server, Testbed},
+};
+use serde_json::{Value, json};
+
+pub const PORT: u16 = 80;
+pub const TARGET_PORT: u16 = 8080;
+pub const WAYPOINT: &str = "waypoint";
+pub const WAIT: Duration = Duration::from_secs(20);
+pub const ISSUER: &str = "https://issuer.test";
+
+/// The mesh with a waypoint on pod (0, 1) for the whole namespace; clients run on (0, 0).
+pub fn start(tb: &Testbed) -> (Mesh<'_>, Waypoint<'_>) {
+    let mut mesh = Mesh::start(
+        tb,
+        &MeshOptions {
+            control_plane: true,
+            ..Default::default()
+        },
+    )
+    .expect("mesh");
+    let waypoint = mesh
+        .start_waypoint(WAYPOINT, tb.pod(0, 1))
+        .expect("waypoint starts");
+    mesh.set_namespace_label(NAMESPACE, USE_WAYPOINT_LABEL, Some(WAYPOINT))
+        .expect("label namespace");
+    (mesh, waypoint)
+}
+
+/// An `l7` server on `pod:8080` that answers with the pod's name. Its connections live as
+/// long as the test (the default bound would recycle the waypoint's pooled connections).
+pub fn serve(tb: &Testbed, pod: &Pod) -> Server {
+    tb.spawn_server(
+        pod,
+        &[
+            "--timeout-ms",
+            "600000",
+            "--listen",
+            &format!("0.0.0.0:{TARGET_PORT}=l7"),
+            "--name",
+            &pod.name,
+        ],
+    )
+    .expect("server")
+}
+
+/// Service `name` with VIP `10.96.0.<octet>:80` over `pods:8080`; waits until node 0's agent
+/// sends it through the waypoint.
+pub fn service(mesh: &mut Mesh<'_>, name: &str, octet: u8, pods: &[&Pod]) -> SocketAddr {
+    let vip = Ipv4Addr::new(10, 96, 0, octet);
+    let endpoints: Vec<(&Pod, bool)> = pods.iter().map(|p| (*p, true)).collect();
+    mesh.write_service(
+        name,
+        &[vip.into()],
+        &[(PORT, TARGET_PORT)],
+        &endpoints,
+        None,
+    )
+    .expect("service");
+    mesh.wait_config(0, WAIT, |dump| {
+        dump["services"].as_array().is_some_and(|services| {
+            services.iter().any(|s| {
+                s["name"] == name
+                    && s["waypoint"] == format!("{NAMESPACE}/{WAYPOINT}")
+                    && s["endpoints"].as_array().map(Vec::len) == Some(pods.len())
+            })
+        })
+    })
+    .expect("service through the waypoint in node 0's config");
+    SocketAddr::from((vip, PORT))
+}
+
+/// An ES256 key, its JWKS and tokens signed with it.
+pub struct Issuer {
+    key: aws_lc_rs::signature::EcdsaKeyPair,
+}
+
+impl Issuer {
+    pub fn new() -> Self {
+        let key = aws_lc_rs::signature::EcdsaKeyPair::generate(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        )
+        .expect("EC key");
+        Self { key }
+    }
+
+    pub fn jwks(&self) -> String {
+        use aws_lc_rs::signature::KeyPair as _;
+        use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+        // Uncompressed point: 0x04, x, y.
+        let point = self.key.public_key().as_ref();
+        json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1",
+                         "x": B64.encode(&point[1..33]), "y": B64.encode(&point[33..65])}]})
+        .to_string()
+    }
+
+    /// A token for `sub` expiring `ttl_secs` from now (negative: already expired).
+    pub fn token(&self, sub: &str, ttl_secs: i64) -> String {
+        let header = json!({"alg": "ES256", "kid": "k1", "typ": "JWT"});
+        self.token_with_header(&header, sub, ttl_secs)
+    }
+
+    /// A token for `sub` with any JOSE header.
+    pub fn token_with_header(&self, header: &Value, sub: &str, ttl_secs: i64) -> String {
+        use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs() as i64;
+        let claims = json!({"iss": ISSUER, "sub": sub, "exp": now + ttl_secs, "iat": now});
+        let input = format!(
+            "{}.{}",
+            B64.encode(header.to_string()),
+            B64.encode(claims.to_string())
+        );
+        let signature = self
+            .key
+            .sign(&aws_lc_rs::rand::SystemRandom::new(), input.as_bytes())
+            .expect("signing");
+        format!("{input}.{}", B64.encode(signature.as_ref()))
+    }
+}

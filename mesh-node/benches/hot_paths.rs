@@ -16,10 +16,7 @@ use std::sync::LazyLock;
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use bytes::Bytes;
 use divan::{Bencher, black_box, counter::BytesCount};
-use http_body_util::Empty;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_node::{
     hbone,
     identity::{
@@ -160,47 +157,33 @@ fn hbone_stream_setup(bencher: Bencher<'_, '_>) {
         .expect("runtime");
     let (client, server) = tokio::io::duplex(1 << 20);
     // The destination side: answers every CONNECT with 200, as an agent does once the pod is
-    // dialled, and holds the upgraded stream until the client drops it.
+    // dialled, and holds the stream until the client drops it.
     runtime.spawn(async move {
-        let service =
-            hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                tokio::spawn(async move {
-                    if let Ok(mut upgraded) = hyper::upgrade::on(req).await {
-                        let mut byte = [0u8; 1];
-                        let _ = tokio::io::AsyncReadExt::read(
-                            &mut TokioIo::new(&mut upgraded),
-                            &mut byte,
-                        )
-                        .await;
-                    }
-                });
-                Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<Bytes>::new()))
+        let Ok(mut server) = hbone::server::Server::handshake(server, 1024).await else {
+            return;
+        };
+        while let hbone::server::Next::Stream(request, respond) = server.next().await {
+            tokio::spawn(async move {
+                if let Ok(mut stream) = hbone::server::accept(respond, request) {
+                    let _ = std::future::poll_fn(|cx| stream.recv.poll_chunk(cx)).await;
+                }
             });
-        let mut builder = hbone::server_builder(1024);
-        builder.timer(hyper_util::rt::TokioTimer::new());
-        let _ = builder
-            .serve_connection(TokioIo::new(server), service)
-            .await;
+        }
     });
-    let mut sender = runtime.block_on(async {
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(hbone::STREAM_WINDOW)
-            .initial_connection_window_size(hbone::CONNECTION_WINDOW)
-            .max_frame_size(hbone::MAX_FRAME_SIZE)
-            .handshake::<_, Empty<Bytes>>(TokioIo::new(client))
-            .await
-            .expect("handshake");
-        tokio::spawn(connection);
+    let sender = runtime.block_on(async {
+        let (sender, driver) = hbone::client::handshake(client).await.expect("handshake");
+        tokio::spawn(driver.run());
         sender
     });
+    let dst: std::net::SocketAddr = "10.244.1.17:8080".parse().expect("address");
+    let client: std::net::SocketAddr = "10.244.0.5:40000".parse().expect("address");
     bencher.bench_local(|| {
         runtime.block_on(async {
-            let request = http::Request::connect("10.244.1.17:8080")
-                .body(Empty::<Bytes>::new())
-                .expect("request");
-            let response = sender.send_request(request).await.expect("CONNECT");
-            assert_eq!(response.status(), http::StatusCode::OK);
-            black_box(hyper::upgrade::on(response).await.expect("upgrade"))
+            black_box(
+                hbone::client::connect(&sender, dst, client)
+                    .await
+                    .expect("CONNECT"),
+            )
         })
     });
 }

@@ -1,7 +1,18 @@
 //! The HBONE wire: HTTP/2 CONNECT over mutual TLS 1.3, one stream per proxied connection.
 //!
 //! What both ends agree on lives here: the strict `:authority` parser, the telemetry headers,
-//! and the HTTP/2 limits that keep a hostile peer from growing our memory.
+//! and the HTTP/2 limits that keep a hostile peer from growing our memory. The streams are
+//! driven on `h2` directly: [`client`] and [`server`] open and accept them, [`stream`] moves
+//! their bytes (resets stay resets), [`keepalive`] finds dead peers and [`flood`] ends
+//! connections that flood control frames.
+
+pub mod client;
+pub mod flood;
+pub mod keepalive;
+pub mod server;
+pub mod stream;
+
+pub use stream::{H2Io, H2Stream};
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -57,25 +68,6 @@ pub fn parse_authority(authority: Option<&str>) -> Result<SocketAddr, AuthorityE
         return Err(AuthorityError::NotRoutable(text.into()));
     }
     Ok(SocketAddr::new(ip, addr.port()))
-}
-
-/// The HTTP/2 server side of HBONE with the limits above; `max_streams` concurrent CONNECTs
-/// per connection. The caller adds a timer.
-pub fn server_builder(
-    max_streams: u32,
-) -> hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor> {
-    let mut builder =
-        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
-    builder
-        .max_concurrent_streams(max_streams)
-        .max_header_list_size(MAX_HEADER_LIST_SIZE)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME_SIZE)
-        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
-        .keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
-    builder
 }
 
 /// `for="ADDR"` from a `forwarded` header (telemetry only).

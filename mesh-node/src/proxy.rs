@@ -150,6 +150,32 @@ pub fn reset(stream: TcpStream) {
     drop(stream);
 }
 
+/// Arms a pod-facing socket to be reset, not closed, should this process die while it is
+/// proxied: with a zero linger the kernel answers the crash with RST, so the pod sees its
+/// connection cut rather than finished. [`finished`] disarms it for a clean close.
+pub fn reset_on_crash(stream: &TcpStream) {
+    let _ = stream.set_zero_linger();
+}
+
+/// Closes a connection whose directions both finished: with FIN, as the pods ended it (see
+/// [`reset_on_crash`]); a reset here could discard bytes the pod has not read yet.
+pub fn finished(stream: TcpStream) {
+    let linger = nix::libc::linger {
+        l_onoff: 0,
+        l_linger: 0,
+    };
+    let _ = nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &linger);
+    drop(stream);
+}
+
+/// Dials a pod (or a destination outside the mesh) for a proxied connection: [`connect`],
+/// armed by [`reset_on_crash`].
+pub async fn connect_proxied(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let stream = connect(addr, timeout).await?;
+    reset_on_crash(&stream);
+    Ok(stream)
+}
+
 /// One access log event per connection.
 #[derive(Debug)]
 pub struct AccessLog<'a> {

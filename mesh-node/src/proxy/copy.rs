@@ -11,6 +11,11 @@
 //! and the other silent for [`Timeouts::half_close`]: a peer that stops reading, or never
 //! closes its half, cannot hold the node's descriptors forever. A write blocked on a peer that
 //! does not read is not progress.
+//!
+//! **HBONE** ([`hbone`]): between a pod's socket and a CONNECT stream the chunks move without
+//! user-space copies: a chunk read from the socket is handed to `h2` as the buffer it was
+//! read into, and a DATA frame is written to the socket from the buffer `h2` received it in.
+//! Both directions run in the connection's one task.
 
 use std::{
     future::poll_fn,
@@ -20,8 +25,13 @@ use std::{
     time::Duration,
 };
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::hbone::{
+    H2Stream,
+    stream::{RecvHalf, SendHalf},
+};
 
 const INITIAL_BUFFER: usize = 4 * 1024;
 const MAX_BUFFER: usize = 256 * 1024;
@@ -57,6 +67,14 @@ struct Progress {
 }
 
 impl Progress {
+    fn new() -> Self {
+        Self {
+            started: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+            half_closed: AtomicBool::new(false),
+        }
+    }
+
     fn mark(&self) {
         let ms = self.started.elapsed().as_millis();
         self.last_ms
@@ -116,11 +134,7 @@ where
     let (mut a_read, mut a_write) = tokio::io::split(a);
     let (mut b_read, mut b_write) = tokio::io::split(b);
     let Counted { a_to_b, b_to_a } = counted;
-    let progress = Progress {
-        started: tokio::time::Instant::now(),
-        last_ms: AtomicU64::new(0),
-        half_closed: AtomicBool::new(false),
-    };
+    let progress = Progress::new();
     let copy = async {
         tokio::try_join!(
             one_way(&mut a_read, &mut b_write, a_to_b, &progress),
@@ -160,6 +174,105 @@ where
     }
 }
 
+/// Copies between a pod's socket (`a`) and a CONNECT stream (`b`) until both directions
+/// reached their end (EOF, `END_STREAM`), the first error, or a timeout. An `RST_STREAM` or
+/// a broken HBONE connection is an error, never an end: the caller resets both sides.
+pub async fn hbone<T>(
+    tcp: T,
+    stream: &mut H2Stream,
+    counted: &mut Counted,
+    timeouts: Timeouts,
+) -> std::io::Result<()>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut tcp_read, mut tcp_write) = tokio::io::split(tcp);
+    let H2Stream { send, recv } = stream;
+    let Counted { a_to_b, b_to_a } = counted;
+    let progress = Progress::new();
+    let copy = async {
+        tokio::try_join!(
+            into_stream(&mut tcp_read, send, a_to_b, &progress),
+            out_of_stream(recv, &mut tcp_write, b_to_a, &progress),
+        )
+    };
+    tokio::select! {
+        result = copy => result.map(|_| ()),
+        error = progress.stalled(timeouts) => Err(error),
+    }
+}
+
+/// Socket to stream: each chunk read is sent as it is, once the peer granted window for it.
+async fn into_stream<R>(
+    reader: &mut R,
+    send: &mut SendHalf,
+    count: &mut u64,
+    progress: &Progress,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut buf = Buffer::default();
+    loop {
+        // While the socket is quiet, a reset of the stream still ends the copy.
+        let read = poll_fn(|cx| {
+            if let Poll::Ready(stopped) = send.poll_stopped(cx) {
+                return Poll::Ready(stopped.map(|()| None));
+            }
+            buf.poll_fill(Pin::new(&mut *reader), cx).map_ok(Some)
+        })
+        .await?;
+        progress.mark();
+        let Some(n) = read else {
+            // The peer answered in full and needs no more: this direction is done.
+            progress.half_closed.store(true, Ordering::Relaxed);
+            return Ok(());
+        };
+        if n == 0 {
+            send.finish()?;
+            progress.half_closed.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
+        let mut chunk = buf.take(n);
+        while !chunk.is_empty() {
+            let Some(granted) = poll_fn(|cx| send.poll_capacity(cx, chunk.len())).await? else {
+                progress.half_closed.store(true, Ordering::Relaxed);
+                return Ok(());
+            };
+            send.send(chunk.split_to(granted.min(chunk.len())))?;
+            progress.mark();
+        }
+        *count += n as u64;
+        buf.adapt(n);
+    }
+}
+
+/// Stream to socket: each DATA frame is written from `h2`'s buffer; its window goes back to
+/// the peer once the socket took it.
+async fn out_of_stream<W>(
+    recv: &mut RecvHalf,
+    writer: &mut W,
+    count: &mut u64,
+    progress: &Progress,
+) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let chunk = poll_fn(|cx| recv.poll_chunk(cx)).await?;
+        progress.mark();
+        let Some(chunk) = chunk else {
+            writer.shutdown().await?;
+            progress.half_closed.store(true, Ordering::Relaxed);
+            return Ok(());
+        };
+        writer.write_all(&chunk).await?;
+        recv.release(chunk.len());
+        progress.mark();
+        *count += chunk.len() as u64;
+    }
+}
+
 /// One direction's read buffer: its size follows the flow, its memory exists only while a
 /// read is being served.
 struct Buffer {
@@ -188,9 +301,11 @@ impl Buffer {
         cx: &mut Context<'_>,
     ) -> Poll<std::io::Result<usize>> {
         self.bytes.clear();
-        if self.bytes.capacity() < self.size || self.bytes.capacity() > 2 * self.size {
-            self.bytes = BytesMut::with_capacity(self.size);
+        if self.bytes.capacity() > 2 * self.size {
+            self.bytes = BytesMut::new();
         }
+        // Reuses the allocation once the chunks taken from it were dropped.
+        self.bytes.reserve(self.size);
         match tokio_util::io::poll_read_buf(reader, cx, &mut self.bytes) {
             Poll::Pending => {
                 self.bytes = BytesMut::new();
@@ -205,6 +320,12 @@ impl Buffer {
         self.bytes.get(..n).unwrap_or(&self.bytes)
     }
 
+    /// The first `n` bytes read, as a chunk of their own (no copy); the buffer keeps the rest
+    /// of its allocation.
+    fn take(&mut self, n: usize) -> Bytes {
+        self.bytes.split_to(n.min(self.bytes.len())).freeze()
+    }
+
     /// Doubles the size after a read that filled the buffer, halves it after one that used
     /// less than a quarter of it, within [`INITIAL_BUFFER`]..=[`MAX_BUFFER`].
     fn adapt(&mut self, n: usize) {
@@ -217,132 +338,4 @@ impl Buffer {
 }
 
 #[cfg(test)]
-mod tests {
-    use tokio::io::AsyncReadExt;
-
-    use super::*;
-
-    #[test]
-    fn the_buffer_grows_with_a_busy_flow_and_shrinks_when_it_slows() {
-        let mut buf = Buffer::default();
-        let mut sizes = Vec::new();
-        for _ in 0..8 {
-            let full = buf.size;
-            buf.adapt(full);
-            sizes.push(buf.size / 1024);
-        }
-        assert_eq!(sizes, [8, 16, 32, 64, 128, 256, 256, 256], "KiB, capped");
-        buf.adapt(MAX_BUFFER / 2);
-        assert_eq!(buf.size, MAX_BUFFER, "half full: unchanged");
-        buf.adapt(100);
-        assert_eq!(buf.size, MAX_BUFFER / 2);
-        for _ in 0..10 {
-            buf.adapt(1);
-        }
-        assert_eq!(buf.size, INITIAL_BUFFER, "never below the initial size");
-    }
-
-    #[tokio::test]
-    async fn a_waiting_read_holds_no_buffer() {
-        let (mut tx, mut rx) = tokio::io::duplex(1024);
-        let mut buf = Buffer::default();
-        tx.write_all(b"ping").await.expect("write");
-        let n = poll_fn(|cx| buf.poll_fill(Pin::new(&mut rx), cx))
-            .await
-            .expect("read");
-        assert_eq!(buf.filled(n), b"ping");
-        assert!(
-            buf.bytes.capacity() >= INITIAL_BUFFER,
-            "allocated while serving a read"
-        );
-
-        let waiting = poll_fn(|cx| Poll::Ready(buf.poll_fill(Pin::new(&mut rx), cx))).await;
-        assert!(waiting.is_pending(), "nothing to read yet");
-        assert_eq!(buf.bytes.capacity(), 0, "given back while waiting");
-    }
-
-    #[tokio::test]
-    async fn copies_both_ways_and_propagates_half_close() {
-        let (mut client, proxy_a) = tokio::io::duplex(1024);
-        let (proxy_b, mut server) = tokio::io::duplex(1024);
-        let copier = tokio::spawn(async move {
-            let mut counted = Counted::default();
-            let result = bidirectional(proxy_a, proxy_b, &mut counted, Timeouts::NONE).await;
-            (result.is_ok(), counted.a_to_b, counted.b_to_a)
-        });
-        let request = vec![7u8; 300_000];
-        let client_task = tokio::spawn(async move {
-            client.write_all(&request).await.expect("write");
-            client.shutdown().await.expect("shutdown");
-            let mut reply = Vec::new();
-            client.read_to_end(&mut reply).await.expect("read");
-            reply
-        });
-        // The server sees EOF only after the whole request: half-close propagated.
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.expect("read");
-        assert_eq!(got.len(), 300_000);
-        server.write_all(b"done").await.expect("write");
-        server.shutdown().await.expect("shutdown");
-        assert_eq!(client_task.await.expect("client"), b"done");
-        assert_eq!(copier.await.expect("copier"), (true, 300_000, 4));
-    }
-
-    const TIMEOUTS: Timeouts = Timeouts {
-        idle: Duration::from_secs(60),
-        half_close: Duration::from_secs(5),
-    };
-
-    #[tokio::test(start_paused = true)]
-    async fn a_connection_without_progress_times_out_and_traffic_keeps_it_alive() {
-        let (mut client, proxy_a) = tokio::io::duplex(1024);
-        let (proxy_b, mut server) = tokio::io::duplex(1024);
-        let started = tokio::time::Instant::now();
-        let copier = tokio::spawn(async move {
-            let mut counted = Counted::default();
-            bidirectional(proxy_a, proxy_b, &mut counted, TIMEOUTS).await
-        });
-        // A byte every 50 s keeps it open past the idle timeout...
-        for _ in 0..3 {
-            tokio::time::sleep(Duration::from_secs(50)).await;
-            client.write_all(b"x").await.expect("write");
-            let mut byte = [0u8; 1];
-            server.read_exact(&mut byte).await.expect("read");
-        }
-        // ...and then silence ends it 60 s after the last byte.
-        let error = copier.await.expect("copier").expect_err("times out");
-        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
-        assert_eq!(started.elapsed().as_secs(), 150 + 60);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_half_closed_connection_whose_other_side_is_silent_times_out_sooner() {
-        let (mut client, proxy_a) = tokio::io::duplex(1024);
-        let (proxy_b, _server) = tokio::io::duplex(1024);
-        let started = tokio::time::Instant::now();
-        let copier = tokio::spawn(async move {
-            let mut counted = Counted::default();
-            bidirectional(proxy_a, proxy_b, &mut counted, TIMEOUTS).await
-        });
-        client.shutdown().await.expect("shutdown");
-        let error = copier.await.expect("copier").expect_err("times out");
-        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
-        assert_eq!(started.elapsed().as_secs(), 5);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_peer_that_stops_reading_is_not_progress() {
-        let (mut client, proxy_a) = tokio::io::duplex(64 * 1024);
-        // The server end never reads: the proxy's writes block once this small pipe is full.
-        let (proxy_b, _server) = tokio::io::duplex(16);
-        let started = tokio::time::Instant::now();
-        let copier = tokio::spawn(async move {
-            let mut counted = Counted::default();
-            bidirectional(proxy_a, proxy_b, &mut counted, TIMEOUTS).await
-        });
-        client.write_all(&[1u8; 32 * 1024]).await.expect("write");
-        let error = copier.await.expect("copier").expect_err("times out");
-        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
-        assert_eq!(started.elapsed().as_secs(), 60);
-    }
-}
+mod tests;

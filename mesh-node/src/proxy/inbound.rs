@@ -20,28 +20,22 @@
 //! deadline, for its certificate rather than failing a pod that is joining.
 
 pub mod authorized;
-mod flood;
 
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Instant,
-};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use h2::{RecvStream, server::SendResponse};
+use http::{Method, Request, StatusCode};
 use tokio::net::TcpStream;
 
-use super::{AccessLog, ClientAddr, ProxyInputs, connect, copy::Counted, read_ahead::ReadAhead};
+use super::{
+    AccessLog, ClientAddr, ProxyInputs, connect_proxied, copy::Counted, read_ahead::ReadAhead,
+};
 use crate::{
-    hbone,
+    hbone::{
+        self, flood,
+        server::{Next, Server},
+    },
     identity::{Identity, store::certificate_serial},
     metrics::{Direction, Reporter, SecurityPolicy, TcpLabels},
     policy::{Destination, Flow},
@@ -59,7 +53,6 @@ struct Peer {
     cert_serial: String,
     /// The local identity presented in the handshake; CONNECTs must target a pod holding it.
     presented: Identity,
-    saw_stream: AtomicBool,
 }
 
 pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientAddr) {
@@ -160,71 +153,75 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
         identity,
         cert_serial,
         presented,
-        saw_stream: AtomicBool::new(false),
     });
 
-    let service = hyper::service::service_fn({
-        let peer = peer.clone();
-        move |req| {
-            let peer = peer.clone();
-            async move { Ok::<_, Infallible>(peer.stream(req).await) }
-        }
-    });
-    let mut builder = hbone::server_builder(inputs.settings.max_streams_per_connection);
-    builder.timer(TokioTimer::new());
     let flooded = tokio_util::sync::CancellationToken::new();
     let transport = flood::FloodGuard::new(tls, flooded.clone());
-    let connection = builder.serve_connection(TokioIo::new(transport), service);
-    tokio::pin!(connection);
-
     // A peer that completes the handshake but never sends a CONNECT is closed after the
     // handshake timeout, so idle sockets cannot pile up.
     let first_request = tokio::time::sleep(inputs.settings.handshake_timeout);
     tokio::pin!(first_request);
-    let mut closing = false;
-    let mut idle_checked = false;
-    loop {
-        tokio::select! {
-            result = connection.as_mut() => {
-                if flooded.is_cancelled() {
-                    return flood_ended(&peer, started);
-                }
-                if let Err(e) = result {
-                    tracing::debug!(peer = %peer.addr, identity = %peer.identity, error = %e, "HBONE connection ended with error");
-                }
+    let settings = &inputs.settings;
+    let mut server = tokio::select! {
+        server = Server::handshake(transport, settings.max_streams_per_connection) => match server {
+            Ok(server) => server,
+            Err(e) => {
+                tracing::debug!(peer = %peer.addr, identity = %peer.identity, error = %e, "HTTP/2 handshake failed");
                 return;
             }
+        },
+        () = &mut first_request => return idle_ended(&peer, started),
+    };
+    let mut closing = false;
+    let mut saw_stream = false;
+    loop {
+        tokio::select! {
+            next = server.next() => match next {
+                Next::Stream(request, respond) => {
+                    saw_stream = true;
+                    inputs.tasks.spawn(peer.clone().stream(request, respond));
+                }
+                Next::Closed | Next::Failed(_) if flooded.is_cancelled() => {
+                    return flood_ended(&peer, started);
+                }
+                Next::Closed => return,
+                Next::Failed(e) => {
+                    tracing::debug!(peer = %peer.addr, identity = %peer.identity, error = %e, "HBONE connection ended with error");
+                    return;
+                }
+            },
             () = flooded.cancelled() => {
                 // The transport writes GOAWAY and closes; a peer that does not read gets
                 // only a short grace.
-                let _ = tokio::time::timeout(FLOOD_GRACE, connection.as_mut()).await;
+                server.drain(flood::GRACE).await;
                 return flood_ended(&peer, started);
             }
             _ = inputs.shutdown.cancelled(), if !closing => {
                 closing = true;
-                connection.as_mut().graceful_shutdown();
+                server.graceful_shutdown();
             }
-            _ = &mut first_request, if !closing && !idle_checked => {
-                idle_checked = true;
-                if peer.saw_stream.load(Ordering::Relaxed) {
-                    continue;
-                }
-                inputs.metrics.fail(Direction::Inbound, "idle_connection");
-                AccessLog {
-                    src_identity: Some(&peer.identity),
-                    src_cert_serial: Some(&peer.cert_serial),
-                    error: Some(format!("idle_connection: no request within {:?} of the handshake", inputs.settings.handshake_timeout)),
-                    ..AccessLog::new(Direction::Inbound, "hbone", peer.addr, started)
-                }
-                .emit(&inputs.access_log, &inputs.metrics);
-                return;
+            () = &mut first_request, if !closing && !saw_stream => {
+                return idle_ended(&peer, started);
             }
         }
     }
 }
 
-/// How long a flooded connection may take to deliver its GOAWAY.
-const FLOOD_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// Counts and logs a connection closed for sending no CONNECT in time.
+fn idle_ended(peer: &Peer, started: Instant) {
+    let inputs = &peer.inputs;
+    inputs.metrics.fail(Direction::Inbound, "idle_connection");
+    AccessLog {
+        src_identity: Some(&peer.identity),
+        src_cert_serial: Some(&peer.cert_serial),
+        error: Some(format!(
+            "idle_connection: no request within {:?} of the handshake",
+            inputs.settings.handshake_timeout
+        )),
+        ..AccessLog::new(Direction::Inbound, "hbone", peer.addr, started)
+    }
+    .emit(&inputs.access_log, &inputs.metrics);
+}
 
 /// Counts and logs (as the connection's access log event) a connection ended for a flood of
 /// HTTP/2 control frames.
@@ -303,17 +300,16 @@ fn refuse_connection(
     .emit(&inputs.access_log, &inputs.metrics);
 }
 
-type HboneResponse = Response<Empty<Bytes>>;
-
 impl Peer {
-    async fn stream(self: Arc<Self>, mut req: Request<Incoming>) -> HboneResponse {
-        self.saw_stream.store(true, Ordering::Relaxed);
+    /// One CONNECT: classify, authorize, dial the pod, answer, copy; or refuse.
+    async fn stream(self: Arc<Self>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
         let started = Instant::now();
         let inputs = &self.inputs;
 
         // Classify.
         if req.method() != Method::CONNECT {
             return self.refuse(
+                &mut respond,
                 started,
                 StatusCode::BAD_REQUEST,
                 "bad_method",
@@ -324,6 +320,7 @@ impl Peer {
             Ok(dst) => dst,
             Err(e) => {
                 return self.refuse(
+                    &mut respond,
                     started,
                     StatusCode::BAD_REQUEST,
                     "bad_authority",
@@ -340,6 +337,7 @@ impl Peer {
             Some(w) if state.is_local(w) => w.clone(),
             _ => {
                 return self.refuse(
+                    &mut respond,
                     started,
                     StatusCode::BAD_REQUEST,
                     "not_local",
@@ -349,6 +347,7 @@ impl Peer {
         };
         if target.identity != self.presented {
             return self.refuse(
+                &mut respond,
                 started,
                 StatusCode::BAD_REQUEST,
                 "identity_mismatch",
@@ -373,6 +372,7 @@ impl Peer {
         // A workload behind a waypoint takes connections from the waypoint only.
         if let Err(bypass) = state.guards(&target).admit(Some(&self.identity)) {
             return self.refuse(
+                &mut respond,
                 started,
                 StatusCode::UNAUTHORIZED,
                 "waypoint_bypass",
@@ -395,6 +395,7 @@ impl Peer {
         });
         if !decision.is_allowed() {
             return self.refuse(
+                &mut respond,
                 started,
                 StatusCode::UNAUTHORIZED,
                 "policy_denied",
@@ -410,6 +411,7 @@ impl Peer {
             Ok(permit) => permit,
             Err(e) => {
                 return self.refuse(
+                    &mut respond,
                     started,
                     StatusCode::SERVICE_UNAVAILABLE,
                     e.reason(),
@@ -417,10 +419,11 @@ impl Peer {
                 );
             }
         };
-        let upstream = match connect(dst, inputs.settings.connect_timeout).await {
+        let mut upstream = match connect_proxied(dst, inputs.settings.connect_timeout).await {
             Ok(upstream) => upstream,
             Err(e) => {
                 return self.refuse(
+                    &mut respond,
                     started,
                     StatusCode::SERVICE_UNAVAILABLE,
                     "upstream_unreachable",
@@ -432,84 +435,88 @@ impl Peer {
             .with_source(src_workload.as_deref(), Some(&self.identity))
             .with_destination(Some(&target), Some(&target.identity));
         inputs.metrics.opened.get_or_create(&labels).inc();
-        let on_upgrade = hyper::upgrade::on(&mut req);
-        let peer = self.clone();
         let active = inputs.metrics.active(Direction::Inbound);
         let registration = inputs.authorized.register(grant);
-        inputs.tasks.spawn(async move {
-            let _active = active;
-            let _permit = permit;
-            let mut counted = Counted::default();
-            let timeouts = peer.inputs.settings.timeouts;
-            let mut upstream = upstream;
-            let error = match on_upgrade.await {
-                Ok(upgraded) => {
-                    let mut tunnel = TokioIo::new(upgraded);
-                    let copied = tokio::select! {
-                        result = super::copy::bidirectional(&mut tunnel, &mut upstream, &mut counted, timeouts) => Some(result),
-                        () = registration.close.cancelled() => None,
-                    };
-                    match copied {
-                        Some(Ok(())) => None,
-                        Some(Err(e)) => {
-                            if e.kind() == std::io::ErrorKind::TimedOut {
-                                peer.inputs.metrics.fail(Direction::Inbound, "idle_timeout");
-                            }
-                            Some(e.to_string())
+        let _permit = permit;
+        let _active = active;
+        let mut counted = Counted::default();
+        let error = match hbone::server::accept(respond, req) {
+            Ok(mut tunnel) => {
+                let copied = tokio::select! {
+                    result = super::copy::hbone(&mut upstream, &mut tunnel, &mut counted, inputs.settings.timeouts) => Some(result),
+                    () = registration.close.cancelled() => None,
+                };
+                let error = match copied {
+                    Some(Ok(())) => None,
+                    Some(Err(e)) => {
+                        if e.kind() == std::io::ErrorKind::TimedOut {
+                            inputs.metrics.fail(Direction::Inbound, "idle_timeout");
                         }
-                        None => {
-                            peer.inputs.metrics.fail(Direction::Inbound, "policy_revoked");
-                            Some(match registration.revoked() {
-                                Some(decision) => format!("policy_revoked: closed after a policy change: {decision}"),
-                                None => "policy_revoked: closed after a policy change".to_owned(),
-                            })
-                        }
+                        Some(e.to_string())
                     }
+                    None => {
+                        inputs.metrics.fail(Direction::Inbound, "policy_revoked");
+                        Some(match registration.revoked() {
+                            Some(decision) => {
+                                format!("policy_revoked: closed after a policy change: {decision}")
+                            }
+                            None => "policy_revoked: closed after a policy change".to_owned(),
+                        })
+                    }
+                };
+                if error.is_some() {
+                    // The source node resets its pod's connection: an abort stays an abort.
+                    tunnel.reset();
                 }
-                Err(e) => Some(format!("tunnel not established: {e}")),
-            };
-            if error.is_some() {
-                // The pod learns its connection was cut, not finished.
-                super::reset(upstream);
+                error
             }
-            drop(registration);
-            let (sent, received) = (counted.a_to_b, counted.b_to_a);
-            let metrics = &peer.inputs.metrics;
-            metrics.closed.get_or_create(&labels).inc();
-            // From the destination's point of view: sent towards the pod, received from it.
-            metrics.sent_bytes.get_or_create(&labels).inc_by(sent);
-            metrics
-                .received_bytes
-                .get_or_create(&labels)
-                .inc_by(received);
-            AccessLog {
-                direction: Direction::Inbound,
-                path: "hbone",
-                src_addr: client_addr,
-                src_workload: src_workload.as_deref(),
-                src_identity: Some(&peer.identity),
-                src_cert_serial: Some(&peer.cert_serial),
-                dst_addr: Some(dst),
-                dst_workload: Some(&target),
-                dst_identity: Some(&target.identity),
-                dst_service: None,
-                sent,
-                received,
-                started,
-                error,
-            }
-            .emit(&peer.inputs.access_log, &peer.inputs.metrics);
-        });
-        empty(StatusCode::OK)
+            Err(e) => Some(format!("tunnel not established: {e}")),
+        };
+        if error.is_some() {
+            // The pod learns its connection was cut, not finished.
+            super::reset(upstream);
+        } else {
+            super::finished(upstream);
+        }
+        drop(registration);
+        // The copy counts from the pod's socket: towards the tunnel is what the pod sent.
+        let (sent, received) = (counted.b_to_a, counted.a_to_b);
+        let metrics = &inputs.metrics;
+        metrics.closed.get_or_create(&labels).inc();
+        // From the destination's point of view: sent towards the pod, received from it.
+        metrics.sent_bytes.get_or_create(&labels).inc_by(sent);
+        metrics
+            .received_bytes
+            .get_or_create(&labels)
+            .inc_by(received);
+        AccessLog {
+            direction: Direction::Inbound,
+            path: "hbone",
+            src_addr: client_addr,
+            src_workload: src_workload.as_deref(),
+            src_identity: Some(&self.identity),
+            src_cert_serial: Some(&self.cert_serial),
+            dst_addr: Some(dst),
+            dst_workload: Some(&target),
+            dst_identity: Some(&target.identity),
+            dst_service: None,
+            sent,
+            received,
+            started,
+            error,
+        }
+        .emit(&inputs.access_log, &inputs.metrics);
     }
 
+    /// Answers the stream with `status`, counting and logging the reason.
     fn refuse(
         &self,
+        respond: &mut SendResponse<Bytes>,
         started: Instant,
         status: StatusCode,
         reason: &'static str,
         error: String,
-    ) -> HboneResponse {
+    ) {
         self.inputs.metrics.fail(Direction::Inbound, reason);
         AccessLog {
             src_identity: Some(&self.identity),
@@ -518,14 +525,8 @@ impl Peer {
             ..AccessLog::new(Direction::Inbound, "hbone", self.addr, started)
         }
         .emit(&self.inputs.access_log, &self.inputs.metrics);
-        empty(status)
+        hbone::server::respond(respond, status);
     }
-}
-
-fn empty(status: StatusCode) -> HboneResponse {
-    let mut response = Response::new(Empty::new());
-    *response.status_mut() = status;
-    response
 }
 
 #[cfg(test)]

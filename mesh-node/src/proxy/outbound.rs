@@ -12,8 +12,9 @@ use tokio::net::TcpStream;
 use super::{
     AccessLog, ClientAddr, ProxyInputs,
     copy::{self, Counted},
+    finished,
     inbound::authorized::Registration,
-    reset,
+    reset, reset_on_crash,
 };
 use crate::{
     config::UnknownDestination,
@@ -30,6 +31,7 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
     let started = Instant::now();
     let _active = inputs.metrics.active(Direction::Outbound);
     let mut log = AccessLog::new(Direction::Outbound, "none", client.0, started);
+    reset_on_crash(&stream);
 
     // Classify: where was it going, who sent it.
     let Some((dst, cgroup)) = inputs.original_dst.lookup(client) else {
@@ -116,16 +118,24 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
         Upstream::Local(upstream, registration) => {
             copy_tcp(&inputs, stream, upstream, Some(&registration)).await
         }
-        Upstream::Hbone(tunnel) => {
+        Upstream::Hbone(mut tunnel) => {
             let mut stream = stream;
             let mut counted = Counted::default();
-            let result = copy::bidirectional(&mut stream, tunnel.io, &mut counted, timeouts).await;
-            drop(tunnel.guard);
-            let error = result.err().map(|e| {
-                // The tunnel broke or timed out: the pod learns it was cut, not finished.
-                reset(stream);
-                failed_copy(&inputs, &e)
-            });
+            let result = copy::hbone(&mut stream, &mut tunnel.stream, &mut counted, timeouts).await;
+            let error = match result {
+                Ok(()) => {
+                    finished(stream);
+                    None
+                }
+                Err(e) => {
+                    // Either end broke, or the connection timed out: each side learns it
+                    // was cut, not finished (RST_STREAM towards the peer, RST to the pod).
+                    tunnel.stream.reset();
+                    reset(stream);
+                    Some(failed_copy(&inputs, &e))
+                }
+            };
+            drop(tunnel);
             (counted.a_to_b, counted.b_to_a, error)
         }
     };
@@ -236,6 +246,9 @@ async fn copy_tcp(
     if error.is_some() {
         reset(client);
         reset(upstream);
+    } else {
+        finished(client);
+        finished(upstream);
     }
     (counted.a_to_b, counted.b_to_a, error)
 }

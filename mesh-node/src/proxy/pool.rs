@@ -25,22 +25,20 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use h2::client::SendRequest;
+use http::StatusCode;
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 use super::{ClientAddr, HboneAddr, OriginalDst, read_ahead::ReadAhead};
 use crate::{
-    hbone,
+    hbone::{self, H2Stream, client::ConnectError},
     identity::{CertStore, Identity, store::WorkloadCert},
 };
 
@@ -63,22 +61,17 @@ pub enum PoolError {
     #[error("HTTP/2 handshake with {addr} failed: {source}")]
     Handshake {
         addr: std::net::SocketAddr,
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("CONNECT to {dst} failed: {source}")]
     Request {
         dst: std::net::SocketAddr,
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("CONNECT to {dst} refused with {status}")]
     Status {
         dst: std::net::SocketAddr,
         status: StatusCode,
-    },
-    #[error("CONNECT to {dst}: tunnel not established: {source}")]
-    Upgrade {
-        dst: std::net::SocketAddr,
-        source: hyper::Error,
     },
 }
 
@@ -89,9 +82,7 @@ impl PoolError {
             PoolError::NoCertificate(_) => "no_certificate",
             PoolError::Connect { .. } => "hbone_connect",
             PoolError::Tls { .. } | PoolError::Alpn(_) => "hbone_tls",
-            PoolError::Handshake { .. } | PoolError::Request { .. } | PoolError::Upgrade { .. } => {
-                "hbone_protocol"
-            }
+            PoolError::Handshake { .. } | PoolError::Request { .. } => "hbone_protocol",
             PoolError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => "denied",
             PoolError::Status { .. } => "hbone_status",
         }
@@ -106,7 +97,9 @@ struct Key {
 }
 
 struct Conn {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
+    /// Set once the connection's task ended (closed, failed, or its peer went silent).
+    closed: Arc<AtomicBool>,
     streams: Arc<AtomicUsize>,
     /// The source certificate presented in this connection's handshake.
     cert: Arc<WorkloadCert>,
@@ -116,7 +109,11 @@ impl Conn {
     /// Whether new streams may use this connection: still open, and dialled with the
     /// certificate the store holds now.
     fn is_current(&self, current: Option<&Arc<WorkloadCert>>) -> bool {
-        !self.sender.is_closed() && current.is_some_and(|c| Arc::ptr_eq(c, &self.cert))
+        !self.is_closed() && current.is_some_and(|c| Arc::ptr_eq(c, &self.cert))
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
     }
 }
 
@@ -166,7 +163,7 @@ impl Drop for StreamGuard {
 
 /// An established CONNECT tunnel.
 pub struct Tunnel {
-    pub io: TokioIo<hyper::upgrade::Upgraded>,
+    pub stream: H2Stream,
     pub guard: StreamGuard,
 }
 
@@ -213,33 +210,19 @@ impl Pool {
             dst: dst_identity.clone(),
             node,
         };
-        let (mut sender, guard) = self.checkout(certs, key).await?;
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(dst.0.to_string())
-            .header(http::header::FORWARDED, hbone::forwarded_for(client.0))
-            .body(Empty::<Bytes>::new())
-            .map_err(|_| PoolError::Status {
-                dst: dst.0,
-                status: StatusCode::BAD_REQUEST,
+        let (sender, closed, guard) = self.checkout(certs, key).await?;
+        let stream = hbone::client::connect(&sender, dst.0, client.0)
+            .await
+            .map_err(|e| match e {
+                ConnectError::Connection(source) => {
+                    // Going away or broken: no new streams go to it.
+                    closed.store(true, Ordering::Relaxed);
+                    PoolError::Request { dst: dst.0, source }
+                }
+                ConnectError::Request(source) => PoolError::Request { dst: dst.0, source },
+                ConnectError::Status(status) => PoolError::Status { dst: dst.0, status },
             })?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|source| PoolError::Request { dst: dst.0, source })?;
-        if response.status() != StatusCode::OK {
-            return Err(PoolError::Status {
-                dst: dst.0,
-                status: response.status(),
-            });
-        }
-        let upgraded = hyper::upgrade::on(response)
-            .await
-            .map_err(|source| PoolError::Upgrade { dst: dst.0, source })?;
-        Ok(Tunnel {
-            io: TokioIo::new(upgraded),
-            guard,
-        })
+        Ok(Tunnel { stream, guard })
     }
 
     /// A sender on a connection with spare streams, dialing one if needed.
@@ -247,11 +230,11 @@ impl Pool {
         &self,
         certs: &CertStore,
         key: Key,
-    ) -> Result<(SendRequest<Empty<Bytes>>, StreamGuard), PoolError> {
+    ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>, StreamGuard), PoolError> {
         if self.single_use {
             // Not stored: once this stream's sender is dropped, the connection closes.
-            let (sender, _) = self.dial(certs, &key).await?;
-            return Ok((sender, StreamGuard(Arc::new(AtomicUsize::new(1)))));
+            let (sender, closed, _) = self.dial(certs, &key).await?;
+            return Ok((sender, closed, StreamGuard(Arc::new(AtomicUsize::new(1)))));
         }
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -261,7 +244,7 @@ impl Pool {
         let current = certs.get(&key.src);
         conns.retain(|c| {
             let keep = c.is_current(current.as_ref());
-            if !keep && !c.sender.is_closed() {
+            if !keep && !c.is_closed() {
                 tracing::debug!(
                     src = %key.src,
                     dst = %key.dst,
@@ -276,7 +259,7 @@ impl Pool {
         let loads: Vec<Load> = conns
             .iter()
             .map(|c| Load {
-                ready: c.sender.is_ready(),
+                ready: !c.is_closed(),
                 streams: c.streams.load(Ordering::Relaxed),
             })
             .collect();
@@ -284,27 +267,33 @@ impl Pool {
             && let Some(conn) = conns.get(i)
         {
             conn.streams.fetch_add(1, Ordering::Relaxed);
-            return Ok((conn.sender.clone(), StreamGuard(conn.streams.clone())));
+            return Ok((
+                conn.sender.clone(),
+                conn.closed.clone(),
+                StreamGuard(conn.streams.clone()),
+            ));
         }
         // The slot stays locked while dialling: streams of this key that arrive meanwhile
         // wait for this connection instead of each dialling their own. It happens at most
         // `spread` times per key and certificate while streams stay open.
-        let (sender, cert) = self.dial(certs, &key).await?;
+        let (sender, closed, cert) = self.dial(certs, &key).await?;
         let streams = Arc::new(AtomicUsize::new(1));
         conns.push(Conn {
             sender: sender.clone(),
+            closed: closed.clone(),
             streams: streams.clone(),
             cert,
         });
-        Ok((sender, StreamGuard(streams)))
+        Ok((sender, closed, StreamGuard(streams)))
     }
 
-    /// Opens a connection for `key`; returns it with the certificate it presented.
+    /// Opens a connection for `key`; returns it, the flag its task sets when it ends, and the
+    /// certificate it presented.
     async fn dial(
         &self,
         certs: &CertStore,
         key: &Key,
-    ) -> Result<(SendRequest<Empty<Bytes>>, Arc<WorkloadCert>), PoolError> {
+    ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>, Arc<WorkloadCert>), PoolError> {
         let addr = key.node.0;
         let cert = certs
             .wait_for(&key.src, self.connect_timeout)
@@ -331,25 +320,19 @@ impl Pool {
         if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
             return Err(PoolError::Alpn(addr));
         }
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(hbone::STREAM_WINDOW)
-            .initial_connection_window_size(hbone::CONNECTION_WINDOW)
-            .max_frame_size(hbone::MAX_FRAME_SIZE)
-            .max_header_list_size(hbone::MAX_HEADER_LIST_SIZE)
-            .keep_alive_interval(hbone::KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(hbone::KEEPALIVE_TIMEOUT)
-            .handshake(TokioIo::new(tls))
+        let (sender, driver) = hbone::client::handshake(tls)
             .await
             .map_err(|source| PoolError::Handshake { addr, source })?;
-        let (src, dst) = (key.src.clone(), key.dst.clone());
+        let closed = Arc::new(AtomicBool::new(false));
+        let (src, dst, ended) = (key.src.clone(), key.dst.clone(), closed.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            if let Err(e) = driver.run().await {
                 tracing::debug!(%src, %dst, peer = %addr, error = %e, "HBONE connection ended");
             }
+            ended.store(true, Ordering::Relaxed);
         });
         tracing::debug!(src = %key.src, dst = %key.dst, peer = %addr, serial = %cert.serial, "opened HBONE connection");
-        Ok((sender, cert))
+        Ok((sender, closed, cert))
     }
 }
 
@@ -357,7 +340,6 @@ impl Pool {
 mod tests {
     use std::{
         collections::HashSet,
-        convert::Infallible,
         net::{Ipv4Addr, SocketAddr},
         sync::Mutex as StdMutex,
     };
@@ -367,6 +349,7 @@ mod tests {
 
     use super::*;
     use crate::{
+        hbone::H2Io,
         identity::{
             LocalCa,
             store::{CertManager, Issuer, certificate_serial},
@@ -455,17 +438,22 @@ mod tests {
             }
         }
 
-        async fn tunnel(&self, pool: &Pool) -> Tunnel {
-            pool.tunnel(
-                &self.certs,
-                &self.src,
-                &self.dst,
-                HboneAddr(self.addr),
-                OriginalDst(SocketAddr::from(([10, 0, 0, 2], 80))),
-                ClientAddr(SocketAddr::from(([10, 0, 0, 1], 40000))),
-            )
-            .await
-            .expect("tunnel")
+        async fn tunnel(&self, pool: &Pool) -> Open {
+            let tunnel = pool
+                .tunnel(
+                    &self.certs,
+                    &self.src,
+                    &self.dst,
+                    HboneAddr(self.addr),
+                    OriginalDst(SocketAddr::from(([10, 0, 0, 2], 80))),
+                    ClientAddr(SocketAddr::from(([10, 0, 0, 1], 40000))),
+                )
+                .await
+                .expect("tunnel");
+            Open {
+                io: H2Io::new(tunnel.stream),
+                _guard: tunnel.guard,
+            }
         }
 
         fn serial(&self) -> String {
@@ -541,29 +529,30 @@ mod tests {
                     .expect("client certificate");
                 seen.handshakes.lock().expect("lock").push(serial.clone());
                 seen.changed.notify_waiters();
-                let service = hyper::service::service_fn(
-                    |mut req: Request<hyper::body::Incoming>| async move {
-                        let upgrade = hyper::upgrade::on(&mut req);
+                if let Ok(mut server) = hbone::server::Server::handshake(tls, 100).await {
+                    while let hbone::server::Next::Stream(request, respond) = server.next().await {
                         tokio::spawn(async move {
-                            if let Ok(upgraded) = upgrade.await {
-                                let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                            if let Ok(stream) = hbone::server::accept(respond, request) {
+                                let (mut r, mut w) = tokio::io::split(H2Io::new(stream));
                                 let _ = tokio::io::copy(&mut r, &mut w).await;
                                 let _ = w.shutdown().await;
                             }
                         });
-                        Ok::<_, Infallible>(http::Response::new(Empty::<Bytes>::new()))
-                    },
-                );
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
+                    }
+                }
                 seen.closed.lock().expect("lock").push(serial);
                 seen.changed.notify_waiters();
             });
         }
     }
 
-    async fn echo(tunnel: &mut Tunnel, bytes: &[u8]) {
+    /// A tunnel as a byte stream, holding its place in the pool.
+    struct Open {
+        io: H2Io,
+        _guard: StreamGuard,
+    }
+
+    async fn echo(tunnel: &mut Open, bytes: &[u8]) {
         tunnel.io.write_all(bytes).await.expect("write");
         let mut back = vec![0; bytes.len()];
         tokio::time::timeout(Duration::from_secs(5), tunnel.io.read_exact(&mut back))
@@ -574,7 +563,7 @@ mod tests {
     }
 
     /// Half-closes and reads the peer's end of stream.
-    async fn finish(mut tunnel: Tunnel) {
+    async fn finish(mut tunnel: Open) {
         tunnel.io.shutdown().await.expect("shutdown");
         let mut rest = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), tunnel.io.read_to_end(&mut rest))

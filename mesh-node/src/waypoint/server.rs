@@ -6,7 +6,8 @@
 //! The waypoint is not an open relay: a CONNECT for anything that does not name this waypoint
 //! is refused with 400 and counted. Limits bound what one peer can make it hold: handshake and
 //! first-request deadlines, concurrent tunnels per connection, header sizes, concurrent
-//! requests, and HTTP/2 rapid-reset protection on both layers.
+//! requests, HTTP/2 rapid-reset protection on both layers, and on the HBONE layer the same
+//! control-frame flood guard as the agents' ([`hbone::flood`]).
 
 use std::{
     convert::Infallible,
@@ -16,15 +17,17 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Incoming;
+use h2::{RecvStream, server::SendResponse};
+use http::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::{Target, WaypointInputs, forward::Downstream};
 use crate::{
-    hbone,
+    hbone::{
+        self, H2Io, flood,
+        server::{Next, Server},
+    },
     identity::Identity,
     metrics::Direction,
     proxy::{AccessLog, ClientAddr},
@@ -74,85 +77,99 @@ pub async fn handle(inputs: Arc<WaypointInputs>, stream: TcpStream, client: Clie
         );
     };
     let peer = Arc::new(peer);
-    let service = hyper::service::service_fn({
-        let inputs = inputs.clone();
-        let peer = peer.clone();
-        move |req| {
-            let inputs = inputs.clone();
-            let peer = peer.clone();
-            async move { Ok::<_, Infallible>(tunnel(inputs, peer, client.0, req)) }
+    let flooded = tokio_util::sync::CancellationToken::new();
+    let transport = flood::FloodGuard::new(tls, flooded.clone());
+    let max_tunnels = inputs.limits.max_tunnels_per_connection;
+    let mut server = match tokio::time::timeout(
+        handshake_timeout,
+        Server::handshake(transport, max_tunnels),
+    )
+    .await
+    {
+        Ok(Ok(server)) => server,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %client.0, identity = %peer, error = %e, "HTTP/2 handshake failed");
+            return;
         }
-    });
-    let mut builder = hbone::server_builder(inputs.limits.max_tunnels_per_connection);
-    builder.timer(TokioTimer::new());
-    let connection = builder.serve_connection(TokioIo::new(tls), service);
-    tokio::pin!(connection);
+        Err(_) => {
+            let error = "HTTP/2 preface not received in time".to_owned();
+            return refuse(
+                &inputs,
+                client.0,
+                Some(&peer),
+                started,
+                "handshake_timeout",
+                error,
+            );
+        }
+    };
     let mut closing = false;
     loop {
         tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(peer = %client.0, identity = %peer, error = %e, "HBONE connection ended with error");
+            next = server.next() => match next {
+                Next::Stream(request, respond) => {
+                    tunnel(&inputs, &peer, client.0, request, respond);
                 }
-                return;
+                Next::Closed | Next::Failed(_) if flooded.is_cancelled() => {
+                    return flood_ended(&inputs, client.0, &peer, started);
+                }
+                Next::Closed => return,
+                Next::Failed(e) => {
+                    tracing::debug!(peer = %client.0, identity = %peer, error = %e, "HBONE connection ended with error");
+                    return;
+                }
+            },
+            () = flooded.cancelled() => {
+                server.drain(flood::GRACE).await;
+                return flood_ended(&inputs, client.0, &peer, started);
             }
             _ = inputs.shutdown.cancelled(), if !closing => {
                 closing = true;
-                connection.as_mut().graceful_shutdown();
+                server.graceful_shutdown();
             }
         }
     }
 }
 
-type TunnelResponse = Response<Empty<Bytes>>;
+/// Counts and logs a connection ended for a flood of HTTP/2 control frames.
+fn flood_ended(inputs: &WaypointInputs, addr: SocketAddr, peer: &Identity, started: Instant) {
+    let error = format!(
+        "more than {} PING or SETTINGS frames in {:?}; sent GOAWAY(ENHANCE_YOUR_CALM)",
+        flood::MAX_CONTROL_FRAMES,
+        flood::WINDOW
+    );
+    refuse(inputs, addr, Some(peer), started, "http2_flood", error);
+}
 
-/// One CONNECT: classify, then serve HTTP on it once upgraded.
+/// One CONNECT: classify, then serve HTTP on the tunnel (a task of its own), or refuse it.
 fn tunnel(
-    inputs: Arc<WaypointInputs>,
-    peer: Arc<Identity>,
+    inputs: &Arc<WaypointInputs>,
+    peer: &Arc<Identity>,
     peer_addr: SocketAddr,
-    mut req: Request<Incoming>,
-) -> TunnelResponse {
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
     let started = Instant::now();
+    let mut refused = |reason: &'static str, error: String| {
+        refuse(inputs, peer_addr, Some(peer), started, reason, error);
+        hbone::server::respond(&mut respond, StatusCode::BAD_REQUEST);
+    };
     if req.method() != Method::CONNECT {
-        let error = format!("method {} is not CONNECT", req.method());
-        refuse(
-            &inputs,
-            peer_addr,
-            Some(&peer),
-            started,
+        return refused(
             "bad_method",
-            error,
+            format!("method {} is not CONNECT", req.method()),
         );
-        return status(StatusCode::BAD_REQUEST);
     }
     let dst = match hbone::parse_authority(req.uri().authority().map(|a| a.as_str())) {
         Ok(dst) => dst,
-        Err(e) => {
-            let error = e.to_string();
-            refuse(
-                &inputs,
-                peer_addr,
-                Some(&peer),
-                started,
-                "bad_authority",
-                error,
-            );
-            return status(StatusCode::BAD_REQUEST);
-        }
+        Err(e) => return refused("bad_authority", e.to_string()),
     };
     let mesh = inputs.mesh.load_full();
     let Some(target) = Target::classify(&mesh, &inputs.me, dst) else {
-        let error = format!("{dst} does not use waypoint {}", inputs.me);
-        refuse(
-            &inputs,
-            peer_addr,
-            Some(&peer),
-            started,
+        return refused(
             "not_served",
-            error,
+            format!("{dst} does not use waypoint {}", inputs.me),
         );
-        return status(StatusCode::BAD_REQUEST);
     };
     // Telemetry only: the client as its node reported it, believed only when that address
     // belongs to a workload holding the identity that authenticated.
@@ -163,7 +180,7 @@ fn tunnel(
         .and_then(hbone::parse_forwarded_for);
     let source = client_addr
         .and_then(|a| mesh.known_workload_by_ip(a.ip()))
-        .filter(|w| w.identity == *peer)
+        .filter(|w| w.identity == **peer)
         .cloned();
     let downstream = Arc::new(Downstream {
         inputs: inputs.clone(),
@@ -172,22 +189,17 @@ fn tunnel(
         client_addr: client_addr.unwrap_or(peer_addr),
         target,
     });
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    inputs.tasks.spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
-                tracing::debug!(error = %e, "tunnel not established");
-                return;
-            }
-        };
-        serve_http(downstream, upgraded).await;
-    });
-    status(StatusCode::OK)
+    match hbone::server::accept(respond, req) {
+        Ok(stream) => {
+            let io = TokioIo::new(H2Io::new(stream));
+            inputs.tasks.spawn(serve_http(downstream, io));
+        }
+        Err(e) => tracing::debug!(error = %e, "tunnel not established"),
+    }
 }
 
 /// Serves HTTP/1.1 or HTTP/2 (by the client's preface) on one tunnel until it closes.
-async fn serve_http(downstream: Arc<Downstream>, upgraded: hyper::upgrade::Upgraded) {
+async fn serve_http(downstream: Arc<Downstream>, tunnel: TokioIo<H2Io>) {
     let limits = &downstream.inputs.limits;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -212,7 +224,7 @@ async fn serve_http(downstream: Arc<Downstream>, upgraded: hyper::upgrade::Upgra
             async move { Ok::<_, Infallible>(super::forward::handle(downstream, req).await) }
         }
     });
-    let connection = builder.serve_connection(upgraded, service);
+    let connection = builder.serve_connection(tunnel, service);
     tokio::pin!(connection);
     let shutdown = downstream.inputs.shutdown.clone();
     let mut closing = false;
@@ -231,12 +243,6 @@ async fn serve_http(downstream: Arc<Downstream>, upgraded: hyper::upgrade::Upgra
             }
         }
     }
-}
-
-fn status(code: StatusCode) -> TunnelResponse {
-    let mut response = Response::new(Empty::new());
-    *response.status_mut() = code;
-    response
 }
 
 /// Counts and logs a refused connection or tunnel.

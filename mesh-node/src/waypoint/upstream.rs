@@ -27,7 +27,7 @@ use hyper_util::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::{
-    hbone,
+    hbone::{self, H2Io},
     identity::{CertStore, Identity},
     proxy::{
         ClientAddr, HboneAddr, OriginalDst,
@@ -113,7 +113,7 @@ impl tower::Service<Uri> for HboneConnector {
                 )
                 .await?;
             Ok(TokioIo::new(TunnelIo {
-                io: tunnel.io,
+                io: H2Io::new(tunnel.stream),
                 _guard: tunnel.guard,
                 _permits: permits,
             }))
@@ -149,7 +149,7 @@ fn connection_permits(
 /// One CONNECT stream, holding its slot in the HBONE connection and its connection permits
 /// while it lives.
 pub struct TunnelIo {
-    io: TokioIo<hyper::upgrade::Upgraded>,
+    io: H2Io,
     _guard: StreamGuard,
     _permits: Vec<ConnectionPermit>,
 }

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 
 use super::{
     super::{
-        ClientAddr, HboneAddr, OriginalDst, ProxyInputs, connect,
+        ClientAddr, HboneAddr, OriginalDst, ProxyInputs, connect_proxied,
         inbound::authorized::{Grant, Registration},
         pool::{PoolError, Tunnel},
     },
@@ -120,7 +120,7 @@ async fn open(
             false,
         )),
         Route::Local(w) => local(inputs, state, src, w, addr, client).await,
-        Route::Passthrough => match connect(addr, inputs.settings.connect_timeout).await {
+        Route::Passthrough => match connect_proxied(addr, inputs.settings.connect_timeout).await {
             Ok(stream) => Ok(Upstream::Tcp(stream)),
             Err(e) => Err(unreachable(addr, &e)),
         },
@@ -177,7 +177,7 @@ async fn local(
     }
     // Registered before the dial, so a policy change during it is not missed.
     let registration = inputs.authorized.register(grant);
-    match connect(addr, inputs.settings.connect_timeout).await {
+    match connect_proxied(addr, inputs.settings.connect_timeout).await {
         Ok(stream) => Ok(Upstream::Local(stream, registration)),
         Err(e) => Err(unreachable(addr, &e)),
     }
@@ -264,7 +264,6 @@ fn retryable(e: &PoolError) -> bool {
         | PoolError::Tls { .. }
         | PoolError::Alpn(_)
         | PoolError::Handshake { .. }
-        | PoolError::Request { .. }
-        | PoolError::Upgrade { .. } => true,
+        | PoolError::Request { .. } => true,
     }
 }

@@ -23,7 +23,9 @@
 //! (one HTTP/1.1 GET); `peername`; `requests` (N HTTP/1.1 or HTTP/2 requests over keep-alive
 //! connections, tallied as `{"sent","statuses","servers","errors","first_error","last",...}`,
 //! see `client/requests.rs`); `grpc` (a health `Check` and optional `Watch`, printing
-//! `{"check","watched","statuses","ok"}`).
+//! `{"check","watched","statuses","ok"}`); `end-watch` and `end-stream` (the two sides of
+//! one transfer, each reporting how its connection ended, `fin` or `reset`, or resetting it
+//! itself; see `ends.rs`).
 //!
 //! Clients print ONE JSON object on stdout when done. Exit status: 0 when the operation
 //! completed and verified, 1 when it completed but verification failed (`"ok": false`, or
@@ -38,6 +40,7 @@
 //! The payload is [`mesh_tests::pattern`], so tests can compute expected hashes.
 
 mod client;
+mod ends;
 #[cfg(test)]
 mod l7_tests;
 mod server;
@@ -94,6 +97,22 @@ enum Command {
         to: SocketAddr,
         #[arg(long)]
         count: u64,
+    },
+    /// Accept one connection and read it to its end (or abort it after N bytes); report how
+    /// it ended: `fin`, `reset`, `aborted` (see `ends.rs`).
+    EndWatch {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, value_parser = parse_size)]
+        abort_after: Option<u64>,
+    },
+    /// Connect and write without pause until the connection ends (or abort it after N bytes);
+    /// report how it ended (see `ends.rs`).
+    EndStream {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, value_parser = parse_size)]
+        abort_after: Option<u64>,
     },
     /// Ask a `source` server for N bytes and hash what arrives.
     Fetch {
@@ -235,6 +254,12 @@ async fn run(command: Command, timeout: Duration) -> Result<(Value, bool)> {
                 .map_err(bounded(format!("send to {to} from {}", cgroup.display())))?
         }
         Command::AbortConnects { to, count } => client::abort_connects(to, count),
+        // Both keep their own deadline, reported as the `timeout` end.
+        Command::EndWatch {
+            listen,
+            abort_after,
+        } => ends::watch(listen, abort_after, timeout).await,
+        Command::EndStream { to, abort_after } => ends::stream(to, abort_after, timeout).await,
         Command::Fetch { to, bytes } => tokio::time::timeout(timeout, client::fetch(to, bytes))
             .await
             .map_err(bounded(format!("fetch from {to}")))?,

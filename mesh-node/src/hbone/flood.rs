@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 /// per window. A hundred is far beyond that and far below what a flood sends.
 pub const MAX_CONTROL_FRAMES: u32 = 100;
 pub const WINDOW: Duration = Duration::from_secs(10);
+/// How long a flooded connection may take to deliver its GOAWAY.
+pub const GRACE: Duration = Duration::from_secs(1);
 
 /// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`: precedes the client's first frame.
 const CLIENT_PREFACE_LEN: u32 = 24;

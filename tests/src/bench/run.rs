@@ -74,8 +74,10 @@ const IDLE_HOLD: Duration = Duration::from_secs(30);
 /// Descriptor limit (soft and hard) the orchestrator sets for itself and so for everything it
 /// starts: relay A holds two descriptors per held connection, the servers and agents one.
 const FD_LIMIT: u64 = 65_536;
-/// Descriptors a proxy needs besides the held connections (listeners, HBONE, logs).
-const FD_RESERVE: u64 = 200;
+/// Descriptors a proxy needs besides the held connections (listeners, HBONE, logs); above the
+/// agents' own reserve (`limits.reserved_descriptors`, 256), so the held connections fit
+/// under the node-wide cap the agents derive from the same descriptor limit.
+const FD_RESERVE: u64 = 400;
 
 /// What `bench run` does.
 #[derive(Clone, Debug)]
@@ -499,7 +501,7 @@ impl<'tb> Active<'tb> {
                 relays: Vec::new(),
             }),
             Config::Trellis => Ok(Self {
-                mesh: Some(Mesh::start(tb, &MeshOptions::default())?),
+                mesh: Some(Mesh::start(tb, &mesh_options())?),
                 waypoint: None,
                 relays: Vec::new(),
             }),
@@ -534,7 +536,7 @@ impl<'tb> Active<'tb> {
     fn start_single_use(tb: &'tb Testbed) -> Result<Self> {
         let options = MeshOptions {
             hbone_single_use: true,
-            ..MeshOptions::default()
+            ..mesh_options()
         };
         Ok(Self {
             mesh: Some(Mesh::start(tb, &options)?),
@@ -697,6 +699,14 @@ impl<'tb> Active<'tb> {
         }
         Ok(())
     }
+}
+
+/// The bench's mesh: one client pod holds the idle-connection test's connections, so the
+/// per-pod cap (which that test is not about) sits above them.
+fn mesh_options() -> MeshOptions {
+    let mut options = MeshOptions::default();
+    options.limits.max_connections_per_pod = IDLE_CONNS + 1_000;
+    options
 }
 
 /// Starts `cmd` at `place` and waits (bounded) for its `{"listening": ...}` line.

@@ -8,9 +8,9 @@
 //! In live mode (`control_plane`) the state starts empty and the tasks below keep it:
 //!
 //! ```text
-//! feed (stream, resources) -> state (MeshState, cgroups) -> ArcSwap (proxy reads)
-//!                                                       -> watch -> enrollment (eBPF map)
-//!                                                                -> certificates (CA service)
+//! feed (stream, resources) -> state_task (MeshState, cgroups) -> ArcSwap (proxy reads)
+//!                                                            -> watch -> enrollment (eBPF map)
+//!                                                                     -> certificates (CA service)
 //! ```
 //!
 //! Each task is the only writer of what it owns. The agent is ready once the first snapshot is
@@ -22,7 +22,7 @@ pub mod channel;
 pub mod enrollment;
 pub mod feed;
 pub mod plaintext;
-pub mod state;
+pub mod state_task;
 #[cfg(test)]
 mod tests;
 
@@ -52,8 +52,8 @@ use crate::{
         limits::{Caps, Limits},
         pool::Pool,
     },
+    state::MeshState,
     tls::{self, TlsError},
-    workload::MeshState,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -320,7 +320,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         datapath: Some(datapath.clone()),
         feed: feed_status.clone(),
         ready: false.into(),
-        l7_dump: None,
+        l7: None,
     });
     admin::serve_all(
         &admin,
@@ -362,7 +362,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     ) = (source, feed_status)
     {
         let (applied_tx, applied_rx) = mpsc::channel(1);
-        let state_task = state::StateTask {
+        let state_task = state_task::StateTask {
             local_node: config.node.clone(),
             root_namespace,
             state: state.clone(),

@@ -554,11 +554,7 @@ pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
 
 /// Kubernetes node names are DNS subdomains (`ip-10-0-0-1.ec2.internal`).
 fn check_node_name(field: &str, value: &str) -> Result<(), ConfigError> {
-    let ok = value.len() <= 253
-        && value
-            .split('.')
-            .all(|label| check_dns_label(field, label).is_ok());
-    if ok {
+    if crate::identity::is_dns_subdomain(value) {
         Ok(())
     } else {
         Err(invalid(field, format!("{value:?} is not a DNS subdomain")))

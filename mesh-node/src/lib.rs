@@ -1,12 +1,24 @@
 //! Trellis's node-side roles. The `mesh-node` binary runs them; `meshctl` reads them.
 //!
-//! - [`agent`]: the per-node proxy and datapath owner.
+//! Code map, one line per module on what it owns (roles first, then what they share):
+//!
+//! - [`agent`]: the per-node proxy and datapath owner: cgroups, enrollment, the state task.
 //! - [`controller`]: the control plane: CA service and config distribution to agents.
-//! - [`config`], [`identity`], [`tls`], [`ebpf`], [`proxy`], [`metrics`], [`admin`]: its parts.
-//! - [`policy`]: L4 authorization policies and the per-connection decision.
-//! - [`waypoint`]: the L7 proxy per namespace or service.
+//! - [`waypoint`]: the L7 proxy per namespace or service (its runtime).
+//! - [`state`]: the mesh as a node sees it: the [`state::MeshState`] snapshot every listener
+//!   reads, and its parts (workloads, services, waypoints, nodes) converted at the boundary.
+//! - [`policy`]: authorization policies and the per-connection decision.
+//! - [`proxy`]: the node proxy's listeners: inbound, outbound, the HBONE pool, copying.
+//! - [`hbone`]: the HBONE wire both ends agree on.
+//! - [`identity`], [`tls`]: SPIFFE identities, certificates and their store, TLS for HBONE.
+//! - [`config`]: the agent's configuration file.
+//! - [`ebpf`], [`sock_diag`]: the kernel datapath and aborting sockets through sock_diag.
+//! - [`admin`], [`metrics`]: the admin surfaces (health, readiness, metrics, config dump) and
+//!   the metrics they serve.
 //! - [`accept`], [`log_limit`]: what every listener does with failed accepts and floods of
 //!   refusals.
+//! - [`api`]: the control plane's wire types.
+//! - [`check`]: pre-flight checks of the node.
 //! - [`crds`]: the CustomResourceDefinitions of the mesh's own kinds, as the chart ships them.
 pub mod accept;
 pub mod admin;
@@ -23,8 +35,11 @@ pub mod log_limit;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
-pub mod service;
 pub mod sock_diag;
+pub mod state;
 pub mod tls;
 pub mod waypoint;
-pub mod workload;
+
+/// The workload part of the mesh state under its former path, which the node proxy's files
+/// still name in place.
+pub use state::workload;

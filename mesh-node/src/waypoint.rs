@@ -49,9 +49,8 @@ use crate::{
         jwt::{FetchSettings, JwksFetcher},
     },
     proxy::{ClientAddr, pool::Pool},
-    service::Service,
+    state::{MeshState, Service, WaypointRef, Workload},
     tls::{self, TlsError},
-    workload::{MeshState, Workload, waypoint::WaypointRef},
 };
 
 pub use config::{Limits, TracingConfig, WaypointConfig};
@@ -258,7 +257,7 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
         datapath: None,
         feed: Some(status.clone()),
         ready: false.into(),
-        l7_dump: Some(Box::new({
+        l7: Some(Box::new({
             let l7 = l7.clone();
             move || l7.load().dump()
         })),
@@ -386,7 +385,7 @@ async fn state_task(
             update = applied.recv() => update,
         };
         let Some(update) = update else { return };
-        let mut state = build_state(&update.resources, &root_namespace);
+        let state = build_state(&update.resources, &root_namespace);
         let next = L7::build(
             &update.resources,
             &state,
@@ -395,7 +394,6 @@ async fn state_task(
             &fetcher,
             &mut rejections,
         );
-        state.set_l7(next.listing.clone());
         mesh.store(Arc::new(state));
         l7.store(Arc::new(next));
         tracing::debug!(version = update.version, "waypoint state published");

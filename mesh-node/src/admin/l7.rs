@@ -4,10 +4,13 @@
 //! `meshctl traffic-policies` print). Agents hold no routing objects and list none (the keys
 //! are `null` in their dump).
 //!
-//! The waypoint fills it ([`crate::workload::MeshState::set_l7`]) from the results of the
-//! functions the controller writes the objects' status with
+//! The waypoint builds it with each L7 snapshot and hands it to the admin surface with the
+//! rest of its L7 configuration ([`L7Dump`]), from the results of the functions the
+//! controller writes the objects' status with
 //! ([`crate::waypoint::route::route_status`], [`crate::waypoint::resilience::Registry::condition`]),
 //! so what it lists is what the waypoint itself serves, and agrees with the objects' status.
+
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -15,6 +18,15 @@ use crate::{
     policy::{PolicyId, eval::Listed, status::Condition},
     waypoint::route::{RouteId, RouteStatus, spec::ParentReference},
 };
+
+/// What a waypoint adds to its config dump, from one L7 snapshot: its routing objects with
+/// their status (`routes` and `traffic_policies`) and the rest of its L7 configuration (`l7`).
+#[derive(Debug, Clone)]
+pub struct L7Dump {
+    /// `None` until the waypoint has built its first state.
+    pub listing: Option<Arc<L7Listing>>,
+    pub details: serde_json::Value,
+}
 
 /// A waypoint's routing objects, each sorted by `namespace/name` then kind.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

@@ -7,7 +7,7 @@
 //! reconnects with bounded, jittered exponential backoff; meanwhile the last state keeps
 //! serving. A reconnecting agent gets a fresh snapshot.
 //!
-//! [`MeshState`]: crate::workload::MeshState
+//! [`MeshState`]: crate::state::MeshState
 
 use std::{
     collections::BTreeMap,
@@ -29,8 +29,7 @@ use crate::{
         discovery_client::DiscoveryClient, resource,
     },
     policy::{Policy, PolicyKind},
-    service::Service,
-    workload::{NodeInfo, ResourceError, Workload, waypoint::Waypoint},
+    state::{NodeInfo, ResourceError, Service, Waypoint, Workload},
 };
 
 /// One converted resource.
@@ -457,7 +456,7 @@ impl Feed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::tests::api_workload;
+    use crate::state::workload::tests::api_workload;
 
     fn workload(uid: &str, name: &str, ip: &str) -> api::Resource {
         api::Resource {

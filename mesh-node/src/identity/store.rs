@@ -34,8 +34,8 @@ use super::{
 use crate::{
     agent::channel::{BearerToken, ChannelError},
     api::v1::{SignRequest, certificate_authority_client::CertificateAuthorityClient},
+    state::MeshState,
     tls::{self, TlsError},
-    workload::MeshState,
 };
 
 #[derive(Debug, thiserror::Error)]

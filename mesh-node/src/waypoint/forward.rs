@@ -60,8 +60,7 @@ use crate::{
         normalize_path,
         request::{RequestFacts, WaypointTarget},
     },
-    service::Service,
-    workload::{MeshState, Workload},
+    state::{MeshState, Service, Workload},
 };
 
 /// The client side of one tunnel: who sent it, and where it was going.

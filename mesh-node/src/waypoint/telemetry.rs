@@ -10,7 +10,7 @@ use prometheus_client::{
 use crate::{
     identity::Identity,
     metrics::{Reporter, SecurityPolicy},
-    workload::Workload,
+    state::Workload,
 };
 
 /// Istio's request labels.

@@ -10,14 +10,13 @@ use http::{HeaderValue, Response, StatusCode, request::Parts};
 
 use super::{Downstream, Outcome};
 use crate::{
-    service::Service,
+    state::{MeshState, Service},
     waypoint::{
         body::{self, Body},
         l7::L7,
         resilience::ServiceResilience,
         route::{Backend, GatewayRef, MatchedRule, NoBackend, RequestAction, Routing, ServiceRef},
     },
-    workload::MeshState,
 };
 
 /// The upstream of one request.

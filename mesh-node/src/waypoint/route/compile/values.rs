@@ -8,20 +8,10 @@ use regex::{Regex, RegexBuilder};
 use super::{super::limits, Ctx};
 use crate::waypoint::route::{error::RouteError, model::Hostname};
 
-/// A DNS label: lowercase letters, digits and `-`, neither first nor last, 1-63 bytes.
-fn is_label(label: &str) -> bool {
-    let b = label.as_bytes();
-    let inner = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.first().is_some_and(inner)
-        && b.last().is_some_and(inner)
-        && b.iter().all(|c| inner(c) || *c == b'-')
-}
-
-/// An RFC 1123 subdomain, lowercase (`PreciseHostname`, `SectionName`).
+/// An RFC 1123 subdomain, lowercase (`PreciseHostname`, `SectionName`): the mesh's one check,
+/// whose length bound is the Gateway API's ([`limits::HOSTNAME_LENGTH`]).
 pub(crate) fn is_dns_subdomain(name: &str) -> bool {
-    name.len() <= limits::HOSTNAME_LENGTH && name.split('.').all(is_label)
+    name.len() <= limits::HOSTNAME_LENGTH && crate::identity::is_dns_subdomain(name)
 }
 
 /// `spec.hostnames`: precise or `*.`-prefixed names, never IP addresses.

@@ -15,10 +15,12 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-use crate::{
-    api::v1 as api,
-    workload::{ResourceError, canonical, waypoint::WaypointRef},
+use super::{
+    resource::{ResourceError, bad, check_label},
+    waypoint::{self, WaypointRef},
+    workload::canonical,
 };
+use crate::api::v1 as api;
 
 /// The cluster DNS domain Kubernetes uses unless configured otherwise. It names services in
 /// telemetry (`destination_service`), as Istio does; the agent has no setting for it yet.
@@ -141,23 +143,6 @@ impl Service {
     }
 }
 
-/// Service and namespace names are DNS labels; the hostname built from them must be
-/// unambiguous, so a dot is refused.
-fn check_label(field: &str, value: &str) -> Result<(), ResourceError> {
-    if crate::identity::is_dns_label(value) {
-        Ok(())
-    } else {
-        Err(bad(field, format!("{value:?} is not a DNS label")))
-    }
-}
-
-fn bad(field: impl Into<String>, reason: impl Into<String>) -> ResourceError {
-    ResourceError {
-        field: field.into(),
-        reason: reason.into(),
-    }
-}
-
 /// Addresses a service may never resolve to or be reached at: the proxy dials endpoints from
 /// the node, so a loopback or link-local endpoint would hand pods the node's own local
 /// services (the admin port among them).
@@ -236,7 +221,7 @@ impl TryFrom<&api::Service> for Service {
             endpoints,
             s.prefer_close,
         )
-        .with_waypoint(crate::workload::waypoint::optional_ref(&s.waypoint)?))
+        .with_waypoint(waypoint::optional_ref(&s.waypoint)?))
     }
 }
 

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     policy::{Engine, Policy},
-    workload::MeshState,
+    state::MeshState,
 };
 
 /// Longest wait between two looks for missing pod cgroups.

@@ -7,7 +7,10 @@
 
 use std::{fmt, net::IpAddr, str::FromStr, sync::Arc};
 
-use super::{ResourceError, bad, canonical};
+use super::{
+    resource::{ResourceError, bad, check_subdomain},
+    workload::canonical,
+};
 use crate::{api::v1 as api, identity::Identity};
 
 /// The label on a waypoint's pods naming the Gateway they serve (the Gateway API's own).
@@ -39,8 +42,8 @@ impl FromStr for WaypointRef {
         let (namespace, name) = text
             .split_once('/')
             .ok_or_else(|| bad("waypoint", format!("{text:?} is not <namespace>/<name>")))?;
-        super::check_subdomain("waypoint namespace", namespace)?;
-        super::check_subdomain("waypoint name", name)?;
+        check_subdomain("waypoint namespace", namespace)?;
+        check_subdomain("waypoint name", name)?;
         Ok(Self {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
@@ -99,8 +102,8 @@ impl serde::Serialize for Waypoint {
 impl Waypoint {
     /// Converts a streamed waypoint (the trust domain is the mesh's, as for workloads).
     pub fn from_resource(w: api::Waypoint, trust_domain: &str) -> Result<Self, ResourceError> {
-        super::check_subdomain("namespace", &w.namespace)?;
-        super::check_subdomain("name", &w.name)?;
+        check_subdomain("namespace", &w.namespace)?;
+        check_subdomain("name", &w.name)?;
         let identity = Identity::new(trust_domain, &w.namespace, &w.service_account)
             .map_err(|e| bad("service_account", e.to_string()))?;
         let port = u16::try_from(w.port)

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    agent::feed::FeedStatus, ebpf::Datapath, identity::CertStore, metrics::Metrics,
+    control_plane::feed::FeedStatus, ebpf::Datapath, identity::CertStore, metrics::Metrics,
     state::MeshState,
 };
 

@@ -18,9 +18,7 @@
 //! redirected connections are refused rather than let out of the mesh.
 
 pub mod cgroups;
-pub mod channel;
 pub mod enrollment;
-pub mod feed;
 pub mod plaintext;
 pub mod state_task;
 #[cfg(test)]
@@ -38,6 +36,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin::{self, AdminState, Surface},
     config::{AgentConfig, ConfigError, parse_cidr},
+    control_plane::{channel, feed},
     ebpf::{Datapath, DatapathSpec, EbpfError},
     identity::{
         CertStore, Identity,

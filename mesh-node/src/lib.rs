@@ -5,6 +5,8 @@
 //! - [`agent`]: the per-node proxy and datapath owner: cgroups, enrollment, the state task.
 //! - [`controller`]: the control plane: CA service and config distribution to agents.
 //! - [`waypoint`]: the L7 proxy per namespace or service (its runtime).
+//! - [`control_plane`]: the client side of the control plane that the agent and the waypoint
+//!   share: the channel to the controller, the bearer token, the discovery feed.
 //! - [`state`]: the mesh as a node sees it: the [`state::MeshState`] snapshot every listener
 //!   reads, and its parts (workloads, services, waypoints, nodes) converted at the boundary.
 //! - [`policy`]: authorization policies and the per-connection decision.
@@ -26,6 +28,7 @@ pub mod agent;
 pub mod api;
 pub mod check;
 pub mod config;
+pub mod control_plane;
 pub mod controller;
 pub mod crds;
 pub mod ebpf;

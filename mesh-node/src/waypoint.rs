@@ -34,11 +34,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{self, AdminState, Surface},
-    agent::{
+    config::ConfigError,
+    control_plane::{
         channel,
         feed::{self, Applied, Resource, Resources},
     },
-    config::ConfigError,
     identity::{
         CertStore, Identity,
         store::{CertManager, Issuer, Prefetched, RemoteCa, StoreError},

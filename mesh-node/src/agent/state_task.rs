@@ -13,11 +13,9 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    cgroups::CgroupDiscovery,
-    feed::{Applied, Resource, Resources},
-};
+use super::cgroups::CgroupDiscovery;
 use crate::{
+    control_plane::feed::{Applied, Resource, Resources},
     policy::{Engine, Policy},
     state::MeshState,
 };

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     admin::l7::{L7Dump, L7Listing},
-    agent::feed::{Resource, Resources},
+    control_plane::feed::{Resource, Resources},
     policy::{
         Policy, PolicyId,
         jwt::{JwksFetcher, JwtAuthenticator, JwtPolicy},

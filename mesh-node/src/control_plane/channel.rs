@@ -1,5 +1,6 @@
-//! The agent's connection to the controller: one TLS channel (verified against the mesh root)
-//! shared by the discovery feed and the CA client, and the bearer token proving this node.
+//! A node's connection to the controller (agent or waypoint): one TLS channel (verified against
+//! the mesh root) shared by the discovery feed and the CA client, and the bearer token proving
+//! who the node is.
 
 use std::{path::PathBuf, time::Duration};
 

@@ -1,9 +1,10 @@
-//! The agent's end of `Discovery.Stream`: the live feed of mesh state from the controller.
+//! A node's end of `Discovery.Stream` (agent or waypoint, by `role`): the live feed of mesh
+//! state from the controller.
 //!
 //! One task owns the stream and the [`ResourceStore`]. For each update it converts the
 //! resources at the boundary (a malformed one is rejected alone and the last good version of
-//! its key kept), hands the new set to the state task, waits until the new [`MeshState`] is
-//! swapped in, then acknowledges, listing what it rejected. When the stream fails it
+//! its key kept), hands the new set to the role's state task, waits until the new
+//! [`MeshState`] is swapped in, then acknowledges, listing what it rejected. When the stream fails it
 //! reconnects with bounded, jittered exponential backoff; meanwhile the last state keeps
 //! serving. A reconnecting agent gets a fresh snapshot.
 //!

@@ -8,8 +8,7 @@
 
 /// The API groups, in the order their files are written.
 pub const GROUPS: [&str; 2] = [SECURITY_GROUP, TRAFFIC_GROUP];
-pub const SECURITY_GROUP: &str = "security.trellis.dev";
-pub const TRAFFIC_GROUP: &str = "traffic.trellis.dev";
+pub use crate::k8s::{SECURITY_GROUP, TRAFFIC_GROUP};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CrdsError {

@@ -19,6 +19,8 @@
 //!   the metrics they serve.
 //! - [`accept`], [`log_limit`]: what every listener does with failed accepts and floods of
 //!   refusals.
+//! - [`k8s`]: the Kubernetes contract: every label, class name, API group and field manager the
+//!   mesh reads or writes.
 //! - [`api`]: the control plane's wire types.
 //! - [`check`]: pre-flight checks of the node.
 //! - [`crds`]: the CustomResourceDefinitions of the mesh's own kinds, as the chart ships them.
@@ -34,6 +36,7 @@ pub mod crds;
 pub mod ebpf;
 pub mod hbone;
 pub mod identity;
+pub mod k8s;
 pub mod log_limit;
 pub mod metrics;
 pub mod policy;

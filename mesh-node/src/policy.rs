@@ -45,7 +45,7 @@ pub mod waypoint;
 #[cfg(test)]
 mod tests;
 
-pub use binding::{Binding, TargetRef, WAYPOINT_GATEWAY_CLASS};
+pub use binding::{Binding, TargetRef};
 pub use crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 pub use eval::{
     DEFAULT_ROOT_NAMESPACE, Decision, Destination, Engine, Flow, MtlsResolution, PeerAuthSet,

@@ -36,6 +36,7 @@ use crate::{
     config::{AgentConfig, ConfigError},
     ebpf::{InboundMtls, PodCgroup},
     identity::Identity,
+    k8s::{WAYPOINT_ENFORCEMENT_DISABLED, WAYPOINT_ENFORCEMENT_LABEL},
     policy::{Destination, Engine},
 };
 
@@ -272,10 +273,8 @@ impl MeshState {
             .into_iter()
             .filter(|(uid, _)| {
                 enrolled.get(uid).is_none_or(|w| {
-                    w.labels
-                        .get(waypoint::ENFORCEMENT_LABEL)
-                        .map(String::as_str)
-                        != Some("disabled")
+                    w.labels.get(WAYPOINT_ENFORCEMENT_LABEL).map(String::as_str)
+                        != Some(WAYPOINT_ENFORCEMENT_DISABLED)
                 })
             })
             .map(|(uid, waypoints)| (uid.to_owned(), waypoint::Guards::new(waypoints)))

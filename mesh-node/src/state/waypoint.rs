@@ -11,10 +11,11 @@ use super::{
     resource::{ResourceError, bad, check_subdomain},
     workload::canonical,
 };
-use crate::{api::v1 as api, identity::Identity};
-
-/// The label on a waypoint's pods naming the Gateway they serve (the Gateway API's own).
-pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+use crate::{
+    api::v1 as api,
+    identity::Identity,
+    k8s::{GATEWAY_NAME_LABEL, WAYPOINT_ENFORCEMENT_LABEL},
+};
 
 /// `<namespace>/<name>` of a waypoint Gateway.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -168,10 +169,6 @@ impl Waypoint {
 
 pub type WaypointMap = std::collections::HashMap<WaypointRef, Arc<Waypoint>>;
 
-/// The pod label that lets a workload served by a waypoint accept connections that did not
-/// cross it (value `disabled`): its L7 policies are then skipped by such connections.
-pub const ENFORCEMENT_LABEL: &str = "trellis.dev/waypoint-enforcement";
-
 /// The waypoints a workload's connections must come through: its own, and those of every
 /// Service it is an endpoint of. Its node refuses a connection from any other identity, and
 /// all plaintext, so L7 policies cannot be skipped by dialling the pod directly.
@@ -208,7 +205,7 @@ impl Guards {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "the destination is served by waypoint {}: connections must come through it (label the \
-     pod {ENFORCEMENT_LABEL}=disabled to accept others)",
+     pod {WAYPOINT_ENFORCEMENT_LABEL}=disabled to accept others)",
     .waypoints.join(", ")
 )]
 pub struct Bypass {
@@ -301,7 +298,7 @@ mod tests {
         let other = Identity::new("cluster.local", "shop", "web").expect("identity");
         let refused = guards.admit(Some(&other)).expect_err("another identity");
         assert_eq!(refused.waypoints, ["shop/waypoint"]);
-        assert!(refused.to_string().contains(ENFORCEMENT_LABEL));
+        assert!(refused.to_string().contains(WAYPOINT_ENFORCEMENT_LABEL));
         assert!(guards.admit(None).is_err(), "plaintext never crossed it");
         assert_eq!(
             Guards::default().admit(None),

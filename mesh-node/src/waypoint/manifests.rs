@@ -25,10 +25,14 @@ use k8s_openapi::apimachinery::pkg::{
 use serde_json::{Value, json};
 
 use super::config::WaypointConfig;
-use crate::config::ConfigError;
+use crate::{
+    config::ConfigError,
+    k8s::{
+        APP_COMPONENT_LABEL, APP_NAME_LABEL, GATEWAY_API_VERSION, GATEWAY_NAME_LABEL,
+        WAYPOINT_CLASS,
+    },
+};
 
-/// The Gateway API label the controller looks for on a waypoint's pods.
-pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 const HBONE_PORT: u16 = 15008;
 const METRICS_PORT: u16 = 15020;
 const READY_PORT: u16 = 15021;
@@ -70,11 +74,8 @@ pub fn generate(spec: &WaypointSpec) -> Result<Vec<Value>, ConfigError> {
 
     let labels = BTreeMap::from([
         (GATEWAY_NAME_LABEL.to_owned(), spec.name.clone()),
-        ("app.kubernetes.io/name".to_owned(), spec.name.clone()),
-        (
-            "app.kubernetes.io/component".to_owned(),
-            "waypoint".to_owned(),
-        ),
+        (APP_NAME_LABEL.to_owned(), spec.name.clone()),
+        (APP_COMPONENT_LABEL.to_owned(), "waypoint".to_owned()),
     ]);
     let meta = |name: &str| ObjectMeta {
         name: Some(name.to_owned()),
@@ -85,11 +86,11 @@ pub fn generate(spec: &WaypointSpec) -> Result<Vec<Value>, ConfigError> {
     let config_map_name = format!("{}-waypoint", spec.name);
 
     let gateway = json!({
-        "apiVersion": "gateway.networking.k8s.io/v1",
+        "apiVersion": GATEWAY_API_VERSION,
         "kind": "Gateway",
         "metadata": {"name": spec.name, "namespace": spec.namespace},
         "spec": {
-            "gatewayClassName": crate::policy::binding::WAYPOINT_GATEWAY_CLASS,
+            "gatewayClassName": WAYPOINT_CLASS,
             "listeners": [{"name": "mesh", "port": HBONE_PORT, "protocol": "HBONE"}],
         },
     });

@@ -59,7 +59,7 @@ pub use compile::{CompiledRoute, compile};
 pub use error::RouteError;
 pub use filters::{FilterFailure, Redirect, RequestAction};
 pub use model::{Backend, InvalidBackend, Mirror, RefProblem, Retry, Timeouts};
-pub use status::{CONTROLLER_NAME, ParentStatus, RouteStatus, route_status};
+pub use status::{ParentStatus, RouteStatus, route_status};
 pub use table::{GatewayRef, MatchedRule, NoBackend, RouteTable, Routing, RuleId, ServiceRef};
 
 /// Limits enforced on every route. Where the Gateway API CRDs set a `maxItems` or
@@ -116,7 +116,7 @@ pub enum RouteKind {
 
 impl RouteKind {
     /// The Gateway API group of both kinds.
-    pub const GROUP: &'static str = "gateway.networking.k8s.io";
+    pub const GROUP: &'static str = crate::k8s::GATEWAY_GROUP;
 
     pub const fn as_str(self) -> &'static str {
         match self {

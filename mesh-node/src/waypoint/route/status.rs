@@ -25,10 +25,7 @@ use super::{
     limits,
     spec::ParentReference,
 };
-use crate::policy::status::Condition;
-
-/// `status.parents[].controllerName` of the entries this implementation writes.
-pub const CONTROLLER_NAME: &str = "trellis.dev/waypoint";
+use crate::{k8s::WAYPOINT_CONTROLLER_NAME, policy::status::Condition};
 
 /// Problems listed in one condition message.
 const LISTED: usize = 8;
@@ -190,8 +187,9 @@ impl RouteStatus {
             .and_then(|p| p.get("parents"))
             .and_then(Value::as_array)
             .map_or(&[], Vec::as_slice);
-        let ours =
-            |p: &&Value| p.get("controllerName").and_then(Value::as_str) == Some(CONTROLLER_NAME);
+        let ours = |p: &&Value| {
+            p.get("controllerName").and_then(Value::as_str) == Some(WAYPOINT_CONTROLLER_NAME)
+        };
         let mut parents: Vec<Value> = previous_parents
             .iter()
             .filter(|p| !ours(p))
@@ -224,7 +222,7 @@ impl RouteStatus {
                 .collect();
             parents.push(json!({
                 "parentRef": parent_ref,
-                "controllerName": CONTROLLER_NAME,
+                "controllerName": WAYPOINT_CONTROLLER_NAME,
                 "conditions": conditions,
             }));
         }

@@ -3,7 +3,10 @@
 use serde_json::{Value, json};
 
 use super::route;
-use crate::waypoint::route::{CONTROLLER_NAME, RouteStatus, route_status};
+use crate::{
+    k8s::WAYPOINT_CONTROLLER_NAME,
+    waypoint::route::{RouteStatus, route_status},
+};
 
 const SERVICES: [(&str, &str); 3] = [("shop", "web"), ("shop", "v1"), ("other", "db")];
 const WAYPOINTS: [(&str, &str); 2] = [("shop", "waypoint"), ("other", "waypoint")];
@@ -259,7 +262,7 @@ fn the_status_object_has_the_gateway_api_shape() {
         json,
         json!({"parents": [{
             "parentRef": {"name": "waypoint"},
-            "controllerName": CONTROLLER_NAME,
+            "controllerName": WAYPOINT_CONTROLLER_NAME,
             "conditions": [
                 {"type": "Accepted", "status": "True", "reason": "Accepted", "message": "programmed",
                  "observedGeneration": 3, "lastTransitionTime": "2025-01-01T00:00:00Z"},
@@ -277,7 +280,7 @@ fn other_controllers_entries_and_unchanged_transition_times_are_kept() {
         {"parentRef": {"name": "ingress"}, "controllerName": "example.com/gateway",
          "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
                          "lastTransitionTime": "2020-01-01T00:00:00Z"}]},
-        {"parentRef": {"name": "waypoint"}, "controllerName": CONTROLLER_NAME,
+        {"parentRef": {"name": "waypoint"}, "controllerName": WAYPOINT_CONTROLLER_NAME,
          "conditions": [
             {"type": "Accepted", "status": "True", "reason": "Accepted", "message": "programmed",
              "lastTransitionTime": "2024-06-01T00:00:00Z"},

@@ -2,9 +2,7 @@
 //!
 //! One router, served on up to three listeners: the admin port (loopback; everything), the
 //! metrics port (`/metrics`) and the readiness port (`/healthz/ready`). Waypoints serve the
-//! same surface; their dump also lists their routing objects ([`l7`]).
-
-pub mod l7;
+//! same surface; their dump also lists their routing objects ([`L7Dump`]).
 
 use std::{
     convert::Infallible,
@@ -26,8 +24,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    control_plane::feed::FeedStatus, ebpf::Datapath, identity::CertStore, metrics::Metrics,
-    state::MeshState,
+    control_plane::feed::FeedStatus, ebpf::Datapath, identity::CertStore, l7::L7Listing,
+    metrics::Metrics, state::MeshState,
 };
 
 /// What the admin endpoints report on.
@@ -39,9 +37,18 @@ pub struct AdminState {
     /// The control plane feed's status, in live mode.
     pub feed: Option<Arc<ArcSwap<FeedStatus>>>,
     pub ready: AtomicBool,
-    /// What a waypoint adds to the config dump about its L7 configuration ([`l7::L7Dump`]);
+    /// What a waypoint adds to the config dump about its L7 configuration ([`L7Dump`]);
     /// agents have none.
-    pub l7: Option<Box<dyn Fn() -> l7::L7Dump + Send + Sync>>,
+    pub l7: Option<Box<dyn Fn() -> L7Dump + Send + Sync>>,
+}
+
+/// What a waypoint adds to its config dump, from one L7 snapshot: its routing objects with
+/// their status (`routes` and `traffic_policies`) and the rest of its L7 configuration (`l7`).
+#[derive(Debug, Clone)]
+pub struct L7Dump {
+    /// `None` until the waypoint has built its first state.
+    pub listing: Option<Arc<L7Listing>>,
+    pub details: serde_json::Value,
 }
 
 /// Connections one admin surface serves at once; more are closed on accept. Probes and scrapes

@@ -73,7 +73,7 @@ fn place(field: &str, line: Option<u64>) -> String {
 }
 
 /// A refusal of `field`, located later by [`ConfigError::located`].
-pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
         line: None,

@@ -81,7 +81,7 @@ mod tests {
             SECURITY_API_VERSION
         );
         assert_eq!(
-            crate::waypoint::resilience::TrafficPolicy::api_version(&()),
+            crate::l7::resilience::TrafficPolicy::api_version(&()),
             TRAFFIC_API_VERSION
         );
     }

@@ -5,6 +5,8 @@
 //! - [`agent`]: the per-node proxy and datapath owner: cgroups, enrollment, the state task.
 //! - [`controller`]: the control plane: CA service and config distribution to agents.
 //! - [`waypoint`]: the L7 proxy per namespace or service (its runtime).
+//! - [`l7`]: the L7 model the controller, the waypoint, the admin surface and `meshctl` share:
+//!   routes and traffic policies, compiled from the objects as written, with their status.
 //! - [`control_plane`]: the client side of the control plane that the agent and the waypoint
 //!   share: the channel to the controller, the bearer token, the discovery feed.
 //! - [`state`]: the mesh as a node sees it: the [`state::MeshState`] snapshot every listener
@@ -37,6 +39,7 @@ pub mod ebpf;
 pub mod hbone;
 pub mod identity;
 pub mod k8s;
+pub mod l7;
 pub mod log_limit;
 pub mod metrics;
 pub mod policy;

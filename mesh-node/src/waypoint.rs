@@ -17,10 +17,7 @@ pub mod body;
 pub mod config;
 pub mod forward;
 pub mod l7;
-pub mod manifests;
 pub mod replay;
-pub mod resilience;
-pub mod route;
 pub mod server;
 pub mod telemetry;
 pub mod trace;
@@ -54,6 +51,8 @@ use crate::{
 };
 
 pub use config::{Limits, TracingConfig, WaypointConfig};
+// The L7 model as the runtime's files name it (`super::resilience`).
+use crate::l7::resilience;
 use l7::{L7, Rejections};
 
 #[derive(Debug, thiserror::Error)]

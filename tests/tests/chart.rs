@@ -23,8 +23,8 @@ use mesh_node::{
     config::{AgentConfig, expand_env},
     controller::ControllerConfig,
     crds,
+    l7::resilience::TrafficPolicy,
     policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication},
-    waypoint::resilience::TrafficPolicy,
 };
 use serde_json::{Value, json};
 

@@ -22,11 +22,11 @@ use tokio_util::sync::CancellationToken;
 use super::{Published, translate::Translation};
 use crate::{
     k8s::TRAFFIC_API_VERSION,
+    l7::resilience::TrafficPolicy,
     policy::{
         AuthorizationPolicy, PeerAuthentication, PolicyId, PolicyKind, RequestAuthentication,
         status::{Condition, rfc3339, set_condition},
     },
-    waypoint::resilience::TrafficPolicy,
 };
 
 pub use crate::k8s::FIELD_MANAGER;

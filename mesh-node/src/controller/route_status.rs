@@ -1,7 +1,7 @@
 //! Reports how the waypoints take each HTTPRoute and GRPCRoute: in the controller's log (both
 //! sources) and, with the Kubernetes source, in the route's `status.parents`, one entry per
 //! parent the waypoints serve (`controllerName: trellis.dev/waypoint`, conditions `Accepted`
-//! and `ResolvedRefs`; see [`crate::waypoint::route::status`]). The entries are the ones
+//! and `ResolvedRefs`; see [`crate::l7::route::status`]). The entries are the ones
 //! [`super::translate`] derived with the waypoints' own route conversion.
 //!
 //! **Why a read before each write.** The Gateway API declares `status.parents` an atomic list
@@ -39,8 +39,8 @@ use super::{
 };
 use crate::k8s::GATEWAY_API_VERSION;
 use crate::{
+    l7::route::{ParentStatus, RouteId, RouteKind, RouteStatus, spec::ParentReference},
     policy::status::rfc3339,
-    waypoint::route::{ParentStatus, RouteId, RouteKind, RouteStatus, spec::ParentReference},
 };
 
 /// Follows the published state until `stop`; `client` is `None` with the directory source.

@@ -35,8 +35,8 @@ use crate::{
     api::v1 as api,
     identity::Identity,
     k8s::{MESH_DISABLED, MESH_ENABLED, MESH_LABEL, SERVICE_NAME_LABEL, ZONE_LABEL},
+    l7::route::{ParentStatus, RouteId},
     policy::{Policy, PolicyId, PolicyKind, status::Condition},
-    waypoint::route::{ParentStatus, RouteId},
 };
 
 mod l7;

@@ -10,13 +10,14 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
-use super::{
-    resilience::{Registry, TrafficPolicy},
-    route::{self, RouteKind, RouteTable},
-};
 use crate::{
-    admin::l7::{L7Dump, L7Listing},
+    admin::L7Dump,
     control_plane::feed::{Resource, Resources},
+    l7::{
+        L7Listing,
+        resilience::{Registry, TrafficPolicy},
+        route::{self, RouteKind, RouteTable},
+    },
     policy::{
         Policy, PolicyId,
         jwt::{JwksFetcher, JwtAuthenticator, JwtPolicy},

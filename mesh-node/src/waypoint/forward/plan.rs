@@ -10,12 +10,14 @@ use http::{HeaderValue, Response, StatusCode, request::Parts};
 
 use super::{Downstream, Outcome};
 use crate::{
+    l7::{
+        resilience::ServiceResilience,
+        route::{Backend, GatewayRef, MatchedRule, NoBackend, RequestAction, Routing, ServiceRef},
+    },
     state::{MeshState, Service},
     waypoint::{
         body::{self, Body},
         l7::L7,
-        resilience::ServiceResilience,
-        route::{Backend, GatewayRef, MatchedRule, NoBackend, RequestAction, Routing, ServiceRef},
     },
 };
 

@@ -12,15 +12,20 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::{Downstream, Outcome, error_chain, plan::Plan};
-use crate::waypoint::{
-    body::{self, Body},
-    replay::Replayable,
-    resilience::{
-        NoRetry, OVERFLOW_HEADER, Overflow, RateDecision, Replay, RetryPolicy, ServiceResilience,
-        retry::{BudgetLimits, RetryOn},
+use crate::{
+    l7::{
+        resilience::{
+            NoRetry, OVERFLOW_HEADER, Overflow, RateDecision, Replay, RetryPolicy,
+            ServiceResilience,
+            retry::{BudgetLimits, RetryOn},
+        },
+        route::{Mirror, Retry},
     },
-    route::{Mirror, Retry},
-    upstream::ConnectError,
+    waypoint::{
+        body::{self, Body},
+        replay::Replayable,
+        upstream::ConnectError,
+    },
 };
 
 /// Retries after the first try when a route rule's `retry` does not say.
@@ -250,7 +255,7 @@ impl Tries<'_> {
             };
             let (verdict, answer) = match result {
                 Ok(Ok(response)) => (
-                    crate::waypoint::resilience::Outcome::Status(response.status()),
+                    crate::l7::resilience::Outcome::Status(response.status()),
                     Ok(response),
                 ),
                 Ok(Err(e)) => {
@@ -276,13 +281,13 @@ impl Tries<'_> {
                     }
                     let (verdict, status, flags) = if e.is_connect() {
                         (
-                            crate::waypoint::resilience::Outcome::ConnectFailure,
+                            crate::l7::resilience::Outcome::ConnectFailure,
                             StatusCode::SERVICE_UNAVAILABLE,
                             "UF",
                         )
                     } else {
                         (
-                            crate::waypoint::resilience::Outcome::Reset,
+                            crate::l7::resilience::Outcome::Reset,
                             StatusCode::BAD_GATEWAY,
                             "UC",
                         )
@@ -291,7 +296,7 @@ impl Tries<'_> {
                     (verdict, Err(Failure::new(status, flags, error)))
                 }
                 Err(limit) => (
-                    crate::waypoint::resilience::Outcome::Timeout,
+                    crate::l7::resilience::Outcome::Timeout,
                     Err(Failure::new(
                         StatusCode::GATEWAY_TIMEOUT,
                         "UT",
@@ -336,7 +341,7 @@ impl Tries<'_> {
         &self,
         endpoint: SocketAddr,
         tries: u32,
-        verdict: crate::waypoint::resilience::Outcome,
+        verdict: crate::l7::resilience::Outcome,
         replay: Replay,
         rng: &mut fastrand::Rng,
     ) -> Result<Duration, NoRetry> {

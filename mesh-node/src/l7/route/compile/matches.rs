@@ -4,7 +4,7 @@
 use http::Method;
 
 use super::{Ctx, values};
-use crate::waypoint::route::{
+use crate::l7::route::{
     error::RouteError,
     limits,
     model::{GrpcMatch, HeaderMatch, HttpMatch, Matches, PathMatch, QueryMatch, StringMatch},

@@ -24,13 +24,13 @@ use k8s_openapi::apimachinery::pkg::{
 };
 use serde_json::{Value, json};
 
-use super::config::WaypointConfig;
-use crate::{
+use mesh_node::{
     config::ConfigError,
     k8s::{
         APP_COMPONENT_LABEL, APP_NAME_LABEL, GATEWAY_API_VERSION, GATEWAY_NAME_LABEL,
         WAYPOINT_CLASS,
     },
+    waypoint::WaypointConfig,
 };
 
 const HBONE_PORT: u16 = 15008;
@@ -66,7 +66,7 @@ pub fn generate(spec: &WaypointSpec) -> Result<Vec<Value>, ConfigError> {
     // What the pod will load; refused here rather than in a crash-looping pod.
     WaypointConfig::parse(&config_text)?;
     if !spec.root_cert_pem.contains("-----BEGIN CERTIFICATE-----") {
-        return Err(crate::config::invalid(
+        return Err(mesh_node::config::invalid(
             "root certificate",
             "not a PEM certificate (take it from ConfigMap trellis-ca-root)",
         ));

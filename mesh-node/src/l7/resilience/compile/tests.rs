@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use super::*;
-use crate::waypoint::resilience::crd_yaml;
+use crate::l7::resilience::crd_yaml;
 
 fn full() -> Value {
     json!({

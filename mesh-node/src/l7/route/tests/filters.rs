@@ -3,7 +3,7 @@
 use http::{HeaderValue, StatusCode, header};
 
 use super::{GW, WEB, request, table};
-use crate::waypoint::route::{
+use crate::l7::route::{
     RequestAction, RouteTable, Routing, filters::replace_prefix, tests::rejection,
 };
 

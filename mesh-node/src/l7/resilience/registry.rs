@@ -283,7 +283,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::waypoint::resilience::TrafficPolicy;
+    use crate::l7::resilience::TrafficPolicy;
 
     fn compile(name: &str, spec: serde_json::Value) -> Resilience {
         TrafficPolicy::compile("shop", name, Some(1), &spec).expect("a valid policy")

@@ -1,7 +1,7 @@
 //! Each match type, as the Gateway API defines it.
 
 use super::{WEB, get, request, routed, table};
-use crate::waypoint::route::{RouteTable, ServiceRef};
+use crate::l7::route::{RouteTable, ServiceRef};
 
 /// One route on `web` whose only rule has the given match.
 fn one(m: &str) -> RouteTable {

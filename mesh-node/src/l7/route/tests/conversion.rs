@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::{WEB, get, rejection, route, routed, table, valid};
-use crate::waypoint::route::{
+use crate::l7::route::{
     RouteKind, Routing, Timeouts,
     duration::{DurationError, parse},
     error::RouteError,
@@ -256,7 +256,7 @@ spec:
 
 #[test]
 fn an_absent_spec_is_an_empty_route_and_missing_metadata_is_an_error() {
-    let empty = crate::waypoint::route::compile(
+    let empty = crate::l7::route::compile(
         RouteKind::Http,
         "shop",
         "empty",
@@ -266,7 +266,7 @@ fn an_absent_spec_is_an_empty_route_and_missing_metadata_is_an_error() {
     assert!(empty.outcome.is_ok());
     assert!(empty.parents.is_empty());
     let nameless =
-        crate::waypoint::route::compile(RouteKind::Grpc, "shop", "", None, &serde_json::json!({}));
+        crate::l7::route::compile(RouteKind::Grpc, "shop", "", None, &serde_json::json!({}));
     assert_eq!(
         nameless.outcome.err(),
         Some(RouteError::MissingMetadata("name"))

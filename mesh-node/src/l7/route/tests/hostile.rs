@@ -2,7 +2,7 @@
 //! only itself with a message naming the limit.
 
 use super::{WEB, get, rejection, routed, table, valid};
-use crate::waypoint::route::limits;
+use crate::l7::route::limits;
 
 fn rules(count: usize, rule: &str) -> String {
     let rules: Vec<&str> = std::iter::repeat_n(rule, count).collect();

@@ -6,7 +6,7 @@ use http::{HeaderName, HeaderValue};
 use regex::{Regex, RegexBuilder};
 
 use super::{super::limits, Ctx};
-use crate::waypoint::route::{error::RouteError, model::Hostname};
+use crate::l7::route::{error::RouteError, model::Hostname};
 
 /// An RFC 1123 subdomain, lowercase (`PreciseHostname`, `SectionName`): the mesh's one check,
 /// whose length bound is the Gateway API's ([`limits::HOSTNAME_LENGTH`]).

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use super::route;
 use crate::{
     k8s::WAYPOINT_CONTROLLER_NAME,
-    waypoint::route::{RouteStatus, route_status},
+    l7::route::{RouteStatus, route_status},
 };
 
 const SERVICES: [(&str, &str); 3] = [("shop", "web"), ("shop", "v1"), ("other", "db")];

@@ -7,7 +7,7 @@
 use http::{HeaderName, HeaderValue, StatusCode};
 
 use super::{Ctx, Resolved, resolve, values};
-use crate::waypoint::route::{
+use crate::l7::route::{
     RouteKind,
     error::RouteError,
     limits,

@@ -1,7 +1,7 @@
 //! Weighted backend choice, unresolvable references, mirrors.
 
 use super::{GW, WEB, get, randoms, table};
-use crate::waypoint::route::{MatchedRule, NoBackend, RefProblem, RouteTable, Routing};
+use crate::l7::route::{MatchedRule, NoBackend, RefProblem, RouteTable, Routing};
 
 fn rule_with(backends: &str, filters: &str) -> RouteTable {
     table(&[&format!(

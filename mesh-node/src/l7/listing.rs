@@ -5,28 +5,17 @@
 //! are `null` in their dump).
 //!
 //! The waypoint builds it with each L7 snapshot and hands it to the admin surface with the
-//! rest of its L7 configuration ([`L7Dump`]), from the results of the functions the
-//! controller writes the objects' status with
-//! ([`crate::waypoint::route::route_status`], [`crate::waypoint::resilience::Registry::condition`]),
+//! rest of its L7 configuration ([`crate::admin::L7Dump`]), from the results of the functions
+//! the controller writes the objects' status with
+//! ([`crate::l7::route::route_status`], [`crate::l7::resilience::Registry::condition`]),
 //! so what it lists is what the waypoint itself serves, and agrees with the objects' status.
-
-use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::{
+    l7::route::{RouteId, RouteStatus, spec::ParentReference},
     policy::{PolicyId, eval::Listed, status::Condition},
-    waypoint::route::{RouteId, RouteStatus, spec::ParentReference},
 };
-
-/// What a waypoint adds to its config dump, from one L7 snapshot: its routing objects with
-/// their status (`routes` and `traffic_policies`) and the rest of its L7 configuration (`l7`).
-#[derive(Debug, Clone)]
-pub struct L7Dump {
-    /// `None` until the waypoint has built its first state.
-    pub listing: Option<Arc<L7Listing>>,
-    pub details: serde_json::Value,
-}
 
 /// A waypoint's routing objects, each sorted by `namespace/name` then kind.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -55,8 +44,8 @@ pub struct ListedParent {
 }
 
 impl L7Listing {
-    /// Every route with its status (see [`crate::waypoint::route::route_status`]) and every
-    /// TrafficPolicy with its condition (see [`crate::waypoint::resilience::Registry::condition`]).
+    /// Every route with its status (see [`crate::l7::route::route_status`]) and every
+    /// TrafficPolicy with its condition (see [`crate::l7::resilience::Registry::condition`]).
     pub fn new(
         routes: impl IntoIterator<Item = (RouteId, Option<i64>, RouteStatus)>,
         traffic_policies: impl IntoIterator<Item = (PolicyId, Option<i64>, Condition)>,

@@ -1,7 +1,7 @@
 //! Which routes apply (attachment) and which of their matches wins (precedence).
 
 use super::{WEB, get, request, routed, table};
-use crate::waypoint::route::ServiceRef;
+use crate::l7::route::ServiceRef;
 
 /// A route on `web` named `name` with one rule per match (`matches` of one entry each).
 fn on_web(name: &str, matches: &[&str]) -> String {

@@ -1,9 +1,23 @@
 //! The Kubernetes contract: every label, label value, class name, API group and field manager
-//! the mesh reads or writes, one constant each, so what the mesh asks of a cluster is read in
-//! one place. The kinds' own types live in the folders that own their meaning (the policy
-//! kinds in [`crate::policy`], TrafficPolicy and the Gateway API specs in the waypoint's L7
-//! model); the `#[kube(group = ...)]` attributes of the derived kinds must repeat their group
-//! as a literal, and a test below pins them to these constants.
+//! the mesh reads or writes, one constant each (this file), and the objects as users write
+//! them:
+//!
+//! - [`policy`]: the `security.trellis.dev/v1` kinds (AuthorizationPolicy, PeerAuthentication,
+//!   RequestAuthentication).
+//! - [`traffic_policy`]: the `traffic.trellis.dev/v1` TrafficPolicy.
+//! - [`gateway`]: the HTTPRoute and GRPCRoute specs (Gateway API v1) the waypoint reads.
+//! - [`status`]: the status shape written back (`Accepted` conditions).
+//! - [`crds`]: the CustomResourceDefinitions of the mesh's own kinds, as the chart ships them.
+//!
+//! What the objects mean is decided where they are compiled ([`crate::policy`],
+//! [`crate::l7`]). The `#[kube(group = ...)]` attributes of the derived kinds must repeat their
+//! group as a literal; a test below pins them to these constants.
+
+pub mod crds;
+pub mod gateway;
+pub mod policy;
+pub mod status;
+pub mod traffic_policy;
 
 /// Namespace label that enrolls a namespace's pods, and pod label that opts one out.
 pub const MESH_LABEL: &str = "trellis.dev/mesh";
@@ -73,15 +87,15 @@ mod tests {
     #[test]
     fn derived_kinds_carry_the_contracts_groups() {
         assert_eq!(
-            crate::policy::AuthorizationPolicy::api_version(&()),
+            policy::AuthorizationPolicy::api_version(&()),
             SECURITY_API_VERSION
         );
         assert_eq!(
-            crate::policy::RequestAuthentication::api_version(&()),
+            policy::RequestAuthentication::api_version(&()),
             SECURITY_API_VERSION
         );
         assert_eq!(
-            crate::l7::resilience::TrafficPolicy::api_version(&()),
+            traffic_policy::TrafficPolicy::api_version(&()),
             TRAFFIC_API_VERSION
         );
     }

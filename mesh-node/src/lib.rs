@@ -22,10 +22,9 @@
 //! - [`accept`], [`log_limit`]: what every listener does with failed accepts and floods of
 //!   refusals.
 //! - [`k8s`]: the Kubernetes contract: every label, class name, API group and field manager the
-//!   mesh reads or writes.
+//!   mesh reads or writes, the custom resources and route specs as written, and the CRDs.
 //! - [`api`]: the control plane's wire types.
 //! - [`check`]: pre-flight checks of the node.
-//! - [`crds`]: the CustomResourceDefinitions of the mesh's own kinds, as the chart ships them.
 pub mod accept;
 pub mod admin;
 pub mod agent;
@@ -34,7 +33,6 @@ pub mod check;
 pub mod config;
 pub mod control_plane;
 pub mod controller;
-pub mod crds;
 pub mod ebpf;
 pub mod hbone;
 pub mod identity;

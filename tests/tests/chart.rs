@@ -22,7 +22,7 @@ use mesh_node::{
     check::CAPABILITIES,
     config::{AgentConfig, expand_env},
     controller::ControllerConfig,
-    crds,
+    k8s::crds,
     l7::resilience::TrafficPolicy,
     policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication},
 };

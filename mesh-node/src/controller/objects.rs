@@ -216,15 +216,15 @@ impl PolicyObject {
         let spec = value.get("spec").cloned().unwrap_or_default();
         let normalised = match kind {
             PolicyKind::Authorization => {
-                serde_json::from_value::<crate::policy::crd::AuthorizationPolicySpec>(spec.clone())
+                serde_json::from_value::<crate::k8s::policy::AuthorizationPolicySpec>(spec.clone())
                     .and_then(serde_json::to_value)
             }
             PolicyKind::PeerAuthentication => {
-                serde_json::from_value::<crate::policy::crd::PeerAuthenticationSpec>(spec.clone())
+                serde_json::from_value::<crate::k8s::policy::PeerAuthenticationSpec>(spec.clone())
                     .and_then(serde_json::to_value)
             }
             PolicyKind::RequestAuthentication => serde_json::from_value::<
-                crate::policy::crd::RequestAuthenticationSpec,
+                crate::k8s::policy::RequestAuthenticationSpec,
             >(spec.clone())
             .and_then(serde_json::to_value),
         };

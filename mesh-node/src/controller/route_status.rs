@@ -39,7 +39,8 @@ use super::{
 };
 use crate::k8s::GATEWAY_API_VERSION;
 use crate::{
-    l7::route::{ParentStatus, RouteId, RouteKind, RouteStatus, spec::ParentReference},
+    k8s::gateway::ParentReference,
+    l7::route::{ParentStatus, RouteId, RouteKind, RouteStatus},
     policy::status::rfc3339,
 };
 

@@ -13,7 +13,8 @@
 use serde::Serialize;
 
 use crate::{
-    l7::route::{RouteId, RouteStatus, spec::ParentReference},
+    k8s::gateway::ParentReference,
+    l7::route::{RouteId, RouteStatus},
     policy::{PolicyId, eval::Listed, status::Condition},
 };
 

@@ -5,7 +5,7 @@
 //!
 //! A namespaced custom resource with a status subresource carrying `conditions` (the shape of
 //! the policy CRDs': one `Accepted` condition with `observedGeneration`). Generated from
-//! [`crd`] by [`crd_yaml`]. Spec fields, camelCase, every section optional except
+//! [`crate::k8s::traffic_policy`] by [`crd_yaml`]. Spec fields, camelCase, every section optional except
 //! `targetRefs`:
 //!
 //! ```yaml
@@ -38,7 +38,7 @@
 //!
 //! ## Parts
 //!
-//! - [`crd`]: the resource's types and generated CRD; [`compile`]: validation into
+//! - [`crate::k8s::traffic_policy`] (`crd` here): the resource's types and generated CRD; [`compile`]: validation into
 //!   [`Resilience`] and the `Accepted` condition.
 //! - [`retry`]: which failed tries are retried (only where repeating is safe), backoff, and
 //!   the per-Service retry budget.
@@ -67,7 +67,6 @@
 
 pub mod breaker;
 pub mod compile;
-pub mod crd;
 pub mod fault;
 pub mod outlier;
 pub mod rate_limit;
@@ -78,6 +77,8 @@ pub use breaker::{
     CircuitBreaker, ConnectionPermit, OVERFLOW_HEADER, Overflow, PoolLimits, RequestPermit,
 };
 pub use compile::{TrafficPolicyError, condition};
+// The resource as written, as this module's files name it.
+use crate::k8s::traffic_policy as crd;
 pub use crd::{TrafficPolicy, TrafficPolicySpec, crd_yaml};
 pub use fault::{FaultDecision, FaultPolicy};
 pub use outlier::{OutlierDetector, OutlierPolicy};

@@ -5,7 +5,7 @@
 //! policies reach agents, and are converted on arrival by [`compile`], which never fails: a
 //! route it cannot program carries its error, for the status, and is left out of routing.
 //!
-//! - [`spec`]: the wire types, lenient (strings and wide integers) so that a bad value is
+//! - [`crate::k8s::gateway`] (`spec` here): the wire types, lenient (strings and wide integers) so that a bad value is
 //!   reported with its field path instead of vanishing in a deserialisation error.
 //! - [`compile`](mod@compile): validation against the Gateway API's rules (enumerations, value
 //!   grammars, `maxItems`, the CEL rules of the CRDs) and conversion into [`model`].
@@ -46,7 +46,6 @@ pub mod error;
 pub mod filters;
 pub mod matching;
 pub mod model;
-pub mod spec;
 pub mod status;
 pub mod table;
 
@@ -55,6 +54,8 @@ mod tests;
 
 use std::{fmt, str::FromStr};
 
+// The routes as written, as this module's files name them.
+use crate::k8s::gateway as spec;
 pub use compile::{CompiledRoute, compile};
 pub use error::RouteError;
 pub use filters::{FilterFailure, Redirect, RequestAction};

@@ -115,8 +115,9 @@ pub fn traffic_policies(dump: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use mesh_node::{
+        k8s::gateway::ParentReference,
         l7::L7Listing,
-        l7::route::{ParentStatus, RouteId, RouteKind, RouteStatus, spec::ParentReference},
+        l7::route::{ParentStatus, RouteId, RouteKind, RouteStatus},
         policy::{PolicyId, status::Condition},
     };
     use serde_json::json;

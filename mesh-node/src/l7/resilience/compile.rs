@@ -22,10 +22,12 @@ use super::{
     rate_limit::{RateLimitKey, RateLimitPolicy},
     retry::{BudgetLimits, RetryOn, RetryPolicy},
 };
-use crate::policy::{
-    PolicyId,
-    crd::ExtraFields,
-    status::{ACCEPTED, Condition},
+use crate::{
+    k8s::policy::ExtraFields,
+    policy::{
+        PolicyId,
+        status::{ACCEPTED, Condition},
+    },
 };
 
 pub const MAX_TARGETS: usize = 16;

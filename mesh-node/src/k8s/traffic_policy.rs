@@ -2,7 +2,7 @@
 //! generated CustomResourceDefinition.
 //!
 //! The types are only the shape: every bound, default and cross-field rule is checked when an
-//! object is compiled ([`super::compile`]), so that a bad object is rejected alone with a
+//! object is compiled ([`crate::l7::resilience::compile`]), so that a bad object is rejected alone with a
 //! reason naming the field. Like the policy CRDs, the schema keeps unknown fields
 //! (`x-kubernetes-preserve-unknown-fields`): a misspelt field pruned by the API server would
 //! leave a policy weaker than written without anyone noticing, while a kept one is reported.
@@ -12,7 +12,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{crd::ExtraFields, status::PolicyStatus};
+use super::{policy::ExtraFields, status::PolicyStatus};
 
 /// The duration syntax of the Gateway API: one to four `<number><unit>` parts, units `h`, `m`,
 /// `s`, `ms` (`500ms`, `2s`, `1m30s`). Checked again by the compiler, which also bounds it.

@@ -2,7 +2,7 @@
 //! waypoint reads.
 //!
 //! Deliberately lenient: enumerations are strings, numbers are `i64`, and lists may be `null`.
-//! Whether a value is usable is decided by [`super::compile`], which can then name the field in
+//! Whether a value is usable is decided by [`crate::l7::route::compile`], which can then name the field in
 //! the route's status. Unknown fields are ignored (they are either status-irrelevant or from a
 //! newer API version; the API server has already validated the object against its schema).
 

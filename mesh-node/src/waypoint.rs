@@ -18,6 +18,7 @@ pub mod config;
 pub mod forward;
 pub mod l7;
 pub mod replay;
+pub mod response_flags;
 pub mod server;
 pub mod telemetry;
 pub mod trace;

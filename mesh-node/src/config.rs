@@ -1,4 +1,5 @@
-//! The agent's configuration file: typed, defaulted, and validated on load.
+//! The agent's configuration file: typed, defaulted, and validated on load; and the
+//! waypoint's ([`waypoint`]), which shares its error type, control plane section and bounds.
 //!
 //! Two modes, exactly one of which a file selects:
 //! - static (`ca`): the file lists the nodes and workloads and holds the CA key; the agent signs
@@ -15,6 +16,7 @@ mod lines;
 #[cfg(test)]
 mod tests;
 mod validate;
+pub mod waypoint;
 
 pub use validate::bounds;
 pub(crate) use validate::within;

@@ -15,7 +15,7 @@
 //! - [`proxy`]: the node proxy's listeners: inbound, outbound, the HBONE pool, copying.
 //! - [`hbone`]: the HBONE wire both ends agree on.
 //! - [`identity`], [`tls`]: SPIFFE identities, certificates and their store, TLS for HBONE.
-//! - [`config`]: the agent's configuration file.
+//! - [`config`]: the agent's and the waypoint's configuration files.
 //! - [`ebpf`], [`sock_diag`]: the kernel datapath and aborting sockets through sock_diag.
 //! - [`admin`], [`metrics`]: the admin surfaces (health, readiness, metrics, config dump) and
 //!   the metrics they serve.

@@ -14,7 +14,6 @@
 //! ```
 
 pub mod body;
-pub mod config;
 pub mod forward;
 pub mod l7;
 pub mod replay;
@@ -51,7 +50,7 @@ use crate::{
     tls::{self, TlsError},
 };
 
-pub use config::{Limits, TracingConfig, WaypointConfig};
+use crate::config::waypoint::{Limits, WaypointConfig};
 // The L7 model as the runtime's files name it (`super::resilience`).
 use crate::l7::resilience;
 use l7::{L7, Rejections};

@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
             until_signalled(|shutdown| mesh_node::controller::run(config, shutdown))
         }
         Command::Waypoint { config } => {
-            let config = mesh_node::waypoint::WaypointConfig::load(&config)?;
+            let config = mesh_node::config::waypoint::WaypointConfig::load(&config)?;
             init_tracing(config.log_format);
             raise_fd_limit();
             until_signalled(|shutdown| mesh_node::waypoint::run(config, shutdown))

@@ -25,12 +25,11 @@ use k8s_openapi::apimachinery::pkg::{
 use serde_json::{Value, json};
 
 use mesh_node::{
-    config::ConfigError,
+    config::{ConfigError, waypoint::WaypointConfig},
     k8s::{
         APP_COMPONENT_LABEL, APP_NAME_LABEL, GATEWAY_API_VERSION, GATEWAY_NAME_LABEL,
         WAYPOINT_CLASS,
     },
-    waypoint::WaypointConfig,
 };
 
 const HBONE_PORT: u16 = 15008;

@@ -5,10 +5,8 @@ use std::{net::SocketAddr, path::Path};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    config::{ConfigError, ControlPlaneConfig, LogFormat, bounds, invalid, within},
-    identity::Identity,
-};
+use super::{ConfigError, ControlPlaneConfig, LogFormat, bounds, invalid, within};
+use crate::identity::Identity;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

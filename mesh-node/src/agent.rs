@@ -36,12 +36,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin::{self, AdminState, Surface},
     config::{AgentConfig, ConfigError, parse_cidr},
-    control_plane::{channel, feed},
+    control_plane::{bootstrap, channel, feed},
     ebpf::{Datapath, DatapathSpec, EbpfError},
     identity::{
         CertStore, Identity,
         ca::CaError,
-        store::{CertManager, IssueError, Issuer, RemoteCa, StoreError},
+        store::{CertManager, IssueError, Issuer, StoreError},
     },
     log_limit::AccessLogLimit,
     metrics::{DatapathStats, Direction, Metrics},
@@ -82,6 +82,15 @@ pub enum AgentError {
     Datapath(#[from] EbpfError),
     #[error("this node cannot run the datapath: {0} (run `meshctl check --pre` for details)")]
     Preflight(String),
+}
+
+impl From<bootstrap::BootstrapError> for AgentError {
+    fn from(e: bootstrap::BootstrapError) -> Self {
+        match e {
+            bootstrap::BootstrapError::Channel(e) => Self::ControlPlane(e),
+            bootstrap::BootstrapError::Certs(e) => Self::Certs(e),
+        }
+    }
 }
 
 impl DatapathStats for Datapath {
@@ -142,20 +151,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             (Source::Static, certs, Issuer::Local(ca), Some(state))
         }
         (None, Some(cp)) => {
-            let roots = channel::read_roots(cp)?;
-            let certs = Arc::new(CertStore::new(
-                provider.clone(),
-                &roots,
-                &config.trust_domain,
-            )?);
-            let channel = channel::channel(cp)?;
-            let token = channel::BearerToken::new(cp.token_file.clone());
-            let issuer = Issuer::Remote(RemoteCa::new(
-                channel.clone(),
-                token.clone(),
-                certs.roots().clone(),
-                provider.clone(),
-            ));
+            let bootstrap::Remote {
+                certs,
+                channel,
+                token,
+                issuer,
+            } = bootstrap::connect(cp, &config.trust_domain, &provider)?;
             let source = Source::Live {
                 channel,
                 token,

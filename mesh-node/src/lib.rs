@@ -8,7 +8,7 @@
 //! - [`l7`]: the L7 model the controller, the waypoint, the admin surface and `meshctl` share:
 //!   routes and traffic policies, compiled from the objects as written, with their status.
 //! - [`control_plane`]: the client side of the control plane that the agent and the waypoint
-//!   share: the channel to the controller, the bearer token, the discovery feed.
+//!   share: the channel to the controller, the bearer token, the discovery feed, start-up.
 //! - [`state`]: the mesh as a node sees it: the [`state::MeshState`] snapshot every listener
 //!   reads, and its parts (workloads, services, waypoints, nodes) converted at the boundary.
 //! - [`policy`]: authorization policies and the per-connection decision.

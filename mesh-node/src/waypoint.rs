@@ -33,12 +33,12 @@ use crate::{
     admin::{self, AdminState, Surface},
     config::ConfigError,
     control_plane::{
-        channel,
+        bootstrap, channel,
         feed::{self, Applied, Resource, Resources},
     },
     identity::{
         CertStore, Identity,
-        store::{CertManager, Issuer, Prefetched, RemoteCa, StoreError},
+        store::{CertManager, Prefetched, StoreError},
     },
     metrics::{Direction, Metrics},
     policy::{
@@ -73,6 +73,15 @@ pub enum WaypointError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+impl From<bootstrap::BootstrapError> for WaypointError {
+    fn from(e: bootstrap::BootstrapError) -> Self {
+        match e {
+            bootstrap::BootstrapError::Channel(e) => Self::ControlPlane(e),
+            bootstrap::BootstrapError::Certs(e) => Self::Certs(e),
+        }
+    }
 }
 
 /// Where a tunnel was going: a service (its VIP and port) or one pod, either of which names
@@ -151,20 +160,12 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
     };
     let provider = tls::provider();
     let cp = &config.control_plane;
-    let roots = channel::read_roots(cp)?;
-    let certs = Arc::new(CertStore::new(
-        provider.clone(),
-        &roots,
-        &config.trust_domain,
-    )?);
-    let channel = channel::channel(cp)?;
-    let token = channel::BearerToken::new(cp.token_file.clone());
-    let issuer = Issuer::Remote(RemoteCa::new(
-        channel.clone(),
-        token.clone(),
-        certs.roots().clone(),
-        provider.clone(),
-    ));
+    let bootstrap::Remote {
+        certs,
+        channel,
+        token,
+        issuer,
+    } = bootstrap::connect(cp, &config.trust_domain, &provider)?;
     let cert_manager = CertManager::new(
         certs.clone(),
         issuer,

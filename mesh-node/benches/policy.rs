@@ -13,13 +13,11 @@ use std::{collections::BTreeMap, net::IpAddr, sync::LazyLock};
 use divan::{Bencher, black_box};
 use mesh_node::{
     identity::Identity,
-    policy::{
-        AuthzPolicy, Destination, Engine, Flow, PolicySet,
-        crd::{
-            AuthorizationPolicy, AuthorizationPolicySpec, Operation, Rule, RuleFrom, RuleTo,
-            Source, WorkloadSelector,
-        },
+    k8s::policy::{
+        AuthorizationPolicy, AuthorizationPolicySpec, Operation, Rule, RuleFrom, RuleTo, Source,
+        WorkloadSelector,
     },
+    policy::{AuthzPolicy, Destination, Engine, Flow, PolicySet},
 };
 
 const NAMESPACES: usize = 100;

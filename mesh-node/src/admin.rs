@@ -2,9 +2,7 @@
 //!
 //! One router, served on up to three listeners: the admin port (loopback; everything), the
 //! metrics port (`/metrics`) and the readiness port (`/healthz/ready`). Waypoints serve the
-//! same surface; their dump also lists their routing objects ([`l7`]).
-
-pub mod l7;
+//! same surface; their dump also lists their routing objects ([`L7Dump`]).
 
 use std::{
     convert::Infallible,
@@ -26,8 +24,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    agent::feed::FeedStatus, ebpf::Datapath, identity::CertStore, metrics::Metrics,
-    workload::MeshState,
+    control_plane::feed::FeedStatus, ebpf::Datapath, identity::CertStore, l7::L7Listing,
+    metrics::Metrics, state::MeshState,
 };
 
 /// What the admin endpoints report on.
@@ -39,9 +37,18 @@ pub struct AdminState {
     /// The control plane feed's status, in live mode.
     pub feed: Option<Arc<ArcSwap<FeedStatus>>>,
     pub ready: AtomicBool,
-    /// What the role adds to the config dump, under `l7` (the waypoint's routes, traffic
-    /// policies and request authentications).
-    pub l7_dump: Option<Box<dyn Fn() -> serde_json::Value + Send + Sync>>,
+    /// What a waypoint adds to the config dump about its L7 configuration ([`L7Dump`]);
+    /// agents have none.
+    pub l7: Option<Box<dyn Fn() -> L7Dump + Send + Sync>>,
+}
+
+/// What a waypoint adds to its config dump, from one L7 snapshot: its routing objects with
+/// their status (`routes` and `traffic_policies`) and the rest of its L7 configuration (`l7`).
+#[derive(Debug, Clone)]
+pub struct L7Dump {
+    /// `None` until the waypoint has built its first state.
+    pub listing: Option<Arc<L7Listing>>,
+    pub details: serde_json::Value,
 }
 
 /// Connections one admin surface serves at once; more are closed on accept. Probes and scrapes
@@ -202,6 +209,8 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
         })
     });
     let control_plane = admin.feed.as_ref().map(|f| FeedStatus::clone(&f.load()));
+    let l7 = admin.l7.as_ref().map(|dump| dump());
+    let listing = l7.as_ref().and_then(|l| l.listing.as_deref());
     serde_json::json!({
         "node": state.local_node(),
         "trust_domain": admin.certs.trust_domain(),
@@ -213,12 +222,12 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
         "services": state.services().iter().map(|s| s.as_ref()).collect::<Vec<_>>(),
         "waypoints": state.waypoints().into_iter().map(|w| w.as_ref()).collect::<Vec<_>>(),
         "policies": state.policy().listing,
-        "routes": state.l7().map(|l| &l.routes),
-        "traffic_policies": state.l7().map(|l| &l.traffic_policies),
+        "routes": listing.map(|l| &l.routes),
+        "traffic_policies": listing.map(|l| &l.traffic_policies),
         "certificates": certificates,
         "certificate_errors": admin.certs.failures().as_ref(),
         "datapath": datapath,
-        "l7": admin.l7_dump.as_ref().map(|dump| dump()),
+        "l7": l7.as_ref().map(|l| &l.details),
     })
 }
 

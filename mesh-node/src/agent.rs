@@ -8,9 +8,9 @@
 //! In live mode (`control_plane`) the state starts empty and the tasks below keep it:
 //!
 //! ```text
-//! feed (stream, resources) -> state (MeshState, cgroups) -> ArcSwap (proxy reads)
-//!                                                       -> watch -> enrollment (eBPF map)
-//!                                                                -> certificates (CA service)
+//! feed (stream, resources) -> state_task (MeshState, cgroups) -> ArcSwap (proxy reads)
+//!                                                            -> watch -> enrollment (eBPF map)
+//!                                                                     -> certificates (CA service)
 //! ```
 //!
 //! Each task is the only writer of what it owns. The agent is ready once the first snapshot is
@@ -18,11 +18,9 @@
 //! redirected connections are refused rather than let out of the mesh.
 
 pub mod cgroups;
-pub mod channel;
 pub mod enrollment;
-pub mod feed;
 pub mod plaintext;
-pub mod state;
+pub mod state_task;
 #[cfg(test)]
 mod tests;
 
@@ -38,11 +36,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     admin::{self, AdminState, Surface},
     config::{AgentConfig, ConfigError, parse_cidr},
+    control_plane::{bootstrap, channel, feed},
     ebpf::{Datapath, DatapathSpec, EbpfError},
     identity::{
         CertStore, Identity,
         ca::CaError,
-        store::{CertManager, IssueError, Issuer, RemoteCa, StoreError},
+        store::{CertManager, IssueError, Issuer, StoreError},
     },
     log_limit::AccessLogLimit,
     metrics::{DatapathStats, Direction, Metrics},
@@ -52,8 +51,8 @@ use crate::{
         limits::{Caps, Limits},
         pool::Pool,
     },
+    state::MeshState,
     tls::{self, TlsError},
-    workload::MeshState,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +82,15 @@ pub enum AgentError {
     Datapath(#[from] EbpfError),
     #[error("this node cannot run the datapath: {0} (run `meshctl check --pre` for details)")]
     Preflight(String),
+}
+
+impl From<bootstrap::BootstrapError> for AgentError {
+    fn from(e: bootstrap::BootstrapError) -> Self {
+        match e {
+            bootstrap::BootstrapError::Channel(e) => Self::ControlPlane(e),
+            bootstrap::BootstrapError::Certs(e) => Self::Certs(e),
+        }
+    }
 }
 
 impl DatapathStats for Datapath {
@@ -143,20 +151,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             (Source::Static, certs, Issuer::Local(ca), Some(state))
         }
         (None, Some(cp)) => {
-            let roots = channel::read_roots(cp)?;
-            let certs = Arc::new(CertStore::new(
-                provider.clone(),
-                &roots,
-                &config.trust_domain,
-            )?);
-            let channel = channel::channel(cp)?;
-            let token = channel::BearerToken::new(cp.token_file.clone());
-            let issuer = Issuer::Remote(RemoteCa::new(
-                channel.clone(),
-                token.clone(),
-                certs.roots().clone(),
-                provider.clone(),
-            ));
+            let bootstrap::Remote {
+                certs,
+                channel,
+                token,
+                issuer,
+            } = bootstrap::connect(cp, &config.trust_domain, &provider)?;
             let source = Source::Live {
                 channel,
                 token,
@@ -320,7 +320,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         datapath: Some(datapath.clone()),
         feed: feed_status.clone(),
         ready: false.into(),
-        l7_dump: None,
+        l7: None,
     });
     admin::serve_all(
         &admin,
@@ -362,7 +362,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     ) = (source, feed_status)
     {
         let (applied_tx, applied_rx) = mpsc::channel(1);
-        let state_task = state::StateTask {
+        let state_task = state_task::StateTask {
             local_node: config.node.clone(),
             root_namespace,
             state: state.clone(),

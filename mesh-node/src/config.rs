@@ -1,4 +1,5 @@
-//! The agent's configuration file: typed, defaulted, and validated on load.
+//! The agent's configuration file: typed, defaulted, and validated on load; and the
+//! waypoint's ([`waypoint`]), which shares its error type, control plane section and bounds.
 //!
 //! Two modes, exactly one of which a file selects:
 //! - static (`ca`): the file lists the nodes and workloads and holds the CA key; the agent signs
@@ -15,6 +16,7 @@ mod lines;
 #[cfg(test)]
 mod tests;
 mod validate;
+pub mod waypoint;
 
 pub use validate::bounds;
 pub(crate) use validate::within;
@@ -73,7 +75,7 @@ fn place(field: &str, line: Option<u64>) -> String {
 }
 
 /// A refusal of `field`, located later by [`ConfigError::located`].
-pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
         line: None,
@@ -554,11 +556,7 @@ pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
 
 /// Kubernetes node names are DNS subdomains (`ip-10-0-0-1.ec2.internal`).
 fn check_node_name(field: &str, value: &str) -> Result<(), ConfigError> {
-    let ok = value.len() <= 253
-        && value
-            .split('.')
-            .all(|label| check_dns_label(field, label).is_ok());
-    if ok {
+    if crate::identity::is_dns_subdomain(value) {
         Ok(())
     } else {
         Err(invalid(field, format!("{value:?} is not a DNS subdomain")))

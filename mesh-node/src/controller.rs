@@ -318,7 +318,7 @@ impl ControllerConfig {
             ));
         }
         for name in &self.server_names {
-            if name.parse::<IpAddr>().is_err() && !is_dns_name(name) {
+            if name.parse::<IpAddr>().is_err() && !crate::identity::is_dns_subdomain(name) {
                 return Err(invalid(
                     "server_names",
                     format!("{name:?} is neither an IP address nor a DNS name"),
@@ -327,19 +327,6 @@ impl ControllerConfig {
         }
         Ok(())
     }
-}
-
-fn is_dns_name(name: &str) -> bool {
-    name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
 }
 
 /// The mesh state as published to the services: a translation and its version.

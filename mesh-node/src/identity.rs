@@ -57,10 +57,7 @@ impl Identity {
         if !is_dns_label(namespace) {
             return Err(IdentityError::Namespace(namespace.into()));
         }
-        let sa_ok = !service_account.is_empty()
-            && service_account.len() <= 253
-            && service_account.split('.').all(is_dns_label);
-        if !sa_ok {
+        if !is_dns_subdomain(service_account) {
             return Err(IdentityError::ServiceAccount(service_account.into()));
         }
         Ok(Self {
@@ -137,6 +134,12 @@ pub fn is_dns_label(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
+}
+
+/// An RFC 1123 DNS subdomain, lowercase, as Kubernetes names most objects and its nodes (and
+/// as HTTP hostnames are written): at most 253 bytes of dot-separated [`is_dns_label`]s.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 #[cfg(test)]

@@ -158,7 +158,7 @@ impl AccessLogLimit {
     /// written, `None` if it is left out (and counted towards the next one).
     pub fn admit(&self, source: LogSource<'_>, now: Instant) -> Option<u64> {
         let key = match source {
-            LogSource::Addr(ip) => Key::Addr(crate::workload::canonical(ip)),
+            LogSource::Addr(ip) => Key::Addr(crate::state::canonical(ip)),
             LogSource::Identity(id) => Key::Identity(self.hasher.hash_one(id)),
         };
         let (rate, burst) = (self.rate, self.burst);

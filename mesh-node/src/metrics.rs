@@ -14,7 +14,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{identity::Identity, workload::Workload};
+use crate::{identity::Identity, state::Workload};
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Reporter {

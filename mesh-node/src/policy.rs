@@ -31,7 +31,6 @@
 //! [`Engine::decide_request`].
 
 pub mod binding;
-pub mod crd;
 pub mod eval;
 pub mod explain;
 pub mod jwt;
@@ -45,8 +44,10 @@ pub mod waypoint;
 #[cfg(test)]
 mod tests;
 
-pub use binding::{Binding, TargetRef, WAYPOINT_GATEWAY_CLASS};
-pub use crd::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
+pub use crate::k8s::policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
+pub use binding::{Binding, TargetRef};
+// The kinds as written, as this module's files name them.
+use crate::k8s::policy as crd;
 pub use eval::{
     DEFAULT_ROOT_NAMESPACE, Decision, Destination, Engine, Flow, MtlsResolution, PeerAuthSet,
     PolicySet, Reason, Verdict,

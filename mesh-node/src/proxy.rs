@@ -19,7 +19,7 @@ use crate::{
     identity::{CertStore, Identity},
     log_limit::{AccessLogLimit, LogSource},
     metrics::{Direction, DirectionLabels, Metrics},
-    workload::{MeshState, Workload},
+    state::{MeshState, Workload},
 };
 
 pub mod copy;

@@ -14,13 +14,10 @@
 //! ```
 
 pub mod body;
-pub mod config;
 pub mod forward;
 pub mod l7;
-pub mod manifests;
 pub mod replay;
-pub mod resilience;
-pub mod route;
+pub mod response_flags;
 pub mod server;
 pub mod telemetry;
 pub mod trace;
@@ -34,14 +31,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{self, AdminState, Surface},
-    agent::{
-        channel,
+    config::ConfigError,
+    control_plane::{
+        bootstrap, channel,
         feed::{self, Applied, Resource, Resources},
     },
-    config::ConfigError,
     identity::{
         CertStore, Identity,
-        store::{CertManager, Issuer, Prefetched, RemoteCa, StoreError},
+        store::{CertManager, Prefetched, StoreError},
     },
     metrics::{Direction, Metrics},
     policy::{
@@ -49,12 +46,13 @@ use crate::{
         jwt::{FetchSettings, JwksFetcher},
     },
     proxy::{ClientAddr, pool::Pool},
-    service::Service,
+    state::{MeshState, Service, WaypointRef, Workload},
     tls::{self, TlsError},
-    workload::{MeshState, Workload, waypoint::WaypointRef},
 };
 
-pub use config::{Limits, TracingConfig, WaypointConfig};
+use crate::config::waypoint::{Limits, WaypointConfig};
+// The L7 model as the runtime's files name it (`super::resilience`).
+use crate::l7::resilience;
 use l7::{L7, Rejections};
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +73,15 @@ pub enum WaypointError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+impl From<bootstrap::BootstrapError> for WaypointError {
+    fn from(e: bootstrap::BootstrapError) -> Self {
+        match e {
+            bootstrap::BootstrapError::Channel(e) => Self::ControlPlane(e),
+            bootstrap::BootstrapError::Certs(e) => Self::Certs(e),
+        }
+    }
 }
 
 /// Where a tunnel was going: a service (its VIP and port) or one pod, either of which names
@@ -153,20 +160,12 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
     };
     let provider = tls::provider();
     let cp = &config.control_plane;
-    let roots = channel::read_roots(cp)?;
-    let certs = Arc::new(CertStore::new(
-        provider.clone(),
-        &roots,
-        &config.trust_domain,
-    )?);
-    let channel = channel::channel(cp)?;
-    let token = channel::BearerToken::new(cp.token_file.clone());
-    let issuer = Issuer::Remote(RemoteCa::new(
-        channel.clone(),
-        token.clone(),
-        certs.roots().clone(),
-        provider.clone(),
-    ));
+    let bootstrap::Remote {
+        certs,
+        channel,
+        token,
+        issuer,
+    } = bootstrap::connect(cp, &config.trust_domain, &provider)?;
     let cert_manager = CertManager::new(
         certs.clone(),
         issuer,
@@ -258,7 +257,7 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
         datapath: None,
         feed: Some(status.clone()),
         ready: false.into(),
-        l7_dump: Some(Box::new({
+        l7: Some(Box::new({
             let l7 = l7.clone();
             move || l7.load().dump()
         })),
@@ -386,7 +385,7 @@ async fn state_task(
             update = applied.recv() => update,
         };
         let Some(update) = update else { return };
-        let mut state = build_state(&update.resources, &root_namespace);
+        let state = build_state(&update.resources, &root_namespace);
         let next = L7::build(
             &update.resources,
             &state,
@@ -395,7 +394,6 @@ async fn state_task(
             &fetcher,
             &mut rejections,
         );
-        state.set_l7(next.listing.clone());
         mesh.store(Arc::new(state));
         l7.store(Arc::new(next));
         tracing::debug!(version = update.version, "waypoint state published");

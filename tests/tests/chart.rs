@@ -22,9 +22,9 @@ use mesh_node::{
     check::CAPABILITIES,
     config::{AgentConfig, expand_env},
     controller::ControllerConfig,
-    crds,
+    k8s::crds,
+    l7::resilience::TrafficPolicy,
     policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication},
-    waypoint::resilience::TrafficPolicy,
 };
 use serde_json::{Value, json};
 

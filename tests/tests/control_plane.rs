@@ -25,8 +25,8 @@ use std::{
 };
 
 use mesh_node::{
-    agent::channel::{self, BearerToken},
     config::ControlPlaneConfig,
+    control_plane::channel::{self, BearerToken},
     identity::{
         Identity,
         store::{CertManager, CertStore, Issuer, RemoteCa},

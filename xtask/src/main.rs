@@ -114,7 +114,7 @@ const DEFAULT_IMAGE: &str = "trellis/mesh-node:dev";
 /// of [`CRD_GROUPS`]. Helm 3 installs `crds/` before the templates (and never upgrades it);
 /// tests/tests/chart.rs checks each file is what `crds` writes.
 const CRDS_DIR: &str = "charts/trellis/crds";
-/// The API groups `mesh-node crds --group` renders (mesh_node::crds::GROUPS; xtask depends on
+/// The API groups `mesh-node crds --group` renders (mesh_node::k8s::crds::GROUPS; xtask depends on
 /// no other crate, and the chart tests fail if the two lists ever differ).
 const CRD_GROUPS: [&str; 2] = ["security.trellis.dev", "traffic.trellis.dev"];
 

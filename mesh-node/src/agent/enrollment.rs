@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     ebpf::{EbpfError, Enroller, PodCgroup},
-    workload::MeshState,
+    state::MeshState,
 };
 
 /// Something holding the set of redirected pod cgroups.

@@ -18,7 +18,7 @@ use crate::{
     ebpf::{InboundMtls, PodCgroup},
     metrics::{Direction, Metrics},
     sock_diag::{self, SockDiagError, TCP_LISTEN},
-    workload::{MeshState, canonical},
+    state::{MeshState, canonical},
 };
 
 /// Connection states worth aborting: open, being opened, or half-closed by the peer.

@@ -15,7 +15,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, transport::server::TcpIncoming};
 
-use super::{cgroups::CgroupDiscovery, channel, feed, state::StateTask};
+use super::{cgroups::CgroupDiscovery, state_task::StateTask};
+use crate::control_plane::{channel, feed};
 use crate::{
     api::v1::{
         self as api, AgentMessage, SignRequest, SignResponse, Update, agent_message,
@@ -28,8 +29,8 @@ use crate::{
         Identity, LocalCa,
         store::{CertManager, CertStore, IssueError, Issuer as CertIssuer, RemoteCa},
     },
+    state::MeshState,
     tls,
-    workload::MeshState,
 };
 
 const TOKEN: &str = "node-a-bootstrap-token";

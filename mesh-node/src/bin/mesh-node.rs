@@ -53,7 +53,7 @@ enum Command {
     /// types; `cargo xtask crds` writes each group into the Helm chart.
     Crds {
         /// `security.trellis.dev` (the policy kinds) or `traffic.trellis.dev` (TrafficPolicy).
-        #[arg(long, default_value = mesh_node::crds::SECURITY_GROUP)]
+        #[arg(long, default_value = mesh_node::k8s::crds::SECURITY_GROUP)]
         group: String,
     },
     /// Certificate authority utilities.
@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
             until_signalled(|shutdown| mesh_node::controller::run(config, shutdown))
         }
         Command::Waypoint { config } => {
-            let config = mesh_node::waypoint::WaypointConfig::load(&config)?;
+            let config = mesh_node::config::waypoint::WaypointConfig::load(&config)?;
             init_tracing(config.log_format);
             raise_fd_limit();
             until_signalled(|shutdown| mesh_node::waypoint::run(config, shutdown))
@@ -105,7 +105,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Crds { group } => {
-            let yaml = mesh_node::crds::yaml(&group)?;
+            let yaml = mesh_node::k8s::crds::yaml(&group)?;
             // Not `print!`, which panics when the reader of a pipe has gone away.
             std::io::Write::write_all(&mut std::io::stdout().lock(), yaml.as_bytes())
                 .context("cannot write the CRDs to standard output")?;

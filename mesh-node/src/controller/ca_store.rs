@@ -29,8 +29,7 @@ pub const SECRET_CERT: &str = "tls.crt";
 pub const SECRET_KEY: &str = "tls.key";
 /// The ConfigMap key holding the trust bundle.
 pub const ROOT_CERT_KEY: &str = "root-cert.pem";
-/// The field manager of the controller's server-side applies.
-const FIELD_MANAGER: &str = "trellis-controller";
+use crate::k8s::{FIELD_MANAGER, MANAGED_BY_LABEL};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaStoreError {
@@ -152,7 +151,7 @@ pub async fn load_or_create_secret(
             name: Some(secret.name.clone()),
             namespace: Some(secret.namespace.clone()),
             labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".to_owned(),
+                MANAGED_BY_LABEL.to_owned(),
                 FIELD_MANAGER.to_owned(),
             )])),
             ..Default::default()

@@ -25,7 +25,8 @@ use std::{
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::objects::{ClusterObjects, GATEWAY_API_VERSION, Object, PolicyObject, RouteKind};
+use super::objects::{ClusterObjects, Object, PolicyObject, RouteKind};
+use crate::k8s::GATEWAY_API_VERSION;
 use crate::policy::PolicyKind;
 
 /// How often the directory is rescanned even without change events.

@@ -35,7 +35,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::objects::{ClusterObjects, GATEWAY_API_VERSION, Kind, Object, PolicyObject, RouteKind};
+use super::objects::{ClusterObjects, Kind, Object, PolicyObject, RouteKind};
+use crate::k8s::GATEWAY_API_VERSION;
 use crate::policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 
 /// Changes are gathered this long before a snapshot is published.

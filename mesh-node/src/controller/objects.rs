@@ -23,17 +23,10 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use crate::policy::{AuthorizationPolicy, PeerAuthentication, PolicyKind, RequestAuthentication};
-
-/// Node label giving the node's zone; copied onto workloads and endpoints.
-pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
-/// EndpointSlice label naming the Service the slice belongs to.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
-/// `apiVersion` of the Gateway API kinds the mesh reads (Gateway, HTTPRoute, GRPCRoute).
-pub const GATEWAY_API_VERSION: &str = "gateway.networking.k8s.io/v1";
-/// `apiVersion` of Trellis's traffic management kinds (TrafficPolicy).
-pub const TRAFFIC_API_VERSION: &str = "traffic.trellis.dev/v1";
+use crate::{
+    k8s::{GATEWAY_API_VERSION, TRAFFIC_API_VERSION, ZONE_LABEL},
+    policy::{AuthorizationPolicy, PeerAuthentication, PolicyKind, RequestAuthentication},
+};
 
 /// The kinds of object the mesh reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -223,15 +216,15 @@ impl PolicyObject {
         let spec = value.get("spec").cloned().unwrap_or_default();
         let normalised = match kind {
             PolicyKind::Authorization => {
-                serde_json::from_value::<crate::policy::crd::AuthorizationPolicySpec>(spec.clone())
+                serde_json::from_value::<crate::k8s::policy::AuthorizationPolicySpec>(spec.clone())
                     .and_then(serde_json::to_value)
             }
             PolicyKind::PeerAuthentication => {
-                serde_json::from_value::<crate::policy::crd::PeerAuthenticationSpec>(spec.clone())
+                serde_json::from_value::<crate::k8s::policy::PeerAuthenticationSpec>(spec.clone())
                     .and_then(serde_json::to_value)
             }
             PolicyKind::RequestAuthentication => serde_json::from_value::<
-                crate::policy::crd::RequestAuthenticationSpec,
+                crate::k8s::policy::RequestAuthenticationSpec,
             >(spec.clone())
             .and_then(serde_json::to_value),
         };

@@ -19,16 +19,17 @@ use kube::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{Published, objects::TRAFFIC_API_VERSION, translate::Translation};
+use super::{Published, translate::Translation};
 use crate::{
+    k8s::TRAFFIC_API_VERSION,
+    l7::resilience::TrafficPolicy,
     policy::{
         AuthorizationPolicy, PeerAuthentication, PolicyId, PolicyKind, RequestAuthentication,
         status::{Condition, rfc3339, set_condition},
     },
-    waypoint::resilience::TrafficPolicy,
 };
 
-pub const FIELD_MANAGER: &str = "trellis-controller";
+pub use crate::k8s::FIELD_MANAGER;
 pub(super) const RETRY: Duration = Duration::from_secs(10);
 
 /// A kind whose status is one `Accepted` condition.

@@ -1,7 +1,7 @@
 //! Reports how the waypoints take each HTTPRoute and GRPCRoute: in the controller's log (both
 //! sources) and, with the Kubernetes source, in the route's `status.parents`, one entry per
 //! parent the waypoints serve (`controllerName: trellis.dev/waypoint`, conditions `Accepted`
-//! and `ResolvedRefs`; see [`crate::waypoint::route::status`]). The entries are the ones
+//! and `ResolvedRefs`; see [`crate::l7::route::status`]). The entries are the ones
 //! [`super::translate`] derived with the waypoints' own route conversion.
 //!
 //! **Why a read before each write.** The Gateway API declares `status.parents` an atomic list
@@ -35,12 +35,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Published,
-    objects::GATEWAY_API_VERSION,
     policy_status::{FIELD_MANAGER, RETRY},
 };
+use crate::k8s::GATEWAY_API_VERSION;
 use crate::{
+    k8s::gateway::ParentReference,
+    l7::route::{ParentStatus, RouteId, RouteKind, RouteStatus},
     policy::status::rfc3339,
-    waypoint::route::{ParentStatus, RouteId, RouteKind, RouteStatus, spec::ParentReference},
 };
 
 /// Follows the published state until `stop`; `client` is `None` with the directory source.
@@ -206,8 +207,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        controller::translate::Translation, policy::status::Condition,
-        waypoint::route::CONTROLLER_NAME,
+        controller::translate::Translation, k8s::WAYPOINT_CONTROLLER_NAME,
+        policy::status::Condition,
     };
 
     /// What the API server answers a request it refuses with `code`.
@@ -357,7 +358,7 @@ mod tests {
             "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
                             "message": "", "lastTransitionTime": "2024-01-01T00:00:00Z"}]});
         // Left by an earlier run for a parent the waypoints no longer serve.
-        let stale = json!({"parentRef": {"name": "old"}, "controllerName": CONTROLLER_NAME,
+        let stale = json!({"parentRef": {"name": "old"}, "controllerName": WAYPOINT_CONTROLLER_NAME,
             "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
                             "message": "", "lastTransitionTime": "2024-01-01T00:00:00Z"}]});
         let (client, calls) = api_server(
@@ -391,7 +392,7 @@ mod tests {
             "another controller's entry is kept as it was"
         );
         let ours = &parents[1];
-        assert_eq!(ours["controllerName"], CONTROLLER_NAME);
+        assert_eq!(ours["controllerName"], WAYPOINT_CONTROLLER_NAME);
         assert_eq!(ours["parentRef"], json!({"name": "waypoint"}));
         let conditions = ours["conditions"].as_array().expect("conditions");
         assert_eq!(conditions.len(), 2);

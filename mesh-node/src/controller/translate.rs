@@ -30,26 +30,20 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use super::objects::{ClusterObjects, RouteKind, SERVICE_NAME_LABEL, ZONE_LABEL};
+use super::objects::{ClusterObjects, RouteKind};
 use crate::{
     api::v1 as api,
     identity::Identity,
+    k8s::{MESH_DISABLED, MESH_ENABLED, MESH_LABEL, SERVICE_NAME_LABEL, ZONE_LABEL},
+    l7::route::{ParentStatus, RouteId},
     policy::{Policy, PolicyId, PolicyKind, status::Condition},
-    waypoint::route::{ParentStatus, RouteId},
 };
 
 mod l7;
 pub mod waypoint;
 
+pub use waypoint::waypoint_key;
 use waypoint::{Choice, PodWorkload, Waypoints};
-pub use waypoint::{
-    GATEWAY_NAME_LABEL, NO_WAYPOINT, USE_WAYPOINT_LABEL, WAYPOINT_CLASS, waypoint_key,
-};
-
-/// Namespace label that enrolls a namespace's pods, and pod label that opts one out.
-pub const MESH_LABEL: &str = "trellis.dev/mesh";
-pub const MESH_ENABLED: &str = "enabled";
-pub const MESH_DISABLED: &str = "disabled";
 
 /// Everything the translation needs besides the objects.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -717,7 +711,10 @@ fn prefer_close(traffic_distribution: Option<&str>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::objects::{Object, PolicyObject};
+    use crate::{
+        controller::objects::{Object, PolicyObject},
+        k8s::{GATEWAY_NAME_LABEL, NO_WAYPOINT, USE_WAYPOINT_LABEL, WAYPOINT_CLASS},
+    };
 
     fn settings() -> TranslateSettings {
         TranslateSettings {

@@ -32,10 +32,10 @@ use super::{
     ca::{CaError, IssuedCert},
 };
 use crate::{
-    agent::channel::{BearerToken, ChannelError},
     api::v1::{SignRequest, certificate_authority_client::CertificateAuthorityClient},
+    control_plane::channel::{BearerToken, ChannelError},
+    state::MeshState,
     tls::{self, TlsError},
-    workload::MeshState,
 };
 
 #[derive(Debug, thiserror::Error)]

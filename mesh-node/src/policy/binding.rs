@@ -11,7 +11,7 @@
 //!     namespace, at whichever waypoint serves it;
 //!   - `kind: GatewayClass`: every waypoint of that class, honoured only for policies in the
 //!     root namespace (elsewhere it binds nothing, as in Istio). The Trellis waypoint class is
-//!     [`WAYPOINT_GATEWAY_CLASS`].
+//!     [`WAYPOINT_CLASS`].
 //! - A policy with a `selector`, or with neither, applies to **workloads** and is enforced by
 //!   node agents only; waypoints ignore it, root namespace included (Istio's waypoints apply
 //!   no selector or namespace-wide policy either; a mesh-wide waypoint policy targets the
@@ -25,19 +25,15 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
+use crate::k8s::{GATEWAY_GROUP, WAYPOINT_CLASS};
+
 use super::{
     model::{PolicyError, Why},
     request::WaypointTarget,
 };
 
-/// The `GatewayClass` of Trellis waypoints, which a root-namespace policy may target to apply
-/// at every waypoint.
-pub const WAYPOINT_GATEWAY_CLASS: &str = "trellis-waypoint";
-
 /// Istio's limit on `targetRefs` (the CRD's `maxItems`).
 pub const MAX_TARGET_REFS: usize = 16;
-
-const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 /// One target of a waypoint policy; the namespace is the policy's.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -275,7 +271,7 @@ impl<T: Clone> TargetIndex<T> {
                     .or_default(),
                 // Istio honours class targets from the root namespace only.
                 TargetRef::GatewayClass(class)
-                    if namespace == self.root_namespace && class == WAYPOINT_GATEWAY_CLASS =>
+                    if namespace == self.root_namespace && class == WAYPOINT_CLASS =>
                 {
                     &mut self.class
                 }

@@ -52,7 +52,7 @@ pub struct Destination<'a> {
 }
 
 impl<'a> Destination<'a> {
-    pub fn of(workload: &'a crate::workload::Workload) -> Self {
+    pub fn of(workload: &'a crate::state::Workload) -> Self {
         Self {
             namespace: &workload.namespace,
             labels: &workload.labels,

@@ -16,7 +16,7 @@
 use serde::Serialize;
 
 use super::{Destination, Flow, Reason, request::WaypointTarget};
-use crate::workload::{MeshState, Workload};
+use crate::state::{MeshState, Workload};
 
 /// Why a flow cannot be explained.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

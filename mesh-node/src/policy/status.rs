@@ -19,41 +19,13 @@
 
 use std::fmt::Write as _;
 
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
-
 use super::{
     binding::Binding,
     jwt::JwtPolicy,
     model::{Action, AuthzPolicy, Enforcement, PeerPolicy, StandIn},
 };
 
-pub const ACCEPTED: &str = "Accepted";
-
-/// The `status` of both policy kinds.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PolicyStatus {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conditions: Vec<Condition>,
-}
-
-/// A status condition (the fields of `metav1.Condition`).
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Condition {
-    #[serde(rename = "type")]
-    pub type_: String,
-    /// `True`, `False` or `Unknown`.
-    pub status: String,
-    pub reason: String,
-    pub message: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-    /// RFC 3339; changes only when `status` does.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub last_transition_time: String,
-}
+pub use crate::k8s::status::{ACCEPTED, Condition, PolicyStatus};
 
 /// What the rules of an action do with a field that fails closed.
 fn fail_closed_effect(action: Action) -> &'static str {

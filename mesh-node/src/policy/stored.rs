@@ -29,7 +29,7 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
-    pub const API_VERSION: &'static str = "security.trellis.dev/v1";
+    pub const API_VERSION: &'static str = crate::k8s::SECURITY_API_VERSION;
 
     /// Every kind, in a fixed order.
     pub const ALL: [Self; 3] = [

@@ -39,8 +39,8 @@ use crate::{
     identity::{Identity, store::certificate_serial},
     metrics::{Direction, Reporter, SecurityPolicy, TcpLabels},
     policy::{Destination, Flow},
+    state::MeshState,
     tls,
-    workload::MeshState,
 };
 
 /// One accepted HBONE connection: who is on the other end, and which of our identities they

@@ -288,9 +288,9 @@ mod tests {
             limits::{Caps, Limits},
             pool::Pool,
         },
-        service::{Endpoint, Service, ServicePort},
+        state::service::{Endpoint, Service, ServicePort},
+        state::{MeshState, Workload},
         tls,
-        workload::{MeshState, Workload},
     };
 
     const TD: &str = "cluster.local";

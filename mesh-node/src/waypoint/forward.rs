@@ -7,27 +7,11 @@
 //! collector configured, one exported span. All three end at the response head.
 //!
 //! Responses the waypoint makes itself carry a short reason in `response_flags` (metrics)
-//! and in the access log, so an operator can tell a 503 of the waypoint from one of the app.
-//! The body of such a response is the status's reason phrase only: which policy denied, why a
-//! token failed or which endpoint was unreachable is for the access log, not for the client.
-//!
-//! | flag | status | meaning |
-//! |------|--------|---------|
-//! | `BR` | 400 | the request target, its authority or its body cannot be forwarded as sent |
-//! | `BR` | 405 | method CONNECT, never relayed ([`admit`]) |
-//! | `UA` | 401 | a JSON Web Token that does not verify |
-//! | `DENY` | 403 | an AuthorizationPolicy denies the request |
-//! | `NR` | 404 | routes apply to the destination but no rule matches |
-//! | `NC` | 500 | the chosen backend Service is unknown or has no such port |
-//! | `CF` | 500 | the matched rule cannot be served as configured (filter or backend) |
-//! | `RL` | 429 | rate limited (`retry-after` says when to come back) |
-//! | `FI` | any | an injected abort (`DI` when only a delay was injected) |
-//! | `UO` | 503 | a connection or request limit is reached (`trellis-overflow` names it) |
-//! | `UH` | 503 | no ready endpoint |
-//! | `UF` | 503 | the upstream connection failed |
-//! | `UC` | 502 | the upstream closed or reset before answering |
-//! | `UT` | 504 | a request or per-try timeout expired |
-//! | `URX` | any | the last of several tries failed; the status is that try's |
+//! and in the access log, so an operator can tell a 503 of the waypoint from one of the app;
+//! the flags and what each means are [`ResponseFlags`]. The body of such a response is the
+//! status's reason phrase only: which policy denied, why a token failed or which endpoint was
+//! unreachable is for the access log, not for the client. CONNECT is refused here with 405
+//! `BR` ([`admit`]).
 
 mod admit;
 mod plan;
@@ -46,6 +30,7 @@ use super::{
     Target, WaypointInputs,
     body::{self, Body},
     l7::L7,
+    response_flags::ResponseFlags,
     telemetry::RequestLabels,
     trace::{
         TraceContext,
@@ -60,8 +45,7 @@ use crate::{
         normalize_path,
         request::{RequestFacts, WaypointTarget},
     },
-    service::Service,
-    workload::{MeshState, Workload},
+    state::{MeshState, Service, Workload},
 };
 
 /// The client side of one tunnel: who sent it, and where it was going.
@@ -91,7 +75,7 @@ const HOP_BY_HOP: [header::HeaderName; 5] = [
 /// What happened to a request, for metrics and the access log.
 struct Outcome {
     status: StatusCode,
-    flags: &'static str,
+    flags: ResponseFlags,
     /// The Service the request was for: the routed backend, else the one dialled.
     service: Option<Arc<Service>>,
     endpoint: Option<SocketAddr>,
@@ -107,7 +91,7 @@ impl Outcome {
         Self {
             trace: None,
             status: StatusCode::OK,
-            flags: "-",
+            flags: ResponseFlags::Upstream,
             service,
             endpoint: None,
             route: None,
@@ -122,7 +106,7 @@ impl Outcome {
     fn local(
         mut self,
         status: StatusCode,
-        flags: &'static str,
+        flags: ResponseFlags,
         error: String,
     ) -> (Response<Body>, Self) {
         let reason = status.canonical_reason().unwrap_or("Error");
@@ -184,7 +168,7 @@ pub async fn handle(down: Arc<Downstream>, req: Request<Incoming>) -> Response<B
         trace_id = outcome.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
         span_id = outcome.trace.map(|t| t.span_id_hex()).unwrap_or_default(),
         status = outcome.status.as_u16(),
-        flags = outcome.flags,
+        flags = outcome.flags.as_str(),
         duration_ms = (duration_ms * 1000.0).round() / 1000.0,
         error = outcome.error.as_deref().unwrap_or_default(),
         "request"
@@ -202,7 +186,7 @@ pub async fn handle(down: Arc<Downstream>, req: Request<Incoming>) -> Response<B
                 "http.response.status_code",
                 i64::from(outcome.status.as_u16()).into(),
             ),
-            ("trellis.response_flags", outcome.flags.into()),
+            ("trellis.response_flags", outcome.flags.as_str().into()),
             ("trellis.source.principal", down.peer.to_string().into()),
             ("trellis.tries", i64::from(outcome.tries).into()),
         ];
@@ -261,7 +245,11 @@ async fn forward(
     sanitize(&mut parts.headers);
     // One method, target form and authority for everything below ([`admit`]).
     if let Err(refusal) = admit::admit(&mut parts) {
-        return outcome.local(refusal.status(), "BR", refusal.to_string());
+        return outcome.local(
+            refusal.status(),
+            ResponseFlags::BadRequest,
+            refusal.to_string(),
+        );
     }
     let spans = down.inputs.spans.as_ref();
     outcome.trace = Some(TraceContext::propagate(
@@ -272,7 +260,7 @@ async fn forward(
 
     // Normalize: the path that policies and routes see is the path the backend receives.
     if let Err(e) = normalize(&mut parts) {
-        return outcome.local(StatusCode::BAD_REQUEST, "BR", e);
+        return outcome.local(StatusCode::BAD_REQUEST, ResponseFlags::BadRequest, e);
     }
 
     // Authenticate, then authorize.
@@ -292,7 +280,7 @@ async fn forward(
                 JwtOutcome::Invalid(e) => {
                     let (mut response, outcome) = outcome.local(
                         StatusCode::UNAUTHORIZED,
-                        "UA",
+                        ResponseFlags::Unauthenticated,
                         format!("request token refused: {e}"),
                     );
                     response
@@ -305,7 +293,7 @@ async fn forward(
         None => None,
     };
     if let Err(reason) = authorize(down, mesh, &target, &parts, jwt.as_ref()) {
-        return outcome.local(StatusCode::FORBIDDEN, "DENY", reason);
+        return outcome.local(StatusCode::FORBIDDEN, ResponseFlags::Denied, reason);
     }
     if let Some(jwt) = &jwt {
         for name in &jwt.token_headers {

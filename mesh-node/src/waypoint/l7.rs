@@ -8,20 +8,21 @@
 //! left out, and the reason is logged once per generation (the controller writes the same
 //! reason into the object's status).
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
-use super::{
-    resilience::{Registry, TrafficPolicy},
-    route::{self, RouteKind, RouteTable},
-};
 use crate::{
-    admin::l7::L7Listing,
-    agent::feed::{Resource, Resources},
+    admin::L7Dump,
+    control_plane::feed::{Resource, Resources},
+    l7::{
+        L7Listing,
+        resilience::{Registry, TrafficPolicy},
+        route::{self, RouteKind, RouteTable},
+    },
     policy::{
         Policy, PolicyId,
         jwt::{JwksFetcher, JwtAuthenticator, JwtPolicy},
     },
-    workload::{MeshState, waypoint::WaypointRef},
+    state::{MeshState, WaypointRef},
 };
 
 /// The kind of the resilience objects among the `route/` resources.
@@ -37,8 +38,9 @@ pub struct L7 {
     pub request_authentications: Vec<String>,
     /// The objects left out, and why.
     pub rejected: Rejections,
-    /// Routes and traffic policies with their status, for the config dump.
-    pub listing: L7Listing,
+    /// Routes and traffic policies with their status, for the config dump; `None` until the
+    /// first state is built.
+    pub listing: Option<Arc<L7Listing>>,
 }
 
 /// Why an object is not applied, by `Kind namespace/name`; kept between builds so that each
@@ -137,7 +139,7 @@ impl L7 {
             })
             .is_some()
         };
-        let listing = L7Listing::new(
+        let listing = Some(Arc::new(L7Listing::new(
             routes.iter().map(|r| {
                 (
                     r.id.clone(),
@@ -152,7 +154,7 @@ impl L7 {
                     resilience.condition(id, compiled, *generation),
                 )
             }),
-        );
+        )));
         let jwt = (!jwt.is_empty())
             .then(|| JwtAuthenticator::new(root_namespace, jwt, Some(fetcher.clone())));
         if jwt.is_none() {
@@ -169,17 +171,21 @@ impl L7 {
         }
     }
 
-    /// What the waypoint's config dump shows under `l7`, beside the `routes` and
-    /// `traffic_policies` listing ([`L7Listing`]).
-    pub fn dump(&self) -> serde_json::Value {
-        serde_json::json!({
+    /// What the waypoint's config dump shows: the `routes` and `traffic_policies` listing
+    /// ([`L7Listing`]) and, under `l7`, its request authentications and rejected objects.
+    pub fn dump(&self) -> L7Dump {
+        let details = serde_json::json!({
             "request_authentications": self.request_authentications,
             "rejected": self.rejected.iter().map(|(object, (generation, reason))| serde_json::json!({
                 "object": object,
                 "generation": generation,
                 "reason": reason,
             })).collect::<Vec<_>>(),
-        })
+        });
+        L7Dump {
+            listing: self.listing.clone(),
+            details,
+        }
     }
 }
 

@@ -7,10 +7,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use super::response_flags::ResponseFlags;
 use crate::{
     identity::Identity,
     metrics::{Reporter, SecurityPolicy},
-    workload::Workload,
+    state::Workload,
 };
 
 /// Istio's request labels.
@@ -29,10 +30,9 @@ pub struct RequestLabels {
     /// `http` or `grpc`.
     pub request_protocol: &'static str,
     pub response_code: u16,
-    /// Envoy-style short flags for responses the waypoint made itself (`NR` no route, `UH` no
-    /// healthy upstream, `UF` upstream connect failure, `UT` timeout, `UO` overflow, `RL` rate
-    /// limited, `FI` fault injected, `DENY` policy denied); `-` for an upstream's response.
-    pub response_flags: &'static str,
+    /// Envoy-style short flags for responses the waypoint made itself; `-` for an upstream's
+    /// response ([`ResponseFlags`]).
+    pub response_flags: ResponseFlags,
     pub connection_security_policy: SecurityPolicy,
 }
 
@@ -51,7 +51,7 @@ impl RequestLabels {
             destination_service_namespace: String::new(),
             request_protocol: "http",
             response_code: 0,
-            response_flags: "-",
+            response_flags: ResponseFlags::Upstream,
             connection_security_policy: SecurityPolicy::MutualTls,
         }
     }

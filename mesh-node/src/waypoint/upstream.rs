@@ -33,7 +33,7 @@ use crate::{
         ClientAddr, HboneAddr, OriginalDst,
         pool::{Pool, PoolError, StreamGuard},
     },
-    workload::MeshState,
+    state::MeshState,
 };
 
 use super::{

@@ -234,7 +234,8 @@ impl<'tb> Mesh<'tb> {
         );
         let path = scratch.join(format!("waypoint-{name}.yaml"));
         std::fs::write(&path, &config)?;
-        mesh_node::waypoint::WaypointConfig::load(&path).context("generated waypoint config")?;
+        mesh_node::config::waypoint::WaypointConfig::load(&path)
+            .context("generated waypoint config")?;
         let path = path.to_string_lossy().into_owned();
         let mut process = tb.spawn(
             pod,

@@ -1,5 +1,5 @@
 //! Tables of a waypoint's routing objects, from the `routes` and `traffic_policies` of its
-//! config dump (see `mesh_node::admin::l7`): how the waypoint takes each route on each of its
+//! config dump (see `mesh_node::l7::listing`): how the waypoint takes each route on each of its
 //! parents, and whether each TrafficPolicy applies.
 
 use serde_json::Value;
@@ -115,9 +115,10 @@ pub fn traffic_policies(dump: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use mesh_node::{
-        admin::l7::L7Listing,
+        k8s::gateway::ParentReference,
+        l7::L7Listing,
+        l7::route::{ParentStatus, RouteId, RouteKind, RouteStatus},
         policy::{PolicyId, status::Condition},
-        waypoint::route::{ParentStatus, RouteId, RouteKind, RouteStatus, spec::ParentReference},
     };
     use serde_json::json;
 

@@ -7,6 +7,7 @@
 //! deploy a waypoint.
 
 mod l7;
+mod manifests;
 mod tables;
 
 use std::net::SocketAddr;
@@ -189,7 +190,7 @@ fn main() -> Result<()> {
         }) => {
             let root_cert_pem = std::fs::read_to_string(root_cert)
                 .with_context(|| format!("reading the root certificate {}", root_cert.display()))?;
-            let spec = mesh_node::waypoint::manifests::WaypointSpec {
+            let spec = manifests::WaypointSpec {
                 namespace: namespace.clone(),
                 name: name.clone(),
                 service_account: service_account.clone().unwrap_or_else(|| name.clone()),
@@ -202,7 +203,7 @@ fn main() -> Result<()> {
                 root_namespace: mesh_namespace.clone(),
                 root_cert_pem,
             };
-            let objects = mesh_node::waypoint::manifests::generate(&spec)?;
+            let objects = manifests::generate(&spec)?;
             for object in objects {
                 print!("---\n{}", serde_saphyr::to_string(&object)?);
             }

@@ -12,15 +12,15 @@
 //!
 //! The objects themselves are carried to the waypoints as written; only their status is
 //! computed here. Every route is converted again at every translation; conversion is bounded
-//! by the route limits ([`crate::waypoint::route::limits`]), like the waypoints' own.
+//! by the route limits ([`crate::l7::route::limits`]), like the waypoints' own.
 
 use super::{ClusterObjects, RouteKind, Translation, waypoint::Waypoints};
 use crate::{
-    policy::PolicyId,
-    waypoint::{
+    l7::{
         resilience::{Registry, Resilience, TrafficPolicy, TrafficPolicyError},
         route::{self, compile, route_status},
     },
+    policy::PolicyId,
 };
 
 /// The `Accepted` condition of every TrafficPolicy.

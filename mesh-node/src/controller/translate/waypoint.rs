@@ -38,16 +38,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::Pod;
 
 use super::{ClusterObjects, Translation, api, reject};
-use crate::identity::Identity;
-
-/// The `gatewayClassName` that makes a Gateway a waypoint.
-pub const WAYPOINT_CLASS: &str = "trellis-waypoint";
-/// Label on a Namespace, Service or pod naming the waypoint its traffic goes through.
-pub const USE_WAYPOINT_LABEL: &str = "trellis.dev/use-waypoint";
-/// [`USE_WAYPOINT_LABEL`] value that opts a Service or pod out of its namespace's waypoint.
-pub const NO_WAYPOINT: &str = "none";
-/// Label on the pods (and Services) of a Gateway, naming it.
-pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+use crate::{
+    identity::Identity,
+    k8s::{GATEWAY_NAME_LABEL, NO_WAYPOINT, USE_WAYPOINT_LABEL, WAYPOINT_CLASS},
+};
 
 pub fn waypoint_key(namespace: &str, name: &str) -> String {
     format!("waypoint/{namespace}/{name}")

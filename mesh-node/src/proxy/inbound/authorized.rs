@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     identity::Identity,
     policy::{Destination, Flow},
-    workload::MeshState,
+    state::MeshState,
 };
 
 /// The facts a connection was authorized on.

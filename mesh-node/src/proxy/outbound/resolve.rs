@@ -20,8 +20,8 @@ use std::{
 
 use super::super::HboneAddr;
 use crate::{
-    service::Service,
-    workload::{
+    state::service::Service,
+    state::{
         MeshState, Workload,
         waypoint::{Waypoint, WaypointRef},
     },

@@ -27,7 +27,7 @@ use super::{
 use crate::{
     identity::Identity,
     policy::{Destination, Flow},
-    workload::{MeshState, Workload, canonical, waypoint::Waypoint},
+    state::{MeshState, Workload, canonical, waypoint::Waypoint},
 };
 
 /// An open connection towards the destination.

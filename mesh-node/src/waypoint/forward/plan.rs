@@ -10,14 +10,16 @@ use http::{HeaderValue, Response, StatusCode, request::Parts};
 
 use super::{Downstream, Outcome};
 use crate::{
-    service::Service,
-    waypoint::{
-        body::{self, Body},
-        l7::L7,
+    l7::{
         resilience::ServiceResilience,
         route::{Backend, GatewayRef, MatchedRule, NoBackend, RequestAction, Routing, ServiceRef},
     },
-    workload::MeshState,
+    state::{MeshState, Service},
+    waypoint::{
+        body::{self, Body},
+        l7::L7,
+        response_flags::ResponseFlags,
+    },
 };
 
 /// The upstream of one request.
@@ -81,14 +83,14 @@ impl Plan<'_> {
 /// A request answered without going upstream.
 pub struct Refusal {
     status: StatusCode,
-    flags: &'static str,
+    flags: ResponseFlags,
     error: String,
     route: Option<String>,
     location: Option<HeaderValue>,
 }
 
 impl Refusal {
-    fn new(status: StatusCode, flags: &'static str, error: String) -> Self {
+    fn new(status: StatusCode, flags: ResponseFlags, error: String) -> Self {
         Self {
             status,
             flags,
@@ -165,7 +167,7 @@ pub fn plan<'a>(
         }
         Routing::NoMatch => Err(Refusal::new(
             StatusCode::NOT_FOUND,
-            "NR",
+            ResponseFlags::NoRoute,
             format!(
                 "no route rule of {}/{} matches the request",
                 dialled.namespace, dialled.name
@@ -178,8 +180,8 @@ pub fn plan<'a>(
                 Ok(backend) => backend,
                 Err(e) => {
                     let flags = match e {
-                        NoBackend::Invalid(_) => "NC",
-                        NoBackend::None | NoBackend::ZeroWeights => "CF",
+                        NoBackend::Invalid(_) => ResponseFlags::NoCluster,
+                        NoBackend::None | NoBackend::ZeroWeights => ResponseFlags::ConfigError,
                     };
                     return Err(Refusal::new(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -194,7 +196,7 @@ pub fn plan<'a>(
             let Some(service) = mesh.service(&backend.namespace, &backend.name) else {
                 return Err(Refusal::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    "NC",
+                    ResponseFlags::NoCluster,
                     format!(
                         "{route}: backend Service {}/{} is unknown",
                         backend.namespace, backend.name
@@ -222,7 +224,7 @@ fn service_port(service: &Arc<Service>, port: u16) -> Result<Upstream, Refusal> 
     let Some(service_port) = service.port(port) else {
         return Err(Refusal::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "NC",
+            ResponseFlags::NoCluster,
             format!(
                 "Service {}/{} has no port {port}",
                 service.namespace, service.name
@@ -232,7 +234,7 @@ fn service_port(service: &Arc<Service>, port: u16) -> Result<Upstream, Refusal> 
     let Some(target_port) = service_port.target_port else {
         return Err(Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "UH",
+            ResponseFlags::NoHealthyUpstream,
             format!(
                 "Service {}/{} port {port} has no resolved target port",
                 service.namespace, service.name
@@ -250,14 +252,14 @@ fn filtered(action: RequestAction) -> Result<(), Refusal> {
         RequestAction::Forward => Ok(()),
         RequestAction::Redirect(redirect) => Err(Refusal {
             status: redirect.status,
-            flags: "-",
+            flags: ResponseFlags::Upstream,
             error: String::new(),
             route: None,
             location: Some(redirect.location),
         }),
         RequestAction::Fail(failure) => Err(Refusal::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "CF",
+            ResponseFlags::ConfigError,
             failure.to_string(),
         )),
     }

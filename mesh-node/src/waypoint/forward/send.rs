@@ -12,15 +12,21 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::{Downstream, Outcome, error_chain, plan::Plan};
-use crate::waypoint::{
-    body::{self, Body},
-    replay::Replayable,
-    resilience::{
-        NoRetry, OVERFLOW_HEADER, Overflow, RateDecision, Replay, RetryPolicy, ServiceResilience,
-        retry::{BudgetLimits, RetryOn},
+use crate::{
+    l7::{
+        resilience::{
+            NoRetry, OVERFLOW_HEADER, Overflow, RateDecision, Replay, RetryPolicy,
+            ServiceResilience,
+            retry::{BudgetLimits, RetryOn},
+        },
+        route::{Mirror, Retry},
     },
-    route::{Mirror, Retry},
-    upstream::ConnectError,
+    waypoint::{
+        body::{self, Body},
+        replay::Replayable,
+        response_flags::ResponseFlags,
+        upstream::ConnectError,
+    },
 };
 
 /// Retries after the first try when a route rule's `retry` does not say.
@@ -31,14 +37,14 @@ const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why no upstream response is returned.
 struct Failure {
     status: StatusCode,
-    flags: &'static str,
+    flags: ResponseFlags,
     error: String,
     /// Set when a limit of the circuit breaker refused.
     overflow: Option<Overflow>,
 }
 
 impl Failure {
-    fn new(status: StatusCode, flags: &'static str, error: String) -> Self {
+    fn new(status: StatusCode, flags: ResponseFlags, error: String) -> Self {
         Self {
             status,
             flags,
@@ -89,7 +95,7 @@ pub async fn send(
         if let RateDecision::Deny { retry_after_secs } = res.check_rate(bucket, Some(&source)) {
             let (mut response, outcome) = outcome.local(
                 StatusCode::TOO_MANY_REQUESTS,
-                "RL",
+                ResponseFlags::RateLimited,
                 format!("rate limited by {}", describe(res)),
             );
             response
@@ -103,14 +109,14 @@ pub async fn send(
     let fault = resilience.map(|r| r.fault(&mut rng)).unwrap_or_default();
     if let Some(delay) = fault.delay {
         tokio::time::sleep(delay).await;
-        outcome.flags = "DI";
+        outcome.flags = ResponseFlags::FaultDelay;
     }
     if let Some(status) = fault.abort {
         let text = format!(
             "fault injected by {}",
             resilience.map(describe).unwrap_or_default()
         );
-        return outcome.local(status, "FI", text);
+        return outcome.local(status, ResponseFlags::FaultAbort, text);
     }
 
     // Admission.
@@ -163,7 +169,7 @@ pub async fn send(
                 Ok(result) => result,
                 Err(_) => Err(Failure::new(
                     StatusCode::GATEWAY_TIMEOUT,
-                    "UT",
+                    ResponseFlags::Timeout,
                     format!("request timeout ({limit:?}) expired"),
                 )),
             }
@@ -227,14 +233,14 @@ impl Tries<'_> {
             let Some(endpoint) = self.plan.endpoint(&tried) else {
                 return Err(Failure::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "UH",
+                    ResponseFlags::NoHealthyUpstream,
                     "no ready endpoint".into(),
                 ));
             };
             let Some(body) = source.next_try() else {
                 return Err(Failure::new(
                     StatusCode::BAD_GATEWAY,
-                    "UC",
+                    ResponseFlags::UpstreamClosed,
                     "the request body cannot be sent again".into(),
                 ));
             };
@@ -250,7 +256,7 @@ impl Tries<'_> {
             };
             let (verdict, answer) = match result {
                 Ok(Ok(response)) => (
-                    crate::waypoint::resilience::Outcome::Status(response.status()),
+                    crate::l7::resilience::Outcome::Status(response.status()),
                     Ok(response),
                 ),
                 Ok(Err(e)) => {
@@ -259,7 +265,7 @@ impl Tries<'_> {
                         // record, and 400 as for any other malformed request.
                         return Err(Failure::new(
                             StatusCode::BAD_REQUEST,
-                            "BR",
+                            ResponseFlags::BadRequest,
                             format!("request body: {}", error_chain(&e)),
                         ));
                     }
@@ -269,32 +275,32 @@ impl Tries<'_> {
                             overflow: Some(overflow),
                             ..Failure::new(
                                 StatusCode::SERVICE_UNAVAILABLE,
-                                "UO",
+                                ResponseFlags::Overflow,
                                 overflow.to_string(),
                             )
                         });
                     }
                     let (verdict, status, flags) = if e.is_connect() {
                         (
-                            crate::waypoint::resilience::Outcome::ConnectFailure,
+                            crate::l7::resilience::Outcome::ConnectFailure,
                             StatusCode::SERVICE_UNAVAILABLE,
-                            "UF",
+                            ResponseFlags::UpstreamConnectFailure,
                         )
                     } else {
                         (
-                            crate::waypoint::resilience::Outcome::Reset,
+                            crate::l7::resilience::Outcome::Reset,
                             StatusCode::BAD_GATEWAY,
-                            "UC",
+                            ResponseFlags::UpstreamClosed,
                         )
                     };
                     let error = format!("upstream {endpoint}: {}", error_chain(&e));
                     (verdict, Err(Failure::new(status, flags, error)))
                 }
                 Err(limit) => (
-                    crate::waypoint::resilience::Outcome::Timeout,
+                    crate::l7::resilience::Outcome::Timeout,
                     Err(Failure::new(
                         StatusCode::GATEWAY_TIMEOUT,
-                        "UT",
+                        ResponseFlags::Timeout,
                         format!("upstream {endpoint}: per-try timeout ({limit:?}) expired"),
                     )),
                 ),
@@ -316,11 +322,11 @@ impl Tries<'_> {
                 Err(_) if outcome.tries > 1 && verdict.status().is_server_error() => {
                     return match answer {
                         Ok(response) => {
-                            outcome.flags = "URX";
+                            outcome.flags = ResponseFlags::RetriesExhausted;
                             Ok(response)
                         }
                         Err(failure) => Err(Failure {
-                            flags: "URX",
+                            flags: ResponseFlags::RetriesExhausted,
                             ..failure
                         }),
                     };
@@ -336,7 +342,7 @@ impl Tries<'_> {
         &self,
         endpoint: SocketAddr,
         tries: u32,
-        verdict: crate::waypoint::resilience::Outcome,
+        verdict: crate::l7::resilience::Outcome,
         replay: Replay,
         rng: &mut fastrand::Rng,
     ) -> Result<Duration, NoRetry> {
@@ -396,7 +402,7 @@ fn upstream_request(
         .map_err(|e| {
             Failure::new(
                 StatusCode::BAD_REQUEST,
-                "BR",
+                ResponseFlags::BadRequest,
                 format!("request target cannot be forwarded: {e}"),
             )
         })?;
@@ -464,8 +470,11 @@ fn mirror_request(down: &Downstream, mirror: &Mirror, parts: &Parts, body: &Repl
 }
 
 fn overflowed(outcome: Outcome, overflow: Overflow) -> (Response<Body>, Outcome) {
-    let (mut response, outcome) =
-        outcome.local(StatusCode::SERVICE_UNAVAILABLE, "UO", overflow.to_string());
+    let (mut response, outcome) = outcome.local(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ResponseFlags::Overflow,
+        overflow.to_string(),
+    );
     response
         .headers_mut()
         .insert(OVERFLOW_HEADER, HeaderValue::from_static(overflow.as_str()));

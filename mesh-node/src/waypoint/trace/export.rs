@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 use super::TraceContext;
-use crate::waypoint::config::TracingConfig;
+use crate::config::waypoint::TracingConfig;
 
 /// Longest string attribute kept; longer values (paths and authorities are the client's) are
 /// cut at a character boundary, so a span's size is bounded whatever the request carried.

@@ -1,0 +1,718 @@
+//! A node's end of `Discovery.Stream` (agent or waypoint, by `role`): the live feed of mesh
+//! state from the controller.
+//!
+//! One task owns the stream and the [`ResourceStore`]. For each update it converts the
+//! resources at the boundary (a malformed one is rejected alone and the last good version of
+//! its key kept), hands the new set to the role's state task, waits until the new
+//! [`MeshState`] is swapped in, then acknowledges, listing what it rejected. When the stream fails it
+//! reconnects with bounded, jittered exponential backoff; meanwhile the last state keeps
+//! serving. A reconnecting agent gets a fresh snapshot.
+//!
+//! [`MeshState`]: crate::state::MeshState
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use arc_swap::ArcSwap;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use super::channel::{BearerToken, ChannelError};
+use crate::{
+    api::v1::{
+        self as api, AgentMessage, Hello, Rejected, Update, agent_message,
+        discovery_client::DiscoveryClient, resource,
+    },
+    policy::{Policy, PolicyKind},
+    state::{NodeInfo, ResourceError, Service, Waypoint, Workload},
+};
+
+/// One converted resource.
+#[derive(Clone, Debug)]
+pub enum Resource {
+    Workload(Arc<Workload>),
+    Node(NodeInfo),
+    /// Shared so that an update that does not touch a service keeps it, with its round-robin
+    /// cursor, in the next state.
+    Service(Arc<Service>),
+    /// An authorization or peer authentication policy, converted (a spec that does not
+    /// convert is already its fail-closed stand-in).
+    Policy(Arc<Policy>),
+    Waypoint(Arc<Waypoint>),
+    /// A routing object for waypoints (HTTPRoute, GRPCRoute, TrafficPolicy), as written: the
+    /// waypoint compiles it, so a bad one rejects only itself there and reports why.
+    Route(Arc<RouteObject>),
+}
+
+/// A routing object as the controller sends it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteObject {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub generation: Option<i64>,
+    /// `Value::Null` when the spec is not JSON (the waypoint then reports it invalid).
+    pub spec: serde_json::Value,
+}
+
+/// Every resource the agent holds, by key.
+pub type Resources = BTreeMap<String, Resource>;
+
+/// The resources as last applied. Copy-on-write: the state task keeps the previous map while
+/// the next update is applied.
+#[derive(Debug, Default)]
+pub struct ResourceStore {
+    resources: Arc<Resources>,
+    version: Option<u64>,
+}
+
+/// A resource that could not be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct Rejection {
+    pub key: String,
+    pub reason: String,
+}
+
+impl From<Rejection> for Rejected {
+    fn from(r: Rejection) -> Self {
+        Rejected {
+            key: r.key,
+            reason: r.reason,
+        }
+    }
+}
+
+/// Converts one protobuf resource, checking that its key names it.
+fn convert(r: api::Resource, trust_domain: &str) -> Result<(String, Resource), Rejection> {
+    let key = r.key;
+    let reject = |e: ResourceError, kind: &str| Rejection {
+        key: key.clone(),
+        reason: format!("{kind} {e}"),
+    };
+    let mismatch = |expected: String| Rejection {
+        key: key.clone(),
+        reason: format!("key does not name the resource: expected {expected:?}"),
+    };
+    let resource = match r.kind {
+        Some(resource::Kind::Workload(w)) => {
+            let w = Workload::from_resource(w, trust_domain).map_err(|e| reject(e, "workload"))?;
+            let expected = format!("workload/{}", w.uid);
+            if key != expected {
+                return Err(mismatch(expected));
+            }
+            Resource::Workload(Arc::new(w))
+        }
+        Some(resource::Kind::Node(n)) => {
+            let n = NodeInfo::try_from(n).map_err(|e| reject(e, "node"))?;
+            let expected = format!("node/{}", n.name);
+            if key != expected {
+                return Err(mismatch(expected));
+            }
+            Resource::Node(n)
+        }
+        Some(resource::Kind::Service(s)) => {
+            let s = Service::try_from(&s).map_err(|e| reject(e, "service"))?;
+            let expected = format!("service/{}/{}", s.namespace, s.name);
+            if key != expected {
+                return Err(mismatch(expected));
+            }
+            Resource::Service(Arc::new(s))
+        }
+        Some(resource::Kind::Waypoint(w)) => {
+            let w = Waypoint::from_resource(w, trust_domain).map_err(|e| reject(e, "waypoint"))?;
+            let expected = format!("waypoint/{}", w.id);
+            if key != expected {
+                return Err(mismatch(expected));
+            }
+            Resource::Waypoint(Arc::new(w))
+        }
+        Some(resource::Kind::Policy(p)) if key.starts_with("route/") => {
+            let expected = format!("route/{}/{}/{}", p.kind, p.namespace, p.name);
+            if key != expected {
+                return Err(mismatch(expected));
+            }
+            Resource::Route(Arc::new(RouteObject {
+                spec: serde_json::from_str(&p.spec_json).unwrap_or(serde_json::Value::Null),
+                kind: p.kind,
+                namespace: p.namespace,
+                name: p.name,
+                generation: (p.generation != 0).then_some(p.generation),
+            }))
+        }
+        Some(resource::Kind::Policy(p)) => {
+            let Some(kind) = PolicyKind::from_kind(&p.kind) else {
+                return Err(Rejection {
+                    key,
+                    reason: format!(
+                        "policy kind {:?} is unknown (sent by a newer controller?)",
+                        p.kind
+                    ),
+                });
+            };
+            // Unparseable JSON is treated like a spec of the wrong shape: the stand-in.
+            let spec = serde_json::from_str(&p.spec_json).unwrap_or(serde_json::Value::Bool(false));
+            let metadata = ObjectMeta {
+                namespace: Some(p.namespace),
+                name: Some(p.name),
+                generation: Some(p.generation),
+                ..ObjectMeta::default()
+            };
+            let policy = Policy::compile(kind, &metadata, &spec).map_err(|e| Rejection {
+                key: key.clone(),
+                reason: format!("policy {e}"),
+            })?;
+            let id = policy.id();
+            let expected = format!("policy/{kind}/{}/{}", id.namespace, id.name);
+            if key != expected {
+                return Err(mismatch(expected));
+            }
+            Resource::Policy(Arc::new(policy))
+        }
+        None => {
+            return Err(Rejection {
+                key,
+                reason: "resource has no kind (sent by a newer controller?)".into(),
+            });
+        }
+    };
+    Ok((key, resource))
+}
+
+impl ResourceStore {
+    pub fn resources(&self) -> Arc<Resources> {
+        self.resources.clone()
+    }
+
+    pub fn version(&self) -> Option<u64> {
+        self.version
+    }
+
+    /// Applies an update: a snapshot replaces everything, a delta upserts and removes by key.
+    /// A resource that does not convert is rejected alone; its key keeps the last good
+    /// version (if any), and everything else is applied.
+    pub fn apply(&mut self, update: Update, trust_domain: &str) -> Vec<Rejection> {
+        let mut rejected = Vec::new();
+        let previous = self.resources.clone();
+        let resources = Arc::make_mut(&mut self.resources);
+        if update.snapshot {
+            resources.clear();
+        }
+        for r in update.upserts {
+            match convert(r, trust_domain) {
+                Ok((key, resource)) => {
+                    resources.insert(key, resource);
+                }
+                Err(rejection) => {
+                    if update.snapshot
+                        && let Some(last_good) = previous.get(&rejection.key)
+                    {
+                        resources.insert(rejection.key.clone(), last_good.clone());
+                    }
+                    tracing::warn!(key = %rejection.key, reason = %rejection.reason, version = update.version, "rejected resource from the controller; keeping its last good state");
+                    rejected.push(rejection);
+                }
+            }
+        }
+        if !update.snapshot {
+            for key in &update.removes {
+                resources.remove(key);
+            }
+        }
+        self.version = Some(update.version);
+        rejected
+    }
+}
+
+/// Connection status and progress, for the config dump.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct FeedStatus {
+    pub address: String,
+    pub connected: bool,
+    /// Version of the last update applied (and acknowledged).
+    pub last_version: Option<u64>,
+    /// Unix seconds of the last update applied.
+    pub last_update: Option<u64>,
+    pub last_error: Option<String>,
+    /// Resources rejected by the last update.
+    pub rejected: Vec<RejectedStatus>,
+    /// Streams opened since start.
+    pub streams: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RejectedStatus {
+    pub key: String,
+    pub reason: String,
+}
+
+/// What the feed hands the state task: the resources to build the next state from, and a
+/// way to tell the feed it is in place.
+#[derive(Debug)]
+pub struct Applied {
+    pub resources: Arc<Resources>,
+    pub version: u64,
+    pub done: oneshot::Sender<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error(transparent)]
+    Credential(#[from] ChannelError),
+    #[error("controller did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("controller refused the stream: {code:?}: {message}")]
+    Status { code: tonic::Code, message: String },
+    #[error("controller closed the stream")]
+    Closed,
+    #[error("controller sent a delta (version {0}) before the snapshot")]
+    DeltaFirst(u64),
+    #[error("agent is stopping")]
+    Stopping,
+}
+
+impl From<tonic::Status> for FeedError {
+    fn from(status: tonic::Status) -> Self {
+        FeedError::Status {
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
+    }
+}
+
+/// Time allowed for the controller to answer the stream request.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The feed task's inputs.
+pub struct Feed {
+    pub node: String,
+    /// `agent` or `waypoint`: what the controller sends depends on it.
+    pub role: &'static str,
+    pub trust_domain: String,
+    pub channel: Channel,
+    pub token: BearerToken,
+    pub status: Arc<ArcSwap<FeedStatus>>,
+    pub applied: mpsc::Sender<Applied>,
+    pub backoff: ExponentialBuilder,
+}
+
+/// Reconnect delays: from a quarter second up to half a minute, jittered so agents that lost
+/// the same controller do not come back in lockstep.
+pub fn default_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+}
+
+impl Feed {
+    /// Streams until `shutdown`, reconnecting after every failure.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut store = ResourceStore::default();
+        let mut backoff = self.backoff.build();
+        loop {
+            let mut synced = false;
+            let result = self.session(&mut store, &mut synced, &shutdown).await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let error = match result {
+                Ok(()) | Err(FeedError::Stopping) => return,
+                Err(e) => e,
+            };
+            if synced {
+                // The connection worked: start the next series of retries from the bottom.
+                backoff = self.backoff.build();
+            }
+            let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+            tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, version = ?store.version(), "control plane stream lost; serving the last known state");
+            self.set_status(|s| {
+                s.connected = false;
+                s.last_error = Some(error.to_string());
+            });
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    fn set_status(&self, edit: impl FnOnce(&mut FeedStatus)) {
+        let mut status = FeedStatus::clone(&self.status.load());
+        edit(&mut status);
+        self.status.store(Arc::new(status));
+    }
+
+    /// One stream: hello, then updates until it fails.
+    async fn session(
+        &self,
+        store: &mut ResourceStore,
+        synced: &mut bool,
+        shutdown: &CancellationToken,
+    ) -> Result<(), FeedError> {
+        let (to_controller, outbox) = mpsc::channel::<AgentMessage>(4);
+        let hello = AgentMessage {
+            message: Some(agent_message::Message::Hello(Hello {
+                node: self.node.clone(),
+                last_version: store.version().unwrap_or(0),
+                role: self.role.into(),
+            })),
+        };
+        to_controller
+            .send(hello)
+            .await
+            .map_err(|_| FeedError::Closed)?;
+        let outbound = futures_util::stream::unfold(outbox, |mut rx| async move {
+            rx.recv().await.map(|m| (m, rx))
+        });
+        let mut request = tonic::Request::new(outbound);
+        self.token.authorize(&mut request).await?;
+        let mut client = DiscoveryClient::new(self.channel.clone());
+        let opened = tokio::select! {
+            _ = shutdown.cancelled() => return Err(FeedError::Stopping),
+            opened = tokio::time::timeout(OPEN_TIMEOUT, client.stream(request)) => opened,
+        };
+        let mut updates = opened
+            .map_err(|_| FeedError::Timeout(OPEN_TIMEOUT))??
+            .into_inner();
+        self.set_status(|s| {
+            s.connected = true;
+            s.streams += 1;
+        });
+        tracing::info!("control plane stream open");
+        let mut have_snapshot = false;
+        loop {
+            let update = tokio::select! {
+                _ = shutdown.cancelled() => return Err(FeedError::Stopping),
+                update = updates.message() => update?,
+            };
+            let Some(update) = update else {
+                return Err(FeedError::Closed);
+            };
+            if !update.snapshot && !have_snapshot {
+                return Err(FeedError::DeltaFirst(update.version));
+            }
+            have_snapshot = true;
+            let version = update.version;
+            let (upserts, removes, snapshot) =
+                (update.upserts.len(), update.removes.len(), update.snapshot);
+            let rejected = store.apply(update, &self.trust_domain);
+
+            // The state must be in place before the controller hears it was applied.
+            let (done, applied) = oneshot::channel();
+            self.applied
+                .send(Applied {
+                    resources: store.resources(),
+                    version,
+                    done,
+                })
+                .await
+                .map_err(|_| FeedError::Stopping)?;
+            applied.await.map_err(|_| FeedError::Stopping)?;
+            tracing::info!(
+                version,
+                snapshot,
+                upserts,
+                removes,
+                rejected = rejected.len(),
+                "applied control plane update"
+            );
+            *synced = true;
+            self.set_status(|s| {
+                s.last_version = Some(version);
+                s.last_update = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs());
+                s.last_error = None;
+                s.rejected = rejected
+                    .iter()
+                    .map(|r| RejectedStatus {
+                        key: r.key.clone(),
+                        reason: r.reason.clone(),
+                    })
+                    .collect();
+            });
+            let ack = AgentMessage {
+                message: Some(agent_message::Message::Ack(api::Ack {
+                    version,
+                    rejected: rejected.into_iter().map(Rejected::from).collect(),
+                })),
+            };
+            to_controller
+                .send(ack)
+                .await
+                .map_err(|_| FeedError::Closed)?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::workload::tests::api_workload;
+
+    fn workload(uid: &str, name: &str, ip: &str) -> api::Resource {
+        api::Resource {
+            key: format!("workload/{uid}"),
+            kind: Some(resource::Kind::Workload(api_workload(
+                uid, name, "node-a", ip,
+            ))),
+        }
+    }
+
+    fn node(name: &str, hbone: &str) -> api::Resource {
+        api::Resource {
+            key: format!("node/{name}"),
+            kind: Some(resource::Kind::Node(api::Node {
+                name: name.into(),
+                hbone: hbone.into(),
+                zone: String::new(),
+            })),
+        }
+    }
+
+    fn update(
+        version: u64,
+        snapshot: bool,
+        upserts: Vec<api::Resource>,
+        removes: &[&str],
+    ) -> Update {
+        Update {
+            version,
+            snapshot,
+            upserts,
+            removes: removes.iter().map(|r| (*r).to_owned()).collect(),
+        }
+    }
+
+    fn ip_of(store: &ResourceStore, key: &str) -> Option<String> {
+        match store.resources().get(key)? {
+            Resource::Workload(w) => Some(w.ips[0].to_string()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn snapshots_replace_and_deltas_upsert_and_remove() {
+        let mut store = ResourceStore::default();
+        let rejected = store.apply(
+            update(
+                1,
+                true,
+                vec![
+                    workload("a", "web", "10.0.0.1"),
+                    workload("b", "db", "10.0.0.2"),
+                    node("node-a", "10.1.0.1:15008"),
+                ],
+                &[],
+            ),
+            "cluster.local",
+        );
+        assert!(rejected.is_empty());
+        assert_eq!(store.resources().len(), 3);
+
+        store.apply(
+            update(
+                2,
+                false,
+                vec![workload("c", "cache", "10.0.0.3")],
+                &["workload/b", "workload/unknown"],
+            ),
+            "cluster.local",
+        );
+        assert_eq!(store.version(), Some(2));
+        let keys: Vec<_> = store.resources().keys().cloned().collect();
+        assert_eq!(keys, ["node/node-a", "workload/a", "workload/c"]);
+
+        store.apply(
+            update(3, true, vec![workload("a", "web", "10.0.0.9")], &[]),
+            "cluster.local",
+        );
+        let keys: Vec<_> = store.resources().keys().cloned().collect();
+        assert_eq!(
+            keys,
+            ["workload/a"],
+            "a snapshot drops what it does not list"
+        );
+        assert_eq!(ip_of(&store, "workload/a").as_deref(), Some("10.0.0.9"));
+    }
+
+    #[test]
+    fn a_bad_resource_is_rejected_alone_and_its_last_good_state_kept() {
+        let mut store = ResourceStore::default();
+        store.apply(
+            update(
+                1,
+                true,
+                vec![
+                    workload("a", "web", "10.0.0.1"),
+                    workload("b", "db", "10.0.0.2"),
+                ],
+                &[],
+            ),
+            "cluster.local",
+        );
+        let held = store.resources();
+
+        // A delta with one malformed workload and one good change.
+        let rejected = store.apply(
+            update(
+                2,
+                false,
+                vec![
+                    workload("a", "web", "not-an-ip"),
+                    workload("b", "db", "10.0.0.20"),
+                ],
+                &[],
+            ),
+            "cluster.local",
+        );
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].key, "workload/a");
+        assert!(
+            rejected[0].reason.contains("ips[0]"),
+            "{}",
+            rejected[0].reason
+        );
+        assert_eq!(
+            ip_of(&store, "workload/a").as_deref(),
+            Some("10.0.0.1"),
+            "last good kept"
+        );
+        assert_eq!(
+            ip_of(&store, "workload/b").as_deref(),
+            Some("10.0.0.20"),
+            "the rest applied"
+        );
+        assert_eq!(
+            ip_of_map(&held, "workload/b").as_deref(),
+            Some("10.0.0.2"),
+            "copy on write"
+        );
+
+        // In a snapshot too, and a key that names another object is refused.
+        let mut wrong_key = workload("c", "cache", "10.0.0.3");
+        wrong_key.key = "workload/someone-else".into();
+        let no_kind = api::Resource {
+            key: "policy/x".into(),
+            kind: None,
+        };
+        let rejected = store.apply(
+            update(
+                3,
+                true,
+                vec![workload("a", "web", "10.0.0.1/8"), wrong_key, no_kind],
+                &[],
+            ),
+            "cluster.local",
+        );
+        let keys: Vec<_> = rejected.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["workload/a", "workload/someone-else", "policy/x"]);
+        assert_eq!(ip_of(&store, "workload/a").as_deref(), Some("10.0.0.1"));
+        assert!(
+            store.resources().get("workload/b").is_none(),
+            "the snapshot dropped b"
+        );
+        assert!(store.resources().get("workload/someone-else").is_none());
+    }
+
+    fn service(name: &str, endpoint_ip: &str) -> api::Resource {
+        api::Resource {
+            key: format!("service/shop/{name}"),
+            kind: Some(resource::Kind::Service(api::Service {
+                name: name.into(),
+                namespace: "shop".into(),
+                vips: vec!["10.96.0.10".into()],
+                ports: vec![api::ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    target_port: 8080,
+                    protocol: "TCP".into(),
+                }],
+                endpoints: vec![api::Endpoint {
+                    workload_uid: String::new(),
+                    ip: endpoint_ip.into(),
+                    node: "node-a".into(),
+                    zone: String::new(),
+                    ready: true,
+                }],
+                prefer_close: false,
+                waypoint: String::new(),
+            })),
+        }
+    }
+
+    fn endpoint_of(store: &ResourceStore, key: &str) -> Option<String> {
+        match store.resources().get(key)? {
+            Resource::Service(s) => Some(s.endpoints[0].ip.to_string()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn services_convert_at_the_boundary_and_a_bad_one_is_rejected_alone() {
+        let mut store = ResourceStore::default();
+        let rejected = store.apply(
+            update(
+                1,
+                true,
+                vec![service("web", "10.0.0.1"), service("db", "10.0.0.2")],
+                &[],
+            ),
+            "cluster.local",
+        );
+        assert!(rejected.is_empty(), "{rejected:?}");
+        assert_eq!(
+            endpoint_of(&store, "service/shop/web").as_deref(),
+            Some("10.0.0.1")
+        );
+
+        // An endpoint on the node's loopback would hand pods the node's local services.
+        let rejected = store.apply(
+            update(
+                2,
+                false,
+                vec![service("web", "127.0.0.1"), service("db", "10.0.0.20")],
+                &[],
+            ),
+            "cluster.local",
+        );
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert_eq!(rejected[0].key, "service/shop/web");
+        assert!(
+            rejected[0].reason.starts_with("service endpoints[0].ip"),
+            "{}",
+            rejected[0].reason
+        );
+        assert_eq!(
+            endpoint_of(&store, "service/shop/web").as_deref(),
+            Some("10.0.0.1"),
+            "last good kept"
+        );
+        assert_eq!(
+            endpoint_of(&store, "service/shop/db").as_deref(),
+            Some("10.0.0.20")
+        );
+
+        let mut wrong_key = service("web", "10.0.0.1");
+        wrong_key.key = "service/other/web".into();
+        let rejected = store.apply(update(3, false, vec![wrong_key], &[]), "cluster.local");
+        assert_eq!(rejected.len(), 1);
+        assert!(rejected[0].reason.contains("key does not name"));
+    }
+
+    fn ip_of_map(resources: &Resources, key: &str) -> Option<String> {
+        match resources.get(key)? {
+            Resource::Workload(w) => Some(w.ips[0].to_string()),
+            _ => None,
+        }
+    }
+}

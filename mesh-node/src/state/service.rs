@@ -1,0 +1,450 @@
+//! Kubernetes Services as the node proxy sees them: virtual IPs resolved to endpoints by the
+//! source agent, so kube-proxy is not on the mesh's path.
+//!
+//! Endpoint choice: ready endpoints only, round robin, each service with its own cursor. A
+//! Service that asks for locality (`spec.trafficDistribution: PreferClose`, carried as
+//! `prefer_close`) gets the endpoints on this node first, then those in this zone, then the
+//! rest, round robin within each tier. The outbound proxy walks the returned order and moves to
+//! the next endpoint when a connect fails.
+//!
+//! The protobuf type is converted here, at the boundary ([`Service::try_from`]); a Service
+//! that does not convert is rejected alone by the feed, like a malformed workload.
+
+use std::{
+    net::IpAddr,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use super::{
+    resource::{ResourceError, bad, check_label},
+    waypoint::{self, WaypointRef},
+    workload::canonical,
+};
+use crate::api::v1 as api;
+
+/// The cluster DNS domain Kubernetes uses unless configured otherwise. It names services in
+/// telemetry (`destination_service`), as Istio does; the agent has no setting for it yet.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    /// The port endpoints listen on. `None` while a named target port is not resolved yet
+    /// (no EndpointSlice says which number it is): connections to it cannot be served.
+    pub target_port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    /// Empty when unknown.
+    pub node: String,
+    /// Empty when unknown.
+    pub zone: String,
+    pub ready: bool,
+    /// The backing pod's uid, when it is a workload the mesh knows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload_uid: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    /// `<name>.<namespace>.svc.<cluster domain>`: how telemetry names the service.
+    pub hostname: String,
+    /// Canonical addresses (IPv4-mapped IPv6 turned into IPv4).
+    pub vips: Vec<IpAddr>,
+    /// TCP ports only: the proxy carries nothing else.
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Endpoint>,
+    /// Prefer endpoints on this node, then in this zone.
+    pub prefer_close: bool,
+    /// The waypoint traffic to the virtual IPs goes through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
+    /// Round-robin cursor; each service owns its own.
+    #[serde(skip)]
+    cursor: AtomicUsize,
+}
+
+impl Service {
+    pub fn new(
+        name: String,
+        namespace: String,
+        vips: Vec<IpAddr>,
+        ports: Vec<ServicePort>,
+        endpoints: Vec<Endpoint>,
+        prefer_close: bool,
+    ) -> Self {
+        Self {
+            hostname: format!("{name}.{namespace}.svc.{CLUSTER_DOMAIN}"),
+            name,
+            namespace,
+            vips,
+            ports,
+            endpoints,
+            prefer_close,
+            waypoint: None,
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// The same service, sent through `waypoint`.
+    pub fn with_waypoint(mut self, waypoint: Option<WaypointRef>) -> Self {
+        self.waypoint = waypoint;
+        self
+    }
+
+    /// The service port a connection to `port` on a VIP uses, if the service defines it.
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+
+    /// Ready endpoints in the order to try them. Each call advances the service's cursor, so
+    /// consecutive connections start at consecutive endpoints. With `prefer_close`, the
+    /// endpoints on `local_node` come first, then those in `local_zone`, then the rest, each
+    /// tier rotated by the cursor.
+    pub fn candidates(&self, local_node: &str, local_zone: Option<&str>) -> Vec<&Endpoint> {
+        let mut ready: Vec<&Endpoint> = self.endpoints.iter().filter(|e| e.ready).collect();
+        if ready.is_empty() {
+            return ready;
+        }
+        let turn = self.cursor.fetch_add(1, Ordering::Relaxed);
+        if !self.prefer_close {
+            let len = ready.len();
+            ready.rotate_left(turn % len);
+            return ready;
+        }
+        let local_zone = local_zone.filter(|z| !z.is_empty());
+        let tier = |e: &Endpoint| {
+            if !local_node.is_empty() && e.node == local_node {
+                0
+            } else if local_zone.is_some_and(|z| e.zone == z) {
+                1
+            } else {
+                2
+            }
+        };
+        // Stable: endpoints keep their relative order within a tier before the rotation.
+        ready.sort_by_key(|e| tier(e));
+        let mut start = 0;
+        while start < ready.len() {
+            let this = tier(ready[start]);
+            let len = ready[start..]
+                .iter()
+                .take_while(|e| tier(e) == this)
+                .count();
+            ready[start..start + len].rotate_left(turn % len);
+            start += len;
+        }
+        ready
+    }
+}
+
+/// Addresses a service may never resolve to or be reached at: the proxy dials endpoints from
+/// the node, so a loopback or link-local endpoint would hand pods the node's own local
+/// services (the admin port among them).
+fn routable(ip: IpAddr) -> bool {
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    !(ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || link_local)
+}
+
+fn port(value: u32, field: &str) -> Result<u16, ResourceError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad(field, format!("{value} is not a port")))
+}
+
+impl TryFrom<&api::Service> for Service {
+    type Error = ResourceError;
+
+    fn try_from(s: &api::Service) -> Result<Self, Self::Error> {
+        check_label("name", &s.name)?;
+        check_label("namespace", &s.namespace)?;
+        let address = |field: String, text: &str| -> Result<IpAddr, ResourceError> {
+            let ip = text
+                .parse::<IpAddr>()
+                .map(canonical)
+                .map_err(|_| bad(field.clone(), format!("{text:?} is not an IP address")))?;
+            if routable(ip) {
+                Ok(ip)
+            } else {
+                Err(bad(
+                    field,
+                    format!("{ip} is not a routable unicast address"),
+                ))
+            }
+        };
+        let mut vips = Vec::with_capacity(s.vips.len());
+        for (i, text) in s.vips.iter().enumerate() {
+            let ip = address(format!("vips[{i}]"), text)?;
+            if !vips.contains(&ip) {
+                vips.push(ip);
+            }
+        }
+        let mut ports = Vec::with_capacity(s.ports.len());
+        for (i, p) in s.ports.iter().enumerate() {
+            if !(p.protocol.is_empty() || p.protocol.eq_ignore_ascii_case("TCP")) {
+                continue;
+            }
+            ports.push(ServicePort {
+                name: p.name.clone(),
+                port: port(p.port, &format!("ports[{i}].port"))?,
+                // 0: a named target port no EndpointSlice has resolved yet.
+                target_port: match p.target_port {
+                    0 => None,
+                    n => Some(port(n, &format!("ports[{i}].target_port"))?),
+                },
+            });
+        }
+        let mut endpoints = Vec::with_capacity(s.endpoints.len());
+        for (i, e) in s.endpoints.iter().enumerate() {
+            endpoints.push(Endpoint {
+                ip: address(format!("endpoints[{i}].ip"), &e.ip)?,
+                node: e.node.clone(),
+                zone: e.zone.clone(),
+                ready: e.ready,
+                workload_uid: (!e.workload_uid.is_empty()).then(|| e.workload_uid.clone()),
+            });
+        }
+        Ok(Service::new(
+            s.name.clone(),
+            s.namespace.clone(),
+            vips,
+            ports,
+            endpoints,
+            s.prefer_close,
+        )
+        .with_waypoint(waypoint::optional_ref(&s.waypoint)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(ip: &str, node: &str, zone: &str, ready: bool) -> Endpoint {
+        Endpoint {
+            ip: ip.parse().expect("ip"),
+            node: node.into(),
+            zone: zone.into(),
+            ready,
+            workload_uid: None,
+        }
+    }
+
+    fn service(endpoints: Vec<Endpoint>, prefer_close: bool) -> Service {
+        Service::new(
+            "web".into(),
+            "shop".into(),
+            vec!["10.96.0.10".parse().expect("ip")],
+            vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                target_port: Some(8080),
+            }],
+            endpoints,
+            prefer_close,
+        )
+    }
+
+    fn order(svc: &Service, node: &str, zone: Option<&str>) -> Vec<String> {
+        svc.candidates(node, zone)
+            .iter()
+            .map(|e| e.ip.to_string())
+            .collect()
+    }
+
+    /// How many times each address came first over `calls` calls.
+    fn firsts(svc: &Service, calls: usize, node: &str, zone: Option<&str>) -> Vec<(String, usize)> {
+        let mut counts = std::collections::BTreeMap::new();
+        for _ in 0..calls {
+            if let Some(first) = order(svc, node, zone).into_iter().next() {
+                *counts.entry(first).or_insert(0) += 1;
+            }
+        }
+        counts.into_iter().collect()
+    }
+
+    #[test]
+    fn prefer_close_orders_this_node_then_this_zone_and_skips_unready() {
+        let svc = service(
+            vec![
+                endpoint("10.0.2.1", "far", "b", true),
+                endpoint("10.0.1.1", "near", "a", true),
+                endpoint("10.0.0.1", "here", "a", true),
+                endpoint("10.0.0.2", "here", "a", false),
+            ],
+            true,
+        );
+        assert_eq!(
+            order(&svc, "here", Some("a")),
+            ["10.0.0.1", "10.0.1.1", "10.0.2.1"]
+        );
+        // Without a zone, only the node counts: the rest form one tier.
+        let o = order(&svc, "near", None);
+        assert_eq!(o[0], "10.0.1.1");
+        let mut rest = o[1..].to_vec();
+        rest.sort();
+        assert_eq!(rest, ["10.0.0.1", "10.0.2.1"]);
+        assert_eq!(svc.port(80).and_then(|p| p.target_port), Some(8080));
+        assert!(svc.port(81).is_none());
+    }
+
+    #[test]
+    fn prefer_close_rotates_within_each_tier() {
+        let svc = service(
+            vec![
+                endpoint("10.0.0.1", "here", "a", true),
+                endpoint("10.0.0.2", "here", "a", true),
+                endpoint("10.0.1.1", "far", "b", true),
+                endpoint("10.0.1.2", "far", "b", true),
+            ],
+            true,
+        );
+        assert_eq!(
+            firsts(&svc, 10, "here", Some("a")),
+            [("10.0.0.1".to_owned(), 5), ("10.0.0.2".to_owned(), 5)],
+            "load spreads over this node's endpoints, and only them"
+        );
+        for _ in 0..4 {
+            let o = order(&svc, "here", Some("a"));
+            let mut near = o[..2].to_vec();
+            near.sort();
+            assert_eq!(near, ["10.0.0.1", "10.0.0.2"], "{o:?}");
+        }
+        // The fallback tier rotates too, so retries spread.
+        let fallbacks: std::collections::BTreeSet<String> = (0..4)
+            .map(|_| order(&svc, "other", Some("b"))[2].clone())
+            .collect();
+        assert_eq!(
+            fallbacks.into_iter().collect::<Vec<_>>(),
+            ["10.0.0.1", "10.0.0.2"]
+        );
+    }
+
+    #[test]
+    fn without_prefer_close_every_ready_endpoint_takes_its_turn() {
+        let svc = service(
+            vec![
+                endpoint("10.0.0.1", "here", "a", true),
+                endpoint("10.0.1.1", "far", "b", true),
+                endpoint("10.0.2.1", "farther", "c", true),
+                endpoint("10.0.0.9", "here", "a", false),
+            ],
+            false,
+        );
+        assert_eq!(
+            firsts(&svc, 9, "here", Some("a")),
+            [
+                ("10.0.0.1".to_owned(), 3),
+                ("10.0.1.1".to_owned(), 3),
+                ("10.0.2.1".to_owned(), 3)
+            ],
+            "locality is ignored unless the service asks for it"
+        );
+        let o = order(&svc, "here", Some("a"));
+        assert_eq!(o.len(), 3, "unready endpoints are never candidates");
+        assert!(
+            service(vec![endpoint("10.0.0.1", "n1", "", false)], false)
+                .candidates("n1", None)
+                .is_empty()
+        );
+    }
+
+    fn wire() -> api::Service {
+        api::Service {
+            name: "web".into(),
+            namespace: "shop".into(),
+            vips: vec!["10.96.0.10".into(), "fd00:96::10".into()],
+            ports: vec![
+                api::ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    target_port: 8080,
+                    protocol: "TCP".into(),
+                },
+                api::ServicePort {
+                    name: "dns".into(),
+                    port: 53,
+                    target_port: 53,
+                    protocol: "UDP".into(),
+                },
+                api::ServicePort {
+                    name: "grpc".into(),
+                    port: 9000,
+                    target_port: 0,
+                    protocol: String::new(),
+                },
+            ],
+            endpoints: vec![api::Endpoint {
+                workload_uid: "u1".into(),
+                ip: "::ffff:10.0.0.1".into(),
+                node: "n1".into(),
+                zone: String::new(),
+                ready: true,
+            }],
+            prefer_close: true,
+            waypoint: String::new(),
+        }
+    }
+
+    #[test]
+    fn wire_services_convert() {
+        let svc = Service::try_from(&wire()).expect("valid");
+        assert_eq!(svc.hostname, "web.shop.svc.cluster.local");
+        assert_eq!(
+            svc.vips,
+            vec![
+                "10.96.0.10".parse::<IpAddr>().expect("ip"),
+                "fd00:96::10".parse::<IpAddr>().expect("ip")
+            ]
+        );
+        let ports: Vec<_> = svc.ports.iter().map(|p| (p.port, p.target_port)).collect();
+        assert_eq!(
+            ports,
+            [(80, Some(8080)), (9000, None)],
+            "UDP is dropped; an unresolved named port is kept unresolved"
+        );
+        assert_eq!(svc.endpoints[0].ip.to_string(), "10.0.0.1");
+        assert_eq!(svc.endpoints[0].workload_uid.as_deref(), Some("u1"));
+        assert!(svc.prefer_close);
+    }
+
+    #[test]
+    fn malformed_services_name_the_field() {
+        let field = |edit: &dyn Fn(&mut api::Service)| {
+            let mut s = wire();
+            edit(&mut s);
+            Service::try_from(&s).expect_err("must be rejected").field
+        };
+        assert_eq!(field(&|s| s.name = "web.v2".into()), "name");
+        assert_eq!(field(&|s| s.namespace.clear()), "namespace");
+        assert_eq!(field(&|s| s.vips.push("web.shop".into())), "vips[2]");
+        assert_eq!(field(&|s| s.vips[0] = "0.0.0.0".into()), "vips[0]");
+        assert_eq!(field(&|s| s.ports[0].port = 0), "ports[0].port");
+        assert_eq!(
+            field(&|s| s.ports[0].target_port = 70000),
+            "ports[0].target_port"
+        );
+        for ip in [
+            "127.0.0.1",
+            "::1",
+            "169.254.169.254",
+            "fe80::1",
+            "not-an-ip",
+        ] {
+            assert_eq!(
+                field(&|s| s.endpoints[0].ip = ip.into()),
+                "endpoints[0].ip",
+                "{ip}"
+            );
+        }
+    }
+}

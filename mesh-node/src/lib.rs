@@ -13,12 +13,13 @@
 //!   reads, and its parts (workloads, services, waypoints, nodes) converted at the boundary.
 //! - [`policy`]: authorization policies and the per-connection decision.
 //! - [`proxy`]: the node proxy's listeners: inbound, outbound, the HBONE pool, copying.
-//! - [`hbone`]: the HBONE wire both ends agree on.
+//! - [`hbone`]: the HBONE wire both ends agree on, driven on `h2`: handshakes, CONNECT
+//!   streams (resets stay resets), keepalive, the control-frame flood guard.
 //! - [`identity`], [`tls`]: SPIFFE identities, certificates and their store, TLS for HBONE.
 //! - [`config`]: the agent's and the waypoint's configuration files.
 //! - [`ebpf`], [`sock_diag`]: the kernel datapath and aborting sockets through sock_diag.
 //! - [`admin`], [`metrics`]: the admin surfaces (health, readiness, metrics, config dump) and
-//!   the metrics they serve.
+//!   the metrics they serve, with [`metrics::FailureReason`], the failure reason label set.
 //! - [`accept`], [`log_limit`]: what every listener does with failed accepts and floods of
 //!   refusals.
 //! - [`k8s`]: the Kubernetes contract: every label, class name, API group and field manager the
@@ -46,7 +47,3 @@ pub mod sock_diag;
 pub mod state;
 pub mod tls;
 pub mod waypoint;
-
-/// The workload part of the mesh state under its former path, which the node proxy's files
-/// still name in place.
-pub use state::workload;

@@ -55,6 +55,9 @@ label_values!(Reporter { Source => "source", Destination => "destination", Waypo
 label_values!(SecurityPolicy { MutualTls => "mutual_tls", None => "none" });
 label_values!(Direction { Inbound => "inbound", Outbound => "outbound" });
 
+mod failure;
+pub use failure::FailureReason;
+
 /// Istio's standard TCP labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
@@ -126,7 +129,7 @@ impl TcpLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
     pub direction: Direction,
-    pub reason: &'static str,
+    pub reason: FailureReason,
 }
 
 /// Where the datapath's counters come from at scrape time.
@@ -240,7 +243,7 @@ impl Metrics {
         ActiveGuard(gauge)
     }
 
-    pub fn fail(&self, direction: Direction, reason: &'static str) {
+    pub fn fail(&self, direction: Direction, reason: FailureReason) {
         self.failures
             .get_or_create(&FailureLabels { direction, reason })
             .inc();

@@ -18,7 +18,7 @@ use crate::{
     config::UnknownDestination,
     identity::{CertStore, Identity},
     log_limit::{AccessLogLimit, LogSource},
-    metrics::{Direction, DirectionLabels, Metrics},
+    metrics::{Direction, DirectionLabels, FailureReason, Metrics},
     state::{MeshState, Workload},
 };
 
@@ -122,7 +122,7 @@ pub async fn accept_loop<F, Fut>(
             }
             Err(e) => {
                 // Out of file descriptors or memory: shed load instead of spinning.
-                inputs.metrics.fail(direction, "accept");
+                inputs.metrics.fail(direction, FailureReason::Accept);
                 backoff.failed(&e).await;
             }
         }

@@ -51,8 +51,6 @@ use crate::{
 };
 
 use crate::config::waypoint::{Limits, WaypointConfig};
-// The L7 model as the runtime's files name it (`super::resilience`).
-use crate::l7::resilience;
 use l7::{L7, Rejections};
 
 #[derive(Debug, thiserror::Error)]

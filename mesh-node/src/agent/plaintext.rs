@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     ebpf::{InboundMtls, PodCgroup},
-    metrics::{Direction, Metrics},
+    metrics::{Direction, FailureReason, Metrics},
     sock_diag::{self, SockDiagError, TCP_LISTEN},
     state::{MeshState, canonical},
 };
@@ -55,7 +55,7 @@ pub async fn run(
                     Ok(Ok(0)) => {}
                     Ok(Ok(aborted)) => {
                         for _ in 0..aborted {
-                            metrics.fail(Direction::Inbound, "plaintext_revoked");
+                            metrics.fail(Direction::Inbound, FailureReason::PlaintextRevoked);
                         }
                         tracing::info!(
                             cgroup = path,

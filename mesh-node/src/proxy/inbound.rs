@@ -37,7 +37,7 @@ use crate::{
         server::{Next, Server},
     },
     identity::{Identity, store::certificate_serial},
-    metrics::{Direction, Reporter, SecurityPolicy, TcpLabels},
+    metrics::{Direction, FailureReason, Reporter, SecurityPolicy, TcpLabels},
     policy::{Destination, Flow},
     state::MeshState,
     tls,
@@ -114,14 +114,14 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
     let tls = match tokio::time::timeout(inputs.settings.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            return refuse_connection(&inputs, client, started, "tls_handshake", e);
+            return refuse_connection(&inputs, client, started, FailureReason::TlsHandshake, e);
         }
         Err(_) => {
             return refuse_connection(
                 &inputs,
                 client,
                 started,
-                "handshake_timeout",
+                FailureReason::HandshakeTimeout,
                 "TLS handshake not completed in time".into(),
             );
         }
@@ -143,7 +143,7 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
             &inputs,
             client,
             started,
-            "tls_handshake",
+            FailureReason::TlsHandshake,
             "no verified identity after handshake".into(),
         );
     };
@@ -210,7 +210,9 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
 /// Counts and logs a connection closed for sending no CONNECT in time.
 fn idle_ended(peer: &Peer, started: Instant) {
     let inputs = &peer.inputs;
-    inputs.metrics.fail(Direction::Inbound, "idle_connection");
+    inputs
+        .metrics
+        .fail(Direction::Inbound, FailureReason::IdleConnection);
     AccessLog {
         src_identity: Some(&peer.identity),
         src_cert_serial: Some(&peer.cert_serial),
@@ -227,7 +229,9 @@ fn idle_ended(peer: &Peer, started: Instant) {
 /// HTTP/2 control frames.
 fn flood_ended(peer: &Peer, started: Instant) {
     let inputs = &peer.inputs;
-    inputs.metrics.fail(Direction::Inbound, "http2_flood");
+    inputs
+        .metrics
+        .fail(Direction::Inbound, FailureReason::Http2Flood);
     AccessLog {
         src_identity: Some(&peer.identity),
         src_cert_serial: Some(&peer.cert_serial),
@@ -289,7 +293,7 @@ fn refuse_connection(
     inputs: &ProxyInputs,
     client: ClientAddr,
     started: Instant,
-    reason: &'static str,
+    reason: FailureReason,
     error: String,
 ) {
     inputs.metrics.fail(Direction::Inbound, reason);
@@ -312,7 +316,7 @@ impl Peer {
                 &mut respond,
                 started,
                 StatusCode::BAD_REQUEST,
-                "bad_method",
+                FailureReason::BadMethod,
                 format!("method {} is not CONNECT", req.method()),
             );
         }
@@ -323,7 +327,7 @@ impl Peer {
                     &mut respond,
                     started,
                     StatusCode::BAD_REQUEST,
-                    "bad_authority",
+                    FailureReason::BadAuthority,
                     e.to_string(),
                 );
             }
@@ -340,7 +344,7 @@ impl Peer {
                     &mut respond,
                     started,
                     StatusCode::BAD_REQUEST,
-                    "not_local",
+                    FailureReason::NotLocal,
                     format!("{dst} is not a pod on this node"),
                 );
             }
@@ -350,7 +354,7 @@ impl Peer {
                 &mut respond,
                 started,
                 StatusCode::BAD_REQUEST,
-                "identity_mismatch",
+                FailureReason::IdentityMismatch,
                 format!(
                     "{dst} runs as {}, but this connection was opened for {}",
                     target.identity, self.presented
@@ -375,7 +379,7 @@ impl Peer {
                 &mut respond,
                 started,
                 StatusCode::UNAUTHORIZED,
-                "waypoint_bypass",
+                FailureReason::WaypointBypass,
                 format!("to {dst} ({}/{}): {bypass}", target.namespace, target.name),
             );
         }
@@ -398,7 +402,7 @@ impl Peer {
                 &mut respond,
                 started,
                 StatusCode::UNAUTHORIZED,
-                "policy_denied",
+                FailureReason::PolicyDenied,
                 format!(
                     "to {dst} ({}/{}): {decision}",
                     target.namespace, target.name
@@ -426,7 +430,7 @@ impl Peer {
                     &mut respond,
                     started,
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream_unreachable",
+                    FailureReason::UpstreamUnreachable,
                     format!("cannot connect to {dst}: {e}"),
                 );
             }
@@ -450,12 +454,16 @@ impl Peer {
                     Some(Ok(())) => None,
                     Some(Err(e)) => {
                         if e.kind() == std::io::ErrorKind::TimedOut {
-                            inputs.metrics.fail(Direction::Inbound, "idle_timeout");
+                            inputs
+                                .metrics
+                                .fail(Direction::Inbound, FailureReason::IdleTimeout);
                         }
                         Some(e.to_string())
                     }
                     None => {
-                        inputs.metrics.fail(Direction::Inbound, "policy_revoked");
+                        inputs
+                            .metrics
+                            .fail(Direction::Inbound, FailureReason::PolicyRevoked);
                         Some(match registration.revoked() {
                             Some(decision) => {
                                 format!("policy_revoked: closed after a policy change: {decision}")
@@ -514,7 +522,7 @@ impl Peer {
         respond: &mut SendResponse<Bytes>,
         started: Instant,
         status: StatusCode,
-        reason: &'static str,
+        reason: FailureReason,
         error: String,
     ) {
         self.inputs.metrics.fail(Direction::Inbound, reason);

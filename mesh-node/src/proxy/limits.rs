@@ -9,6 +9,7 @@
 //! under the descriptor limit for the admin, readiness and metrics listeners, HBONE
 //! connections and the control plane.
 
+use crate::metrics::FailureReason;
 use std::{
     collections::HashMap,
     sync::{
@@ -52,11 +53,11 @@ pub enum LimitError {
 
 impl LimitError {
     /// The `reason` label of `trellis_connection_failures_total`.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> FailureReason {
         match self {
-            Self::Node { .. } => "connection_limit",
-            Self::Pod { .. } => "pod_connection_limit",
-            Self::Handshakes { .. } => "handshake_limit",
+            Self::Node { .. } => FailureReason::ConnectionLimit,
+            Self::Pod { .. } => FailureReason::PodConnectionLimit,
+            Self::Handshakes { .. } => FailureReason::HandshakeLimit,
         }
     }
 }
@@ -169,7 +170,7 @@ impl Limits {
         };
         if let Some(suppressed) = log.allow() {
             tracing::warn!(
-                reason = error.reason(),
+                reason = error.reason().as_str(),
                 suppressed,
                 "connection refused: {error}"
             );

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     config::UnknownDestination,
-    metrics::{Direction, Reporter, SecurityPolicy, TcpLabels},
+    metrics::{Direction, FailureReason, Reporter, SecurityPolicy, TcpLabels},
 };
 
 mod resolve;
@@ -37,14 +37,14 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
     let Some((dst, cgroup)) = inputs.original_dst.lookup(client) else {
         let error = "no original destination recorded: connection was not redirected by the \
                      datapath";
-        let reason = "no_original_destination";
+        let reason = FailureReason::NoOriginalDestination;
         return refuse(&inputs, log, stream, reason, error.into());
     };
     log.dst_addr = Some(dst.0);
     let state = inputs.state.load_full();
     let Some(src) = state.workload_by_cgroup(cgroup).cloned() else {
         let error = format!("connection from cgroup {cgroup}, which belongs to no local workload");
-        return refuse(&inputs, log, stream, "unknown_source", error);
+        return refuse(&inputs, log, stream, FailureReason::UnknownSource, error);
     };
     log.src_workload = Some(&src);
     log.src_identity = Some(&src.identity);
@@ -176,7 +176,7 @@ fn refuse(
     inputs: &ProxyInputs,
     mut log: AccessLog<'_>,
     stream: TcpStream,
-    reason: &'static str,
+    reason: FailureReason,
     error: String,
 ) {
     inputs.metrics.fail(Direction::Outbound, reason);
@@ -187,11 +187,14 @@ fn refuse(
 
 /// The metrics reason and the error for a connection none of whose candidates opened. A
 /// direct destination reports its one attempt as it is; a service names every attempt.
-fn failure(service: Option<&str>, failed: &[Attempt]) -> (&'static str, String) {
+fn failure(service: Option<&str>, failed: &[Attempt]) -> (FailureReason, String) {
     let Some(service) = service else {
         return match failed {
             [only] => (only.reason, only.error.clone()),
-            _ => ("upstream_unreachable", "no candidate to connect to".into()),
+            _ => (
+                FailureReason::UpstreamUnreachable,
+                "no candidate to connect to".into(),
+            ),
         };
     };
     let tried = failed
@@ -204,7 +207,7 @@ fn failure(service: Option<&str>, failed: &[Attempt]) -> (&'static str, String) 
         // Stopped at an answer every endpoint would give: that is the reason.
         Some(last) if !last.retry => (last.reason, format!("service {service}: {tried}")),
         _ => (
-            "endpoints_unreachable",
+            FailureReason::EndpointsUnreachable,
             format!("service {service}: no endpoint connected: {tried}"),
         ),
     }
@@ -234,7 +237,9 @@ async fn copy_tcp(
         Some(Ok(())) => None,
         Some(Err(e)) => Some(failed_copy(inputs, &e)),
         None => {
-            inputs.metrics.fail(Direction::Outbound, "policy_revoked");
+            inputs
+                .metrics
+                .fail(Direction::Outbound, FailureReason::PolicyRevoked);
             Some(match registration.and_then(Registration::revoked) {
                 Some(decision) => {
                     format!("policy_revoked: closed after a policy change: {decision}")
@@ -256,7 +261,9 @@ async fn copy_tcp(
 /// Counts a copy that ended in error and renders it for the access log.
 fn failed_copy(inputs: &ProxyInputs, e: &std::io::Error) -> String {
     if e.kind() == std::io::ErrorKind::TimedOut {
-        inputs.metrics.fail(Direction::Outbound, "idle_timeout");
+        inputs
+            .metrics
+            .fail(Direction::Outbound, FailureReason::IdleTimeout);
     }
     e.to_string()
 }
@@ -525,9 +532,9 @@ mod tests {
             addr: SocketAddr::from((ip, 8080)),
             route: None,
             reason: if retry {
-                "upstream_unreachable"
+                FailureReason::UpstreamUnreachable
             } else {
-                "denied"
+                FailureReason::Denied
             },
             error: error.into(),
             retry,
@@ -539,7 +546,7 @@ mod tests {
                 attempt([10, 0, 0, 2], "timed out", true),
             ],
         );
-        assert_eq!(reason, "endpoints_unreachable");
+        assert_eq!(reason, FailureReason::EndpointsUnreachable);
         assert_eq!(
             error,
             "service web.shop.svc.cluster.local: no endpoint connected: attempt 1 to \
@@ -550,12 +557,12 @@ mod tests {
             Some("web.shop.svc.cluster.local"),
             &[attempt([10, 0, 0, 1], "401", false)],
         );
-        assert_eq!(reason, "denied");
+        assert_eq!(reason, FailureReason::Denied);
         // A direct destination keeps its own reason and message.
         let (reason, error) = failure(None, &[attempt([10, 0, 0, 1], "refused", true)]);
         assert_eq!(
             (reason, error.as_str()),
-            ("upstream_unreachable", "refused")
+            (FailureReason::UpstreamUnreachable, "refused")
         );
     }
 }

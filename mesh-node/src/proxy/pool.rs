@@ -40,6 +40,7 @@ use super::{ClientAddr, HboneAddr, OriginalDst, read_ahead::ReadAhead};
 use crate::{
     hbone::{self, H2Stream, client::ConnectError},
     identity::{CertStore, Identity, store::WorkloadCert},
+    metrics::FailureReason,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -77,14 +78,16 @@ pub enum PoolError {
 
 impl PoolError {
     /// Short reason for metrics.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> FailureReason {
         match self {
-            PoolError::NoCertificate(_) => "no_certificate",
-            PoolError::Connect { .. } => "hbone_connect",
-            PoolError::Tls { .. } | PoolError::Alpn(_) => "hbone_tls",
-            PoolError::Handshake { .. } | PoolError::Request { .. } => "hbone_protocol",
-            PoolError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => "denied",
-            PoolError::Status { .. } => "hbone_status",
+            PoolError::NoCertificate(_) => FailureReason::NoCertificate,
+            PoolError::Connect { .. } => FailureReason::HboneConnect,
+            PoolError::Tls { .. } | PoolError::Alpn(_) => FailureReason::HboneTls,
+            PoolError::Handshake { .. } | PoolError::Request { .. } => FailureReason::HboneProtocol,
+            PoolError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => {
+                FailureReason::Denied
+            }
+            PoolError::Status { .. } => FailureReason::HboneStatus,
         }
     }
 }

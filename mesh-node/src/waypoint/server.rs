@@ -29,7 +29,7 @@ use crate::{
         server::{Next, Server},
     },
     identity::Identity,
-    metrics::Direction,
+    metrics::{Direction, FailureReason},
     proxy::{AccessLog, ClientAddr},
     tls,
 };
@@ -51,7 +51,7 @@ pub async fn handle(inputs: Arc<WaypointInputs>, stream: TcpStream, client: Clie
                 client.0,
                 None,
                 started,
-                "tls_handshake",
+                FailureReason::TlsHandshake,
                 format!("TLS handshake failed: {e}"),
             );
         }
@@ -61,7 +61,7 @@ pub async fn handle(inputs: Arc<WaypointInputs>, stream: TcpStream, client: Clie
                 client.0,
                 None,
                 started,
-                "handshake_timeout",
+                FailureReason::HandshakeTimeout,
                 "TLS handshake not completed in time".into(),
             );
         }
@@ -72,7 +72,7 @@ pub async fn handle(inputs: Arc<WaypointInputs>, stream: TcpStream, client: Clie
             client.0,
             None,
             started,
-            "tls_handshake",
+            FailureReason::TlsHandshake,
             "no verified identity after handshake".into(),
         );
     };
@@ -98,7 +98,7 @@ pub async fn handle(inputs: Arc<WaypointInputs>, stream: TcpStream, client: Clie
                 client.0,
                 Some(&peer),
                 started,
-                "handshake_timeout",
+                FailureReason::HandshakeTimeout,
                 error,
             );
         }
@@ -138,7 +138,14 @@ fn flood_ended(inputs: &WaypointInputs, addr: SocketAddr, peer: &Identity, start
         flood::MAX_CONTROL_FRAMES,
         flood::WINDOW
     );
-    refuse(inputs, addr, Some(peer), started, "http2_flood", error);
+    refuse(
+        inputs,
+        addr,
+        Some(peer),
+        started,
+        FailureReason::Http2Flood,
+        error,
+    );
 }
 
 /// One CONNECT: classify, then serve HTTP on the tunnel (a task of its own), or refuse it.
@@ -150,24 +157,24 @@ fn tunnel(
     mut respond: SendResponse<Bytes>,
 ) {
     let started = Instant::now();
-    let mut refused = |reason: &'static str, error: String| {
+    let mut refused = |reason: FailureReason, error: String| {
         refuse(inputs, peer_addr, Some(peer), started, reason, error);
         hbone::server::respond(&mut respond, StatusCode::BAD_REQUEST);
     };
     if req.method() != Method::CONNECT {
         return refused(
-            "bad_method",
+            FailureReason::BadMethod,
             format!("method {} is not CONNECT", req.method()),
         );
     }
     let dst = match hbone::parse_authority(req.uri().authority().map(|a| a.as_str())) {
         Ok(dst) => dst,
-        Err(e) => return refused("bad_authority", e.to_string()),
+        Err(e) => return refused(FailureReason::BadAuthority, e.to_string()),
     };
     let mesh = inputs.mesh.load_full();
     let Some(target) = Target::classify(&mesh, &inputs.me, dst) else {
         return refused(
-            "not_served",
+            FailureReason::NotServed,
             format!("{dst} does not use waypoint {}", inputs.me),
         );
     };
@@ -232,7 +239,7 @@ async fn serve_http(downstream: Arc<Downstream>, tunnel: TokioIo<H2Io>) {
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(e) = result {
-                    downstream.inputs.metrics.fail(Direction::Inbound, "http_protocol");
+                    downstream.inputs.metrics.fail(Direction::Inbound, FailureReason::HttpProtocol);
                     tracing::info!(target: "access", client = %downstream.client_addr, identity = %downstream.peer, error = %e, "client HTTP connection ended with a protocol error");
                 }
                 return;
@@ -251,7 +258,7 @@ fn refuse(
     addr: SocketAddr,
     identity: Option<&Identity>,
     started: Instant,
-    reason: &'static str,
+    reason: FailureReason,
     error: String,
 ) {
     inputs.metrics.fail(Direction::Inbound, reason);

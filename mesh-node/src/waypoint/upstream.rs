@@ -36,11 +36,8 @@ use crate::{
     state::MeshState,
 };
 
-use super::{
-    body::Body,
-    l7::L7,
-    resilience::{ConnectionPermit, Overflow},
-};
+use super::{body::Body, l7::L7};
+use crate::l7::resilience::{ConnectionPermit, Overflow};
 
 /// How long an idle upstream connection is kept for reuse.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);

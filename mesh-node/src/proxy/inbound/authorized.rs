@@ -105,7 +105,7 @@ impl Authorized {
         let Ok(open) = self.open.lock() else { return 0 };
         let engine = state.policy();
         // Destinations are this node's pods.
-        let local: HashMap<&str, &crate::workload::Workload> = state
+        let local: HashMap<&str, &crate::state::workload::Workload> = state
             .workloads()
             .iter()
             .filter(|w| state.is_local(w))

@@ -20,6 +20,7 @@ use std::{
 
 use super::super::HboneAddr;
 use crate::{
+    metrics::FailureReason,
     state::service::Service,
     state::{
         MeshState, Workload,
@@ -111,13 +112,13 @@ pub enum ResolveError {
 
 impl ResolveError {
     /// Short reason for metrics.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> FailureReason {
         match self {
-            ResolveError::UndefinedPort { .. } => "unknown_service_port",
+            ResolveError::UndefinedPort { .. } => FailureReason::UnknownServicePort,
             ResolveError::UnresolvedTargetPort { .. } | ResolveError::NoReadyEndpoint { .. } => {
-                "no_ready_endpoint"
+                FailureReason::NoReadyEndpoint
             }
-            ResolveError::NoReadyWaypoint { .. } => "no_ready_waypoint",
+            ResolveError::NoReadyWaypoint { .. } => FailureReason::NoReadyWaypoint,
         }
     }
 

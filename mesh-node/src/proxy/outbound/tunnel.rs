@@ -26,6 +26,7 @@ use super::{
 };
 use crate::{
     identity::Identity,
+    metrics::FailureReason,
     policy::{Destination, Flow},
     state::{MeshState, Workload, canonical, waypoint::Waypoint},
 };
@@ -55,7 +56,7 @@ pub struct Attempt {
     /// How it was tried; `None` when it could not be routed at all.
     pub route: Option<Route>,
     /// Short reason for metrics.
-    pub reason: &'static str,
+    pub reason: FailureReason,
     pub error: String,
     /// Whether another endpoint may do better.
     pub retry: bool,
@@ -109,13 +110,13 @@ async fn open(
     let route = route(state, addr).map_err(|e| Attempt {
         addr,
         route: None,
-        reason: "unknown_node",
+        reason: FailureReason::UnknownNode,
         error: e.to_string(),
         retry: true,
     })?;
     let result = match &route {
         Route::Passthrough if !passthrough_allowed => Err((
-            "outside_mesh_denied",
+            FailureReason::OutsideMeshDenied,
             "destination is outside the mesh and outbound.unknown_destination is deny".to_owned(),
             false,
         )),
@@ -151,7 +152,7 @@ async fn local(
     dst: &Workload,
     addr: SocketAddr,
     client: ClientAddr,
-) -> Result<Upstream, (&'static str, String, bool)> {
+) -> Result<Upstream, (FailureReason, String, bool)> {
     // The client's address is the source pod's own (it connected from its namespace); it is
     // a fact only while the pod still holds it.
     let client_ip = canonical(client.0.ip());
@@ -163,7 +164,7 @@ async fn local(
     };
     if let Err(bypass) = state.guards(dst).admit(Some(&src.identity)) {
         let error = format!("to {addr} ({}/{}): {bypass}", dst.namespace, dst.name);
-        return Err(("waypoint_bypass", error, false));
+        return Err((FailureReason::WaypointBypass, error, false));
     }
     let decision = state.policy().decide(&Flow {
         destination: Destination::of(dst),
@@ -173,7 +174,7 @@ async fn local(
     });
     if !decision.is_allowed() {
         let error = format!("to {addr} ({}/{}): {decision}", dst.namespace, dst.name);
-        return Err(("policy_denied", error, false));
+        return Err((FailureReason::PolicyDenied, error, false));
     }
     // Registered before the dial, so a policy change during it is not missed.
     let registration = inputs.authorized.register(grant);
@@ -183,9 +184,9 @@ async fn local(
     }
 }
 
-fn unreachable(addr: SocketAddr, e: &std::io::Error) -> (&'static str, String, bool) {
+fn unreachable(addr: SocketAddr, e: &std::io::Error) -> (FailureReason, String, bool) {
     (
-        "upstream_unreachable",
+        FailureReason::UpstreamUnreachable,
         format!("cannot connect to {addr}: {e}"),
         true,
     )
@@ -199,7 +200,7 @@ async fn hbone(
     node: HboneAddr,
     addr: SocketAddr,
     client: ClientAddr,
-) -> Result<Upstream, (&'static str, String, bool)> {
+) -> Result<Upstream, (FailureReason, String, bool)> {
     inputs
         .pool
         .tunnel(

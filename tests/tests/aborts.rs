@@ -9,9 +9,13 @@
 //!   their connection reset. The dead agent's sockets were armed to reset on its death; the
 //!   surviving agent sees the HBONE connection break and resets its pod.
 //!
-//! Each case runs cross-node (through HBONE) and same-node (the agent relays locally).
+//! Each case runs cross-node (through HBONE) and same-node (the agent relays locally), over
+//! IPv4, IPv6 and IPv4-mapped IPv6 addresses.
 
-use std::time::Duration;
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use mesh_tests::{
     mesh::{Mesh, MeshOptions},
@@ -34,13 +38,41 @@ enum Breaker {
     Agent(usize),
 }
 
+/// How the client addresses the server.
+#[derive(Clone, Copy, Debug)]
+enum Family {
+    V4,
+    V6,
+    /// The server's IPv4 address in IPv4-mapped IPv6 form, from an IPv6 socket.
+    Mapped,
+}
+
+impl Family {
+    fn target(self, server: &Pod, port: u16) -> SocketAddr {
+        let ip = match self {
+            Family::V4 => IpAddr::V4(server.ip4),
+            Family::V6 => IpAddr::V6(server.ip6),
+            Family::Mapped => IpAddr::V6(server.ip4.to_ipv6_mapped()),
+        };
+        SocketAddr::new(ip, port)
+    }
+
+    fn listen(self, port: u16) -> String {
+        match self {
+            Family::V4 => format!("0.0.0.0:{port}"),
+            // Dual-stack: a mapped client arrives as IPv4.
+            Family::V6 | Family::Mapped => format!("[::]:{port}"),
+        }
+    }
+}
+
 /// One transfer from `client` to `server` (port `port`), broken by `breaker`; returns how
 /// the client and the server saw it end.
 fn transfer(
     tb: &Testbed,
     mesh: &mut Mesh<'_>,
-    client: &Pod,
-    server: &Pod,
+    (client, server): (&Pod, &Pod),
+    family: Family,
     port: u16,
     breaker: Breaker,
 ) -> (Value, Value) {
@@ -50,7 +82,7 @@ fn transfer(
         SIDE_TIMEOUT_MS.into(),
         "end-watch".into(),
         "--listen".into(),
-        format!("0.0.0.0:{port}"),
+        family.listen(port),
     ];
     let mut stream = vec![
         "pod-app".to_owned(),
@@ -58,7 +90,7 @@ fn transfer(
         SIDE_TIMEOUT_MS.into(),
         "end-stream".into(),
         "--to".into(),
-        format!("{}:{port}", server.ip4),
+        family.target(server, port).to_string(),
     ];
     match breaker {
         Breaker::Server => watch.extend(["--abort-after".into(), "1M".into()]),
@@ -167,9 +199,12 @@ fn resets_and_crashes_reach_the_other_side_as_resets_never_as_clean_ends() {
             ("reset", "reset"),
         ),
     ];
-    for (i, (case, client, server, breaker, expected)) in cases.into_iter().enumerate() {
-        let port = 7100 + u16::try_from(i).expect("few cases");
-        let ends = transfer(&tb, &mut mesh, client, server, port, breaker);
-        assert_ends(case, &ends, expected);
+    let mut port = 7100;
+    for family in [Family::V4, Family::V6, Family::Mapped] {
+        for (case, client, server, breaker, expected) in cases {
+            port += 1;
+            let ends = transfer(&tb, &mut mesh, (client, server), family, port, breaker);
+            assert_ends(&format!("{case}, {family:?}"), &ends, expected);
+        }
     }
 }

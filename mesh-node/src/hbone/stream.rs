@@ -198,11 +198,11 @@ impl H2Io {
 
 impl Drop for H2Io {
     fn drop(&mut self) {
-        if !self.finished && self.pending.is_empty() {
+        if !self.pending.is_empty() {
+            self.stream.reset();
+        } else if !self.finished {
             // Fails only when the stream is already reset: nothing to end.
             let _ = self.stream.send.finish();
-        } else if !self.pending.is_empty() {
-            self.stream.reset();
         }
     }
 }

@@ -10,146 +10,25 @@
 //! pods carry container specs, managed fields and annotations many times larger than what the
 //! mesh needs, and the controller keeps every object in memory. Both the directory and the
 //! Kubernetes source use this one type and this one stripping, so they cannot disagree.
+//!
+//! The kinds are in [`kind`], the stripping in [`strip`].
 
 use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::{
     api::{
-        core::v1::{
-            Namespace, Node, NodeAddress, NodeStatus, Pod, PodSpec, PodStatus, Service, ServiceSpec,
-        },
+        core::v1::{Namespace, Node, Pod, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use crate::{
-    k8s::{GATEWAY_API_VERSION, TRAFFIC_API_VERSION, ZONE_LABEL},
-    policy::{AuthorizationPolicy, PeerAuthentication, PolicyKind, RequestAuthentication},
-};
+use crate::policy::{AuthorizationPolicy, PeerAuthentication, PolicyKind, RequestAuthentication};
 
-/// The kinds of object the mesh reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    Namespace,
-    Pod,
-    Service,
-    EndpointSlice,
-    Node,
-    AuthorizationPolicy,
-    PeerAuthentication,
-    RequestAuthentication,
-    Gateway,
-    HttpRoute,
-    GrpcRoute,
-    TrafficPolicy,
-}
+mod kind;
+mod strip;
 
-impl Kind {
-    pub const ALL: [Kind; 12] = [
-        Kind::Namespace,
-        Kind::Pod,
-        Kind::Service,
-        Kind::EndpointSlice,
-        Kind::Node,
-        Kind::AuthorizationPolicy,
-        Kind::PeerAuthentication,
-        Kind::RequestAuthentication,
-        Kind::Gateway,
-        Kind::HttpRoute,
-        Kind::GrpcRoute,
-        Kind::TrafficPolicy,
-    ];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Kind::Namespace => "Namespace",
-            Kind::Pod => "Pod",
-            Kind::Service => "Service",
-            Kind::EndpointSlice => "EndpointSlice",
-            Kind::Node => "Node",
-            Kind::AuthorizationPolicy => "AuthorizationPolicy",
-            Kind::PeerAuthentication => "PeerAuthentication",
-            Kind::RequestAuthentication => "RequestAuthentication",
-            Kind::Gateway => "Gateway",
-            Kind::HttpRoute => "HTTPRoute",
-            Kind::GrpcRoute => "GRPCRoute",
-            Kind::TrafficPolicy => "TrafficPolicy",
-        }
-    }
-
-    const fn namespaced(self) -> bool {
-        !matches!(self, Kind::Namespace | Kind::Node)
-    }
-
-    /// Kinds whose CRDs a cluster may not have: their absence means "none of them", never
-    /// an error that holds the rest of the mesh back. The mesh's own security policies are
-    /// not optional: without them, agents and waypoints would run without protection they
-    /// should enforce (a DENY on a token's principal means nothing if tokens go unverified).
-    pub const fn optional(self) -> bool {
-        matches!(
-            self,
-            Kind::Gateway | Kind::HttpRoute | Kind::GrpcRoute | Kind::TrafficPolicy
-        )
-    }
-}
-
-/// The routing kinds: sent, as written, to waypoints only (`route/<kind>/<ns>/<name>`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum RouteKind {
-    Http,
-    Grpc,
-    TrafficPolicy,
-}
-
-impl RouteKind {
-    pub const ALL: [RouteKind; 3] = [RouteKind::Http, RouteKind::Grpc, RouteKind::TrafficPolicy];
-
-    /// The `kind` of the resource, as in manifests and in route keys.
-    pub const fn as_str(self) -> &'static str {
-        self.kind().as_str()
-    }
-
-    pub const fn kind(self) -> Kind {
-        match self {
-            RouteKind::Http => Kind::HttpRoute,
-            RouteKind::Grpc => Kind::GrpcRoute,
-            RouteKind::TrafficPolicy => Kind::TrafficPolicy,
-        }
-    }
-
-    pub const fn api_version(self) -> &'static str {
-        match self {
-            RouteKind::Http | RouteKind::Grpc => GATEWAY_API_VERSION,
-            RouteKind::TrafficPolicy => TRAFFIC_API_VERSION,
-        }
-    }
-
-    /// The resource name in API paths.
-    pub const fn plural(self) -> &'static str {
-        match self {
-            RouteKind::Http => "httproutes",
-            RouteKind::Grpc => "grpcroutes",
-            RouteKind::TrafficPolicy => "trafficpolicies",
-        }
-    }
-
-    pub fn from_kind(kind: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == kind)
-    }
-}
-
-impl std::fmt::Display for RouteKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::fmt::Display for Kind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use kind::{Kind, RouteKind};
 
 /// A policy object: its metadata and its spec, untyped until [`crate::policy::Policy::compile`]
 /// converts it (see [`crate::policy::stored`] for why). Gateways and routing objects are kept
@@ -324,45 +203,6 @@ impl Object {
             _ => format!("{} {name}", self.kind()),
         }
     }
-
-    /// Drops every field the translation does not read (see the module docs).
-    #[must_use]
-    pub fn stripped(self) -> Self {
-        match self {
-            Object::Namespace(ns) => Object::Namespace(Namespace {
-                metadata: strip_meta(ns.metadata, false),
-                ..Namespace::default()
-            }),
-            Object::Pod(pod) => Object::Pod(strip_pod(pod)),
-            Object::Service(svc) => Object::Service(strip_service(svc)),
-            Object::EndpointSlice(slice) => Object::EndpointSlice(EndpointSlice {
-                metadata: strip_meta(slice.metadata, false),
-                address_type: slice.address_type,
-                endpoints: slice
-                    .endpoints
-                    .into_iter()
-                    .map(|mut e| {
-                        e.hints = None;
-                        e.deprecated_topology = None;
-                        e.hostname = None;
-                        if let Some(r) = e.target_ref.as_mut() {
-                            r.resource_version = None;
-                            r.field_path = None;
-                            r.api_version = None;
-                        }
-                        e
-                    })
-                    .collect(),
-                ports: slice.ports,
-            }),
-            Object::Node(node) => Object::Node(strip_node(node)),
-            Object::AuthorizationPolicy(p) => Object::AuthorizationPolicy(strip_policy(p)),
-            Object::PeerAuthentication(p) => Object::PeerAuthentication(strip_policy(p)),
-            Object::RequestAuthentication(p) => Object::RequestAuthentication(strip_policy(p)),
-            Object::Gateway(g) => Object::Gateway(strip_policy(g)),
-            Object::Route(kind, r) => Object::Route(kind, strip_policy(r)),
-        }
-    }
 }
 
 fn object_key(kind: Kind, meta: &ObjectMeta) -> Option<String> {
@@ -372,104 +212,6 @@ fn object_key(kind: Kind, meta: &ObjectMeta) -> Option<String> {
         Some(format!("{ns}/{name}"))
     } else {
         Some(name.to_owned())
-    }
-}
-
-/// Keeps identity, labels and (for pods) the timestamps that order a reused IP's owners.
-fn strip_meta(meta: ObjectMeta, keep_times: bool) -> ObjectMeta {
-    ObjectMeta {
-        name: meta.name,
-        namespace: meta.namespace,
-        uid: meta.uid,
-        labels: meta.labels.filter(|l| !l.is_empty()),
-        creation_timestamp: meta.creation_timestamp.filter(|_| keep_times),
-        deletion_timestamp: meta.deletion_timestamp.filter(|_| keep_times),
-        ..ObjectMeta::default()
-    }
-}
-
-/// Policies keep their whole spec (every field matters, unknown ones most of all) and the
-/// generation their status condition reports on. Gateways and routes are stripped the same way:
-/// routes are read by the waypoints, whole; Gateway specs are small.
-fn strip_policy(policy: PolicyObject) -> PolicyObject {
-    let generation = policy.metadata.generation;
-    let mut metadata = strip_meta(policy.metadata, false);
-    metadata.generation = generation;
-    PolicyObject {
-        metadata,
-        spec: policy.spec,
-    }
-}
-
-fn strip_pod(pod: Pod) -> Pod {
-    let spec = pod.spec.unwrap_or_default();
-    let status = pod.status.unwrap_or_default();
-    Pod {
-        metadata: strip_meta(pod.metadata, true),
-        spec: Some(PodSpec {
-            service_account_name: spec.service_account_name,
-            node_name: spec.node_name,
-            host_network: spec.host_network,
-            // Required by the type; the mesh never looks at containers.
-            containers: Vec::new(),
-            ..PodSpec::default()
-        }),
-        status: Some(PodStatus {
-            phase: status.phase,
-            pod_ip: status.pod_ip,
-            pod_ips: status.pod_ips,
-            ..PodStatus::default()
-        }),
-    }
-}
-
-fn strip_service(svc: Service) -> Service {
-    let spec = svc.spec.unwrap_or_default();
-    Service {
-        metadata: strip_meta(svc.metadata, false),
-        spec: Some(ServiceSpec {
-            type_: spec.type_,
-            cluster_ip: spec.cluster_ip,
-            cluster_ips: spec.cluster_ips,
-            traffic_distribution: spec.traffic_distribution,
-            ports: spec.ports.map(|ports| {
-                ports
-                    .into_iter()
-                    .map(|mut p| {
-                        p.node_port = None;
-                        p
-                    })
-                    .collect()
-            }),
-            ..ServiceSpec::default()
-        }),
-        status: None,
-    }
-}
-
-fn strip_node(node: Node) -> Node {
-    let mut metadata = strip_meta(node.metadata, false);
-    // Nodes carry dozens of labels; only the zone is read.
-    metadata.labels = metadata
-        .labels
-        .map(|labels| {
-            labels
-                .into_iter()
-                .filter(|(k, _)| k == ZONE_LABEL)
-                .collect::<BTreeMap<_, _>>()
-        })
-        .filter(|l| !l.is_empty());
-    let addresses: Option<Vec<NodeAddress>> = node
-        .status
-        .and_then(|s| s.addresses)
-        .map(|a| a.into_iter().filter(|a| a.type_ == "InternalIP").collect());
-    Node {
-        metadata,
-        spec: None,
-        status: Some(NodeStatus {
-            addresses,
-            ..NodeStatus::default()
-        }),
     }
 }
 
@@ -637,63 +379,6 @@ impl ClusterObjects {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::Container;
-
-    #[test]
-    fn stripping_keeps_what_the_mesh_reads_and_nothing_else() {
-        let pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {
-                "name": "web-1", "namespace": "shop", "uid": "u1",
-                "labels": {"app": "web"},
-                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"},
-                "managedFields": [{"manager": "kubectl"}],
-                "resourceVersion": "42",
-            },
-            "spec": {
-                "serviceAccountName": "web", "nodeName": "node-a",
-                "containers": [{"name": "app", "image": "web:1"}],
-            },
-            "status": {"phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}],
-                       "hostIP": "192.168.0.1"},
-        }))
-        .expect("pod");
-        let mut objects = ClusterObjects::default();
-        assert_eq!(objects.apply(Object::Pod(pod)), Ok(false));
-        let stored = &objects.pods["shop/web-1"];
-        assert_eq!(stored.metadata.annotations, None);
-        assert_eq!(stored.metadata.managed_fields, None);
-        assert_eq!(stored.metadata.resource_version, None);
-        assert_eq!(stored.metadata.uid.as_deref(), Some("u1"));
-        let spec = stored.spec.as_ref().expect("spec");
-        assert_eq!(spec.containers, Vec::<Container>::new());
-        assert_eq!(spec.node_name.as_deref(), Some("node-a"));
-        let status = stored.status.as_ref().expect("status");
-        assert_eq!(status.host_ip, None);
-        assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.1"));
-    }
-
-    #[test]
-    fn nodes_keep_only_the_zone_label_and_internal_addresses() {
-        let node: Node = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "node-a", "labels": {
-                "topology.kubernetes.io/zone": "z1", "kubernetes.io/hostname": "node-a"}},
-            "status": {"addresses": [
-                {"type": "Hostname", "address": "node-a"},
-                {"type": "InternalIP", "address": "192.168.0.1"}],
-                "capacity": {"cpu": "2"}},
-        }))
-        .expect("node");
-        let mut objects = ClusterObjects::default();
-        objects.apply(Object::Node(node)).expect("named");
-        let stored = &objects.nodes["node-a"];
-        assert_eq!(
-            stored.metadata.labels,
-            Some(BTreeMap::from([(ZONE_LABEL.into(), "z1".into())]))
-        );
-        let status = stored.status.as_ref().expect("status");
-        assert_eq!(status.capacity, None);
-        assert_eq!(status.addresses.as_ref().map(Vec::len), Some(1));
-    }
 
     #[test]
     fn unnamed_objects_are_refused() {

@@ -1,0 +1,127 @@
+//! The kinds of object the mesh reads ([`Kind`]), and among them the routing kinds that only
+//! waypoints receive ([`RouteKind`]).
+
+use crate::k8s::{GATEWAY_API_VERSION, TRAFFIC_API_VERSION};
+
+/// The kinds of object the mesh reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    Service,
+    EndpointSlice,
+    Node,
+    AuthorizationPolicy,
+    PeerAuthentication,
+    RequestAuthentication,
+    Gateway,
+    HttpRoute,
+    GrpcRoute,
+    TrafficPolicy,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 12] = [
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Node,
+        Kind::AuthorizationPolicy,
+        Kind::PeerAuthentication,
+        Kind::RequestAuthentication,
+        Kind::Gateway,
+        Kind::HttpRoute,
+        Kind::GrpcRoute,
+        Kind::TrafficPolicy,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::RequestAuthentication => "RequestAuthentication",
+            Kind::Gateway => "Gateway",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
+            Kind::TrafficPolicy => "TrafficPolicy",
+        }
+    }
+
+    pub(super) const fn namespaced(self) -> bool {
+        !matches!(self, Kind::Namespace | Kind::Node)
+    }
+
+    /// Kinds whose CRDs a cluster may not have: their absence means "none of them", never
+    /// an error that holds the rest of the mesh back. The mesh's own security policies are
+    /// not optional: without them, agents and waypoints would run without protection they
+    /// should enforce (a DENY on a token's principal means nothing if tokens go unverified).
+    pub const fn optional(self) -> bool {
+        matches!(
+            self,
+            Kind::Gateway | Kind::HttpRoute | Kind::GrpcRoute | Kind::TrafficPolicy
+        )
+    }
+}
+
+/// The routing kinds: sent, as written, to waypoints only (`route/<kind>/<ns>/<name>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RouteKind {
+    Http,
+    Grpc,
+    TrafficPolicy,
+}
+
+impl RouteKind {
+    pub const ALL: [RouteKind; 3] = [RouteKind::Http, RouteKind::Grpc, RouteKind::TrafficPolicy];
+
+    /// The `kind` of the resource, as in manifests and in route keys.
+    pub const fn as_str(self) -> &'static str {
+        self.kind().as_str()
+    }
+
+    pub const fn kind(self) -> Kind {
+        match self {
+            RouteKind::Http => Kind::HttpRoute,
+            RouteKind::Grpc => Kind::GrpcRoute,
+            RouteKind::TrafficPolicy => Kind::TrafficPolicy,
+        }
+    }
+
+    pub const fn api_version(self) -> &'static str {
+        match self {
+            RouteKind::Http | RouteKind::Grpc => GATEWAY_API_VERSION,
+            RouteKind::TrafficPolicy => TRAFFIC_API_VERSION,
+        }
+    }
+
+    /// The resource name in API paths.
+    pub const fn plural(self) -> &'static str {
+        match self {
+            RouteKind::Http => "httproutes",
+            RouteKind::Grpc => "grpcroutes",
+            RouteKind::TrafficPolicy => "trafficpolicies",
+        }
+    }
+
+    pub fn from_kind(kind: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == kind)
+    }
+}
+
+impl std::fmt::Display for RouteKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -63,7 +63,7 @@ pub fn parse_authority(authority: Option<&str>) -> Result<SocketAddr, AuthorityE
     if addr.port() == 0 {
         return Err(AuthorityError::PortZero(text.into()));
     }
-    let ip = crate::state::workload::canonical(addr.ip());
+    let ip = crate::state::canonical(addr.ip());
     if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || is_broadcast(ip) {
         return Err(AuthorityError::NotRoutable(text.into()));
     }

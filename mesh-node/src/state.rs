@@ -27,10 +27,10 @@ use std::{
 };
 
 pub use node::NodeInfo;
-pub use resource::ResourceError;
+pub use resource::{ResourceError, canonical};
 pub use service::Service;
 pub use waypoint::{Waypoint, WaypointMap, WaypointRef};
-pub use workload::{Workload, canonical};
+pub use workload::Workload;
 
 use crate::{
     config::{AgentConfig, ConfigError},

@@ -1,6 +1,9 @@
-//! Why a resource streamed by the controller is refused ([`ResourceError`]), and the name
-//! checks every conversion at the boundary applies: Kubernetes names are DNS labels or
-//! subdomains ([`crate::identity::is_dns_label`], [`crate::identity::is_dns_subdomain`]).
+//! Why a resource streamed by the controller is refused ([`ResourceError`]), and what every
+//! conversion at the boundary applies: the name checks (Kubernetes names are DNS labels or
+//! subdomains: [`crate::identity::is_dns_label`], [`crate::identity::is_dns_subdomain`]) and
+//! the address form every index uses ([`canonical`]).
+
+use std::net::IpAddr;
 
 use crate::identity::{is_dns_label, is_dns_subdomain};
 
@@ -35,6 +38,14 @@ pub(crate) fn check_label(field: &str, value: &str) -> Result<(), ResourceError>
         Ok(())
     } else {
         Err(bad(field, format!("{value:?} is not a DNS label")))
+    }
+}
+
+/// IPv4-mapped IPv6 addresses name the IPv4 workload.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
     }
 }
 

@@ -16,9 +16,8 @@ use std::{
 };
 
 use super::{
-    resource::{ResourceError, bad, check_label},
+    resource::{ResourceError, bad, canonical, check_label},
     waypoint::{self, WaypointRef},
-    workload::canonical,
 };
 use crate::api::v1 as api;
 

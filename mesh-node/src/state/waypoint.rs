@@ -7,15 +7,8 @@
 
 use std::{fmt, net::IpAddr, str::FromStr, sync::Arc};
 
-use super::{
-    resource::{ResourceError, bad, check_subdomain},
-    workload::canonical,
-};
-use crate::{
-    api::v1 as api,
-    identity::Identity,
-    k8s::{GATEWAY_NAME_LABEL, WAYPOINT_ENFORCEMENT_LABEL},
-};
+use super::resource::{ResourceError, bad, canonical, check_subdomain};
+use crate::{api::v1 as api, identity::Identity, k8s::WAYPOINT_ENFORCEMENT_LABEL};
 
 /// `<namespace>/<name>` of a waypoint Gateway.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -140,16 +133,6 @@ impl Waypoint {
             port,
             endpoints,
         })
-    }
-
-    /// Whether `workload` is one of this waypoint's own pods: its traffic must never be sent
-    /// back to the waypoint (loop protection; the controller also never enrolls them).
-    pub fn serves_from(&self, workload: &super::Workload) -> bool {
-        workload.namespace == self.id.namespace
-            && workload
-                .labels
-                .get(GATEWAY_NAME_LABEL)
-                .is_some_and(|name| *name == self.id.name)
     }
 
     /// Ready pod addresses, in a rotating order so sources spread their connections.

@@ -1,5 +1,5 @@
 //! A pod as the mesh knows it ([`Workload`]), converted from the controller's resource at the
-//! boundary, and the address form every index uses ([`canonical`]).
+//! boundary.
 //!
 //! Workloads are keyed by pod uid, never by address: a new pod that reuses an old pod's IP is
 //! a different workload.
@@ -7,10 +7,10 @@
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 use super::{
-    resource::{ResourceError, bad, check_subdomain, non_empty},
-    waypoint::{self, WaypointRef},
+    resource::{ResourceError, bad, canonical, check_subdomain, non_empty},
+    waypoint::{self, Waypoint, WaypointRef},
 };
-use crate::{api::v1 as api, identity::Identity};
+use crate::{api::v1 as api, identity::Identity, k8s::GATEWAY_NAME_LABEL};
 
 /// A pod known to the mesh: enrolled pods are mesh sources and destinations; the others are
 /// known for telemetry only.
@@ -112,13 +112,15 @@ impl Workload {
             waypoint: waypoint::optional_ref(&w.waypoint)?,
         })
     }
-}
 
-/// IPv4-mapped IPv6 addresses name the IPv4 workload.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
+    /// Whether this workload is one of `waypoint`'s own pods: its traffic must never be sent
+    /// back to the waypoint (loop protection; the controller also never enrolls them).
+    pub fn is_pod_of(&self, waypoint: &Waypoint) -> bool {
+        self.namespace == waypoint.id.namespace
+            && self
+                .labels
+                .get(GATEWAY_NAME_LABEL)
+                .is_some_and(|name| *name == waypoint.id.name)
     }
 }
 

@@ -197,7 +197,7 @@ fn through_waypoint(
     service: Option<Arc<Service>>,
 ) -> Result<Destination, ResolveError> {
     let waypoint = state.waypoint(id);
-    if let Some(waypoint) = waypoint.filter(|w| w.serves_from(src)) {
+    if let Some(waypoint) = waypoint.filter(|w| src.is_pod_of(w)) {
         tracing::debug!(waypoint = %waypoint.id, "connection from the waypoint's own pod goes direct");
         return match service {
             Some(service) => direct_service(state, service, dst.port()),

@@ -17,7 +17,9 @@
 //!   streams (resets stay resets), keepalive, the control-frame flood guard.
 //! - [`identity`], [`tls`]: SPIFFE identities, certificates and their store, TLS for HBONE.
 //! - [`config`]: the agent's and the waypoint's configuration files.
-//! - [`ebpf`], [`sock_diag`]: the kernel datapath and aborting sockets through sock_diag.
+//! - [`ebpf`]: the kernel datapath: loading and pinning it, enrollment, connection tracking,
+//!   probes of the node.
+//! - [`sock_diag`]: aborting sockets through sock_diag.
 //! - [`admin`], [`metrics`]: the admin surfaces (health, readiness, metrics, config dump) and
 //!   the metrics they serve, with [`metrics::FailureReason`], the failure reason label set.
 //! - [`accept`], [`log_limit`]: what every listener does with failed accepts and floods of

@@ -8,12 +8,13 @@ use std::{collections::BTreeMap, net::IpAddr};
 use kube::CustomResourceExt;
 
 use super::{
-    crd::{AuthorizationPolicy, PeerAuthentication},
-    eval::{DEFAULT_ROOT_NAMESPACE, Destination, Engine, Flow, PeerAuthSet, Reason, Verdict},
-    model::{AuthzPolicy, Enforcement, MtlsMode, PeerPolicy, StandIn},
+    engine::{DEFAULT_ROOT_NAMESPACE, Decision, Engine, PeerAuthSet, Reason, Verdict},
+    facts::{Destination, Flow},
+    model::{AuthzPolicy, Enforcement, MtlsMode, PeerPolicy, PolicyError, PolicyId, StandIn},
     status,
 };
 use crate::identity::Identity;
+use crate::k8s::policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 
 const ROOT: &str = "trellis-system";
 
@@ -454,8 +455,8 @@ fn outcome(engine: &Engine, from: Src, to: Dst) -> Expect {
 }
 
 /// A decision as a table expectation.
-fn classify(decision: &super::eval::Decision) -> Expect {
-    let name = |id: &super::model::PolicyId| -> &'static str {
+fn classify(decision: &Decision) -> Expect {
+    let name = |id: &PolicyId| -> &'static str {
         // The table names policies as `namespace/name`; leak to compare with its literals.
         Box::leak(id.to_string().into_boxed_str())
     };
@@ -806,7 +807,7 @@ fn an_object_without_namespace_cannot_be_compiled() {
             .expect("manifest parses");
     assert_eq!(
         AuthzPolicy::compile(&obj),
-        Err(super::model::PolicyError::MissingMetadata("namespace"))
+        Err(PolicyError::MissingMetadata("namespace"))
     );
 }
 
@@ -953,7 +954,7 @@ fn crds_are_namespaced_v1_with_status_and_keep_unknown_fields() {
     for crd in [
         AuthorizationPolicy::crd(),
         PeerAuthentication::crd(),
-        super::crd::RequestAuthentication::crd(),
+        RequestAuthentication::crd(),
     ] {
         assert_eq!(crd.spec.group, "security.trellis.dev");
         assert_eq!(crd.spec.scope, "Namespaced");
@@ -999,9 +1000,11 @@ mod properties {
     use super::{ROOT, engine_from};
     use crate::{
         identity::Identity,
+        k8s::policy::{self as crd, AuthorizationPolicy, AuthorizationPolicySpec},
         policy::{
-            crd::{self, AuthorizationPolicy, AuthorizationPolicySpec},
-            eval::{Destination, Engine, Flow, Truth},
+            engine::Engine,
+            facts::{Destination, Flow},
+            matching::Truth,
             model::{Action, AuthzPolicy, PortHint},
         },
     };

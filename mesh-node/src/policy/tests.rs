@@ -19,6 +19,7 @@ use crate::k8s::policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthent
 const ROOT: &str = "trellis-system";
 
 mod l7;
+mod paths;
 mod plaintext;
 mod properties;
 

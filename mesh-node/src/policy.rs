@@ -2,23 +2,26 @@
 //! node proxy makes for every inbound connection (layer 4), and the one a waypoint makes for
 //! every request (layer 7).
 //!
-//! - [`crd`]: `AuthorizationPolicy`, `PeerAuthentication` and `RequestAuthentication` as
-//!   users write them (Istio's fields), with generated schemas.
-//! - [`model`]: the converted policies. Invalid objects are rejected one by one, with an error
-//!   naming the field, and replaced by a fail-closed stand-in; fields the enforcing proxy
-//!   cannot evaluate fail closed rule by rule.
-//! - [`binding`]: where a policy is enforced: on workloads (selector, node agents) or at
-//!   waypoints (`targetRefs`).
-//! - [`eval`]: the node's decision ([`Engine::decide`]): which policy and rule decided, for
-//!   access logs and `meshctl policy explain`, which must call the same function.
-//! - [`waypoint`]: the waypoint's decision ([`Engine::decide_request`]) over request facts
-//!   ([`request`]).
-//! - [`normalize`]: the one path form that is authorized, routed and forwarded.
-//! - [`jwt`]: `RequestAuthentication` at waypoints: token verification and key sets.
-//! - [`explain`]: `meshctl policy explain`, one flow's decision over an agent's state.
-//! - [`status`]: the `Accepted` status condition of each object.
-//! - [`stored`]: objects as the control plane stores and sends them (metadata and untyped spec),
-//!   and [`Policy`], any kind converted.
+//! The modules form layers; each imports only the ones below it (never one above, never
+//! through this file):
+//!
+//! 1. [`normalize`]: the one path form that is authorized, routed and forwarded.
+//! 2. [`model`]: the policies as enforced, converted from the kinds users write
+//!    ([`crate::k8s::policy`], Istio's fields). Invalid objects are rejected one by one, with an
+//!    error naming the field, and replaced by a fail-closed stand-in; fields the enforcing
+//!    proxy cannot evaluate fail closed rule by rule. Where a policy is enforced
+//!    ([`Binding`]): on workloads (selector, node agents) or at waypoints (`targetRefs`).
+//! 3. [`facts`]: what is known of a connection ([`Flow`]) or a request ([`RequestFacts`]).
+//! 4. [`matching`]: whether a rule matches the facts, in three-valued logic; `targets`: the
+//!    policies attached to a waypoint, found by the target of a request.
+//! 5. [`jwt`]: `RequestAuthentication` at waypoints: token verification and key sets.
+//! 6. [`status`]: the `Accepted` status condition of each object.
+//! 7. [`engine`]: the node's decision ([`Engine::decide`]) and the waypoint's
+//!    ([`Engine::decide_request`]): which policy and rule decided, for access logs and
+//!    `meshctl policy explain`, which must call the same function.
+//! 8. [`explain`]: `meshctl policy explain`, one flow's decision over an agent's state;
+//!    [`stored`]: objects as the control plane stores and sends them (metadata and untyped
+//!    spec), and [`Policy`], any kind converted.
 //!
 //! The invariant everything here keeps: a policy a proxy cannot fully understand never lets
 //! through a connection or request the author's policy would have denied.
@@ -30,31 +33,27 @@
 //! [`JwtAuthenticator::authenticate`] (401 for an invalid token), then
 //! [`Engine::decide_request`].
 
-pub mod binding;
-pub mod eval;
+pub mod engine;
 pub mod explain;
+pub mod facts;
 pub mod jwt;
+pub mod matching;
 pub mod model;
 pub mod normalize;
-pub mod request;
 pub mod status;
 pub mod stored;
-pub mod waypoint;
+mod targets;
 
 #[cfg(test)]
 mod tests;
 
 pub use crate::k8s::policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
-pub use binding::{Binding, TargetRef};
-// The kinds as written, as this module's files name them.
-use crate::k8s::policy as crd;
-pub use eval::{
-    DEFAULT_ROOT_NAMESPACE, Decision, Destination, Engine, Flow, MtlsResolution, PeerAuthSet,
-    PolicySet, Reason, Verdict,
+pub use engine::{
+    DEFAULT_ROOT_NAMESPACE, Decision, Engine, MtlsResolution, PeerAuthSet, PolicySet, Reason,
+    Verdict, WaypointPolicies,
 };
-pub use jwt::{JwtAuthenticator, JwtOutcome, JwtPolicy, VerifiedJwt};
-pub use model::{AuthzPolicy, MtlsMode, PeerPolicy, PolicyError, PolicyId};
+pub use facts::{Destination, Flow, RequestFacts, VerifiedJwt, WaypointTarget};
+pub use jwt::{JwtAuthenticator, JwtOutcome, JwtPolicy};
+pub use model::{AuthzPolicy, Binding, MtlsMode, PeerPolicy, PolicyError, PolicyId, TargetRef};
 pub use normalize::{NormalizedPath, PathError, normalize_path};
-pub use request::{RequestFacts, WaypointTarget};
 pub use stored::{Policy, PolicyKind};
-pub use waypoint::WaypointPolicies;

@@ -15,7 +15,10 @@ use serde::Serialize;
 use crate::{
     k8s::gateway::ParentReference,
     l7::route::{RouteId, RouteStatus},
-    policy::{PolicyId, eval::Listed, status::Condition},
+    policy::{
+        PolicyId,
+        status::{Condition, Listed},
+    },
 };
 
 /// A waypoint's routing objects, each sorted by `namespace/name` then kind.

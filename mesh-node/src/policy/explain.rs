@@ -1,5 +1,5 @@
 //! `meshctl policy explain`: the decision for one pod-to-pod flow, made by the engine the
-//! agent enforces ([`super::Engine::decide`]) over the state it holds, with what decided it.
+//! agent enforces ([`super::engine::Engine::decide`]) over the state it holds, with what decided it.
 //!
 //! The flow is evaluated as the destination's node would see it: an enrolled source arrives
 //! over HBONE (or, on the same node, through the node proxy) with its verified identity and
@@ -15,7 +15,10 @@
 
 use serde::Serialize;
 
-use super::{Destination, Flow, Reason, request::WaypointTarget};
+use super::{
+    engine::Reason,
+    facts::{Destination, Flow, WaypointTarget},
+};
 use crate::state::{MeshState, Workload};
 
 /// Why a flow cannot be explained.

@@ -20,12 +20,22 @@
 use std::fmt::Write as _;
 
 use super::{
-    binding::Binding,
     jwt::JwtPolicy,
-    model::{Action, AuthzPolicy, Enforcement, PeerPolicy, StandIn},
+    model::{Action, AuthzPolicy, Binding, Enforcement, PeerPolicy, StandIn},
 };
 
 pub use crate::k8s::status::{ACCEPTED, Condition, PolicyStatus};
+
+/// One object as a config dump lists it: the policies an engine enforces, the traffic
+/// policies of a waypoint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Listed {
+    pub kind: &'static str,
+    /// `namespace/name`.
+    pub id: String,
+    pub generation: Option<i64>,
+    pub condition: Condition,
+}
 
 /// What the rules of an action do with a field that fails closed.
 fn fail_closed_effect(action: Action) -> &'static str {
@@ -177,4 +187,66 @@ pub fn rfc3339(time: time::OffsetDateTime) -> String {
         t.minute(),
         t.second()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::policy::RequestAuthentication;
+
+    /// A `RequestAuthentication` of `shop` at generation 4, scoped as `scope` says.
+    fn request_authentication(scope: &str, rules: &str) -> JwtPolicy {
+        let text = format!(
+            "kind: RequestAuthentication\nmetadata: {{namespace: shop, name: ra, generation: 4}}\nspec:\n  {scope}\n  jwtRules: {rules}\n"
+        );
+        let obj: RequestAuthentication = serde_saphyr::from_str(&text).expect("manifest parses");
+        JwtPolicy::compile(&obj).expect("manifest has metadata")
+    }
+
+    const ON_WEB: &str = "targetRefs: [{kind: Service, name: web}]";
+
+    #[test]
+    fn request_authentication_conditions() {
+        let ok = request_authentication(ON_WEB, "[{issuer: i, jwksFile: /k}]");
+        let c = request_authentication_condition(&ok);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Accepted"));
+        assert_eq!(c.observed_generation, Some(4));
+
+        let partial =
+            request_authentication(ON_WEB, "[{issuer: i, jwksFile: /k, fromParams: [token]}]");
+        let c = request_authentication_condition(&partial);
+        assert_eq!(c.reason, "PartiallyEnforced");
+        assert!(
+            c.message.contains("spec.jwtRules[0].fromParams"),
+            "{}",
+            c.message
+        );
+
+        let rejected = request_authentication(ON_WEB, "[{issuer: i}]");
+        let c = request_authentication_condition(&rejected);
+        assert_eq!(c.status, "False");
+        for expected in [
+            "rejected: spec.jwtRules[0]",
+            "needs one of jwks, jwksUri or jwksFile",
+            "requests carrying a token there are refused",
+        ] {
+            assert!(
+                c.message.contains(expected),
+                "{expected:?} in {}",
+                c.message
+            );
+        }
+
+        let selector = request_authentication(
+            "selector: {matchLabels: {app: web}}",
+            "[{issuer: i, jwksFile: /k}]",
+        );
+        let c = request_authentication_condition(&selector);
+        assert_eq!(c.reason, "NoEffect");
+        assert!(
+            c.message.contains("attach it to one with targetRefs"),
+            "{}",
+            c.message
+        );
+    }
 }

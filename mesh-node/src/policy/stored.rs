@@ -10,13 +10,13 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::{
-    crd::{
-        AuthorizationPolicy, AuthorizationPolicySpec, PeerAuthentication, PeerAuthenticationSpec,
-        RequestAuthentication, RequestAuthenticationSpec,
-    },
     jwt::JwtPolicy,
     model::{AuthzPolicy, PeerPolicy, PolicyError, PolicyId, identify},
     status::{self, Condition},
+};
+use crate::k8s::policy::{
+    AuthorizationPolicy, AuthorizationPolicySpec, PeerAuthentication, PeerAuthenticationSpec,
+    RequestAuthentication, RequestAuthenticationSpec,
 };
 
 /// The policy kinds of `security.trellis.dev/v1`.
@@ -151,7 +151,11 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::policy::{Destination, Engine, Flow, model::Enforcement};
+    use crate::policy::{
+        engine::Engine,
+        facts::{Destination, Flow},
+        model::{Binding, Enforcement, MtlsMode},
+    };
 
     fn meta(ns: &str, name: &str) -> ObjectMeta {
         ObjectMeta {
@@ -203,7 +207,7 @@ mod tests {
         ) else {
             panic!("expected a peer authentication");
         };
-        assert_eq!(policy.mode, Some(crate::policy::MtlsMode::Strict));
+        assert_eq!(policy.mode, Some(MtlsMode::Strict));
         assert_eq!(
             Policy::PeerAuthentication(policy).condition().status,
             "False"
@@ -225,5 +229,33 @@ mod tests {
             Policy::compile(PolicyKind::Authorization, &nameless, &json!({})),
             Err(PolicyError::MissingMetadata("name"))
         );
+    }
+
+    #[test]
+    fn request_authentication_travels_as_a_stored_kind() {
+        assert_eq!(
+            PolicyKind::from_kind("RequestAuthentication"),
+            Some(PolicyKind::RequestAuthentication)
+        );
+        let spec = json!({"targetRefs": [{"kind": "Gateway", "name": "waypoint"}],
+            "jwtRules": [{"issuer": "https://issuer.example", "jwksFile": "/keys.json"}]});
+        let policy = Policy::compile(
+            PolicyKind::RequestAuthentication,
+            &meta("shop", "ra"),
+            &spec,
+        )
+        .expect("compiles");
+        assert_eq!(policy.kind(), PolicyKind::RequestAuthentication);
+        assert_eq!(policy.condition().observed_generation, Some(3));
+        assert_eq!(policy.condition().reason, "Accepted");
+        let Ok(Policy::RequestAuthentication(unreadable)) = Policy::compile(
+            PolicyKind::RequestAuthentication,
+            &meta("shop", "ra"),
+            &json!({"jwtRules": "x"}),
+        ) else {
+            panic!("expected a request authentication");
+        };
+        assert_eq!(unreadable.binding, Binding::NamespaceWaypoints);
+        assert!(unreadable.rules.is_empty());
     }
 }

@@ -40,10 +40,9 @@ use super::{
 use crate::{
     identity::Identity,
     policy::{
-        eval::{Destination, Flow, Verdict},
+        Destination, Flow, RequestFacts, Verdict, WaypointTarget,
         jwt::{JwtOutcome, VerifiedJwt},
         normalize_path,
-        request::{RequestFacts, WaypointTarget},
     },
     state::{MeshState, Service, Workload},
 };

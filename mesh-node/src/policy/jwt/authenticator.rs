@@ -19,12 +19,65 @@ use jsonwebtoken::{Algorithm, Header, Validation};
 use serde_json::Value;
 
 use super::{
-    CLOCK_SKEW_SECS, JwtError, JwtOutcome, MAX_TOKEN_LEN, VerifiedJwt,
     fetch::JwksFetcher,
     keys::{KeySet, MAX_JWKS_BYTES},
     policy::{JwksSource, JwtPolicy, JwtRule, TokenLocation},
 };
-use crate::policy::{binding::TargetIndex, request::WaypointTarget};
+use crate::policy::{
+    facts::{VerifiedJwt, WaypointTarget},
+    targets::TargetIndex,
+};
+
+/// The longest token accepted, in bytes; longer ones are refused before decoding.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// Clock skew tolerated on `exp` and `nbf`, in seconds (Envoy's default).
+pub const CLOCK_SKEW_SECS: u64 = 60;
+
+/// The outcome of authentication for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JwtOutcome {
+    /// No token in any location read here (or no `RequestAuthentication` applies).
+    None,
+    Verified(VerifiedJwt),
+    /// A token that does not verify: the caller answers 401.
+    Invalid(JwtError),
+}
+
+/// Why a token was refused. Messages name what to check.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwtError {
+    #[error("the token is larger than {MAX_TOKEN_LEN} bytes")]
+    TooLarge,
+    #[error("the request carries more than one token (or one token header twice)")]
+    SeveralTokens,
+    #[error("the token is not a well-formed JWT (three base64url parts, JSON header and claims)")]
+    Malformed,
+    #[error(
+        "the token's algorithm {0} is not accepted (only RS256/384/512, PS256/384/512, ES256, ES384)"
+    )]
+    Algorithm(String),
+    #[error("no RequestAuthentication rule here accepts issuer {0:?} in this header")]
+    UnknownIssuer(String),
+    #[error("the issuer's key set has no key {0:?} usable for this algorithm")]
+    UnknownKey(String),
+    #[error("the issuer's key set has no key usable for this algorithm")]
+    NoKey,
+    #[error("the issuer's keys are not available: {0}")]
+    KeysUnavailable(String),
+    #[error("the token's signature does not verify with the issuer's keys")]
+    Signature,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("the token's audience is not one the rule accepts")]
+    Audience,
+    #[error("the token's claim {0} has the wrong type")]
+    ClaimType(&'static str),
+    #[error("the token's header lists critical extensions (crit), which are not supported")]
+    CriticalExtension,
+}
 
 /// Verifies the tokens of requests at waypoints. Immutable: build a new one when the
 /// `RequestAuthentication`s change (key sets from URIs live in the shared [`JwksFetcher`]).

@@ -1,6 +1,6 @@
 //! `RequestAuthentication` converted: the rules a waypoint verifies tokens with.
 //!
-//! Problems are sorted as for authorization policies ([`super::super::model`]):
+//! Problems are sorted as for authorization policies ([`crate::policy::model`]):
 //!
 //! - **Invalid** objects (a rule without issuer, without a key source or with several, an
 //!   unreadable inline key set or URI, a bad header name, an unknown field that could change
@@ -21,12 +21,11 @@ use std::{path::PathBuf, sync::Arc};
 use http::HeaderName;
 
 use super::keys::KeySet;
-use crate::policy::{
-    binding::Binding,
-    crd::{self, RequestAuthentication},
-    model::{
-        Enforcement, PolicyError, PolicyId, StandIn, Unsupported, Why, metadata, reject_extra,
-        selector,
+use crate::{
+    k8s::policy::{self as crd, RequestAuthentication},
+    policy::model::{
+        Binding, Enforcement, PolicyError, PolicyId, StandIn, Unsupported, Why, metadata,
+        reject_extra, selector,
     },
 };
 

@@ -25,11 +25,12 @@ use super::{
     fetch::{FetchError, FetchFuture, FetchJwks, FetchSettings, JwksFetcher},
     keys::{KeySet, KeysError, MAX_KEYS},
 };
-use crate::policy::{
-    RequestAuthentication, WaypointTarget,
-    binding::Binding,
-    model::{Enforcement, StandIn},
-    status,
+use crate::{
+    k8s::policy::RequestAuthentication,
+    policy::{
+        facts::WaypointTarget,
+        model::{Binding, Enforcement, StandIn, TargetRef},
+    },
 };
 
 const ISSUER: &str = "https://issuer.example";
@@ -424,7 +425,7 @@ fn a_rejected_request_authentication_refuses_tokens_but_not_their_absence() {
     ));
     assert_eq!(
         broken.binding,
-        Binding::Targets(vec![crate::policy::TargetRef::Service("web".into())])
+        Binding::Targets(vec![TargetRef::Service("web".into())])
     );
     let auth = authenticator(vec![broken.clone()]);
     assert_eq!(
@@ -542,22 +543,21 @@ fn a_key_pinned_to_rs256_does_not_verify_ps256() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Conversion and status.
+// Conversion (the status conditions derived from it are tested with the status).
 
 #[test]
-fn request_authentication_conversion_and_status() {
+fn request_authentication_conversion() {
     let ok = request_authentication("jwt", &inline_rule(""));
-    assert_eq!(
-        status::request_authentication_condition(&ok).reason,
-        "Accepted"
-    );
+    assert_eq!(ok.enforcement, Enforcement::Full);
     let partial = request_authentication("params", &inline_rule(", fromParams: [token]"));
-    let c = status::request_authentication_condition(&partial);
-    assert_eq!(c.reason, "PartiallyEnforced");
+    let Enforcement::FailClosed(fields) = &partial.enforcement else {
+        panic!("fromParams fails closed: {:?}", partial.enforcement);
+    };
     assert!(
-        c.message.contains("spec.jwtRules[0].fromParams"),
-        "{}",
-        c.message
+        fields
+            .iter()
+            .any(|f| f.path == "spec.jwtRules[0].fromParams"),
+        "{fields:?}"
     );
     for (rules, expected) in [
         ("[{jwks: \"{}\"}]", "spec.jwtRules[0].issuer: is required"),
@@ -583,63 +583,27 @@ fn request_authentication_conversion_and_status() {
             "fromHeaders[0].name: is not a header name",
         ),
     ] {
-        let c = status::request_authentication_condition(&request_authentication("bad", rules));
-        assert_eq!(c.status, "False");
+        let bad = request_authentication("bad", rules);
+        let Enforcement::Rejected { error, stand_in } = &bad.enforcement else {
+            panic!("{rules} is rejected: {:?}", bad.enforcement);
+        };
+        assert_eq!(*stand_in, StandIn::RejectTokens, "{rules}");
         assert!(
-            c.message.contains(expected),
-            "{expected:?} in {}",
-            c.message
+            error.to_string().contains(expected),
+            "{expected:?} in {error}"
         );
         assert!(
-            c.message
-                .contains("requests carrying a token there are refused"),
-            "{}",
-            c.message
+            bad.rules.is_empty(),
+            "{rules}: the stand-in accepts no issuer"
         );
     }
     let selector: RequestAuthentication = serde_saphyr::from_str(
         "kind: RequestAuthentication\nmetadata: {namespace: shop, name: sel}\nspec:\n  selector: {matchLabels: {app: web}}\n  jwtRules: [{issuer: i, jwksFile: /k}]\n",
     )
     .expect("manifest parses");
-    let c =
-        status::request_authentication_condition(&JwtPolicy::compile(&selector).expect("metadata"));
-    assert_eq!(c.reason, "NoEffect");
-    assert!(
-        c.message.contains("attach it to one with targetRefs"),
-        "{}",
-        c.message
-    );
-}
-
-#[test]
-fn request_authentication_travels_as_a_stored_kind() {
-    use crate::policy::stored::{Policy, PolicyKind};
-    assert_eq!(
-        PolicyKind::from_kind("RequestAuthentication"),
-        Some(PolicyKind::RequestAuthentication)
-    );
-    let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-        namespace: Some("shop".into()),
-        name: Some("ra".into()),
-        generation: Some(2),
-        ..Default::default()
-    };
-    let spec = json!({"targetRefs": [{"kind": "Gateway", "name": "waypoint"}],
-        "jwtRules": [{"issuer": ISSUER, "jwks": standard_jwks()}]});
-    let policy =
-        Policy::compile(PolicyKind::RequestAuthentication, &meta, &spec).expect("compiles");
-    assert_eq!(policy.kind(), PolicyKind::RequestAuthentication);
-    assert_eq!(policy.condition().observed_generation, Some(2));
-    assert_eq!(policy.condition().reason, "Accepted");
-    let Ok(Policy::RequestAuthentication(unreadable)) = Policy::compile(
-        PolicyKind::RequestAuthentication,
-        &meta,
-        &json!({"jwtRules": "x"}),
-    ) else {
-        panic!("expected a request authentication");
-    };
-    assert_eq!(unreadable.binding, Binding::NamespaceWaypoints);
-    assert!(unreadable.rules.is_empty());
+    let selector = JwtPolicy::compile(&selector).expect("metadata");
+    assert_eq!(selector.binding, Binding::Workloads);
+    assert_eq!(selector.enforcement, Enforcement::NoEffect);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 //! Conversion of `AuthorizationPolicy` rules: sources, operations and `when` conditions.
 //!
 //! How request attributes (HTTP fields, JWT principals, `when`) are converted depends on
-//! where the policy is enforced ([`super::super::binding::Binding`]):
+//! where the policy is enforced ([`Binding`](super::binding::Binding)):
 //!
 //! - **On workloads** (node agents) they cannot be evaluated: each field is noted as
 //!   [`Why::Layer7`] and fails closed exactly as before waypoints existed (an `ALLOW` rule
@@ -14,19 +14,15 @@
 //! affected; a `DENY` rule keeps the finer flags and matches on everything it can evaluate.
 
 use super::{
-    Action, NamespaceMatch, Notes, OperationMatch, PolicyError, PortHint, PrincipalMatch, Rule,
-    SourceMatch, Why, ip_blocks, port,
-};
-use crate::{
-    identity::Identity,
-    policy::{
-        crd,
-        request::{
-            self, HttpMatch, StringMatch, WhenKey, WhenMatch, WhenValue, host_match, method_match,
-            path_match, request_principal_match,
-        },
+    attributes::{
+        self, HttpMatch, StringMatch, WhenKey, WhenMatch, WhenValue, host_match, method_match,
+        path_match, request_principal_match,
     },
+    authz::{Action, OperationMatch, PortHint, Rule, SourceMatch},
+    conversion::{Notes, PolicyError, Why, ip_blocks, port},
+    source::{NamespaceMatch, PrincipalMatch, namespace_match, principal_match},
 };
+use crate::k8s::policy as crd;
 
 /// What converting one policy's rules needs to know.
 pub(super) struct Ctx<'n> {
@@ -34,43 +30,6 @@ pub(super) struct Ctx<'n> {
     pub(super) action: Action,
     /// Request attributes are evaluated (the policy is bound to waypoints).
     pub(super) at_waypoint: bool,
-}
-
-/// `<trust-domain>/ns/<namespace>/sa/<service-account>`, optionally with `spiffe://`, or `*`.
-pub(crate) fn principal_match(value: &str) -> PrincipalMatch {
-    if value == "*" {
-        return PrincipalMatch::AnyAuthenticated;
-    }
-    let rest = value.strip_prefix("spiffe://").unwrap_or(value);
-    let mut parts = rest.split('/');
-    if let (Some(td), Some("ns"), Some(ns), Some("sa"), Some(sa), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) && let Ok(id) = Identity::new(td, ns, sa)
-    {
-        return PrincipalMatch::Exact(id);
-    }
-    PrincipalMatch::Unsupported
-}
-
-/// A namespace name, or `*`.
-pub(crate) fn namespace_match(value: &str) -> NamespaceMatch {
-    let label = !value.is_empty()
-        && value.len() <= 63
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !value.starts_with('-')
-        && !value.ends_with('-');
-    match value {
-        "*" => NamespaceMatch::AnyAuthenticated,
-        v if label => NamespaceMatch::Exact(v.into()),
-        _ => NamespaceMatch::Unsupported,
-    }
 }
 
 fn principals(path: &str, values: &[String], notes: &mut Notes) -> Vec<PrincipalMatch> {
@@ -135,7 +94,7 @@ fn spoils_condition(why: &Why) -> bool {
     )
 }
 
-const REQUEST_PRINCIPALS: (&str, &str) = ("request principals (JWT)", request::PRINCIPAL_FORMS);
+const REQUEST_PRINCIPALS: (&str, &str) = ("request principals (JWT)", attributes::PRINCIPAL_FORMS);
 
 pub(super) fn source(
     path: &str,
@@ -214,9 +173,9 @@ pub(super) fn operation(
     let path = format!("{path}.operation");
     unevaluable |= ctx.notes.extra(&path, &op.extra);
     let before = ctx.notes.0.len();
-    let hosts = ("hosts", request::HOST_FORMS);
-    let methods = ("HTTP methods", request::METHOD_FORMS);
-    let paths = ("HTTP paths", request::PATH_FORMS);
+    let hosts = ("hosts", attributes::HOST_FORMS);
+    let methods = ("HTTP methods", attributes::METHOD_FORMS);
+    let paths = ("HTTP paths", attributes::PATH_FORMS);
     let http = HttpMatch {
         hosts: attribute(ctx, &path, "hosts", &op.hosts, host_match, hosts),
         not_hosts: attribute(ctx, &path, "notHosts", &op.not_hosts, host_match, hosts),
@@ -303,7 +262,7 @@ fn when_forms(key: &WhenKey) -> &'static str {
         }
         WhenKey::SourceNamespace => "source namespaces are literal namespace names or *",
         WhenKey::DestinationPort => "ports are numbers 1-65535",
-        _ => request::VALUE_FORMS,
+        _ => attributes::VALUE_FORMS,
     }
 }
 

@@ -13,8 +13,10 @@ use super::{Expect, Expect::*, authz, classify, condition_of, engine};
 use crate::{
     identity::Identity,
     policy::{
-        Binding, Destination, Flow, RequestFacts, TargetRef, VerifiedJwt, WaypointTarget,
-        model::{Action, Enforcement, StandIn},
+        engine::Engine,
+        facts::{Destination, Flow, RequestFacts, VerifiedJwt, WaypointTarget},
+        model::{Action, Binding, Enforcement, StandIn, TargetRef},
+        stored::{Policy, PolicyKind},
     },
 };
 
@@ -773,7 +775,6 @@ spec:
 
 #[test]
 fn an_unreadable_spec_denies_at_the_waypoints_too() {
-    use crate::policy::stored::{Policy, PolicyKind};
     let meta = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
         namespace: Some("shop".into()),
         name: Some("broken".into()),
@@ -787,7 +788,7 @@ fn an_unreadable_spec_denies_at_the_waypoints_too() {
         panic!("expected an authorization policy");
     };
     assert_eq!(policy.binding, Binding::Everywhere);
-    let engine = crate::policy::Engine::new(super::ROOT, [policy], []);
+    let engine = Engine::new(super::ROOT, [policy], []);
     let target = WaypointTarget {
         gateway_namespace: "blog",
         gateway_name: "waypoint",

@@ -1,12 +1,12 @@
 //! The waypoint's decision: may this request pass?
 //!
-//! The policies are those attached to the waypoint ([`super::binding`]): by its `Gateway`,
+//! The policies are those attached to the waypoint ([`Binding`](crate::policy::model::Binding)): by its `Gateway`,
 //! by the destination `Service`, by the waypoint `GatewayClass` from the root namespace, and
 //! the stand-ins of rejected waypoint policies of the gateway's or the service's namespace
 //! (of any namespace, from the root namespace). Policies bound to workloads are never
 //! consulted here: node agents enforce them.
 //!
-//! The order is the node's ([`super::eval`]): any matching `DENY` denies (a rule that cannot
+//! The order is the node's ([`super`]): any matching `DENY` denies (a rule that cannot
 //! be fully evaluated counts as matching); then, if any `ALLOW` applies, one must surely
 //! match; otherwise the request is allowed. The [`Flow`] gives the source identity (the
 //! verified peer of the HBONE connection), its address (or `None`, which makes `ipBlocks`
@@ -16,11 +16,12 @@
 
 use std::sync::Arc;
 
-use super::{
-    binding::TargetIndex,
-    eval::{Decision, Engine, Flow, Reason},
+use super::decision::{Decision, Reason};
+use crate::policy::{
+    facts::{Flow, RequestFacts, WaypointTarget},
+    matching::Prepared,
     model::{Action, AuthzPolicy, PolicyRef},
-    request::{Prepared, RequestFacts, WaypointTarget},
+    targets::TargetIndex,
 };
 
 /// The policies attached to waypoints, indexed by target. Immutable: rebuilt with the engine.
@@ -121,20 +122,5 @@ impl WaypointPolicies {
                 allow_policies: allow.len(),
             })
         }
-    }
-}
-
-impl Engine {
-    /// The waypoint's decision for a request at `target` (see [`super::waypoint`]). The
-    /// request's path must already be normalized ([`super::normalize::normalize_path`]) and
-    /// its JWT verified ([`super::jwt::JwtAuthenticator`]): a request with an invalid token
-    /// is refused (401) before authorization.
-    pub fn decide_request(
-        &self,
-        target: &WaypointTarget<'_>,
-        flow: &Flow<'_>,
-        request: &RequestFacts<'_>,
-    ) -> Decision {
-        self.waypoint.evaluate(target, flow, request)
     }
 }

@@ -11,7 +11,7 @@
 //!     namespace, at whichever waypoint serves it;
 //!   - `kind: GatewayClass`: every waypoint of that class, honoured only for policies in the
 //!     root namespace (elsewhere it binds nothing, as in Istio). The Trellis waypoint class is
-//!     [`WAYPOINT_CLASS`].
+//!     [`WAYPOINT_CLASS`](crate::k8s::WAYPOINT_CLASS).
 //! - A policy with a `selector`, or with neither, applies to **workloads** and is enforced by
 //!   node agents only; waypoints ignore it, root namespace included (Istio's waypoints apply
 //!   no selector or namespace-wide policy either; a mesh-wide waypoint policy targets the
@@ -21,16 +21,10 @@
 //! `selector` and `targetRefs` make the object invalid; its stand-in is then bound as
 //! narrowly as surely covers what the author meant ([`Binding::stand_in`]).
 
-use std::collections::HashMap;
-
 use serde_json::Value;
 
-use crate::k8s::{GATEWAY_GROUP, WAYPOINT_CLASS};
-
-use super::{
-    model::{PolicyError, Why},
-    request::WaypointTarget,
-};
+use super::conversion::{PolicyError, Why};
+use crate::k8s::GATEWAY_GROUP;
 
 /// Istio's limit on `targetRefs` (the CRD's `maxItems`).
 pub const MAX_TARGET_REFS: usize = 16;
@@ -80,7 +74,7 @@ impl Binding {
     }
 
     /// The binding of a valid object: `Targets` with targetRefs, else `Workloads`.
-    pub(super) fn of(
+    pub(crate) fn of(
         namespace: &str,
         has_selector: bool,
         target_ref: Option<&Value>,
@@ -99,7 +93,7 @@ impl Binding {
     /// The binding of a rejected object's stand-in: as written when readable; a waypoint
     /// binding whose targets cannot be read covers every waypoint of the namespace; with
     /// both a selector and targets, both places.
-    pub(super) fn stand_in(
+    pub(crate) fn stand_in(
         namespace: &str,
         has_selector: bool,
         target_ref: Option<&Value>,
@@ -214,93 +208,5 @@ fn target(path: &str, namespace: &str, v: &Value) -> Result<TargetRef, PolicyErr
                 group.map(|g| format!("{g}/")).unwrap_or_default()
             )),
         }),
-    }
-}
-
-/// Items bound to waypoints (policies), found by the target of a request.
-#[derive(Debug)]
-pub(super) struct TargetIndex<T> {
-    root_namespace: String,
-    /// By namespace, then gateway name (nested, so lookups borrow the request's names).
-    gateways: HashMap<String, HashMap<String, Vec<T>>>,
-    /// By namespace, then service name.
-    services: HashMap<String, HashMap<String, Vec<T>>>,
-    /// `GatewayClass` targets naming the waypoint class, from the root namespace.
-    class: Vec<T>,
-    /// Stand-ins covering every waypoint of a namespace (the root namespace: of all).
-    namespaces: HashMap<String, Vec<T>>,
-}
-
-impl<T: Clone> TargetIndex<T> {
-    pub(super) fn new(root_namespace: &str) -> Self {
-        Self {
-            root_namespace: root_namespace.into(),
-            gateways: HashMap::new(),
-            services: HashMap::new(),
-            class: Vec::new(),
-            namespaces: HashMap::new(),
-        }
-    }
-
-    /// Files `item` of `namespace` under its binding; nothing for a workload binding.
-    pub(super) fn insert(&mut self, namespace: &str, binding: &Binding, item: T) {
-        let targets = match binding {
-            Binding::Workloads => return,
-            Binding::NamespaceWaypoints | Binding::Everywhere => {
-                self.namespaces
-                    .entry(namespace.to_owned())
-                    .or_default()
-                    .push(item);
-                return;
-            }
-            Binding::Targets(targets) => targets,
-        };
-        for target in targets {
-            let list = match target {
-                TargetRef::Gateway(name) => self
-                    .gateways
-                    .entry(namespace.to_owned())
-                    .or_default()
-                    .entry(name.clone())
-                    .or_default(),
-                TargetRef::Service(name) => self
-                    .services
-                    .entry(namespace.to_owned())
-                    .or_default()
-                    .entry(name.clone())
-                    .or_default(),
-                // Istio honours class targets from the root namespace only.
-                TargetRef::GatewayClass(class)
-                    if namespace == self.root_namespace && class == WAYPOINT_CLASS =>
-                {
-                    &mut self.class
-                }
-                TargetRef::GatewayClass(_) => continue,
-            };
-            list.push(item.clone());
-        }
-    }
-
-    /// The items applying at `target`; one attached several ways appears once per way.
-    pub(super) fn find<'s>(&'s self, target: &WaypointTarget<'_>) -> Vec<&'s T> {
-        let named = |map: &'s HashMap<String, HashMap<String, Vec<T>>>, ns: &str, name: &str| {
-            map.get(ns).and_then(|names| names.get(name))
-        };
-        let mut lists: Vec<&Vec<T>> = Vec::with_capacity(6);
-        lists.extend(named(
-            &self.gateways,
-            target.gateway_namespace,
-            target.gateway_name,
-        ));
-        let mut namespaces = vec![target.gateway_namespace, self.root_namespace.as_str()];
-        for &(ns, name) in target.services {
-            lists.extend(named(&self.services, ns, name));
-            namespaces.push(ns);
-        }
-        namespaces.sort_unstable();
-        namespaces.dedup();
-        lists.extend(namespaces.iter().filter_map(|ns| self.namespaces.get(*ns)));
-        lists.push(&self.class);
-        lists.into_iter().flatten().collect()
     }
 }

@@ -14,6 +14,7 @@ use std::{
 
 use crate::identity::Identity;
 
+/// One value of `principals` / `notPrincipals` (or a `source.principal` condition).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PrincipalMatch {
     Exact(Identity),
@@ -23,10 +24,13 @@ pub enum PrincipalMatch {
     Unsupported,
 }
 
+/// One value of `namespaces` / `notNamespaces` (or a `source.namespace` condition).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NamespaceMatch {
     Exact(String),
+    /// `"*"`: any verified identity.
     AnyAuthenticated,
+    /// Not a namespace name; evaluates as unknown.
     Unsupported,
 }
 

@@ -16,7 +16,7 @@
 //! - [`hbone`]: the HBONE wire both ends agree on, driven on `h2`: handshakes, CONNECT
 //!   streams (resets stay resets), keepalive, the control-frame flood guard.
 //! - [`identity`], [`tls`]: SPIFFE identities, certificates and their store, TLS for HBONE.
-//! - [`config`]: the agent's and the waypoint's configuration files.
+//! - [`config`]: the configuration files of the agent, the waypoint and the controller.
 //! - [`ebpf`], [`sock_diag`]: the kernel datapath and aborting sockets through sock_diag.
 //! - [`admin`], [`metrics`]: the admin surfaces (health, readiness, metrics, config dump) and
 //!   the metrics they serve, with [`metrics::FailureReason`], the failure reason label set.

@@ -32,6 +32,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use error::{ConfigError, invalid};
@@ -466,16 +467,16 @@ impl AgentConfig {
     }
 }
 
-/// Parses `a.b.c.d/n` or `x::y/n`.
+/// Parses a network in CIDR notation, `a.b.c.d/n` or `x::y/n`, as written (host bits may be
+/// set: the datapath's longest-prefix match ignores them).
 pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
-    let (ip, len) = text.split_once('/').ok_or("expected ADDRESS/PREFIX")?;
-    let ip: IpAddr = ip.parse().map_err(|e| format!("bad address: {e}"))?;
-    let len: u8 = len.parse().map_err(|e| format!("bad prefix length: {e}"))?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    if len > max {
-        return Err(format!("prefix length {len} exceeds {max}"));
-    }
-    Ok((ip, len))
+    let net: IpNet = text.parse().map_err(|_| {
+        format!(
+            "{text:?} is not a network in CIDR notation (ADDRESS/PREFIX, such as 10.96.0.0/12 \
+             or fd00::/108, with a prefix of at most 32 for IPv4 and 128 for IPv6)"
+        )
+    })?;
+    Ok((net.addr(), net.prefix_len()))
 }
 
 /// Kubernetes node names are DNS subdomains (`ip-10-0-0-1.ec2.internal`).

@@ -1,7 +1,11 @@
-//! The agent's configuration file: typed, defaulted, and validated on load; and the
-//! waypoint's ([`waypoint`]), which shares its error type, control plane section and bounds.
+//! The configuration files of the three roles: the agent's (here), the waypoint's
+//! ([`waypoint`]) and the controller's ([`controller`]). Each is typed, defaulted, and
+//! validated on load; all three share one error type ([`ConfigError`]), whose refusals name
+//! the file, the field and its line. The agent and the waypoint also share the listener
+//! section ([`ListenConfig`]), the control plane section ([`ControlPlaneConfig`]) and the
+//! bounds of their numbers ([`bounds`]).
 //!
-//! Two modes, exactly one of which a file selects:
+//! The agent's file selects one of two modes:
 //! - static (`ca`): the file lists the nodes and workloads and holds the CA key; the agent signs
 //!   its own workload certificates. Used by tests and setups without a controller.
 //! - live (`control_plane`): nodes and workloads stream from `mesh-node controller`, which also
@@ -11,6 +15,8 @@
 //! here, before the agent touches the kernel or the network; a refusal names the offending
 //! field and, where the file spells it out, its line.
 
+pub mod controller;
+mod error;
 mod limits;
 mod lines;
 #[cfg(test)]
@@ -26,117 +32,28 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use error::{ConfigError, invalid};
 pub use limits::{DEFAULT_ACCESS_LOG_BURST, DEFAULT_ACCESS_LOG_PER_SOURCE_PER_SEC, LimitsConfig};
 pub use lines::Lines;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// The file does not deserialize: YAML syntax, an unknown or missing field, a wrong type.
-    #[error("{} is not a valid configuration: {}{reason}", file_name(path), place(field, *line))]
-    Parse {
-        path: PathBuf,
-        /// Field path (`datapath.excluded_ports[2]`); empty for YAML syntax errors.
-        field: String,
-        line: Option<u64>,
-        reason: String,
-    },
-    /// A value deserialized but is refused (range, reference, address).
-    #[error("invalid config: {}{reason}", place(field, *line))]
-    Invalid {
-        field: String,
-        /// Where the field, or the nearest enclosing one, is written; none for defaults.
-        line: Option<u64>,
-        reason: String,
-    },
+/// Reads the configuration file at `path` and hands its text to `parse`; every refusal,
+/// unreadable file included, names the file.
+pub(crate) fn load_file<T>(
+    path: &Path,
+    parse: impl FnOnce(&str) -> Result<T, ConfigError>,
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    parse(&text).map_err(|e| e.in_file(path))
 }
 
-fn file_name(path: &Path) -> String {
-    if path.as_os_str().is_empty() {
-        "the configuration".into()
-    } else {
-        format!("config file {}", path.display())
-    }
-}
-
-fn place(field: &str, line: Option<u64>) -> String {
-    match (field.is_empty(), line) {
-        (false, Some(line)) => format!("{field} (line {line}): "),
-        (false, None) => format!("{field}: "),
-        (true, Some(line)) => format!("line {line}: "),
-        (true, None) => String::new(),
-    }
-}
-
-/// A refusal of `field`, located later by [`ConfigError::located`].
-pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field: field.into(),
-        line: None,
-        reason: reason.into(),
-    }
-}
-
-impl ConfigError {
-    /// The field this refusal names, if any.
-    pub fn field(&self) -> Option<&str> {
-        match self {
-            Self::Parse { field, .. } | Self::Invalid { field, .. } => Some(field),
-            Self::Read { .. } => None,
-        }
-    }
-
-    /// The line of the file this refusal points at, if any.
-    pub fn line(&self) -> Option<u64> {
-        match self {
-            Self::Parse { line, .. } | Self::Invalid { line, .. } => *line,
-            Self::Read { .. } => None,
-        }
-    }
-
-    /// Adds the line of the refused field, found in the `text` it was read from.
-    pub(crate) fn located(self, text: &str) -> Self {
-        match self {
-            Self::Invalid {
-                field,
-                line: None,
-                reason,
-            } => Self::Invalid {
-                line: Lines::of(text).line(&field),
-                field,
-                reason,
-            },
-            other => other,
-        }
-    }
-
-    /// Names the file a refusal came from.
-    pub(crate) fn in_file(self, file: &Path) -> Self {
-        match self {
-            Self::Parse {
-                field,
-                line,
-                reason,
-                ..
-            } => Self::Parse {
-                path: file.into(),
-                field,
-                line,
-                reason,
-            },
-            other => other,
-        }
-    }
-}
-
-/// Deserializes a configuration file (agent or waypoint), then runs its checks; every refusal
-/// names the field and its line.
+/// Deserializes a configuration file (agent, waypoint or controller), then runs its checks;
+/// every refusal names the field and its line.
 pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
     text: &str,
     validate: impl FnOnce(&T) -> Result<(), ConfigError>,
@@ -317,11 +234,7 @@ pub fn expand_env(
             .matches('\n')
             .count() as u64
             + 1;
-        let refuse = |reason: String| ConfigError::Invalid {
-            field: "config".into(),
-            line: Some(line),
-            reason,
-        };
+        let refuse = |reason: String| ConfigError::at_line(line, reason);
         let after = &rest[start + 2..];
         let end = after.find('}').ok_or_else(|| {
             refuse("unterminated ${ (write ${NAME} to use an environment variable)".into())
@@ -349,14 +262,19 @@ pub fn expand_env(
     Ok(out)
 }
 
+/// Where an agent or a waypoint listens. The controller's file names its two addresses at its
+/// top level instead (`listen` and `monitoring`, see [`controller::ControllerConfig`]).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenConfig {
-    /// Outbound listener for redirected IPv4 connections; a concrete address the pods can reach
-    /// (the eBPF programs rewrite destinations to it), conventionally port 15001.
+    /// Agent only: the outbound listener for redirected IPv4 connections; a concrete address
+    /// the pods can reach (the eBPF programs rewrite destinations to it), conventionally port
+    /// 15001. Required by the agent: left out, it reads as `0.0.0.0:0`, which the agent
+    /// refuses; a waypoint refuses any value (it takes no redirected connections).
+    #[serde(default = "unset_address", skip_serializing_if = "is_unset")]
     pub outbound: SocketAddr,
-    /// Outbound listener for native IPv6 connections; without it, enrolled pods cannot open
-    /// IPv6 connections (they are refused rather than leaving the mesh).
+    /// Agent only: the outbound listener for native IPv6 connections; without it, enrolled
+    /// pods cannot open IPv6 connections (they are refused rather than leaving the mesh).
     #[serde(default)]
     pub outbound6: Option<SocketAddr>,
     /// HBONE listener, conventionally port 15008.
@@ -364,12 +282,21 @@ pub struct ListenConfig {
     /// Admin listener (config dump, health, metrics); loopback by default.
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
-    /// Prometheus listener.
+    /// Prometheus listener (a waypoint's conventionally on port 15020).
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
-    /// Readiness listener serving `/healthz/ready`.
+    /// Readiness listener serving `/healthz/ready` (a waypoint's conventionally on port 15021).
     #[serde(default)]
     pub readiness: Option<SocketAddr>,
+}
+
+/// What a listener left out of the file reads as: no address anyone can reach.
+fn unset_address() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+fn is_unset(addr: &SocketAddr) -> bool {
+    *addr == unset_address()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -520,16 +447,14 @@ impl AgentConfig {
     /// certificate, or a certificate that is not a CA, is refused here rather than giving an
     /// agent whose certificates no peer accepts.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        let text = expand_env(&text, |name| std::env::var(name).ok())?;
-        let config = Self::parse(&text).map_err(|e| e.in_file(path))?;
-        if let Some(ca) = &config.ca {
-            ca.load().map_err(|e| e.located(&text))?;
-        }
-        Ok(config)
+        load_file(path, |text| {
+            let text = expand_env(text, |name| std::env::var(name).ok())?;
+            let config = Self::parse(&text)?;
+            if let Some(ca) = &config.ca {
+                ca.load().map_err(|e| e.located(&text))?;
+            }
+            Ok(config)
+        })
     }
 
     /// Parses and checks a configuration; files it names are not opened.
@@ -542,16 +467,16 @@ impl AgentConfig {
     }
 }
 
-/// Parses `a.b.c.d/n` or `x::y/n`.
+/// Parses a network in CIDR notation, `a.b.c.d/n` or `x::y/n`, as written (host bits may be
+/// set: the datapath's longest-prefix match ignores them).
 pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
-    let (ip, len) = text.split_once('/').ok_or("expected ADDRESS/PREFIX")?;
-    let ip: IpAddr = ip.parse().map_err(|e| format!("bad address: {e}"))?;
-    let len: u8 = len.parse().map_err(|e| format!("bad prefix length: {e}"))?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    if len > max {
-        return Err(format!("prefix length {len} exceeds {max}"));
-    }
-    Ok((ip, len))
+    let net: IpNet = text.parse().map_err(|_| {
+        format!(
+            "{text:?} is not a network in CIDR notation (ADDRESS/PREFIX, such as 10.96.0.0/12 \
+             or fd00::/108, with a prefix of at most 32 for IPv4 and 128 for IPv6)"
+        )
+    })?;
+    Ok((net.addr(), net.prefix_len()))
 }
 
 /// Kubernetes node names are DNS subdomains (`ip-10-0-0-1.ec2.internal`).

@@ -11,7 +11,8 @@
 //! The status of what the controller reads is reported by [`policy_status`] (the policies'
 //! and TrafficPolicies' `Accepted` condition) and [`route_status`] (the routes' parents).
 //!
-//! Both services authenticate callers through [`auth`]: a node agent by its node, a waypoint by its
+//! The configuration file is [`ControllerConfig`] (`config/controller.rs`). Both services
+//! authenticate callers through [`auth`]: a node agent by its node, a waypoint by its
 //! service account (see [`translate::waypoint`] for what makes a waypoint). The CA's root is loaded from files, or
 //! generated and persisted on first start. The controller serves TLS with a certificate it
 //! issues itself from that root (see [`serving_names`]), so agents verify it with the same
@@ -19,12 +20,10 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
     sync::{Arc, atomic::Ordering},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +31,10 @@ use crate::{
     api::v1::{
         certificate_authority_server::CertificateAuthorityServer, discovery_server::DiscoveryServer,
     },
-    config::LogFormat,
+    config::{
+        self, ConfigError,
+        controller::{CaLocation, SourceConfig},
+    },
     identity::{Identity, LocalCa, ca::CaError},
 };
 
@@ -48,6 +50,8 @@ pub mod policy_status;
 pub mod route_status;
 pub mod translate;
 
+// The controller's configuration file lives in `config`, beside the agent's and the waypoint's.
+pub use crate::config::controller::ControllerConfig;
 pub use objects::ClusterObjects;
 pub use translate::{TranslateSettings, Translation, translate};
 
@@ -70,15 +74,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path} is not valid YAML for the controller: {reason}")]
-    Parse { path: PathBuf, reason: String },
-    #[error("invalid controller config: {field}: {reason}")]
-    Invalid { field: String, reason: String },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Ca(#[from] CaError),
     #[error(transparent)]
@@ -102,231 +99,9 @@ pub enum ControllerError {
     SourceEnded,
 }
 
+/// A refusal of a configuration value found when the controller starts.
 fn invalid(field: &str, reason: impl Into<String>) -> ControllerError {
-    ControllerError::Invalid {
-        field: field.into(),
-        reason: reason.into(),
-    }
-}
-
-/// The controller configuration file (YAML).
-///
-/// ```yaml
-/// listen: 0.0.0.0:15012              # CA and discovery gRPC, TLS
-/// trust_domain: cluster.local
-/// ca: { cert: /var/lib/trellis/ca.pem, key: /var/lib/trellis/ca-key.pem }  # generated if both absent
-/// # or: ca: { secret: trellis-system/trellis-ca, publish_root: trellis-system/trellis-ca-root }
-/// source: { directory: /etc/trellis/manifests }                           # or: { kubernetes: {} }
-/// auth:
-///   # node-name: token, and "serviceaccount:<namespace>/<name>": token for waypoints
-///   bootstrap_tokens: /etc/trellis/node-tokens.yaml
-///   token_review: { agent_service_accounts: [trellis-system/trellis-agent], audiences: [] }
-/// hbone_port: 15008
-/// certificate_ttl_secs: 86400        # when the agent asks for 0
-/// max_certificate_ttl_secs: 86400    # cap on what agents ask for
-/// server_names: [10.0.0.5]           # extra DNS names / IPs for the serving certificate
-/// monitoring: 0.0.0.0:15014          # /metrics and /healthz/ready; null to disable
-/// log_format: text
-/// ```
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ControllerConfig {
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
-    #[serde(default = "default_trust_domain")]
-    pub trust_domain: String,
-    pub ca: CaConfig,
-    pub source: SourceConfig,
-    #[serde(default)]
-    pub auth: AuthConfig,
-    #[serde(default = "default_hbone_port")]
-    pub hbone_port: u16,
-    #[serde(default = "default_ttl")]
-    pub certificate_ttl_secs: u64,
-    #[serde(default = "default_ttl")]
-    pub max_certificate_ttl_secs: u64,
-    /// DNS names and IP addresses agents may dial the controller by, besides
-    /// [`CONTROLLER_DNS_NAME`] and a specific `listen` IP.
-    #[serde(default)]
-    pub server_names: Vec<String>,
-    #[serde(default = "default_monitoring")]
-    pub monitoring: Option<SocketAddr>,
-    #[serde(default)]
-    pub log_format: LogFormat,
-}
-
-/// Where the root CA is kept: `cert` and `key` files, or a Kubernetes `secret`. Either is
-/// generated and persisted on first start when absent.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CaConfig {
-    /// PEM root (or intermediate) certificate; also the trust bundle handed to agents.
-    #[serde(default)]
-    pub cert: Option<PathBuf>,
-    /// Its PEM PKCS#8 private key.
-    #[serde(default)]
-    pub key: Option<PathBuf>,
-    /// `<namespace>/<name>` of a `kubernetes.io/tls` Secret holding the root.
-    #[serde(default)]
-    pub secret: Option<String>,
-    /// `<namespace>/<name>` of a ConfigMap to publish the trust bundle (`root-cert.pem`) to,
-    /// for the agents to mount.
-    #[serde(default)]
-    pub publish_root: Option<String>,
-}
-
-/// The validated form of [`CaConfig`].
-enum CaLocation {
-    Files { cert: PathBuf, key: PathBuf },
-    Secret(ca_store::ObjectRef),
-}
-
-impl CaConfig {
-    fn location(&self) -> Result<CaLocation, ControllerError> {
-        match (&self.cert, &self.key, &self.secret) {
-            (Some(cert), Some(key), None) => Ok(CaLocation::Files {
-                cert: cert.clone(),
-                key: key.clone(),
-            }),
-            (None, None, Some(secret)) => Ok(CaLocation::Secret(
-                secret
-                    .parse()
-                    .map_err(|e: String| invalid("ca.secret", e))?,
-            )),
-            _ => Err(invalid(
-                "ca",
-                "give either cert and key (files) or secret (<namespace>/<name>)",
-            )),
-        }
-    }
-
-    fn publish_root(&self) -> Result<Option<ca_store::ObjectRef>, ControllerError> {
-        self.publish_root
-            .as_deref()
-            .map(|r| r.parse().map_err(|e: String| invalid("ca.publish_root", e)))
-            .transpose()
-    }
-}
-
-/// Where the cluster's objects come from.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum SourceConfig {
-    /// A directory of manifests, watched for changes.
-    Directory(PathBuf),
-    /// The cluster the controller runs in (or `KUBECONFIG`'s).
-    Kubernetes(KubernetesSource),
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KubernetesSource {}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthConfig {
-    /// YAML map of node name to that node's agent token, and of
-    /// `serviceaccount:<namespace>/<name>` to the token of the workloads running as that
-    /// service account (waypoints; see [`auth`]).
-    #[serde(default)]
-    pub bootstrap_tokens: Option<PathBuf>,
-    #[serde(default)]
-    pub token_review: Option<TokenReviewConfig>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenReviewConfig {
-    /// `<namespace>/<service-account>` of the agents; other accounts' tokens authenticate
-    /// workloads, which may only act as waypoints (and only a waypoint's service account).
-    #[serde(default = "default_agent_accounts")]
-    pub agent_service_accounts: Vec<String>,
-    /// Audiences the agent's token must carry (empty: the API server's default audience).
-    #[serde(default)]
-    pub audiences: Vec<String>,
-}
-
-fn default_listen() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 15012))
-}
-fn default_trust_domain() -> String {
-    "cluster.local".into()
-}
-fn default_hbone_port() -> u16 {
-    15008
-}
-fn default_ttl() -> u64 {
-    24 * 3600
-}
-#[allow(
-    clippy::unnecessary_wraps,
-    reason = "serde default for an optional field"
-)]
-fn default_monitoring() -> Option<SocketAddr> {
-    Some(SocketAddr::from(([0, 0, 0, 0], 15014)))
-}
-fn default_agent_accounts() -> Vec<String> {
-    vec!["trellis-system/trellis-agent".into()]
-}
-
-impl ControllerConfig {
-    pub fn load(path: &Path) -> Result<Self, ControllerError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ControllerError::Read {
-            path: path.into(),
-            source,
-        })?;
-        let config: Self = serde_saphyr::from_str(&text).map_err(|e| ControllerError::Parse {
-            path: path.into(),
-            reason: e.to_string(),
-        })?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    pub fn validate(&self) -> Result<(), ControllerError> {
-        self.ca.location()?;
-        self.ca.publish_root()?;
-        Identity::new(&self.trust_domain, "a", "b")
-            .map_err(|e| invalid("trust_domain", e.to_string()))?;
-        if self.hbone_port == 0 {
-            return Err(invalid("hbone_port", "must not be 0"));
-        }
-        if self.certificate_ttl_secs == 0 {
-            return Err(invalid("certificate_ttl_secs", "must be positive"));
-        }
-        // The same ceiling as the agents' own: a year, far from any time arithmetic overflow.
-        let ceiling = *crate::config::bounds::AGENT_CERT_TTL_SECS.end();
-        if self.max_certificate_ttl_secs > ceiling {
-            return Err(invalid(
-                "max_certificate_ttl_secs",
-                format!(
-                    "{} is out of range: allowed up to {ceiling} (one year)",
-                    self.max_certificate_ttl_secs
-                ),
-            ));
-        }
-        if self.max_certificate_ttl_secs < self.certificate_ttl_secs {
-            return Err(invalid(
-                "max_certificate_ttl_secs",
-                "must be at least certificate_ttl_secs",
-            ));
-        }
-        if self.auth.bootstrap_tokens.is_none() && self.auth.token_review.is_none() {
-            return Err(invalid(
-                "auth",
-                "configure bootstrap_tokens, token_review or both: agents must prove their node",
-            ));
-        }
-        for name in &self.server_names {
-            if name.parse::<IpAddr>().is_err() && !crate::identity::is_dns_subdomain(name) {
-                return Err(invalid(
-                    "server_names",
-                    format!("{name:?} is neither an IP address nor a DNS name"),
-                ));
-            }
-        }
-        Ok(())
-    }
+    ControllerError::Config(config::invalid(field, reason))
 }
 
 /// The mesh state as published to the services: a translation and its version.

@@ -16,7 +16,7 @@
 //! - [`hbone`]: the HBONE wire both ends agree on, driven on `h2`: handshakes, CONNECT
 //!   streams (resets stay resets), keepalive, the control-frame flood guard.
 //! - [`identity`], [`tls`]: SPIFFE identities, certificates and their store, TLS for HBONE.
-//! - [`config`]: the agent's and the waypoint's configuration files.
+//! - [`config`]: the configuration files of the agent, the waypoint and the controller.
 //! - [`ebpf`]: the kernel datapath: loading and pinning it, enrollment, connection tracking,
 //!   probes of the node.
 //! - [`sock_diag`]: aborting sockets through sock_diag.

@@ -7,8 +7,8 @@ use std::{collections::HashSet, fmt::Display, ops::RangeInclusive};
 use mesh_common::{MAX_ENROLLED_CGROUPS, MAX_EXCLUDED_NETS, MAX_EXCLUDED_PORTS};
 
 use super::{
-    AgentConfig, CaConfig, ConfigError, ControlPlaneConfig, DatapathConfig, check_dns_label,
-    check_node_name, invalid, parse_cidr,
+    AgentConfig, CaConfig, ConfigError, ControlPlaneConfig, DatapathConfig, ListenConfig,
+    check_dns_label, check_node_name, invalid, is_unset, parse_cidr,
 };
 use crate::identity::{Identity, LocalCa, ca::CaError};
 
@@ -198,26 +198,7 @@ impl AgentConfig {
             self.inbound.max_streams_per_connection,
             bounds::STREAMS_PER_CONNECTION,
         )?;
-        if self.listen.outbound.ip().is_unspecified() || !self.listen.outbound.is_ipv4() {
-            return Err(invalid(
-                "listen.outbound",
-                "must be a concrete IPv4 address that pods can reach",
-            ));
-        }
-        if let Some(addr) = self.listen.outbound6 {
-            if addr.ip().is_unspecified() || !addr.is_ipv6() {
-                return Err(invalid(
-                    "listen.outbound6",
-                    "must be a concrete IPv6 address",
-                ));
-            }
-            if addr.port() != self.listen.outbound.port() {
-                return Err(invalid(
-                    "listen.outbound6",
-                    "must use the same port as listen.outbound",
-                ));
-            }
-        }
+        self.listen.validate_agent()?;
         self.datapath.validate()
     }
 
@@ -236,6 +217,59 @@ impl AgentConfig {
                 "workloads",
                 "must be empty with control_plane: workloads come from the controller",
             ));
+        }
+        Ok(())
+    }
+}
+
+impl ListenConfig {
+    /// The agent's listeners: the outbound ones are where pods' connections are redirected.
+    fn validate_agent(&self) -> Result<(), ConfigError> {
+        if is_unset(&self.outbound) {
+            return Err(invalid(
+                "listen.outbound",
+                "required: the concrete IPv4 address and port that pods' connections are \
+                 redirected to",
+            ));
+        }
+        if self.outbound.ip().is_unspecified() || !self.outbound.is_ipv4() {
+            return Err(invalid(
+                "listen.outbound",
+                "must be a concrete IPv4 address that pods can reach",
+            ));
+        }
+        if let Some(addr) = self.outbound6 {
+            if addr.ip().is_unspecified() || !addr.is_ipv6() {
+                return Err(invalid(
+                    "listen.outbound6",
+                    "must be a concrete IPv6 address",
+                ));
+            }
+            if addr.port() != self.outbound.port() {
+                return Err(invalid(
+                    "listen.outbound6",
+                    "must use the same port as listen.outbound",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A waypoint's listeners: it takes no redirected connections, so the agent's outbound
+    /// listeners are refused rather than silently ignored.
+    pub(super) fn validate_waypoint(&self) -> Result<(), ConfigError> {
+        let refuse = |field: &str| {
+            invalid(
+                field,
+                "a waypoint has no outbound listener (only node agents take redirected \
+                 connections): remove it",
+            )
+        };
+        if !is_unset(&self.outbound) {
+            return Err(refuse("listen.outbound"));
+        }
+        if self.outbound6.is_some() {
+            return Err(refuse("listen.outbound6"));
         }
         Ok(())
     }

@@ -1,11 +1,14 @@
 //! The waypoint's configuration file (YAML): who it is, where its controller is, where it
 //! listens. Everything about traffic comes from the controller's stream, not from here.
 
-use std::{net::SocketAddr, path::Path};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, ControlPlaneConfig, LogFormat, bounds, invalid, within};
+use super::{
+    ConfigError, ControlPlaneConfig, ListenConfig, LogFormat, bounds, invalid, load_file,
+    parse_yaml, within,
+};
 use crate::identity::Identity;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -23,7 +26,8 @@ pub struct WaypointConfig {
     /// Lifetime of its certificate; renewed at half life.
     #[serde(default = "default_cert_ttl")]
     pub certificate_ttl_secs: u64,
-    pub listen: WaypointListen,
+    /// `hbone` is required; the agent's outbound listeners are refused.
+    pub listen: ListenConfig,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default = "default_drain")]
@@ -122,22 +126,6 @@ impl TracingConfig {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WaypointListen {
-    /// HBONE from source agents, conventionally port 15008.
-    pub hbone: SocketAddr,
-    /// Admin (config dump); loopback by default.
-    #[serde(default = "default_admin")]
-    pub admin: SocketAddr,
-    /// Prometheus metrics, conventionally port 15020.
-    #[serde(default)]
-    pub metrics: Option<SocketAddr>,
-    /// `/healthz/ready`, conventionally port 15021.
-    #[serde(default)]
-    pub readiness: Option<SocketAddr>,
-}
-
 /// Bounds on what one client can make the waypoint hold.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -221,22 +209,16 @@ fn default_cert_ttl() -> u64 {
 fn default_drain() -> u64 {
     30
 }
-fn default_admin() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 15000))
-}
 
 impl WaypointConfig {
+    /// Reads, parses and checks the file; a refusal names the file, the field and its line.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|e| e.in_file(path))
+        load_file(path, Self::parse)
     }
 
     /// Parses and checks a configuration; a refusal names the field and its line.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        crate::config::parse_yaml(text, Self::validate)
+        parse_yaml(text, Self::validate)
     }
 
     /// The identity the waypoint holds.
@@ -248,6 +230,7 @@ impl WaypointConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.identity()?;
         self.control_plane.validate()?;
+        self.listen.validate_waypoint()?;
         if self.gateway.is_empty() || self.gateway.len() > 253 {
             return Err(invalid("gateway", "must be the Gateway's name"));
         }
@@ -270,151 +253,4 @@ impl WaypointConfig {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINIMAL: &str = "
-namespace: shop
-gateway: waypoint
-service_account: waypoint
-control_plane:
-  address: 10.0.0.1:15012
-  ca_cert: /etc/trellis/ca.pem
-  token_file: /var/run/secrets/token
-listen:
-  hbone: 0.0.0.0:15008
-";
-
-    #[test]
-    fn minimal_file_gets_defaults() {
-        let config = WaypointConfig::parse(MINIMAL).expect("valid");
-        assert_eq!(
-            config.identity().expect("identity").to_string(),
-            "spiffe://cluster.local/ns/shop/sa/waypoint"
-        );
-        assert_eq!(config.limits.max_header_bytes, 16 * 1024);
-        assert_eq!(config.listen.admin, default_admin());
-    }
-
-    #[test]
-    fn refuses_unknown_fields_and_bad_values() {
-        let typo = format!("{MINIMAL}limits:\n  max_header_byte: 10\n");
-        assert!(matches!(
-            WaypointConfig::parse(&typo),
-            Err(ConfigError::Parse { .. })
-        ));
-        let tiny = format!("{MINIMAL}limits:\n  max_header_bytes: 10\n");
-        assert!(matches!(
-            WaypointConfig::parse(&tiny),
-            Err(ConfigError::Invalid { field, .. }) if field == "limits.max_header_bytes"
-        ));
-    }
-
-    #[test]
-    fn every_duration_and_count_is_bounded() {
-        // MINIMAL ends on line 10; appended fields start on line 11.
-        for (bad, field, line) in [
-            ("certificate_ttl_secs: 599", "certificate_ttl_secs", 11),
-            (
-                "certificate_ttl_secs: 18446744073709551615",
-                "certificate_ttl_secs",
-                11,
-            ),
-            ("drain_timeout_secs: 3601", "drain_timeout_secs", 11),
-            (
-                "limits:\n  handshake_timeout_ms: 0",
-                "limits.handshake_timeout_ms",
-                12,
-            ),
-            (
-                "limits:\n  connect_timeout_ms: 120001",
-                "limits.connect_timeout_ms",
-                12,
-            ),
-            (
-                "limits:\n  max_tunnels_per_connection: 0",
-                "limits.max_tunnels_per_connection",
-                12,
-            ),
-            (
-                "limits:\n  max_concurrent_requests: 10001",
-                "limits.max_concurrent_requests",
-                12,
-            ),
-            (
-                "limits:\n  max_header_bytes: 1048577",
-                "limits.max_header_bytes",
-                12,
-            ),
-            (
-                "limits:\n  max_buffered_body_bytes: 67108865",
-                "limits.max_buffered_body_bytes",
-                12,
-            ),
-            (
-                "tracing:\n  otlp_endpoint: http://c:4317\n  flush_interval_ms: 0",
-                "tracing.flush_interval_ms",
-                13,
-            ),
-            (
-                "tracing:\n  otlp_endpoint: http://c:4317\n  export_timeout_ms: 0",
-                "tracing.export_timeout_ms",
-                13,
-            ),
-            ("drain_timeout_secs: -1", "drain_timeout_secs", 11),
-            (
-                "limits:\n  max_header_byte: 10",
-                "limits.max_header_byte",
-                12,
-            ),
-        ] {
-            let text = format!("{MINIMAL}{bad}\n");
-            let err = WaypointConfig::parse(&text).expect_err(bad);
-            assert_eq!(err.field(), Some(field), "{bad}: {err}");
-            assert_eq!(err.line(), Some(line), "{bad}: {err}");
-        }
-    }
-
-    #[test]
-    fn tracing_takes_a_plaintext_collector_and_gets_bounded_defaults() {
-        let with = format!("{MINIMAL}tracing:\n  otlp_endpoint: http://10.0.0.9:4317\n");
-        let tracing = WaypointConfig::parse(&with)
-            .expect("valid")
-            .tracing
-            .expect("tracing");
-        assert_eq!(tracing.sampling_percent, 1.0);
-        assert_eq!(tracing.max_queued_spans, 4096);
-        assert!(
-            WaypointConfig::parse(MINIMAL)
-                .expect("valid")
-                .tracing
-                .is_none()
-        );
-
-        for (bad, field) in [
-            ("otlp_endpoint: 10.0.0.9:4317", "tracing.otlp_endpoint"),
-            (
-                "otlp_endpoint: https://collector:4317",
-                "tracing.otlp_endpoint",
-            ),
-            (
-                "otlp_endpoint: http://c:4317\n  sampling_percent: 101",
-                "tracing.sampling_percent",
-            ),
-            (
-                "otlp_endpoint: http://c:4317\n  max_queued_spans: 0",
-                "tracing.max_queued_spans",
-            ),
-            (
-                "otlp_endpoint: http://c:4317\n  max_queued_spans: 10\n  max_batch_spans: 11",
-                "tracing.max_batch_spans",
-            ),
-        ] {
-            let text = format!("{MINIMAL}tracing:\n  {bad}\n");
-            match WaypointConfig::parse(&text) {
-                Err(ConfigError::Invalid { field: got, .. }) => assert_eq!(got, field, "{bad}"),
-                other => panic!("{bad}: {other:?}"),
-            }
-        }
-    }
-}
+mod tests;

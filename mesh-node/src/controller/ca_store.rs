@@ -22,7 +22,10 @@ use kube::{
     api::{ObjectMeta, Patch, PatchParams, PostParams},
 };
 
-use crate::identity::{LocalCa, ca::CaError};
+use crate::{
+    config::controller::ObjectRef,
+    identity::{LocalCa, ca::CaError},
+};
 
 /// Secret keys, as in `kubernetes.io/tls` Secrets.
 pub const SECRET_CERT: &str = "tls.crt";
@@ -77,42 +80,6 @@ pub enum CaStoreError {
         name: String,
         source: kube::Error,
     },
-}
-
-/// A namespaced object's `<namespace>/<name>`, parsed from configuration.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ObjectRef {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl std::str::FromStr for ObjectRef {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let valid = |part: &str| {
-            !part.is_empty()
-                && part.len() <= 253
-                && part
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        };
-        match s.split_once('/') {
-            Some((namespace, name)) if valid(namespace) && valid(name) => Ok(Self {
-                namespace: namespace.into(),
-                name: name.into(),
-            }),
-            _ => Err(format!(
-                "{s:?} is not <namespace>/<name> with lowercase DNS-style parts"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for ObjectRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
 }
 
 /// Loads the root from `secret`, or generates one and creates the Secret (losing a creation

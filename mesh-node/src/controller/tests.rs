@@ -1,6 +1,6 @@
 //! The whole controller in process: a manifest directory in, TLS gRPC out.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use tokio::sync::mpsc;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};

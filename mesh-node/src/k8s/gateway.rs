@@ -5,6 +5,8 @@
 //! Whether a value is usable is decided by [`crate::l7::route::compile`], which can then name the field in
 //! the route's status. Unknown fields are ignored (they are either status-irrelevant or from a
 //! newer API version; the API server has already validated the object against its schema).
+//! Ours rather than the `gateway-api` crate's, whose enums refuse a whole object for one bad
+//! value (and whose 0.22 is built on kube 4 and k8s-openapi 0.28, not our 5 and 0.29).
 
 use serde::{Deserialize, Deserializer, Serialize};
 

@@ -5,6 +5,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
 use serde_json::Value;
 
 /// A cell's text: strings as they are, absent values as `-`, the rest as JSON.
@@ -54,26 +55,28 @@ fn ago(unix: Option<u64>) -> String {
     }
 }
 
-/// Left-aligned columns separated by two spaces; the first row is the header.
+/// Left-aligned columns separated by two spaces, no borders, no trailing spaces; the first row
+/// is the header. Column widths are display widths, so wide characters still line up.
 pub fn render(rows: &[Vec<String>]) -> String {
-    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
+    let mut table = Table::new();
+    // Never wrapped to the terminal: the output is the same on a terminal and in a pipe.
+    table
+        .load_style(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled);
+    let mut rows = rows.iter();
+    if let Some(header) = rows.next() {
+        table.set_header(header.clone());
+    }
+    table.add_rows(rows.cloned());
+    let columns = table.column_count();
+    for (i, column) in table.column_iter_mut().enumerate() {
+        let gap = if i + 1 < columns { 2 } else { 0 };
+        column.set_padding((0, gap));
+        column.set_cell_alignment(CellAlignment::Left);
+    }
     let mut out = String::new();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
+    for line in table.lines() {
+        out.push_str(line.trim_end());
         out.push('\n');
     }
     out
@@ -367,6 +370,13 @@ mod tests {
             vec!["wide cell".into(), "x".into()],
         ]);
         assert_eq!(table, "A          LONGER\nwide cell  x\n");
+        let short = render(&[header(&["A", "B", "C"]), vec!["1".into()]]);
+        assert_eq!(
+            short, "A  B  C\n1\n",
+            "a short row leaves no trailing spaces"
+        );
+        let wide = render(&[header(&["NAME", "X"]), vec!["日本語".into(), "y".into()]]);
+        assert_eq!(wide, "NAME    X\n日本語  y\n", "widths are display columns");
     }
 
     #[test]

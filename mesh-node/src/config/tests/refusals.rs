@@ -490,8 +490,8 @@ fn lines_map_field_paths_and_fall_back_to_the_enclosing_field() {
 fn yaml_syntax_errors_carry_the_parsers_line() {
     let err = AgentConfig::parse(&GOOD.replace("listen: {", "listen: {{")).expect_err("syntax");
     assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
-    // The parser notices the broken flow mapping where the next line starts.
-    assert_eq!(err.line(), Some(LINE_LISTEN + 1), "{err}");
+    // The parser notices the broken flow mapping where it starts: a mapping where a key belongs.
+    assert_eq!(err.line(), Some(LINE_LISTEN), "{err}");
     assert_eq!(err.field(), Some("listen"), "{err}");
 }
 

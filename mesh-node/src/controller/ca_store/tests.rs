@@ -188,11 +188,3 @@ async fn the_trust_bundle_is_applied_with_the_root_only() {
         "the key never leaves the Secret"
     );
 }
-
-#[test]
-fn object_refs_need_namespace_and_name() {
-    assert!("trellis-system/trellis-ca".parse::<ObjectRef>().is_ok());
-    for bad in ["trellis-ca", "/x", "x/", "a/b/c", "Upper/x"] {
-        assert!(bad.parse::<ObjectRef>().is_err(), "{bad}");
-    }
-}

@@ -6,19 +6,36 @@
 //! `429 Too Many Requests` with `retry-after`). With `per: route` the caller's route key (the
 //! matched route, or the service when none matched) selects the bucket; with `per: source`
 //! the caller's verified identity does, and every request without one shares a single bucket.
+//! The buckets are `governor`'s (GCRA: one theoretical arrival time per key, in whole
+//! nanoseconds), on tokio's clock, in a store of this module that bounds their number.
 //!
 //! Limits are per replica: a service behind `n` waypoint replicas admits up to `n` times the
 //! rate.
 //!
-//! The number of buckets is bounded ([`DEFAULT_MAX_KEYS`]). When a new key finds the table
-//! full, every bucket that has refilled completely is dropped first: a full bucket is exactly
-//! what a new key would get, so nothing is lost. Only if none has, the least recently used
-//! bucket is dropped, which gives that key a fresh burst when it comes back; a bounded
-//! leniency, traded for memory that identities cannot grow.
+//! The number of buckets is bounded ([`DEFAULT_MAX_KEYS`]): a key that finds the table full
+//! replaces the bucket that has refilled the most (the earliest arrival time), and the
+//! buckets that have refilled completely are then dropped all at once: a full bucket is
+//! exactly what a new key would get, so nothing is lost. Only when no bucket has refilled
+//! does a key lose part of its state (it comes back with a fresh burst): a bounded leniency,
+//! traded for memory that identities cannot grow.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
-use tokio::time::Instant;
+use governor::{
+    Quota,
+    clock::Clock,
+    middleware::NoOpMiddleware,
+    nanos::Nanos,
+    state::{StateStore, keyed::ShrinkableKeyedStateStore},
+};
 
 /// The most buckets a limiter keeps.
 pub const DEFAULT_MAX_KEYS: usize = 10_000;
@@ -49,26 +66,91 @@ pub enum RateDecision {
     },
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
+/// `governor`'s time source: tokio's clock, so that the limiter follows paused time in tests
+/// like every other resilience primitive.
+#[derive(Clone, Debug)]
+struct TokioClock(tokio::time::Instant);
 
-impl Bucket {
-    /// The tokens at `now`, without taking any.
-    fn level(&self, now: Instant, policy: &RateLimitPolicy) -> f64 {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        (self.tokens + elapsed * f64::from(policy.requests_per_second)).min(f64::from(policy.burst))
+impl Clock for TokioClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        self.0.elapsed()
     }
 }
+
+/// The buckets' state, one arrival time per key and at most `max_keys` of them.
+///
+/// `governor`'s own keyed stores grow with every key they see until swept; this one never
+/// holds more than its bound, whatever the keys a caller presents.
+#[derive(Debug)]
+struct BoundedCells {
+    max_keys: usize,
+    cells: Mutex<HashMap<String, Nanos>>,
+    /// Set when a key had to take another's place: time to drop the refilled buckets.
+    full: Arc<AtomicBool>,
+}
+
+impl BoundedCells {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Nanos>> {
+        // A poisoned lock only means another thread panicked between plain map updates.
+        self.cells.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl StateStore for BoundedCells {
+    type Key = String;
+
+    fn measure_and_replace<T, F, E>(&self, key: &String, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let mut cells = self.lock();
+        let (result, arrival) = f(cells.get(key).copied())?;
+        if let Some(cell) = cells.get_mut(key) {
+            *cell = arrival;
+            return Ok(result);
+        }
+        if cells.len() >= self.max_keys {
+            // The earliest arrival time is the bucket holding the most tokens: replacing it
+            // costs the least leniency.
+            let fullest = cells
+                .iter()
+                .min_by_key(|(_, arrival)| **arrival)
+                .map(|(key, _)| key.clone());
+            if let Some(fullest) = fullest {
+                cells.remove(&fullest);
+            }
+            self.full.store(true, Ordering::Relaxed);
+        }
+        cells.insert(key.clone(), arrival);
+        Ok(result)
+    }
+}
+
+impl ShrinkableKeyedStateStore<String> for BoundedCells {
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.lock().retain(|_, arrival| *arrival > drop_below);
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+type Gcra = governor::RateLimiter<String, BoundedCells, TokioClock, NoOpMiddleware<Duration>>;
 
 /// The buckets of one service.
 #[derive(Debug)]
 pub struct RateLimiter {
     policy: RateLimitPolicy,
-    max_keys: usize,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Gcra,
+    /// The store's `full`.
+    sweep: Arc<AtomicBool>,
 }
 
 impl RateLimiter {
@@ -78,10 +160,21 @@ impl RateLimiter {
 
     /// A limiter keeping at most `max_keys` (at least one) buckets.
     pub fn with_max_keys(policy: RateLimitPolicy, max_keys: usize) -> Self {
+        // Compilation refuses zero for both; a zero here would otherwise deny everything.
+        let nonzero = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::per_second(nonzero(policy.requests_per_second))
+            .allow_burst(nonzero(policy.burst));
+        let sweep = Arc::new(AtomicBool::new(false));
+        let cells = BoundedCells {
+            max_keys: max_keys.max(1),
+            cells: Mutex::new(HashMap::new()),
+            full: sweep.clone(),
+        };
+        let clock = TokioClock(tokio::time::Instant::now());
         Self {
             policy,
-            max_keys: max_keys.max(1),
-            buckets: Mutex::new(HashMap::new()),
+            buckets: governor::RateLimiter::new(quota, cells, clock),
+            sweep,
         }
     }
 
@@ -95,59 +188,26 @@ impl RateLimiter {
             RateLimitKey::Route => route,
             RateLimitKey::Source => source.unwrap_or(""),
         };
-        let now = Instant::now();
-        let policy = &self.policy;
-        // A poisoned lock only means another thread panicked between plain field updates.
-        let mut buckets = self
-            .buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !buckets.contains_key(key) {
-            if buckets.len() >= self.max_keys {
-                buckets.retain(|_, b| b.level(now, policy) < f64::from(policy.burst));
-            }
-            if buckets.len() >= self.max_keys {
-                let oldest = buckets
-                    .iter()
-                    .min_by_key(|(_, b)| b.last)
-                    .map(|(k, _)| k.clone());
-                if let Some(oldest) = oldest {
-                    buckets.remove(&oldest);
+        let decision = self.buckets.check_key(&key.to_owned());
+        // The store had to make room: drop every bucket that has refilled, so the next new
+        // keys find room without replacing anyone.
+        if self.sweep.swap(false, Ordering::Relaxed) {
+            self.buckets.retain_recent();
+        }
+        match decision {
+            Ok(()) => RateDecision::Allow,
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.buckets.clock().now());
+                RateDecision::Deny {
+                    retry_after_secs: wait.as_secs_f64().ceil().clamp(1.0, 86_400.0) as u64,
                 }
             }
-            buckets.insert(
-                key.to_owned(),
-                Bucket {
-                    tokens: f64::from(policy.burst),
-                    last: now,
-                },
-            );
-        }
-        let Some(bucket) = buckets.get_mut(key) else {
-            // Just inserted; unreachable, and denying nothing is the harmless answer.
-            return RateDecision::Allow;
-        };
-        let tokens = bucket.level(now, policy);
-        bucket.last = now;
-        if tokens >= 1.0 {
-            bucket.tokens = tokens - 1.0;
-            return RateDecision::Allow;
-        }
-        bucket.tokens = tokens;
-        // With whole requests per second the wait is at most a second; computed anyway so a
-        // finer rate would still get an honest answer.
-        let wait = (1.0 - tokens) / f64::from(policy.requests_per_second.max(1));
-        RateDecision::Deny {
-            retry_after_secs: wait.ceil().clamp(1.0, 86_400.0) as u64,
         }
     }
 
     /// Buckets kept now.
     pub fn keys(&self) -> usize {
-        self.buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len()
+        self.buckets.len()
     }
 }
 
@@ -234,7 +294,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_key_limit_evicts_full_buckets_first_then_the_least_recent() {
+    async fn the_key_limit_replaces_the_fullest_bucket_then_drops_the_refilled_ones() {
         let policy = RateLimitPolicy {
             requests_per_second: 1,
             burst: 5,
@@ -246,7 +306,8 @@ mod tests {
         assert_eq!(allowed(&l, "b", None, 5), 5);
         tokio::time::advance(Duration::from_millis(10)).await;
         assert_eq!(allowed(&l, "c", None, 5), 5);
-        // Full table, no bucket refilled: the least recently used ("a") goes.
+        // Full table, no bucket refilled: the one holding the most tokens ("a", emptied
+        // first) goes.
         assert_eq!(allowed(&l, "d", None, 1), 1);
         assert_eq!(l.keys(), 3);
         assert_eq!(allowed(&l, "b", None, 1), 0, "b kept its empty bucket");
@@ -254,7 +315,7 @@ mod tests {
         // The evicted key starts over with a full burst (the documented leniency)...
         assert_eq!(allowed(&l, "a", None, 5), 5);
         assert_eq!(l.keys(), 3);
-        // ...and once buckets have refilled they are dropped first, all at once.
+        // ...and once buckets have refilled they are dropped, all at once.
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(allowed(&l, "e", None, 1), 1);
         assert_eq!(l.keys(), 1);

@@ -165,6 +165,8 @@ pub struct Source {
     pub identity: String,
 }
 
+// Ours rather than the OpenTelemetry SDK's batch processor: that one reports its drops only in
+// a log line at shutdown, with no count by reason, and reads its limits from OTEL_BSP_* too.
 /// The exporter task, ready to be spawned.
 pub struct Exporter {
     rx: mpsc::Receiver<RequestSpan>,

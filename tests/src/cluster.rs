@@ -16,7 +16,7 @@
 mod pki;
 mod tools;
 
-
+pub mod kubelet;
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -146,13 +146,16 @@ impl Cluster {
                 format!("--etcd-servers={etcd_url}").into(),
                 format!("--bind-address={}", options.address).into(),
                 format!("--advertise-address={}", options.address).into(),
+                // The `kubernetes` Service's endpoints cannot be a loopback address, and no pod
+                // here dials the API server through it.
+                "--endpoint-reconciler-type=none".into(),
                 format!("--secure-port={api_port}").into(),
                 flag("--cert-dir", dir.join("apiserver")),
                 flag("--tls-cert-file", p(pki::SERVING_CERT)),
                 flag("--tls-private-key-file", p(pki::SERVING_KEY)),
                 flag("--client-ca-file", p(pki::CA_CERT)),
                 format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}").into(),
-                flag("--service-account-key-file", p(pki::SA_KEY)),
+                flag("--service-account-key-file", p(pki::SA_PUBLIC_KEY)),
                 flag("--service-account-signing-key-file", p(pki::SA_KEY)),
                 "--authorization-mode=Node,RBAC".into(),
                 "--service-cluster-ip-range=10.96.0.0/16".into(),
@@ -185,7 +188,6 @@ impl Cluster {
                 "--leader-elect=false".into(),
                 "--bind-address=127.0.0.1".into(),
                 "--secure-port=0".into(),
-                "--concurrent-endpointslice-syncs=2".into(),
                 "--v=1".into(),
             ],
         );
@@ -201,15 +203,21 @@ impl Cluster {
         cluster.launch(1)?;
         cluster.wait_ready()?;
         cluster.launch(2)?;
-        cluster.wait_for(
-            "the controller-manager to create the default service account",
-            || {
-                Ok(cluster
-                    .kubectl_output(&["get", "serviceaccount", "default", "-n", "default"])?
-                    .status
-                    .success())
-            },
-        )?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !cluster
+            .kubectl_output(&["get", "serviceaccount", "default", "-n", "default"])?
+            .status
+            .success()
+        {
+            cluster.check_running()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "the controller-manager made no default service account in {READY_TIMEOUT:?}\n{}",
+                    cluster.log_tails()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
         Ok(cluster)
     }
 
@@ -302,26 +310,20 @@ impl Cluster {
         serde_json::from_str(&text).with_context(|| format!("kubectl {args:?} printed no JSON"))
     }
 
-    /// A token of service account `namespace/name` from the TokenRequest API, for `audience`,
-    /// bound to Pod `bound_pod` (in the same namespace) when given.
+    /// A token of service account `namespace/name` from the TokenRequest API, for `audience`
+    /// (the API server's own by default), bound to Pod `bound_pod` (in the same namespace)
+    /// when given.
     pub fn token(
         &self,
         namespace: &str,
         name: &str,
-        audience: &str,
+        audience: Option<&str>,
         bound_pod: Option<&str>,
     ) -> Result<String> {
-        let mut args = vec![
-            "create",
-            "token",
-            name,
-            "-n",
-            namespace,
-            "--audience",
-            audience,
-            "--duration",
-            "2h",
-        ];
+        let mut args = vec!["create", "token", name, "-n", namespace, "--duration", "2h"];
+        if let Some(audience) = audience {
+            args.extend(["--audience", audience]);
+        }
         if let Some(pod) = bound_pod {
             args.extend(["--bound-object-kind", "Pod", "--bound-object-name", pod]);
         }
@@ -452,13 +454,7 @@ impl Cluster {
     fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            for c in &mut self.components {
-                if let Some(child) = c.child.as_mut()
-                    && let Ok(Some(status)) = child.try_wait()
-                {
-                    bail!("{} exited ({status}) during start-up", c.name);
-                }
-            }
+            self.check_running()?;
             let out = self.kubectl_output(&["get", "--raw", "/readyz"])?;
             if out.status.success() {
                 return Ok(());
@@ -472,6 +468,19 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+
+    /// An error (with the logs) if a started component has exited.
+    fn check_running(&mut self) -> Result<()> {
+        for c in &mut self.components {
+            if let Some(child) = c.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                let name = c.name;
+                bail!("{name} exited ({status})\n{}", self.log_tails());
+            }
+        }
+        Ok(())
     }
 
     /// The last lines of every component's log, for error messages.

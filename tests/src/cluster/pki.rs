@@ -18,6 +18,7 @@ pub const SERVING_KEY: &str = "apiserver-key.pem";
 pub const ADMIN_CERT: &str = "admin.pem";
 pub const ADMIN_KEY: &str = "admin-key.pem";
 pub const SA_KEY: &str = "service-account-key.pem";
+pub const SA_PUBLIC_KEY: &str = "service-account.pub";
 
 /// Writes every file into `dir`; the serving certificate names `addresses`, `localhost` and
 /// the in-cluster names of the `kubernetes` Service.
@@ -68,10 +69,11 @@ pub fn write(dir: &Path, addresses: &[IpAddr]) -> Result<()> {
     write_file(dir, ADMIN_CERT, &cert.pem())?;
     write_file(dir, ADMIN_KEY, &key.serialize_pem())?;
 
-    // ES256: the API server signs service-account tokens with it and verifies them with its
-    // public half, which it derives from the same file.
+    // ES256: the API server signs service-account tokens with the key and verifies them with
+    // its public half.
     let sa = KeyPair::generate().context("service-account key")?;
     write_file(dir, SA_KEY, &sa.serialize_pem())?;
+    write_file(dir, SA_PUBLIC_KEY, &sa.public_key_pem())?;
     Ok(())
 }
 

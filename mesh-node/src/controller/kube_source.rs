@@ -88,11 +88,15 @@ fn watch_untyped(
         .boxed()
 }
 
-/// Whether a watch failed because the API server does not serve the kind (no CRD).
+/// Whether a watch failed because the API server does not serve the kind (no CRD). A real API
+/// server answers a group it does not serve with a plain-text `404 page not found`, not a
+/// Status, so the code counts, not only the reason.
 fn not_served(error: &watcher::Error) -> bool {
     match error {
         watcher::Error::InitialListFailed(kube::Error::Api(status))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.is_not_found(),
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => {
+            status.is_not_found() || status.code == 404
+        }
         _ => false,
     }
 }
@@ -831,6 +835,19 @@ mod tests {
         // And removed again: they are gone with it.
         assert!(store.not_served(Kind::HttpRoute));
         assert!(store.objects.http_routes.is_empty());
+    }
+
+    #[test]
+    fn a_plain_text_404_for_an_unserved_group_means_not_served() {
+        // What kube makes of the API server's `404 page not found` for a group with no CRD.
+        let status =
+            kube::core::Status::failure("404 page not found", "Failed to parse error data")
+                .with_code(404);
+        let error = watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status)));
+        assert!(not_served(&error));
+        let forbidden = kube::core::Status::failure("forbidden", "Forbidden").with_code(403);
+        let error = watcher::Error::InitialListFailed(kube::Error::Api(Box::new(forbidden)));
+        assert!(!not_served(&error));
     }
 
     #[test]

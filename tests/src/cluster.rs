@@ -179,7 +179,10 @@ impl Cluster {
             &tools.kube_controller_manager,
             vec![
                 flag("--kubeconfig", admin.clone().into_os_string()),
-                flag("--authentication-kubeconfig", admin.clone().into_os_string()),
+                flag(
+                    "--authentication-kubeconfig",
+                    admin.clone().into_os_string(),
+                ),
                 flag("--authorization-kubeconfig", admin.clone().into_os_string()),
                 format!("--controllers={CONTROLLERS}").into(),
                 flag("--service-account-private-key-file", p(pki::SA_KEY)),
@@ -297,14 +300,21 @@ impl Cluster {
     /// `kubectl apply --server-side` of a YAML or JSON stream, as the admin.
     pub fn apply(&self, manifests: &str) -> Result<String> {
         self.kubectl_stdin(
-            &["apply", "--server-side", "--field-manager=trellis-tests", "-f", "-"],
+            &[
+                "apply",
+                "--server-side",
+                "--field-manager=trellis-tests",
+                "-f",
+                "-",
+            ],
             manifests,
         )
     }
 
     /// `kubectl get ARGS -o json`, parsed.
     pub fn get_json(&self, args: &[&str]) -> Result<serde_json::Value> {
-        let mut all = args.to_vec();
+        let mut all = vec!["get"];
+        all.extend(args);
         all.extend(["-o", "json"]);
         let text = self.kubectl(&all)?;
         serde_json::from_str(&text).with_context(|| format!("kubectl {args:?} printed no JSON"))

@@ -17,7 +17,6 @@ use std::{
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
-use mesh_tests::cluster::helm_gate;
 use mesh_node::{
     check::CAPABILITIES,
     config::{AgentConfig, expand_env},
@@ -26,6 +25,7 @@ use mesh_node::{
     l7::resilience::TrafficPolicy,
     policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication},
 };
+use mesh_tests::cluster::helm_gate;
 use serde_json::{Value, json};
 
 const NAMESPACE: &str = "trellis-system";
@@ -203,7 +203,9 @@ fn agent_config(helm: &Path, values: &Value) -> AgentConfig {
 
 #[test]
 fn the_agent_config_is_one_file_for_every_node_that_the_agent_accepts() {
-    let Some(helm) = helm_gate("the_agent_config_is_one_file_for_every_node_that_the_agent_accepts") else {
+    let Some(helm) =
+        helm_gate("the_agent_config_is_one_file_for_every_node_that_the_agent_accepts")
+    else {
         return;
     };
     let values = default_values();
@@ -236,15 +238,18 @@ fn the_agent_config_is_one_file_for_every_node_that_the_agent_accepts() {
     );
 
     // Values flow into the file.
-    let config = agent_config(&helm, &with(
-        with(
-            values.clone(),
-            "agent.excludedCidrs",
-            json!(["10.96.0.1/32"]),
+    let config = agent_config(
+        &helm,
+        &with(
+            with(
+                values.clone(),
+                "agent.excludedCidrs",
+                json!(["10.96.0.1/32"]),
+            ),
+            "agent.unknownDestination",
+            json!("deny"),
         ),
-        "agent.unknownDestination",
-        json!("deny"),
-    ));
+    );
     assert_eq!(config.datapath.excluded_cidrs, ["10.96.0.1/32"]);
     assert_eq!(
         config.outbound.unknown_destination,
@@ -254,7 +259,9 @@ fn the_agent_config_is_one_file_for_every_node_that_the_agent_accepts() {
 
 #[test]
 fn the_agent_daemonset_mounts_bpffs_and_the_cgroup_root_and_requests_the_checked_capabilities() {
-    let Some(helm) = helm_gate("the_agent_daemonset_mounts_bpffs_and_the_cgroup_root_and_requests_the_checked_capabilities") else {
+    let Some(helm) = helm_gate(
+        "the_agent_daemonset_mounts_bpffs_and_the_cgroup_root_and_requests_the_checked_capabilities",
+    ) else {
         return;
     };
     let values = default_values();
@@ -323,7 +330,10 @@ fn the_agent_daemonset_mounts_bpffs_and_the_cgroup_root_and_requests_the_checked
     );
 
     // The kind switch: privileged instead of capabilities.
-    let kind = render_chart(&helm, &with(values.clone(), "agent.privileged", json!(true)));
+    let kind = render_chart(
+        &helm,
+        &with(values.clone(), "agent.privileged", json!(true)),
+    );
     let kind_agent = container(
         &object(&kind, "DaemonSet", "trellis-agent")["spec"]["template"]["spec"],
         "containers",
@@ -352,7 +362,10 @@ fn the_agent_daemonset_mounts_bpffs_and_the_cgroup_root_and_requests_the_checked
         "grace {grace}s must exceed the drain deadline {}s",
         config.drain_timeout_secs
     );
-    let longer = agent_config(&helm, &with(values.clone(), "agent.drainTimeoutSecs", json!(120)));
+    let longer = agent_config(
+        &helm,
+        &with(values.clone(), "agent.drainTimeoutSecs", json!(120)),
+    );
     let longer_ds = render_chart(&helm, &with(values, "agent.drainTimeoutSecs", json!(120)));
     let longer_grace = object(&longer_ds, "DaemonSet", "trellis-agent")["spec"]["template"]["spec"]
         ["terminationGracePeriodSeconds"]
@@ -392,7 +405,8 @@ fn agents_are_replaced_one_node_at_a_time_without_surge() {
 
 #[test]
 fn the_controller_config_loads_and_names_the_release_namespace() {
-    let Some(helm) = helm_gate("the_controller_config_loads_and_names_the_release_namespace") else {
+    let Some(helm) = helm_gate("the_controller_config_loads_and_names_the_release_namespace")
+    else {
         return;
     };
     let objects = render_chart(&helm, &default_values());
@@ -443,7 +457,9 @@ fn the_controller_config_loads_and_names_the_release_namespace() {
 
 #[test]
 fn the_controller_has_no_cluster_wide_secrets_access_and_the_agent_no_api_access() {
-    let Some(helm) = helm_gate("the_controller_has_no_cluster_wide_secrets_access_and_the_agent_no_api_access") else {
+    let Some(helm) =
+        helm_gate("the_controller_has_no_cluster_wide_secrets_access_and_the_agent_no_api_access")
+    else {
         return;
     };
     let objects = render_chart(&helm, &default_values());
@@ -1072,11 +1088,13 @@ fn helm_lint_passes_strictly_in_every_mode() {
         .args(["--set", "agent.unknownDestination=drop"])
         .output()
         .expect("cannot run helm");
-    assert!(!out.status.success(), "helm rendered values the schema refuses");
+    assert!(
+        !out.status.success(),
+        "helm rendered values the schema refuses"
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("unknownDestination"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
-

@@ -148,13 +148,7 @@ fn preflight() -> Result<&'static str> {
     }
 }
 
-pub fn run(
-    root: &Path,
-    cluster: &str,
-    node_image: &str,
-    keep: bool,
-    prebuilt: bool,
-) -> Result<()> {
+pub fn run(root: &Path, cluster: &str, node_image: &str, keep: bool, prebuilt: bool) -> Result<()> {
     let engine = preflight()?;
     let work = root.join("target/kind-e2e");
     std::fs::create_dir_all(&work).context("creating target/kind-e2e")?;

@@ -59,7 +59,10 @@ fn main() -> Result<()> {
             let dir = cluster.detach()?;
             println!("the API server is ready at {server}");
             println!("export KUBECONFIG={}", kubeconfig.display());
-            println!("logs in {}/logs; stop it with `cargo xtask cluster down`", dir.display());
+            println!(
+                "logs in {}/logs; stop it with `cargo xtask cluster down`",
+                dir.display()
+            );
             Ok(())
         }
         Action::Down { dir } => {

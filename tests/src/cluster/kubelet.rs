@@ -127,10 +127,11 @@ impl<'a> Kubelet<'a> {
                 "containers": [{"name": "app", "image": "pod-app"}],
             },
         });
-        let created: Value = serde_json::from_str(&self.cluster.kubectl_stdin(
-            &["create", "-o", "json", "-f", "-"],
-            &object.to_string(),
-        )?)
+        let created: Value = serde_json::from_str(
+            &self
+                .cluster
+                .kubectl_stdin(&["create", "-o", "json", "-f", "-"], &object.to_string())?,
+        )
         .context("kubectl create printed no JSON")?;
         let uid = created["metadata"]["uid"]
             .as_str()
@@ -318,5 +319,8 @@ fn kill_cgroup(dir: &std::path::Path) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    anyhow::bail!("cgroup {} still has processes after cgroup.kill", dir.display())
+    anyhow::bail!(
+        "cgroup {} still has processes after cgroup.kill",
+        dir.display()
+    )
 }

@@ -16,9 +16,7 @@ use anyhow::{Context, Result, bail};
 use mesh_node::config::{AgentConfig, ControlPlaneConfig, LogFormat, expand_env};
 use serde_json::{Value, json};
 
-use super::{
-    CONTROLLER_PORT, ControlPlane, Mesh, MeshOptions, agent_defaults, write_private,
-};
+use super::{CONTROLLER_PORT, ControlPlane, Mesh, MeshOptions, agent_defaults, write_private};
 use crate::cluster::{Cluster, kubelet::Kubelet};
 use crate::testbed::Testbed;
 

@@ -204,16 +204,34 @@ impl<'a> Kubelet<'a> {
         Ok(())
     }
 
+    /// Creates Namespace `namespace` unless it exists (never touching one that does: its labels
+    /// are the test's).
     fn ensure_namespace(&self, namespace: &str) -> Result<()> {
-        let object = json!({"apiVersion": "v1", "kind": "Namespace",
-                            "metadata": {"name": namespace}});
-        self.cluster.apply(&object.to_string()).map(drop)
+        self.create_missing(
+            &["namespace", namespace],
+            &["create", "namespace", namespace],
+        )
     }
 
     fn ensure_service_account(&self, namespace: &str, name: &str) -> Result<()> {
-        let object = json!({"apiVersion": "v1", "kind": "ServiceAccount",
-                            "metadata": {"name": name, "namespace": namespace}});
-        self.cluster.apply(&object.to_string()).map(drop)
+        self.create_missing(
+            &["serviceaccount", name, "-n", namespace],
+            &["create", "serviceaccount", name, "-n", namespace],
+        )
+    }
+
+    fn create_missing(&self, get: &[&str], create: &[&str]) -> Result<()> {
+        let mut args = vec!["get"];
+        args.extend(get);
+        if self.cluster.kubectl_output(&args)?.status.success() {
+            return Ok(());
+        }
+        match self.cluster.kubectl(create) {
+            Ok(_) => Ok(()),
+            // Made meanwhile by someone else: what was wanted.
+            Err(e) if e.to_string().contains("AlreadyExists") => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// The Deployment and its ReplicaSet (created when missing): the pod-template-hash and

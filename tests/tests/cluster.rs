@@ -582,14 +582,12 @@ fn a_services_endpoints_come_from_the_endpointslice_controller_and_follow_a_dele
         (ready_endpoints(&cluster, "web") == both).then_some(())
     });
     let mut seen = std::collections::BTreeSet::new();
-    let mut last = None;
     let deadline = Instant::now() + CONVERGE;
     while seen.len() < 2 {
-        let answer = get(&tb, &client, &to);
-        if let (Path::Hbone, Some(server)) = &answer {
+        let last = get(&tb, &client, &to);
+        if let (Path::Hbone, Some(server)) = &last {
             seen.insert(server.clone());
         }
-        last = Some(answer);
         assert!(
             Instant::now() < deadline,
             "requests to the VIP {to} did not reach both pods through HBONE: saw {seen:?}, \

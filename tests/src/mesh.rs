@@ -34,6 +34,7 @@ use serde_json::json;
 
 use crate::testbed::{Pod, Proc, SpawnOptions, Testbed};
 
+pub mod kubernetes;
 mod policy;
 mod service;
 pub mod waypoint;
@@ -118,6 +119,8 @@ struct ControlPlane {
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Pod name -> (namespace, labels) of the pods currently in the manifests.
     pods: BTreeMap<String, (String, BTreeMap<String, String>)>,
+    /// The kubeconfig the controller reads a Kubernetes API server with (`KUBECONFIG`).
+    kubeconfig: Option<PathBuf>,
 }
 
 impl<'tb> Mesh<'tb> {
@@ -270,6 +273,7 @@ impl<'tb> Mesh<'tb> {
                 logs: Vec::new(),
                 namespaces: BTreeMap::new(),
                 pods: BTreeMap::new(),
+                kubeconfig: None,
             }),
         };
         mesh.write_nodes()?;
@@ -309,12 +313,16 @@ impl<'tb> Mesh<'tb> {
         let node0 = tb.node(0);
         let control = self.control()?;
         let config = control.config.to_string_lossy().into_owned();
+        let mut options = SpawnOptions::new()
+            .name("controller")
+            .env("RUST_LOG", "info");
+        if let Some(kubeconfig) = &control.kubeconfig {
+            options = options.env("KUBECONFIG", kubeconfig);
+        }
         let proc = tb.spawn(
             node0,
             &["mesh-node", "controller", "--config", &config],
-            SpawnOptions::new()
-                .name("controller")
-                .env("RUST_LOG", "info"),
+            options,
         )?;
         if let Some(path) = proc.stderr_path() {
             control.logs.push(path.to_path_buf());

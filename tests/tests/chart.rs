@@ -1,15 +1,14 @@
 //! The Helm chart (`charts/trellis`): what it must deploy for the agent and controller to work.
 //!
-//! Helm templates are Go templates, not YAML, and `helm` is not on every machine that runs these
-//! tests. So the tests render the templates with a small renderer that knows exactly the
-//! constructs the chart uses (it fails on any other, so a new construct needs teaching it here),
-//! then check the rendered objects as YAML, and load the rendered configuration files with the
-//! agent's and controller's own loaders. `cargo xtask chart-check` runs these tests and, where
-//! `helm` is installed, `helm lint` and `helm template` on the real engine.
+//! The templates are rendered by the real Helm (`helm template`, the release `.ci/kube-tools`
+//! builds), then checked as YAML objects, and the rendered configuration files are loaded with
+//! the agent's and controller's own loaders; `helm lint --strict` runs on every mode the values
+//! offer. Without helm these tests are skipped (and fail under `MESH_E2E=require`).
 //!
 //! The CRDs in `crds/` (one file per API group) are generated from mesh-node's types (`cargo
 //! xtask crds`); the tests fail while a committed file differs, and validate sample objects
-//! (Istio-style policies, TrafficPolicies) against the committed schemas.
+//! (Istio-style policies, TrafficPolicies) against the committed schemas. The cluster tests
+//! (tests/tests/cluster.rs) install all of it on a real API server.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -26,6 +25,7 @@ use mesh_node::{
     l7::resilience::TrafficPolicy,
     policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication},
 };
+use mesh_tests::cluster::helm_gate;
 use serde_json::{Value, json};
 
 const NAMESPACE: &str = "trellis-system";
@@ -55,12 +55,6 @@ fn with(mut values: Value, path: &str, value: Value) -> Value {
     }
     *at = value;
     values
-}
-
-fn lookup<'a>(root: &'a Value, path: &str) -> &'a Value {
-    path.split('.')
-        .filter(|k| !k.is_empty())
-        .fold(root, |v, k| &v[k])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -112,6 +106,9 @@ fn the_schema_refuses_values_the_chart_cannot_use() {
 
 #[test]
 fn every_plain_yaml_file_of_the_chart_parses() {
+    let Some(helm) = helm_gate("every_plain_yaml_file_of_the_chart_parses") else {
+        return;
+    };
     let chart = yaml(&read("Chart.yaml"), "Chart.yaml");
     assert_eq!(chart["apiVersion"], "v2");
     assert_eq!(chart["name"], "trellis");
@@ -125,17 +122,8 @@ fn every_plain_yaml_file_of_the_chart_parses() {
         "README.md"
     );
     // Every template renders to YAML objects, in every mode the values offer.
-    let everything = with(
-        with(
-            with(default_values(), "agent.privileged", json!(true)),
-            "monitoring.podMonitor.enabled",
-            json!(true),
-        ),
-        "monitoring.serviceMonitor.enabled",
-        json!(true),
-    );
-    for values in [default_values(), everything] {
-        let objects = render_chart(&values);
+    for values in [default_values(), everything()] {
+        let objects = render_chart(&helm, &values);
         for (file, docs) in &objects {
             for doc in docs {
                 assert!(doc["kind"].is_string(), "{file}: an object without kind");
@@ -197,8 +185,8 @@ fn mount_at<'a>(pod: &'a Value, container: &'a Value, path: &str) -> (&'a Value,
 }
 
 /// The agent's configuration as the agent on node `node-a` (10.1.0.1) reads it.
-fn agent_config(values: &Value) -> AgentConfig {
-    let objects = render_chart(values);
+fn agent_config(helm: &Path, values: &Value) -> AgentConfig {
+    let objects = render_chart(helm, values);
     let text = object(&objects, "ConfigMap", "trellis-agent")["data"]["agent.yaml"]
         .as_str()
         .expect("agent.yaml in the ConfigMap")
@@ -215,8 +203,13 @@ fn agent_config(values: &Value) -> AgentConfig {
 
 #[test]
 fn the_agent_config_is_one_file_for_every_node_that_the_agent_accepts() {
+    let Some(helm) =
+        helm_gate("the_agent_config_is_one_file_for_every_node_that_the_agent_accepts")
+    else {
+        return;
+    };
     let values = default_values();
-    let config = agent_config(&values);
+    let config = agent_config(&helm, &values);
     assert_eq!(config.node, "node-a", "node from NODE_NAME");
     let cp = config.control_plane.as_ref().expect("live mode");
     assert_eq!(
@@ -245,15 +238,18 @@ fn the_agent_config_is_one_file_for_every_node_that_the_agent_accepts() {
     );
 
     // Values flow into the file.
-    let config = agent_config(&with(
-        with(
-            values.clone(),
-            "agent.excludedCidrs",
-            json!(["10.96.0.1/32"]),
+    let config = agent_config(
+        &helm,
+        &with(
+            with(
+                values.clone(),
+                "agent.excludedCidrs",
+                json!(["10.96.0.1/32"]),
+            ),
+            "agent.unknownDestination",
+            json!("deny"),
         ),
-        "agent.unknownDestination",
-        json!("deny"),
-    ));
+    );
     assert_eq!(config.datapath.excluded_cidrs, ["10.96.0.1/32"]);
     assert_eq!(
         config.outbound.unknown_destination,
@@ -263,9 +259,14 @@ fn the_agent_config_is_one_file_for_every_node_that_the_agent_accepts() {
 
 #[test]
 fn the_agent_daemonset_mounts_bpffs_and_the_cgroup_root_and_requests_the_checked_capabilities() {
+    let Some(helm) = helm_gate(
+        "the_agent_daemonset_mounts_bpffs_and_the_cgroup_root_and_requests_the_checked_capabilities",
+    ) else {
+        return;
+    };
     let values = default_values();
-    let config = agent_config(&values);
-    let objects = render_chart(&values);
+    let config = agent_config(&helm, &values);
+    let objects = render_chart(&helm, &values);
     let ds = object(&objects, "DaemonSet", "trellis-agent");
     let pod = &ds["spec"]["template"]["spec"];
     let agent = container(pod, "containers", "agent");
@@ -329,7 +330,10 @@ fn the_agent_daemonset_mounts_bpffs_and_the_cgroup_root_and_requests_the_checked
     );
 
     // The kind switch: privileged instead of capabilities.
-    let kind = render_chart(&with(values.clone(), "agent.privileged", json!(true)));
+    let kind = render_chart(
+        &helm,
+        &with(values.clone(), "agent.privileged", json!(true)),
+    );
     let kind_agent = container(
         &object(&kind, "DaemonSet", "trellis-agent")["spec"]["template"]["spec"],
         "containers",
@@ -358,8 +362,11 @@ fn the_agent_daemonset_mounts_bpffs_and_the_cgroup_root_and_requests_the_checked
         "grace {grace}s must exceed the drain deadline {}s",
         config.drain_timeout_secs
     );
-    let longer = agent_config(&with(values.clone(), "agent.drainTimeoutSecs", json!(120)));
-    let longer_ds = render_chart(&with(values, "agent.drainTimeoutSecs", json!(120)));
+    let longer = agent_config(
+        &helm,
+        &with(values.clone(), "agent.drainTimeoutSecs", json!(120)),
+    );
+    let longer_ds = render_chart(&helm, &with(values, "agent.drainTimeoutSecs", json!(120)));
     let longer_grace = object(&longer_ds, "DaemonSet", "trellis-agent")["spec"]["template"]["spec"]
         ["terminationGracePeriodSeconds"]
         .as_u64()
@@ -380,7 +387,10 @@ fn the_agent_daemonset_mounts_bpffs_and_the_cgroup_root_and_requests_the_checked
 
 #[test]
 fn agents_are_replaced_one_node_at_a_time_without_surge() {
-    let objects = render_chart(&default_values());
+    let Some(helm) = helm_gate("agents_are_replaced_one_node_at_a_time_without_surge") else {
+        return;
+    };
+    let objects = render_chart(&helm, &default_values());
     let update = &object(&objects, "DaemonSet", "trellis-agent")["spec"]["updateStrategy"];
     assert_eq!(update["type"], "RollingUpdate");
     assert_eq!(update["rollingUpdate"]["maxUnavailable"], 1);
@@ -395,7 +405,11 @@ fn agents_are_replaced_one_node_at_a_time_without_surge() {
 
 #[test]
 fn the_controller_config_loads_and_names_the_release_namespace() {
-    let objects = render_chart(&default_values());
+    let Some(helm) = helm_gate("the_controller_config_loads_and_names_the_release_namespace")
+    else {
+        return;
+    };
+    let objects = render_chart(&helm, &default_values());
     let text = object(&objects, "ConfigMap", "trellis-controller")["data"]["controller.yaml"]
         .as_str()
         .expect("controller.yaml")
@@ -443,7 +457,12 @@ fn the_controller_config_loads_and_names_the_release_namespace() {
 
 #[test]
 fn the_controller_has_no_cluster_wide_secrets_access_and_the_agent_no_api_access() {
-    let objects = render_chart(&default_values());
+    let Some(helm) =
+        helm_gate("the_controller_has_no_cluster_wide_secrets_access_and_the_agent_no_api_access")
+    else {
+        return;
+    };
+    let objects = render_chart(&helm, &default_values());
     let rules = |kind: &str| -> Vec<Value> {
         object(&objects, kind, "trellis-controller")["rules"]
             .as_array()
@@ -983,357 +1002,99 @@ fn traffic_policies_satisfy_the_crd_schema_and_malformed_ones_do_not() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The renderer: the subset of Helm's template language the chart uses.
+// Helm itself.
 
-/// Every template file (not helpers or NOTES) rendered with `values`, as YAML documents.
-fn render_chart(values: &Value) -> BTreeMap<String, Vec<Value>> {
-    let chart = yaml(&read("Chart.yaml"), "Chart.yaml");
-    let context = Context {
-        values: values.clone(),
-        chart,
-        variables: BTreeMap::new(),
-    };
-    let mut out = BTreeMap::new();
-    let dir = chart_dir().join("templates");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("templates directory")
-        .map(|e| e.expect("directory entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    for path in files {
-        let name = path
-            .file_name()
-            .expect("file name")
-            .to_string_lossy()
-            .into_owned();
-        let text = std::fs::read_to_string(&path).expect("template");
-        let rendered = render(&text, &context, &name);
-        let docs: Vec<Value> = rendered
-            .split("\n---\n")
-            .filter(|d| {
-                d.lines()
-                    .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
-            })
-            .map(|d| yaml(d, &format!("{name} rendered")))
-            .collect();
-        out.insert(name, docs);
-    }
-    out
+/// The values files that switch on every optional part of the chart.
+fn everything() -> Value {
+    with(
+        with(
+            with(default_values(), "agent.privileged", json!(true)),
+            "monitoring.podMonitor.enabled",
+            json!(true),
+        ),
+        "monitoring.serviceMonitor.enabled",
+        json!(true),
+    )
 }
 
-#[derive(Clone)]
-struct Context {
-    values: Value,
-    chart: Value,
-    variables: BTreeMap<String, Value>,
-}
-
-/// One open `if`/`with` block: whether its lines are emitted, and the dot inside it.
-struct Frame {
-    active: bool,
-    /// Whether an earlier branch of this if/else already ran.
-    taken: bool,
-    dot: Option<Value>,
-}
-
-fn render(text: &str, context: &Context, file: &str) -> String {
-    let mut context = context.clone();
-    let mut frames: Vec<Frame> = Vec::new();
-    let mut out = String::new();
-    for line in text.lines() {
-        let trimmed = line.trim();
-        let active = frames.iter().all(|f| f.active);
-        let dot = frames.iter().rev().find_map(|f| f.dot.clone());
-        // Whole-line actions (`{{- ... }}` alone on a line).
-        if let Some(action) = trimmed
-            .strip_prefix("{{-")
-            .and_then(|r| r.strip_suffix("}}"))
-            .filter(|a| !a.contains("{{"))
-        {
-            let action = action.trim().trim_end_matches('-').trim();
-            let word = action.split_whitespace().next().unwrap_or("");
-            match word {
-                "if" | "with" => {
-                    let value = if active {
-                        eval(&action[word.len()..], &context, dot.as_ref(), file)
-                    } else {
-                        Value::Null
-                    };
-                    let truthy = truthy(&value);
-                    frames.push(Frame {
-                        active: truthy,
-                        taken: truthy,
-                        dot: (word == "with" && truthy).then_some(value),
-                    });
-                }
-                "else" => {
-                    let frame = frames.last_mut().expect("else without if");
-                    frame.active = !frame.taken;
-                    frame.taken = true;
-                }
-                "end" => {
-                    frames.pop().expect("end without if");
-                }
-                _ if action.starts_with('$') && action.contains(":=") => {
-                    let (name, expr) = action.split_once(":=").expect(":=");
-                    let value = eval(expr, &context, dot.as_ref(), file);
-                    context.variables.insert(name.trim().to_owned(), value);
-                }
-                _ if active => {
-                    // `{{- X | nindent N }}`: X's lines at indent N.
-                    let (expr, indent) = action
-                        .rsplit_once("| nindent")
-                        .unwrap_or_else(|| panic!("{file}: unknown line action {action:?}"));
-                    let indent: usize = indent.trim().parse().expect("nindent width");
-                    let value = eval(expr, &context, dot.as_ref(), file);
-                    out.push_str(&block(&value, indent));
-                }
-                _ => {}
-            }
-            continue;
-        }
-        if !active {
-            continue;
-        }
-        // Inline actions.
-        let mut rest = line;
-        let mut rendered = String::new();
-        while let Some(start) = rest.find("{{") {
-            rendered.push_str(&rest[..start]);
-            let after = &rest[start + 2..];
-            let end = after
-                .find("}}")
-                .unwrap_or_else(|| panic!("{file}: unterminated action in {line:?}"));
-            let value = eval(
-                after[..end].trim_start_matches('-'),
-                &context,
-                dot.as_ref(),
-                file,
-            );
-            rendered.push_str(&scalar(&value));
-            rest = &after[end + 2..];
-        }
-        rendered.push_str(rest);
-        out.push_str(&rendered);
-        out.push('\n');
-    }
-    assert!(frames.is_empty(), "{file}: unclosed block");
-    out
-}
-
-fn truthy(value: &Value) -> bool {
-    match value {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        Value::Number(n) => n.as_f64() != Some(0.0),
-        Value::String(s) => !s.is_empty(),
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
-    }
-}
-
-/// How `{{ x }}` prints a value.
-fn scalar(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
-}
-
-/// `toYaml x | nindent n`, written with JSON flow values (valid YAML).
-fn block(value: &Value, indent: usize) -> String {
-    let pad = " ".repeat(indent);
-    match value {
-        Value::Object(map) => map
-            .iter()
-            .map(|(k, v)| format!("{pad}{}: {v}\n", Value::String(k.clone())))
-            .collect(),
-        Value::Array(items) => items.iter().map(|v| format!("{pad}- {v}\n")).collect(),
-        Value::String(text) => text.lines().map(|l| format!("{pad}{l}\n")).collect(),
-        other => format!("{pad}{other}\n"),
-    }
-}
-
-/// Splits an expression into terms: words, quoted strings and parenthesised groups.
-fn terms(expr: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut chars = expr.trim().chars().peekable();
-    while let Some(&c) = chars.peek() {
-        if c.is_whitespace() {
-            chars.next();
-        } else if c == '(' {
-            let mut depth = 0;
-            let mut group = String::new();
-            for c in chars.by_ref() {
-                match c {
-                    '(' => depth += 1,
-                    ')' => depth -= 1,
-                    _ => {}
-                }
-                group.push(c);
-                if depth == 0 {
-                    break;
-                }
-            }
-            out.push(group);
-        } else if c == '"' {
-            let mut s = String::from(chars.next().expect("quote"));
-            for c in chars.by_ref() {
-                s.push(c);
-                if c == '"' {
-                    break;
-                }
-            }
-            out.push(s);
-        } else {
-            let mut word = String::new();
-            while let Some(&c) = chars.peek() {
-                if c.is_whitespace() {
-                    break;
-                }
-                word.push(c);
-                chars.next();
-            }
-            out.push(word);
-        }
-    }
-    out
-}
-
-fn term(term: &str, context: &Context, dot: Option<&Value>, file: &str) -> Value {
-    if let Some(inner) = term.strip_prefix('(').and_then(|t| t.strip_suffix(')')) {
-        return eval(inner, context, dot, file);
-    }
-    if let Some(s) = term.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
-        return json!(s);
-    }
-    if let Some(path) = term.strip_prefix(".Values") {
-        return lookup(&context.values, path).clone();
-    }
-    match term {
-        "." => dot.cloned().unwrap_or(Value::Null),
-        ".Release.Namespace" => json!(NAMESPACE),
-        ".Release.Name" => json!("trellis"),
-        ".Release.Service" => json!("Helm"),
-        ".Chart.AppVersion" => context.chart["appVersion"].clone(),
-        ".Chart.Name" => context.chart["name"].clone(),
-        ".Chart.Version" => context.chart["version"].clone(),
-        "$.Template.BasePath" => json!("trellis/templates"),
-        variable if variable.starts_with('$') => context
-            .variables
-            .get(variable)
-            .cloned()
-            .unwrap_or_else(|| panic!("{file}: unset {variable}")),
-        other => panic!("{file}: the test renderer does not know the term {other:?}"),
-    }
-}
-
-/// A pipeline: `command args | fn args | ...`.
-fn eval(expr: &str, context: &Context, dot: Option<&Value>, file: &str) -> Value {
-    let mut value: Option<Value> = None;
-    for stage in split_pipeline(expr) {
-        let words = terms(&stage);
-        let (name, args) = words.split_first().expect("empty pipeline stage");
-        let mut args: Vec<Value> = args.iter().map(|a| term(a, context, dot, file)).collect();
-        let known_function = [
-            "include",
-            "toJson",
-            "toYaml",
-            "quote",
-            "add",
-            "append",
-            "print",
-            "sha256sum",
-            "default",
-        ]
-        .contains(&name.as_str());
-        if !known_function {
-            assert!(value.is_none() && args.is_empty(), "{file}: {stage:?}");
-            value = Some(term(name, context, dot, file));
-            continue;
-        }
-        args.extend(value.take());
-        value = Some(match (name.as_str(), args.as_slice()) {
-            ("include", [Value::String(helper), _]) => include(helper, context, file),
-            ("toJson", [v]) => json!(v.to_string()),
-            ("toYaml", [v]) => v.clone(),
-            ("quote", [v]) => json!(Value::String(scalar(v)).to_string()),
-            ("add", [a, b]) => json!(a.as_i64().expect("add: int") + b.as_i64().expect("add: int")),
-            ("append", [Value::Array(list), item]) => {
-                let mut list = list.clone();
-                list.push(item.clone());
-                Value::Array(list)
-            }
-            ("print", parts) => json!(parts.iter().map(scalar).collect::<String>()),
-            ("sha256sum", [_]) => json!("0123abcd"),
-            ("default", [fallback, v]) => {
-                if truthy(v) {
-                    v.clone()
-                } else {
-                    fallback.clone()
-                }
-            }
-            _ => panic!("{file}: the test renderer cannot evaluate {stage:?}"),
-        });
-    }
-    value.unwrap_or(Value::Null)
-}
-
-fn split_pipeline(expr: &str) -> Vec<String> {
-    let mut stages = vec![String::new()];
-    let mut depth = 0;
-    let mut quoted = false;
-    for c in expr.chars() {
-        match c {
-            '"' => quoted = !quoted,
-            '(' if !quoted => depth += 1,
-            ')' if !quoted => depth -= 1,
-            '|' if !quoted && depth == 0 => {
-                stages.push(String::new());
-                continue;
-            }
-            _ => {}
-        }
-        stages.last_mut().expect("a stage").push(c);
-    }
-    stages
-}
-
-/// The chart's named templates (`_helpers.tpl`), by what they produce; the test checks the
-/// helpers file still defines each one with the expected text.
-fn include(helper: &str, context: &Context, file: &str) -> Value {
-    // A template file included for its checksum: the value does not matter.
-    if let Some(template) = helper.strip_prefix("trellis/") {
-        assert!(
-            chart_dir().join(template).is_file(),
-            "{file}: no {template}"
-        );
-        return json!(helper);
-    }
-    let helpers = read("templates/_helpers.tpl");
+/// Runs helm with `values` as a values file; its stdout, or a panic with its stderr.
+fn helm_with_values(helm: &Path, args: &[&str], values: &Value) -> String {
+    let dir = std::env::temp_dir().join(format!(
+        "trellis-chart-values-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    // JSON is YAML: Helm reads it as a values file.
+    let file = dir.join("values.json");
+    std::fs::write(&file, values.to_string()).expect("write values");
+    let out = std::process::Command::new(helm)
+        .args(args)
+        .arg(chart_dir())
+        .arg("--values")
+        .arg(&file)
+        .output()
+        .expect("cannot run helm");
+    std::fs::remove_dir_all(&dir).expect("remove scratch dir");
     assert!(
-        helpers.contains(&format!("define {helper:?}")),
-        "{file}: no helper {helper}"
+        out.status.success(),
+        "helm {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
-    match helper {
-        "trellis.labels" => json!({
-            "app.kubernetes.io/part-of": "trellis",
-            "app.kubernetes.io/managed-by": "Helm",
-            "app.kubernetes.io/instance": "trellis",
-        }),
-        "trellis.image" => {
-            let tag = match &context.values["image"]["tag"] {
-                Value::String(t) if !t.is_empty() => t.clone(),
-                _ => scalar(&context.chart["appVersion"]),
-            };
-            json!(format!(
-                "{}:{tag}",
-                scalar(&context.values["image"]["repository"])
-            ))
+    String::from_utf8(out.stdout).expect("helm prints UTF-8")
+}
+
+/// Every template file rendered by `helm template` with `values`, as YAML documents by the
+/// template file they come from (`# Source: trellis/templates/<file>`).
+fn render_chart(helm: &Path, values: &Value) -> BTreeMap<String, Vec<Value>> {
+    let text = helm_with_values(
+        helm,
+        &["template", "trellis", "--namespace", NAMESPACE],
+        values,
+    );
+    let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for doc in text.split("\n---\n") {
+        let Some(source) = doc
+            .lines()
+            .find_map(|l| l.strip_prefix("# Source: trellis/templates/"))
+        else {
+            continue;
+        };
+        let file = source.trim().to_owned();
+        let value = yaml(doc, &format!("{file} rendered"));
+        if value.is_null() {
+            continue;
         }
-        "trellis.controllerHost" => json!(format!("trellis-controller.{NAMESPACE}.svc")),
-        other => panic!("{file}: the test renderer does not know helper {other}"),
+        out.entry(file).or_default().push(value);
     }
+    assert!(!out.is_empty(), "helm template rendered nothing:\n{text}");
+    out
+}
+
+#[test]
+fn helm_lint_passes_strictly_in_every_mode() {
+    let Some(helm) = helm_gate("helm_lint_passes_strictly_in_every_mode") else {
+        return;
+    };
+    for values in [default_values(), everything()] {
+        let out = helm_with_values(&helm, &["lint", "--strict"], &values);
+        assert!(out.contains("0 chart(s) failed"), "{out}");
+    }
+    // Values the schema refuses make helm refuse the chart too.
+    let out = std::process::Command::new(&helm)
+        .args(["template", "trellis", "--namespace", NAMESPACE])
+        .arg(chart_dir())
+        .args(["--set", "agent.unknownDestination=drop"])
+        .output()
+        .expect("cannot run helm");
+    assert!(
+        !out.status.success(),
+        "helm rendered values the schema refuses"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknownDestination"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

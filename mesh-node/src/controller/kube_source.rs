@@ -88,11 +88,15 @@ fn watch_untyped(
         .boxed()
 }
 
-/// Whether a watch failed because the API server does not serve the kind (no CRD).
+/// Whether a watch failed because the API server does not serve the kind (no CRD). A real API
+/// server answers a group it does not serve with a plain-text `404 page not found`, not a
+/// Status, so the code counts, not only the reason.
 fn not_served(error: &watcher::Error) -> bool {
     match error {
         watcher::Error::InitialListFailed(kube::Error::Api(status))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.is_not_found(),
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => {
+            status.is_not_found() || status.code == 404
+        }
         _ => false,
     }
 }

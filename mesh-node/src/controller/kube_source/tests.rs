@@ -561,6 +561,18 @@ fn an_optional_kind_not_served_counts_as_listed_and_empty() {
 }
 
 #[test]
+fn a_plain_text_404_for_an_unserved_group_means_not_served() {
+    // What kube makes of the API server's `404 page not found` for a group with no CRD.
+    let status = kube::core::Status::failure("404 page not found", "Failed to parse error data")
+        .with_code(404);
+    let error = watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status)));
+    assert!(not_served(&error));
+    let forbidden = kube::core::Status::failure("forbidden", "Forbidden").with_code(403);
+    let error = watcher::Error::InitialListFailed(kube::Error::Api(Box::new(forbidden)));
+    assert!(!not_served(&error));
+}
+
+#[test]
 fn a_relist_replaces_only_its_kind() {
     let mut store = Store::default();
     let ns = |name: &str| {

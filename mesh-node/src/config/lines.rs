@@ -6,7 +6,7 @@
 //! once through `serde_path_to_error` for the field path of a serde error, and once into a
 //! tree of spanned keys that maps every field path (`datapath.excluded_cidrs[3]`) to its line.
 
-use std::{cell::RefCell, collections::HashMap};
+use std::{borrow::Cow, cell::RefCell, collections::HashMap};
 
 use serde::{
     Deserialize, Deserializer,
@@ -217,7 +217,7 @@ pub fn from_yaml<T: DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
         path.truncate(cut);
         path.truncate(path.trim_end_matches('.').len());
     }
-    let (message, location) = message_of(&error);
+    let (message, located, location) = message_of(&error);
     // serde reports a missing field against its parent; name the field itself.
     let field = match message
         .strip_prefix("missing field `")
@@ -233,18 +233,41 @@ pub fn from_yaml<T: DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
     };
     Err(ConfigError::Parse {
         path: Default::default(),
+        reason: if field.is_empty() { located } else { message },
         field,
         line,
-        reason: message,
     })
 }
 
-/// The parser's message without its own position (the refusal carries the field's), and that
-/// position for errors that are not about any one field (YAML syntax).
-fn message_of(error: &serde_saphyr::Error) -> (String, Option<serde_saphyr::Location>) {
-    match error {
-        serde_saphyr::Error::Message { msg, .. } => (msg.clone(), error.location()),
-        serde_saphyr::Error::WithSnippet { error, .. } => message_of(error),
-        other => (other.to_string(), other.location()),
+/// The parser's message without its own position (a refusal that names a field carries the
+/// field's line), the message with it (for errors about no one field, such as YAML syntax, whose
+/// column helps), and that position.
+fn message_of(error: &serde_saphyr::Error) -> (String, String, Option<serde_saphyr::Location>) {
+    let plain = error.render_with_options(serde_saphyr::render_options! {
+        formatter: &Unlocated,
+        snippets: serde_saphyr::SnippetMode::Off,
+    });
+    let located = error.render_with_options(serde_saphyr::render_options! {
+        snippets: serde_saphyr::SnippetMode::Off,
+    });
+    (plain, located, error.location())
+}
+
+/// serde-saphyr's own wording, without the ` at line L, column C` its renderer appends.
+struct Unlocated;
+
+impl serde_saphyr::MessageFormatter for Unlocated {
+    fn localizer(&self) -> &dyn serde_saphyr::Localizer {
+        self
+    }
+
+    fn format_message<'a>(&self, err: &'a serde_saphyr::Error) -> Cow<'a, str> {
+        serde_saphyr::MessageFormatter::format_message(&serde_saphyr::DefaultMessageFormatter, err)
+    }
+}
+
+impl serde_saphyr::Localizer for Unlocated {
+    fn attach_location<'a>(&self, base: Cow<'a, str>, _: serde_saphyr::Location) -> Cow<'a, str> {
+        base
     }
 }

@@ -308,12 +308,14 @@ impl Held {
         if writeln!(self.stdin, "ping 1000").is_err() {
             return false;
         }
-        let needle = format!("\"ping\":{seq},");
-        match self
-            .proc
-            .wait_for_stdout_line(WAIT, |l| l.contains(&needle))
-        {
-            Ok(line) => line.contains("\"ok\":true"),
+        // The result line of this ping, whatever order its keys are printed in.
+        let of_this_ping = |line: &str| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .is_ok_and(|v| v["ping"].as_u64() == u64::try_from(seq).ok())
+        };
+        match self.proc.wait_for_stdout_line(WAIT, of_this_ping) {
+            Ok(line) => serde_json::from_str::<serde_json::Value>(&line)
+                .is_ok_and(|v| v["ok"] == serde_json::Value::Bool(true)),
             Err(_) => false,
         }
     }

@@ -866,3 +866,61 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .context("no status")?;
     Ok((status, body.to_owned()))
 }
+
+/// Asks the controller's CA for a certificate for `identity` from inside node 0's namespace,
+/// exactly as an agent does (fresh key, CSR, verification of the answer), with the token and
+/// trust settings in `config`. Returns the serial of the certificate obtained, or the refusals.
+pub fn sign_from_node_0(
+    tb: &Testbed,
+    config: mesh_node::config::ControlPlaneConfig,
+    trust_domain: &'static str,
+    identity: &mesh_node::identity::Identity,
+) -> Result<String, String> {
+    use std::{collections::HashSet, sync::Arc};
+
+    use mesh_node::{
+        control_plane::channel::{self, BearerToken},
+        identity::store::{CertManager, CertStore, Issuer, RemoteCa},
+        tls,
+    };
+
+    let identity = identity.clone();
+    tb.node(0)
+        .netns
+        .run(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let roots = channel::read_roots(&config).expect("roots");
+                let store =
+                    Arc::new(CertStore::new(tls::provider(), &roots, trust_domain).expect("store"));
+                let remote = RemoteCa::new(
+                    channel::channel(&config).expect("channel"),
+                    BearerToken::new(config.token_file.clone()),
+                    store.roots().clone(),
+                    tls::provider(),
+                );
+                let mut manager = CertManager::new(
+                    store.clone(),
+                    Issuer::Remote(remote),
+                    Duration::from_secs(3600),
+                );
+                let failures = manager.reconcile(&HashSet::from([identity.clone()])).await;
+                match store.get(&identity) {
+                    Some(cert) if failures.is_empty() => Ok(cert.serial.clone()),
+                    held => Err(format!(
+                        "{} (certificate held: {})",
+                        failures
+                            .iter()
+                            .map(|(_, e)| e.to_string())
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                        held.is_some()
+                    )),
+                }
+            })
+        })
+        .expect("node 0 namespace")
+}

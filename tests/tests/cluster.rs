@@ -13,20 +13,10 @@
 //! The control plane runs in node 0's network namespace (on its loopback), where the controller
 //! runs too; the test reaches it with kubectl from there.
 
-use std::collections::HashSet;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mesh_node::{
-    config::ControlPlaneConfig,
-    control_plane::channel::{self, BearerToken},
-    identity::{
-        Identity,
-        store::{CertManager, CertStore, Issuer, RemoteCa},
-    },
-    tls,
-};
+use mesh_node::{config::ControlPlaneConfig, identity::Identity};
 use mesh_tests::{
     cluster::{
         Cluster, ClusterOptions, Tools,
@@ -207,9 +197,13 @@ fn the_chart_installs_on_a_real_api_server_and_its_crds_are_structural_and_expla
             "{name}: {conditions:?}"
         );
     }
-    let explained = cluster
-        .kubectl(&["explain", "authorizationpolicies.spec.action"])
-        .expect("kubectl explain");
+    // An Established CRD reaches the API server's discovery and OpenAPI documents a moment
+    // later: kubectl explain is retried until it finds the kind.
+    let explained = poll(CONVERGE, "kubectl explain to find the new kind", || {
+        cluster
+            .kubectl(&["explain", "authorizationpolicies.spec.action"])
+            .ok()
+    });
     assert!(
         explained.contains("GROUP:") && explained.contains("security.trellis.dev"),
         "{explained}"
@@ -652,41 +646,7 @@ fn sign_from_node_0(
         token_file,
         root_namespace: RELEASE_NAMESPACE.into(),
     };
-    let identity = identity.clone();
-    tb.node(0)
-        .netns
-        .run(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let roots = channel::read_roots(&config).expect("roots");
-                let store =
-                    Arc::new(CertStore::new(tls::provider(), &roots, TRUST_DOMAIN).expect("store"));
-                let remote = RemoteCa::new(
-                    channel::channel(&config).expect("channel"),
-                    BearerToken::new(config.token_file.clone()),
-                    store.roots().clone(),
-                    tls::provider(),
-                );
-                let mut manager = CertManager::new(
-                    store.clone(),
-                    Issuer::Remote(remote),
-                    Duration::from_secs(3600),
-                );
-                let failures = manager.reconcile(&HashSet::from([identity.clone()])).await;
-                match store.get(&identity) {
-                    Some(cert) if failures.is_empty() => Ok(cert.serial.clone()),
-                    _ => Err(failures
-                        .iter()
-                        .map(|(_, e)| e.to_string())
-                        .collect::<Vec<_>>()
-                        .join("; ")),
-                }
-            })
-        })
-        .expect("node 0 namespace")
+    mesh_tests::mesh::sign_from_node_0(tb, config, TRUST_DOMAIN, identity)
 }
 
 #[test]

@@ -16,23 +16,14 @@
 //! TCP arrives from the source node's LAN address.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::BTreeMap,
     io::Write,
     net::IpAddr,
     process::ChildStdin,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
-use mesh_node::{
-    config::ControlPlaneConfig,
-    control_plane::channel::{self, BearerToken},
-    identity::{
-        Identity,
-        store::{CertManager, CertStore, Issuer, RemoteCa},
-    },
-    tls,
-};
+use mesh_node::{config::ControlPlaneConfig, identity::Identity};
 use mesh_tests::{
     mesh::{MESH_LABEL, Mesh, MeshOptions, NAMESPACE, TRUST_DOMAIN, metric_sum, spiffe_id},
     testbed::{Pod, Proc, SpawnOptions, Testbed, bin_path, e2e_gate},
@@ -752,46 +743,7 @@ fn sign_as_node_0(mesh: &Mesh<'_>, tb: &Testbed, identity: &Identity) -> Result<
         token_file: mesh.node_token_file(0),
         root_namespace: "trellis-system".into(),
     };
-    let identity = identity.clone();
-    // The controller listens inside node 0's namespace: the request must come from there.
-    tb.node(0)
-        .netns
-        .run(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async move {
-                let roots = channel::read_roots(&config).expect("roots");
-                let store =
-                    Arc::new(CertStore::new(tls::provider(), &roots, TRUST_DOMAIN).expect("store"));
-                let remote = RemoteCa::new(
-                    channel::channel(&config).expect("channel"),
-                    BearerToken::new(config.token_file.clone()),
-                    store.roots().clone(),
-                    tls::provider(),
-                );
-                let mut manager = CertManager::new(
-                    store.clone(),
-                    Issuer::Remote(remote),
-                    Duration::from_secs(3600),
-                );
-                let failures = manager.reconcile(&HashSet::from([identity.clone()])).await;
-                match store.get(&identity) {
-                    Some(cert) if failures.is_empty() => Ok(cert.serial.clone()),
-                    held => Err(format!(
-                        "{} (certificate held: {})",
-                        failures
-                            .iter()
-                            .map(|(_, e)| e.to_string())
-                            .collect::<Vec<_>>()
-                            .join("; "),
-                        held.is_some()
-                    )),
-                }
-            })
-        })
-        .expect("node 0 namespace")
+    mesh_tests::mesh::sign_from_node_0(tb, config, TRUST_DOMAIN, identity)
 }
 
 #[test]

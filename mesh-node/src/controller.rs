@@ -127,6 +127,7 @@ fn invalid(field: &str, reason: impl Into<String>) -> ControllerError {
 /// server_names: [10.0.0.5]           # extra DNS names / IPs for the serving certificate
 /// monitoring: 0.0.0.0:15014          # /metrics and /healthz/ready; null to disable
 /// log_format: text
+/// cluster_id: Kubernetes             # source_cluster / destination_cluster in metrics
 /// ```
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -153,6 +154,10 @@ pub struct ControllerConfig {
     pub monitoring: Option<SocketAddr>,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// The cluster's name in telemetry (`source_cluster`, `destination_cluster`); Istio's
+    /// default, `Kubernetes`, unless set.
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: String,
 }
 
 /// Where the root CA is kept: `cert` and `key` files, or a Kubernetes `secret`. Either is
@@ -249,6 +254,9 @@ pub struct TokenReviewConfig {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 15012))
 }
+fn default_cluster_id() -> String {
+    crate::state::workload::DEFAULT_CLUSTER_ID.into()
+}
 fn default_trust_domain() -> String {
     "cluster.local".into()
 }
@@ -291,6 +299,8 @@ impl ControllerConfig {
         if self.hbone_port == 0 {
             return Err(invalid("hbone_port", "must not be 0"));
         }
+        crate::state::WorkloadTelemetry::check_cluster_id(&self.cluster_id)
+            .map_err(|e| invalid("cluster_id", e.reason))?;
         if self.certificate_ttl_secs == 0 {
             return Err(invalid("certificate_ttl_secs", "must be positive"));
         }
@@ -550,6 +560,7 @@ impl Controller {
         let settings = TranslateSettings {
             trust_domain: config.trust_domain.clone(),
             hbone_port: config.hbone_port,
+            cluster_id: config.cluster_id.clone(),
         };
         tasks.spawn(translate_loop(
             objects_rx,

@@ -37,7 +37,7 @@ use crate::{
         server::{Next, Server},
     },
     identity::{Identity, store::certificate_serial},
-    metrics::{Direction, FailureReason, Reporter, SecurityPolicy, TcpLabels},
+    metrics::{Direction, FailureReason, Reporter, SecurityPolicy, ServiceLabels, TcpLabels},
     policy::{Destination, Flow},
     state::MeshState,
     tls,
@@ -437,7 +437,8 @@ impl Peer {
         };
         let labels = TcpLabels::new(Reporter::Destination, SecurityPolicy::MutualTls)
             .with_source(src_workload.as_deref(), Some(&self.identity))
-            .with_destination(Some(&target), Some(&target.identity));
+            .with_destination(Some(&target), Some(&target.identity))
+            .with_service(ServiceLabels::serving(&state, dst));
         inputs.metrics.opened.get_or_create(&labels).inc();
         let active = inputs.metrics.active(Direction::Inbound);
         let registration = inputs.authorized.register(grant);

@@ -4,6 +4,8 @@
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 
+use super::telemetry::BodyBytes;
+
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BodyError>;
 
@@ -18,10 +20,17 @@ pub fn streamed(body: hyper::body::Incoming) -> Body {
 #[error("the client's request body failed: {0}")]
 pub struct ClientBodyError(#[source] hyper::Error);
 
-/// A client's request body, streamed as it arrives; its errors are [`ClientBodyError`]s.
-pub fn from_client(body: hyper::body::Incoming) -> Body {
-    body.map_err(|e| Box::new(ClientBodyError(e)) as BodyError)
-        .boxed()
+/// A client's request body, streamed as it arrives; its errors are [`ClientBodyError`]s. The
+/// bytes read are added to `count` (the request's size in its metrics), when given.
+pub fn from_client(body: hyper::body::Incoming, count: Option<BodyBytes>) -> Body {
+    body.map_frame(move |frame| {
+        if let (Some(count), Some(data)) = (&count, frame.data_ref()) {
+            count.add(data.len());
+        }
+        frame
+    })
+    .map_err(|e| Box::new(ClientBodyError(e)) as BodyError)
+    .boxed()
 }
 
 /// Whether `e` (or one of its sources) is a [`ClientBodyError`].

@@ -1,10 +1,13 @@
 //! One body type for everything the waypoint sends: streamed from a peer, buffered for a
 //! retry or a mirror, or written locally (an error status).
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-
-use super::telemetry::BodyBytes;
 
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BodyError>;
@@ -19,6 +22,20 @@ pub fn streamed(body: hyper::body::Incoming) -> Body {
 #[derive(Debug, thiserror::Error)]
 #[error("the client's request body failed: {0}")]
 pub struct ClientBodyError(#[source] hyper::Error);
+
+/// The bytes of a request body read so far (shared with the body as it streams).
+#[derive(Clone, Debug, Default)]
+pub struct BodyBytes(Arc<AtomicU64>);
+
+impl BodyBytes {
+    pub fn add(&self, n: usize) {
+        self.0.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 /// A client's request body, streamed as it arrives; its errors are [`ClientBodyError`]s. The
 /// bytes read are added to `count` (the request's size in its metrics), when given.

@@ -28,10 +28,10 @@ use hyper::body::Incoming;
 
 use super::{
     Target, WaypointInputs,
-    body::{self, Body},
+    body::{self, Body, BodyBytes},
     l7::L7,
     response_flags::ResponseFlags,
-    telemetry::{BodyBytes, RequestLabels},
+    telemetry::RequestLabels,
     trace::{
         TraceContext,
         export::{Attribute, RequestSpan},

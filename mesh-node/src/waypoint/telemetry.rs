@@ -13,10 +13,6 @@
 
 use std::{
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
     task::{Context, Poll},
     time::Instant,
 };
@@ -31,7 +27,7 @@ use prometheus_client::{
 };
 
 use super::{
-    body::{Body, BodyError},
+    body::{Body, BodyBytes, BodyError},
     response_flags::ResponseFlags,
 };
 use crate::{
@@ -209,20 +205,6 @@ impl HttpMetrics {
             grpc,
         };
         http::Response::from_parts(parts, http_body_util::BodyExt::boxed(recorded))
-    }
-}
-
-/// The bytes of a request body read so far (shared with the body as it streams).
-#[derive(Clone, Debug, Default)]
-pub struct BodyBytes(Arc<AtomicU64>);
-
-impl BodyBytes {
-    pub fn add(&self, n: usize) {
-        self.0.fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
     }
 }
 

@@ -227,12 +227,20 @@ impl Stat {
 pub const V4_MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 /// IPv4 address (network byte order) in its IPv4-mapped IPv6 form.
+#[allow(
+    clippy::inline_always,
+    reason = "called from eBPF programs, where an out-of-line call costs verifier budget"
+)]
 #[inline(always)]
 pub const fn v4_mapped(ip4: u32) -> [u32; 4] {
     [0, 0, V4_MAPPED_PREFIX, ip4]
 }
 
 /// Whether a 16-byte address is IPv4-mapped.
+#[allow(
+    clippy::inline_always,
+    reason = "called from eBPF programs, where an out-of-line call costs verifier budget"
+)]
 #[inline(always)]
 pub const fn is_v4_mapped(ip: &[u32; 4]) -> bool {
     ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_PREFIX
@@ -240,6 +248,10 @@ pub const fn is_v4_mapped(ip: &[u32; 4]) -> bool {
 
 /// Whether an IPv4 address (network byte order) must never be redirected: loopback and the
 /// unspecified address stay inside the pod.
+#[allow(
+    clippy::inline_always,
+    reason = "called from eBPF programs, where an out-of-line call costs verifier budget"
+)]
 #[inline(always)]
 pub const fn is_local_v4(ip4: u32) -> bool {
     let first = ip4.to_ne_bytes()[0];
@@ -248,6 +260,10 @@ pub const fn is_local_v4(ip4: u32) -> bool {
 
 /// Whether an IPv6 address (network byte order) must never be redirected: `::1`, `::`, and the
 /// IPv4-mapped forms of loopback and unspecified.
+#[allow(
+    clippy::inline_always,
+    reason = "called from eBPF programs, where an out-of-line call costs verifier budget"
+)]
 #[inline(always)]
 pub const fn is_local_v6(ip: &[u32; 4]) -> bool {
     if is_v4_mapped(ip) {

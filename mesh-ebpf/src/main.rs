@@ -204,7 +204,7 @@ fn try_connect(ctx: &SockAddrContext, family: u32) -> i32 {
     } else {
         read_ip6(sa)
     };
-    let dst_port = u16::from_be(sa.user_port as u16) as u32;
+    let dst_port = u32::from(u16::from_be(sa.user_port as u16));
     let proxy_ip = if family == AF_INET || is_v4_mapped(&dst_ip) {
         v4_mapped(proxy.ip4)
     } else {
@@ -243,7 +243,7 @@ fn try_connect(ctx: &SockAddrContext, family: u32) -> i32 {
     } else {
         write_ip6(sa, &proxy_ip);
     }
-    sa.user_port = (proxy.outbound_port as u16).to_be() as u32;
+    sa.user_port = u32::from((proxy.outbound_port as u16).to_be());
     count(Stat::Redirected);
     ALLOW
 }
@@ -330,7 +330,8 @@ fn socket_pod(sa: &bpf_sock_addr) -> Option<(u64, Enrollment)> {
     // SAFETY: a non-null result points to this socket's storage, sized for `SockCgroups`;
     // the value is copied out.
     let ids = unsafe { (*stored).ids };
-    find_enrolled(ids[0], |level| ids[level])
+    // A level past the array reads as 0, which ends the walk.
+    find_enrolled(ids[0], |level| ids.get(level).copied().unwrap_or(0))
 }
 
 /// The enrolled pod cgroup the calling process belongs to: its own cgroup or an ancestor. In
@@ -565,7 +566,7 @@ fn try_getpeername(ctx: &SockAddrContext, family: u32) {
     } else {
         write_ip6(sa, &orig.ip);
     }
-    sa.user_port = (orig.port as u16).to_be() as u32;
+    sa.user_port = u32::from((orig.port as u16).to_be());
     count(Stat::PeerRewritten);
 }
 
@@ -633,7 +634,7 @@ fn local_key(ctx: &SockOpsContext) -> SockKey {
         )
     };
     let mapped = v4_mapped(ip4);
-    let is_v4 = (family == AF_INET) as u32;
+    let is_v4 = u32::from(family == AF_INET);
     // Branch-free select between the two forms.
     let mask = 0u32.wrapping_sub(is_v4);
     SockKey {

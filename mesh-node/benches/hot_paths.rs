@@ -126,11 +126,7 @@ fn store_with_certificates(runtime: &tokio::runtime::Runtime) -> (Arc<CertStore>
         .map(|i| Identity::new("cluster.local", "shop", &format!("sa-{i}")).expect("identity"))
         .collect();
     let wanted: HashSet<Identity> = identities.iter().cloned().collect();
-    let mut manager = CertManager::new(
-        store.clone(),
-        Issuer::Local(ca),
-        Duration::from_secs(24 * 3600),
-    );
+    let mut manager = CertManager::new(store.clone(), Issuer::Local(ca), Duration::from_hours(24));
     let failed = runtime.block_on(manager.reconcile(&wanted));
     assert!(failed.is_empty(), "{failed:?}");
     (store, identities)

@@ -102,7 +102,7 @@ fn identity(sa: usize) -> Identity {
     Identity::new("cluster.local", "ns42", &format!("client{sa}")).expect("valid identity")
 }
 
-fn flow<'a>(source: &'a Identity, port: u16) -> Flow<'a> {
+fn flow(source: &Identity, port: u16) -> Flow<'_> {
     Flow {
         destination: Destination {
             namespace: "ns42",

@@ -38,7 +38,7 @@ impl Backoff {
     /// An accept failed: logs (rate-limited) and waits before the next try.
     pub async fn failed(&mut self, error: &std::io::Error) {
         if let Some(suppressed) = self.log.allow() {
-            tracing::warn!(listener = self.listener, %error, suppressed, pause_ms = self.pause.as_millis() as u64, "accept failed; backing off");
+            tracing::warn!(listener = self.listener, %error, suppressed, pause_ms = u64::try_from(self.pause.as_millis()).unwrap_or(u64::MAX), "accept failed; backing off");
         }
         tokio::time::sleep(self.pause).await;
         self.pause = (self.pause * 2).min(MAX_PAUSE);

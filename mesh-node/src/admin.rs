@@ -97,7 +97,7 @@ pub async fn serve(
     let open = Arc::new(tokio::sync::Semaphore::new(MAX_OPEN_PER_SURFACE));
     loop {
         let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -168,11 +168,7 @@ fn route(admin: &AdminState, surface: Surface, req: &Request<Incoming>) -> Respo
 fn config_dump(admin: &AdminState) -> serde_json::Value {
     let state = admin.state.load_full();
     let now = SystemTime::now();
-    let secs = |t: SystemTime| {
-        t.duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-    };
+    let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut certificates: Vec<_> = admin
         .certs
         .snapshot()
@@ -183,7 +179,7 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
                 "serial": c.serial,
                 "not_before": secs(c.not_before),
                 "not_after": secs(c.not_after),
-                "expires_in_secs": c.not_after.duration_since(now).map(|d| d.as_secs()).unwrap_or(0),
+                "expires_in_secs": c.not_after.duration_since(now).map_or(0, |d| d.as_secs()),
                 "renew_at": secs(c.renew_at()),
             })
         })
@@ -218,9 +214,9 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
         "ready": admin.ready.load(Ordering::Relaxed),
         "control_plane": control_plane,
         "nodes": nodes,
-        "workloads": state.workloads().iter().map(|w| w.as_ref()).collect::<Vec<_>>(),
-        "services": state.services().iter().map(|s| s.as_ref()).collect::<Vec<_>>(),
-        "waypoints": state.waypoints().into_iter().map(|w| w.as_ref()).collect::<Vec<_>>(),
+        "workloads": state.workloads().iter().map(std::convert::AsRef::as_ref).collect::<Vec<_>>(),
+        "services": state.services().iter().map(std::convert::AsRef::as_ref).collect::<Vec<_>>(),
+        "waypoints": state.waypoints().into_iter().map(std::convert::AsRef::as_ref).collect::<Vec<_>>(),
         "policies": state.policy().listing,
         "routes": listing.map(|l| &l.routes),
         "traffic_policies": listing.map(|l| &l.traffic_policies),

@@ -68,7 +68,7 @@ pub const CONTROLLER_DNS_NAME: &str = "trellis-controller.trellis-system.svc";
 /// Lifetime of the serving certificate. Its key exists only in memory and it is re-issued at
 /// every start; it cannot be rotated while running (tonic's TLS configuration is fixed at
 /// start), so it is long-lived. Restart the controller at least this often.
-const SERVING_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+const SERVING_CERT_TTL: Duration = Duration::from_hours(8760);
 /// Longest that open streams may keep the server from stopping after shutdown is asked.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -373,7 +373,7 @@ impl Controller {
             // Finds agents that vanished without closing their streams.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .tcp_keepalive(Some(Duration::from_secs(60)))
+            .tcp_keepalive(Some(Duration::from_mins(1)))
             .add_service(CertificateAuthorityServer::new(ca_service))
             .add_service(DiscoveryServer::new(discovery_service));
         tracing::info!(addr = %local_addr, trust_domain = %config.trust_domain, "controller serving");
@@ -420,8 +420,7 @@ pub async fn run(
 fn initial_version() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2))
-        .unwrap_or(1)
+        .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2))
 }
 
 /// Translates every new snapshot of objects and publishes the result when it differs.

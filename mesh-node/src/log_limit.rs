@@ -265,7 +265,7 @@ mod tests {
         assert_eq!(limit.admit(A, t0), Some(0));
         assert_eq!(limit.admit(A, t0), None);
         // Long after, the table is full and A still owes a count: B goes to the overflow.
-        let later = t0 + Duration::from_secs(60);
+        let later = t0 + Duration::from_mins(1);
         assert_eq!(limit.admit(LogSource::Identity(&id()), later), Some(0));
         assert_eq!(limit.sources(), 1);
         assert_eq!(limit.admit(A, later), Some(1));
@@ -273,7 +273,7 @@ mod tests {
 
     #[test]
     fn one_line_per_interval_with_the_count_left_out() {
-        let limit = LogLimit::new(Duration::from_secs(3600));
+        let limit = LogLimit::new(Duration::from_hours(1));
         assert_eq!(limit.allow(), Some(0));
         for _ in 0..5 {
             assert_eq!(limit.allow(), None);

@@ -109,7 +109,7 @@ pub async fn accept_loop<F, Fut>(
     let mut backoff = crate::accept::Backoff::new(direction.as_str());
     loop {
         let accepted = tokio::select! {
-            _ = inputs.shutdown.cancelled() => break,
+            () = inputs.shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -199,7 +199,7 @@ pub struct AccessLog<'a> {
     pub error: Option<String>,
 }
 
-impl<'a> AccessLog<'a> {
+impl AccessLog<'_> {
     /// An event for a connection from `src_addr`, to be filled in as the connection proceeds.
     pub fn new(
         direction: Direction,
@@ -245,7 +245,7 @@ impl<'a> AccessLog<'a> {
             w.map(|w| format!("{}/{}", w.namespace, w.name))
                 .unwrap_or_default()
         };
-        let id = |i: Option<&Identity>| i.map(|i| i.to_string()).unwrap_or_default();
+        let id = |i: Option<&Identity>| i.map(std::string::ToString::to_string).unwrap_or_default();
         let dst = self.dst_addr.map(|a| a.to_string()).unwrap_or_default();
         let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         let error = self.error.as_deref().unwrap_or("");

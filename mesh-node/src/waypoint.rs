@@ -138,10 +138,7 @@ pub struct WaypointInputs {
 /// Pending connections the HBONE listener may queue.
 const LISTEN_BACKLOG: u32 = 1024;
 
-async fn bind(
-    what: &'static str,
-    addr: SocketAddr,
-) -> Result<tokio::net::TcpListener, WaypointError> {
+fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, WaypointError> {
     crate::proxy::listen(addr, LISTEN_BACKLOG).map_err(|source| WaypointError::Bind {
         what,
         addr,
@@ -176,14 +173,14 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
         certs.clone(),
     )?);
 
-    let hbone_listener = bind("hbone", config.listen.hbone).await?;
-    let admin_listener = bind("admin", config.listen.admin).await?;
+    let hbone_listener = bind("hbone", config.listen.hbone)?;
+    let admin_listener = bind("admin", config.listen.admin)?;
     let metrics_listener = match config.listen.metrics {
-        Some(addr) => Some(bind("metrics", addr).await?),
+        Some(addr) => Some(bind("metrics", addr)?),
         None => None,
     };
     let readiness_listener = match config.listen.readiness {
-        Some(addr) => Some(bind("readiness", addr).await?),
+        Some(addr) => Some(bind("readiness", addr)?),
         None => None,
     };
 
@@ -279,7 +276,7 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
     // certificate would refuse every handshake (the controller may not list its pods yet).
     listeners.spawn(cert_manager.follow(
         wanted,
-        move |_: &()| Some(own.clone()),
+        move |(): &()| Some(own.clone()),
         (prefetched, Prefetched::Held),
         shutdown.clone(),
     ));
@@ -347,7 +344,7 @@ async fn accept_loop(inputs: Arc<WaypointInputs>, listener: tokio::net::TcpListe
     let mut backoff = crate::accept::Backoff::new("hbone");
     loop {
         let accepted = tokio::select! {
-            _ = inputs.shutdown.cancelled() => return,
+            () = inputs.shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -379,7 +376,7 @@ async fn state_task(
     let mut rejections = Rejections::new();
     loop {
         let update = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return,
             update = applied.recv() => update,
         };
         let Some(update) = update else { return };

@@ -32,7 +32,7 @@ use nix::unistd::Pid;
 pub use tools::{Tools, find_one, helm_gate, script as tools_script, tools_gate};
 
 /// How long the API server may take to answer `/readyz` after start.
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
+const READY_TIMEOUT: Duration = Duration::from_mins(2);
 /// How long a stopped component may take to exit before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The issuer (and default audience) of service-account tokens.

@@ -10,6 +10,18 @@
 //! The crate also ships two binaries used by the testbed: `podexec` (enter a namespace and
 //! cgroup, then exec) and `pod-app` (the workload that runs in pods).
 
+#![allow(
+    clippy::missing_panics_doc,
+    clippy::manual_assert,
+    clippy::single_match_else,
+    reason = "a test harness: a panic, with its message, is how a test fails; a wait's two outcomes read as a match"
+)]
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "test patterns and load shapes cast values bounded by their own loops"
+)]
+
 pub mod bench;
 pub mod cluster;
 pub mod mesh;

@@ -768,7 +768,7 @@ fn teardown(
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                errors.push(anyhow::Error::new(e).context(format!("removing {}", dir.display())))
+                errors.push(anyhow::Error::new(e).context(format!("removing {}", dir.display())));
             }
         }
     }

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 /// A quick run of four tests with a peer takes one to two minutes (much of it starting the
 /// control plane and the waypoint, in debug builds); this bounds a hung run.
-const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+const RUN_TIMEOUT: Duration = Duration::from_mins(5);
 
 fn figure<'a>(report: &'a Value, scenario: &str, key: &str) -> &'a Value {
     report["figures"]

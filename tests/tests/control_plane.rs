@@ -594,7 +594,7 @@ fn certificates_rotate_under_a_long_lived_connection_and_new_handshakes_use_the_
     let first = serial_of(&dump, client).expect("client certificate");
     // Renewal replaces the certificate well before it expires.
     let renewed = mesh
-        .wait_config(0, Duration::from_secs(60), |d| {
+        .wait_config(0, Duration::from_mins(1), |d| {
             serial_of(d, client).is_some_and(|s| s != first)
         })
         .expect("renewed");

@@ -29,7 +29,7 @@ use serde_json::Value;
 
 /// Bound on any one `pod-app` client run (the client's own `--timeout-ms` is shorter, so it
 /// reports its own error first).
-const RUN_TIMEOUT: Duration = Duration::from_secs(240);
+const RUN_TIMEOUT: Duration = Duration::from_mins(4);
 const CLIENT_TIMEOUT_MS: &str = "200000";
 /// Bound on waiting for an access log event that must come.
 const LOG_TIMEOUT: Duration = Duration::from_secs(15);

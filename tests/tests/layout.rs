@@ -98,7 +98,7 @@ impl Paths<'_> {
                 at.clear();
                 rest = &rest[1..];
             }
-            Some("super") | Some("self") => {
+            Some("super" | "self") => {
                 while let Some(first) = rest.first() {
                     match first.as_str() {
                         "super" => {

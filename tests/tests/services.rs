@@ -236,7 +236,9 @@ fn service_traffic_spreads_over_both_nodes_and_survives_dead_endpoints() {
     // The service leaves: its VIP is no longer served by anyone.
     mesh.delete_service(SERVICE).expect("delete service");
     mesh.wait_config(0, WAIT, |d| {
-        d["services"].as_array().is_some_and(|s| s.is_empty())
+        d["services"]
+            .as_array()
+            .is_some_and(std::vec::Vec::is_empty)
     })
     .expect("service removed");
     assert!(get(&tb, client, vip).is_err());

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use mesh_tests::pattern;
 use mesh_tests::testbed::{Testbed, cgroup_of, cgroup2_mount, e2e_gate};
 
-const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+const RUN_TIMEOUT: Duration = Duration::from_mins(1);
 
 fn netns_names() -> Vec<String> {
     let out = Command::new("ip")

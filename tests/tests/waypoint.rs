@@ -336,7 +336,7 @@ fn direct_hbone(mesh: &Mesh<'_>, tb: &Testbed, caller: &Pod, target: &Pod) -> an
             &mesh_tests::mesh::service_account(pod),
         )
     };
-    let issued = ca.issue(&identity(caller)?, Duration::from_secs(3600))?;
+    let issued = ca.issue(&identity(caller)?, Duration::from_hours(1))?;
     let roots = Arc::new(tls::root_store(ca.cert_der())?);
     let config = Arc::new(tls::client_config(
         tls::provider(),

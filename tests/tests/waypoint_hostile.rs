@@ -6,6 +6,11 @@
 //! backend received: the `l7` server's echo of the request, or nothing (its request counter
 //! did not move). Answers the waypoint makes itself carry the reason phrase only.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test traffic casts sizes and counts bounded by its own arguments"
+)]
+
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},

@@ -268,7 +268,7 @@ fn traffic_policies_retry_time_out_inject_faults_break_circuits_and_rate_limit()
     let (mut mesh, waypoint) = start(&tb);
     let client = tb.pod(0, 0);
     let (a, b) = (tb.pod(1, 0), tb.pod(1, 1));
-    let _servers: Vec<Server> = [a, b].iter().map(|p| serve(&tb, p)).collect();
+    let servers: Vec<Server> = [a, b].iter().map(|p| serve(&tb, p)).collect();
     let flaky = service(&mut mesh, "flaky", 40, &[a]);
     let slow = service(&mut mesh, "slow", 41, &[a]);
     let faulty = service(&mut mesh, "faulty", 42, &[a]);
@@ -391,7 +391,7 @@ fn traffic_policies_retry_time_out_inject_faults_break_circuits_and_rate_limit()
 
     // Outlier ejection: with pod b's server gone, its failures eject it and every request
     // then goes to a; once b serves again and the ejection ends, it takes traffic again.
-    drop(_servers);
+    drop(servers);
     let _a_server = serve(&tb, a);
     let failing = get(&tb, client, pair, "/", 40);
     let failed = 40 - count_of(&failing, "statuses", "200");

@@ -37,7 +37,7 @@ fn kind_config(cluster: &str, node_image: &str) -> String {
 /// and `client`, each with its own service account (its mesh identity).
 fn apps(server_node: &str, client_node: &str) -> String {
     format!(
-        r#"apiVersion: v1
+        r"apiVersion: v1
 kind: ServiceAccount
 metadata: {{ name: server, namespace: {APPS} }}
 ---
@@ -97,7 +97,7 @@ spec:
 - name: outsider
   image: curlimages/curl:8.11.1
   command: [sleep, infinity]
-"#
+"
     )
 }
 
@@ -119,12 +119,12 @@ spec:
 
 fn strict_policy() -> String {
     format!(
-        r#"apiVersion: security.trellis.dev/v1
+        r"apiVersion: security.trellis.dev/v1
 kind: PeerAuthentication
 metadata: {{ name: default, namespace: {APPS} }}
 spec:
   mtls: {{ mode: STRICT }}
-"#
+"
     )
 }
 
@@ -291,8 +291,7 @@ fn checks(root: &Path, cluster: &str, work: &Path) -> Result<()> {
             target,
         ])
         .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+        .is_ok_and(|o| o.status.success())
     };
     let url = format!("http://server.{APPS}.svc:8080/hostname");
 
@@ -394,7 +393,7 @@ fn apply(context: &str, work: &Path, file: &str, yaml: &str) -> Result<std::path
 
 /// Retries `check` every 2 s until it holds, for at most 2 minutes.
 fn poll(what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
-    const DEADLINE: Duration = Duration::from_secs(120);
+    const DEADLINE: Duration = Duration::from_mins(2);
     let start = Instant::now();
     let mut last_error = None;
     while start.elapsed() < DEADLINE {

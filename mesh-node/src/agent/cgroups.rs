@@ -34,7 +34,7 @@ pub const MIN_RESCAN: Duration = Duration::from_secs(1);
 /// `None` if the name is not a pod cgroup in either layout.
 pub fn pod_uid_of(name: &str) -> Option<String> {
     let base = name.strip_suffix(".slice").unwrap_or(name);
-    let systemd = name.ends_with(".slice");
+    let systemd = base.len() != name.len();
     let uid = if systemd {
         // kubepods-pod<uid>.slice or kubepods-<qos>-pod<uid>.slice
         let (_, uid) = base.rsplit_once("-pod")?;

@@ -60,7 +60,7 @@ pub async fn run(
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return,
             changed = states.changed() => if changed.is_err() { return },
         }
     }

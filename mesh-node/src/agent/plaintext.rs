@@ -67,7 +67,7 @@ pub async fn run(
                         tracing::warn!(cgroup = path, error = %e, "cannot abort plaintext connections the new policies refuse");
                     }
                     Err(e) => {
-                        tracing::warn!(cgroup = path, error = %e, "plaintext abort task failed")
+                        tracing::warn!(cgroup = path, error = %e, "plaintext abort task failed");
                     }
                 }
             }

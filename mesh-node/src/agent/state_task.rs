@@ -44,7 +44,7 @@ impl StateTask {
                 .next_rescan()
                 .max(tokio::time::Instant::now() + retry);
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => return,
                 applied = self.applied.recv() => {
                     let Some(applied) = applied else { return };
                     resources = Some(applied.resources);
@@ -53,7 +53,7 @@ impl StateTask {
                     tracing::debug!(version = applied.version, "mesh state published");
                     let _ = applied.done.send(());
                 }
-                _ = tokio::time::sleep_until(retry_at), if !pending.is_empty() => {
+                () = tokio::time::sleep_until(retry_at), if !pending.is_empty() => {
                     let before = pending.len();
                     pending = self.rebuild(resources.as_deref(), &pending);
                     retry = if pending.len() < before {

@@ -122,11 +122,8 @@ impl Discovery for FakeDiscovery {
             let mut script = script.into_iter();
             while let Ok(Some(message)) = inbound.message().await {
                 let _ = from_agent.send(message);
-                match script.next() {
-                    Some(update) => {
-                        let _ = tx.send(Ok(update));
-                    }
-                    None => continue,
+                if let Some(update) = script.next() {
+                    let _ = tx.send(Ok(update));
                 }
             }
         });
@@ -151,7 +148,7 @@ struct Controller {
 }
 
 impl Controller {
-    async fn start(script: Vec<Update>) -> (Self, mpsc::UnboundedReceiver<AgentMessage>) {
+    fn start(script: Vec<Update>) -> (Self, mpsc::UnboundedReceiver<AgentMessage>) {
         let root = LocalCa::generate("cluster.local").expect("root");
         let issuer = || {
             Issuer::from_ca_cert_pem(
@@ -250,7 +247,7 @@ impl Controller {
         CertManager::new(
             store.clone(),
             CertIssuer::Remote(remote),
-            Duration::from_secs(3600),
+            Duration::from_hours(1),
         )
         .with_backoff(Duration::from_millis(200), Duration::from_secs(1))
     }
@@ -272,7 +269,7 @@ fn wanted(ids: &[&Identity]) -> HashSet<Identity> {
 
 #[tokio::test]
 async fn remote_certificates_are_verified_and_follow_the_local_identities() {
-    let (controller, _) = Controller::start(vec![]).await;
+    let (controller, _) = Controller::start(vec![]);
     let store = controller.store();
     let mut manager = controller.manager(&store);
     let (web, db) = (identity("web"), identity("db"));
@@ -298,7 +295,7 @@ async fn remote_certificates_are_verified_and_follow_the_local_identities() {
 
 #[tokio::test]
 async fn a_certificate_for_the_wrong_identity_is_refused() {
-    let (controller, _) = Controller::start(vec![]).await;
+    let (controller, _) = Controller::start(vec![]);
     controller.set_mode(Mode::WrongIdentity);
     let store = controller.store();
     let mut manager = controller.manager(&store);
@@ -315,7 +312,7 @@ async fn a_certificate_for_the_wrong_identity_is_refused() {
 
 #[tokio::test]
 async fn an_unreachable_ca_keeps_the_old_certificate_and_retries_with_backoff() {
-    let (controller, _) = Controller::start(vec![]).await;
+    let (controller, _) = Controller::start(vec![]);
     controller.set_mode(Mode::DueNow);
     let store = controller.store();
     let mut manager = controller.manager(&store);
@@ -343,7 +340,7 @@ async fn an_unreachable_ca_keeps_the_old_certificate_and_retries_with_backoff() 
 
 #[tokio::test]
 async fn a_not_yet_valid_certificate_is_requested_again_at_once_then_with_backoff() {
-    let (controller, _) = Controller::start(vec![]).await;
+    let (controller, _) = Controller::start(vec![]);
     controller.set_mode(Mode::NotYetValid);
     let store = controller.store();
     let mut manager = controller.manager(&store);
@@ -430,7 +427,7 @@ async fn the_feed_applies_snapshots_and_deltas_then_acknowledges() {
             removes: vec![],
         },
     ];
-    let (controller, mut from_agent) = Controller::start(script).await;
+    let (controller, mut from_agent) = Controller::start(script);
     let cgroup_root = controller.dir.join("cgroups");
     std::fs::create_dir_all(cgroup_root.join(format!("pod{uid}"))).expect("pod cgroup");
 
@@ -467,14 +464,14 @@ async fn the_feed_applies_snapshots_and_deltas_then_acknowledges() {
 
     match next(&mut from_agent).await {
         agent_message::Message::Hello(hello) => assert_eq!(hello.node, "node-a"),
-        other => panic!("expected hello, got {other:?}"),
+        other @ agent_message::Message::Ack(_) => panic!("expected hello, got {other:?}"),
     }
     match next(&mut from_agent).await {
         agent_message::Message::Ack(ack) => {
             assert_eq!(ack.version, 1);
             assert!(ack.rejected.is_empty());
         }
-        other => panic!("expected ack, got {other:?}"),
+        other @ agent_message::Message::Hello(_) => panic!("expected ack, got {other:?}"),
     }
     let first = states.borrow_and_update().clone().expect("published");
     assert_eq!(first.local_cgroups().len(), 1, "local pod found by uid");
@@ -491,7 +488,7 @@ async fn the_feed_applies_snapshots_and_deltas_then_acknowledges() {
             assert_eq!(ack.rejected[0].key, "workload/remote-1");
             assert!(ack.rejected[0].reason.contains("ips[0]"));
         }
-        other => panic!("expected ack, got {other:?}"),
+        other @ agent_message::Message::Hello(_) => panic!("expected ack, got {other:?}"),
     }
     // Acked means swapped in: the bad resource kept its last good state, the rest applied.
     let now = state.load_full();
@@ -519,7 +516,7 @@ async fn the_feed_applies_snapshots_and_deltas_then_acknowledges() {
 
 #[tokio::test]
 async fn a_wrong_token_is_refused_and_retried() {
-    let (controller, _) = Controller::start(vec![]).await;
+    let (controller, _) = Controller::start(vec![]);
     std::fs::write(controller.dir.join("token"), "stolen").expect("write");
     let store = controller.store();
     let mut manager = controller.manager(&store);
@@ -543,7 +540,7 @@ async fn a_wrong_token_is_refused_and_retried() {
 #[test]
 fn hbone_connections_per_peer_defaults_to_one_per_core() {
     use crate::config::OutboundConfig;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     assert_eq!(super::hbone_spread(&OutboundConfig::default()), cores);
     let three = OutboundConfig {
         hbone_connections_per_peer: std::num::NonZeroUsize::new(3),

@@ -209,7 +209,7 @@ pub fn from_yaml<T: DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
         Err(error) => error,
     };
     let mut path = FAILED_AT
-        .with(|at| at.take())
+        .with(std::cell::RefCell::take)
         .filter(|p| p != ".")
         .unwrap_or_default();
     // `?` stands for a key that is not a string (as in broken flow syntax): name its parent.

@@ -332,14 +332,14 @@ impl Feed {
                 backoff = self.backoff.build();
             }
             let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-            tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, version = ?store.version(), "control plane stream lost; serving the last known state");
+            tracing::warn!(error = %error, retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), version = ?store.version(), "control plane stream lost; serving the last known state");
             self.set_status(|s| {
                 s.connected = false;
                 s.last_error = Some(error.to_string());
             });
             tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
             }
         }
     }
@@ -376,7 +376,7 @@ impl Feed {
         self.token.authorize(&mut request).await?;
         let mut client = DiscoveryClient::new(self.channel.clone());
         let opened = tokio::select! {
-            _ = shutdown.cancelled() => return Err(FeedError::Stopping),
+            () = shutdown.cancelled() => return Err(FeedError::Stopping),
             opened = tokio::time::timeout(OPEN_TIMEOUT, client.stream(request)) => opened,
         };
         let mut updates = opened
@@ -390,7 +390,7 @@ impl Feed {
         let mut have_snapshot = false;
         loop {
             let update = tokio::select! {
-                _ = shutdown.cancelled() => return Err(FeedError::Stopping),
+                () = shutdown.cancelled() => return Err(FeedError::Stopping),
                 update = updates.message() => update?,
             };
             let Some(update) = update else {

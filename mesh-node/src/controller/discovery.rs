@@ -57,7 +57,7 @@ impl Default for StreamSettings {
         Self {
             hello_timeout: Duration::from_secs(10),
             capacity: 4,
-            stall_timeout: Duration::from_secs(60),
+            stall_timeout: Duration::from_mins(1),
         }
     }
 }
@@ -164,13 +164,10 @@ impl Discovery for DiscoveryService {
         let first = tokio::time::timeout(self.settings.hello_timeout, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no Hello received; send Hello first"))??;
-        let hello = match first.and_then(|m| m.message) {
-            Some(Message::Hello(hello)) => hello,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message must be a Hello",
-                ));
-            }
+        let Some(Message::Hello(hello)) = first.and_then(|m| m.message) else {
+            return Err(Status::invalid_argument(
+                "the first message must be a Hello",
+            ));
         };
         let (role, waypoint_account) = self.authorize(&caller, &hello).inspect_err(|status| {
             tracing::warn!(%caller, role = %hello.role, hello_node = %hello.node, reason = status.message(), "discovery stream refused");
@@ -208,12 +205,11 @@ fn updates(
         let final_status = final_status.clone();
         async move {
             let mut rx = rx?;
-            match rx.recv().await {
-                Some(update) => Some((Ok(update), Some(rx))),
-                None => {
-                    let status = final_status.lock().ok().and_then(|mut s| s.take());
-                    status.map(|s| (Err(s), None))
-                }
+            if let Some(update) = rx.recv().await {
+                Some((Ok(update), Some(rx)))
+            } else {
+                let status = final_status.lock().ok().and_then(|mut s| s.take());
+                status.map(|s| (Err(s), None))
             }
         }
     })

@@ -285,6 +285,10 @@ fn apply_value(
 }
 
 /// A document of a kind the mesh does not read: not an error.
+#[allow(
+    clippy::unnecessary_wraps,
+    reason = "one signature for every kind's handler"
+)]
 fn ignore(api_version: &str, kind: &str) -> Result<(), String> {
     tracing::debug!(%api_version, %kind, "ignoring a kind the mesh does not read");
     Ok(())

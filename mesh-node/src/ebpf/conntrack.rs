@@ -46,8 +46,8 @@ impl ConnTrack {
     /// Counts the entries of both maps (one syscall per entry: for diagnostics, not hot paths).
     pub fn tracked(&self) -> Tracked {
         Tracked {
-            by_cookie: self.by_cookie.keys().filter(Result::is_ok).count(),
-            by_tuple: self.by_tuple.keys().filter(Result::is_ok).count(),
+            by_cookie: self.by_cookie.keys().flatten().count(),
+            by_tuple: self.by_tuple.keys().flatten().count(),
         }
     }
 }

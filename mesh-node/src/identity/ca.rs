@@ -51,7 +51,7 @@ pub enum CaError {
 }
 
 /// Tolerated clock skew between nodes: certificates are valid from a little before issuance.
-const BACKDATE: Duration = Duration::from_secs(300);
+const BACKDATE: Duration = Duration::from_mins(5);
 
 /// A workload certificate and its private key, leaf first.
 pub struct IssuedCert {
@@ -119,7 +119,7 @@ impl LocalCa {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
-        params.not_after = now + Duration::from_secs(10 * 365 * 24 * 3600);
+        params.not_after = now + Duration::from_hours(87600);
         let cert = params.self_signed(&key).map_err(invalid)?;
         let key_pem = key.serialize_pem();
         Self::from_pem(&cert.pem(), &key_pem)
@@ -457,9 +457,7 @@ mod tests {
             "half life is still ahead"
         );
         // Long-lived certificates keep the full five minutes of skew tolerance.
-        let day = ca
-            .issue(&id, Duration::from_secs(24 * 3600))
-            .expect("issued");
+        let day = ca.issue(&id, Duration::from_hours(24)).expect("issued");
         let life = day.not_after.duration_since(day.not_before).expect("life");
         assert_eq!(life.as_secs(), 24 * 3600 + 300);
     }
@@ -484,8 +482,8 @@ mod tests {
         ));
         let mut expired = CertificateParams::default();
         expired.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        expired.not_before = time::OffsetDateTime::now_utc() - Duration::from_secs(7200);
-        expired.not_after = time::OffsetDateTime::now_utc() - Duration::from_secs(3600);
+        expired.not_before = time::OffsetDateTime::now_utc() - Duration::from_hours(2);
+        expired.not_after = time::OffsetDateTime::now_utc() - Duration::from_hours(1);
         let expired = expired.self_signed(&key).expect("expired");
         assert!(matches!(
             LocalCa::from_pem(&expired.pem(), &key.serialize_pem()),
@@ -502,7 +500,7 @@ mod tests {
             Err(CaError::Sign { .. })
         ));
         assert!(matches!(
-            ca.issue(&id, Duration::from_secs(200 * 365 * 24 * 3600)),
+            ca.issue(&id, Duration::from_hours(1_752_000)),
             Ok(_) | Err(CaError::Sign { .. })
         ));
     }
@@ -521,7 +519,7 @@ mod tests {
             .pem()
             .expect("pem");
         let signed = ca
-            .sign_csr(&csr, &id, Duration::from_secs(3600))
+            .sign_csr(&csr, &id, Duration::from_hours(1))
             .expect("signed");
         assert_eq!(signed.chain_pem.len(), 1);
 
@@ -555,7 +553,7 @@ mod tests {
             .pem()
             .expect("pem");
         assert!(matches!(
-            ca.sign_csr(&csr, &id, Duration::from_secs(3600)),
+            ca.sign_csr(&csr, &id, Duration::from_hours(1)),
             Err(CaError::Csr(_))
         ));
     }

@@ -248,7 +248,7 @@ impl std::fmt::Debug for CertStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CertStore")
             .field("identities", &self.certs.load().len())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -476,7 +476,7 @@ impl CertManager {
             retries: HashMap::new(),
             backoff: ExponentialBuilder::default()
                 .with_min_delay(Duration::from_secs(1))
-                .with_max_delay(Duration::from_secs(60))
+                .with_max_delay(Duration::from_mins(1))
                 .with_jitter()
                 .without_max_times(),
         }
@@ -589,15 +589,15 @@ impl CertManager {
         let delay = if matches!(error, IssueError::NotYetValid { .. }) && retry.failures == 1 {
             Duration::ZERO
         } else {
-            retry.backoff.next().unwrap_or(Duration::from_secs(60))
+            retry.backoff.next().unwrap_or(Duration::from_mins(1))
         };
         retry.next_attempt = Instant::now() + delay;
         match held {
             Some(cert) => {
-                tracing::warn!(%identity, error = %error, retry_in_ms = delay.as_millis() as u64, valid_until = ?cert.not_after, "certificate renewal failed; keeping the current certificate")
+                tracing::warn!(%identity, error = %error, retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), valid_until = ?cert.not_after, "certificate renewal failed; keeping the current certificate");
             }
             None => {
-                tracing::warn!(%identity, error = %error, retry_in_ms = delay.as_millis() as u64, "cannot obtain a workload certificate")
+                tracing::warn!(%identity, error = %error, retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "cannot obtain a workload certificate");
             }
         }
     }
@@ -671,9 +671,9 @@ impl CertManager {
             }
             let wake = self.next_wake();
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => return,
                 changed = states.changed(), if states_open => states_open = changed.is_ok(),
-                _ = sleep_until(wake) => {}
+                () = sleep_until(wake) => {}
             }
         }
     }

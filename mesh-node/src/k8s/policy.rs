@@ -30,8 +30,10 @@ pub type ExtraFields = BTreeMap<String, serde_json::Value>;
 /// Elsewhere it applies to its own namespace's workloads, all of them or the selected ones.
 /// A policy with `targetRefs` is attached to waypoints instead, where request attributes
 /// (methods, paths, hosts, JWT principals, `when`) are evaluated.
-// Each `printcolumn(...)` repeats `type_`, which clippy takes for a duplicated attribute.
-#[allow(clippy::duplicated_attributes)]
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each `printcolumn(...)` repeats `type_`, which clippy takes for a duplicated attribute"
+)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "security.trellis.dev",
@@ -223,8 +225,10 @@ pub struct WhenCondition {
 /// Whether workloads accept plaintext. Precedence: a policy selecting the workload, then its
 /// namespace's policy, then the mesh-wide policy of the root namespace; a port-level mode
 /// overrides the policy's own mode. Without any policy a workload is `PERMISSIVE`.
-// Each `printcolumn(...)` repeats `type_`, which clippy takes for a duplicated attribute.
-#[allow(clippy::duplicated_attributes)]
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each `printcolumn(...)` repeats `type_`, which clippy takes for a duplicated attribute"
+)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "security.trellis.dev",
@@ -277,8 +281,10 @@ pub struct MutualTls {
 /// without a token passes, and `AuthorizationPolicy` `requestPrincipals` decide whether one
 /// is required. Attached to waypoints with `targetRefs` like `AuthorizationPolicy`; with a
 /// `selector` it has no effect (node agents do not see requests).
-// Each `printcolumn(...)` repeats `type_`, which clippy takes for a duplicated attribute.
-#[allow(clippy::duplicated_attributes)]
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each `printcolumn(...)` repeats `type_`, which clippy takes for a duplicated attribute"
+)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "security.trellis.dev",

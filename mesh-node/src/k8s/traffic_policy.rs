@@ -20,8 +20,10 @@ const DURATION_PATTERN: &str = "^([0-9]{1,5}(h|m|s|ms)){1,4}$";
 
 /// Resilience for the Services it targets, applied by their waypoint: retries, connection
 /// limits (circuit breaking), outlier ejection, fault injection and local rate limiting.
-// Each `printcolumn(...)` repeats `type_`, which clippy takes for a duplicated attribute.
-#[allow(clippy::duplicated_attributes)]
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each `printcolumn(...)` repeats `type_`, which clippy takes for a duplicated attribute"
+)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "traffic.trellis.dev",

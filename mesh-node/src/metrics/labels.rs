@@ -50,13 +50,13 @@ impl PeerLabels {
         let mut labels = Self::default();
         if let Some(w) = workload {
             let t = &w.telemetry;
-            labels.workload = t.workload_name.clone();
-            labels.workload_namespace = w.namespace.clone();
-            labels.app = t.app.clone();
-            labels.version = t.version.clone();
-            labels.canonical_service = t.canonical_service.clone();
-            labels.canonical_revision = t.canonical_revision.clone();
-            labels.cluster = t.cluster.clone();
+            labels.workload.clone_from(&t.workload_name);
+            labels.workload_namespace.clone_from(&w.namespace);
+            labels.app.clone_from(&t.app);
+            labels.version.clone_from(&t.version);
+            labels.canonical_service.clone_from(&t.canonical_service);
+            labels.canonical_revision.clone_from(&t.canonical_revision);
+            labels.cluster.clone_from(&t.cluster);
         }
         if let Some(p) = principal.or(workload.map(|w| &w.identity)) {
             labels.principal = p.to_string();

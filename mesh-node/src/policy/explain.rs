@@ -103,22 +103,19 @@ pub fn explain(state: &MeshState, from: &str, to: &str) -> Result<Explanation, E
     let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(bad_to)?;
     // What the enforcing side knows of the source: a meshed pod's identity and own address;
     // nothing of a plaintext caller.
-    let (source, identity, source_ip) = match from.parse::<std::net::IpAddr>() {
-        Ok(ip) => {
-            let party = Party {
-                pod: String::new(),
-                identity: String::new(),
-                enrolled: false,
-                ip: Some(ip.to_string()),
-            };
-            (party, None, None)
-        }
-        Err(_) => {
-            let w = find(state, from)?;
-            let enrolled = w.enrolled;
-            let ip = w.ips.first().copied().filter(|_| enrolled);
-            (Party::of(w), enrolled.then_some(&w.identity), ip)
-        }
+    let (source, identity, source_ip) = if let Ok(ip) = from.parse::<std::net::IpAddr>() {
+        let party = Party {
+            pod: String::new(),
+            identity: String::new(),
+            enrolled: false,
+            ip: Some(ip.to_string()),
+        };
+        (party, None, None)
+    } else {
+        let w = find(state, from)?;
+        let enrolled = w.enrolled;
+        let ip = w.ips.first().copied().filter(|_| enrolled);
+        (Party::of(w), enrolled.then_some(&w.identity), ip)
     };
     let destination = find(state, pod)?;
     let engine = state.policy();

@@ -42,7 +42,10 @@ impl Truth {
         if b { Self::Yes } else { Self::No }
     }
 
-    #[allow(clippy::should_implement_trait)]
+    #[allow(
+        clippy::should_implement_trait,
+        reason = "three-valued: `!` on a Truth would read as a bool's"
+    )]
     pub fn not(self) -> Self {
         match self {
             Self::No => Self::Yes,

@@ -156,22 +156,19 @@ pub fn peer_condition(policy: &PeerPolicy) -> Condition {
 /// kept when the status did not change (Kubernetes' convention), set to `now` otherwise.
 /// Returns whether anything changed, so callers write the status only when needed.
 pub fn set_condition(conditions: &mut Vec<Condition>, mut new: Condition, now: &str) -> bool {
-    match conditions.iter_mut().find(|c| c.type_ == new.type_) {
-        Some(old) => {
-            new.last_transition_time = if old.status == new.status {
-                old.last_transition_time.clone()
-            } else {
-                now.into()
-            };
-            let changed = *old != new;
-            *old = new;
-            changed
-        }
-        None => {
-            new.last_transition_time = now.into();
-            conditions.push(new);
-            true
-        }
+    if let Some(old) = conditions.iter_mut().find(|c| c.type_ == new.type_) {
+        new.last_transition_time = if old.status == new.status {
+            old.last_transition_time.clone()
+        } else {
+            now.into()
+        };
+        let changed = *old != new;
+        *old = new;
+        changed
+    } else {
+        new.last_transition_time = now.into();
+        conditions.push(new);
+        true
     }
 }
 

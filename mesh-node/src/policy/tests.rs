@@ -120,12 +120,12 @@ spec:
   - to: [{operation: {ports: ["80", "443"]}}]
 "#;
 
-const ALLOW_ALL: &str = r#"
+const ALLOW_ALL: &str = r"
 kind: AuthorizationPolicy
 metadata: {namespace: shop, name: allow-all}
 spec:
   rules: [{}]
-"#;
+";
 
 const DENY_WEB_TO_5432: &str = r#"
 kind: AuthorizationPolicy
@@ -160,23 +160,23 @@ spec:
   rules: [{from: [{source: {principals: ["cluster.local/ns/shop/sa/web"]}}]}]
 "#;
 
-const OTHER_NS_ALLOW_NOTHING: &str = r#"
+const OTHER_NS_ALLOW_NOTHING: &str = r"
 kind: AuthorizationPolicy
 metadata: {namespace: other, name: allow-nothing}
 spec: {}
-"#;
+";
 
-const ALLOW_NOTHING: &str = r#"
+const ALLOW_NOTHING: &str = r"
 kind: AuthorizationPolicy
 metadata: {namespace: shop, name: allow-nothing}
 spec: {}
-"#;
+";
 
-const DENY_NO_RULES: &str = r#"
+const DENY_NO_RULES: &str = r"
 kind: AuthorizationPolicy
 metadata: {namespace: shop, name: deny-nothing}
 spec: {action: DENY}
-"#;
+";
 
 const ALLOW_EMPTY_SOURCE: &str = r#"
 kind: AuthorizationPolicy
@@ -185,12 +185,12 @@ spec:
   rules: [{from: [{source: {}}], to: [{operation: {ports: ["80"]}}]}]
 "#;
 
-const ALLOW_EMPTY_PRINCIPALS: &str = r#"
+const ALLOW_EMPTY_PRINCIPALS: &str = r"
 kind: AuthorizationPolicy
 metadata: {namespace: shop, name: empty-principals}
 spec:
   rules: [{from: [{source: {principals: []}}]}]
-"#;
+";
 
 const ALLOW_GET_ON_80: &str = r#"
 kind: AuthorizationPolicy
@@ -263,13 +263,13 @@ spec:
   rules: [{to: [{operation: {ports: ["9000"]}}]}]
 "#;
 
-const AUDIT_ALL: &str = r#"
+const AUDIT_ALL: &str = r"
 kind: AuthorizationPolicy
 metadata: {namespace: shop, name: audit}
 spec:
   action: AUDIT
   rules: [{}]
-"#;
+";
 
 const ALLOW_BAD_PORT: &str = r#"
 kind: AuthorizationPolicy
@@ -297,13 +297,13 @@ spec:
   rules: [{to: [{operation: {ports: ["22"]}}]}]
 "#;
 
-const ALLOW_MATCH_EXPRESSIONS: &str = r#"
+const ALLOW_MATCH_EXPRESSIONS: &str = r"
 kind: AuthorizationPolicy
 metadata: {namespace: shop, name: expressions}
 spec:
   selector: {matchExpressions: [{key: app, operator: In, values: [db]}]}
   rules: [{}]
-"#;
+";
 
 const ALLOW_TARGET_REFS: &str = r#"
 kind: AuthorizationPolicy
@@ -364,11 +364,11 @@ spec:
   rules: [{from: [{source: {notPrincipals: ["*"]}}]}]
 "#;
 
-const PA_SHOP_STRICT: &str = r#"
+const PA_SHOP_STRICT: &str = r"
 kind: PeerAuthentication
 metadata: {namespace: shop, name: default}
 spec: {mtls: {mode: STRICT}}
-"#;
+";
 
 const PA_DB_METRICS_PERMISSIVE: &str = r#"
 kind: PeerAuthentication
@@ -379,17 +379,17 @@ spec:
   portLevelMtls: {"9102": {mode: PERMISSIVE}}
 "#;
 
-const PA_MESH_STRICT: &str = r#"
+const PA_MESH_STRICT: &str = r"
 kind: PeerAuthentication
 metadata: {namespace: trellis-system, name: default}
 spec: {mtls: {mode: STRICT}}
-"#;
+";
 
-const PA_SHOP_PERMISSIVE: &str = r#"
+const PA_SHOP_PERMISSIVE: &str = r"
 kind: PeerAuthentication
 metadata: {namespace: shop, name: default}
 spec: {mtls: {mode: PERMISSIVE}}
-"#;
+";
 
 // ---------------------------------------------------------------------------------------------
 // The table.

@@ -53,8 +53,8 @@ pub struct Timeouts {
 impl Timeouts {
     /// No timeout in practice: for copies whose ends enforce their own.
     pub const NONE: Self = Self {
-        idle: Duration::from_secs(100 * 365 * 24 * 3600),
-        half_close: Duration::from_secs(100 * 365 * 24 * 3600),
+        idle: Duration::from_hours(876_000),
+        half_close: Duration::from_hours(876_000),
     };
 }
 
@@ -311,7 +311,7 @@ impl Buffer {
                 self.bytes = BytesMut::new();
                 Poll::Pending
             }
-            ready => ready,
+            ready @ Poll::Ready(_) => ready,
         }
     }
 

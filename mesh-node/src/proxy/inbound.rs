@@ -196,7 +196,7 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
                 server.drain(flood::GRACE).await;
                 return flood_ended(&peer, started);
             }
-            _ = inputs.shutdown.cancelled(), if !closing => {
+            () = inputs.shutdown.cancelled(), if !closing => {
                 closing = true;
                 server.graceful_shutdown();
             }
@@ -320,18 +320,19 @@ impl Peer {
                 format!("method {} is not CONNECT", req.method()),
             );
         }
-        let dst = match hbone::parse_authority(req.uri().authority().map(|a| a.as_str())) {
-            Ok(dst) => dst,
-            Err(e) => {
-                return self.refuse(
-                    &mut respond,
-                    started,
-                    StatusCode::BAD_REQUEST,
-                    FailureReason::BadAuthority,
-                    e.to_string(),
-                );
-            }
-        };
+        let dst =
+            match hbone::parse_authority(req.uri().authority().map(http::uri::Authority::as_str)) {
+                Ok(dst) => dst,
+                Err(e) => {
+                    return self.refuse(
+                        &mut respond,
+                        started,
+                        StatusCode::BAD_REQUEST,
+                        FailureReason::BadAuthority,
+                        e.to_string(),
+                    );
+                }
+            };
         let state = inputs.state.load_full();
         // Enrolled or not (see the module docs): only which node it is on matters here.
         let target = match state

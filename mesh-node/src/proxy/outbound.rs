@@ -164,7 +164,7 @@ fn upstream_of<'a>(log: &mut AccessLog<'a>, addr: SocketAddr, route: Option<&'a 
     log.dst_addr = Some(addr);
     log.path = route.map_or("none", Route::path);
     let workload = route.and_then(Route::workload);
-    log.dst_workload = workload.map(|w| w.as_ref());
+    log.dst_workload = workload.map(std::convert::AsRef::as_ref);
     log.dst_identity = match route {
         Some(Route::Waypoint(waypoint, _)) => Some(&waypoint.identity),
         _ => workload.map(|w| &w.identity),

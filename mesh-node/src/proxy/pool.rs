@@ -240,7 +240,10 @@ impl Pool {
             return Ok((sender, closed, StreamGuard(Arc::new(AtomicUsize::new(1)))));
         }
         let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slots = self
+                .slots
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             slots.entry(key.clone()).or_default().clone()
         };
         let mut conns = slot.lock().await;

@@ -136,7 +136,9 @@ mod tests {
     #[tokio::test]
     async fn small_reads_are_served_from_one_large_transport_read() {
         let (mut tx, rx) = tokio::io::duplex(4 * CAPACITY);
-        let data: Vec<u8> = (0..CAPACITY).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..CAPACITY)
+            .map(|i| u8::try_from(i % 251).expect("below 251"))
+            .collect();
         tx.write_all(&data).await.expect("write");
         let mut reader = ReadAhead::new(CountingReads { io: rx, reads: 0 });
 

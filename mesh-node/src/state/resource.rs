@@ -44,8 +44,8 @@ pub(crate) fn check_label(field: &str, value: &str) -> Result<(), ResourceError>
 /// IPv4-mapped IPv6 addresses name the IPv4 workload.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
     }
 }
 

@@ -238,9 +238,17 @@ mod tests {
             w.identity.to_string(),
             "spiffe://cluster.local/ns/shop/sa/waypoint"
         );
-        let first: Vec<String> = w.ready_endpoints(0).iter().map(|a| a.to_string()).collect();
+        let first: Vec<String> = w
+            .ready_endpoints(0)
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect();
         assert_eq!(first, ["10.0.0.7:15008", "10.0.0.8:15008"]);
-        let second: Vec<String> = w.ready_endpoints(1).iter().map(|a| a.to_string()).collect();
+        let second: Vec<String> = w
+            .ready_endpoints(1)
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect();
         assert_eq!(second, ["10.0.0.8:15008", "10.0.0.7:15008"]);
     }
 

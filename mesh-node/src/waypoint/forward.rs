@@ -143,7 +143,7 @@ pub async fn handle(down: Arc<Downstream>, req: Request<Incoming>) -> Response<B
         outcome
             .endpoint
             .and_then(|e| mesh.workload_by_ip(e.ip()))
-            .map(|w| w.as_ref()),
+            .map(std::convert::AsRef::as_ref),
     );
     labels.service = ServiceLabels::of(outcome.service.as_deref());
     labels.request_protocol = if grpc { "grpc" } else { "http" };
@@ -311,21 +311,20 @@ async fn forward(
 /// dialled pod as an endpoint (a Service's policies protect its endpoints however the client
 /// addresses them).
 fn target_services<'m>(mesh: &'m MeshState, target: &'m Target) -> Vec<(&'m str, &'m str)> {
-    match &target.service {
-        Some(s) => vec![(s.namespace.as_str(), s.name.as_str())],
-        None => {
-            let ips = target.workload.iter().flat_map(|w| w.ips.iter().copied());
-            let mut out: Vec<(&str, &str)> = Vec::new();
-            for ip in std::iter::once(target.addr.ip()).chain(ips) {
-                for s in mesh.services_by_endpoint(ip) {
-                    let id = (s.namespace.as_str(), s.name.as_str());
-                    if !out.contains(&id) {
-                        out.push(id);
-                    }
+    if let Some(s) = &target.service {
+        vec![(s.namespace.as_str(), s.name.as_str())]
+    } else {
+        let ips = target.workload.iter().flat_map(|w| w.ips.iter().copied());
+        let mut out: Vec<(&str, &str)> = Vec::new();
+        for ip in std::iter::once(target.addr.ip()).chain(ips) {
+            for s in mesh.services_by_endpoint(ip) {
+                let id = (s.namespace.as_str(), s.name.as_str());
+                if !out.contains(&id) {
+                    out.push(id);
                 }
             }
-            out
         }
+        out
     }
 }
 
@@ -378,7 +377,7 @@ fn authorize(
     let host = parts
         .uri
         .authority()
-        .map(|a| a.as_str())
+        .map(http::uri::Authority::as_str)
         .or_else(|| {
             parts
                 .headers
@@ -487,7 +486,7 @@ mod tests {
         headers.insert("x-trellis-route", HeaderValue::from_static("forged"));
         headers.insert("x-kept", HeaderValue::from_static("yes"));
         sanitize(&mut headers);
-        let left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        let left: Vec<&str> = headers.keys().map(http::HeaderName::as_str).collect();
         assert_eq!(left, ["x-kept"]);
     }
 
@@ -520,7 +519,7 @@ mod tests {
         let mut p = parts("/a//b/../%61dmin?x=%2F");
         normalize(&mut p).expect("normalizes");
         assert_eq!(
-            p.uri.path_and_query().map(|p| p.as_str()),
+            p.uri.path_and_query().map(http::uri::PathAndQuery::as_str),
             Some("/a/admin?x=%2F")
         );
     }

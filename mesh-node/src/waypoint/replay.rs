@@ -245,7 +245,10 @@ mod tests {
         let body = Replayable::new(chunks(&["a", "b", "c"]), 64);
         let mut first = body.next_try().expect("first try");
         let frame = first.frame().await.expect("a frame").expect("data");
-        assert_eq!(frame.data_ref().map(|d| d.as_ref()), Some(&b"a"[..]));
+        assert_eq!(
+            frame.data_ref().map(std::convert::AsRef::as_ref),
+            Some(&b"a"[..])
+        );
         let second = body.next_try().expect("replayable");
         // The abandoned try may not read on: its successor owns the client's body.
         assert!(first.frame().await.expect("an error").is_err());

@@ -123,7 +123,7 @@ pub async fn handle(inputs: Arc<WaypointInputs>, stream: TcpStream, client: Clie
                 server.drain(flood::GRACE).await;
                 return flood_ended(&inputs, client.0, &peer, started);
             }
-            _ = inputs.shutdown.cancelled(), if !closing => {
+            () = inputs.shutdown.cancelled(), if !closing => {
                 closing = true;
                 server.graceful_shutdown();
             }
@@ -167,7 +167,8 @@ fn tunnel(
             format!("method {} is not CONNECT", req.method()),
         );
     }
-    let dst = match hbone::parse_authority(req.uri().authority().map(|a| a.as_str())) {
+    let dst = match hbone::parse_authority(req.uri().authority().map(http::uri::Authority::as_str))
+    {
         Ok(dst) => dst,
         Err(e) => return refused(FailureReason::BadAuthority, e.to_string()),
     };
@@ -244,7 +245,7 @@ async fn serve_http(downstream: Arc<Downstream>, tunnel: TokioIo<H2Io>) {
                 }
                 return;
             }
-            _ = shutdown.cancelled(), if !closing => {
+            () = shutdown.cancelled(), if !closing => {
                 closing = true;
                 connection.as_mut().graceful_shutdown();
             }

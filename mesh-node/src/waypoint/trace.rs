@@ -48,25 +48,24 @@ impl TraceContext {
         while span_id == [0; 8] {
             rng.fill(&mut span_id);
         }
-        let context = match incoming {
-            Some((trace_id, parent, flags)) => Self {
+        let context = if let Some((trace_id, parent, flags)) = incoming {
+            Self {
                 trace_id,
                 span_id,
                 parent_id: Some(parent),
                 flags,
-            },
-            None => {
-                headers.remove(TRACESTATE);
-                let mut trace_id = [0u8; 16];
-                while trace_id == [0; 16] {
-                    rng.fill(&mut trace_id);
-                }
-                Self {
-                    trace_id,
-                    span_id,
-                    parent_id: None,
-                    flags: if sample_new(rng) { SAMPLED } else { 0 },
-                }
+            }
+        } else {
+            headers.remove(TRACESTATE);
+            let mut trace_id = [0u8; 16];
+            while trace_id == [0; 16] {
+                rng.fill(&mut trace_id);
+            }
+            Self {
+                trace_id,
+                span_id,
+                parent_id: None,
+                flags: if sample_new(rng) { SAMPLED } else { 0 },
             }
         };
         if let Ok(value) = HeaderValue::from_str(&context.to_string()) {

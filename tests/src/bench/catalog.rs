@@ -289,7 +289,7 @@ mod tests {
     use super::*;
 
     fn names(only: &[&str]) -> Vec<String> {
-        let only: Vec<String> = only.iter().map(|s| s.to_string()).collect();
+        let only: Vec<String> = only.iter().map(ToString::to_string).collect();
         select(&only)
             .expect("selects")
             .into_iter()

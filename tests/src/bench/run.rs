@@ -62,7 +62,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a `--peer` may take until a connection through it is answered.
 const PEER_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on one load run beyond its nominal duration (connects, drains, process start).
-const RUN_SLACK: Duration = Duration::from_secs(60);
+const RUN_SLACK: Duration = Duration::from_mins(1);
 /// Established, silent connections held open to measure what an idle connection costs the
 /// proxies, and fewer with `--quick`.
 pub const IDLE_CONNS: usize = 10_000;
@@ -779,7 +779,7 @@ fn machine() -> Value {
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
     json!({
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpus": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         "cpu_model": cpu_model,
         "kernel": read("/proc/sys/kernel/osrelease").trim(),
         "git_head": git,

@@ -30,7 +30,7 @@ const BUF: usize = 256 * 1024;
 /// The relay's copy buffers, per direction (Trellis's largest copy buffer).
 const RELAY_BUF: usize = 256 * 1024;
 /// A connection idle this long is dropped, so nothing lingers if a client vanishes.
-const IDLE: Duration = Duration::from_secs(120);
+const IDLE: Duration = Duration::from_mins(2);
 /// How long the relay waits for its upstream to accept.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Body size of every `http` response: a small response, 1 KiB.

@@ -173,11 +173,7 @@ fn main() -> Result<()> {
             None => println!("   source agent: no access log event found"),
         }
         if outbound.as_ref().is_some_and(|e| e["path"] == "hbone") {
-            let dst_node = if flow.to_label.starts_with("pod-1") {
-                1
-            } else {
-                0
-            };
+            let dst_node = usize::from(flow.to_label.starts_with("pod-1"));
             match mesh.wait_access(dst_node, Duration::from_secs(5), |e| {
                 e["direction"] == "inbound" && e["src_addr"] == local.as_str()
             }) {
@@ -272,20 +268,19 @@ fn service_vip(tb: &Testbed, mesh: &mut Mesh<'_>) -> Result<usize> {
                 e["direction"] == "outbound" && e["src_addr"] == local.as_str()
             })
             .ok();
-        match (&event, out.success()) {
-            (Some(e), true) => println!(
+        if let (Some(e), true) = (&event, out.success()) {
+            println!(
                 "   answered by {} via endpoint {} (path {})",
                 result["body"]["server"].as_str().unwrap_or("?"),
                 e["dst_addr"].as_str().unwrap_or("?"),
                 e["path"].as_str().unwrap_or("?"),
-            ),
-            _ => {
-                failures += 1;
-                println!(
-                    "   FAILED: {}",
-                    result["error"].as_str().unwrap_or(out.stderr.trim())
-                );
-            }
+            );
+        } else {
+            failures += 1;
+            println!(
+                "   FAILED: {}",
+                result["error"].as_str().unwrap_or(out.stderr.trim())
+            );
         }
     }
     println!();
@@ -367,23 +362,20 @@ fn policy(tb: &Testbed, mesh: &mut Mesh<'_>) -> Result<usize> {
             "rules": [{"from": [{"source": {"principals": [principal]}}]}]}),
     )?;
     mesh.wait_policies(1, &["default/deny-demo"], TIMEOUT)?;
-    match tb.get_server_name(client, to, Some(Duration::from_secs(4))) {
-        Ok(name) => {
-            println!("   request SUCCEEDED (answered by {name}): the policy was not enforced");
-            failures += 1;
-        }
-        Err(_) => {
-            let reason = mesh
-                .wait_access(1, TIMEOUT, |e| {
-                    e["error"]
-                        .as_str()
-                        .is_some_and(|e| e.starts_with("401 policy_denied"))
-                })
-                .ok()
-                .and_then(|e| e["error"].as_str().map(str::to_owned))
-                .unwrap_or_else(|| "no denial in node-1's access log".into());
-            println!("   request refused; node-1 says: {reason}");
-        }
+    if let Ok(name) = tb.get_server_name(client, to, Some(Duration::from_secs(4))) {
+        println!("   request SUCCEEDED (answered by {name}): the policy was not enforced");
+        failures += 1;
+    } else {
+        let reason = mesh
+            .wait_access(1, TIMEOUT, |e| {
+                e["error"]
+                    .as_str()
+                    .is_some_and(|e| e.starts_with("401 policy_denied"))
+            })
+            .ok()
+            .and_then(|e| e["error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "no denial in node-1's access log".into());
+        println!("   request refused; node-1 says: {reason}");
     }
     let query = format!(
         "/policy/explain?from=default/{}&to=default/{}:8080",

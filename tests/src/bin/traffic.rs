@@ -17,6 +17,11 @@
 //!
 //! Every network operation is bounded by timeouts, so a test never waits on a stuck client.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test traffic casts sizes and counts bounded by its own arguments"
+)]
+
 use std::{
     io::{BufRead, Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
@@ -113,6 +118,10 @@ fn watch_stdin() -> Arc<AtomicBool> {
     closed
 }
 
+#[allow(
+    clippy::unnecessary_wraps,
+    reason = "every mode returns the same Result, which main reports"
+)]
 fn run_loop(to: SocketAddr, interval: Duration, max: Duration) -> Result<bool> {
     let stop = watch_stdin();
     let deadline = Instant::now() + max;

@@ -44,7 +44,10 @@ pub fn render_chart(cluster: &Cluster, extra: &[&str]) -> Result<Vec<Value>> {
     let text = String::from_utf8(out.stdout).context("helm printed invalid UTF-8")?;
     let docs: Vec<Value> =
         serde_saphyr::from_multiple(&text).context("helm template printed invalid YAML")?;
-    Ok(docs.into_iter().filter(|d| d.is_object()).collect())
+    Ok(docs
+        .into_iter()
+        .filter(serde_json::Value::is_object)
+        .collect())
 }
 
 /// Applies the chart's objects: the CRDs first (until Established), then the release
@@ -55,7 +58,7 @@ pub fn install_chart(cluster: &Cluster, objects: &[Value]) -> Result<()> {
         objects
             .iter()
             .filter(|o| pred(o))
-            .map(|o| format!("---\n{}\n", o))
+            .map(|o| format!("---\n{o}\n"))
             .collect()
     };
     let crds = stream(&|o| o["kind"] == "CustomResourceDefinition");
@@ -170,11 +173,10 @@ impl<'tb> Mesh<'tb> {
                     server_name: Some(CONTROLLER_HOST.to_owned()),
                     ca_cert: ca_dir.join("root-cert.pem"),
                     token_file,
-                    root_namespace: chart
-                        .control_plane
-                        .as_ref()
-                        .map(|c| c.root_namespace.clone())
-                        .unwrap_or_else(|| RELEASE_NAMESPACE.to_owned()),
+                    root_namespace: chart.control_plane.as_ref().map_or_else(
+                        || RELEASE_NAMESPACE.to_owned(),
+                        |c| c.root_namespace.clone(),
+                    ),
                 }),
                 listen: testbed.listen,
                 datapath: mesh_node::config::DatapathConfig {

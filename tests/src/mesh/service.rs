@@ -14,7 +14,7 @@ use serde_json::json;
 use super::{Mesh, NAMESPACE, remove_manifest, write_manifest};
 use crate::testbed::Pod;
 
-impl<'tb> Mesh<'tb> {
+impl Mesh<'_> {
     /// Creates or replaces Service `name` in [`NAMESPACE`]: `vips` as its cluster IPs, `ports`
     /// as `(port, targetPort)` TCP pairs, and an EndpointSlice listing each `(pod, ready)` of
     /// `endpoints` by its IPv4 address, node and uid. `traffic_distribution` sets

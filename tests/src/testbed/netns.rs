@@ -85,7 +85,9 @@ impl Netns {
     /// Creates the named namespace with `lo` up.
     pub(crate) fn create(name: &str) -> Result<Self> {
         {
-            let _guard = NETNS_ADD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            let _guard = NETNS_ADD_LOCK
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             ip(&["netns", "add", name])?;
         }
         let ns = Self::from_name(name);

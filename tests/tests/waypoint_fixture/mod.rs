@@ -123,7 +123,8 @@ impl Issuer {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock after 1970")
-            .as_secs() as i64;
+            .as_secs()
+            .cast_signed();
         let claims = json!({"iss": ISSUER, "sub": sub, "exp": now + ttl_secs, "iat": now});
         let input = format!(
             "{}.{}",

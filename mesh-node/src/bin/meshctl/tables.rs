@@ -46,8 +46,7 @@ fn remaining(secs: u64) -> String {
 fn ago(unix: Option<u64>) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+        .map_or(0, |d| d.as_secs());
     match unix {
         Some(t) if t <= now => format!("{} ago", remaining((now - t).max(1))),
         Some(_) => "just now".into(),
@@ -147,8 +146,7 @@ pub fn certificates(dump: &Value) -> String {
     let mut rows = vec![header(&["IDENTITY", "SERIAL", "EXPIRES IN", "RENEWS"])];
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+        .map_or(0, |d| d.as_secs());
     for c in list(&dump["certificates"]) {
         let renews = match c["renew_at"].as_u64() {
             Some(t) if t > now => format!("in {}", remaining(t - now)),

@@ -378,12 +378,9 @@ fn every_bad_value_is_refused_naming_its_field_and_line() {
     ];
     let mut failures = String::new();
     for (case, text, kind, field, line) in rows {
-        let err = match AgentConfig::parse(&text) {
-            Ok(_) => {
-                let _ = writeln!(failures, "{case}: accepted");
-                continue;
-            }
-            Err(err) => err,
+        let Err(err) = AgentConfig::parse(&text) else {
+            let _ = writeln!(failures, "{case}: accepted");
+            continue;
         };
         let got_kind = match err {
             ConfigError::Parse { .. } => Kind::Parse,

@@ -61,8 +61,8 @@ fn service(ca: Arc<LocalCa>, metrics: Arc<ControllerMetrics>) -> CaService {
         state(),
         metrics,
         TD.into(),
-        Duration::from_secs(24 * 3600),
-        Duration::from_secs(48 * 3600),
+        Duration::from_hours(24),
+        Duration::from_hours(48),
     )
 }
 

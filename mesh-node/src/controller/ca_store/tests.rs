@@ -27,7 +27,7 @@ fn api_server(script: Vec<(StatusCode, Value)>) -> (Client, Calls) {
             let bytes = request_body
                 .collect()
                 .await
-                .map(|c| c.to_bytes())
+                .map(http_body_util::Collected::to_bytes)
                 .unwrap_or_default();
             let sent = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             recorded

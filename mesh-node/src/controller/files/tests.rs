@@ -36,7 +36,7 @@ impl Drop for TempDir {
     }
 }
 
-const GOOD: &str = r#"
+const GOOD: &str = r"
 # the shop
 apiVersion: v1
 kind: Namespace
@@ -54,7 +54,7 @@ apiVersion: apps/v1
 kind: Deployment
 metadata: { name: web, namespace: shop }
 ---
-"#;
+";
 
 #[test]
 fn splits_documents_at_markers_only() {
@@ -100,7 +100,7 @@ fn loads_gateways_and_routing_objects_untyped() {
     let dir = TempDir::new("files-routes");
     dir.write(
         "routes.yaml",
-        r#"
+        r"
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: { name: waypoint, namespace: shop, generation: 2 }
@@ -127,7 +127,7 @@ metadata: { name: old, namespace: shop }
 apiVersion: example.com/v1
 kind: TrafficPolicy
 metadata: { name: other, namespace: shop }
-"#,
+",
     );
     let loaded = load_dir(&dir.0).expect("load");
     assert_eq!(loaded.errors, vec![]);

@@ -290,9 +290,10 @@ async fn expect_same_as_files(
         }
     })
     .await;
-    if waited.is_err() {
-        panic!("{what}: kube source never matched the files.\nwant {want:#?}\nlast {last:#?}");
-    }
+    assert!(
+        waited.is_ok(),
+        "{what}: kube source never matched the files.\nwant {want:#?}\nlast {last:#?}"
+    );
 }
 
 #[tokio::test]

@@ -38,7 +38,7 @@ fn api_server(path: &str, object: Value, fail: Vec<u16>) -> (Client, Calls) {
             let bytes = body
                 .collect()
                 .await
-                .map(|c| c.to_bytes())
+                .map(http_body_util::Collected::to_bytes)
                 .unwrap_or_default();
             let sent: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             let query = parts.uri.query().unwrap_or_default().to_owned();
@@ -135,7 +135,7 @@ fn published(kind: RouteKind, accepted: bool) -> Arc<Published> {
 }
 
 async fn wait_calls(calls: &Calls, n: usize) -> Vec<(Method, String, Value)> {
-    tokio::time::timeout(Duration::from_secs(60), async {
+    tokio::time::timeout(Duration::from_mins(1), async {
         loop {
             let got = calls.lock().expect("calls").clone();
             if got.len() >= n {

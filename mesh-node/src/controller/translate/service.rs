@@ -136,8 +136,7 @@ fn service_of(
                 })
                 .and_then(|p| p.port)
                 .and_then(|p| u16::try_from(p).ok())
-                .map(u32::from)
-                .unwrap_or(0),
+                .map_or(0, u32::from),
         };
         ports.push(api::ServicePort {
             name: port_name,

@@ -41,7 +41,7 @@ pub const MAX_CONSECUTIVE_ERRORS: u32 = 1_000;
 pub const MAX_REQUESTS_PER_SECOND: u32 = 1_000_000;
 pub const MAX_BURST: u32 = 10_000_000;
 /// The longest duration any field accepts.
-pub const MAX_DURATION: Duration = Duration::from_secs(3600);
+pub const MAX_DURATION: Duration = Duration::from_hours(1);
 
 /// Why an object was rejected. Every message starts with the field path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -242,8 +242,8 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         rest = &rest[digits..];
         let (unit, len) = match rest {
             [b'm', b's', ..] => (Duration::from_millis(1), 2),
-            [b'h', ..] => (Duration::from_secs(3600), 1),
-            [b'm', ..] => (Duration::from_secs(60), 1),
+            [b'h', ..] => (Duration::from_hours(1), 1),
+            [b'm', ..] => (Duration::from_mins(1), 1),
             [b's', ..] => (Duration::from_secs(1), 1),
             _ => return None,
         };

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use super::retry::Outcome;
 
 /// Ejections longer than this (unless `baseEjectionTime` itself is) are cut to it.
-pub const MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
+pub const MAX_EJECTION_TIME: Duration = Duration::from_mins(5);
 
 /// A compiled `outlierDetection`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -199,7 +199,8 @@ impl RateLimiter {
             Err(not_until) => {
                 let wait = not_until.wait_time_from(self.buckets.clock().now());
                 RateDecision::Deny {
-                    retry_after_secs: wait.as_secs_f64().ceil().clamp(1.0, 86_400.0) as u64,
+                    retry_after_secs: (wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+                        .clamp(1, 86_400),
                 }
             }
         }
@@ -248,7 +249,7 @@ mod tests {
             assert_eq!(allowed(&l, "r", None, 100), 10);
         }
         // Idle time refills up to the burst, not beyond.
-        tokio::time::advance(Duration::from_secs(60)).await;
+        tokio::time::advance(Duration::from_mins(1)).await;
         assert_eq!(allowed(&l, "r", None, 100), 20);
     }
 

@@ -104,6 +104,10 @@ impl Replay {
 }
 
 /// The `retryOn` conditions.
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "one flag per independent retryOn condition, as the field lists them"
+)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RetryOn {
     /// `5xx`: any 5xx response, and any try that ended without one.

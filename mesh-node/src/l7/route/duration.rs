@@ -56,9 +56,9 @@ pub fn parse(text: &str) -> Result<Duration, DurationError> {
         let (unit, len) = if rest.starts_with(b"ms") {
             (Duration::from_millis(1), 2)
         } else if rest.starts_with(b"h") {
-            (Duration::from_secs(3600), 1)
+            (Duration::from_hours(1), 1)
         } else if rest.starts_with(b"m") {
-            (Duration::from_secs(60), 1)
+            (Duration::from_mins(1), 1)
         } else if rest.starts_with(b"s") {
             (Duration::from_secs(1), 1)
         } else {

@@ -44,7 +44,7 @@ impl Default for FetchSettings {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(10),
-            refresh: Duration::from_secs(20 * 60),
+            refresh: Duration::from_mins(20),
             retry: Duration::from_secs(1),
             max_body: MAX_JWKS_BYTES,
         }
@@ -315,7 +315,10 @@ where
         .await
         .map_err(http)?;
     let _connection = AbortOnDrop(tokio::spawn(connection).abort_handle());
-    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    let authority = uri
+        .authority()
+        .map(http::uri::Authority::as_str)
+        .unwrap_or_default();
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let request = http::Request::get(path)
         .header(http::header::HOST, authority)

@@ -42,6 +42,10 @@ pub enum KeysError {
 
 /// One verification key.
 #[derive(Clone)]
+#[allow(
+    clippy::struct_field_names,
+    reason = "a JWK is a key; `key` is its decoding material"
+)]
 pub(super) struct Key {
     pub(super) kid: Option<String>,
     pub(super) algorithms: Vec<Algorithm>,

@@ -657,7 +657,7 @@ const URI: &str = "https://issuer.example/keys";
 fn settings() -> FetchSettings {
     FetchSettings {
         timeout: Duration::from_secs(5),
-        refresh: Duration::from_secs(600),
+        refresh: Duration::from_mins(10),
         retry: Duration::from_secs(1),
         max_body: 64 * 1024,
     }
@@ -708,7 +708,7 @@ async fn uri_keys_are_fetched_retried_and_refreshed() {
         JwtOutcome::Verified(_)
     ));
     // The refresh picks up the rotated key set.
-    tokio::time::sleep(Duration::from_secs(600)).await;
+    tokio::time::sleep(Duration::from_mins(10)).await;
     settle().await;
     assert_eq!(client.calls(), 4);
     assert!(matches!(
@@ -722,7 +722,7 @@ async fn uri_keys_are_fetched_retried_and_refreshed() {
     // A URI no longer used is dropped, and its task stopped.
     fetcher.watch(Vec::new());
     assert!(fetcher.keys(URI).is_none());
-    tokio::time::sleep(Duration::from_secs(3600)).await;
+    tokio::time::sleep(Duration::from_hours(1)).await;
     settle().await;
     assert_eq!(client.calls(), 4);
 }
@@ -737,7 +737,7 @@ async fn a_failed_refresh_keeps_the_previous_keys() {
     fetcher.watch([URI.to_owned()]);
     settle().await;
     assert_eq!(fetcher.keys(URI).map(|k| k.len()), Some(1));
-    tokio::time::sleep(Duration::from_secs(600)).await;
+    tokio::time::sleep(Duration::from_mins(10)).await;
     settle().await;
     assert_eq!(client.calls(), 2);
     assert_eq!(fetcher.keys(URI).map(|k| k.len()), Some(1));

@@ -95,7 +95,8 @@ impl PortHint {
         }
         Self::Only {
             ports,
-            len: len as u8,
+            // `len` < `Self::MAX` (checked in the loop), which fits a u8.
+            len: u8::try_from(len).unwrap_or(u8::MAX),
         }
     }
 

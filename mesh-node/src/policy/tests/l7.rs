@@ -42,13 +42,13 @@ spec:
   - to: [{operation: {paths: ["/admin", "/admin/*"]}}]
 "#;
 
-const ALLOW_ALL_ON_WEB: &str = r#"
+const ALLOW_ALL_ON_WEB: &str = r"
 kind: AuthorizationPolicy
 metadata: {namespace: shop, name: allow-all-web}
 spec:
   targetRefs: [{kind: Service, name: web}]
   rules: [{}]
-"#;
+";
 
 const ALLOW_HOSTS: &str = r#"
 kind: AuthorizationPolicy
@@ -190,32 +190,32 @@ spec:
   rules: [{to: [{operation: {methods: ["POST"], paths: ["/a/{*}/b"]}}]}]
 "#;
 
-const DENY_ON_DB: &str = r#"
+const DENY_ON_DB: &str = r"
 kind: AuthorizationPolicy
 metadata: {namespace: shop, name: deny-db}
 spec:
   targetRefs: [{kind: Service, name: db}]
   action: DENY
   rules: [{}]
-"#;
+";
 
-const DENY_ON_OTHER_GATEWAY: &str = r#"
+const DENY_ON_OTHER_GATEWAY: &str = r"
 kind: AuthorizationPolicy
 metadata: {namespace: shop, name: deny-other-gateway}
 spec:
   targetRefs: [{kind: Gateway, name: other-waypoint}]
   action: DENY
   rules: [{}]
-"#;
+";
 
-const OTHER_NS_DENY_WEB: &str = r#"
+const OTHER_NS_DENY_WEB: &str = r"
 kind: AuthorizationPolicy
 metadata: {namespace: blog, name: deny-web}
 spec:
   targetRefs: [{kind: Service, name: web}]
   action: DENY
   rules: [{}]
-"#;
+";
 
 const ROOT_CLASS_DENY_TRACE: &str = r#"
 kind: AuthorizationPolicy
@@ -226,14 +226,14 @@ spec:
   rules: [{to: [{operation: {methods: ["TRACE"]}}]}]
 "#;
 
-const NON_ROOT_CLASS_DENY_ALL: &str = r#"
+const NON_ROOT_CLASS_DENY_ALL: &str = r"
 kind: AuthorizationPolicy
 metadata: {namespace: shop, name: class-from-shop}
 spec:
   targetRefs: [{kind: GatewayClass, name: trellis-waypoint}]
   action: DENY
   rules: [{}]
-"#;
+";
 
 const ROOT_WIDE_DENY_ALL: &str = r#"
 kind: AuthorizationPolicy
@@ -269,7 +269,7 @@ spec:
   rules: [{to: [{operation: {paths: ["/x"]}}]}]
 "#;
 
-const SELECTOR_AND_TARGETS_DENY: &str = r#"
+const SELECTOR_AND_TARGETS_DENY: &str = r"
 kind: AuthorizationPolicy
 metadata: {namespace: shop, name: both}
 spec:
@@ -277,7 +277,7 @@ spec:
   targetRefs: [{kind: Service, name: web}]
   action: DENY
   rules: [{}]
-"#;
+";
 
 // ---------------------------------------------------------------------------------------------
 // Requests.
@@ -721,13 +721,13 @@ fn invalid_bindings_are_rejected_with_a_stand_in_where_the_author_aimed() {
         "{}",
         c.message
     );
-    let other_ns = r#"
+    let other_ns = r"
 kind: AuthorizationPolicy
 metadata: {namespace: shop, name: other-ns}
 spec:
   targetRefs: [{kind: Service, name: web, namespace: blog}]
   rules: [{}]
-"#;
+";
     let policy = authz(other_ns);
     assert_eq!(policy.binding, Binding::NamespaceWaypoints);
     assert!(matches!(
@@ -744,13 +744,13 @@ spec:
         "{}",
         c.message
     );
-    let malformed = r#"
+    let malformed = r"
 kind: AuthorizationPolicy
 metadata: {namespace: shop, name: malformed}
 spec:
   targetRefs: [{kind: Service}]
   action: DENY
-"#;
+";
     let c = condition_of(malformed);
     assert_eq!(c.reason, "Invalid");
     assert!(

@@ -74,7 +74,7 @@ async fn copies_both_ways_and_propagates_half_close() {
 }
 
 const TIMEOUTS: Timeouts = Timeouts {
-    idle: Duration::from_secs(60),
+    idle: Duration::from_mins(1),
     half_close: Duration::from_secs(5),
 };
 
@@ -125,7 +125,10 @@ async fn a_peer_that_stops_reading_is_not_progress() {
         let mut counted = Counted::default();
         bidirectional(proxy_a, proxy_b, &mut counted, TIMEOUTS).await
     });
-    client.write_all(&[1u8; 32 * 1024]).await.expect("write");
+    client
+        .write_all(&vec![1u8; 32 * 1024])
+        .await
+        .expect("write");
     let error = copier.await.expect("copier").expect_err("times out");
     assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
     assert_eq!(started.elapsed().as_secs(), 60);

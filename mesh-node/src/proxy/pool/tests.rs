@@ -57,7 +57,7 @@ impl Harness {
         let ca = LocalCa::generate(TD).expect("ca");
         let src = Identity::new(TD, "shop", "web").expect("src");
         let dst = Identity::new(TD, "shop", "db").expect("dst");
-        let ttl = Duration::from_secs(3600);
+        let ttl = Duration::from_hours(1);
 
         let certs = store(&ca);
         let mut manager = CertManager::new(certs.clone(), local_issuer(&ca), ttl);

@@ -361,7 +361,7 @@ impl Tries<'_> {
             None if policy.should_retry(tries, verdict, replay) => Ok(()),
             None => Err(NoRetry::NotRetriable),
         }
-        .map(|_| backoff.unwrap_or_else(|| policy.backoff(tries, rng)))
+        .map(|()| backoff.unwrap_or_else(|| policy.backoff(tries, rng)))
     }
 }
 

@@ -221,7 +221,7 @@ impl Exporter {
         let mut healthy = true;
         loop {
             let first = tokio::select! {
-                _ = shutdown.cancelled() => break,
+                () = shutdown.cancelled() => break,
                 span = self.rx.recv() => span,
             };
             let Some(first) = first else { break };
@@ -229,8 +229,8 @@ impl Exporter {
             let flush_at = tokio::time::Instant::now() + self.flush_interval;
             while batch.len() < self.max_batch {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(flush_at) => break,
-                    _ = shutdown.cancelled() => break,
+                    () = tokio::time::sleep_until(flush_at) => break,
+                    () = shutdown.cancelled() => break,
                     span = self.rx.recv() => match span {
                         Some(span) => batch.push(span),
                         None => break,

@@ -39,6 +39,11 @@
 //! Addresses in the output are canonical (`10.0.0.1:80`, not `[::ffff:10.0.0.1]:80`).
 //! The payload is [`mesh_tests::pattern`], so tests can compute expected hashes.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test traffic casts sizes and counts bounded by its own arguments"
+)]
+
 mod client;
 mod ends;
 #[cfg(test)]

@@ -158,7 +158,7 @@ async fn accept_loop(
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => eprintln!("pod-app {mode} {addr}: {peer}: {e:#}"),
                         Err(_) => {
-                            eprintln!("pod-app {mode} {addr}: {peer}: timed out after {limit:?}")
+                            eprintln!("pod-app {mode} {addr}: {peer}: timed out after {limit:?}");
                         }
                     }
                 });

@@ -199,12 +199,11 @@ fn header_modifier(path: &str, f: &HeaderFilter) -> Result<HeaderModifier, Route
         .map(HeaderName::as_str)
         .collect();
     names.sort_unstable();
-    if let Some(pair) = names.windows(2).find(|w| w[0] == w[1]) {
+    if let Some([name, _]) = names.windows(2).find(|w| matches!(w, [a, b] if a == b)) {
         return Err(RouteError::unsupported(
             path,
             format!(
-                "header {:?} appears more than once: only one action per header name is permitted",
-                pair[0]
+                "header {name:?} appears more than once: only one action per header name is permitted"
             ),
         ));
     }

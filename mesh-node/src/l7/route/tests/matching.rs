@@ -149,14 +149,14 @@ fn methods_match_exactly() {
 /// A route attached to the waypoint with the given hostnames.
 fn on_gateway(hostnames: &str) -> RouteTable {
     table(&[&format!(
-        r#"
+        r"
 kind: HTTPRoute
 metadata: {{name: r}}
 spec:
   parentRefs: [{{name: waypoint}}]
   hostnames: {hostnames}
   rules: [{{backendRefs: [{{name: web, port: 8080}}]}}]
-"#
+"
     )])
 }
 

@@ -103,13 +103,13 @@ spec:
     assert_eq!(routed(&t, &WEB, &get("/z")), "r#0");
 }
 
-const ON_GATEWAY: &str = r#"
+const ON_GATEWAY: &str = r"
 kind: HTTPRoute
 metadata: {name: gw-route}
 spec:
   parentRefs: [{name: waypoint}]
   rules: [{matches: [{path: {value: /gw}}], backendRefs: [{name: web, port: 8080}]}]
-"#;
+";
 
 const OTHER: ServiceRef<'static> = ServiceRef {
     namespace: "shop",
@@ -151,13 +151,13 @@ spec:
 
 #[test]
 fn the_core_group_may_be_written_empty_or_core() {
-    let t = table(&[r#"
+    let t = table(&[r"
 kind: HTTPRoute
 metadata: {name: core}
 spec:
   parentRefs: [{group: core, kind: Service, name: web}]
   rules: [{}]
-"#]);
+"]);
     assert_eq!(routed(&t, &WEB, &get("/")), "core#0");
 }
 
@@ -173,13 +173,13 @@ spec:
   rules: [{}]
 "#,
         // A route in another namespace naming the waypoint.
-        r#"
+        r"
 kind: HTTPRoute
 metadata: {namespace: elsewhere, name: foreign}
 spec:
   parentRefs: [{name: waypoint, namespace: shop}]
   rules: [{}]
-"#,
+",
     ]);
     assert_eq!(routed(&t, &WEB, &get("/")), "-");
 }
@@ -187,29 +187,29 @@ spec:
 #[test]
 fn a_gateway_parent_on_another_port_or_of_another_kind_does_not_attach() {
     let t = table(&[
-        r#"
+        r"
 kind: HTTPRoute
 metadata: {name: port-80}
 spec:
   parentRefs: [{name: waypoint, port: 80}]
   rules: [{}]
-"#,
-        r#"
+",
+        r"
 kind: HTTPRoute
 metadata: {name: mesh-kind}
 spec:
   parentRefs: [{group: networking.example.com, kind: Mesh, name: waypoint}]
   rules: [{}]
-"#,
+",
     ]);
     assert_eq!(routed(&t, &OTHER, &get("/")), "-");
-    let explicit = table(&[r#"
+    let explicit = table(&[r"
 kind: HTTPRoute
 metadata: {name: port-15008}
 spec:
   parentRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint, port: 15008, sectionName: mesh}]
   rules: [{}]
-"#]);
+"]);
     assert_eq!(routed(&explicit, &OTHER, &get("/")), "port-15008#0");
 }
 

@@ -146,13 +146,13 @@ spec:
 #[test]
 fn incompatible_filters_have_their_own_reason() {
     let status = status_of(
-        r#"
+        r"
 kind: HTTPRoute
 metadata: {name: r}
 spec:
   parentRefs: [{name: waypoint}]
   rules: [{filters: [{type: RequestRedirect, requestRedirect: {}}, {type: URLRewrite, urlRewrite: {}}]}]
-"#,
+",
     );
     assert_eq!(
         status.parents[0].conditions[0].reason,
@@ -163,13 +163,13 @@ spec:
 #[test]
 fn an_unreadable_route_is_reported_on_its_parents_without_resolved_refs() {
     let status = status_of(
-        r#"
+        r"
 kind: HTTPRoute
 metadata: {name: r}
 spec:
   parentRefs: [{name: waypoint}]
   rules: {not: a list}
-"#,
+",
     );
     assert_eq!(summary(&status), [["Accepted=False/UnsupportedValue"]]);
     assert!(
@@ -182,13 +182,13 @@ spec:
 #[test]
 fn unsupported_filters_are_programmed_but_not_accepted() {
     let status = status_of(
-        r#"
+        r"
 kind: HTTPRoute
 metadata: {name: r}
 spec:
   parentRefs: [{name: waypoint}]
   rules: [{filters: [{type: ExtensionRef, extensionRef: {group: x.io, kind: Auth, name: a}}], backendRefs: [{name: web, port: 8080}]}]
-"#,
+",
     );
     let accepted = &status.parents[0].conditions[0];
     assert_eq!(accepted.reason, "UnsupportedValue");
@@ -247,13 +247,13 @@ spec:
     );
 }
 
-const ROUTE: &str = r#"
+const ROUTE: &str = r"
 kind: HTTPRoute
 metadata: {name: r, generation: 3}
 spec:
   parentRefs: [{name: waypoint}]
   rules: [{backendRefs: [{name: web, port: 8080}]}]
-"#;
+";
 
 #[test]
 fn the_status_object_has_the_gateway_api_shape() {

@@ -178,7 +178,7 @@ pub async fn attack(
             (written, tokio::time::timeout(quiet, &mut read).await.ok())
         }
         outcome = &mut read => (0, Some(outcome)),
-        _ = tokio::time::sleep_until(deadline.into()) => (0, None),
+        () = tokio::time::sleep_until(deadline.into()) => (0, None),
     };
     let (received, closed) = outcome.unwrap_or_default();
     let mut report = json!({

@@ -47,7 +47,7 @@ pub async fn grpc(
                 .await
                 .map_err(|s| grpc_error("Watch", &s))?
             {
-                Some(message) => statuses.push(status_name(&message)),
+                Some(message) => statuses.push(status_name(message)),
                 None => break,
             }
         }
@@ -56,7 +56,7 @@ pub async fn grpc(
     let ok = watch.is_none_or(|n| statuses.len() == n);
     Ok((
         json!({
-            "check": status_name(&check),
+            "check": status_name(check),
             "watched": statuses.len(),
             "statuses": statuses,
             "ok": ok,
@@ -66,7 +66,7 @@ pub async fn grpc(
 }
 
 /// `SERVING`, `NOT_SERVING`, ... or the number if it is not a known status.
-fn status_name(response: &HealthCheckResponse) -> String {
+fn status_name(response: HealthCheckResponse) -> String {
     ServingStatus::try_from(response.status).map_or_else(
         |_| response.status.to_string(),
         |s| s.as_str_name().to_owned(),
@@ -105,8 +105,8 @@ mod tests {
     #[test]
     fn statuses_are_named() {
         let r = |status| HealthCheckResponse { status };
-        assert_eq!(status_name(&r(1)), "SERVING");
-        assert_eq!(status_name(&r(2)), "NOT_SERVING");
-        assert_eq!(status_name(&r(42)), "42");
+        assert_eq!(status_name(r(1)), "SERVING");
+        assert_eq!(status_name(r(2)), "NOT_SERVING");
+        assert_eq!(status_name(r(42)), "42");
     }
 }

@@ -222,7 +222,7 @@ impl L7 {
             "server": &*self.name,
             "peer": peer.to_string(),
             "path": path,
-            "authority": parts.uri.authority().map(|a| a.as_str()),
+            "authority": parts.uri.authority().map(http::uri::Authority::as_str),
             "method": parts.method.as_str(),
             "headers": headers_json(&parts.headers),
             "version": format!("{:?}", parts.version),

@@ -97,6 +97,10 @@ impl DatapathStats for Datapath {
     fn stats(&self) -> Vec<(&'static str, u64)> {
         Datapath::stats(self)
     }
+
+    fn program_runs(&self) -> Vec<crate::metrics::ProgramRuns> {
+        Datapath::program_runs(self)
+    }
 }
 
 /// Pending connections each listener may queue. Every pod of the node connects through one
@@ -112,7 +116,11 @@ fn hbone_spread(outbound: &crate::config::OutboundConfig) -> usize {
         .map_or(1, std::num::NonZeroUsize::get)
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
+#[allow(
+    clippy::result_large_err,
+    reason = "once per listener at startup; the error carries the address for the operator"
+)]
+fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
     proxy::listen(addr, LISTEN_BACKLOG).map_err(|source| AgentError::Bind { what, addr, source })
 }
 
@@ -198,19 +206,19 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     )?);
 
     // Listeners before the datapath: once programs redirect, someone must be there.
-    let outbound4 = bind("outbound", config.listen.outbound).await?;
+    let outbound4 = bind("outbound", config.listen.outbound)?;
     let outbound6 = match config.listen.outbound6 {
-        Some(addr) => Some(bind("outbound6", addr).await?),
+        Some(addr) => Some(bind("outbound6", addr)?),
         None => None,
     };
-    let hbone = bind("hbone", config.listen.hbone).await?;
-    let admin_listener = bind("admin", config.listen.admin).await?;
+    let hbone = bind("hbone", config.listen.hbone)?;
+    let admin_listener = bind("admin", config.listen.admin)?;
     let metrics_listener = match config.listen.metrics {
-        Some(addr) => Some(bind("metrics", addr).await?),
+        Some(addr) => Some(bind("metrics", addr)?),
         None => None,
     };
     let readiness_listener = match config.listen.readiness {
-        Some(addr) => Some(bind("readiness", addr).await?),
+        Some(addr) => Some(bind("readiness", addr)?),
         None => None,
     };
 
@@ -226,6 +234,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             .iter()
             .filter_map(|c| parse_cidr(c).ok())
             .collect(),
+        program_stats: config.datapath.program_stats,
     };
     // Refuse to start, before touching the kernel, where the datapath cannot work.
     let preflight = crate::check::run(&crate::check::Environment {
@@ -433,8 +442,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 /// The connection caps, the node-wide one fitted under this process's descriptor limit.
 fn caps(limits: &crate::config::LimitsConfig) -> Caps {
     let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map(|(soft, _)| soft)
-        .unwrap_or(1_024);
+        .map_or(1_024, |(soft, _)| soft);
     let caps = Caps {
         connections: limits.effective_max_connections(nofile),
         per_pod: limits.max_connections_per_pod,

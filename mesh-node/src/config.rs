@@ -318,6 +318,15 @@ pub struct DatapathConfig {
     /// default: such an entry is almost always a mistake that silently turns the mesh off.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_catch_all_exclusions: bool,
+    /// Has the kernel count each eBPF program's runs and run time while the agent runs
+    /// (`trellis_datapath_program_runs_total`, `trellis_datapath_program_run_seconds_total`).
+    /// Costs two clock reads per program run; on by default.
+    #[serde(default = "default_true")]
+    pub program_stats: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

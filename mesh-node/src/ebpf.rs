@@ -107,6 +107,8 @@ pub struct DatapathSpec {
     pub outbound6: Option<SocketAddr>,
     pub excluded_ports: Vec<u16>,
     pub excluded_nets: Vec<(IpAddr, u8)>,
+    /// Whether to enable the kernel's run-time statistics (see [`Datapath::program_runs`]).
+    pub program_stats: bool,
 }
 
 /// The cgroup sock_addr programs: connect rewrites and their getpeername counterparts.

@@ -89,6 +89,18 @@ pub struct FailureLabels {
 /// Where the datapath's counters come from at scrape time.
 pub trait DatapathStats: Send + Sync + std::fmt::Debug + 'static {
     fn stats(&self) -> Vec<(&'static str, u64)>;
+    /// Each eBPF program's runs and run time, as the kernel counts them.
+    fn program_runs(&self) -> Vec<ProgramRuns> {
+        Vec::new()
+    }
+}
+
+/// One eBPF program's runs and their total time, since it was loaded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramRuns {
+    pub program: String,
+    pub runs: u64,
+    pub run_time: std::time::Duration,
 }
 
 pub struct Metrics {
@@ -233,6 +245,11 @@ struct EventLabels {
     event: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProgramLabels {
+    program: String,
+}
+
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut family = encoder.encode_descriptor(
@@ -244,6 +261,31 @@ impl Collector for DatapathCollector {
         for (event, value) in self.0.stats() {
             let metric = ConstCounter::new(value);
             metric.encode(family.encode_family(&EventLabels { event })?)?;
+        }
+        let programs = self.0.program_runs();
+        let mut family = encoder.encode_descriptor(
+            "trellis_datapath_program_runs",
+            "Runs of each eBPF program, as the kernel counts them",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in &programs {
+            let labels = ProgramLabels {
+                program: p.program.clone(),
+            };
+            ConstCounter::new(p.runs).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "trellis_datapath_program_run_seconds",
+            "Time the kernel spent running each eBPF program",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in &programs {
+            let labels = ProgramLabels {
+                program: p.program.clone(),
+            };
+            ConstCounter::new(p.run_time.as_secs_f64()).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }

@@ -429,8 +429,7 @@ impl<'tb> Mesh<'tb> {
                 c.logs
                     .iter()
                     .filter_map(|p| std::fs::read_to_string(p).ok())
-                    .collect::<Vec<_>>()
-                    .join("")
+                    .collect::<String>()
             })
             .unwrap_or_default()
     }
@@ -718,7 +717,7 @@ impl<'tb> Mesh<'tb> {
     }
 
     pub fn agent_pid(&self, node: usize) -> Option<u32> {
-        self.agents[node].as_ref().map(|a| a.pid())
+        self.agents[node].as_ref().map(Proc::pid)
     }
 
     /// `GET path` on the node's admin port: (status, body).
@@ -748,8 +747,7 @@ impl<'tb> Mesh<'tb> {
         self.logs[node]
             .iter()
             .filter_map(|p| std::fs::read_to_string(p).ok())
-            .collect::<Vec<_>>()
-            .join("")
+            .collect::<String>()
     }
 
     /// The node's access log events (one per connection), oldest first.
@@ -809,6 +807,7 @@ fn agent_defaults(node: &crate::testbed::Node, options: &MeshOptions) -> AgentCo
             excluded_ports: Vec::new(),
             excluded_cidrs: Vec::new(),
             allow_catch_all_exclusions: false,
+            program_stats: true,
         },
         outbound: OutboundConfig {
             unknown_destination: options.unknown_destination,
@@ -953,7 +952,7 @@ pub fn sign_from_node_0(
                 let mut manager = CertManager::new(
                     store.clone(),
                     Issuer::Remote(remote),
-                    Duration::from_secs(3600),
+                    Duration::from_hours(1),
                 );
                 let failures = manager.reconcile(&HashSet::from([identity.clone()])).await;
                 match store.get(&identity) {

@@ -639,7 +639,8 @@ fn the_committed_crds_are_what_the_types_generate() {
         let committed = read(&file);
         if committed != generated {
             let (mut old, mut new) = (committed.lines(), generated.lines());
-            let (line, was, now) = (1..)
+            // One line more than either text has ends the search at the latest.
+            let (line, was, now) = (1..=committed.len() + generated.len() + 1)
                 .map(|n| (n, old.next(), new.next()))
                 .find(|(_, was, now)| was != now)
                 .expect("different texts differ on some line");
@@ -851,7 +852,7 @@ spec:
 "#;
 
 /// Tokens of one issuer verified at a waypoint, read from a custom header as well.
-const REQUEST_AUTHENTICATION: &str = r#"
+const REQUEST_AUTHENTICATION: &str = r"
 apiVersion: security.trellis.dev/v1
 kind: RequestAuthentication
 metadata:
@@ -869,7 +870,7 @@ spec:
     fromHeaders:
     - name: x-shop-token
     forwardOriginalToken: true
-"#;
+";
 
 #[test]
 fn istio_style_policies_satisfy_the_crd_schemas_and_malformed_ones_do_not() {
@@ -1006,15 +1007,16 @@ fn traffic_policies_satisfy_the_crd_schema_and_malformed_ones_do_not() {
 
 /// The values files that switch on every optional part of the chart.
 fn everything() -> Value {
-    with(
-        with(
-            with(default_values(), "agent.privileged", json!(true)),
-            "monitoring.podMonitor.enabled",
-            json!(true),
-        ),
-        "monitoring.serviceMonitor.enabled",
-        json!(true),
-    )
+    let mut values = default_values();
+    for (path, value) in [
+        ("agent.privileged", json!(true)),
+        ("monitoring.podMonitor.enabled", json!(true)),
+        ("monitoring.serviceMonitor.enabled", json!(true)),
+        ("monitoring.waypointPodMonitor.enabled", json!(true)),
+    ] {
+        values = with(values, path, value);
+    }
+    values
 }
 
 /// Runs helm with `values` as a values file; its stdout, or a panic with its stderr.
@@ -1097,4 +1099,82 @@ fn helm_lint_passes_strictly_in_every_mode() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn dashboards_ship_as_labelled_configmaps_and_waypoints_can_be_scraped() {
+    let Some(helm) =
+        helm_gate("dashboards_ship_as_labelled_configmaps_and_waypoints_can_be_scraped")
+    else {
+        return;
+    };
+    let dir = chart_dir().join("dashboards");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("dashboards/")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    let values = with(
+        with(everything(), "dashboards.namespace", json!("monitoring")),
+        "dashboards.annotations",
+        json!({"grafana_folder": "Trellis"}),
+    );
+    let objects = render_chart(&helm, &values);
+    let maps = objects.get("dashboards.yaml").expect("dashboards rendered");
+    assert_eq!(maps.len(), files.len(), "one ConfigMap per dashboard");
+    for file in &files {
+        let stem = file.file_stem().and_then(|s| s.to_str()).expect("name");
+        let map = object(&objects, "ConfigMap", &format!("trellis-dashboard-{stem}"));
+        assert_eq!(map["metadata"]["namespace"], "monitoring");
+        assert_eq!(map["metadata"]["labels"]["grafana_dashboard"], "1");
+        assert_eq!(map["metadata"]["annotations"]["grafana_folder"], "Trellis");
+        let shipped = map["data"][format!("trellis-{stem}.json")]
+            .as_str()
+            .expect("the dashboard JSON");
+        let shipped: Value = serde_json::from_str(shipped).expect("shipped JSON parses");
+        let source: Value =
+            serde_json::from_str(&std::fs::read_to_string(file).expect("read")).expect("JSON");
+        assert_eq!(shipped, source, "{stem} ships as written");
+        assert!(
+            source["uid"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("trellis-")),
+            "{stem}: a stable uid"
+        );
+    }
+    // Off: no ConfigMaps.
+    let off = render_chart(
+        &helm,
+        &with(default_values(), "dashboards.enabled", json!(false)),
+    );
+    assert!(
+        !off.contains_key("dashboards.yaml"),
+        "dashboards rendered while disabled"
+    );
+
+    // Waypoints in any namespace, by the label every waypoint pod carries.
+    let monitor = object(&objects, "PodMonitor", "trellis-waypoints");
+    assert_eq!(monitor["spec"]["namespaceSelector"]["any"], true);
+    assert_eq!(
+        monitor["spec"]["selector"]["matchExpressions"][0]["key"],
+        "gateway.networking.k8s.io/gateway-name"
+    );
+    assert_eq!(monitor["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
+    // Without the operator: the agents' pods carry the scrape annotations.
+    let agents = object(&objects, "DaemonSet", "trellis-agent");
+    let annotations = &agents["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "15020");
+
+    // The cluster's name reaches the controller's telemetry.
+    let named = render_chart(
+        &helm,
+        &with(default_values(), "controller.clusterId", json!("east-1")),
+    );
+    let text = object(&named, "ConfigMap", "trellis-controller")["data"]["controller.yaml"]
+        .as_str()
+        .expect("controller.yaml")
+        .to_owned();
+    let config = ControllerConfig::parse(&text).expect("the controller accepts its config");
+    assert_eq!(config.cluster_id, "east-1");
 }

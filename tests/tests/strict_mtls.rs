@@ -60,6 +60,7 @@ impl Bed {
             outbound6: Some((node.gateway_ip6, 15001).into()),
             excluded_ports: Vec::new(),
             excluded_nets: Vec::new(),
+            program_stats: false,
         };
         let handle = runtime.handle().clone();
         let (datapath, enroller) = node.netns.run(move || {

@@ -6,6 +6,8 @@
 //!   an empty value shows as a missing label);
 //! - the query shapes of Istio's Grafana dashboards ([`ISTIO_DASHBOARD_QUERIES`]) and of
 //!   Kiali's graph ([`KIALI_QUERIES`]) return the test's traffic, each group-by label present;
+//! - every query of every dashboard the chart ships (`charts/trellis/dashboards/`), panels and
+//!   template variables alike, returns data ([`check_dashboards`]);
 //! - a rollout (the backend pod replaced by another pod of the same Deployment) creates no new
 //!   series: the workload label is the Deployment, not the pod.
 //!
@@ -24,7 +26,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use mesh_tests::{
     mesh::{
-        METRICS_PORT, Mesh, MeshOptions, NAMESPACE, PodOwner,
+        CONTROLLER_MONITORING_PORT, METRICS_PORT, Mesh, MeshOptions, NAMESPACE, PodOwner,
         waypoint::{GATEWAY_NAME_LABEL, USE_WAYPOINT_LABEL, WAYPOINT_METRICS_PORT, Waypoint},
     },
     testbed::{Pod, Proc, RequestsOpts, Server, SpawnOptions, Testbed, e2e_gate},
@@ -143,7 +145,7 @@ const SERVICE: &str = "web";
 const SERVICE_HOST: &str = "web.default.svc.cluster.local";
 const REQUESTS: usize = 40;
 const BODY: u64 = 2048;
-const PROMETHEUS_WAIT: Duration = Duration::from_secs(60);
+const PROMETHEUS_WAIT: Duration = Duration::from_mins(1);
 const DB_PORT: u16 = 9000;
 const TCP_BYTES: &str = "64K";
 
@@ -207,9 +209,14 @@ struct Prometheus<'tb> {
 }
 
 impl<'tb> Prometheus<'tb> {
-    /// Starts it scraping `agents` and `waypoints` (host:port) every second; waits (bounded)
-    /// until it answers.
-    fn start(tb: &'tb Testbed, agents: &[SocketAddr], waypoints: &[SocketAddr]) -> Result<Self> {
+    /// Starts it scraping `agents`, `waypoints` and `controllers` (host:port) every second;
+    /// waits (bounded) until it answers.
+    fn start(
+        tb: &'tb Testbed,
+        agents: &[SocketAddr],
+        waypoints: &[SocketAddr],
+        controllers: &[SocketAddr],
+    ) -> Result<Self> {
         let dir = tb.scratch_dir().join("prometheus");
         std::fs::create_dir_all(dir.join("data"))?;
         let targets = |t: &[SocketAddr]| {
@@ -222,9 +229,11 @@ impl<'tb> Prometheus<'tb> {
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
              scrape_configs:\n\
              - job_name: trellis-agents\n  static_configs:\n  - targets: [{}]\n\
-             - job_name: trellis-waypoints\n  static_configs:\n  - targets: [{}]\n",
+             - job_name: trellis-waypoints\n  static_configs:\n  - targets: [{}]\n\
+             - job_name: trellis-controller\n  static_configs:\n  - targets: [{}]\n",
             targets(agents),
             targets(waypoints),
+            targets(controllers),
         );
         let config_path = dir.join("prometheus.yml");
         std::fs::write(&config_path, config)?;
@@ -547,7 +556,11 @@ fn prometheus_reads_istio_labels_dashboard_and_kiali_queries_across_a_rollout() 
         waypoint_pod.ip4.into(),
         WAYPOINT_METRICS_PORT,
     )];
-    let prom = Prometheus::start(&tb, &agents, &waypoints).expect("prometheus");
+    let controllers = [SocketAddr::new(
+        tb.node(0).lan_ip4.into(),
+        CONTROLLER_MONITORING_PORT,
+    )];
+    let prom = Prometheus::start(&tb, &agents, &waypoints, &controllers).expect("prometheus");
 
     // Two rounds, each waited for in Prometheus: rates need a counter seen to increase.
     let at_waypoint = r#"sum(istio_requests_total{reporter="waypoint", destination_workload="web", source_workload="client", response_code="200"})"#;
@@ -574,6 +587,26 @@ fn prometheus_reads_istio_labels_dashboard_and_kiali_queries_across_a_rollout() 
             .and_then(|o| o.ok_json())
             .expect("tcp send");
         assert_eq!(sent["ok"], true, "{sent}");
+        // A connection the destination refuses: the proxy's failure counters have a series.
+        let refused = tb
+            .run(
+                client,
+                &[
+                    "pod-app",
+                    "send",
+                    "--to",
+                    &SocketAddr::new(db.ip4.into(), DB_PORT + 1).to_string(),
+                    "--bytes",
+                    "1",
+                ],
+                WAIT,
+            )
+            .expect("refused send runs");
+        assert!(
+            !refused.success() || refused.json().is_ok_and(|v| v["ok"] == false),
+            "a send to a closed port succeeded: {}",
+            refused.stdout
+        );
         prom.wait_value(at_waypoint, (round * REQUESTS) as f64)
             .expect("requests scraped");
         prom.wait_value(tcp_at_db, round as f64)
@@ -694,6 +727,16 @@ fn prometheus_reads_istio_labels_dashboard_and_kiali_queries_across_a_rollout() 
         eprintln!("checked: {promql}");
     }
 
+    // Rates and increases need two samples of each target in their window.
+    for job in ["trellis-agents", "trellis-waypoints", "trellis-controller"] {
+        prom.wait_value(
+            &format!(r#"min(count_over_time(up{{job="{job}"}}[1m]))"#),
+            2.0,
+        )
+        .expect("two scrapes of every target");
+    }
+    check_dashboards(&prom);
+
     // The rollout: the backend pod is replaced by another pod of the same Deployment (another
     // ReplicaSet hash would be a new revision; the same one is a pod rescheduled).
     let before = series_per_workload(&istio_series(&prom));
@@ -745,4 +788,97 @@ fn prometheus_reads_istio_labels_dashboard_and_kiali_queries_across_a_rollout() 
             *n += 1;
         }
     }
+}
+
+/// What each dashboard variable stands for in this test, and the value its own query must
+/// offer (`None`: any).
+const DASHBOARD_VARIABLES: [(&str, &str, Option<&str>); 5] = [
+    ("namespace", NAMESPACE, Some(NAMESPACE)),
+    ("service", SERVICE, Some(SERVICE)),
+    // Three selected, as Grafana writes a multi-value selection: web serves HTTP, client
+    // calls, db takes TCP connections that close (the agents count a connection's bytes when
+    // it closes; the waypoint keeps its connections to web open).
+    ("workload", "(client|web|db)", Some(SERVICE)),
+    ("job", ".*", None),
+    ("instance", ".*", None),
+];
+
+/// Grafana's variables in `expr` replaced as a dashboard would with this test's selection.
+fn substitute(expr: &str) -> String {
+    let mut out = expr.replace("$__rate_interval", "1m");
+    for (name, value, _) in DASHBOARD_VARIABLES {
+        out = out.replace(&format!("${name}"), value);
+    }
+    assert!(
+        !out.contains('$'),
+        "a variable the test does not know in {expr}"
+    );
+    out
+}
+
+/// Every dashboard of the chart: each template variable's `label_values` query offers this
+/// test's workload, and each panel query returns at least one sample from the test's
+/// traffic, evaluated by the real Prometheus.
+fn check_dashboards(prom: &Prometheus<'_>) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/trellis/dashboards");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("the chart's dashboards")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 6, "dashboards: {files:?}");
+    let mut checked = 0;
+    for file in files {
+        let name = file.display().to_string();
+        let dashboard: Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("JSON");
+        for variable in dashboard["templating"]["list"]
+            .as_array()
+            .expect("templating")
+        {
+            if variable["type"] != "query" {
+                continue;
+            }
+            let var = variable["name"].as_str().expect("name");
+            let query = variable["query"]["query"].as_str().expect("query");
+            let (selector, label) = query
+                .strip_prefix("label_values(")
+                .and_then(|q| q.strip_suffix(')'))
+                .and_then(|q| q.rsplit_once(", "))
+                .unwrap_or_else(|| panic!("{name}: ${var} is not label_values(...): {query}"));
+            let promql = format!("count by ({label}) ({})", substitute(selector));
+            let result = prom.query(&promql).expect("variable query");
+            let offered: BTreeSet<&str> = result
+                .iter()
+                .filter_map(|(l, _)| l.get(label).map(String::as_str))
+                .collect();
+            let wanted = DASHBOARD_VARIABLES
+                .iter()
+                .find(|(n, _, _)| *n == var)
+                .unwrap_or_else(|| panic!("{name}: unknown variable ${var}"))
+                .2;
+            assert!(
+                wanted.map_or(!offered.is_empty(), |w| offered.contains(w)),
+                "{name}: ${var} ({promql}) offers {offered:?}"
+            );
+            checked += 1;
+        }
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            let title = panel["title"].as_str().unwrap_or_default();
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("expr");
+                let promql = substitute(expr);
+                let result = prom.query(&promql).expect("panel query");
+                assert!(
+                    !result.is_empty(),
+                    "{name}: panel {title:?}: {promql} returned nothing; the targets expose {:?}",
+                    prom.api("/api/v1/label/__name__/values")
+                );
+                checked += 1;
+                eprintln!("dashboard {name}: {title}: {promql}");
+            }
+        }
+    }
+    eprintln!("dashboards: {checked} queries returned data");
 }

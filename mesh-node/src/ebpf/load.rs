@@ -14,6 +14,7 @@ use std::{
     collections::HashSet,
     fs::File,
     net::IpAddr,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -28,6 +29,8 @@ use aya::{
 };
 use mesh_common::{LAYOUT_VERSION, ProxyConfig, Stat, maps, programs};
 
+use crate::metrics::ProgramRuns;
+
 use super::{
     ConnTrack, DatapathSpec, EbpfError, Enroller, OBJECT, PodCgroup, SOCK_ADDR_PROGRAMS,
     SOCK_PROGRAMS, load_programs, log, probe::preflight, program_mut, take_map, words,
@@ -39,11 +42,13 @@ use super::{
 /// it but of the [`Enroller`] that [`Datapath::install`] hands out, so exactly one owner
 /// writes it.
 pub struct Datapath {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     conntrack: Arc<ConnTrack>,
     stats: PerCpuArray<MapData, u64>,
     version_dir: PathBuf,
     _logger: Option<log::LogPump>,
+    /// Keeps the kernel's run-time statistics on while the datapath is held.
+    _run_time_stats: Option<OwnedFd>,
 }
 
 impl Datapath {
@@ -95,11 +100,12 @@ impl Datapath {
         let conntrack = Arc::new(ConnTrack::take(&mut ebpf)?);
         let stats = take_map(&mut ebpf, maps::DP_STATS)?;
         let mut datapath = Self {
-            _ebpf: ebpf,
+            ebpf,
             conntrack,
             stats,
             version_dir: version_dir.clone(),
             _logger: logger,
+            _run_time_stats: spec.program_stats.then(enable_run_time_stats).flatten(),
         };
 
         // 2. Attach and pin, replacing what a previous agent pinned. Cgroup links always allow
@@ -112,12 +118,12 @@ impl Datapath {
         })?;
         // Every program is loaded (verified) before any is attached: a program the kernel
         // refuses must not leave pods with a redirect but no tracking (half-redirected).
-        load_programs(&mut datapath._ebpf)?;
+        load_programs(&mut datapath.ebpf)?;
         // aya's program types share no trait for this sequence, hence a macro.
         macro_rules! attach_and_pin {
             ($cgroup:expr, $ty:ty, $name:expr $(, $attach_type:expr)?) => {{
                 let name = $name;
-                let program: &mut $ty = program_mut(&mut datapath._ebpf, name)?;
+                let program: &mut $ty = program_mut(&mut datapath.ebpf, name)?;
                 let id = program
                     .attach($cgroup, $($attach_type,)? CgroupAttachMode::Single)
                     .map_err(|source| EbpfError::Program { name, source })?;
@@ -168,9 +174,25 @@ impl Datapath {
                 let total = self
                     .stats
                     .get(&(*s as u32), 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0);
+                    .map_or(0, |v| v.iter().sum());
                 (s.name(), total)
+            })
+            .collect()
+    }
+
+    /// Each loaded program's name, runs and total run time, as the kernel counts them while
+    /// run-time statistics are on (zero otherwise). A program whose information the kernel
+    /// does not return is left out.
+    pub fn program_runs(&self) -> Vec<ProgramRuns> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some(ProgramRuns {
+                    program: name.to_owned(),
+                    runs: info.run_count(),
+                    run_time: info.run_time(),
+                })
             })
             .collect()
     }
@@ -248,10 +270,10 @@ fn remove_other_versions(pin_dir: &Path) {
         if name.to_string_lossy().starts_with('v') && name != current.as_str() {
             match std::fs::remove_dir_all(entry.path()) {
                 Ok(()) => {
-                    tracing::info!(dir = %entry.path().display(), "removed datapath of another layout version")
+                    tracing::info!(dir = %entry.path().display(), "removed datapath of another layout version");
                 }
                 Err(e) => {
-                    tracing::warn!(dir = %entry.path().display(), error = %e, "cannot remove old datapath")
+                    tracing::warn!(dir = %entry.path().display(), error = %e, "cannot remove old datapath");
                 }
             }
         }
@@ -316,4 +338,16 @@ fn reconcile_nets(
         })?;
     }
     Ok(())
+}
+
+/// Turns the kernel's run-time statistics on for as long as the returned descriptor is open;
+/// without them the datapath works the same and its run counters stay at zero.
+fn enable_run_time_stats() -> Option<OwnedFd> {
+    match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+        Ok(fd) => Some(fd),
+        Err(error) => {
+            tracing::warn!(%error, "cannot enable eBPF run-time statistics; program run counters stay at zero");
+            None
+        }
+    }
 }

@@ -175,6 +175,12 @@ pub fn generate(spec: &WaypointSpec) -> Result<Vec<Value>, ConfigError> {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels.clone()),
+                    // For a Prometheus that discovers pods by annotation (no operator).
+                    annotations: Some(BTreeMap::from([
+                        ("prometheus.io/scrape".to_owned(), "true".to_owned()),
+                        ("prometheus.io/port".to_owned(), METRICS_PORT.to_string()),
+                        ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
+                    ])),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {

@@ -16,6 +16,7 @@
 mod pki;
 mod tools;
 
+pub mod gateway_api;
 pub mod kubelet;
 
 use std::ffi::OsString;

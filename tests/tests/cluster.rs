@@ -32,6 +32,8 @@ use mesh_tests::{
 };
 use serde_json::Value;
 
+#[path = "cluster/resilience.rs"]
+mod resilience;
 #[path = "cluster/waypoint.rs"]
 mod waypoint;
 

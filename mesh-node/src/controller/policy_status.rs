@@ -223,8 +223,10 @@ where
         + DeserializeOwned
         + std::fmt::Debug,
 {
+    // The object itself (its status included): the controller may read the policies, and
+    // only write their status subresource.
     let mut object = Api::<K>::namespaced(client.clone(), &id.namespace)
-        .get_status(&id.name)
+        .get(&id.name)
         .await?;
     Ok(object.status_mut().take())
 }

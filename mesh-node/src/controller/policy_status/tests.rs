@@ -176,9 +176,7 @@ async fn each_kind_is_written_to_its_own_resource() {
         let got = wait_calls(&calls, 2).await;
         assert_eq!(got[0].0, Method::GET);
         assert!(
-            got[0]
-                .1
-                .starts_with(&format!("/apis/{collection}/p/status?")),
+            got[0].1.starts_with(&format!("/apis/{collection}/p?")),
             "{}",
             got[0].1
         );

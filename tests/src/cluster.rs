@@ -9,6 +9,10 @@
 //! EndpointSlices. Nothing schedules or runs pods: whoever plays the kubelet binds and reports
 //! them (see [`kubelet`]).
 //!
+//! The API server keeps an audit log of every service account's requests ([`audit`]), so tests
+//! can count what the mesh's accounts asked for; etcd can be compacted under the API server
+//! ([`Cluster::compact_etcd`]), so tests can expire watches.
+//!
 //! [`Cluster::start`] returns once `/readyz` answers and the controller-manager has made the
 //! `default` service account; dropping the [`Cluster`] stops the processes and removes the
 //! state directory (kept with `MESH_KEEP_TESTBED=1`).
@@ -16,6 +20,8 @@
 mod pki;
 mod tools;
 
+pub mod audit;
+pub mod gateway_api;
 pub mod kubelet;
 
 use std::ffi::OsString;
@@ -45,6 +51,11 @@ serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-pu
 endpointslice-controller,endpointslice-mirroring-controller";
 /// The file `Cluster::detach` writes: one `name pid` line per component.
 const PIDS_FILE: &str = "pids";
+/// The API server's audit log, below `logs/`.
+const AUDIT_LOG: &str = "audit.log";
+/// The etcd key [`Cluster::compact_etcd`] writes, base64 as etcd's JSON gateway takes keys:
+/// `/trellis-tests/compaction-marker`, outside the API server's `/registry` prefix.
+const COMPACTION_MARKER_KEY: &str = "L3RyZWxsaXMtdGVzdHMvY29tcGFjdGlvbi1tYXJrZXI=";
 
 /// Where and how to run the control plane.
 #[derive(Debug, Clone)]
@@ -87,6 +98,8 @@ pub struct Cluster {
     netns: Option<String>,
     dir: PathBuf,
     server: String,
+    /// etcd's client URL (in the cluster's network namespace).
+    etcd_url: String,
     components: Vec<Component>,
     detached: bool,
 }
@@ -123,6 +136,9 @@ impl Cluster {
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let p = |name: &str| pki.join(name).into_os_string();
+        let audit_policy = dir.join("audit-policy.yaml");
+        std::fs::write(&audit_policy, audit::POLICY)
+            .with_context(|| format!("writing {}", audit_policy.display()))?;
         let etcd = Component::new(
             "etcd",
             &tools.etcd,
@@ -161,6 +177,12 @@ impl Cluster {
                 "--service-cluster-ip-range=10.96.0.0/16".into(),
                 "--allow-privileged=true".into(),
                 "--profiling=false".into(),
+                flag("--audit-policy-file", audit_policy),
+                flag("--audit-log-path", dir.join("logs").join(AUDIT_LOG)),
+                "--audit-log-format=json".into(),
+                // Each event is written before the request is answered: a test that reads the
+                // log after a call sees it.
+                "--audit-log-mode=blocking".into(),
                 "--v=1".into(),
             ],
         );
@@ -199,6 +221,7 @@ impl Cluster {
             netns: options.netns,
             dir,
             server,
+            etcd_url: etcd_url.clone(),
             components: vec![etcd, apiserver, controller_manager],
             detached: false,
         };
@@ -359,6 +382,52 @@ impl Cluster {
         (0..c.starts.max(1))
             .filter_map(|n| std::fs::read_to_string(self.log_path(c.name, n)).ok())
             .collect()
+    }
+
+    /// Every service account request the API server has answered, oldest first.
+    pub fn audit(&self) -> Result<Vec<audit::Request>> {
+        audit::read(&self.dir.join("logs").join(AUDIT_LOG))
+    }
+
+    /// Compacts etcd's whole history: writes a marker key outside the API server's prefix
+    /// (so the revision is past every resource version a client has seen) and compacts at
+    /// that revision, physically. A watch resumed from any earlier resource version is then
+    /// answered 410 Gone. Returns the revision. Uses etcd's JSON gateway (with `curl`, in the
+    /// cluster's network namespace).
+    pub fn compact_etcd(&self) -> Result<u64> {
+        let put = self.etcd_post(
+            "/v3/kv/put",
+            &serde_json::json!({"key": COMPACTION_MARKER_KEY, "value": "MQ=="}),
+        )?;
+        // int64 fields are strings in etcd's JSON.
+        let revision: u64 = put["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .with_context(|| format!("etcd's put answer has no revision: {put}"))?;
+        self.etcd_post(
+            "/v3/kv/compaction",
+            &serde_json::json!({"revision": revision.to_string(), "physical": true}),
+        )?;
+        Ok(revision)
+    }
+
+    fn etcd_post(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
+        let out = self
+            .command(Path::new("curl"))
+            .args(["--silent", "--show-error", "--fail", "--max-time", "30"])
+            .args(["-X", "POST", "-H", "Content-Type: application/json"])
+            .args(["--data", &body.to_string()])
+            .arg(format!("{}{path}", self.etcd_url))
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run curl (needed to reach etcd's JSON gateway)")?;
+        if !out.status.success() {
+            bail!(
+                "etcd {path} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| format!("etcd {path} answered no JSON"))
     }
 
     /// Stops the API server (SIGTERM, bounded) while etcd and the rest stay up.

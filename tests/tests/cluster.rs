@@ -32,6 +32,11 @@ use mesh_tests::{
 };
 use serde_json::Value;
 
+#[path = "cluster/resilience.rs"]
+mod resilience;
+#[path = "cluster/waypoint.rs"]
+mod waypoint;
+
 /// The applications' namespace.
 const APPS: &str = "apps";
 /// Bound on waiting for the mesh to follow a change made through the API.

@@ -236,6 +236,10 @@ impl Store {
                 let was_missing = self.missing.remove(&kind);
                 if first || was_missing {
                     tracing::info!(%kind, "listed");
+                } else {
+                    // After a watch the API server expired (410 Gone) or a lost connection:
+                    // the kind's objects were replaced by a fresh list.
+                    tracing::info!(%kind, objects = self.objects.count(kind), "relisted");
                 }
                 true
             }

@@ -7,21 +7,30 @@
 //! The condition is the one [`super::translate`] derived with the same conversion every agent
 //! and waypoint runs, so what the status says is what they enforce. A condition is written when it
 //! changes (its transition time only when its status does); a failed write is retried on a
-//! timer. Several controller replicas write the same condition under the same field manager,
+//! timer. The first time this process sees an object it reads the object's status first: a
+//! condition already there and still right is adopted, not written, so a restarted controller
+//! rewrites nothing (and keeps the transition time of a condition whose status holds). Several controller replicas write the same condition under the same field manager,
 //! so they converge on one value instead of fighting over it.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use kube::{
-    Api, Client,
+    Api, Client, Resource,
     api::{Patch, PatchParams},
+    core::{NamespaceResourceScope, object::HasStatus},
 };
+use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{Published, translate::Translation};
 use crate::{
     k8s::TRAFFIC_API_VERSION,
+    k8s::status::{ACCEPTED, PolicyStatus},
     l7::resilience::TrafficPolicy,
     policy::{
         AuthorizationPolicy, PeerAuthentication, PolicyId, PolicyKind, RequestAuthentication,
@@ -86,6 +95,8 @@ pub async fn run(
     let mut reported: BTreeMap<Key, Condition> = BTreeMap::new();
     // Conditions still to write to the API server.
     let mut unwritten: BTreeMap<Key, Condition> = BTreeMap::new();
+    // Objects whose status this process has not read or written yet.
+    let mut unread: BTreeSet<Key> = BTreeSet::new();
     loop {
         let published = state.borrow_and_update().clone();
         if let Some(published) = published {
@@ -93,6 +104,7 @@ pub async fn run(
             let current = conditions(&published.translation);
             reported.retain(|key, _| current.contains_key(key));
             unwritten.retain(|key, _| current.contains_key(key));
+            unread.retain(|key| current.contains_key(key));
             for (key, condition) in current {
                 let mut conditions: Vec<Condition> =
                     reported.get(&key).cloned().into_iter().collect();
@@ -101,6 +113,9 @@ pub async fn run(
                         continue;
                     };
                     log(&key, &new);
+                    if !reported.contains_key(&key) {
+                        unread.insert(key.clone());
+                    }
                     reported.insert(key.clone(), new.clone());
                     if client.is_some() {
                         unwritten.insert(key.clone(), new);
@@ -110,7 +125,31 @@ pub async fn run(
         }
         if let Some(client) = &client {
             let mut failed = BTreeMap::new();
-            for (key, condition) in std::mem::take(&mut unwritten) {
+            for (key, mut condition) in std::mem::take(&mut unwritten) {
+                if unread.contains(&key) {
+                    match live_condition(client, &key).await {
+                        Ok(live) => {
+                            unread.remove(&key);
+                            let mut conditions: Vec<Condition> = live.into_iter().collect();
+                            let now = rfc3339(time::OffsetDateTime::now_utc());
+                            let changed = set_condition(&mut conditions, condition, &now);
+                            let Some(merged) = conditions.pop() else {
+                                continue;
+                            };
+                            reported.insert(key.clone(), merged.clone());
+                            if !changed {
+                                tracing::debug!(kind = %key.0, policy = %key.1, "the status is already right");
+                                continue;
+                            }
+                            condition = merged;
+                        }
+                        Err(e) => {
+                            tracing::warn!(kind = %key.0, policy = %key.1, error = %e, "cannot read the policy status; retrying");
+                            failed.insert(key, condition);
+                            continue;
+                        }
+                    }
+                }
                 if let Err(e) = write(client, &key, &condition).await {
                     tracing::warn!(kind = %key.0, policy = %key.1, error = %e, "cannot write the policy status; retrying");
                     failed.insert(key, condition);
@@ -149,6 +188,47 @@ fn log(key: &Key, condition: &Condition) {
             "{what}"
         );
     }
+}
+
+/// The `Accepted` condition the object's status holds now (`None`: none, or no object).
+async fn live_condition(client: &Client, key: &Key) -> Result<Option<Condition>, kube::Error> {
+    let (kind, id) = key;
+    let status = match kind {
+        Subject::Policy(PolicyKind::Authorization) => {
+            read_status::<AuthorizationPolicy>(client, id).await
+        }
+        Subject::Policy(PolicyKind::PeerAuthentication) => {
+            read_status::<PeerAuthentication>(client, id).await
+        }
+        Subject::Policy(PolicyKind::RequestAuthentication) => {
+            read_status::<RequestAuthentication>(client, id).await
+        }
+        Subject::TrafficPolicy => read_status::<TrafficPolicy>(client, id).await,
+    };
+    match status {
+        Ok(status) => {
+            Ok(status.and_then(|s| s.conditions.into_iter().find(|c| c.type_ == ACCEPTED)))
+        }
+        // Deleted meanwhile: the next snapshot drops it; writing would fail the same way.
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+async fn read_status<K>(client: &Client, id: &PolicyId) -> Result<Option<PolicyStatus>, kube::Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + HasStatus<Status = PolicyStatus>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    // The object itself (its status included): the controller may read the policies, and
+    // only write their status subresource.
+    let mut object = Api::<K>::namespaced(client.clone(), &id.namespace)
+        .get(&id.name)
+        .await?;
+    Ok(object.status_mut().take())
 }
 
 async fn write(client: &Client, key: &Key, condition: &Condition) -> Result<(), kube::Error> {

@@ -16,8 +16,17 @@ use anyhow::{Context, Result, bail};
 use mesh_node::config::{AgentConfig, ControlPlaneConfig, LogFormat, expand_env};
 use serde_json::{Value, json};
 
-use super::{CONTROLLER_PORT, ControlPlane, Mesh, MeshOptions, agent_defaults, write_private};
-use crate::cluster::{Cluster, kubelet::Kubelet};
+use mesh_node::k8s::{GATEWAY_API_VERSION, WAYPOINT_CLASS};
+
+use super::waypoint::{WAYPOINT_METRICS_PORT, WAYPOINT_READY_PORT, Waypoint};
+use super::{
+    CONTROLLER_PORT, ControlPlane, HBONE_PORT, Mesh, MeshOptions, TRUST_DOMAIN, agent_defaults,
+    write_private,
+};
+use crate::cluster::{
+    Cluster,
+    kubelet::{KubePod, Kubelet},
+};
 use crate::testbed::Testbed;
 
 /// The namespace the chart is installed in.
@@ -236,5 +245,56 @@ impl<'tb> Mesh<'tb> {
             mesh.start_agent(i)?;
         }
         Ok(mesh)
+    }
+}
+
+impl Mesh<'_> {
+    /// Applies Gateway `name` (class `trellis-waypoint`) in `pod`'s namespace with kubectl and
+    /// runs `mesh-node waypoint` in `pod`, which the test made a Pod object labelled as the
+    /// Gateway's pod ([`super::waypoint::GATEWAY_NAME_LABEL`]) running as `service_account`. The waypoint
+    /// proves who it is with a token of that account bound to its Pod, for the controller's
+    /// audience, as a projected token would; it waits until the waypoint is ready.
+    pub fn start_kube_waypoint<'p>(
+        &self,
+        cluster: &Cluster,
+        name: &str,
+        pod: &'p KubePod,
+        service_account: &str,
+    ) -> Result<Waypoint<'p>> {
+        let namespace = pod.namespace.as_str();
+        let gateway = json!({
+            "apiVersion": GATEWAY_API_VERSION, "kind": "Gateway",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "gatewayClassName": WAYPOINT_CLASS,
+                "listeners": [{"name": "mesh", "port": HBONE_PORT, "protocol": "HBONE"}],
+            },
+        });
+        cluster
+            .kubectl_stdin(&["apply", "-f", "-"], &gateway.to_string())
+            .context("applying the Gateway")?;
+        let token = cluster.token(
+            namespace,
+            service_account,
+            Some("trellis"),
+            Some(pod.name()),
+        )?;
+        let token_file = self.tb.scratch_dir().join(format!("token-waypoint-{name}"));
+        write_private(&token_file, &token)?;
+        let config = format!(
+            "namespace: {namespace}\n\
+             gateway: {name}\n\
+             service_account: {service_account}\n\
+             trust_domain: {TRUST_DOMAIN}\n\
+             control_plane:\n  address: \"{controller}\"\n  server_name: {CONTROLLER_HOST}\n  \
+             ca_cert: {ca}\n  token_file: {token}\n  root_namespace: {RELEASE_NAMESPACE}\n\
+             listen:\n  hbone: \"[::]:{HBONE_PORT}\"\n  metrics: \"0.0.0.0:{WAYPOINT_METRICS_PORT}\"\n  \
+             readiness: \"0.0.0.0:{WAYPOINT_READY_PORT}\"\n\
+             log_format: json\n",
+            controller = self.controller_addr(),
+            ca = self.ca_dir.join("root-cert.pem").display(),
+            token = token_file.display(),
+        );
+        self.launch_waypoint(name, &pod.pod, &config)
     }
 }

@@ -232,8 +232,20 @@ impl<'tb> Mesh<'tb> {
             ca = self.ca_dir.join("ca.pem").display(),
             token = token_file.display(),
         );
-        let path = scratch.join(format!("waypoint-{name}.yaml"));
-        std::fs::write(&path, &config)?;
+        self.launch_waypoint(name, pod, &config)
+    }
+
+    /// Writes `config` as waypoint `name`'s configuration file, starts `mesh-node waypoint`
+    /// in `pod` and waits until it is ready.
+    pub(super) fn launch_waypoint<'p>(
+        &self,
+        name: &str,
+        pod: &'p Pod,
+        config: &str,
+    ) -> Result<Waypoint<'p>> {
+        let tb = self.tb;
+        let path = tb.scratch_dir().join(format!("waypoint-{name}.yaml"));
+        std::fs::write(&path, config)?;
         mesh_node::config::waypoint::WaypointConfig::load(&path)
             .context("generated waypoint config")?;
         let path = path.to_string_lossy().into_owned();

@@ -1,5 +1,5 @@
-//! Policy status against a fake API server: one write per change, retries, and each kind to its
-//! own resource.
+//! Policy status against a fake API server: one read when an object is first seen, one write
+//! per change, retries, each kind to its own resource, and no write of a status already right.
 
 use std::sync::Mutex;
 
@@ -14,6 +14,11 @@ type Calls = Arc<Mutex<Vec<(Method, String, Value)>>>;
 
 /// An API server that accepts every request (the first `fail` with a 500) and records it.
 fn api_server(fail: usize) -> (Client, Calls) {
+    api_server_with(fail, None)
+}
+
+/// [`api_server`] whose objects hold `status` when read.
+fn api_server_with(fail: usize, stored: Option<Value>) -> (Client, Calls) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let calls: Calls = Arc::default();
     let recorded = calls.clone();
@@ -29,14 +34,19 @@ fn api_server(fail: usize) -> (Client, Calls) {
             let sent: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             let query = parts.uri.query().unwrap_or_default().to_owned();
             recorded.lock().expect("calls").push((
-                parts.method,
+                parts.method.clone(),
                 format!("{}?{query}", parts.uri.path()),
                 sent.clone(),
             ));
             seen += 1;
             let status = if seen <= fail { 500 } else { 200 };
-            // The object as patched: the applied status on a minimal object.
+            // The object as patched (the applied status on a minimal object), or as stored.
             let mut object = sent.clone();
+            if parts.method == Method::GET
+                && let Some(stored) = &stored
+            {
+                object["status"] = stored.clone();
+            }
             object["metadata"] = json!({"name": "p", "namespace": "shop"});
             object["spec"] = json!({});
             let response = Response::builder()
@@ -99,9 +109,11 @@ async fn conditions_are_applied_to_the_status_once_per_change_and_retried() {
     let stop = CancellationToken::new();
     let task = tokio::spawn(run(Some(client), rx, stop.clone()));
 
-    // The first write fails and is retried after the retry delay.
-    let got = wait_calls(&calls, 2).await;
-    let (method, path, body) = &got[1];
+    // The first read fails and is retried after the retry delay; then the write.
+    let got = wait_calls(&calls, 3).await;
+    assert_eq!(got[0].0, Method::GET);
+    assert_eq!(got[1].0, Method::GET);
+    let (method, path, body) = &got[2];
     assert_eq!(method, Method::PATCH);
     assert!(
         path.starts_with(
@@ -126,14 +138,15 @@ async fn conditions_are_applied_to_the_status_once_per_change_and_retried() {
         &[("p", "True", "Accepted")],
     )));
     tokio::time::sleep(Duration::from_secs(30)).await;
-    assert_eq!(calls.lock().expect("calls").len(), 2);
+    assert_eq!(calls.lock().expect("calls").len(), 3);
     tx.send_replace(Some(published(
         Subject::Policy(PolicyKind::Authorization),
         &[("p", "False", "PartiallyEnforced")],
     )));
-    let got = wait_calls(&calls, 3).await;
+    let got = wait_calls(&calls, 4).await;
+    assert_eq!(got[3].0, Method::PATCH, "no second read");
     assert_eq!(
-        got[2].2["status"]["conditions"][0]["reason"],
+        got[3].2["status"]["conditions"][0]["reason"],
         json!("PartiallyEnforced")
     );
     stop.cancel();
@@ -160,8 +173,14 @@ async fn each_kind_is_written_to_its_own_resource() {
         let (_tx, rx) = watch::channel(Some(published(kind, &[("p", "True", "Accepted")])));
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(Some(client), rx, stop.clone()));
-        let got = wait_calls(&calls, 1).await;
-        let (method, path, body) = &got[0];
+        let got = wait_calls(&calls, 2).await;
+        assert_eq!(got[0].0, Method::GET);
+        assert!(
+            got[0].1.starts_with(&format!("/apis/{collection}/p?")),
+            "{}",
+            got[0].1
+        );
+        let (method, path, body) = &got[1];
         assert_eq!(method, Method::PATCH);
         assert!(
             path.starts_with(&format!("/apis/{collection}/p/status?")),
@@ -175,4 +194,52 @@ async fn each_kind_is_written_to_its_own_resource() {
         stop.cancel();
         task.await.expect("no panic");
     }
+}
+
+/// A stored `Accepted` condition as the previous run of the controller wrote it.
+fn stored(status: &str, reason: &str) -> Value {
+    json!({"conditions": [{
+        "type": "Accepted", "status": status, "reason": reason, "message": "m",
+        "observedGeneration": 4, "lastTransitionTime": "2026-01-02T03:04:05Z",
+    }]})
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_status_already_right_is_read_once_and_never_written() {
+    let (client, calls) = api_server_with(0, Some(stored("True", "Accepted")));
+    let (tx, rx) = watch::channel(Some(published(
+        Subject::Policy(PolicyKind::Authorization),
+        &[("p", "True", "Accepted")],
+    )));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(run(Some(client), rx, stop.clone()));
+    let got = wait_calls(&calls, 1).await;
+    assert_eq!(got[0].0, Method::GET);
+    // Later snapshots with the same condition neither read nor write again.
+    tx.send_replace(Some(published(
+        Subject::Policy(PolicyKind::Authorization),
+        &[("p", "True", "Accepted")],
+    )));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(calls.lock().expect("calls").len(), 1, "no write");
+    stop.cancel();
+    task.await.expect("no panic");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_changed_reason_keeps_the_stored_transition_time_while_the_status_holds() {
+    let (client, calls) = api_server_with(0, Some(stored("True", "Accepted")));
+    let (_tx, rx) = watch::channel(Some(published(
+        Subject::Policy(PolicyKind::Authorization),
+        &[("p", "True", "AcceptedWithWarnings")],
+    )));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(run(Some(client), rx, stop.clone()));
+    let got = wait_calls(&calls, 2).await;
+    let condition = &got[1].2["status"]["conditions"][0];
+    assert_eq!(got[1].0, Method::PATCH);
+    assert_eq!(condition["reason"], "AcceptedWithWarnings");
+    assert_eq!(condition["lastTransitionTime"], "2026-01-02T03:04:05Z");
+    stop.cancel();
+    task.await.expect("no panic");
 }

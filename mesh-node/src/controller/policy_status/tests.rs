@@ -220,7 +220,7 @@ async fn a_status_already_right_is_read_once_and_never_written() {
         Subject::Policy(PolicyKind::Authorization),
         &[("p", "True", "Accepted")],
     )));
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_mins(1)).await;
     assert_eq!(calls.lock().expect("calls").len(), 1, "no write");
     stop.cancel();
     task.await.expect("no panic");

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Published, translate::Translation};
 use crate::{
-    k8s::TRAFFIC_API_VERSION,
+    k8s::{ISTIO_NETWORKING_API_VERSION, TRAFFIC_API_VERSION},
     l7::resilience::TrafficPolicy,
     policy::{
         AuthorizationPolicy, PeerAuthentication, PolicyId, PolicyKind, RequestAuthentication,
@@ -37,6 +37,8 @@ pub(super) const RETRY: Duration = Duration::from_secs(10);
 pub enum Subject {
     Policy(PolicyKind),
     TrafficPolicy,
+    /// `networking.istio.io` VirtualService or DestinationRule, by kind name.
+    Istio(&'static str),
 }
 
 impl Subject {
@@ -44,6 +46,7 @@ impl Subject {
         match self {
             Self::Policy(_) => PolicyKind::API_VERSION,
             Self::TrafficPolicy => TRAFFIC_API_VERSION,
+            Self::Istio(_) => ISTIO_NETWORKING_API_VERSION,
         }
     }
 
@@ -51,6 +54,7 @@ impl Subject {
         match self {
             Self::Policy(kind) => kind.as_str(),
             Self::TrafficPolicy => "TrafficPolicy",
+            Self::Istio(kind) => kind,
         }
     }
 }
@@ -73,7 +77,11 @@ fn conditions(translation: &Translation) -> BTreeMap<Key, &Condition> {
         .traffic_policy_status
         .iter()
         .map(|(id, c)| ((Subject::TrafficPolicy, id.clone()), c));
-    policies.chain(traffic).collect()
+    let istio = translation
+        .istio_status
+        .iter()
+        .map(|((kind, id), c)| ((Subject::Istio(kind), id.clone()), c));
+    policies.chain(traffic).chain(istio).collect()
 }
 
 /// Follows the published state until `stop`; `client` is `None` with the directory source.
@@ -140,6 +148,7 @@ fn log(key: &Key, condition: &Condition) {
         let what = match kind {
             Subject::Policy(_) => "policy not enforced exactly as written",
             Subject::TrafficPolicy => "traffic policy not applied as written",
+            Subject::Istio(_) => "Istio object not applied (traffic keeps its previous routing)",
         };
         tracing::warn!(
             %kind, %policy,
@@ -179,6 +188,28 @@ async fn write(client: &Client, key: &Key, condition: &Condition) -> Result<(), 
             Api::<TrafficPolicy>::namespaced(client.clone(), &id.namespace)
                 .patch_status(&id.name, &params, &Patch::Apply(&patch))
                 .await?;
+        }
+        Subject::Istio(kind) => {
+            let plural = if *kind == crate::l7::istio::VIRTUAL_SERVICE {
+                "virtualservices"
+            } else {
+                "destinationrules"
+            };
+            let resource = kube::api::ApiResource::from_gvk_with_plural(
+                &kube::api::GroupVersionKind::gvk(
+                    crate::k8s::ISTIO_NETWORKING_GROUP,
+                    crate::k8s::ISTIO_NETWORKING_VERSIONS[0],
+                    kind,
+                ),
+                plural,
+            );
+            Api::<kube::api::DynamicObject>::namespaced_with(
+                client.clone(),
+                &id.namespace,
+                &resource,
+            )
+            .patch_status(&id.name, &params, &Patch::Apply(&patch))
+            .await?;
         }
     }
     Ok(())

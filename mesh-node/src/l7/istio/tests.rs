@@ -137,9 +137,10 @@ fn retries_timeouts_and_faults_reach_the_model() {
         rule.timeouts.request,
         Some(std::time::Duration::from_millis(500))
     );
+    // The per-try timeout cannot outlast the request's.
     assert_eq!(
         rule.timeouts.backend_request,
-        Some(std::time::Duration::from_secs(2))
+        Some(std::time::Duration::from_millis(500))
     );
     let retry = rule.retry.as_ref().expect("retry");
     assert_eq!(retry.attempts, Some(3));

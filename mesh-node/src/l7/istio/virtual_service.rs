@@ -415,14 +415,21 @@ fn rule(namespace: &str, path: &str, http: &HttpRoute) -> Result<(Value, RuleExt
     }
 
     let mut timeouts = Map::new();
+    let mut request_timeout = None;
     if let Some(timeout) = &http.timeout {
         let d = duration(&format!("{path}.timeout"), timeout)?;
         timeouts.insert("request".into(), json!(gateway_duration(d)));
+        request_timeout = Some(d).filter(|d| !d.is_zero());
     }
     if let Some(retries) = &http.retries {
         let (retry, per_try, reset) = retry(&format!("{path}.retries"), retries)?;
         extra.retry_reset = reset;
-        if let Some(per_try) = per_try {
+        // A try cannot outlast the request: Istio lets it be written longer, the model not.
+        let per_try = match (per_try, request_timeout) {
+            (Some(t), Some(limit)) => Some(t.min(limit)),
+            (t, _) => t,
+        };
+        if let Some(per_try) = per_try.filter(|t| !t.is_zero()) {
             timeouts.insert("backendRequest".into(), json!(gateway_duration(per_try)));
         }
         rule.insert("retry".into(), retry);

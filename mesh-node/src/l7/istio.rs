@@ -29,6 +29,7 @@
 //! - **Ports.** A destination without `port` goes to the port the client dialled.
 
 pub mod destination_rule;
+mod precedence;
 pub mod virtual_service;
 
 #[cfg(test)]
@@ -267,4 +268,4 @@ pub fn conditions(
 
 use crate::l7::route;
 pub use destination_rule::{Destination, precedence_of_rules};
-pub use virtual_service::precedence;
+pub use precedence::precedence;

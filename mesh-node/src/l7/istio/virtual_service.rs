@@ -17,21 +17,19 @@
 //!   `gateway-error`, `connect-failure`, `refused-stream`, `reset`, `retriable-status-codes`
 //!   and status codes; connection failures are always retried (nothing was sent).
 
+mod policies;
+
 use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 
-use super::{
-    VIRTUAL_SERVICE, duration, gateway_duration, istio_paths, no_extra, service_of, unsupported,
-    whole_percent,
-};
+use super::{duration, gateway_duration, istio_paths, no_extra, service_of, unsupported};
 use crate::{
     k8s::istio_networking::{
-        Destination, HeaderOperations, HttpFaultInjection, HttpMatchRequest, HttpRetry, HttpRoute,
-        StringMatch, VirtualServiceSpec,
+        Destination, HeaderOperations, HttpMatchRequest, HttpRoute, StringMatch, VirtualServiceSpec,
     },
     l7::{
-        resilience::fault::{AbortFault, DelayFault, FaultPolicy},
+        resilience::fault::FaultPolicy,
         route::{
             self, CompiledRoute, RouteError, RouteId, RouteKind, limits,
             model::{BackendSlot, SAME_PORT},
@@ -422,7 +420,7 @@ fn rule(namespace: &str, path: &str, http: &HttpRoute) -> Result<(Value, RuleExt
         request_timeout = Some(d).filter(|d| !d.is_zero());
     }
     if let Some(retries) = &http.retries {
-        let (retry, per_try, reset) = retry(&format!("{path}.retries"), retries)?;
+        let (retry, per_try, reset) = policies::retry(&format!("{path}.retries"), retries)?;
         extra.retry_reset = reset;
         // A try cannot outlast the request: Istio lets it be written longer, the model not.
         let per_try = match (per_try, request_timeout) {
@@ -438,7 +436,7 @@ fn rule(namespace: &str, path: &str, http: &HttpRoute) -> Result<(Value, RuleExt
         rule.insert("timeouts".into(), Value::Object(timeouts));
     }
     if let Some(fault) = &http.fault {
-        extra.fault = Some(fault_policy(&format!("{path}.fault"), fault)?);
+        extra.fault = Some(policies::fault_policy(&format!("{path}.fault"), fault)?);
     }
     Ok((Value::Object(rule), extra))
 }
@@ -586,164 +584,4 @@ fn header_ops(path: &str, ops: &HeaderOperations) -> Result<Value, RouteError> {
             .collect()
     };
     Ok(json!({"set": pairs(&ops.set), "add": pairs(&ops.add), "remove": ops.remove}))
-}
-
-/// `retry` of the translated rule, the per-try timeout, and whether resets are retried.
-fn retry(
-    path: &str,
-    r: &HttpRetry,
-) -> Result<(Value, Option<std::time::Duration>, bool), RouteError> {
-    no_extra(path, &r.extra)?;
-    let attempts = r.attempts.unwrap_or(2);
-    let per_try = r
-        .per_try_timeout
-        .as_deref()
-        .map(|t| duration(&format!("{path}.perTryTimeout"), t))
-        .transpose()?;
-    let mut codes: Vec<u16> = Vec::new();
-    // Istio's default: connection failures and refused streams.
-    let mut reset = r.retry_on.is_none();
-    for token in r
-        .retry_on
-        .as_deref()
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-    {
-        match token {
-            "5xx" => codes.extend(500..=599),
-            "gateway-error" => codes.extend([502, 503, 504]),
-            "connect-failure" | "retriable-status-codes" => {}
-            "reset" | "refused-stream" => reset = true,
-            code => match code.parse::<u16>() {
-                Ok(c) if (400..=599).contains(&c) => codes.push(c),
-                _ => {
-                    return Err(unsupported(
-                        format!("{path}.retryOn"),
-                        format!(
-                            "{:?} is not implemented (5xx, gateway-error, connect-failure, refused-stream, reset, retriable-status-codes and status codes 400-599 are)",
-                            crate::l7::route::error::shown(code)
-                        ),
-                    ));
-                }
-            },
-        }
-    }
-    codes.sort_unstable();
-    codes.dedup();
-    Ok((
-        json!({"attempts": attempts, "codes": codes}),
-        per_try,
-        reset,
-    ))
-}
-
-fn fault_policy(path: &str, fault: &HttpFaultInjection) -> Result<FaultPolicy, RouteError> {
-    no_extra(path, &fault.extra)?;
-    let delay = match &fault.delay {
-        None => None,
-        Some(d) => {
-            let dpath = format!("{path}.delay");
-            no_extra(&dpath, &d.extra)?;
-            let Some(fixed) = &d.fixed_delay else {
-                return Err(unsupported(
-                    format!("{dpath}.fixedDelay"),
-                    "is required (exponentialDelay is not implemented)",
-                ));
-            };
-            let percent = match &d.percentage {
-                None => 100,
-                Some(p) => {
-                    no_extra(&format!("{dpath}.percentage"), &p.extra)?;
-                    whole_percent(&format!("{dpath}.percentage.value"), p.value)?
-                }
-            };
-            Some(DelayFault {
-                delay: duration(&format!("{dpath}.fixedDelay"), fixed)?,
-                percent,
-            })
-        }
-    };
-    let abort = match &fault.abort {
-        None => None,
-        Some(a) => {
-            let apath = format!("{path}.abort");
-            no_extra(&apath, &a.extra)?;
-            let status = a
-                .http_status
-                .and_then(|s| u16::try_from(s).ok())
-                .filter(|s| (200..=599).contains(s))
-                .and_then(|s| http::StatusCode::from_u16(s).ok())
-                .ok_or_else(|| unsupported(format!("{apath}.httpStatus"), "is required: a status from 200 to 599 (grpcStatus and http2Error are not implemented)"))?;
-            let percent = match &a.percentage {
-                None => 100,
-                Some(p) => {
-                    no_extra(&format!("{apath}.percentage"), &p.extra)?;
-                    whole_percent(&format!("{apath}.percentage.value"), p.value)?
-                }
-            };
-            Some(AbortFault { status, percent })
-        }
-    };
-    Ok(FaultPolicy { delay, abort })
-}
-
-/// Which converted VirtualServices are applied, by [the rule](super#choices): `routes` are
-/// every converted route (Gateway API kinds and VirtualServices); a VirtualService that loses
-/// is turned into a rejection saying which object wins.
-pub fn precedence(routes: &mut [CompiledRoute]) {
-    use std::collections::BTreeMap;
-    // Services with a programmed Gateway API route.
-    let mut gateway_api: BTreeMap<(String, String), String> = BTreeMap::new();
-    for r in routes
-        .iter()
-        .filter(|r| r.id.kind != RouteKind::Virtual && r.outcome.is_ok())
-    {
-        for p in r
-            .parents
-            .iter()
-            .filter(|p| p.refusal.is_none() && p.kind == Some(route::compile::ParentKind::Service))
-        {
-            gateway_api
-                .entry((p.namespace.clone(), p.name.clone()))
-                .or_insert_with(|| r.id.to_string());
-        }
-    }
-    let mut order: Vec<usize> = (0..routes.len())
-        .filter(|&i| routes[i].id.kind == RouteKind::Virtual)
-        .collect();
-    order.sort_by(|&a, &b| routes[a].id.cmp(&routes[b].id));
-    let mut claimed: BTreeMap<(String, String), String> = BTreeMap::new();
-    for i in order {
-        let route = &routes[i];
-        if route.outcome.is_err() {
-            continue;
-        }
-        let services: Vec<(String, String)> = route
-            .parents
-            .iter()
-            .map(|p| (p.namespace.clone(), p.name.clone()))
-            .collect();
-        let conflict = services.iter().find_map(|s| {
-            gateway_api
-                .get(s)
-                .map(|winner| format!("Service {}/{} has {winner} attached, which takes precedence over VirtualServices", s.0, s.1))
-                .or_else(|| claimed.get(s).map(|winner| format!("Service {}/{} is already routed by {winner} (the first in namespace/name order applies)", s.0, s.1)))
-        });
-        match conflict {
-            Some(why) => {
-                routes[i].outcome = Err(RouteError::Conflicted {
-                    path: "spec.hosts".into(),
-                    why,
-                });
-            }
-            None => {
-                let id = format!("{VIRTUAL_SERVICE} {}/{}", route.id.namespace, route.id.name);
-                for s in services {
-                    claimed.insert(s, id.clone());
-                }
-            }
-        }
-    }
 }

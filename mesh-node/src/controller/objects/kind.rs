@@ -166,3 +166,21 @@ impl std::fmt::Display for Kind {
         f.write_str(self.as_str())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RouteKind;
+
+    #[test]
+    fn istio_kinds_are_read_at_every_served_version_and_others_at_theirs() {
+        for version in ["v1", "v1beta1", "v1alpha3"] {
+            let api_version = format!("networking.istio.io/{version}");
+            assert!(RouteKind::VirtualService.reads(&api_version));
+            assert!(RouteKind::DestinationRule.reads(&api_version));
+        }
+        assert!(!RouteKind::VirtualService.reads("networking.istio.io/v2"));
+        assert!(!RouteKind::DestinationRule.reads("networking.trellis.dev/v1"));
+        assert!(RouteKind::Http.reads("gateway.networking.k8s.io/v1"));
+        assert!(!RouteKind::Http.reads("gateway.networking.k8s.io/v1beta1"));
+    }
+}

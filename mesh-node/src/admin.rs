@@ -220,6 +220,7 @@ fn config_dump(admin: &AdminState) -> serde_json::Value {
         "policies": state.policy().listing,
         "routes": listing.map(|l| &l.routes),
         "traffic_policies": listing.map(|l| &l.traffic_policies),
+        "destination_rules": listing.map(|l| &l.destination_rules),
         "certificates": certificates,
         "certificate_errors": admin.certs.failures().as_ref(),
         "datapath": datapath,

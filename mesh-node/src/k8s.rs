@@ -6,6 +6,7 @@
 //!   RequestAuthentication).
 //! - [`traffic_policy`]: the `traffic.trellis.dev/v1` TrafficPolicy.
 //! - [`gateway`]: the HTTPRoute and GRPCRoute specs (Gateway API v1) the waypoint reads.
+//! - [`istio_networking`]: Istio's `networking.istio.io` VirtualService and DestinationRule.
 //! - [`status`]: the status shape written back (`Accepted` conditions).
 //! - [`crds`]: the CustomResourceDefinitions of the mesh's own kinds, as the chart ships them.
 //!
@@ -15,6 +16,7 @@
 
 pub mod crds;
 pub mod gateway;
+pub mod istio_networking;
 pub mod policy;
 pub mod status;
 pub mod traffic_policy;
@@ -79,6 +81,15 @@ pub const SECURITY_API_VERSION: &str = "security.trellis.dev/v1";
 pub const TRAFFIC_GROUP: &str = "traffic.trellis.dev";
 /// `apiVersion` of the traffic management kinds.
 pub const TRAFFIC_API_VERSION: &str = "traffic.trellis.dev/v1";
+
+/// Istio's traffic management kinds (VirtualService, DestinationRule), read as Istio defines
+/// them.
+pub const ISTIO_NETWORKING_GROUP: &str = "networking.istio.io";
+/// The versions of [`ISTIO_NETWORKING_GROUP`] the mesh reads (one schema, served under each);
+/// the first is the one watched in Kubernetes and written back to.
+pub const ISTIO_NETWORKING_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
+/// `apiVersion` the status of the Istio kinds is written at.
+pub const ISTIO_NETWORKING_API_VERSION: &str = "networking.istio.io/v1";
 
 /// The field manager of the controller's server-side applies, and its [`MANAGED_BY_LABEL`].
 pub const FIELD_MANAGER: &str = "trellis-controller";

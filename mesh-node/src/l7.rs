@@ -5,11 +5,13 @@
 //! - [`route`]: Gateway API routing: compile, the route table, filters, status.
 //! - [`resilience`]: TrafficPolicy: compile and status, and the runtime primitives (retry
 //!   budgets, breakers, outlier detection, token buckets) the waypoint's pipeline calls.
+//! - [`istio`]: Istio's VirtualService and DestinationRule, translated into the two above.
 //! - [`listing`]: what a waypoint lists about them in its config dump.
 //!
 //! The waypoint's runtime (tunnels, the request pipeline, upstreams) stays in
 //! [`crate::waypoint`]; nothing here imports it.
 
+pub mod istio;
 pub mod listing;
 pub mod resilience;
 pub mod route;

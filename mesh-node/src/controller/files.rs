@@ -6,7 +6,8 @@
 //! never count) is read in name order. YAML files may hold several documents separated by
 //! `---`; a `kind: List` document contributes its `items`. Each document is dispatched on
 //! `apiVersion`/`kind`; kinds the mesh does not read are ignored (Gateway API kinds are read at
-//! `gateway.networking.k8s.io/v1` only, TrafficPolicy at `traffic.trellis.dev/v1`). A malformed document is
+//! `gateway.networking.k8s.io/v1` only, TrafficPolicy at `traffic.trellis.dev/v1`, VirtualService and
+//! DestinationRule at `networking.istio.io` `v1`, `v1beta1` and `v1alpha3`). A malformed document is
 //! rejected alone, with an error naming the file and the document's index; everything else is
 //! applied. Writers should replace files atomically (write a hidden temporary file, then
 //! rename it): a half-written file is read as whatever it holds at that instant.
@@ -264,12 +265,10 @@ fn apply_value(
         (GATEWAY_API_VERSION, "Gateway") => {
             Object::Gateway(PolicyObject::untyped(&value).map_err(typed)?)
         }
-        (version, kind) => {
-            match RouteKind::from_kind(kind).filter(|k| k.api_version() == version) {
-                Some(route) => Object::Route(route, PolicyObject::untyped(&value).map_err(typed)?),
-                None => return ignore(&api_version, kind),
-            }
-        }
+        (version, kind) => match RouteKind::from_kind(kind).filter(|k| k.reads(version)) {
+            Some(route) => Object::Route(route, PolicyObject::untyped(&value).map_err(typed)?),
+            None => return ignore(&api_version, kind),
+        },
     };
     let object = default_namespace(object);
     let described = object.describe();

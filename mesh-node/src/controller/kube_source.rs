@@ -170,6 +170,20 @@ pub async fn run(
             RouteKind::TrafficPolicy.plural(),
             |o| Object::Route(RouteKind::TrafficPolicy, o),
         ),
+        watch_untyped(
+            &client,
+            Kind::VirtualService,
+            RouteKind::VirtualService.api_version(),
+            RouteKind::VirtualService.plural(),
+            |o| Object::Route(RouteKind::VirtualService, o),
+        ),
+        watch_untyped(
+            &client,
+            Kind::DestinationRule,
+            RouteKind::DestinationRule.api_version(),
+            RouteKind::DestinationRule.plural(),
+            |o| Object::Route(RouteKind::DestinationRule, o),
+        ),
     ]);
     let mut store = Store::default();
     let mut publish_at: Option<tokio::time::Instant> = None;

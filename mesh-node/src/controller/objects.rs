@@ -230,6 +230,8 @@ pub struct ClusterObjects {
     pub http_routes: BTreeMap<String, Arc<PolicyObject>>,
     pub grpc_routes: BTreeMap<String, Arc<PolicyObject>>,
     pub traffic_policies: BTreeMap<String, Arc<PolicyObject>>,
+    pub virtual_services: BTreeMap<String, Arc<PolicyObject>>,
+    pub destination_rules: BTreeMap<String, Arc<PolicyObject>>,
     pub request_authentications: BTreeMap<String, Arc<PolicyObject>>,
 }
 
@@ -256,6 +258,8 @@ impl ClusterObjects {
             RouteKind::Http => &self.http_routes,
             RouteKind::Grpc => &self.grpc_routes,
             RouteKind::TrafficPolicy => &self.traffic_policies,
+            RouteKind::VirtualService => &self.virtual_services,
+            RouteKind::DestinationRule => &self.destination_rules,
         }
     }
 
@@ -264,6 +268,8 @@ impl ClusterObjects {
             RouteKind::Http => &mut self.http_routes,
             RouteKind::Grpc => &mut self.grpc_routes,
             RouteKind::TrafficPolicy => &mut self.traffic_policies,
+            RouteKind::VirtualService => &mut self.virtual_services,
+            RouteKind::DestinationRule => &mut self.destination_rules,
         }
     }
 
@@ -318,6 +324,8 @@ impl ClusterObjects {
             Kind::HttpRoute => self.http_routes.remove(key).is_some(),
             Kind::GrpcRoute => self.grpc_routes.remove(key).is_some(),
             Kind::TrafficPolicy => self.traffic_policies.remove(key).is_some(),
+            Kind::VirtualService => self.virtual_services.remove(key).is_some(),
+            Kind::DestinationRule => self.destination_rules.remove(key).is_some(),
         };
     }
 
@@ -346,6 +354,12 @@ impl ClusterObjects {
             Kind::TrafficPolicy => {
                 self.traffic_policies = std::mem::take(&mut from.traffic_policies);
             }
+            Kind::VirtualService => {
+                self.virtual_services = std::mem::take(&mut from.virtual_services);
+            }
+            Kind::DestinationRule => {
+                self.destination_rules = std::mem::take(&mut from.destination_rules);
+            }
         }
     }
 
@@ -364,6 +378,8 @@ impl ClusterObjects {
             Kind::HttpRoute => self.http_routes.len(),
             Kind::GrpcRoute => self.grpc_routes.len(),
             Kind::TrafficPolicy => self.traffic_policies.len(),
+            Kind::VirtualService => self.virtual_services.len(),
+            Kind::DestinationRule => self.destination_rules.len(),
         }
     }
 

@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Published, translate::Translation};
 use crate::{
-    k8s::TRAFFIC_API_VERSION,
     k8s::status::{ACCEPTED, PolicyStatus},
+    k8s::{ISTIO_NETWORKING_API_VERSION, TRAFFIC_API_VERSION},
     l7::resilience::TrafficPolicy,
     policy::{
         AuthorizationPolicy, PeerAuthentication, PolicyId, PolicyKind, RequestAuthentication,
@@ -46,6 +46,8 @@ pub(super) const RETRY: Duration = Duration::from_secs(10);
 pub enum Subject {
     Policy(PolicyKind),
     TrafficPolicy,
+    /// `networking.istio.io` VirtualService or DestinationRule, by kind name.
+    Istio(&'static str),
 }
 
 impl Subject {
@@ -53,6 +55,7 @@ impl Subject {
         match self {
             Self::Policy(_) => PolicyKind::API_VERSION,
             Self::TrafficPolicy => TRAFFIC_API_VERSION,
+            Self::Istio(_) => ISTIO_NETWORKING_API_VERSION,
         }
     }
 
@@ -60,6 +63,7 @@ impl Subject {
         match self {
             Self::Policy(kind) => kind.as_str(),
             Self::TrafficPolicy => "TrafficPolicy",
+            Self::Istio(kind) => kind,
         }
     }
 }
@@ -82,7 +86,11 @@ fn conditions(translation: &Translation) -> BTreeMap<Key, &Condition> {
         .traffic_policy_status
         .iter()
         .map(|(id, c)| ((Subject::TrafficPolicy, id.clone()), c));
-    policies.chain(traffic).collect()
+    let istio = translation
+        .istio_status
+        .iter()
+        .map(|((kind, id), c)| ((Subject::Istio(kind), id.clone()), c));
+    policies.chain(traffic).chain(istio).collect()
 }
 
 /// Follows the published state until `stop`; `client` is `None` with the directory source.
@@ -179,6 +187,7 @@ fn log(key: &Key, condition: &Condition) {
         let what = match kind {
             Subject::Policy(_) => "policy not enforced exactly as written",
             Subject::TrafficPolicy => "traffic policy not applied as written",
+            Subject::Istio(_) => "Istio object not applied (traffic keeps its previous routing)",
         };
         tracing::warn!(
             %kind, %policy,
@@ -204,6 +213,11 @@ async fn live_condition(client: &Client, key: &Key) -> Result<Option<Condition>,
             read_status::<RequestAuthentication>(client, id).await
         }
         Subject::TrafficPolicy => read_status::<TrafficPolicy>(client, id).await,
+        Subject::Istio(kind) => istio_api(client, id, kind).get(&id.name).await.map(|o| {
+            o.data
+                .get("status")
+                .and_then(|s| serde_json::from_value::<PolicyStatus>(s.clone()).ok())
+        }),
     };
     match status {
         Ok(status) => {
@@ -260,8 +274,32 @@ async fn write(client: &Client, key: &Key, condition: &Condition) -> Result<(), 
                 .patch_status(&id.name, &params, &Patch::Apply(&patch))
                 .await?;
         }
+        Subject::Istio(kind) => {
+            istio_api(client, id, kind)
+                .patch_status(&id.name, &params, &Patch::Apply(&patch))
+                .await?;
+        }
     }
     Ok(())
+}
+
+/// The API of an Istio networking kind (VirtualService, DestinationRule) in `id`'s namespace,
+/// at the version the controller writes status at.
+fn istio_api(client: &Client, id: &PolicyId, kind: &str) -> Api<kube::api::DynamicObject> {
+    let plural = if kind == crate::l7::istio::VIRTUAL_SERVICE {
+        "virtualservices"
+    } else {
+        "destinationrules"
+    };
+    let resource = kube::api::ApiResource::from_gvk_with_plural(
+        &kube::api::GroupVersionKind::gvk(
+            crate::k8s::ISTIO_NETWORKING_GROUP,
+            crate::k8s::ISTIO_NETWORKING_VERSIONS[0],
+            kind,
+        ),
+        plural,
+    );
+    Api::namespaced_with(client.clone(), &id.namespace, &resource)
 }
 
 #[cfg(test)]

@@ -148,6 +148,8 @@ fn api(client: &Client, id: &RouteId) -> Api<DynamicObject> {
     let plural = match id.kind {
         RouteKind::Http => "httproutes",
         RouteKind::Grpc => "grpcroutes",
+        // Reported by `policy_status` (one `Accepted` condition), never here.
+        RouteKind::Virtual => "virtualservices",
     };
     let resource = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk(group, version, id.kind.as_str()),

@@ -94,6 +94,9 @@ pub struct Translation {
     /// The `status.parents` entries of every HTTPRoute and GRPCRoute for the parents the
     /// waypoints serve (none when it names none of them).
     pub route_status: BTreeMap<RouteId, Vec<ParentStatus>>,
+    /// The `Accepted` condition of every VirtualService and DestinationRule, by kind name, as
+    /// the waypoints will apply them.
+    pub istio_status: BTreeMap<(&'static str, PolicyId), Condition>,
 }
 
 impl Translation {
@@ -168,6 +171,7 @@ pub fn translate(objects: &ClusterObjects, settings: &TranslateSettings) -> Tran
     translate_routes(objects, &mut out);
     l7::traffic_policies(objects, &mut out);
     l7::routes(objects, &waypoints, &mut out);
+    l7::istio(objects, &mut out);
     out
 }
 

@@ -26,6 +26,8 @@ use crate::{
 pub struct L7Listing {
     pub routes: Vec<ListedRoute>,
     pub traffic_policies: Vec<Listed>,
+    /// Istio DestinationRules with their `Accepted` condition.
+    pub destination_rules: Vec<Listed>,
 }
 
 /// One route and how each parent the waypoints serve takes it.
@@ -84,6 +86,26 @@ impl L7Listing {
         Self {
             routes,
             traffic_policies,
+            destination_rules: Vec::new(),
         }
+    }
+
+    /// Adds the DestinationRules, each with its condition.
+    #[must_use]
+    pub fn with_destination_rules(
+        mut self,
+        rules: impl IntoIterator<Item = (PolicyId, Condition)>,
+    ) -> Self {
+        self.destination_rules = rules
+            .into_iter()
+            .map(|(id, condition)| Listed {
+                kind: "DestinationRule",
+                id: id.to_string(),
+                generation: condition.observed_generation,
+                condition,
+            })
+            .collect();
+        self.destination_rules.sort_by(|a, b| a.id.cmp(&b.id));
+        self
     }
 }

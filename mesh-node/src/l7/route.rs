@@ -113,6 +113,9 @@ pub mod limits {
 pub enum RouteKind {
     Http,
     Grpc,
+    /// Istio's `VirtualService`, translated by [`crate::l7::istio`]: its rules are tried in
+    /// the order written.
+    Virtual,
 }
 
 impl RouteKind {
@@ -123,6 +126,7 @@ impl RouteKind {
         match self {
             Self::Http => "HTTPRoute",
             Self::Grpc => "GRPCRoute",
+            Self::Virtual => "VirtualService",
         }
     }
 }
@@ -135,7 +139,7 @@ impl fmt::Display for RouteKind {
 
 /// A kind other than `HTTPRoute` or `GRPCRoute`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a route kind the waypoint serves (HTTPRoute, GRPCRoute)")]
+#[error("{0:?} is not a route kind the waypoint serves (HTTPRoute, GRPCRoute, VirtualService)")]
 pub struct UnknownRouteKind(pub String);
 
 impl FromStr for RouteKind {
@@ -145,6 +149,7 @@ impl FromStr for RouteKind {
         match kind {
             "HTTPRoute" => Ok(Self::Http),
             "GRPCRoute" => Ok(Self::Grpc),
+            "VirtualService" => Ok(Self::Virtual),
             other => Err(UnknownRouteKind(other.into())),
         }
     }

@@ -15,6 +15,7 @@ use crate::{
     control_plane::feed::{Resource, Resources},
     l7::{
         L7Listing,
+        istio::{self, DESTINATION_RULE, VIRTUAL_SERVICE, destination_rule},
         resilience::{Registry, TrafficPolicy},
         route::{self, RouteKind, RouteTable},
     },
@@ -33,6 +34,8 @@ const TRAFFIC_POLICY_KIND: &str = "TrafficPolicy";
 pub struct L7 {
     pub routes: RouteTable,
     pub resilience: Registry,
+    /// The DestinationRule subsets of each Service.
+    pub subsets: Subsets,
     pub jwt: Option<JwtAuthenticator>,
     /// `namespace/name` of the `RequestAuthentication`s in force.
     pub request_authentications: Vec<String>,
@@ -42,6 +45,10 @@ pub struct L7 {
     /// first state is built.
     pub listing: Option<Arc<L7Listing>>,
 }
+
+/// `(namespace, Service)` -> subset name -> the labels its endpoints' workloads carry.
+pub type Subsets =
+    std::collections::HashMap<(String, String), BTreeMap<String, BTreeMap<String, String>>>;
 
 /// Why an object is not applied, by `Kind namespace/name`; kept between builds so that each
 /// rejection is logged once per generation.
@@ -64,8 +71,30 @@ impl L7 {
         let mut jwt = Vec::<JwtPolicy>::new();
         let mut traffic_compiled = Vec::new();
         let mut rejected = Rejections::new();
+        let mut destination_rules = Vec::new();
         for resource in resources.values() {
             match resource {
+                Resource::Route(object) if object.kind == VIRTUAL_SERVICE => {
+                    routes.push(istio::virtual_service::convert(
+                        &object.namespace,
+                        &object.name,
+                        object.generation,
+                        &object.spec,
+                    ));
+                }
+                Resource::Route(object) if object.kind == DESTINATION_RULE => {
+                    let id = PolicyId {
+                        namespace: object.namespace.clone(),
+                        name: object.name.clone(),
+                    };
+                    let result = destination_rule::convert(
+                        &object.namespace,
+                        &object.name,
+                        object.generation,
+                        &object.spec,
+                    );
+                    destination_rules.push((id, object.generation, result));
+                }
                 Resource::Route(object) if object.kind == TRAFFIC_POLICY_KIND => {
                     let compiled = TrafficPolicy::compile(
                         &object.namespace,
@@ -120,6 +149,43 @@ impl L7 {
                 | Resource::Waypoint(_) => {}
             }
         }
+        // Istio precedence, as the controller reports it; losers are rejections like any.
+        let istio_conditions = istio::conditions(&mut routes, &destination_rules);
+        for r in routes.iter().filter(|r| r.id.kind == RouteKind::Virtual) {
+            if let Err(e) = &r.outcome {
+                rejected.insert(r.id.to_string(), (r.generation, e.to_string()));
+            }
+        }
+        let mut subsets = Subsets::new();
+        let mut destination_listing = Vec::new();
+        for (kind, id, condition) in istio_conditions {
+            if kind != DESTINATION_RULE {
+                continue;
+            }
+            let applied = destination_rules
+                .iter()
+                .find(|(rule, _, _)| *rule == id)
+                .and_then(|(_, _, result)| result.as_ref().ok())
+                .filter(|_| condition.status == "True");
+            match applied {
+                Some(rule) => {
+                    subsets.insert(
+                        (rule.id.namespace.clone(), rule.service.clone()),
+                        rule.subsets.clone(),
+                    );
+                    if let Some(policy) = &rule.resilience {
+                        traffic.push(policy.clone());
+                    }
+                }
+                None => {
+                    rejected.insert(
+                        format!("{DESTINATION_RULE} {id}"),
+                        (condition.observed_generation, condition.message.clone()),
+                    );
+                }
+            }
+            destination_listing.push((id, condition));
+        }
         let request_authentications = jwt.iter().map(|p| p.id.to_string()).collect();
         for (object, (generation, reason)) in &rejected {
             if rejections.get(object) != Some(&(*generation, reason.clone())) {
@@ -139,22 +205,25 @@ impl L7 {
             })
             .is_some()
         };
-        let listing = Some(Arc::new(L7Listing::new(
-            routes.iter().map(|r| {
-                (
-                    r.id.clone(),
-                    r.generation,
-                    route::route_status(r, &service_exists, &is_waypoint),
-                )
-            }),
-            traffic_compiled.iter().map(|(id, generation, compiled)| {
-                (
-                    id.clone(),
-                    *generation,
-                    resilience.condition(id, compiled, *generation),
-                )
-            }),
-        )));
+        let listing = Some(Arc::new(
+            L7Listing::new(
+                routes.iter().map(|r| {
+                    (
+                        r.id.clone(),
+                        r.generation,
+                        route::route_status(r, &service_exists, &is_waypoint),
+                    )
+                }),
+                traffic_compiled.iter().map(|(id, generation, compiled)| {
+                    (
+                        id.clone(),
+                        *generation,
+                        resilience.condition(id, compiled, *generation),
+                    )
+                }),
+            )
+            .with_destination_rules(destination_listing),
+        ));
         let jwt = (!jwt.is_empty())
             .then(|| JwtAuthenticator::new(root_namespace, jwt, Some(fetcher.clone())));
         if jwt.is_none() {
@@ -164,6 +233,7 @@ impl L7 {
         Self {
             routes: RouteTable::new(routes),
             resilience,
+            subsets,
             jwt,
             request_authentications,
             rejected,

@@ -156,6 +156,18 @@ impl Mesh<'_> {
         self.write_l7_object("traffic.trellis.dev/v1", "TrafficPolicy", name, spec)
     }
 
+    /// Creates or replaces an object of any L7 kind and `apiVersion` (Istio's
+    /// `networking.istio.io` kinds, at any served version) in [`NAMESPACE`].
+    pub fn write_l7(
+        &mut self,
+        api_version: &str,
+        kind: &str,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> Result<()> {
+        self.write_l7_object(api_version, kind, name, spec)
+    }
+
     /// Removes an object written by [`Mesh::write_route`] or [`Mesh::write_traffic_policy`].
     pub fn delete_l7_object(&mut self, kind: &str, name: &str) -> Result<()> {
         remove_manifest(

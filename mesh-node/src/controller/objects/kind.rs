@@ -1,7 +1,10 @@
 //! The kinds of object the mesh reads ([`Kind`]), and among them the routing kinds that only
 //! waypoints receive ([`RouteKind`]).
 
-use crate::k8s::{GATEWAY_API_VERSION, TRAFFIC_API_VERSION};
+use crate::k8s::{
+    GATEWAY_API_VERSION, ISTIO_NETWORKING_API_VERSION, ISTIO_NETWORKING_GROUP,
+    ISTIO_NETWORKING_VERSIONS, TRAFFIC_API_VERSION,
+};
 
 /// The kinds of object the mesh reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -18,10 +21,12 @@ pub enum Kind {
     HttpRoute,
     GrpcRoute,
     TrafficPolicy,
+    VirtualService,
+    DestinationRule,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 14] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
@@ -34,6 +39,8 @@ impl Kind {
         Kind::HttpRoute,
         Kind::GrpcRoute,
         Kind::TrafficPolicy,
+        Kind::VirtualService,
+        Kind::DestinationRule,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -50,6 +57,8 @@ impl Kind {
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
             Kind::TrafficPolicy => "TrafficPolicy",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
         }
     }
 
@@ -64,7 +73,12 @@ impl Kind {
     pub const fn optional(self) -> bool {
         matches!(
             self,
-            Kind::Gateway | Kind::HttpRoute | Kind::GrpcRoute | Kind::TrafficPolicy
+            Kind::Gateway
+                | Kind::HttpRoute
+                | Kind::GrpcRoute
+                | Kind::TrafficPolicy
+                | Kind::VirtualService
+                | Kind::DestinationRule
         )
     }
 }
@@ -75,10 +89,18 @@ pub enum RouteKind {
     Http,
     Grpc,
     TrafficPolicy,
+    VirtualService,
+    DestinationRule,
 }
 
 impl RouteKind {
-    pub const ALL: [RouteKind; 3] = [RouteKind::Http, RouteKind::Grpc, RouteKind::TrafficPolicy];
+    pub const ALL: [RouteKind; 5] = [
+        RouteKind::Http,
+        RouteKind::Grpc,
+        RouteKind::TrafficPolicy,
+        RouteKind::VirtualService,
+        RouteKind::DestinationRule,
+    ];
 
     /// The `kind` of the resource, as in manifests and in route keys.
     pub const fn as_str(self) -> &'static str {
@@ -90,6 +112,8 @@ impl RouteKind {
             RouteKind::Http => Kind::HttpRoute,
             RouteKind::Grpc => Kind::GrpcRoute,
             RouteKind::TrafficPolicy => Kind::TrafficPolicy,
+            RouteKind::VirtualService => Kind::VirtualService,
+            RouteKind::DestinationRule => Kind::DestinationRule,
         }
     }
 
@@ -97,6 +121,21 @@ impl RouteKind {
         match self {
             RouteKind::Http | RouteKind::Grpc => GATEWAY_API_VERSION,
             RouteKind::TrafficPolicy => TRAFFIC_API_VERSION,
+            // The version watched in Kubernetes; files may use any served one.
+            RouteKind::VirtualService | RouteKind::DestinationRule => ISTIO_NETWORKING_API_VERSION,
+        }
+    }
+
+    /// Whether a manifest of this kind at `api_version` is read: the Istio kinds at each of
+    /// their served versions, the others at [`RouteKind::api_version`] only.
+    pub fn reads(self, api_version: &str) -> bool {
+        match self {
+            RouteKind::VirtualService | RouteKind::DestinationRule => {
+                api_version.split_once('/').is_some_and(|(group, version)| {
+                    group == ISTIO_NETWORKING_GROUP && ISTIO_NETWORKING_VERSIONS.contains(&version)
+                })
+            }
+            _ => api_version == self.api_version(),
         }
     }
 
@@ -106,6 +145,8 @@ impl RouteKind {
             RouteKind::Http => "httproutes",
             RouteKind::Grpc => "grpcroutes",
             RouteKind::TrafficPolicy => "trafficpolicies",
+            RouteKind::VirtualService => "virtualservices",
+            RouteKind::DestinationRule => "destinationrules",
         }
     }
 
@@ -123,5 +164,23 @@ impl std::fmt::Display for RouteKind {
 impl std::fmt::Display for Kind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RouteKind;
+
+    #[test]
+    fn istio_kinds_are_read_at_every_served_version_and_others_at_theirs() {
+        for version in ["v1", "v1beta1", "v1alpha3"] {
+            let api_version = format!("networking.istio.io/{version}");
+            assert!(RouteKind::VirtualService.reads(&api_version));
+            assert!(RouteKind::DestinationRule.reads(&api_version));
+        }
+        assert!(!RouteKind::VirtualService.reads("networking.istio.io/v2"));
+        assert!(!RouteKind::DestinationRule.reads("networking.trellis.dev/v1"));
+        assert!(RouteKind::Http.reads("gateway.networking.k8s.io/v1"));
+        assert!(!RouteKind::Http.reads("gateway.networking.k8s.io/v1beta1"));
     }
 }

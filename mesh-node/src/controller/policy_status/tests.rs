@@ -77,6 +77,7 @@ fn published(kind: Subject, conditions: &[(&str, &str, &str)]) -> Arc<Published>
         match kind {
             Subject::Policy(kind) => translation.policy_status.insert((kind, id), condition),
             Subject::TrafficPolicy => translation.traffic_policy_status.insert(id, condition),
+            Subject::Istio(kind) => translation.istio_status.insert((kind, id), condition),
         };
     }
     Arc::new(Published {

@@ -17,6 +17,7 @@
 use super::{ClusterObjects, RouteKind, Translation, waypoint::Waypoints};
 use crate::{
     l7::{
+        istio,
         resilience::{Registry, Resilience, TrafficPolicy, TrafficPolicyError},
         route::{self, compile, route_status},
     },
@@ -55,6 +56,58 @@ pub(super) fn traffic_policies(objects: &ClusterObjects, out: &mut Translation) 
     for (id, generation, result) in &compiled {
         let condition = registry.condition(id, result, *generation);
         out.traffic_policy_status.insert(id.clone(), condition);
+    }
+}
+
+/// The `Accepted` condition of every VirtualService and DestinationRule, with the precedence
+/// the waypoints apply (over the Gateway API routes and between each other).
+pub(super) fn istio(objects: &ClusterObjects, out: &mut Translation) {
+    let named = |object: &crate::controller::objects::PolicyObject| {
+        Some((
+            object.metadata.namespace.clone()?,
+            object.metadata.name.clone()?,
+            object.metadata.generation,
+        ))
+    };
+    let mut routes = Vec::new();
+    for (kind, route_kind) in [
+        (RouteKind::Http, route::RouteKind::Http),
+        (RouteKind::Grpc, route::RouteKind::Grpc),
+    ] {
+        for object in objects.routes(kind).values() {
+            if let Some((namespace, name, generation)) = named(object) {
+                routes.push(compile(
+                    route_kind,
+                    &namespace,
+                    &name,
+                    generation,
+                    &object.spec,
+                ));
+            }
+        }
+    }
+    for object in objects.routes(RouteKind::VirtualService).values() {
+        if let Some((namespace, name, generation)) = named(object) {
+            routes.push(istio::virtual_service::convert(
+                &namespace,
+                &name,
+                generation,
+                &object.spec,
+            ));
+        }
+    }
+    let rules: Vec<_> = objects
+        .routes(RouteKind::DestinationRule)
+        .values()
+        .filter_map(|object| {
+            let (namespace, name, generation) = named(object)?;
+            let result =
+                istio::destination_rule::convert(&namespace, &name, generation, &object.spec);
+            Some((PolicyId { namespace, name }, generation, result))
+        })
+        .collect();
+    for (kind, id, condition) in istio::conditions(&mut routes, &rules) {
+        out.istio_status.insert((kind, id), condition);
     }
 }
 

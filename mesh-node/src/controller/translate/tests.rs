@@ -669,6 +669,8 @@ fn routes_are_carried_as_written_for_waypoints_only() {
         ("HTTPRoute", "gateway.networking.k8s.io/v1"),
         ("GRPCRoute", "gateway.networking.k8s.io/v1"),
         ("TrafficPolicy", "traffic.trellis.dev/v1"),
+        ("VirtualService", "networking.istio.io/v1alpha3"),
+        ("DestinationRule", "networking.istio.io/v1beta1"),
     ] {
         apply(
             &mut o,

@@ -129,7 +129,8 @@ pub fn compile(
             regexes: 0,
         };
         match kind {
-            RouteKind::Http => match HttpRouteSpec::deserialize(spec) {
+            // A VirtualService arrives here already translated to an HTTPRoute's shape.
+            RouteKind::Http | RouteKind::Virtual => match HttpRouteSpec::deserialize(spec) {
                 Ok(spec) => (
                     Some(ref_checks(
                         namespace,
@@ -253,6 +254,7 @@ fn http_rule(ctx: &mut Ctx<'_>, path: &str, rule: &HttpRouteRule) -> Result<Rule
         backends,
         timeouts: timeouts(path, rule.timeouts.as_ref())?,
         retry: rule.retry.as_ref().map(|r| retry(path, r)).transpose()?,
+        fault: None,
     })
 }
 
@@ -274,6 +276,7 @@ fn grpc_rule(ctx: &mut Ctx<'_>, path: &str, rule: &GrpcRouteRule) -> Result<Rule
         backends,
         timeouts: Timeouts::default(),
         retry: None,
+        fault: None,
     })
 }
 
@@ -330,6 +333,7 @@ fn backends(
                     namespace,
                     name,
                     port,
+                    subset: None,
                     weight,
                     filters,
                 })),
@@ -542,6 +546,7 @@ fn retry(path: &str, retry: &HttpRouteRetry) -> Result<Retry, RouteError> {
         codes,
         attempts,
         backoff,
+        reset: false,
     })
 }
 

@@ -39,6 +39,9 @@ pub enum RouteError {
     /// implement, or a required field that is missing.
     #[error("{path}: {why}")]
     Unsupported { path: String, why: String },
+    /// Another object takes precedence (see [`crate::l7::istio`]).
+    #[error("{path}: {why}")]
+    Conflicted { path: String, why: String },
     /// Filters that cannot be combined (the Gateway API's `IncompatibleFilters`).
     #[error("{path}: {why}")]
     IncompatibleFilters { path: String, why: String },
@@ -83,6 +86,7 @@ impl RouteError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::IncompatibleFilters { .. } => "IncompatibleFilters",
+            Self::Conflicted { .. } => "Conflicted",
             _ => "UnsupportedValue",
         }
     }

@@ -9,6 +9,11 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 use regex::Regex;
 
 use super::RouteId;
+use crate::l7::resilience::fault::FaultPolicy;
+
+/// A backend or mirror port meaning "the port the client dialled" (a VirtualService
+/// destination without `port`).
+pub const SAME_PORT: u16 = 0;
 
 /// A route that passed validation.
 #[derive(Debug, Clone)]
@@ -52,6 +57,9 @@ pub struct Rule {
     pub(crate) backends: Vec<BackendSlot>,
     pub timeouts: Timeouts,
     pub retry: Option<Retry>,
+    /// Faults injected into the requests this rule takes (a VirtualService's `fault`);
+    /// applied before, and instead of, the Service's own.
+    pub fault: Option<FaultPolicy>,
 }
 
 /// A rule's matches, defaults applied: never empty.
@@ -183,6 +191,7 @@ pub(crate) enum PathModifier {
 pub struct Mirror {
     pub namespace: String,
     pub name: String,
+    /// [`SAME_PORT`]: the port the client dialled.
     pub port: u16,
     /// Mirror `numerator` out of `denominator` requests (`denominator` >= 1).
     pub numerator: u32,
@@ -208,7 +217,10 @@ pub(crate) fn scale(random: u64, n: u64) -> u64 {
 pub struct Backend {
     pub namespace: String,
     pub name: String,
+    /// [`SAME_PORT`]: the port the client dialled.
     pub port: u16,
+    /// A subset of the Service's endpoints (a DestinationRule's, by name); `None`: all.
+    pub subset: Option<String>,
     pub weight: u32,
     /// Applied only to requests sent to this backend, after the rule's filters.
     pub filters: Filters,
@@ -286,4 +298,7 @@ pub struct Retry {
     /// Retries after the first attempt; `None`: the implementation's default.
     pub attempts: Option<u32>,
     pub backoff: Option<Duration>,
+    /// Also retry tries reset before a response (a VirtualService's `reset`,
+    /// `refused-stream`).
+    pub reset: bool,
 }

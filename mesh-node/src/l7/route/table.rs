@@ -298,13 +298,16 @@ impl Attached {
                     };
                     // gRPC first; then the most specific match; then route, rule and match
                     // order.
-                    let kind_order = match route.id.kind {
-                        RouteKind::Grpc => 0,
-                        RouteKind::Http => 1,
+                    // A VirtualService's rules keep their written order (Istio's first
+                    // match), so they all rank alike.
+                    let (kind_order, specificity) = match route.id.kind {
+                        RouteKind::Grpc => (0, specificity(rule, index)),
+                        RouteKind::Http => (1, specificity(rule, index)),
+                        RouteKind::Virtual => (2, [0; 5]),
                     };
                     let key = (
                         kind_order,
-                        std::cmp::Reverse(specificity(rule, index)),
+                        std::cmp::Reverse(specificity),
                         attached.route,
                         rule_index,
                         index,
@@ -444,6 +447,11 @@ impl<'a> MatchedRule<'a> {
 
     pub fn timeouts(&self) -> Timeouts {
         self.rule.timeouts
+    }
+
+    /// The rule's own faults (a VirtualService's `fault`).
+    pub fn fault(&self) -> Option<&'a crate::l7::resilience::fault::FaultPolicy> {
+        self.rule.fault.as_ref()
     }
 
     pub fn retry(&self) -> Option<&'a Retry> {

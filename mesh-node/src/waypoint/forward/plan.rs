@@ -4,7 +4,10 @@
 //! Pod-addressed traffic is not routed: routes attach to Services (and to the waypoint for
 //! Service traffic), so a request to a pod goes to that pod, after authorization.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use http::{HeaderValue, Response, StatusCode, request::Parts};
 
@@ -12,7 +15,10 @@ use super::{Downstream, Outcome};
 use crate::{
     l7::{
         resilience::ServiceResilience,
-        route::{Backend, GatewayRef, MatchedRule, NoBackend, RequestAction, Routing, ServiceRef},
+        route::{
+            Backend, GatewayRef, MatchedRule, NoBackend, RequestAction, Routing, ServiceRef,
+            model::SAME_PORT,
+        },
     },
     state::{MeshState, Service},
     waypoint::{
@@ -30,6 +36,8 @@ pub enum Upstream {
     Service {
         service: Arc<Service>,
         target_port: u16,
+        /// Only these endpoints (a subset's); `None`: all of the Service's.
+        only: Option<Vec<IpAddr>>,
     },
 }
 
@@ -59,11 +67,13 @@ impl Plan<'_> {
             Upstream::Service {
                 service,
                 target_port,
+                only,
             } => {
                 // No node of its own: every endpoint is as close as any other.
                 let all: Vec<SocketAddr> = service
                     .candidates("", None)
                     .into_iter()
+                    .filter(|e| only.as_ref().is_none_or(|only| only.contains(&e.ip)))
                     .map(|e| SocketAddr::new(e.ip, *target_port))
                     .collect();
                 let usable: Vec<SocketAddr> = match &self.resilience {
@@ -204,7 +214,19 @@ pub fn plan<'a>(
                 )
                 .on(&route));
             };
-            let upstream = service_port(service, backend.port).map_err(|r| r.on(&route))?;
+            let port = if backend.port == SAME_PORT {
+                target.addr.port()
+            } else {
+                backend.port
+            };
+            let mut upstream = service_port(service, port).map_err(|r| r.on(&route))?;
+            if let Some(subset) = &backend.subset {
+                let selected =
+                    subset_endpoints(mesh, l7, service, subset).map_err(|r| r.on(&route))?;
+                if let Upstream::Service { only, .. } = &mut upstream {
+                    *only = Some(selected);
+                }
+            }
             Ok(Plan {
                 upstream,
                 rule: Some(rule),
@@ -244,7 +266,41 @@ fn service_port(service: &Arc<Service>, port: u16) -> Result<Upstream, Refusal> 
     Ok(Upstream::Service {
         service: service.clone(),
         target_port,
+        only: None,
     })
+}
+
+/// The endpoints of `service` whose workloads carry every label of its DestinationRule's
+/// `subset`. A subset no DestinationRule defines is answered with 503, as Istio does.
+fn subset_endpoints(
+    mesh: &MeshState,
+    l7: &L7,
+    service: &Service,
+    subset: &str,
+) -> Result<Vec<IpAddr>, Refusal> {
+    let key = (service.namespace.clone(), service.name.clone());
+    let Some(labels) = l7.subsets.get(&key).and_then(|s| s.get(subset)) else {
+        return Err(Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ResponseFlags::NoHealthyUpstream,
+            format!(
+                "subset {subset:?} of Service {}/{} is not defined by any DestinationRule",
+                service.namespace, service.name
+            ),
+        ));
+    };
+    Ok(service
+        .endpoints
+        .iter()
+        .filter(|e| {
+            mesh.workload_by_ip(e.ip).is_some_and(|w| {
+                labels
+                    .iter()
+                    .all(|(k, v)| w.labels.get(k).is_some_and(|have| have == v))
+            })
+        })
+        .map(|e| e.ip)
+        .collect())
 }
 
 fn filtered(action: RequestAction) -> Result<(), Refusal> {

@@ -19,7 +19,7 @@ use crate::{
             ServiceResilience,
             retry::{BudgetLimits, RetryOn},
         },
-        route::{Mirror, Retry},
+        route::{Mirror, Retry, model::SAME_PORT},
     },
     waypoint::{
         body::{self, Body},
@@ -106,7 +106,11 @@ pub async fn send(
     }
 
     // Faults.
-    let fault = resilience.map(|r| r.fault(&mut rng)).unwrap_or_default();
+    // A rule's own faults (a VirtualService's) replace the Service's.
+    let fault = match plan.rule.and_then(|r| r.fault()) {
+        Some(policy) => policy.decide(&mut rng),
+        None => resilience.map(|r| r.fault(&mut rng)).unwrap_or_default(),
+    };
     if let Some(delay) = fault.delay {
         tokio::time::sleep(delay).await;
         outcome.flags = ResponseFlags::FaultDelay;
@@ -377,6 +381,7 @@ fn route_retry_policy(retry: &Retry) -> (RetryPolicy, Option<Duration>) {
             per_try_timeout: None,
             retry_on: RetryOn {
                 connect_failure: true,
+                reset: retry.reset,
                 retriable_status_codes: !codes.is_empty(),
                 ..RetryOn::default()
             },
@@ -425,14 +430,19 @@ fn upstream_request(
 /// Sends a copy of the request to a mirror's Service and ignores the answer. Only a body the
 /// client has finished sending, within the buffer limit, can be copied.
 fn mirror_request(down: &Downstream, mirror: &Mirror, parts: &Parts, body: &Replayable) {
-    let target = format!("{}/{}:{}", mirror.namespace, mirror.name, mirror.port);
+    let port = if mirror.port == SAME_PORT {
+        down.target.addr.port()
+    } else {
+        mirror.port
+    };
+    let target = format!("{}/{}:{port}", mirror.namespace, mirror.name);
     let Some((bytes, _trailers)) = body.complete() else {
         tracing::debug!(mirror = %target, "request not mirrored: its body is not complete in memory");
         return;
     };
     let mesh = down.inputs.mesh.load();
     let endpoint = mesh.service(&mirror.namespace, &mirror.name).and_then(|s| {
-        let target_port = s.port(mirror.port)?.target_port?;
+        let target_port = s.port(port)?.target_port?;
         let e = s.candidates("", None).into_iter().next()?;
         Some(SocketAddr::new(e.ip, target_port))
     });

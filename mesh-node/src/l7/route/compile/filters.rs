@@ -68,7 +68,7 @@ pub(super) fn filters(
         return Err(RouteError::too_many(path, limits::FILTERS, list.len()));
     }
     let (implemented, known): (&[&str], &[&str]) = match kind {
-        RouteKind::Http => (
+        RouteKind::Http | RouteKind::Virtual => (
             &[HEADER, RESPONSE_HEADER, MIRROR, REDIRECT, REWRITE],
             &[CORS, EXTENSION, EXTERNAL_AUTH],
         ),

@@ -1,4 +1,5 @@
-//! Reports the `Accepted` condition of each policy (`security.trellis.dev`) and TrafficPolicy
+//! Reports the `Accepted` condition of each policy (`security.trellis.dev` and
+//! `security.istio.io`, each written to the object in its own group) and TrafficPolicy
 //! (`traffic.trellis.dev`): in the controller's log (both sources) and, with the Kubernetes
 //! source, in the object's `status` (server-side apply on the status subresource, field
 //! manager [`FIELD_MANAGER`]). Both kinds of status are one `conditions` list holding one
@@ -14,7 +15,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use kube::{
     Api, Client,
-    api::{Patch, PatchParams},
+    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +26,7 @@ use crate::{
     l7::resilience::TrafficPolicy,
     policy::{
         AuthorizationPolicy, PeerAuthentication, PolicyId, PolicyKind, RequestAuthentication,
+        SecurityGroup,
         status::{Condition, rfc3339, set_condition},
     },
 };
@@ -35,21 +37,21 @@ pub(super) const RETRY: Duration = Duration::from_secs(10);
 /// A kind whose status is one `Accepted` condition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Subject {
-    Policy(PolicyKind),
+    Policy(SecurityGroup, PolicyKind),
     TrafficPolicy,
 }
 
 impl Subject {
     pub const fn api_version(self) -> &'static str {
         match self {
-            Self::Policy(_) => PolicyKind::API_VERSION,
+            Self::Policy(group, _) => group.api_version(),
             Self::TrafficPolicy => TRAFFIC_API_VERSION,
         }
     }
 
     pub const fn kind(self) -> &'static str {
         match self {
-            Self::Policy(kind) => kind.as_str(),
+            Self::Policy(_, kind) => kind.as_str(),
             Self::TrafficPolicy => "TrafficPolicy",
         }
     }
@@ -57,7 +59,10 @@ impl Subject {
 
 impl std::fmt::Display for Subject {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.kind())
+        match self {
+            Self::Policy(group, kind) => f.write_str(group.qualified(*kind)),
+            Self::TrafficPolicy => f.write_str(self.kind()),
+        }
     }
 }
 
@@ -68,7 +73,7 @@ fn conditions(translation: &Translation) -> BTreeMap<Key, &Condition> {
     let policies = translation
         .policy_status
         .iter()
-        .map(|((kind, id), c)| ((Subject::Policy(*kind), id.clone()), c));
+        .map(|((group, kind, id), c)| ((Subject::Policy(*group, *kind), id.clone()), c));
     let traffic = translation
         .traffic_policy_status
         .iter()
@@ -138,7 +143,7 @@ fn log(key: &Key, condition: &Condition) {
         tracing::info!(%kind, %policy, generation = ?condition.observed_generation, "policy accepted");
     } else {
         let what = match kind {
-            Subject::Policy(_) => "policy not enforced exactly as written",
+            Subject::Policy(..) => "policy not enforced exactly as written",
             Subject::TrafficPolicy => "traffic policy not applied as written",
         };
         tracing::warn!(
@@ -160,17 +165,28 @@ async fn write(client: &Client, key: &Key, condition: &Condition) -> Result<(), 
     });
     let params = PatchParams::apply(FIELD_MANAGER).force();
     match kind {
-        Subject::Policy(PolicyKind::Authorization) => {
+        // Istio's kinds have no types of their own here (they are the twins'): untyped.
+        Subject::Policy(SecurityGroup::Istio, policy_kind) => {
+            let (group, version) = kind.api_version().split_once('/').unwrap_or_default();
+            let resource = ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk(group, version, policy_kind.as_str()),
+                policy_kind.plural(),
+            );
+            Api::<DynamicObject>::namespaced_with(client.clone(), &id.namespace, &resource)
+                .patch_status(&id.name, &params, &Patch::Apply(&patch))
+                .await?;
+        }
+        Subject::Policy(SecurityGroup::Trellis, PolicyKind::Authorization) => {
             Api::<AuthorizationPolicy>::namespaced(client.clone(), &id.namespace)
                 .patch_status(&id.name, &params, &Patch::Apply(&patch))
                 .await?;
         }
-        Subject::Policy(PolicyKind::PeerAuthentication) => {
+        Subject::Policy(SecurityGroup::Trellis, PolicyKind::PeerAuthentication) => {
             Api::<PeerAuthentication>::namespaced(client.clone(), &id.namespace)
                 .patch_status(&id.name, &params, &Patch::Apply(&patch))
                 .await?;
         }
-        Subject::Policy(PolicyKind::RequestAuthentication) => {
+        Subject::Policy(SecurityGroup::Trellis, PolicyKind::RequestAuthentication) => {
             Api::<RequestAuthentication>::namespaced(client.clone(), &id.namespace)
                 .patch_status(&id.name, &params, &Patch::Apply(&patch))
                 .await?;

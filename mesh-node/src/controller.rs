@@ -325,6 +325,7 @@ impl Controller {
         let settings = TranslateSettings {
             trust_domain: config.trust_domain.clone(),
             hbone_port: config.hbone_port,
+            cluster_id: config.cluster_id.clone(),
         };
         tasks.spawn(translate_loop(
             objects_rx,

@@ -58,6 +58,18 @@ pub const APP_NAME_LABEL: &str = "app.kubernetes.io/name";
 /// The recommended label naming an application's component.
 pub const APP_COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 
+/// Istio's labels naming a workload's canonical service and revision (telemetry), read first.
+pub const CANONICAL_NAME_LABEL: &str = "service.istio.io/canonical-name";
+pub const CANONICAL_REVISION_LABEL: &str = "service.istio.io/canonical-revision";
+/// The recommended label naming an application's version, read after the canonical labels
+/// (with [`APP_NAME_LABEL`]).
+pub const APP_VERSION_LABEL: &str = "app.kubernetes.io/version";
+/// The plain `app` and `version` labels, read last (and alone for `app` and `version`).
+pub const APP_LABEL: &str = "app";
+pub const VERSION_LABEL: &str = "version";
+/// The label a Deployment's ReplicaSet stamps on its pods, and suffixes its own name with.
+pub const POD_TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
+
 /// The Gateway API group (Gateway, GatewayClass, HTTPRoute, GRPCRoute).
 pub const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 /// `apiVersion` of the Gateway API kinds the mesh reads.

@@ -1,7 +1,27 @@
-//! Prometheus metrics, named and labelled as Istio's so existing dashboards read them.
+//! Prometheus metrics, named and labelled as Istio's so existing dashboards and Kiali read
+//! them.
 //!
 //! `reporter` tells the direction: `source` is counted by the client's node (outbound),
-//! `destination` by the server's node (inbound).
+//! `destination` by the server's node (inbound), `waypoint` by a waypoint (its HTTP metrics,
+//! `crate::waypoint::telemetry`).
+//!
+//! The L4 series (`istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
+//! `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total`) carry exactly Istio's
+//! standard label set ([`TcpLabels`]):
+//!
+//! | labels | value |
+//! |--------|-------|
+//! | `reporter` | `source` or `destination` |
+//! | `source_*`, `destination_*`: `workload`, `workload_namespace`, `principal`, `app`, `version`, `canonical_service`, `canonical_revision`, `cluster` | [`PeerLabels`]: the workload is the owning controller (a Deployment, not its pods) |
+//! | `destination_service`, `destination_service_name`, `destination_service_namespace` | [`ServiceLabels`] |
+//! | `request_protocol` | `tcp` |
+//! | `response_flags` | `-`: only connections that opened are counted here; the others are `trellis_connection_failures_total{direction, reason}` |
+//! | `connection_security_policy` | `mutual_tls` or `none` |
+//!
+//! A value that cannot be known is `unknown`, never empty (Prometheus drops empty labels, and
+//! Kiali skips series without the labels it groups by). No label names a pod, a connection or
+//! an address, so the number of series is bounded by the workloads and services that talk,
+//! and a rollout (new pods of the same Deployment) creates none.
 
 use std::sync::Arc;
 
@@ -13,8 +33,6 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-
-use crate::{identity::Identity, state::Workload};
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Reporter {
@@ -58,73 +76,9 @@ label_values!(Direction { Inbound => "inbound", Outbound => "outbound" });
 mod failure;
 pub use failure::FailureReason;
 
-/// Istio's standard TCP labels.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    pub reporter: Reporter,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_service: String,
-    pub connection_security_policy: SecurityPolicy,
-}
-
-impl TcpLabels {
-    pub fn new(reporter: Reporter, security: SecurityPolicy) -> Self {
-        Self {
-            reporter,
-            source_workload: "unknown".into(),
-            source_workload_namespace: "unknown".into(),
-            source_principal: "unknown".into(),
-            destination_workload: "unknown".into(),
-            destination_workload_namespace: "unknown".into(),
-            destination_principal: "unknown".into(),
-            destination_service: "unknown".into(),
-            connection_security_policy: security,
-        }
-    }
-
-    pub fn with_source(
-        mut self,
-        workload: Option<&Workload>,
-        principal: Option<&Identity>,
-    ) -> Self {
-        if let Some(w) = workload {
-            self.source_workload = w.name.clone();
-            self.source_workload_namespace = w.namespace.clone();
-        }
-        if let Some(p) = principal {
-            self.source_principal = p.to_string();
-        }
-        self
-    }
-
-    pub fn with_destination(
-        mut self,
-        workload: Option<&Workload>,
-        principal: Option<&Identity>,
-    ) -> Self {
-        if let Some(w) = workload {
-            self.destination_workload = w.name.clone();
-            self.destination_workload_namespace = w.namespace.clone();
-        }
-        if let Some(p) = principal {
-            self.destination_principal = p.to_string();
-        }
-        self
-    }
-
-    /// The service the client addressed, as `<name>.<namespace>.svc.<cluster domain>`.
-    pub fn with_service(mut self, hostname: Option<&str>) -> Self {
-        if let Some(hostname) = hostname {
-            self.destination_service = hostname.to_owned();
-        }
-        self
-    }
-}
+mod labels;
+pub(crate) use labels::encode_standard;
+pub use labels::{PeerLabels, ServiceLabels, TcpLabels};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {

@@ -30,7 +30,7 @@ pub use node::NodeInfo;
 pub use resource::{ResourceError, canonical};
 pub use service::Service;
 pub use waypoint::{Waypoint, WaypointMap, WaypointRef};
-pub use workload::Workload;
+pub use workload::{Workload, WorkloadTelemetry};
 
 use crate::{
     config::{AgentConfig, ConfigError},
@@ -106,6 +106,7 @@ impl MeshState {
                 cgroup: w.cgroup.clone(),
                 identity,
                 waypoint: None,
+                telemetry: WorkloadTelemetry::of_pod(&w.name, &BTreeMap::new()),
             }));
         }
         Ok(Self::build(&config.node, workloads, nodes, [], |w| {

@@ -42,6 +42,8 @@ pub mod waypoint;
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const HBONE_PORT: u16 = 15008;
 pub const ADMIN_PORT: u16 = 15000;
+/// The agents' Prometheus port ([`MeshOptions::metrics_on_lan`]).
+pub const METRICS_PORT: u16 = 15020;
 pub const CONTROLLER_PORT: u16 = 15012;
 pub const CONTROLLER_MONITORING_PORT: u16 = 15014;
 /// The namespace testbed pods are in.
@@ -69,6 +71,9 @@ pub struct MeshOptions {
     pub hbone_single_use: bool,
     /// The agents' connection caps and timeouts.
     pub limits: LimitsConfig,
+    /// Agents also serve `/metrics` on `<node LAN IP>:`[`METRICS_PORT`], where a scraper in
+    /// another node's namespace reaches them (the admin port is loopback only).
+    pub metrics_on_lan: bool,
 }
 
 impl Default for MeshOptions {
@@ -82,6 +87,7 @@ impl Default for MeshOptions {
             absent: Vec::new(),
             hbone_single_use: false,
             limits: LimitsConfig::default(),
+            metrics_on_lan: false,
         }
     }
 }
@@ -109,6 +115,16 @@ pub struct Mesh<'tb> {
     control: Option<ControlPlane>,
 }
 
+/// The controller of a pod ([`Mesh::write_owned_pod`]): its kind and name, and the service
+/// account its pods share (a Deployment's pods run as one account; testbed pods otherwise run
+/// as their own, [`service_account`]).
+#[derive(Clone, Debug)]
+pub struct PodOwner {
+    pub kind: String,
+    pub name: String,
+    pub service_account: Option<String>,
+}
+
 /// The controller of a control plane mode mesh and the objects it is shown.
 struct ControlPlane {
     config: PathBuf,
@@ -121,6 +137,8 @@ struct ControlPlane {
     pods: BTreeMap<String, (String, BTreeMap<String, String>)>,
     /// The kubeconfig the controller reads a Kubernetes API server with (`KUBECONFIG`).
     kubeconfig: Option<PathBuf>,
+    /// Pod name -> its controlling owner, for pods given one.
+    owners: BTreeMap<String, PodOwner>,
 }
 
 impl<'tb> Mesh<'tb> {
@@ -274,6 +292,7 @@ impl<'tb> Mesh<'tb> {
                 namespaces: BTreeMap::new(),
                 pods: BTreeMap::new(),
                 kubeconfig: None,
+                owners: BTreeMap::new(),
             }),
         };
         mesh.write_nodes()?;
@@ -497,12 +516,25 @@ impl<'tb> Mesh<'tb> {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
+        let owner = self.control()?.owners.get(&pod.name).cloned();
+        let account = owner
+            .as_ref()
+            .and_then(|o| o.service_account.clone())
+            .unwrap_or_else(|| service_account(pod));
+        let owners: Vec<serde_json::Value> = owner
+            .iter()
+            .map(|o| {
+                json!({"apiVersion": "apps/v1", "kind": o.kind, "name": o.name,
+                       "uid": format!("{}-{}", o.kind, o.name), "controller": true})
+            })
+            .collect();
         let manifest = json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": pod.name, "namespace": namespace, "uid": pod.uid, "labels": labels},
+            "metadata": {"name": pod.name, "namespace": namespace, "uid": pod.uid, "labels": labels,
+                         "ownerReferences": owners},
             "spec": {
                 "nodeName": node.name,
-                "serviceAccountName": service_account(pod),
+                "serviceAccountName": account,
                 "containers": [{"name": "app", "image": "pod-app"}],
             },
             "status": {
@@ -522,6 +554,19 @@ impl<'tb> Mesh<'tb> {
             .pods
             .insert(pod.name.clone(), (namespace.to_owned(), labels));
         Ok(())
+    }
+
+    /// [`Mesh::write_pod`] for a pod controlled by `owner`, which it keeps when its labels
+    /// change later.
+    pub fn write_owned_pod(
+        &mut self,
+        pod: &Pod,
+        namespace: &str,
+        labels: &[(&str, &str)],
+        owner: PodOwner,
+    ) -> Result<()> {
+        self.control()?.owners.insert(pod.name.clone(), owner);
+        self.write_pod(pod, namespace, labels)
     }
 
     /// Sets (`Some`) or removes (`None`) one label of a pod that is in the manifests, e.g.
@@ -549,6 +594,7 @@ impl<'tb> Mesh<'tb> {
         let control = self.control()?;
         remove_manifest(&control.manifests, &format!("pod-{}.json", pod.name))?;
         control.pods.remove(&pod.name);
+        control.owners.remove(&pod.name);
         Ok(())
     }
 
@@ -752,7 +798,9 @@ fn agent_defaults(node: &crate::testbed::Node, options: &MeshOptions) -> AgentCo
             outbound6: Some(SocketAddr::new(node.gateway_ip6.into(), OUTBOUND_PORT)),
             hbone: SocketAddr::new(node.lan_ip4.into(), HBONE_PORT),
             admin: SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
-            metrics: None,
+            metrics: options
+                .metrics_on_lan
+                .then(|| SocketAddr::new(node.lan_ip4.into(), METRICS_PORT)),
             readiness: None,
         },
         datapath: DatapathConfig {

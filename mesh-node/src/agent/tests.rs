@@ -394,6 +394,7 @@ fn workload(uid: &str, name: &str, node: &str, ip: &str, enrolled: bool) -> api:
             enrolled,
             zone: String::new(),
             waypoint: String::new(),
+            telemetry: None,
         })),
     }
 }

@@ -17,6 +17,7 @@
 //! server_names: [10.0.0.5]           # extra DNS names / IPs for the serving certificate
 //! monitoring: 0.0.0.0:15014          # /metrics and /healthz/ready; null to disable
 //! log_format: text
+//! cluster_id: Kubernetes             # source_cluster / destination_cluster in metrics
 //! ```
 
 use std::{
@@ -55,6 +56,10 @@ pub struct ControllerConfig {
     pub monitoring: Option<SocketAddr>,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// The cluster's name in telemetry (`source_cluster`, `destination_cluster`); Istio's
+    /// default, `Kubernetes`, unless set.
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: String,
 }
 
 /// Where the root CA is kept: `cert` and `key` files, or a Kubernetes `secret`. Either is
@@ -188,6 +193,9 @@ pub struct TokenReviewConfig {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 15012))
 }
+fn default_cluster_id() -> String {
+    crate::state::workload::DEFAULT_CLUSTER_ID.into()
+}
 fn default_trust_domain() -> String {
     "cluster.local".into()
 }
@@ -229,6 +237,8 @@ impl ControllerConfig {
         if self.hbone_port == 0 {
             return Err(invalid("hbone_port", "must not be 0"));
         }
+        crate::state::WorkloadTelemetry::check_cluster_id(&self.cluster_id)
+            .map_err(|e| invalid("cluster_id", e.reason))?;
         if self.certificate_ttl_secs == 0 {
             return Err(invalid("certificate_ttl_secs", "must be positive"));
         }

@@ -51,6 +51,8 @@ pub struct TranslateSettings {
     pub trust_domain: String,
     /// Port of every node agent's HBONE listener.
     pub hbone_port: u16,
+    /// The cluster id workloads report in telemetry (`source_cluster`, `destination_cluster`).
+    pub cluster_id: String,
 }
 
 /// Who a discovery stream is for: what it may receive.

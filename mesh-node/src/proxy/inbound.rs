@@ -37,9 +37,9 @@ use crate::{
         server::{Next, Server},
     },
     identity::{Identity, store::certificate_serial},
-    metrics::{Direction, FailureReason, Reporter, SecurityPolicy, TcpLabels},
+    metrics::{Direction, FailureReason, Reporter, SecurityPolicy, ServiceLabels, TcpLabels},
     policy::{Destination, Flow},
-    state::MeshState,
+    state::{MeshState, Workload},
     tls,
 };
 
@@ -435,9 +435,26 @@ impl Peer {
                 );
             }
         };
+        // Telemetry names the source by the reported client when it is the peer's, else by
+        // the peer's identity when every workload holding it is one workload (a waypoint
+        // relays other pods' requests under its own identity, from an address that may be
+        // its node's).
+        let telemetry_source = src_workload.clone().or_else(|| {
+            let mut holders = state
+                .workloads()
+                .iter()
+                .filter(|w| w.identity == self.identity);
+            let first = holders.next()?;
+            let same = |w: &&Arc<Workload>| {
+                w.namespace == first.namespace
+                    && w.telemetry.workload_name == first.telemetry.workload_name
+            };
+            holders.all(|w| same(&w)).then(|| first.clone())
+        });
         let labels = TcpLabels::new(Reporter::Destination, SecurityPolicy::MutualTls)
-            .with_source(src_workload.as_deref(), Some(&self.identity))
-            .with_destination(Some(&target), Some(&target.identity));
+            .with_source(telemetry_source.as_deref(), Some(&self.identity))
+            .with_destination(Some(&target), Some(&target.identity))
+            .with_service(ServiceLabels::serving(&state, dst));
         inputs.metrics.opened.get_or_create(&labels).inc();
         let active = inputs.metrics.active(Direction::Inbound);
         let registration = inputs.authorized.register(grant);

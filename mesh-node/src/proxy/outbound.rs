@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     config::UnknownDestination,
-    metrics::{Direction, FailureReason, Reporter, SecurityPolicy, TcpLabels},
+    metrics::{Direction, FailureReason, Reporter, SecurityPolicy, ServiceLabels, TcpLabels},
 };
 
 mod resolve;
@@ -108,7 +108,7 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
     let labels = TcpLabels::new(Reporter::Source, security)
         .with_source(Some(&src), Some(&src.identity))
         .with_destination(log.dst_workload, log.dst_identity)
-        .with_service(log.dst_service);
+        .with_service(ServiceLabels::of(service.map(AsRef::as_ref)));
     inputs.metrics.opened.get_or_create(&labels).inc();
 
     // Copy.

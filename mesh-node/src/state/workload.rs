@@ -12,6 +12,9 @@ use super::{
 };
 use crate::{api::v1 as api, identity::Identity, k8s::GATEWAY_NAME_LABEL};
 
+mod telemetry;
+pub use telemetry::{DEFAULT_CLUSTER_ID, POD_KIND, UNKNOWN, WorkloadTelemetry};
+
 /// A pod known to the mesh: enrolled pods are mesh sources and destinations; the others are
 /// known for telemetry only.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -37,6 +40,8 @@ pub struct Workload {
     /// The waypoint traffic addressed to this pod's own IPs goes through.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waypoint: Option<WaypointRef>,
+    /// What its metrics say about it (owner, canonical service, cluster).
+    pub telemetry: WorkloadTelemetry,
 }
 
 fn serialize_display<S: serde::Serializer>(v: &Identity, s: S) -> Result<S::Ok, S::Error> {
@@ -97,6 +102,8 @@ impl Workload {
                 ));
             }
         }
+        let labels: BTreeMap<String, String> = w.labels.into_iter().collect();
+        let telemetry = WorkloadTelemetry::from_resource(w.telemetry, &w.name, &labels)?;
         Ok(Self {
             uid: w.uid,
             name: w.name,
@@ -104,12 +111,13 @@ impl Workload {
             service_account: w.service_account,
             node: w.node,
             ips,
-            labels: w.labels.into_iter().collect(),
+            labels,
             enrolled: w.enrolled,
             zone: non_empty(w.zone),
             cgroup: None,
             identity,
             waypoint: waypoint::optional_ref(&w.waypoint)?,
+            telemetry,
         })
     }
 
@@ -140,6 +148,7 @@ pub(crate) mod tests {
             enrolled: true,
             zone: "zone-a".into(),
             waypoint: String::new(),
+            telemetry: None,
         }
     }
 

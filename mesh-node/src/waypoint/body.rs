@@ -1,6 +1,11 @@
 //! One body type for everything the waypoint sends: streamed from a peer, buffered for a
 //! retry or a mirror, or written locally (an error status).
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 
@@ -18,10 +23,31 @@ pub fn streamed(body: hyper::body::Incoming) -> Body {
 #[error("the client's request body failed: {0}")]
 pub struct ClientBodyError(#[source] hyper::Error);
 
-/// A client's request body, streamed as it arrives; its errors are [`ClientBodyError`]s.
-pub fn from_client(body: hyper::body::Incoming) -> Body {
-    body.map_err(|e| Box::new(ClientBodyError(e)) as BodyError)
-        .boxed()
+/// The bytes of a request body read so far (shared with the body as it streams).
+#[derive(Clone, Debug, Default)]
+pub struct BodyBytes(Arc<AtomicU64>);
+
+impl BodyBytes {
+    pub fn add(&self, n: usize) {
+        self.0.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A client's request body, streamed as it arrives; its errors are [`ClientBodyError`]s. The
+/// bytes read are added to `count` (the request's size in its metrics), when given.
+pub fn from_client(body: hyper::body::Incoming, count: Option<BodyBytes>) -> Body {
+    body.map_frame(move |frame| {
+        if let (Some(count), Some(data)) = (&count, frame.data_ref()) {
+            count.add(data.len());
+        }
+        frame
+    })
+    .map_err(|e| Box::new(ClientBodyError(e)) as BodyError)
+    .boxed()
 }
 
 /// Whether `e` (or one of its sources) is a [`ClientBodyError`].

@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 
 use super::{
     Target, WaypointInputs,
-    body::{self, Body},
+    body::{self, Body, BodyBytes},
     l7::L7,
     response_flags::ResponseFlags,
     telemetry::RequestLabels,
@@ -39,6 +39,7 @@ use super::{
 };
 use crate::{
     identity::Identity,
+    metrics::ServiceLabels,
     policy::{
         Destination, Flow, RequestFacts, Verdict, WaypointTarget,
         jwt::{JwtOutcome, VerifiedJwt},
@@ -132,6 +133,9 @@ pub async fn handle(down: Arc<Downstream>, req: Request<Incoming>) -> Response<B
     let path = req.uri().path().to_owned();
     let authority = request_authority(&req);
     let grpc = is_grpc(req.headers());
+    let request_bytes = BodyBytes::default();
+    let mut req = req;
+    req.extensions_mut().insert(request_bytes.clone());
 
     let (response, outcome) = forward(&down, &mesh, &l7, req).await;
 
@@ -141,16 +145,11 @@ pub async fn handle(down: Arc<Downstream>, req: Request<Incoming>) -> Response<B
             .and_then(|e| mesh.workload_by_ip(e.ip()))
             .map(|w| w.as_ref()),
     );
-    if let Some(service) = &outcome.service {
-        labels.destination_service = service.hostname.clone();
-        labels.destination_service_name = service.name.clone();
-        labels.destination_service_namespace = service.namespace.clone();
-    }
+    labels.service = ServiceLabels::of(outcome.service.as_deref());
     labels.request_protocol = if grpc { "grpc" } else { "http" };
     labels.response_code = outcome.status.as_u16();
     labels.response_flags = outcome.flags;
     let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-    down.inputs.http.record(&labels, duration_ms);
     tracing::info!(
         target: "access",
         reporter = "waypoint",
@@ -175,7 +174,8 @@ pub async fn handle(down: Arc<Downstream>, req: Request<Incoming>) -> Response<B
     if let (Some(spans), Some(trace)) = (&down.inputs.spans, outcome.trace)
         && trace.sampled()
     {
-        let name = format!("{method} {}", labels.destination_service_or(&authority));
+        let service = outcome.service.as_ref().map(|s| s.hostname.as_str());
+        let name = format!("{method} {}", service.unwrap_or(&authority));
         let mut attributes: Vec<(&'static str, Attribute)> = vec![
             ("http.request.method", method.as_str().into()),
             ("server.address", authority.as_str().into()),
@@ -192,11 +192,8 @@ pub async fn handle(down: Arc<Downstream>, req: Request<Incoming>) -> Response<B
         if grpc {
             attributes.push(("rpc.system", "grpc".into()));
         }
-        if !labels.destination_service.is_empty() {
-            attributes.push((
-                "trellis.destination.service",
-                labels.destination_service.as_str().into(),
-            ));
+        if let Some(service) = service {
+            attributes.push(("trellis.destination.service", service.into()));
         }
         if let Some(route) = &outcome.route {
             attributes.push(("trellis.route", route.as_str().into()));
@@ -220,7 +217,9 @@ pub async fn handle(down: Arc<Downstream>, req: Request<Incoming>) -> Response<B
             error,
         });
     }
-    response
+    down.inputs
+        .http
+        .record_on_end(labels, started, request_bytes, response)
 }
 
 fn protocol_version(version: http::Version) -> &'static str {

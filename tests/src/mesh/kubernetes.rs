@@ -211,6 +211,7 @@ impl<'tb> Mesh<'tb> {
                 logs: Vec::new(),
                 namespaces: Default::default(),
                 pods: Default::default(),
+                owners: Default::default(),
                 kubeconfig: Some(kubeconfig),
             }),
         };

@@ -44,6 +44,7 @@ fn state() -> SharedState {
         &TranslateSettings {
             trust_domain: TD.into(),
             hbone_port: 15008,
+            cluster_id: "Kubernetes".into(),
         },
     );
     let (_tx, rx) = watch::channel(Some(Arc::new(Published {

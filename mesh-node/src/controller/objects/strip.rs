@@ -10,7 +10,7 @@ use k8s_openapi::{
         },
         discovery::v1::EndpointSlice,
     },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
 
 use super::{Object, PolicyObject};
@@ -84,8 +84,24 @@ fn strip_policy(policy: PolicyObject) -> PolicyObject {
 fn strip_pod(pod: Pod) -> Pod {
     let spec = pod.spec.unwrap_or_default();
     let status = pod.status.unwrap_or_default();
+    // The controlling owner names the pod's workload in telemetry; the other references, and
+    // every other field of that one, are never read.
+    let owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|r| r.controller == Some(true))
+        .map(|r| OwnerReference {
+            kind: r.kind.clone(),
+            name: r.name.clone(),
+            controller: Some(true),
+            ..OwnerReference::default()
+        });
+    let mut metadata = strip_meta(pod.metadata, true);
+    metadata.owner_references = owner.map(|o| vec![o]);
     Pod {
-        metadata: strip_meta(pod.metadata, true),
+        metadata,
         spec: Some(PodSpec {
             service_account_name: spec.service_account_name,
             node_name: spec.node_name,
@@ -169,6 +185,11 @@ mod tests {
                 "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"},
                 "managedFields": [{"manager": "kubectl"}],
                 "resourceVersion": "42",
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "cfg", "uid": "c1"},
+                    {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d8f", "uid": "r1",
+                     "controller": true, "blockOwnerDeletion": true},
+                ],
             },
             "spec": {
                 "serviceAccountName": "web", "nodeName": "node-a",
@@ -185,6 +206,16 @@ mod tests {
         assert_eq!(stored.metadata.managed_fields, None);
         assert_eq!(stored.metadata.resource_version, None);
         assert_eq!(stored.metadata.uid.as_deref(), Some("u1"));
+        // Only the controlling owner, by kind and name (the pod's workload in telemetry).
+        assert_eq!(
+            stored.metadata.owner_references,
+            Some(vec![OwnerReference {
+                kind: "ReplicaSet".into(),
+                name: "web-5d8f".into(),
+                controller: Some(true),
+                ..OwnerReference::default()
+            }])
+        );
         let spec = stored.spec.as_ref().expect("spec");
         assert_eq!(spec.containers, Vec::<Container>::new());
         assert_eq!(spec.node_name.as_deref(), Some("node-a"));

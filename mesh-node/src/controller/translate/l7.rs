@@ -160,6 +160,7 @@ mod tests {
         let settings = TranslateSettings {
             trust_domain: "cluster.local".into(),
             hbone_port: 15008,
+            cluster_id: "Kubernetes".into(),
         };
         let web = route(
             "HTTPRoute",

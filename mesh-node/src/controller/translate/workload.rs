@@ -1,5 +1,6 @@
 //! Pods to workloads: which pods are workloads, whether they are enrolled, which pod owns an
-//! address two pods claim, and the identities each node's agent may obtain.
+//! address two pods claim, the identities each node's agent may obtain, and what telemetry
+//! says about each ([`owner`]: the workload a pod belongs to).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -16,7 +17,10 @@ use super::{
 use crate::{
     identity::Identity,
     k8s::{MESH_DISABLED, MESH_LABEL},
+    state::WorkloadTelemetry,
 };
+
+mod owner;
 
 /// A pod that became a workload, as services see it.
 pub(super) struct WorkloadRef {
@@ -231,6 +235,8 @@ fn workload_of(
         .served_by(namespace, meta.labels.as_ref())
         .is_some();
 
+    let (owner, kind) = owner::workload_of(pod);
+    let telemetry = WorkloadTelemetry::derive(&owner, &kind, &labels, &settings.cluster_id);
     let workload = api::Workload {
         uid: uid.to_owned(),
         name: name.to_owned(),
@@ -242,6 +248,7 @@ fn workload_of(
         enrolled: namespace_enabled && !opted_out && !waypoint_pod,
         zone: zone_of(node),
         waypoint: String::new(),
+        telemetry: Some(telemetry.into()),
     };
     Ok(Some((workload, identity)))
 }

@@ -58,6 +58,7 @@ fn client_workload() -> Arc<Workload> {
         cgroup: None,
         identity: Identity::new(TD, "shop", "client").expect("identity"),
         waypoint: None,
+        telemetry: crate::state::WorkloadTelemetry::of_pod("client", &Default::default()),
     })
 }
 

@@ -138,7 +138,7 @@ pub async fn send(
         None => Vec::new(),
     };
     let retries = route_retry.is_some() || resilience.is_some_and(|r| r.policy().retries.is_some());
-    let streamed = body::from_client(incoming);
+    let streamed = body::from_client(incoming, parts.extensions.get().cloned());
     let mut source = if retries || !mirrors.is_empty() {
         Source::Replay(Replayable::new(
             streamed,

@@ -695,7 +695,10 @@ fn istios_crds_are_generated_and_installed_only_on_request() {
     let file = "crds-security.istio.io.yaml";
     let off = render_chart(&helm, &default_values());
     assert!(!off.contains_key(file), "off by default: {:?}", off.keys());
-    let on = render_chart(&helm, &with(default_values(), "istio.installCrds", json!(true)));
+    let on = render_chart(
+        &helm,
+        &with(default_values(), "istio.installCrds", json!(true)),
+    );
     let rendered: Vec<CustomResourceDefinition> = on[file]
         .iter()
         .map(|doc| serde_json::from_value(doc.clone()).expect("a CustomResourceDefinition"))

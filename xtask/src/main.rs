@@ -313,7 +313,11 @@ fn crds(root: &Path) -> Result<()> {
             "{{{{- /* Installed only with {value}=true (clusters with Istio already have them). */}}}}\n\
              {{{{- if .Values.{value} }}}}\n{yaml}{{{{- end }}}}\n"
         );
-        write_crds(root, &format!("{OPTIONAL_CRDS_DIR}/crds-{group}.yaml"), &template)?;
+        write_crds(
+            root,
+            &format!("{OPTIONAL_CRDS_DIR}/crds-{group}.yaml"),
+            &template,
+        )?;
     }
     Ok(())
 }

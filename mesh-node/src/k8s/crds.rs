@@ -115,7 +115,10 @@ mod tests {
         let istio: Vec<serde_json::Value> =
             serde_saphyr::from_multiple(&yaml(ISTIO_SECURITY_GROUP).expect("renders"))
                 .expect("a YAML stream");
-        let names: Vec<_> = istio.iter().map(|d| d["metadata"]["name"].clone()).collect();
+        let names: Vec<_> = istio
+            .iter()
+            .map(|d| d["metadata"]["name"].clone())
+            .collect();
         assert_eq!(
             names,
             [

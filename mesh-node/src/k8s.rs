@@ -41,6 +41,9 @@ pub const WAYPOINT_ENFORCEMENT_DISABLED: &str = "disabled";
 /// The `gatewayClassName` that makes a Gateway a waypoint, and the `GatewayClass` a
 /// root-namespace policy may target to apply at every waypoint.
 pub const WAYPOINT_CLASS: &str = "trellis-waypoint";
+/// Istio's waypoint class: a `GatewayClass` target of this name in a `security.istio.io`
+/// policy means every waypoint; with Istio labels read, Gateways of this class are waypoints.
+pub const ISTIO_WAYPOINT_CLASS: &str = "istio-waypoint";
 /// `status.parents[].controllerName` of the route status entries the mesh writes.
 pub const WAYPOINT_CONTROLLER_NAME: &str = "trellis.dev/waypoint";
 /// Label on the pods (and Services) of a Gateway, naming it (the Gateway API's own).
@@ -77,6 +80,13 @@ pub const GATEWAY_API_VERSION: &str = "gateway.networking.k8s.io/v1";
 pub const SECURITY_GROUP: &str = "security.trellis.dev";
 /// `apiVersion` of the security kinds.
 pub const SECURITY_API_VERSION: &str = "security.trellis.dev/v1";
+/// Istio's security kinds, read unchanged beside Trellis's own (same kinds, same fields).
+pub const ISTIO_SECURITY_GROUP: &str = "security.istio.io";
+/// The `apiVersion` of the Istio security kinds the mesh watches and writes status to.
+pub const ISTIO_SECURITY_API_VERSION: &str = "security.istio.io/v1";
+/// Every `apiVersion` of the Istio security kinds the mesh reads (one schema, as in Istio).
+pub const ISTIO_SECURITY_API_VERSIONS: [&str; 2] =
+    ["security.istio.io/v1", "security.istio.io/v1beta1"];
 /// Trellis's traffic management kinds (TrafficPolicy).
 pub const TRAFFIC_GROUP: &str = "traffic.trellis.dev";
 /// `apiVersion` of the traffic management kinds.
@@ -105,6 +115,15 @@ mod tests {
         assert_eq!(GATEWAY_API_VERSION, format!("{GATEWAY_GROUP}/v1"));
         assert_eq!(SECURITY_API_VERSION, format!("{SECURITY_GROUP}/v1"));
         assert_eq!(TRAFFIC_API_VERSION, format!("{TRAFFIC_GROUP}/v1"));
+        assert_eq!(
+            ISTIO_SECURITY_API_VERSION,
+            format!("{ISTIO_SECURITY_GROUP}/v1")
+        );
+        assert!(
+            ISTIO_SECURITY_API_VERSIONS
+                .iter()
+                .all(|v| v.starts_with(&format!("{ISTIO_SECURITY_GROUP}/")))
+        );
     }
 
     #[test]

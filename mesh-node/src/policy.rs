@@ -20,8 +20,9 @@
 //!    ([`Engine::decide_request`]): which policy and rule decided, for access logs and
 //!    `meshctl policy explain`, which must call the same function.
 //! 8. [`explain`]: `meshctl policy explain`, one flow's decision over an agent's state;
+//!    [`istio`]: the `security.istio.io` twins' differences, applied at the boundary;
 //!    [`stored`]: objects as the control plane stores and sends them (metadata and untyped
-//!    spec), and [`Policy`], any kind converted.
+//!    spec, in either group, [`SecurityGroup`]), and [`Policy`], any kind converted.
 //!
 //! The invariant everything here keeps: a policy a proxy cannot fully understand never lets
 //! through a connection or request the author's policy would have denied.
@@ -36,6 +37,7 @@
 pub mod engine;
 pub mod explain;
 pub mod facts;
+pub mod istio;
 pub mod jwt;
 pub mod matching;
 pub mod model;
@@ -56,4 +58,4 @@ pub use facts::{Destination, Flow, RequestFacts, VerifiedJwt, WaypointTarget};
 pub use jwt::{JwtAuthenticator, JwtOutcome, JwtPolicy};
 pub use model::{AuthzPolicy, Binding, MtlsMode, PeerPolicy, PolicyError, PolicyId, TargetRef};
 pub use normalize::{NormalizedPath, PathError, normalize_path};
-pub use stored::{Policy, PolicyKind};
+pub use stored::{Policy, PolicyKind, SecurityGroup};

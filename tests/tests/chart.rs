@@ -678,6 +678,57 @@ fn the_committed_crds_are_what_the_types_generate() {
     }
 }
 
+/// The optional groups' CRDs: a template each, which renders the generated CRDs only when
+/// its value asks for them.
+#[test]
+fn istios_crds_are_generated_and_installed_only_on_request() {
+    let template = read("templates/crds-security.istio.io.yaml");
+    let generated = crds::yaml(crds::ISTIO_SECURITY_GROUP).expect("the CRDs serialise as YAML");
+    assert!(
+        template.contains(&generated),
+        "charts/trellis/templates/crds-security.istio.io.yaml is not what the types generate: \
+         run `cargo xtask crds` and commit the result"
+    );
+    assert_eq!(default_values()["istio"]["installCrds"], json!(false));
+    let Some(helm) = helm_gate("istios_crds_are_generated_and_installed_only_on_request") else {
+        return;
+    };
+    let file = "crds-security.istio.io.yaml";
+    let off = render_chart(&helm, &default_values());
+    assert!(!off.contains_key(file), "off by default: {:?}", off.keys());
+    let on = render_chart(
+        &helm,
+        &with(default_values(), "istio.installCrds", json!(true)),
+    );
+    let rendered: Vec<CustomResourceDefinition> = on[file]
+        .iter()
+        .map(|doc| serde_json::from_value(doc.clone()).expect("a CustomResourceDefinition"))
+        .collect();
+    let names: Vec<_> = rendered
+        .iter()
+        .map(|c| c.metadata.name.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "authorizationpolicies.security.istio.io",
+            "peerauthentications.security.istio.io",
+            "requestauthentications.security.istio.io"
+        ]
+    );
+    // The controller may read them and write their status, whether or not the chart
+    // installed them.
+    let role = object(&off, "ClusterRole", "trellis-controller");
+    let istio_rules: Vec<&Value> = role["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .filter(|r| r["apiGroups"] == json!(["security.istio.io"]))
+        .collect();
+    assert_eq!(istio_rules.len(), 2, "{role}");
+    assert_eq!(istio_rules[1]["verbs"], json!(["patch"]));
+}
+
 #[test]
 fn the_crds_are_namespaced_v1_with_a_status_subresource_and_structural_schemas() {
     let crds = committed_crds();
@@ -1013,6 +1064,7 @@ fn everything() -> Value {
         ("monitoring.podMonitor.enabled", json!(true)),
         ("monitoring.serviceMonitor.enabled", json!(true)),
         ("monitoring.waypointPodMonitor.enabled", json!(true)),
+        ("istio.installCrds", json!(true)),
     ] {
         values = with(values, path, value);
     }

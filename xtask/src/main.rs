@@ -129,6 +129,12 @@ const CRDS_DIR: &str = "charts/trellis/crds";
 /// The API groups `mesh-node crds --group` renders (mesh_node::k8s::crds::GROUPS; xtask depends on
 /// no other crate, and the chart tests fail if the two lists ever differ).
 const CRD_GROUPS: [&str; 2] = ["security.trellis.dev", "traffic.trellis.dev"];
+/// The API groups whose CRDs the chart installs only on request (mesh_node::k8s::crds::
+/// OPTIONAL_GROUPS): a template each, `templates/crds-<group>.yaml`, wrapped in the value that
+/// asks for them, since Helm never templates `crds/`.
+const OPTIONAL_CRD_GROUPS: [(&str, &str); 1] = [("security.istio.io", "istio.installCrds")];
+/// Where the optional groups' templates live.
+const OPTIONAL_CRDS_DIR: &str = "charts/trellis/templates";
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -293,49 +299,74 @@ fn chart_check(root: &Path) -> Result<()> {
 /// runs through cargo rather than as a library call so that xtask keeps no dependency on the
 /// other crates.
 fn crds(root: &Path) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     for group in CRD_GROUPS {
-        let file = format!("{CRDS_DIR}/{group}.yaml");
-        let out = Command::new(&cargo)
-            .args([
-                "run",
-                "--quiet",
-                "--package",
-                "mesh-node",
-                "--bin",
-                "mesh-node",
-            ])
-            .args(["--", "crds", "--group", group])
-            .current_dir(root)
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .context("cannot start `cargo run --package mesh-node -- crds`")?;
-        if !out.status.success() {
-            bail!(
-                "`mesh-node crds --group {group}` failed ({}); its errors are above (does `cargo build --bins` work?)",
-                out.status
-            );
+        let yaml = render_crds(root, group)?;
+        write_crds(root, &format!("{CRDS_DIR}/{group}.yaml"), &yaml)?;
+    }
+    for (group, value) in OPTIONAL_CRD_GROUPS {
+        let yaml = render_crds(root, group)?;
+        // Helm would read `{{` in a description as a template action.
+        if yaml.contains("{{") {
+            bail!("the {group} CRDs contain `{{{{`, which Helm would template; reword the docs");
         }
-        let yaml =
-            String::from_utf8(out.stdout).context("`mesh-node crds` printed invalid UTF-8")?;
-        // An empty or truncated stream would otherwise replace the chart's CRDs silently.
-        if !yaml.contains("kind: CustomResourceDefinition") {
-            bail!("`mesh-node crds --group {group}` printed no CRDs; refusing to overwrite {file}");
-        }
-        let path = root.join(&file);
-        if std::fs::read_to_string(&path).is_ok_and(|old| old == yaml) {
-            println!("{file} is up to date");
-            continue;
-        }
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        std::fs::write(&path, &yaml).with_context(|| format!("writing {}", path.display()))?;
-        println!(
-            "wrote {file}; on a cluster that has them, apply it by hand (helm never upgrades \
-             crds/): kubectl apply -f {file}"
+        let template = format!(
+            "{{{{- /* Installed only with {value}=true (clusters with Istio already have them). */}}}}\n\
+             {{{{- if .Values.{value} }}}}\n{yaml}{{{{- end }}}}\n"
+        );
+        write_crds(
+            root,
+            &format!("{OPTIONAL_CRDS_DIR}/crds-{group}.yaml"),
+            &template,
+        )?;
+    }
+    Ok(())
+}
+
+/// What `mesh-node crds --group <group>` prints.
+fn render_crds(root: &Path, group: &str) -> Result<String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .args([
+            "run",
+            "--quiet",
+            "--package",
+            "mesh-node",
+            "--bin",
+            "mesh-node",
+        ])
+        .args(["--", "crds", "--group", group])
+        .current_dir(root)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot start `cargo run --package mesh-node -- crds`")?;
+    if !out.status.success() {
+        bail!(
+            "`mesh-node crds --group {group}` failed ({}); its errors are above (does `cargo build --bins` work?)",
+            out.status
         );
     }
+    let yaml = String::from_utf8(out.stdout).context("`mesh-node crds` printed invalid UTF-8")?;
+    // An empty or truncated stream would otherwise replace the chart's CRDs silently.
+    if !yaml.contains("kind: CustomResourceDefinition") {
+        bail!("`mesh-node crds --group {group}` printed no CRDs; refusing to overwrite them");
+    }
+    Ok(yaml)
+}
+
+fn write_crds(root: &Path, file: &str, yaml: &str) -> Result<()> {
+    let path = root.join(file);
+    if std::fs::read_to_string(&path).is_ok_and(|old| old == yaml) {
+        println!("{file} is up to date");
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "wrote {file}; on a cluster that has them, apply it by hand (helm never upgrades \
+         crds/): kubectl apply -f {file}"
+    );
     Ok(())
 }
 

@@ -29,7 +29,7 @@ use crate::{
         self as api, AgentMessage, Hello, Rejected, Update, agent_message,
         discovery_client::DiscoveryClient, resource,
     },
-    policy::{Policy, PolicyKind},
+    policy::{Policy, SecurityGroup},
     state::{NodeInfo, ResourceError, Service, Waypoint, Workload},
 };
 
@@ -147,7 +147,7 @@ fn convert(r: api::Resource, trust_domain: &str) -> Result<(String, Resource), R
             }))
         }
         Some(resource::Kind::Policy(p)) => {
-            let Some(kind) = PolicyKind::from_kind(&p.kind) else {
+            let Some((group, kind)) = SecurityGroup::parse_qualified(&p.kind) else {
                 return Err(Rejection {
                     key,
                     reason: format!(
@@ -164,12 +164,13 @@ fn convert(r: api::Resource, trust_domain: &str) -> Result<(String, Resource), R
                 generation: Some(p.generation),
                 ..ObjectMeta::default()
             };
-            let policy = Policy::compile(kind, &metadata, &spec).map_err(|e| Rejection {
-                key: key.clone(),
-                reason: format!("policy {e}"),
-            })?;
+            let policy =
+                Policy::compile_in(group, kind, &metadata, &spec).map_err(|e| Rejection {
+                    key: key.clone(),
+                    reason: format!("policy {e}"),
+                })?;
             let id = policy.id();
-            let expected = format!("policy/{kind}/{}/{}", id.namespace, id.name);
+            let expected = format!("policy/{}/{}/{}", p.kind, id.namespace, id.name);
             if key != expected {
                 return Err(mismatch(expected));
             }

@@ -6,8 +6,9 @@
 //! never count) is read in name order. YAML files may hold several documents separated by
 //! `---`; a `kind: List` document contributes its `items`. Each document is dispatched on
 //! `apiVersion`/`kind`; kinds the mesh does not read are ignored (Gateway API kinds are read at
-//! `gateway.networking.k8s.io/v1` only, TrafficPolicy at `traffic.trellis.dev/v1`, VirtualService and
-//! DestinationRule at `networking.istio.io` `v1`, `v1beta1` and `v1alpha3`). A malformed document is
+//! `gateway.networking.k8s.io/v1` only, TrafficPolicy at `traffic.trellis.dev/v1`, Istio's
+//! security kinds at `security.istio.io/v1` and `v1beta1`, VirtualService and DestinationRule
+//! at `networking.istio.io` `v1`, `v1beta1` and `v1alpha3`). A malformed document is
 //! rejected alone, with an error naming the file and the document's index; everything else is
 //! applied. Writers should replace files atomically (write a hidden temporary file, then
 //! rename it): a half-written file is read as whatever it holds at that instant.
@@ -28,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::objects::{ClusterObjects, Object, PolicyObject, RouteKind};
 use crate::k8s::GATEWAY_API_VERSION;
-use crate::policy::PolicyKind;
+use crate::policy::{PolicyKind, SecurityGroup};
 
 /// How often the directory is rescanned even without change events.
 pub const RESCAN_INTERVAL: Duration = Duration::from_secs(2);
@@ -254,13 +255,19 @@ fn apply_value(
         }
         // The spec stays untyped: one that does not convert is enforced fail closed, never
         // dropped here (see `policy::stored`).
-        (PolicyKind::API_VERSION, policy) => match PolicyKind::from_kind(policy) {
-            Some(kind) => Object::policy(
-                kind,
-                PolicyObject::from_manifest(kind, &value).map_err(typed)?,
-            ),
-            None => return ignore(&api_version, &kind),
-        },
+        (version, policy) if SecurityGroup::from_api_version(version).is_some() => {
+            match (
+                SecurityGroup::from_api_version(version),
+                PolicyKind::from_kind(policy),
+            ) {
+                (Some(group), Some(kind)) => Object::Policy(
+                    group,
+                    kind,
+                    PolicyObject::from_manifest(kind, &value).map_err(typed)?,
+                ),
+                _ => return ignore(&api_version, &kind),
+            }
+        }
         // Kept as written: the controller reads only the class, the waypoints the routes.
         (GATEWAY_API_VERSION, "Gateway") => {
             Object::Gateway(PolicyObject::untyped(&value).map_err(typed)?)

@@ -7,7 +7,8 @@
 //! yet would unenroll every pod for a moment. After that, changes are published at most
 //! every [`DEBOUNCE`], so a burst of events becomes one snapshot.
 //!
-//! The Gateway API kinds and TrafficPolicy are watched untyped ([`DynamicObject`]) and are
+//! The Gateway API kinds, TrafficPolicy and Istio's security kinds (`security.istio.io/v1`)
+//! are watched untyped ([`DynamicObject`]) and are
 //! [optional](Kind::optional): a cluster without their CRD answers their list with 404, which
 //! counts as "listed, none" (so it never holds the other kinds back) and is logged once; the
 //! watcher keeps retrying with its backoff, and objects flow in as soon as the CRD is
@@ -36,8 +37,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::objects::{ClusterObjects, Kind, Object, PolicyObject, RouteKind};
-use crate::k8s::GATEWAY_API_VERSION;
-use crate::policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
+use crate::k8s::{GATEWAY_API_VERSION, ISTIO_SECURITY_API_VERSION};
+use crate::policy::{
+    AuthorizationPolicy, PeerAuthentication, PolicyKind, RequestAuthentication, SecurityGroup,
+};
 
 /// Changes are gathered this long before a snapshot is published.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -66,11 +69,37 @@ fn watch_untyped(
     plural: &str,
     wrap: fn(PolicyObject) -> Object,
 ) -> BoxStream<'static, KindEvent> {
+    watch_resource(client, kind, kind.as_str(), api_version, plural, wrap)
+}
+
+/// Watches an Istio security kind at the version the API server stores and converts to
+/// (`v1`, served by every Istio since 1.22 beside `v1beta1`, with the same schema).
+fn watch_istio(
+    client: &Client,
+    kind: PolicyKind,
+    wrap: fn(PolicyObject) -> Object,
+) -> BoxStream<'static, KindEvent> {
+    watch_resource(
+        client,
+        Kind::Policy(SecurityGroup::Istio, kind),
+        kind.as_str(),
+        ISTIO_SECURITY_API_VERSION,
+        kind.plural(),
+        wrap,
+    )
+}
+
+fn watch_resource(
+    client: &Client,
+    kind: Kind,
+    api_kind: &str,
+    api_version: &str,
+    plural: &str,
+    wrap: fn(PolicyObject) -> Object,
+) -> BoxStream<'static, KindEvent> {
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-    let resource = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk(group, version, kind.as_str()),
-        plural,
-    );
+    let resource =
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, api_kind), plural);
     let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
     watcher::watcher(api, watcher::Config::default())
         .default_backoff()
@@ -128,20 +157,29 @@ pub async fn run(
         // ever runs without the policies it should enforce.
         watch_kind(
             &client,
-            Kind::AuthorizationPolicy,
-            |o: AuthorizationPolicy| Object::AuthorizationPolicy(o.into()),
+            Kind::Policy(SecurityGroup::Trellis, PolicyKind::Authorization),
+            |o: AuthorizationPolicy| Object::policy(PolicyKind::Authorization, o.into()),
         ),
         watch_kind(
             &client,
-            Kind::PeerAuthentication,
-            |o: PeerAuthentication| Object::PeerAuthentication(o.into()),
+            Kind::Policy(SecurityGroup::Trellis, PolicyKind::PeerAuthentication),
+            |o: PeerAuthentication| Object::policy(PolicyKind::PeerAuthentication, o.into()),
         ),
         watch_kind(
             &client,
-            Kind::RequestAuthentication,
-            |o: RequestAuthentication| Object::RequestAuthentication(o.into()),
+            Kind::Policy(SecurityGroup::Trellis, PolicyKind::RequestAuthentication),
+            |o: RequestAuthentication| Object::policy(PolicyKind::RequestAuthentication, o.into()),
         ),
         // Optional (see the module docs).
+        watch_istio(&client, PolicyKind::Authorization, |o| {
+            Object::Policy(SecurityGroup::Istio, PolicyKind::Authorization, o)
+        }),
+        watch_istio(&client, PolicyKind::PeerAuthentication, |o| {
+            Object::Policy(SecurityGroup::Istio, PolicyKind::PeerAuthentication, o)
+        }),
+        watch_istio(&client, PolicyKind::RequestAuthentication, |o| {
+            Object::Policy(SecurityGroup::Istio, PolicyKind::RequestAuthentication, o)
+        }),
         watch_untyped(
             &client,
             Kind::Gateway,

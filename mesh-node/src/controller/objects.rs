@@ -23,7 +23,9 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
-use crate::policy::{AuthorizationPolicy, PeerAuthentication, PolicyKind, RequestAuthentication};
+use crate::policy::{
+    AuthorizationPolicy, PeerAuthentication, PolicyKind, RequestAuthentication, SecurityGroup,
+};
 
 mod kind;
 mod strip;
@@ -126,21 +128,16 @@ pub enum Object {
     Service(Service),
     EndpointSlice(EndpointSlice),
     Node(Node),
-    AuthorizationPolicy(PolicyObject),
-    PeerAuthentication(PolicyObject),
-    RequestAuthentication(PolicyObject),
+    /// A policy of either group (see [`SecurityGroup`]).
+    Policy(SecurityGroup, PolicyKind, PolicyObject),
     Gateway(PolicyObject),
     Route(RouteKind, PolicyObject),
 }
 
 impl Object {
-    /// A policy of `kind`.
+    /// A `security.trellis.dev` policy of `kind`.
     pub fn policy(kind: PolicyKind, object: PolicyObject) -> Self {
-        match kind {
-            PolicyKind::Authorization => Object::AuthorizationPolicy(object),
-            PolicyKind::PeerAuthentication => Object::PeerAuthentication(object),
-            PolicyKind::RequestAuthentication => Object::RequestAuthentication(object),
-        }
+        Object::Policy(SecurityGroup::Trellis, kind, object)
     }
 
     pub fn kind(&self) -> Kind {
@@ -150,9 +147,7 @@ impl Object {
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::Node(_) => Kind::Node,
-            Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
-            Object::PeerAuthentication(_) => Kind::PeerAuthentication,
-            Object::RequestAuthentication(_) => Kind::RequestAuthentication,
+            Object::Policy(group, kind, _) => Kind::Policy(*group, *kind),
             Object::Gateway(_) => Kind::Gateway,
             Object::Route(kind, _) => kind.kind(),
         }
@@ -165,11 +160,7 @@ impl Object {
             Object::Service(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
             Object::Node(o) => &o.metadata,
-            Object::AuthorizationPolicy(o)
-            | Object::PeerAuthentication(o)
-            | Object::RequestAuthentication(o)
-            | Object::Gateway(o)
-            | Object::Route(_, o) => &o.metadata,
+            Object::Policy(_, _, o) | Object::Gateway(o) | Object::Route(_, o) => &o.metadata,
         }
     }
 
@@ -180,11 +171,7 @@ impl Object {
             Object::Service(o) => &mut o.metadata,
             Object::EndpointSlice(o) => &mut o.metadata,
             Object::Node(o) => &mut o.metadata,
-            Object::AuthorizationPolicy(o)
-            | Object::PeerAuthentication(o)
-            | Object::RequestAuthentication(o)
-            | Object::Gateway(o)
-            | Object::Route(_, o) => &mut o.metadata,
+            Object::Policy(_, _, o) | Object::Gateway(o) | Object::Route(_, o) => &mut o.metadata,
         }
     }
 
@@ -224,15 +211,15 @@ pub struct ClusterObjects {
     pub services: BTreeMap<String, Arc<Service>>,
     pub endpoint_slices: BTreeMap<String, Arc<EndpointSlice>>,
     pub nodes: BTreeMap<String, Arc<Node>>,
-    pub authorization_policies: BTreeMap<String, Arc<PolicyObject>>,
-    pub peer_authentications: BTreeMap<String, Arc<PolicyObject>>,
+    /// Policies by group and kind, then by `namespace/name`: an Istio and a Trellis policy of
+    /// the same name are two objects, both enforced.
+    pub policies: BTreeMap<(SecurityGroup, PolicyKind), BTreeMap<String, Arc<PolicyObject>>>,
     pub gateways: BTreeMap<String, Arc<PolicyObject>>,
     pub http_routes: BTreeMap<String, Arc<PolicyObject>>,
     pub grpc_routes: BTreeMap<String, Arc<PolicyObject>>,
     pub traffic_policies: BTreeMap<String, Arc<PolicyObject>>,
     pub virtual_services: BTreeMap<String, Arc<PolicyObject>>,
     pub destination_rules: BTreeMap<String, Arc<PolicyObject>>,
-    pub request_authentications: BTreeMap<String, Arc<PolicyObject>>,
 }
 
 /// An object that cannot be stored.
@@ -243,13 +230,19 @@ pub struct MissingName {
 }
 
 impl ClusterObjects {
-    /// The policies of `kind`, by `namespace/name`.
+    /// The `security.trellis.dev` policies of `kind`, by `namespace/name`.
     pub fn policies(&self, kind: PolicyKind) -> &BTreeMap<String, Arc<PolicyObject>> {
-        match kind {
-            PolicyKind::Authorization => &self.authorization_policies,
-            PolicyKind::PeerAuthentication => &self.peer_authentications,
-            PolicyKind::RequestAuthentication => &self.request_authentications,
-        }
+        self.policies_in(SecurityGroup::Trellis, kind)
+    }
+
+    /// The policies of `kind` in `group`, by `namespace/name`.
+    pub fn policies_in(
+        &self,
+        group: SecurityGroup,
+        kind: PolicyKind,
+    ) -> &BTreeMap<String, Arc<PolicyObject>> {
+        static NONE: BTreeMap<String, Arc<PolicyObject>> = BTreeMap::new();
+        self.policies.get(&(group, kind)).unwrap_or(&NONE)
     }
 
     /// The routing objects of `kind`, by `namespace/name`.
@@ -285,15 +278,10 @@ impl ClusterObjects {
             Object::Service(o) => self.services.insert(key, Arc::new(o)).is_some(),
             Object::EndpointSlice(o) => self.endpoint_slices.insert(key, Arc::new(o)).is_some(),
             Object::Node(o) => self.nodes.insert(key, Arc::new(o)).is_some(),
-            Object::AuthorizationPolicy(o) => self
-                .authorization_policies
-                .insert(key, Arc::new(o))
-                .is_some(),
-            Object::PeerAuthentication(o) => {
-                self.peer_authentications.insert(key, Arc::new(o)).is_some()
-            }
-            Object::RequestAuthentication(o) => self
-                .request_authentications
+            Object::Policy(group, kind, o) => self
+                .policies
+                .entry((group, kind))
+                .or_default()
                 .insert(key, Arc::new(o))
                 .is_some(),
             Object::Gateway(o) => self.gateways.insert(key, Arc::new(o)).is_some(),
@@ -317,9 +305,17 @@ impl ClusterObjects {
             Kind::Service => self.services.remove(key).is_some(),
             Kind::EndpointSlice => self.endpoint_slices.remove(key).is_some(),
             Kind::Node => self.nodes.remove(key).is_some(),
-            Kind::AuthorizationPolicy => self.authorization_policies.remove(key).is_some(),
-            Kind::PeerAuthentication => self.peer_authentications.remove(key).is_some(),
-            Kind::RequestAuthentication => self.request_authentications.remove(key).is_some(),
+            Kind::Policy(group, kind) => {
+                let Some(policies) = self.policies.get_mut(&(group, kind)) else {
+                    return;
+                };
+                policies.remove(key);
+                // No empty entries, so equal contents compare equal however they came about.
+                if policies.is_empty() {
+                    self.policies.remove(&(group, kind));
+                }
+                true
+            }
             Kind::Gateway => self.gateways.remove(key).is_some(),
             Kind::HttpRoute => self.http_routes.remove(key).is_some(),
             Kind::GrpcRoute => self.grpc_routes.remove(key).is_some(),
@@ -339,15 +335,14 @@ impl ClusterObjects {
                 self.endpoint_slices = std::mem::take(&mut from.endpoint_slices);
             }
             Kind::Node => self.nodes = std::mem::take(&mut from.nodes),
-            Kind::AuthorizationPolicy => {
-                self.authorization_policies = std::mem::take(&mut from.authorization_policies);
-            }
-            Kind::PeerAuthentication => {
-                self.peer_authentications = std::mem::take(&mut from.peer_authentications);
-            }
-            Kind::RequestAuthentication => {
-                self.request_authentications = std::mem::take(&mut from.request_authentications);
-            }
+            Kind::Policy(group, kind) => match from.policies.remove(&(group, kind)) {
+                Some(listed) if !listed.is_empty() => {
+                    self.policies.insert((group, kind), listed);
+                }
+                _ => {
+                    self.policies.remove(&(group, kind));
+                }
+            },
             Kind::Gateway => self.gateways = std::mem::take(&mut from.gateways),
             Kind::HttpRoute => self.http_routes = std::mem::take(&mut from.http_routes),
             Kind::GrpcRoute => self.grpc_routes = std::mem::take(&mut from.grpc_routes),
@@ -371,9 +366,7 @@ impl ClusterObjects {
             Kind::Service => self.services.len(),
             Kind::EndpointSlice => self.endpoint_slices.len(),
             Kind::Node => self.nodes.len(),
-            Kind::AuthorizationPolicy => self.authorization_policies.len(),
-            Kind::PeerAuthentication => self.peer_authentications.len(),
-            Kind::RequestAuthentication => self.request_authentications.len(),
+            Kind::Policy(group, kind) => self.policies_in(group, kind).len(),
             Kind::Gateway => self.gateways.len(),
             Kind::HttpRoute => self.http_routes.len(),
             Kind::GrpcRoute => self.grpc_routes.len(),

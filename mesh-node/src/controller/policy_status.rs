@@ -1,4 +1,5 @@
-//! Reports the `Accepted` condition of each policy (`security.trellis.dev`) and TrafficPolicy
+//! Reports the `Accepted` condition of each policy (`security.trellis.dev` and
+//! `security.istio.io`, each written to the object in its own group) and TrafficPolicy
 //! (`traffic.trellis.dev`): in the controller's log (both sources) and, with the Kubernetes
 //! source, in the object's `status` (server-side apply on the status subresource, field
 //! manager [`FIELD_MANAGER`]). Both kinds of status are one `conditions` list holding one
@@ -20,7 +21,7 @@ use std::{
 
 use kube::{
     Api, Client, Resource,
-    api::{Patch, PatchParams},
+    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
     core::{NamespaceResourceScope, object::HasStatus},
 };
 use serde::de::DeserializeOwned;
@@ -34,6 +35,7 @@ use crate::{
     l7::resilience::TrafficPolicy,
     policy::{
         AuthorizationPolicy, PeerAuthentication, PolicyId, PolicyKind, RequestAuthentication,
+        SecurityGroup,
         status::{Condition, rfc3339, set_condition},
     },
 };
@@ -44,7 +46,7 @@ pub(super) const RETRY: Duration = Duration::from_secs(10);
 /// A kind whose status is one `Accepted` condition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Subject {
-    Policy(PolicyKind),
+    Policy(SecurityGroup, PolicyKind),
     TrafficPolicy,
     /// `networking.istio.io` VirtualService or DestinationRule, by kind name.
     Istio(&'static str),
@@ -53,7 +55,7 @@ pub enum Subject {
 impl Subject {
     pub const fn api_version(self) -> &'static str {
         match self {
-            Self::Policy(_) => PolicyKind::API_VERSION,
+            Self::Policy(group, _) => group.api_version(),
             Self::TrafficPolicy => TRAFFIC_API_VERSION,
             Self::Istio(_) => ISTIO_NETWORKING_API_VERSION,
         }
@@ -61,7 +63,7 @@ impl Subject {
 
     pub const fn kind(self) -> &'static str {
         match self {
-            Self::Policy(kind) => kind.as_str(),
+            Self::Policy(_, kind) => kind.as_str(),
             Self::TrafficPolicy => "TrafficPolicy",
             Self::Istio(kind) => kind,
         }
@@ -70,7 +72,10 @@ impl Subject {
 
 impl std::fmt::Display for Subject {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.kind())
+        match self {
+            Self::Policy(group, kind) => f.write_str(group.qualified(*kind)),
+            Self::TrafficPolicy | Self::Istio(_) => f.write_str(self.kind()),
+        }
     }
 }
 
@@ -81,7 +86,7 @@ fn conditions(translation: &Translation) -> BTreeMap<Key, &Condition> {
     let policies = translation
         .policy_status
         .iter()
-        .map(|((kind, id), c)| ((Subject::Policy(*kind), id.clone()), c));
+        .map(|((group, kind, id), c)| ((Subject::Policy(*group, *kind), id.clone()), c));
     let traffic = translation
         .traffic_policy_status
         .iter()
@@ -185,7 +190,7 @@ fn log(key: &Key, condition: &Condition) {
         tracing::info!(%kind, %policy, generation = ?condition.observed_generation, "policy accepted");
     } else {
         let what = match kind {
-            Subject::Policy(_) => "policy not enforced exactly as written",
+            Subject::Policy(..) => "policy not enforced exactly as written",
             Subject::TrafficPolicy => "traffic policy not applied as written",
             Subject::Istio(_) => "Istio object not applied (traffic keeps its previous routing)",
         };
@@ -203,21 +208,23 @@ fn log(key: &Key, condition: &Condition) {
 async fn live_condition(client: &Client, key: &Key) -> Result<Option<Condition>, kube::Error> {
     let (kind, id) = key;
     let status = match kind {
-        Subject::Policy(PolicyKind::Authorization) => {
+        Subject::Policy(SecurityGroup::Trellis, PolicyKind::Authorization) => {
             read_status::<AuthorizationPolicy>(client, id).await
         }
-        Subject::Policy(PolicyKind::PeerAuthentication) => {
+        Subject::Policy(SecurityGroup::Trellis, PolicyKind::PeerAuthentication) => {
             read_status::<PeerAuthentication>(client, id).await
         }
-        Subject::Policy(PolicyKind::RequestAuthentication) => {
+        Subject::Policy(SecurityGroup::Trellis, PolicyKind::RequestAuthentication) => {
             read_status::<RequestAuthentication>(client, id).await
         }
         Subject::TrafficPolicy => read_status::<TrafficPolicy>(client, id).await,
-        Subject::Istio(kind) => istio_api(client, id, kind).get(&id.name).await.map(|o| {
-            o.data
-                .get("status")
-                .and_then(|s| serde_json::from_value::<PolicyStatus>(s.clone()).ok())
-        }),
+        Subject::Policy(SecurityGroup::Istio, _) | Subject::Istio(_) => {
+            untyped_api(client, *kind, id).get(&id.name).await.map(|o| {
+                o.data
+                    .get("status")
+                    .and_then(|s| serde_json::from_value::<PolicyStatus>(s.clone()).ok())
+            })
+        }
     };
     match status {
         Ok(status) => {
@@ -254,17 +261,24 @@ async fn write(client: &Client, key: &Key, condition: &Condition) -> Result<(), 
     });
     let params = PatchParams::apply(FIELD_MANAGER).force();
     match kind {
-        Subject::Policy(PolicyKind::Authorization) => {
+        // Istio's kinds have no types of their own here (the security kinds are the twins'):
+        // untyped.
+        Subject::Policy(SecurityGroup::Istio, _) | Subject::Istio(_) => {
+            untyped_api(client, *kind, id)
+                .patch_status(&id.name, &params, &Patch::Apply(&patch))
+                .await?;
+        }
+        Subject::Policy(SecurityGroup::Trellis, PolicyKind::Authorization) => {
             Api::<AuthorizationPolicy>::namespaced(client.clone(), &id.namespace)
                 .patch_status(&id.name, &params, &Patch::Apply(&patch))
                 .await?;
         }
-        Subject::Policy(PolicyKind::PeerAuthentication) => {
+        Subject::Policy(SecurityGroup::Trellis, PolicyKind::PeerAuthentication) => {
             Api::<PeerAuthentication>::namespaced(client.clone(), &id.namespace)
                 .patch_status(&id.name, &params, &Patch::Apply(&patch))
                 .await?;
         }
-        Subject::Policy(PolicyKind::RequestAuthentication) => {
+        Subject::Policy(SecurityGroup::Trellis, PolicyKind::RequestAuthentication) => {
             Api::<RequestAuthentication>::namespaced(client.clone(), &id.namespace)
                 .patch_status(&id.name, &params, &Patch::Apply(&patch))
                 .await?;
@@ -274,29 +288,22 @@ async fn write(client: &Client, key: &Key, condition: &Condition) -> Result<(), 
                 .patch_status(&id.name, &params, &Patch::Apply(&patch))
                 .await?;
         }
-        Subject::Istio(kind) => {
-            istio_api(client, id, kind)
-                .patch_status(&id.name, &params, &Patch::Apply(&patch))
-                .await?;
-        }
     }
     Ok(())
 }
 
-/// The API of an Istio networking kind (VirtualService, DestinationRule) in `id`'s namespace,
-/// at the version the controller writes status at.
-fn istio_api(client: &Client, id: &PolicyId, kind: &str) -> Api<kube::api::DynamicObject> {
-    let plural = if kind == crate::l7::istio::VIRTUAL_SERVICE {
-        "virtualservices"
-    } else {
-        "destinationrules"
+/// The API of an Istio kind in `id`'s namespace, at the version the controller writes status
+/// at (Trellis has no typed client for them).
+fn untyped_api(client: &Client, kind: Subject, id: &PolicyId) -> Api<DynamicObject> {
+    let plural = match kind {
+        Subject::Policy(_, policy_kind) => policy_kind.plural(),
+        Subject::TrafficPolicy => "trafficpolicies",
+        Subject::Istio(name) if name == crate::l7::istio::VIRTUAL_SERVICE => "virtualservices",
+        Subject::Istio(_) => "destinationrules",
     };
-    let resource = kube::api::ApiResource::from_gvk_with_plural(
-        &kube::api::GroupVersionKind::gvk(
-            crate::k8s::ISTIO_NETWORKING_GROUP,
-            crate::k8s::ISTIO_NETWORKING_VERSIONS[0],
-            kind,
-        ),
+    let (group, version) = kind.api_version().split_once('/').unwrap_or_default();
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(group, version, kind.kind()),
         plural,
     );
     Api::namespaced_with(client.clone(), &id.namespace, &resource)

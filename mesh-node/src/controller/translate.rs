@@ -28,13 +28,13 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use super::objects::{ClusterObjects, RouteKind};
+use super::objects::{ClusterObjects, PolicyObject, RouteKind};
 use crate::{
     api::v1 as api,
     identity::Identity,
     k8s::{MESH_ENABLED, MESH_LABEL, ZONE_LABEL},
     l7::route::{ParentStatus, RouteId},
-    policy::{Policy, PolicyId, PolicyKind, status::Condition},
+    policy::{Policy, PolicyId, PolicyKind, SecurityGroup, status::Condition},
 };
 
 mod l7;
@@ -87,8 +87,9 @@ pub struct Translation {
     /// `(namespace, service account)` of every waypoint with running pods: the workload
     /// callers that may obtain their own certificate and stream as a waypoint.
     pub waypoint_accounts: BTreeSet<(String, String)>,
-    /// The `Accepted` condition of every policy, as the agents will enforce it.
-    pub policy_status: BTreeMap<(PolicyKind, PolicyId), Condition>,
+    /// The `Accepted` condition of every policy, by group and kind, as the agents will
+    /// enforce it.
+    pub policy_status: BTreeMap<(SecurityGroup, PolicyKind, PolicyId), Condition>,
     /// The `Accepted` condition of every TrafficPolicy, as the waypoints will apply it.
     pub traffic_policy_status: BTreeMap<PolicyId, Condition>,
     /// The `status.parents` entries of every HTTPRoute and GRPCRoute for the parents the
@@ -126,8 +127,10 @@ pub fn service_key(namespace: &str, name: &str) -> String {
 pub fn node_key(name: &str) -> String {
     format!("node/{name}")
 }
-pub fn policy_key(kind: PolicyKind, namespace: &str, name: &str) -> String {
-    format!("policy/{kind}/{namespace}/{name}")
+/// `policy/<kind>/<ns>/<name>`, the kind qualified by its group outside Trellis's own
+/// ([`SecurityGroup::qualified`]).
+pub fn policy_key(group: SecurityGroup, kind: PolicyKind, namespace: &str, name: &str) -> String {
+    format!("policy/{}/{namespace}/{name}", group.qualified(kind))
 }
 pub fn route_key(kind: RouteKind, namespace: &str, name: &str) -> String {
     format!("{ROUTE_PREFIX}{kind}/{namespace}/{name}")
@@ -205,33 +208,47 @@ fn translate_routes(objects: &ClusterObjects, out: &mut Translation) {
 /// alike, each of which reads the kinds it enforces; converting them here only yields the
 /// status each object reports, which is exactly what the nodes and waypoints will enforce.
 fn translate_policies(objects: &ClusterObjects, out: &mut Translation) {
-    for kind in PolicyKind::ALL {
-        for object in objects.policies(kind).values() {
-            let policy = match Policy::compile(kind, &object.metadata, &object.spec) {
-                Ok(policy) => policy,
-                Err(e) => {
-                    reject(out, format!("{kind} (unnamed)"), e.to_string());
-                    continue;
-                }
-            };
-            let id = policy.id().clone();
-            let resource = api::Policy {
-                kind: kind.as_str().to_owned(),
-                namespace: id.namespace.clone(),
-                name: id.name.clone(),
-                generation: object.metadata.generation.unwrap_or_default(),
-                spec_json: object.spec.to_string(),
-            };
-            out.resources.insert(
-                policy_key(kind, &id.namespace, &id.name),
-                api::Resource {
-                    key: policy_key(kind, &id.namespace, &id.name),
-                    kind: Some(api::resource::Kind::Policy(resource)),
-                },
-            );
-            out.policy_status.insert((kind, id), policy.condition());
+    for group in SecurityGroup::ALL {
+        for kind in PolicyKind::ALL {
+            for object in objects.policies_in(group, kind).values() {
+                translate_policy(group, kind, object, out);
+            }
         }
     }
+}
+
+fn translate_policy(
+    group: SecurityGroup,
+    kind: PolicyKind,
+    object: &PolicyObject,
+    out: &mut Translation,
+) {
+    let qualified = group.qualified(kind);
+    let policy = match Policy::compile_in(group, kind, &object.metadata, &object.spec) {
+        Ok(policy) => policy,
+        Err(e) => {
+            reject(out, format!("{qualified} (unnamed)"), e.to_string());
+            return;
+        }
+    };
+    let id = policy.id().clone();
+    let resource = api::Policy {
+        kind: qualified.to_owned(),
+        namespace: id.namespace.clone(),
+        name: id.name.clone(),
+        generation: object.metadata.generation.unwrap_or_default(),
+        spec_json: object.spec.to_string(),
+    };
+    let key = policy_key(group, kind, &id.namespace, &id.name);
+    out.resources.insert(
+        key.clone(),
+        api::Resource {
+            key,
+            kind: Some(api::resource::Kind::Policy(resource)),
+        },
+    );
+    out.policy_status
+        .insert((group, kind, id), policy.condition());
 }
 
 fn reject(out: &mut Translation, object: String, reason: String) {

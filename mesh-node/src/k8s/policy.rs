@@ -157,6 +157,17 @@ pub struct Source {
     pub request_principals: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_request_principals: Vec<String>,
+    /// Service accounts of verified sources, `<namespace>/<service-account>` (any trust
+    /// domain; narrow with `trustDomains`). Literal names only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_service_accounts: Vec<String>,
+    /// Trust domains of verified sources (the first part of their SPIFFE IDs), literal.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust_domains: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_trust_domains: Vec<String>,
     /// Client addresses from `X-Forwarded-For` (recognised; not supported: they fail closed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remote_ip_blocks: Vec<String>,

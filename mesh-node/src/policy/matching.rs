@@ -8,8 +8,9 @@
 //! only when it surely matches ([`AuthzPolicy::matching_rule`]). So whatever the unknown value
 //! really is, the verdict is never more permissive than the one for its true value.
 //!
-//! **Plaintext sources** have no principal and no namespace: `principals` and `namespaces`
-//! conditions do not match them, their `not` forms do (as in Istio).
+//! **Plaintext sources** have no principal and no namespace: `principals`, `namespaces`,
+//! `serviceAccounts` and `trustDomains` conditions do not match them, their `not` forms do
+//! (as in Istio).
 //!
 //! **Request facts.** At a waypoint a decision also sees the request
 //! ([`RequestFacts`]); HTTP and JWT conditions are then true or false (their forms are
@@ -24,7 +25,8 @@ use super::{
     facts::{Flow, RequestFacts},
     model::{
         Action, AuthzPolicy, HttpMatch, IpBlock, NamespaceMatch, OperationMatch, PrincipalMatch,
-        Rule, SourceMatch, StringMatch, WhenKey, WhenMatch, WhenValue,
+        Rule, ServiceAccountMatch, SourceMatch, StringMatch, TrustDomainMatch, WhenKey, WhenMatch,
+        WhenValue,
     },
 };
 use crate::identity::Identity;
@@ -131,6 +133,31 @@ fn namespaces(list: &[NamespaceMatch], source: Option<&Identity>) -> Truth {
     })
 }
 
+fn service_accounts(list: &[ServiceAccountMatch], source: Option<&Identity>) -> Truth {
+    let Some(id) = source else {
+        return Truth::No;
+    };
+    Truth::any(list, |m| match m {
+        ServiceAccountMatch::Exact {
+            namespace,
+            service_account,
+        } => {
+            Truth::from_bool(namespace == id.namespace() && service_account == id.service_account())
+        }
+        ServiceAccountMatch::Unsupported => Truth::Unknown,
+    })
+}
+
+fn trust_domains(list: &[TrustDomainMatch], source: Option<&Identity>) -> Truth {
+    let Some(id) = source else {
+        return Truth::No;
+    };
+    Truth::any(list, |m| match m {
+        TrustDomainMatch::Exact(td) => Truth::from_bool(td == id.trust_domain()),
+        TrustDomainMatch::Unsupported => Truth::Unknown,
+    })
+}
+
 fn ip_blocks(list: &[IpBlock], ip: Option<IpAddr>) -> Truth {
     match ip {
         Some(ip) => Truth::from_bool(list.iter().any(|b| b.contains(ip))),
@@ -165,6 +192,22 @@ impl SourceMatch {
                 Condition::Namespaces(&self.not_namespaces, true),
             ),
             (
+                !self.service_accounts.is_empty(),
+                Condition::ServiceAccounts(&self.service_accounts, false),
+            ),
+            (
+                !self.not_service_accounts.is_empty(),
+                Condition::ServiceAccounts(&self.not_service_accounts, true),
+            ),
+            (
+                !self.trust_domains.is_empty(),
+                Condition::TrustDomains(&self.trust_domains, false),
+            ),
+            (
+                !self.not_trust_domains.is_empty(),
+                Condition::TrustDomains(&self.not_trust_domains, true),
+            ),
+            (
                 !self.ip_blocks.is_empty(),
                 Condition::IpBlocks(&self.ip_blocks, false),
             ),
@@ -189,6 +232,8 @@ impl SourceMatch {
             let (value, negated) = match condition {
                 Condition::Principals(list, neg) => (principals(list, source), neg),
                 Condition::Namespaces(list, neg) => (namespaces(list, source), neg),
+                Condition::ServiceAccounts(list, neg) => (service_accounts(list, source), neg),
+                Condition::TrustDomains(list, neg) => (trust_domains(list, source), neg),
                 Condition::IpBlocks(list, neg) => (ip_blocks(list, flow.source_ip), neg),
                 Condition::RequestPrincipals(list, neg) => {
                     (request_principals(list, false, request), neg)
@@ -206,6 +251,8 @@ impl SourceMatch {
 enum Condition<'a> {
     Principals(&'a [PrincipalMatch], bool),
     Namespaces(&'a [NamespaceMatch], bool),
+    ServiceAccounts(&'a [ServiceAccountMatch], bool),
+    TrustDomains(&'a [TrustDomainMatch], bool),
     IpBlocks(&'a [IpBlock], bool),
     RequestPrincipals(&'a [StringMatch], bool),
 }

@@ -45,4 +45,4 @@ pub use binding::{Binding, MAX_TARGET_REFS, TargetRef};
 pub use conversion::{Enforcement, PolicyError, PolicyId, StandIn, Unsupported, Why};
 pub(crate) use conversion::{identify, metadata, reject_extra, selector};
 pub use peer::{MtlsMode, PeerPolicy};
-pub use source::{IpBlock, NamespaceMatch, PrincipalMatch};
+pub use source::{IpBlock, NamespaceMatch, PrincipalMatch, ServiceAccountMatch, TrustDomainMatch};

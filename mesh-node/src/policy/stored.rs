@@ -10,6 +10,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::{
+    istio,
     jwt::JwtPolicy,
     model::{AuthzPolicy, PeerPolicy, PolicyError, PolicyId, identify},
     status::{self, Condition},
@@ -19,7 +20,7 @@ use crate::k8s::policy::{
     RequestAuthentication, RequestAuthenticationSpec,
 };
 
-/// The policy kinds of `security.trellis.dev/v1`.
+/// The policy kinds, the same in both groups ([`SecurityGroup`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PolicyKind {
     Authorization,
@@ -47,6 +48,15 @@ impl PolicyKind {
         }
     }
 
+    /// The resource name in API paths (the same in both groups).
+    pub const fn plural(self) -> &'static str {
+        match self {
+            Self::Authorization => "authorizationpolicies",
+            Self::PeerAuthentication => "peerauthentications",
+            Self::RequestAuthentication => "requestauthentications",
+        }
+    }
+
     pub fn from_kind(kind: &str) -> Option<Self> {
         match kind {
             "AuthorizationPolicy" => Some(Self::Authorization),
@@ -63,6 +73,77 @@ impl std::fmt::Display for PolicyKind {
     }
 }
 
+/// The API group a policy object is written in. Both groups' kinds have the same fields and
+/// compile into the same model ([`Policy::compile_in`]); the group decides where the object's
+/// status is written, how it is named on the wire, and which Trellis additions it may use
+/// ([`super::istio`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SecurityGroup {
+    /// `security.trellis.dev`.
+    Trellis,
+    /// `security.istio.io`, read unchanged.
+    Istio,
+}
+
+impl SecurityGroup {
+    pub const ALL: [Self; 2] = [Self::Trellis, Self::Istio];
+
+    pub const fn group(self) -> &'static str {
+        match self {
+            Self::Trellis => crate::k8s::SECURITY_GROUP,
+            Self::Istio => crate::k8s::ISTIO_SECURITY_GROUP,
+        }
+    }
+
+    /// The version watched and written to.
+    pub const fn api_version(self) -> &'static str {
+        match self {
+            Self::Trellis => crate::k8s::SECURITY_API_VERSION,
+            Self::Istio => crate::k8s::ISTIO_SECURITY_API_VERSION,
+        }
+    }
+
+    /// The group of a manifest's `apiVersion`, if it is one of the versions read.
+    pub fn from_api_version(api_version: &str) -> Option<Self> {
+        if api_version == crate::k8s::SECURITY_API_VERSION {
+            Some(Self::Trellis)
+        } else if crate::k8s::ISTIO_SECURITY_API_VERSIONS.contains(&api_version) {
+            Some(Self::Istio)
+        } else {
+            None
+        }
+    }
+
+    /// The kind as the control plane names it (resource keys, the wire, logs): `kind` for
+    /// Trellis's group, `kind.group` (as `kubectl` spells it) for the others.
+    pub const fn qualified(self, kind: PolicyKind) -> &'static str {
+        match (self, kind) {
+            (Self::Trellis, kind) => kind.as_str(),
+            (Self::Istio, PolicyKind::Authorization) => "AuthorizationPolicy.security.istio.io",
+            (Self::Istio, PolicyKind::PeerAuthentication) => "PeerAuthentication.security.istio.io",
+            (Self::Istio, PolicyKind::RequestAuthentication) => {
+                "RequestAuthentication.security.istio.io"
+            }
+        }
+    }
+
+    /// The inverse of [`SecurityGroup::qualified`].
+    pub fn parse_qualified(name: &str) -> Option<(Self, PolicyKind)> {
+        Self::ALL.into_iter().find_map(|group| {
+            PolicyKind::ALL
+                .into_iter()
+                .find(|kind| group.qualified(*kind) == name)
+                .map(|kind| (group, kind))
+        })
+    }
+}
+
+impl std::fmt::Display for SecurityGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.group())
+    }
+}
+
 /// A converted policy of any kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Policy {
@@ -72,9 +153,21 @@ pub enum Policy {
 }
 
 impl Policy {
-    /// Converts a stored object. A spec that does not deserialise becomes the kind's
-    /// strictest stand-in; only an object without namespace or name is an error.
+    /// Converts a stored `security.trellis.dev` object. A spec that does not deserialise
+    /// becomes the kind's strictest stand-in; only an object without namespace or name is an
+    /// error.
     pub fn compile(
+        kind: PolicyKind,
+        metadata: &ObjectMeta,
+        spec: &serde_json::Value,
+    ) -> Result<Self, PolicyError> {
+        Self::compile_in(SecurityGroup::Trellis, kind, metadata, spec)
+    }
+
+    /// Converts a stored object of either group: the one compile path, with the group's
+    /// differences applied to the typed spec first ([`super::istio`]).
+    pub fn compile_in(
+        group: SecurityGroup,
         kind: PolicyKind,
         metadata: &ObjectMeta,
         spec: &serde_json::Value,
@@ -86,14 +179,20 @@ impl Policy {
         } else {
             spec
         };
+        let istio = group == SecurityGroup::Istio;
         Ok(match kind {
             PolicyKind::Authorization => Self::Authorization(
                 match serde_json::from_value::<AuthorizationPolicySpec>(spec.clone()) {
-                    Ok(spec) => AuthzPolicy::compile(&AuthorizationPolicy {
-                        metadata: metadata.clone(),
-                        spec,
-                        status: None,
-                    })?,
+                    Ok(mut spec) => {
+                        if istio {
+                            istio::authorization(&mut spec);
+                        }
+                        AuthzPolicy::compile(&AuthorizationPolicy {
+                            metadata: metadata.clone(),
+                            spec,
+                            status: None,
+                        })?
+                    }
                     Err(e) => AuthzPolicy::unreadable(id, generation, e.to_string()),
                 },
             ),
@@ -109,11 +208,16 @@ impl Policy {
             ),
             PolicyKind::RequestAuthentication => Self::RequestAuthentication(
                 match serde_json::from_value::<RequestAuthenticationSpec>(spec.clone()) {
-                    Ok(spec) => JwtPolicy::compile(&RequestAuthentication {
-                        metadata: metadata.clone(),
-                        spec,
-                        status: None,
-                    })?,
+                    Ok(mut spec) => {
+                        if istio {
+                            istio::request_authentication(&mut spec);
+                        }
+                        JwtPolicy::compile(&RequestAuthentication {
+                            metadata: metadata.clone(),
+                            spec,
+                            status: None,
+                        })?
+                    }
                     Err(e) => JwtPolicy::unreadable(id, generation, e.to_string()),
                 },
             ),

@@ -255,3 +255,64 @@ fn ip_of_map(resources: &Resources, key: &str) -> Option<String> {
         _ => None,
     }
 }
+
+fn policy(kind: &str, name: &str, spec: &serde_json::Value) -> api::Resource {
+    api::Resource {
+        key: format!("policy/{kind}/shop/{name}"),
+        kind: Some(resource::Kind::Policy(api::Policy {
+            kind: kind.into(),
+            namespace: "shop".into(),
+            name: name.into(),
+            generation: 1,
+            spec_json: spec.to_string(),
+        })),
+    }
+}
+
+#[test]
+fn istio_policies_are_compiled_in_their_own_group() {
+    use crate::policy::{model::Enforcement, stored::Policy};
+
+    let spec = serde_json::json!({
+        "targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"}],
+        "jwtRules": [{"issuer": "https://issuer.example", "jwksFile": "/keys.json"}],
+    });
+    let mut store = ResourceStore::default();
+    let mut renamed = policy("RequestAuthentication.security.istio.io", "tokens", &spec);
+    // A key that hides the group from the agent is refused.
+    renamed.key = "policy/RequestAuthentication/shop/tokens".into();
+    let rejected = store.apply(
+        update(
+            1,
+            true,
+            vec![
+                policy("RequestAuthentication", "tokens", &spec),
+                policy("RequestAuthentication.security.istio.io", "tokens", &spec),
+                policy("AuthorizationPolicy.security.example", "other", &spec),
+                renamed,
+            ],
+            &[],
+        ),
+        "cluster.local",
+    );
+    assert_eq!(rejected.len(), 2, "{rejected:?}");
+    assert!(rejected[0].reason.contains("unknown"), "{rejected:?}");
+    assert!(rejected[1].reason.contains("expected"), "{rejected:?}");
+    let resources = store.resources();
+    let enforcement = |key: &str| match resources.get(key) {
+        Some(Resource::Policy(p)) => match &**p {
+            Policy::RequestAuthentication(p) => p.enforcement.clone(),
+            other => panic!("{key}: {other:?}"),
+        },
+        _ => panic!("{key} missing"),
+    };
+    // The same spec: Trellis's own group may name a key file, Istio's may not.
+    assert_eq!(
+        enforcement("policy/RequestAuthentication/shop/tokens"),
+        Enforcement::Full
+    );
+    assert!(matches!(
+        enforcement("policy/RequestAuthentication.security.istio.io/shop/tokens"),
+        Enforcement::Rejected { .. }
+    ));
+}

@@ -323,3 +323,66 @@ async fn publishes_changes() {
         .expect("stops")
         .expect("no panic");
 }
+
+#[test]
+fn loads_istios_security_kinds_beside_the_twins() {
+    let dir = TempDir::new("files-istio");
+    dir.write(
+        "istio.yaml",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: deny-ssh, namespace: shop }
+spec: { action: DENY, rules: [ { to: [ { operation: { ports: ["22"] } } ] } ] }
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: { name: strict }
+spec: { mtls: { mode: STRICT } }
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: { name: tokens, namespace: shop }
+spec:
+  targetRefs: [ { kind: Gateway, group: gateway.networking.k8s.io, name: waypoint } ]
+  jwtRules: [ { issuer: "https://issuer.example", jwksUri: "https://issuer.example/keys" } ]
+--- # the same name in Trellis's group: another object
+apiVersion: security.trellis.dev/v1
+kind: AuthorizationPolicy
+metadata: { name: deny-ssh, namespace: shop }
+spec: { action: DENY, rules: [ { to: [ { operation: { ports: ["2222"] } } ] } ] }
+--- # a version of the group the mesh does not read
+apiVersion: security.istio.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: old, namespace: shop }
+--- # a kind of the group the mesh does not read
+apiVersion: security.istio.io/v1
+kind: Sidecar
+metadata: { name: other, namespace: shop }
+"#,
+    );
+    let loaded = load_dir(&dir.0).expect("load");
+    assert_eq!(loaded.errors, vec![]);
+    let o = &loaded.objects;
+    let istio = |kind| {
+        o.policies_in(SecurityGroup::Istio, kind)
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(istio(PolicyKind::Authorization), vec!["shop/deny-ssh"]);
+    assert_eq!(
+        istio(PolicyKind::PeerAuthentication),
+        vec!["default/strict"]
+    );
+    assert_eq!(
+        istio(PolicyKind::RequestAuthentication),
+        vec!["shop/tokens"]
+    );
+    assert_eq!(
+        o.policies(PolicyKind::Authorization)["shop/deny-ssh"].spec["rules"][0]["to"][0]["operation"]
+            ["ports"][0],
+        "2222"
+    );
+    assert_eq!(o.len(), 4);
+}

@@ -16,9 +16,10 @@ type Req = http::Request<kube::client::Body>;
 type Resp = http::Response<kube::client::Body>;
 type Respond = tower_test::mock::SendResponse<Resp>;
 
-/// What the recorded API server serves. GRPCRoute and TrafficPolicy are not (their CRDs
-/// are "not installed"): their lists get 404.
-const PATHS: [(&str, &str); 10] = [
+/// What the recorded API server serves. GRPCRoute, TrafficPolicy and Istio's
+/// PeerAuthentication and RequestAuthentication are not (their CRDs are "not installed"):
+/// their lists get 404.
+const PATHS: [(&str, &str); 11] = [
     ("/api/v1/namespaces", "NamespaceList"),
     ("/api/v1/pods", "PodList"),
     ("/api/v1/services", "ServiceList"),
@@ -44,7 +45,12 @@ const PATHS: [(&str, &str); 10] = [
         "/apis/gateway.networking.k8s.io/v1/httproutes",
         "HTTPRouteList",
     ),
+    (
+        "/apis/security.istio.io/v1/authorizationpolicies",
+        "AuthorizationPolicyList",
+    ),
 ];
+const ISTIO_PEER_AUTHENTICATIONS: &str = "/apis/security.istio.io/v1/peerauthentications";
 const GRPCROUTES: &str = "/apis/gateway.networking.k8s.io/v1/grpcroutes";
 const TRAFFIC_POLICIES: &str = "/apis/traffic.trellis.dev/v1/trafficpolicies";
 
@@ -60,7 +66,21 @@ fn path_of(kind: &str) -> &'static str {
         "RequestAuthentication" => PATHS[7].0,
         "Gateway" => PATHS[8].0,
         "HTTPRoute" => PATHS[9].0,
+        "AuthorizationPolicy.security.istio.io" => PATHS[10].0,
         other => panic!("no path for {other}"),
+    }
+}
+
+/// The collection an object is listed in: by its kind, qualified by its group for Istio's.
+fn collection_of(object: &Value) -> &'static str {
+    let kind = object["kind"].as_str().unwrap_or_default();
+    if object["apiVersion"]
+        .as_str()
+        .is_some_and(|v| v.starts_with("security.istio.io/"))
+    {
+        path_of(&format!("{kind}.security.istio.io"))
+    } else {
+        path_of(kind)
     }
 }
 
@@ -150,7 +170,7 @@ async fn api_server(
                 }
                 let items: Vec<&Value> = objects
                     .iter()
-                    .filter(|o| path_of(o["kind"].as_str().unwrap_or_default()) == path)
+                    .filter(|o| collection_of(o) == path)
                     .collect();
                 respond.send_response(json_response(200, &json!({
                     "kind": list_kind, "apiVersion": "v1",
@@ -168,6 +188,15 @@ fn authorization_policy(generation: u64, from: &str) -> Value {
                          "uid": "ap-1", "resourceVersion": generation.to_string()},
             "spec": {"action": "DENY",
                      "rules": [{"from": [{"source": {"namespaces": [from]}}]}]}})
+}
+
+/// Istio's own AuthorizationPolicy, as written for Istio (`v1beta1`; listed at `v1`).
+fn istio_authorization_policy(generation: u64) -> Value {
+    json!({"apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "no-plain", "namespace": "shop", "generation": generation,
+                         "uid": "istio-ap-1", "resourceVersion": generation.to_string()},
+            "spec": {"action": "ALLOW",
+                     "rules": [{"from": [{"source": {"serviceAccounts": ["shop/web-1"]}}]}]}})
 }
 
 /// A token check at the waypoint, for `issuer`, at `generation`.
@@ -337,6 +366,7 @@ async fn recorded_api_server_gives_the_same_mesh_as_files() {
             1,
         ),
         authorization_policy(2, "plain"),
+        istio_authorization_policy(3),
         request_authentication(1, "https://a.example"),
         waypoint_gateway(),
         pod(
@@ -366,7 +396,7 @@ async fn recorded_api_server_gives_the_same_mesh_as_files() {
             Some(&2),
             "published only after the failed nodes list was retried"
         );
-        for missing in [GRPCROUTES, TRAFFIC_POLICIES] {
+        for missing in [GRPCROUTES, TRAFFIC_POLICIES, ISTIO_PEER_AUTHENTICATIONS] {
             assert!(
                 counts.get(missing).is_some_and(|n| *n >= 1),
                 "{missing} was asked for, answered 404, and did not hold publishing back"
@@ -380,6 +410,15 @@ async fn recorded_api_server_gives_the_same_mesh_as_files() {
     assert!(
         t.resources
             .contains_key("policy/RequestAuthentication/shop/tokens")
+    );
+    // Istio's policy of the same name is a second object, in its own group.
+    assert!(
+        t.resources
+            .contains_key("policy/AuthorizationPolicy/shop/no-plain")
+    );
+    assert!(
+        t.resources
+            .contains_key("policy/AuthorizationPolicy.security.istio.io/shop/no-plain")
     );
 
     // 2. Watch events: a pod added, a namespace relabelled into the mesh, a pod opting
@@ -449,6 +488,12 @@ async fn recorded_api_server_gives_the_same_mesh_as_files() {
             vec![json!({"type": "MODIFIED", "object": http_route(2, 8080)})],
         ))
         .expect("server");
+    commands
+        .send(Command::Watch(
+            path_of("AuthorizationPolicy.security.istio.io"),
+            vec![json!({"type": "MODIFIED", "object": istio_authorization_policy(4)})],
+        ))
+        .expect("server");
     let state2 = vec![
         namespace("shop", Some("enabled"), 1),
         namespace("plain", Some("enabled"), 8),
@@ -487,6 +532,7 @@ async fn recorded_api_server_gives_the_same_mesh_as_files() {
             9,
         ),
         authorization_policy(3, "legacy"),
+        istio_authorization_policy(4),
         request_authentication(2, "https://b.example"),
         waypoint_gateway(),
         pod(

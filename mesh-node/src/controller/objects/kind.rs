@@ -1,9 +1,12 @@
 //! The kinds of object the mesh reads ([`Kind`]), and among them the routing kinds that only
 //! waypoints receive ([`RouteKind`]).
 
-use crate::k8s::{
-    GATEWAY_API_VERSION, ISTIO_NETWORKING_API_VERSION, ISTIO_NETWORKING_GROUP,
-    ISTIO_NETWORKING_VERSIONS, TRAFFIC_API_VERSION,
+use crate::{
+    k8s::{
+        GATEWAY_API_VERSION, ISTIO_NETWORKING_API_VERSION, ISTIO_NETWORKING_GROUP,
+        ISTIO_NETWORKING_VERSIONS, TRAFFIC_API_VERSION,
+    },
+    policy::{PolicyKind, SecurityGroup},
 };
 
 /// The kinds of object the mesh reads.
@@ -14,9 +17,8 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Node,
-    AuthorizationPolicy,
-    PeerAuthentication,
-    RequestAuthentication,
+    /// A policy kind of either security group.
+    Policy(SecurityGroup, PolicyKind),
     Gateway,
     HttpRoute,
     GrpcRoute,
@@ -26,15 +28,18 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 17] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Node,
-        Kind::AuthorizationPolicy,
-        Kind::PeerAuthentication,
-        Kind::RequestAuthentication,
+        Kind::Policy(SecurityGroup::Trellis, PolicyKind::Authorization),
+        Kind::Policy(SecurityGroup::Trellis, PolicyKind::PeerAuthentication),
+        Kind::Policy(SecurityGroup::Trellis, PolicyKind::RequestAuthentication),
+        Kind::Policy(SecurityGroup::Istio, PolicyKind::Authorization),
+        Kind::Policy(SecurityGroup::Istio, PolicyKind::PeerAuthentication),
+        Kind::Policy(SecurityGroup::Istio, PolicyKind::RequestAuthentication),
         Kind::Gateway,
         Kind::HttpRoute,
         Kind::GrpcRoute,
@@ -43,6 +48,8 @@ impl Kind {
         Kind::DestinationRule,
     ];
 
+    /// The kind's name; policy kinds of another group than Trellis's are qualified by it
+    /// (`AuthorizationPolicy.security.istio.io`).
     pub const fn as_str(self) -> &'static str {
         match self {
             Kind::Namespace => "Namespace",
@@ -50,9 +57,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
-            Kind::AuthorizationPolicy => "AuthorizationPolicy",
-            Kind::PeerAuthentication => "PeerAuthentication",
-            Kind::RequestAuthentication => "RequestAuthentication",
+            Kind::Policy(group, kind) => group.qualified(kind),
             Kind::Gateway => "Gateway",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
@@ -70,6 +75,7 @@ impl Kind {
     /// an error that holds the rest of the mesh back. The mesh's own security policies are
     /// not optional: without them, agents and waypoints would run without protection they
     /// should enforce (a DENY on a token's principal means nothing if tokens go unverified).
+    /// Istio's are: a cluster without Istio's CRDs cannot hold any Istio policy.
     pub const fn optional(self) -> bool {
         matches!(
             self,
@@ -79,6 +85,7 @@ impl Kind {
                 | Kind::TrafficPolicy
                 | Kind::VirtualService
                 | Kind::DestinationRule
+                | Kind::Policy(SecurityGroup::Istio, _)
         )
     }
 }

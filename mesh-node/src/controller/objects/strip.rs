@@ -48,9 +48,7 @@ impl Object {
                 ports: slice.ports,
             }),
             Object::Node(node) => Object::Node(strip_node(node)),
-            Object::AuthorizationPolicy(p) => Object::AuthorizationPolicy(strip_policy(p)),
-            Object::PeerAuthentication(p) => Object::PeerAuthentication(strip_policy(p)),
-            Object::RequestAuthentication(p) => Object::RequestAuthentication(strip_policy(p)),
+            Object::Policy(group, kind, p) => Object::Policy(group, kind, strip_policy(p)),
             Object::Gateway(g) => Object::Gateway(strip_policy(g)),
             Object::Route(kind, r) => Object::Route(kind, strip_policy(r)),
         }

@@ -75,7 +75,9 @@ fn published(kind: Subject, conditions: &[(&str, &str, &str)]) -> Arc<Published>
             last_transition_time: String::new(),
         };
         match kind {
-            Subject::Policy(kind) => translation.policy_status.insert((kind, id), condition),
+            Subject::Policy(group, kind) => translation
+                .policy_status
+                .insert((group, kind, id), condition),
             Subject::TrafficPolicy => translation.traffic_policy_status.insert(id, condition),
             Subject::Istio(kind) => translation.istio_status.insert((kind, id), condition),
         };
@@ -104,7 +106,7 @@ async fn wait_calls(calls: &Calls, n: usize) -> Vec<(Method, String, Value)> {
 async fn conditions_are_applied_to_the_status_once_per_change_and_retried() {
     let (client, calls) = api_server(1);
     let (tx, rx) = watch::channel(Some(published(
-        Subject::Policy(PolicyKind::Authorization),
+        Subject::Policy(SecurityGroup::Trellis, PolicyKind::Authorization),
         &[("p", "True", "Accepted")],
     )));
     let stop = CancellationToken::new();
@@ -135,13 +137,13 @@ async fn conditions_are_applied_to_the_status_once_per_change_and_retried() {
 
     // The same condition again writes nothing; a changed one writes once.
     tx.send_replace(Some(published(
-        Subject::Policy(PolicyKind::Authorization),
+        Subject::Policy(SecurityGroup::Trellis, PolicyKind::Authorization),
         &[("p", "True", "Accepted")],
     )));
     tokio::time::sleep(Duration::from_secs(30)).await;
     assert_eq!(calls.lock().expect("calls").len(), 3);
     tx.send_replace(Some(published(
-        Subject::Policy(PolicyKind::Authorization),
+        Subject::Policy(SecurityGroup::Trellis, PolicyKind::Authorization),
         &[("p", "False", "PartiallyEnforced")],
     )));
     let got = wait_calls(&calls, 4).await;
@@ -158,16 +160,28 @@ async fn conditions_are_applied_to_the_status_once_per_change_and_retried() {
 async fn each_kind_is_written_to_its_own_resource() {
     for (kind, collection) in [
         (
-            Subject::Policy(PolicyKind::PeerAuthentication),
+            Subject::Policy(SecurityGroup::Trellis, PolicyKind::PeerAuthentication),
             "security.trellis.dev/v1/namespaces/shop/peerauthentications",
         ),
         (
-            Subject::Policy(PolicyKind::RequestAuthentication),
+            Subject::Policy(SecurityGroup::Trellis, PolicyKind::RequestAuthentication),
             "security.trellis.dev/v1/namespaces/shop/requestauthentications",
         ),
         (
             Subject::TrafficPolicy,
             "traffic.trellis.dev/v1/namespaces/shop/trafficpolicies",
+        ),
+        (
+            Subject::Policy(SecurityGroup::Istio, PolicyKind::Authorization),
+            "security.istio.io/v1/namespaces/shop/authorizationpolicies",
+        ),
+        (
+            Subject::Policy(SecurityGroup::Istio, PolicyKind::PeerAuthentication),
+            "security.istio.io/v1/namespaces/shop/peerauthentications",
+        ),
+        (
+            Subject::Policy(SecurityGroup::Istio, PolicyKind::RequestAuthentication),
+            "security.istio.io/v1/namespaces/shop/requestauthentications",
         ),
     ] {
         let (client, calls) = api_server(0);
@@ -209,7 +223,7 @@ fn stored(status: &str, reason: &str) -> Value {
 async fn a_status_already_right_is_read_once_and_never_written() {
     let (client, calls) = api_server_with(0, Some(stored("True", "Accepted")));
     let (tx, rx) = watch::channel(Some(published(
-        Subject::Policy(PolicyKind::Authorization),
+        Subject::Policy(SecurityGroup::Trellis, PolicyKind::Authorization),
         &[("p", "True", "Accepted")],
     )));
     let stop = CancellationToken::new();
@@ -218,7 +232,7 @@ async fn a_status_already_right_is_read_once_and_never_written() {
     assert_eq!(got[0].0, Method::GET);
     // Later snapshots with the same condition neither read nor write again.
     tx.send_replace(Some(published(
-        Subject::Policy(PolicyKind::Authorization),
+        Subject::Policy(SecurityGroup::Trellis, PolicyKind::Authorization),
         &[("p", "True", "Accepted")],
     )));
     tokio::time::sleep(Duration::from_mins(1)).await;
@@ -231,7 +245,7 @@ async fn a_status_already_right_is_read_once_and_never_written() {
 async fn a_changed_reason_keeps_the_stored_transition_time_while_the_status_holds() {
     let (client, calls) = api_server_with(0, Some(stored("True", "Accepted")));
     let (_tx, rx) = watch::channel(Some(published(
-        Subject::Policy(PolicyKind::Authorization),
+        Subject::Policy(SecurityGroup::Trellis, PolicyKind::Authorization),
         &[("p", "True", "AcceptedWithWarnings")],
     )));
     let stop = CancellationToken::new();

@@ -32,7 +32,11 @@ fn apply(objects: &mut ClusterObjects, value: serde_json::Value) {
         "Node" => Object::Node(serde_json::from_value(value).expect("node")),
         "Gateway" => Object::Gateway(PolicyObject::untyped(&value).expect("gateway")),
         other => match (PolicyKind::from_kind(other), RouteKind::from_kind(other)) {
-            (Some(kind), _) => Object::policy(
+            (Some(kind), _) => Object::Policy(
+                value["apiVersion"]
+                    .as_str()
+                    .and_then(SecurityGroup::from_api_version)
+                    .expect("a security group"),
                 kind,
                 PolicyObject::from_manifest(kind, &value).expect("policy"),
             ),
@@ -477,7 +481,12 @@ fn policies_are_sent_as_written_and_report_what_the_agents_enforce() {
     );
     let t = translate(&objects, &settings());
 
-    let key = policy_key(PolicyKind::Authorization, "shop", "deny-ssh");
+    let key = policy_key(
+        SecurityGroup::Trellis,
+        PolicyKind::Authorization,
+        "shop",
+        "deny-ssh",
+    );
     let Some(api::resource::Kind::Policy(sent)) = t.resources[&key].kind.clone() else {
         panic!("{key} is a policy resource");
     };
@@ -488,6 +497,7 @@ fn policies_are_sent_as_written_and_report_what_the_agents_enforce() {
 
     let status = |name: &str| {
         t.policy_status[&(
+            SecurityGroup::Trellis,
             PolicyKind::Authorization,
             PolicyId {
                 namespace: "shop".into(),
@@ -509,8 +519,12 @@ fn policies_are_sent_as_written_and_report_what_the_agents_enforce() {
         broken.message
     );
     assert!(
-        t.resources
-            .contains_key(&policy_key(PolicyKind::Authorization, "shop", "broken")),
+        t.resources.contains_key(&policy_key(
+            SecurityGroup::Trellis,
+            PolicyKind::Authorization,
+            "shop",
+            "broken"
+        )),
         "a broken policy still reaches the agents, as its stand-in"
     );
 }
@@ -544,7 +558,12 @@ fn request_authentications_are_sent_as_written_with_their_status() {
     );
     let t = translate(&objects, &settings());
 
-    let key = policy_key(PolicyKind::RequestAuthentication, "shop", "at-waypoint");
+    let key = policy_key(
+        SecurityGroup::Trellis,
+        PolicyKind::RequestAuthentication,
+        "shop",
+        "at-waypoint",
+    );
     assert_eq!(key, "policy/RequestAuthentication/shop/at-waypoint");
     let Some(api::resource::Kind::Policy(sent)) = t.resources[&key].kind.clone() else {
         panic!("{key} is a policy resource");
@@ -560,6 +579,7 @@ fn request_authentications_are_sent_as_written_with_their_status() {
 
     let status = |name: &str| {
         t.policy_status[&(
+            SecurityGroup::Trellis,
             PolicyKind::RequestAuthentication,
             PolicyId {
                 namespace: "shop".into(),
@@ -705,4 +725,57 @@ fn routes_are_carried_as_written_for_waypoints_only() {
     );
     assert!(for_role("waypoint/shop/waypoint", Role::Agent));
     assert!(for_role("workload/u", Role::Agent));
+}
+
+#[test]
+fn istio_policies_are_sent_in_their_group_beside_the_twins() {
+    let mut objects = base();
+    let policy = |api_version: &str, spec: serde_json::Value| {
+        serde_json::json!({"apiVersion": api_version, "kind": "AuthorizationPolicy",
+                "metadata": {"namespace": "shop", "name": "p", "generation": 5}, "spec": spec})
+    };
+    apply(
+        &mut objects,
+        policy(
+            "security.trellis.dev/v1",
+            serde_json::json!({"action": "DENY", "rules": [{}]}),
+        ),
+    );
+    apply(
+        &mut objects,
+        policy(
+            "security.istio.io/v1beta1",
+            serde_json::json!({"rules": [{"from": [{"source": {"serviceAccounts": ["shop/*"]}}]}]}),
+        ),
+    );
+    let t = translate(&objects, &settings());
+    let key = policy_key(SecurityGroup::Istio, PolicyKind::Authorization, "shop", "p");
+    assert_eq!(key, "policy/AuthorizationPolicy.security.istio.io/shop/p");
+    let Some(api::resource::Kind::Policy(sent)) = t.resources[&key].kind.clone() else {
+        panic!("{key} is a policy resource");
+    };
+    assert_eq!(sent.kind, "AuthorizationPolicy.security.istio.io");
+    assert!(
+        t.resources
+            .contains_key("policy/AuthorizationPolicy/shop/p")
+    );
+    let id = PolicyId {
+        namespace: "shop".into(),
+        name: "p".into(),
+    };
+    let trellis = &t.policy_status[&(
+        SecurityGroup::Trellis,
+        PolicyKind::Authorization,
+        id.clone(),
+    )];
+    let istio = &t.policy_status[&(SecurityGroup::Istio, PolicyKind::Authorization, id)];
+    assert_eq!(trellis.status, "True");
+    assert_eq!(istio.status, "False");
+    assert!(
+        istio
+            .message
+            .contains("spec.rules[0].from[0].source.serviceAccounts[0]"),
+        "{}",
+        istio.message
+    );
 }

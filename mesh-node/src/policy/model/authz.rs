@@ -7,7 +7,7 @@ use super::{
     attributes::{HttpMatch, StringMatch, WhenMatch},
     binding::Binding,
     conversion::{Enforcement, PolicyId},
-    source::{IpBlock, NamespaceMatch, PrincipalMatch},
+    source::{IpBlock, NamespaceMatch, PrincipalMatch, ServiceAccountMatch, TrustDomainMatch},
 };
 
 /// The action the node applies.
@@ -115,6 +115,10 @@ pub struct SourceMatch {
     pub not_principals: Vec<PrincipalMatch>,
     pub namespaces: Vec<NamespaceMatch>,
     pub not_namespaces: Vec<NamespaceMatch>,
+    pub service_accounts: Vec<ServiceAccountMatch>,
+    pub not_service_accounts: Vec<ServiceAccountMatch>,
+    pub trust_domains: Vec<TrustDomainMatch>,
+    pub not_trust_domains: Vec<TrustDomainMatch>,
     pub ip_blocks: Vec<IpBlock>,
     pub not_ip_blocks: Vec<IpBlock>,
     /// `<iss>/<sub>` of the request's JWT (evaluated at waypoints only).

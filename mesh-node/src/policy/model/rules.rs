@@ -20,7 +20,10 @@ use super::{
     },
     authz::{Action, OperationMatch, PortHint, Rule, SourceMatch},
     conversion::{Notes, PolicyError, Why, ip_blocks, port},
-    source::{NamespaceMatch, PrincipalMatch, namespace_match, principal_match},
+    source::{
+        NamespaceMatch, PrincipalMatch, ServiceAccountMatch, TrustDomainMatch, namespace_match,
+        principal_match, service_account_match, trust_domain_match,
+    },
 };
 use crate::k8s::policy as crd;
 
@@ -49,6 +52,30 @@ fn namespaces(path: &str, values: &[String], notes: &mut Notes) -> Vec<Namespace
     for (i, v) in values.iter().enumerate() {
         let m = namespace_match(v);
         if m == NamespaceMatch::Unsupported {
+            notes.add(format!("{path}[{i}]"), Why::NotLiteral(v.clone()));
+        }
+        out.push(m);
+    }
+    out
+}
+
+fn service_accounts(path: &str, values: &[String], notes: &mut Notes) -> Vec<ServiceAccountMatch> {
+    let mut out = Vec::with_capacity(values.len());
+    for (i, v) in values.iter().enumerate() {
+        let m = service_account_match(v);
+        if m == ServiceAccountMatch::Unsupported {
+            notes.add(format!("{path}[{i}]"), Why::NotLiteral(v.clone()));
+        }
+        out.push(m);
+    }
+    out
+}
+
+fn trust_domains(path: &str, values: &[String], notes: &mut Notes) -> Vec<TrustDomainMatch> {
+    let mut out = Vec::with_capacity(values.len());
+    for (i, v) in values.iter().enumerate() {
+        let m = trust_domain_match(v);
+        if m == TrustDomainMatch::Unsupported {
             notes.add(format!("{path}[{i}]"), Why::NotLiteral(v.clone()));
         }
         out.push(m);
@@ -146,6 +173,22 @@ pub(super) fn source(
         not_principals: principals(&format!("{path}.notPrincipals"), &s.not_principals, notes),
         namespaces: namespaces(&format!("{path}.namespaces"), &s.namespaces, notes),
         not_namespaces: namespaces(&format!("{path}.notNamespaces"), &s.not_namespaces, notes),
+        service_accounts: service_accounts(
+            &format!("{path}.serviceAccounts"),
+            &s.service_accounts,
+            notes,
+        ),
+        not_service_accounts: service_accounts(
+            &format!("{path}.notServiceAccounts"),
+            &s.not_service_accounts,
+            notes,
+        ),
+        trust_domains: trust_domains(&format!("{path}.trustDomains"), &s.trust_domains, notes),
+        not_trust_domains: trust_domains(
+            &format!("{path}.notTrustDomains"),
+            &s.not_trust_domains,
+            notes,
+        ),
         ip_blocks: ip_blocks(&format!("{path}.ipBlocks"), &s.ip_blocks)?,
         not_ip_blocks: ip_blocks(&format!("{path}.notIpBlocks"), &s.not_ip_blocks)?,
         request_principals,

@@ -1,5 +1,5 @@
 //! Conditions on the source of a connection: its verified identity (`principals`,
-//! `namespaces`) and its address (`ipBlocks`).
+//! `namespaces`, `serviceAccounts`, `trustDomains`) and its address (`ipBlocks`).
 //!
 //! Identities match literally: principals are compared component by component with the
 //! verified SPIFFE ID, namespaces by equality; the only pattern is Istio's `"*"` alone, meaning
@@ -12,7 +12,7 @@ use std::{
     str::FromStr,
 };
 
-use crate::identity::Identity;
+use crate::identity::{Identity, is_dns_label, is_dns_subdomain};
 
 /// One value of `principals` / `notPrincipals` (or a `source.principal` condition).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +32,46 @@ pub enum NamespaceMatch {
     AnyAuthenticated,
     /// Not a namespace name; evaluates as unknown.
     Unsupported,
+}
+
+/// One value of `serviceAccounts` / `notServiceAccounts`: a verified source whose SPIFFE ID
+/// names this namespace and service account, in any trust domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceAccountMatch {
+    Exact {
+        namespace: String,
+        service_account: String,
+    },
+    /// Not `<namespace>/<service-account>`; evaluates as unknown.
+    Unsupported,
+}
+
+/// One value of `trustDomains` / `notTrustDomains`: the trust domain of a verified source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrustDomainMatch {
+    Exact(String),
+    /// Not a trust domain name; evaluates as unknown.
+    Unsupported,
+}
+
+/// `<namespace>/<service-account>`, both literal Kubernetes names.
+pub(super) fn service_account_match(value: &str) -> ServiceAccountMatch {
+    match value.split_once('/') {
+        Some((ns, sa)) if is_dns_label(ns) && is_dns_subdomain(sa) => ServiceAccountMatch::Exact {
+            namespace: ns.to_owned(),
+            service_account: sa.to_owned(),
+        },
+        _ => ServiceAccountMatch::Unsupported,
+    }
+}
+
+/// A trust domain, validated as identities validate theirs (so a value that no identity can
+/// carry is reported instead of silently never matching).
+pub(super) fn trust_domain_match(value: &str) -> TrustDomainMatch {
+    match Identity::new(value, "default", "default") {
+        Ok(_) => TrustDomainMatch::Exact(value.to_owned()),
+        Err(_) => TrustDomainMatch::Unsupported,
+    }
 }
 
 /// `<trust-domain>/ns/<namespace>/sa/<service-account>`, optionally with `spiffe://`, or `*`.

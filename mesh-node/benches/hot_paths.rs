@@ -12,9 +12,11 @@
 //!   established HTTP/2 connection with the HBONE settings, over an in-memory pipe (the
 //!   per-connection cost of a pooled tunnel, TLS aside).
 
-use std::sync::LazyLock;
-
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
 
 use divan::{Bencher, black_box, counter::BytesCount};
 use mesh_node::{

@@ -24,20 +24,18 @@ mod tests;
 mod validate;
 pub mod waypoint;
 
-pub use validate::bounds;
-pub(crate) use validate::within;
-
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
-use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
-
 pub use error::{ConfigError, invalid};
+use ipnet::IpNet;
 pub use limits::{DEFAULT_ACCESS_LOG_BURST, DEFAULT_ACCESS_LOG_PER_SOURCE_PER_SEC, LimitsConfig};
 pub use lines::Lines;
+use serde::{Deserialize, Serialize};
+pub use validate::bounds;
+pub(crate) use validate::within;
 
 /// Reads the configuration file at `path` and hands its text to `parse`; every refusal,
 /// unreadable file included, names the file.

@@ -51,7 +51,6 @@ pub mod route_status;
 pub mod translate;
 
 // The controller's configuration file lives in `config`, beside the agent's and the waypoint's.
-pub use crate::config::controller::ControllerConfig;
 pub use objects::ClusterObjects;
 pub use translate::{TranslateSettings, Translation, translate};
 
@@ -59,6 +58,7 @@ use self::{
     auth::{AnyOf, Authenticator, BootstrapTokens, TokenReview},
     metrics::ControllerMetrics,
 };
+pub use crate::config::controller::ControllerConfig;
 
 /// The namespace and service account the controller's own serving certificate names.
 pub const CONTROLLER_NAMESPACE: &str = "trellis-system";

@@ -12,12 +12,12 @@ pub mod keepalive;
 pub mod server;
 pub mod stream;
 
-pub use stream::{H2Io, H2Stream};
-
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
+
+pub use stream::{H2Io, H2Stream};
 
 /// Port of the HBONE listener.
 pub const PORT: u16 = 15008;

@@ -49,7 +49,6 @@ mod targets;
 #[cfg(test)]
 mod tests;
 
-pub use crate::k8s::policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 pub use engine::{
     DEFAULT_ROOT_NAMESPACE, Decision, Engine, MtlsResolution, PeerAuthSet, PolicySet, Reason,
     Verdict, WaypointPolicies,
@@ -59,3 +58,5 @@ pub use jwt::{JwtAuthenticator, JwtOutcome, JwtPolicy};
 pub use model::{AuthzPolicy, Binding, MtlsMode, PeerPolicy, PolicyError, PolicyId, TargetRef};
 pub use normalize::{NormalizedPath, PathError, normalize_path};
 pub use stored::{Policy, PolicyKind, SecurityGroup};
+
+pub use crate::k8s::policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};

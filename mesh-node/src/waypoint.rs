@@ -26,12 +26,16 @@ pub mod upstream;
 use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
+use l7::{L7, Rejections};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{self, AdminState, Surface},
-    config::ConfigError,
+    config::{
+        ConfigError,
+        waypoint::{Limits, WaypointConfig},
+    },
     control_plane::{
         bootstrap, channel,
         feed::{self, Applied, Resource, Resources},
@@ -49,9 +53,6 @@ use crate::{
     state::{MeshState, Service, WaypointRef, Workload},
     tls::{self, TlsError},
 };
-
-use crate::config::waypoint::{Limits, WaypointConfig};
-use l7::{L7, Rejections};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WaypointError {

@@ -24,17 +24,20 @@ pub mod audit;
 pub mod gateway_api;
 pub mod kubelet;
 
-use std::ffi::OsString;
-use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::{
+    ffi::OsString,
+    io::Write,
+    net::{IpAddr, Ipv4Addr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 pub use tools::{Tools, find_one, helm_gate, script as tools_script, tools_gate};
 
 /// How long the API server may take to answer `/readyz` after start.

@@ -14,13 +14,12 @@
 //! through their admin port from a thread inside the node's namespace.
 
 use std::{
+    collections::BTreeMap,
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::PathBuf,
     time::{Duration, Instant},
 };
-
-use std::collections::BTreeMap;
 
 use anyhow::{Context, Result, bail};
 use mesh_node::{

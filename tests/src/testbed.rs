@@ -44,17 +44,20 @@ mod netns;
 mod plan;
 mod process;
 
-use std::collections::BTreeSet;
-use std::ffi::OsStr;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::ops::{Deref, DerefMut};
-use std::path::{Path, PathBuf};
-use std::sync::Once;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeSet,
+    ffi::OsStr,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    ops::{Deref, DerefMut},
+    path::{Path, PathBuf},
+    sync::{
+        Once,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail, ensure};
-
 pub use cgroup::{cgroup_of, cgroup2_mount};
 pub use gate::{BPFFS, e2e_gate};
 pub use l7::RequestsOpts;

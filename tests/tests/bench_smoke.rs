@@ -6,8 +6,10 @@
 //! relay also runs as a `--peer` (started from the command template, dialled like the relay
 //! floor), which checks the peer machinery end to end.
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use mesh_tests::testbed::{bin_path, e2e_gate};
 use serde_json::Value;

@@ -13,8 +13,10 @@
 //! The control plane runs in node 0's network namespace (on its loopback), where the controller
 //! runs too; the test reaches it with kubectl from there.
 
-use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use mesh_node::{config::ControlPlaneConfig, identity::Identity};
 use mesh_tests::{

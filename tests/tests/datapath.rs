@@ -10,21 +10,27 @@
 //! Waits are bounded; "nothing happened" claims are checked against a later connection whose
 //! effects are observed (a fence), or against kernel state that is updated synchronously.
 
-use std::collections::BTreeSet;
-use std::fs::File;
-use std::io::ErrorKind;
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeSet,
+    fs::File,
+    io::ErrorKind,
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail, ensure};
 use mesh_node::config::UnknownDestination;
-use mesh_tests::mesh::{HBONE_PORT, Mesh, MeshOptions, metric_sum, spiffe_id};
-use mesh_tests::pattern::{self, Pattern};
-use mesh_tests::testbed::{Place, Testbed, bin_path, e2e_gate};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use mesh_tests::{
+    mesh::{HBONE_PORT, Mesh, MeshOptions, metric_sum, spiffe_id},
+    pattern::{self, Pattern},
+    testbed::{Place, Testbed, bin_path, e2e_gate},
+};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 use serde_json::Value;
 
 /// Bound on any one `pod-app` client run (the client's own `--timeout-ms` is shorter, so it

@@ -36,7 +36,7 @@ use std::{
     collections::BTreeMap,
     future::Future,
     net::{Ipv4Addr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -52,6 +52,7 @@ use mesh_tests::{
     mesh::{HBONE_PORT, Mesh, MeshOptions, TRUST_DOMAIN, metric_sum},
     testbed::{Pod, Server, Testbed, e2e_gate},
 };
+use parking_lot::Mutex;
 use rustls::{
     ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -2075,9 +2076,7 @@ mod raw {
                             f.payload[6],
                             f.payload[7],
                         ]);
-                        *goaway
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(code);
+                        *goaway.lock() = Some(code);
                     }
                 }
             }
@@ -2104,9 +2103,7 @@ mod raw {
             reader.abort();
             None
         };
-        let goaway = *goaway
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let goaway = *goaway.lock();
         FloodEnd {
             writes: written,
             goaway,

@@ -1,15 +1,19 @@
 //! Tests of the testbed itself: topology, routing without any mesh, process placement,
 //! the pod-app protocols and teardown.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::Command;
-use std::time::Duration;
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
-use mesh_tests::pattern;
-use mesh_tests::testbed::{Testbed, cgroup_of, cgroup2_mount, e2e_gate};
+use mesh_tests::{
+    pattern,
+    testbed::{Testbed, cgroup_of, cgroup2_mount, e2e_gate},
+};
 
 const RUN_TIMEOUT: Duration = Duration::from_mins(1);
 

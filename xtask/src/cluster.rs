@@ -6,8 +6,7 @@
 //! processes are started and stopped by the `cluster` binary of the tests crate, which is the
 //! library the cluster tests use (`mesh_tests::cluster`), so both run the same control plane.
 
-use std::path::Path;
-use std::process::Command;
+use std::{path::Path, process::Command};
 
 use anyhow::Result;
 use clap::Subcommand;

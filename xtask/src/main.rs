@@ -156,7 +156,24 @@ fn main() -> Result<()> {
             // `cargo test` below reuses these artifacts instead of building a second copy.
             cargo(&root, &["build", "--all-targets"])?;
             if !no_lint {
-                cargo(&root, &["fmt", "--all", "--", "--check"])?;
+                // rustfmt.toml's import grouping is a nightly option: checked with a nightly
+                // rustfmt when one is installed; stable ignores it and accepts what nightly
+                // wrote.
+                match nightly_rustfmt() {
+                    Some(toolchain) => run(
+                        Command::new("cargo")
+                            .arg(format!("+{toolchain}"))
+                            .args(["fmt", "--all", "--", "--check"])
+                            .current_dir(&root),
+                        "cargo fmt --check",
+                    )?,
+                    None => {
+                        eprintln!(
+                            "xtask: no nightly rustfmt; checking with stable (import grouping unchecked)"
+                        );
+                        cargo(&root, &["fmt", "--all", "--", "--check"])?;
+                    }
+                }
                 cargo(&root, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
                 // The eBPF crate only builds for the BPF target, with the toolchain whose
                 // LLVM is bpf-linker's (as mesh-node's build script chooses it).
@@ -411,6 +428,17 @@ fn bpf_toolchain() -> Result<String> {
         }
     }
     bail!("no Rust toolchain with LLVM 22 for the BPF target; run .ci/setup")
+}
+
+/// The pinned nightly toolchain, when it is installed with rustfmt, for the unstable options
+/// of rustfmt.toml (another nightly's rustfmt may format differently).
+fn nightly_rustfmt() -> Option<&'static str> {
+    const PINNED: &str = "nightly-2026-05-19";
+    Command::new("rustup")
+        .args(["run", PINNED, "rustfmt", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+        .then_some(PINNED)
 }
 
 fn run(command: &mut Command, what: &str) -> Result<()> {

@@ -5,18 +5,18 @@ use std::{
     collections::HashSet,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use rcgen::{CertificateParams, CertificateSigningRequestParams, Issuer, KeyPair, SanType};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, transport::server::TcpIncoming};
 
 use super::{cgroups::CgroupDiscovery, state_task::StateTask};
-use crate::control_plane::{channel, feed};
 use crate::{
     api::v1::{
         self as api, AgentMessage, SignRequest, SignResponse, Update, agent_message,
@@ -25,6 +25,7 @@ use crate::{
         resource,
     },
     config::ControlPlaneConfig,
+    control_plane::{channel, feed},
     identity::{
         Identity, LocalCa,
         store::{CertManager, CertStore, IssueError, Issuer as CertIssuer, RemoteCa},
@@ -64,13 +65,10 @@ impl CertificateAuthority for FakeCa {
             return Err(Status::unauthenticated("bad token"));
         }
         let request = request.into_inner();
-        self.requests
-            .lock()
-            .expect("lock")
-            .push(request.identity.clone());
+        self.requests.lock().push(request.identity.clone());
         let mut csr = CertificateSigningRequestParams::from_pem(&request.csr_pem)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let mode = *self.mode.lock().expect("lock");
+        let mode = *self.mode.lock();
         let identity = match mode {
             Mode::WrongIdentity => "spiffe://cluster.local/ns/shop/sa/admin".to_owned(),
             _ => request.identity,
@@ -222,7 +220,7 @@ impl Controller {
     }
 
     fn set_mode(&self, mode: Mode) {
-        *self.mode.lock().expect("lock") = mode;
+        *self.mode.lock() = mode;
     }
 
     fn store(&self) -> Arc<CertStore> {
@@ -285,9 +283,9 @@ async fn remote_certificates_are_verified_and_follow_the_local_identities() {
     assert!(store.get(&db).is_some());
 
     // Nothing due: nothing requested. An identity that left: its certificate dropped.
-    let before = controller.requests.lock().expect("lock").len();
+    let before = controller.requests.lock().len();
     manager.reconcile(&wanted(&[&web])).await;
-    assert_eq!(controller.requests.lock().expect("lock").len(), before);
+    assert_eq!(controller.requests.lock().len(), before);
     assert!(store.get(&db).is_none());
     assert!(store.get(&web).is_some());
     controller.stop().await;
@@ -359,7 +357,7 @@ async fn a_not_yet_valid_certificate_is_requested_again_at_once_then_with_backof
     // The immediate retry fails the same way: from now on, back off.
     assert_eq!(manager.reconcile(&wanted(&[&web])).await.len(), 1);
     assert!(manager.next_wake().expect("retry") > tokio::time::Instant::now());
-    assert_eq!(controller.requests.lock().expect("lock").len(), 2);
+    assert_eq!(controller.requests.lock().len(), 2);
 
     controller.set_mode(Mode::Good);
     tokio::time::sleep(Duration::from_millis(1200)).await;

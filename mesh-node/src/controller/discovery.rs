@@ -20,14 +20,10 @@
 //! instead. An agent that takes no update for [`StreamSettings::stall_timeout`] is cut off
 //! with `unavailable` and resynchronises with a snapshot when it reconnects.
 
-use std::{
-    collections::BTreeMap,
-    pin::Pin,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::BTreeMap, pin::Pin, sync::Arc, time::Duration};
 
 use futures_util::Stream;
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -208,7 +204,7 @@ fn updates(
             if let Some(update) = rx.recv().await {
                 Some((Ok(update), Some(rx)))
             } else {
-                let status = final_status.lock().ok().and_then(|mut s| s.take());
+                let status = final_status.lock().take();
                 status.map(|s| (Err(s), None))
             }
         }
@@ -253,9 +249,7 @@ impl Agent {
         }
         if let Err(status) = result {
             tracing::info!(peer = %self.peer, reason = status.message(), "ending discovery stream");
-            if let Ok(mut slot) = final_status.lock() {
-                *slot = Some(status);
-            }
+            *final_status.lock() = Some(status);
         }
         self.stop.cancel();
         let _ = reader.await;

@@ -28,8 +28,10 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::objects::{ClusterObjects, Object, PolicyObject, RouteKind};
-use crate::k8s::GATEWAY_API_VERSION;
-use crate::policy::{PolicyKind, SecurityGroup};
+use crate::{
+    k8s::GATEWAY_API_VERSION,
+    policy::{PolicyKind, SecurityGroup},
+};
 
 /// How often the directory is rescanned even without change events.
 pub const RESCAN_INTERVAL: Duration = Duration::from_secs(2);

@@ -37,9 +37,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::objects::{ClusterObjects, Kind, Object, PolicyObject, RouteKind};
-use crate::k8s::{GATEWAY_API_VERSION, ISTIO_SECURITY_API_VERSION};
-use crate::policy::{
-    AuthorizationPolicy, PeerAuthentication, PolicyKind, RequestAuthentication, SecurityGroup,
+use crate::{
+    k8s::{GATEWAY_API_VERSION, ISTIO_SECURITY_API_VERSION},
+    policy::{
+        AuthorizationPolicy, PeerAuthentication, PolicyKind, RequestAuthentication, SecurityGroup,
+    },
 };
 
 /// Changes are gathered this long before a snapshot is published.

@@ -29,9 +29,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{Published, translate::Translation};
+pub use crate::k8s::FIELD_MANAGER;
 use crate::{
-    k8s::status::{ACCEPTED, PolicyStatus},
-    k8s::{ISTIO_NETWORKING_API_VERSION, TRAFFIC_API_VERSION},
+    k8s::{
+        ISTIO_NETWORKING_API_VERSION, TRAFFIC_API_VERSION,
+        status::{ACCEPTED, PolicyStatus},
+    },
     l7::resilience::TrafficPolicy,
     policy::{
         AuthorizationPolicy, PeerAuthentication, PolicyId, PolicyKind, RequestAuthentication,
@@ -39,8 +42,6 @@ use crate::{
         status::{Condition, rfc3339, set_condition},
     },
 };
-
-pub use crate::k8s::FIELD_MANAGER;
 pub(super) const RETRY: Duration = Duration::from_secs(10);
 
 /// A kind whose status is one `Accepted` condition.

@@ -37,9 +37,8 @@ use super::{
     Published,
     policy_status::{FIELD_MANAGER, RETRY},
 };
-use crate::k8s::GATEWAY_API_VERSION;
 use crate::{
-    k8s::gateway::ParentReference,
+    k8s::{GATEWAY_API_VERSION, gateway::ParentReference},
     l7::route::{ParentStatus, RouteId, RouteKind, RouteStatus},
     policy::status::rfc3339,
 };

@@ -29,12 +29,11 @@ use aya::{
 };
 use mesh_common::{LAYOUT_VERSION, ProxyConfig, Stat, maps, programs};
 
-use crate::metrics::ProgramRuns;
-
 use super::{
     ConnTrack, DatapathSpec, EbpfError, Enroller, OBJECT, PodCgroup, SOCK_ADDR_PROGRAMS,
     SOCK_PROGRAMS, load_programs, log, probe::preflight, program_mut, take_map, words,
 };
+use crate::metrics::ProgramRuns;
 
 /// The loaded datapath. Dropping it leaves the pinned programs attached.
 ///

@@ -331,9 +331,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FloodGuard<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use proptest::prelude::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
 
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let len = u32::try_from(payload.len()).expect("small").to_be_bytes();

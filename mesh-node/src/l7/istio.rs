@@ -269,6 +269,7 @@ pub fn conditions(
     out
 }
 
-use crate::l7::route;
 pub use destination_rule::{Destination, precedence_of_rules};
 pub use precedence::precedence;
+
+use crate::l7::route;

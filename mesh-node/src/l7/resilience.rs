@@ -77,8 +77,6 @@ pub use breaker::{
     CircuitBreaker, ConnectionPermit, OVERFLOW_HEADER, Overflow, PoolLimits, RequestPermit,
 };
 pub use compile::{TrafficPolicyError, condition};
-// The resource as written, as this module's files name it.
-use crate::k8s::traffic_policy as crd;
 pub use crd::{TrafficPolicy, TrafficPolicySpec, crd_yaml};
 pub use fault::{FaultDecision, FaultPolicy};
 pub use outlier::{OutlierDetector, OutlierPolicy};
@@ -86,6 +84,8 @@ pub use rate_limit::{RateDecision, RateLimitKey, RateLimitPolicy, RateLimiter};
 pub use registry::{Conflict, Registry, ServiceResilience};
 pub use retry::{NoRetry, Outcome, Replay, RetryBudget, RetryPolicy};
 
+// The resource as written, as this module's files name it.
+use crate::k8s::traffic_policy as crd;
 use crate::policy::PolicyId;
 
 /// A compiled `TrafficPolicy`: what it applies to and each section it sets.

@@ -54,14 +54,15 @@ mod tests;
 
 use std::{fmt, str::FromStr};
 
-// The routes as written, as this module's files name them.
-use crate::k8s::gateway as spec;
 pub use compile::{CompiledRoute, compile};
 pub use error::RouteError;
 pub use filters::{FilterFailure, Redirect, RequestAction};
 pub use model::{Backend, InvalidBackend, Mirror, RefProblem, Retry, Timeouts};
 pub use status::{ParentStatus, RouteStatus, route_status};
 pub use table::{GatewayRef, MatchedRule, NoBackend, RouteTable, Routing, RuleId, ServiceRef};
+
+// The routes as written, as this module's files name them.
+use crate::k8s::gateway as spec;
 
 /// Limits enforced on every route. Where the Gateway API CRDs set a `maxItems` or
 /// `maxLength`, the limit is the same, so a route the API server accepts is never refused

@@ -253,7 +253,8 @@ impl EncodeLabelSet for TcpLabels {
 #[cfg(test)]
 mod tests {
     use prometheus_client::{
-        metrics::counter::Counter, metrics::family::Family, registry::Registry,
+        metrics::{counter::Counter, family::Family},
+        registry::Registry,
     };
 
     use super::*;

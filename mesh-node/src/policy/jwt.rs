@@ -44,5 +44,6 @@ pub use authenticator::{CLOCK_SKEW_SECS, JwtAuthenticator, JwtError, JwtOutcome,
 pub use fetch::{FetchSettings, JwksFetcher};
 pub use keys::KeySet;
 pub use policy::{JwtPolicy, JwtRule};
+
 // Defined with the other facts of a request, which authorization reads.
 pub use super::facts::VerifiedJwt;

@@ -23,7 +23,6 @@ use super::{
     jwt::JwtPolicy,
     model::{Action, AuthzPolicy, Binding, Enforcement, PeerPolicy, StandIn},
 };
-
 pub use crate::k8s::status::{ACCEPTED, Condition, PolicyStatus};
 
 /// One object as a config dump lists it: the policies an engine enforces, the traffic

@@ -13,8 +13,10 @@ use super::{
     model::{AuthzPolicy, Enforcement, MtlsMode, PeerPolicy, PolicyError, PolicyId, StandIn},
     status,
 };
-use crate::identity::Identity;
-use crate::k8s::policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
+use crate::{
+    identity::Identity,
+    k8s::policy::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication},
+};
 
 const ROOT: &str = "trellis-system";
 

@@ -24,7 +24,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -33,6 +33,7 @@ use std::{
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::StatusCode;
+use parking_lot::Mutex;
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
@@ -240,10 +241,7 @@ impl Pool {
             return Ok((sender, closed, StreamGuard(Arc::new(AtomicUsize::new(1)))));
         }
         let slot = {
-            let mut slots = self
-                .slots
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut slots = self.slots.lock();
             slots.entry(key.clone()).or_default().clone()
         };
         let mut conns = slot.lock().await;

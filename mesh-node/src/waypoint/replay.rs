@@ -13,13 +13,14 @@
 
 use std::{
     pin::Pin,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::Arc,
     task::{Context, Poll},
 };
 
 use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use parking_lot::{Mutex, MutexGuard};
 
 use super::body::{Body, BodyError};
 
@@ -69,7 +70,7 @@ impl Replayable {
     fn lock(&self) -> MutexGuard<'_, Log> {
         // A poisoned lock only means a panic elsewhere mid-update; the log stays consistent
         // enough to refuse a replay (`lost` is set before anything is dropped).
-        self.log.lock().unwrap_or_else(PoisonError::into_inner)
+        self.log.lock()
     }
 
     /// Whether a next try can still send the whole body.
@@ -135,7 +136,7 @@ impl HttpBody for TryBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
-        let mut log = this.log.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut log = this.log.lock();
         if log.current != this.generation {
             return Poll::Ready(Some(Err(Box::new(ReplayError::Superseded))));
         }
@@ -193,7 +194,7 @@ impl HttpBody for TryBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        let log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        let log = self.log.lock();
         log.current == self.generation
             && log.ended
             && self.next_chunk >= log.chunks.len()
@@ -201,7 +202,7 @@ impl HttpBody for TryBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        let log = self.log.lock();
         match log.exact_len {
             Some(total) => SizeHint::with_exact(total.saturating_sub(self.sent)),
             None => SizeHint::default(),

@@ -26,18 +26,17 @@ use hyper_util::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::{body::Body, l7::L7};
 use crate::{
     hbone::{self, H2Io},
     identity::{CertStore, Identity},
+    l7::resilience::{ConnectionPermit, Overflow},
     proxy::{
         ClientAddr, HboneAddr, OriginalDst,
         pool::{Pool, PoolError, StreamGuard},
     },
     state::MeshState,
 };
-
-use super::{body::Body, l7::L7};
-use crate::l7::resilience::{ConnectionPermit, Overflow};
 
 /// How long an idle upstream connection is kept for reuse.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);

@@ -18,12 +18,14 @@
 //! Blocking threads for `rr`, `http` and `connect`: timing precision matters there and a thread per
 //! connection keeps the schedule independent of any runtime's timer wheel (1 ms ticks).
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail, ensure};
 use hdrhistogram::Histogram;

@@ -22,8 +22,7 @@
 //! server pod as in no mesh and Trellis, so the peer must intercept pod traffic itself; with
 //! `--peer-dial relay` the client dials the relay floor's addresses on its node instead.
 
-use std::net::Ipv4Addr;
-use std::str::FromStr;
+use std::{net::Ipv4Addr, str::FromStr};
 
 use anyhow::{Result, ensure};
 

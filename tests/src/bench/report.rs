@@ -16,8 +16,10 @@ use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
-use super::catalog::{Config, PINGPONG_SIZE, RR_SIZE, Scenario, Test};
-use super::load::{histogram_from_buckets, new_histogram};
+use super::{
+    catalog::{Config, PINGPONG_SIZE, RR_SIZE, Scenario, Test},
+    load::{histogram_from_buckets, new_histogram},
+};
 
 /// One load run as measured by the orchestrator.
 #[derive(Clone, Debug)]

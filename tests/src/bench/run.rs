@@ -26,24 +26,31 @@
 //! under Trellis in a turn of its own, with agents that pool no HBONE connection
 //! (`outbound.hbone_single_use`), so every connection costs a full mutual-TLS handshake.
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
-use crate::mesh::waypoint::{USE_WAYPOINT_LABEL, Waypoint};
-use crate::mesh::{Mesh, MeshOptions, NAMESPACE};
-use crate::testbed::{Proc, SpawnOptions, Testbed};
-
-use super::catalog::{
-    CONNECT_LOOPS, Config, Durations, HTTP_CONNS, HTTP_PORT, HTTP_RATE, PINGPONG_SIZE, RR_SIZE,
-    SERVER_PORTS, SINK_PORT, Scenario, Test, select,
+use super::{
+    catalog::{
+        CONNECT_LOOPS, Config, Durations, HTTP_CONNS, HTTP_PORT, HTTP_RATE, PINGPONG_SIZE, RR_SIZE,
+        SERVER_PORTS, SINK_PORT, Scenario, Test, select,
+    },
+    cpu::{self, BpfStats, MachineCpu},
+    peer::{self, Dial, Peer},
+    report::{self, Run},
 };
-use super::cpu::{self, BpfStats, MachineCpu};
-use super::peer::{self, Dial, Peer};
-use super::report::{self, Run};
+use crate::{
+    mesh::{
+        Mesh, MeshOptions, NAMESPACE,
+        waypoint::{USE_WAYPOINT_LABEL, Waypoint},
+    },
+    testbed::{Proc, SpawnOptions, Testbed},
+};
 
 /// The waypoint configuration: the Gateway's name, the Service the HTTP test dials through it
 /// (a VIP from the range no testbed route uses, see `mesh::service`) and its port.

@@ -13,17 +13,17 @@
 //! The relay is the floor any userspace proxy pays: accept, dial, `copy_bidirectional` with
 //! the same maximum buffer size as Trellis (256 KiB), no TLS, no framing.
 
-use std::net::SocketAddr;
-use std::str::FromStr;
-use std::time::Duration;
+use std::{net::SocketAddr, str::FromStr, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
 
 /// Read buffer of the sink and echo servers.
 const BUF: usize = 256 * 1024;

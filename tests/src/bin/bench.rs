@@ -3,10 +3,7 @@
 //! `run` is the orchestrator (as root: it builds a testbed); `serve`, `relay` and `load` are
 //! the programs it starts inside the testbed. See [`mesh_tests::bench`].
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::ExitCode;
-use std::time::Duration;
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};

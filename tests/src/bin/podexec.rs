@@ -8,11 +8,13 @@
 //! It stays single-threaded: `setns` applies to the calling thread only, and `exec` keeps
 //! only that thread.
 
-use std::ffi::OsString;
-use std::fs::File;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::{
+    ffi::OsString,
+    fs::File,
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
 
 use anyhow::{Context, Result};
 use clap::Parser;

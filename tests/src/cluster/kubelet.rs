@@ -10,8 +10,7 @@
 //! by hand since no Deployment controller runs. Deleting goes the kubelet's way too: a graceful
 //! delete, the processes stopped, then the final delete with no grace.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};

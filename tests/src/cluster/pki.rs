@@ -2,8 +2,7 @@
 //! server's serving certificate, the admin's client certificate (group `system:masters`), and
 //! the service-account token signing key.
 
-use std::net::IpAddr;
-use std::path::Path;
+use std::{net::IpAddr, path::Path};
 
 use anyhow::{Context, Result};
 use rcgen::{
@@ -78,8 +77,7 @@ pub fn write(dir: &Path, addresses: &[IpAddr]) -> Result<()> {
 }
 
 fn write_file(dir: &Path, name: &str, contents: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
     let path = dir.join(name);
     let mut file = std::fs::OpenOptions::new()
         .write(true)

@@ -1,8 +1,10 @@
 //! Where the Kubernetes binaries are: the cache `.ci/kube-tools` builds them into (it prints
 //! its bin directories with `--print`, so the versions have one home), else `PATH`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context, Result, bail};
 

@@ -9,25 +9,30 @@
 //! LAN address (no cluster DNS; the name in its certificate is still the Service's), and the
 //! agents' listeners, cgroup root and pin directory are the testbed node's.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result, bail};
-use mesh_node::config::{AgentConfig, ControlPlaneConfig, LogFormat, expand_env};
+use mesh_node::{
+    config::{AgentConfig, ControlPlaneConfig, LogFormat, expand_env},
+    k8s::{GATEWAY_API_VERSION, WAYPOINT_CLASS},
+};
 use serde_json::{Value, json};
 
-use mesh_node::k8s::{GATEWAY_API_VERSION, WAYPOINT_CLASS};
-
-use super::waypoint::{WAYPOINT_METRICS_PORT, WAYPOINT_READY_PORT, Waypoint};
 use super::{
     CONTROLLER_PORT, ControlPlane, HBONE_PORT, Mesh, MeshOptions, TRUST_DOMAIN, agent_defaults,
+    waypoint::{WAYPOINT_METRICS_PORT, WAYPOINT_READY_PORT, Waypoint},
     write_private,
 };
-use crate::cluster::{
-    Cluster,
-    kubelet::{KubePod, Kubelet},
+use crate::{
+    cluster::{
+        Cluster,
+        kubelet::{KubePod, Kubelet},
+    },
+    testbed::Testbed,
 };
-use crate::testbed::Testbed;
 
 /// The namespace the chart is installed in.
 pub const RELEASE_NAMESPACE: &str = "trellis-system";

@@ -4,9 +4,11 @@
 //! the agent's eBPF programs and as a reliable way to find and kill every process a testbed
 //! started (`cgroup.kill` also reaches processes that forked away from their parent).
 
-use std::fs;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};

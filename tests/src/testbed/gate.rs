@@ -4,11 +4,12 @@
 //! [`e2e_gate`] first: on a machine without these they are skipped with a message, unless
 //! `MESH_E2E=require` (CI on the real test hosts), where a skip would hide a broken setup.
 
-use std::process::Command;
-use std::sync::OnceLock;
+use std::{process::Command, sync::OnceLock};
 
-use nix::mount::{MsFlags, mount};
-use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+use nix::{
+    mount::{MsFlags, mount},
+    sys::statfs::{BPF_FS_MAGIC, statfs},
+};
 
 use super::cgroup;
 

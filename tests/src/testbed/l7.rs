@@ -2,8 +2,7 @@
 //! (HTTP/1.1, HTTP/2, gRPC). The JSON they return is documented in `pod-app`'s sources
 //! (`server/l7.rs`, `client/requests.rs`, `client/grpc.rs`).
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Result, bail};
 use serde_json::Value;

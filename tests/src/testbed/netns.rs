@@ -4,13 +4,11 @@
 //! outlive any process, which is what lets teardown and the stale sweep find them by name.
 //! All configuration goes through `ip -n NAME ...`, never through the root namespace.
 
-use std::fs::File;
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::Mutex;
+use std::{fs::File, path::PathBuf, process::Command};
 
 use anyhow::{Context, Result, bail};
 use nix::sched::{CloneFlags, setns};
+use parking_lot::Mutex;
 
 /// Directory where `ip netns` keeps its namespace mounts.
 pub const NETNS_DIR: &str = "/run/netns";
@@ -85,9 +83,7 @@ impl Netns {
     /// Creates the named namespace with `lo` up.
     pub(crate) fn create(name: &str) -> Result<Self> {
         {
-            let _guard = NETNS_ADD_LOCK
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let _guard = NETNS_ADD_LOCK.lock();
             ip(&["netns", "add", name])?;
         }
         let ns = Self::from_name(name);

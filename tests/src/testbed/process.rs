@@ -5,19 +5,22 @@
 //! block on a full pipe and the logs survive for `MESH_KEEP_TESTBED=1`), or to pipes on
 //! request. Every wait is bounded by a deadline.
 
-use std::ffi::{OsStr, OsString};
-use std::fs::File;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::{
+    ffi::{OsStr, OsString},
+    fs::File,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 
-use super::cgroup;
-use super::netns::Netns;
+use super::{cgroup, netns::Netns};
 
 /// Binaries of this workspace that [`super::Testbed::spawn`] resolves with [`bin_path`] when
 /// a command names them without a `/`.

@@ -116,8 +116,10 @@ pub fn traffic_policies(dump: &Value) -> String {
 mod tests {
     use mesh_node::{
         k8s::gateway::ParentReference,
-        l7::L7Listing,
-        l7::route::{ParentStatus, RouteId, RouteKind, RouteStatus},
+        l7::{
+            L7Listing,
+            route::{ParentStatus, RouteId, RouteKind, RouteStatus},
+        },
         policy::{PolicyId, status::Condition},
     };
     use serde_json::json;

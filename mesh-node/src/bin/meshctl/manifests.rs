@@ -9,21 +9,21 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::{
-    apps::v1::{Deployment, DeploymentSpec},
-    core::v1::{
-        ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
-        PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
-        SecurityContext, ServiceAccount, ServiceAccountTokenProjection, Volume, VolumeMount,
-        VolumeProjection,
+use k8s_openapi::{
+    api::{
+        apps::v1::{Deployment, DeploymentSpec},
+        core::v1::{
+            ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
+            PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
+            SecurityContext, ServiceAccount, ServiceAccountTokenProjection, Volume, VolumeMount,
+            VolumeProjection,
+        },
+    },
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+        util::intstr::IntOrString,
     },
 };
-use k8s_openapi::apimachinery::pkg::{
-    apis::meta::v1::{LabelSelector, ObjectMeta},
-    util::intstr::IntOrString,
-};
-use serde_json::{Value, json};
-
 use mesh_node::{
     config::{ConfigError, waypoint::WaypointConfig},
     k8s::{
@@ -31,6 +31,7 @@ use mesh_node::{
         WAYPOINT_CLASS,
     },
 };
+use serde_json::{Value, json};
 
 const HBONE_PORT: u16 = 15008;
 const METRICS_PORT: u16 = 15020;

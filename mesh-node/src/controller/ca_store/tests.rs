@@ -1,11 +1,12 @@
 //! The root CA's stores against a fake API server: loading, generating, the creation race,
 //! damaged Secrets, RBAC errors and the trust bundle.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use kube::client::Body;
+use parking_lot::Mutex;
 use serde_json::{Value, json};
 
 use super::*;
@@ -32,7 +33,6 @@ fn api_server(script: Vec<(StatusCode, Value)>) -> (Client, Calls) {
             let sent = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             recorded
                 .lock()
-                .expect("calls")
                 .push((parts.method, parts.uri.path().to_owned(), sent));
             let response = Response::builder()
                 .status(status)
@@ -85,7 +85,7 @@ async fn an_existing_root_is_loaded_and_nothing_is_created() {
         .await
         .expect("loaded");
     assert_eq!(ca.cert_pem(), root.cert_pem());
-    let calls = calls.lock().expect("calls");
+    let calls = calls.lock();
     assert_eq!(calls.len(), 1);
     assert_eq!(
         (&calls[0].0, calls[0].1.as_str()),
@@ -106,7 +106,7 @@ async fn a_missing_root_is_generated_and_stored_as_a_tls_secret() {
     let ca = load_or_create_secret(client, &at(), "cluster.local")
         .await
         .expect("created");
-    let calls = calls.lock().expect("calls");
+    let calls = calls.lock();
     assert_eq!(calls.len(), 2);
     let (method, path, sent) = &calls[1];
     assert_eq!((method, path.as_str()), (&Method::POST, SECRETS_PATH));
@@ -132,7 +132,7 @@ async fn losing_the_creation_race_uses_the_winners_root() {
         .await
         .expect("loaded the winner's");
     assert_eq!(ca.cert_pem(), winner.cert_pem());
-    assert_eq!(calls.lock().expect("calls").len(), 3);
+    assert_eq!(calls.lock().len(), 3);
 }
 
 #[tokio::test]
@@ -152,7 +152,7 @@ async fn a_damaged_secret_is_an_error_not_a_new_root() {
         "names the missing key: {error}"
     );
     // Nothing was overwritten.
-    assert_eq!(calls.lock().expect("calls").len(), 1);
+    assert_eq!(calls.lock().len(), 1);
 }
 
 #[tokio::test]
@@ -174,7 +174,7 @@ async fn the_trust_bundle_is_applied_with_the_root_only() {
     )]);
     let at: ObjectRef = "trellis-system/trellis-ca-root".parse().expect("ref");
     publish_root(client, &at, &root).await.expect("published");
-    let calls = calls.lock().expect("calls");
+    let calls = calls.lock();
     let (method, path, sent) = &calls[0];
     assert_eq!(method, Method::PATCH);
     assert_eq!(

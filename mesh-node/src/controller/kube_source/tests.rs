@@ -106,7 +106,7 @@ fn json_response(status: u16, body: &Value) -> Resp {
 async fn api_server(
     mut handle: tower_test::mock::Handle<Req, Resp>,
     mut commands: mpsc::UnboundedReceiver<Command>,
-    lists: Arc<std::sync::Mutex<HashMap<String, u32>>>,
+    lists: Arc<parking_lot::Mutex<HashMap<String, u32>>>,
 ) {
     let mut objects: Vec<Value> = Vec::new();
     let mut version = 1;
@@ -141,7 +141,6 @@ async fn api_server(
                 if !query.contains("watch=true") {
                     *lists
                         .lock()
-                        .expect("lock")
                         .entry(request.uri().path().to_owned())
                         .or_default() += 1;
                 }
@@ -330,7 +329,7 @@ async fn recorded_api_server_gives_the_same_mesh_as_files() {
     let (service_mock, handle) = tower_test::mock::pair::<Req, Resp>();
     let client = Client::new(service_mock, "default");
     let (commands, command_rx) = mpsc::unbounded_channel();
-    let list_counts = Arc::new(std::sync::Mutex::new(HashMap::new()));
+    let list_counts = Arc::new(parking_lot::Mutex::new(HashMap::new()));
     let server = tokio::spawn(api_server(handle, command_rx, list_counts.clone()));
 
     // 1. Initial lists; the first nodes list fails, and nothing may be published before
@@ -390,7 +389,7 @@ async fn recorded_api_server_gives_the_same_mesh_as_files() {
     let source = tokio::spawn(run(client, tx, shutdown.clone()));
     expect_same_as_files(&mut rx, &state1, "initial list").await;
     {
-        let counts = list_counts.lock().expect("lock");
+        let counts = list_counts.lock();
         assert_eq!(
             counts.get(path_of("Node")),
             Some(&2),

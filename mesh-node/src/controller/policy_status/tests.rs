@@ -1,11 +1,10 @@
 //! Policy status against a fake API server: one read when an object is first seen, one write
 //! per change, retries, each kind to its own resource, and no write of a status already right.
 
-use std::sync::Mutex;
-
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use kube::client::Body;
+use parking_lot::Mutex;
 use serde_json::{Value, json};
 
 use super::*;
@@ -33,7 +32,7 @@ fn api_server_with(fail: usize, stored: Option<Value>) -> (Client, Calls) {
                 .unwrap_or_default();
             let sent: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             let query = parts.uri.query().unwrap_or_default().to_owned();
-            recorded.lock().expect("calls").push((
+            recorded.lock().push((
                 parts.method.clone(),
                 format!("{}?{query}", parts.uri.path()),
                 sent.clone(),
@@ -91,7 +90,7 @@ fn published(kind: Subject, conditions: &[(&str, &str, &str)]) -> Arc<Published>
 async fn wait_calls(calls: &Calls, n: usize) -> Vec<(Method, String, Value)> {
     tokio::time::timeout(Duration::from_mins(1), async {
         loop {
-            let got = calls.lock().expect("calls").clone();
+            let got = calls.lock().clone();
             if got.len() >= n {
                 return got;
             }
@@ -141,7 +140,7 @@ async fn conditions_are_applied_to_the_status_once_per_change_and_retried() {
         &[("p", "True", "Accepted")],
     )));
     tokio::time::sleep(Duration::from_secs(30)).await;
-    assert_eq!(calls.lock().expect("calls").len(), 3);
+    assert_eq!(calls.lock().len(), 3);
     tx.send_replace(Some(published(
         Subject::Policy(SecurityGroup::Trellis, PolicyKind::Authorization),
         &[("p", "False", "PartiallyEnforced")],
@@ -236,7 +235,7 @@ async fn a_status_already_right_is_read_once_and_never_written() {
         &[("p", "True", "Accepted")],
     )));
     tokio::time::sleep(Duration::from_mins(1)).await;
-    assert_eq!(calls.lock().expect("calls").len(), 1, "no write");
+    assert_eq!(calls.lock().len(), 1, "no write");
     stop.cancel();
     task.await.expect("no panic");
 }

@@ -1,11 +1,12 @@
 //! Route status against a fake API server: entries applied beside other controllers', retries,
 //! conflicts, and routes that need no write.
 
-use std::{sync::Mutex, time::Duration};
+use std::time::Duration;
 
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use kube::client::Body;
+use parking_lot::Mutex;
 
 use super::*;
 use crate::{
@@ -42,7 +43,7 @@ fn api_server(path: &str, object: Value, fail: Vec<u16>) -> (Client, Calls) {
                 .unwrap_or_default();
             let sent: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             let query = parts.uri.query().unwrap_or_default().to_owned();
-            recorded.lock().expect("calls").push((
+            recorded.lock().push((
                 parts.method.clone(),
                 format!("{}?{query}", parts.uri.path()),
                 sent.clone(),
@@ -137,7 +138,7 @@ fn published(kind: RouteKind, accepted: bool) -> Arc<Published> {
 async fn wait_calls(calls: &Calls, n: usize) -> Vec<(Method, String, Value)> {
     tokio::time::timeout(Duration::from_mins(1), async {
         loop {
-            let got = calls.lock().expect("calls").clone();
+            let got = calls.lock().clone();
             if got.len() >= n {
                 return got;
             }
@@ -204,7 +205,7 @@ async fn entries_are_applied_beside_other_controllers_and_retried_after_a_500() 
     // The same entries again: nothing is read or written.
     tx.send_replace(Some(published(RouteKind::Http, true)));
     tokio::time::sleep(Duration::from_secs(30)).await;
-    assert_eq!(calls.lock().expect("calls").len(), 4);
+    assert_eq!(calls.lock().len(), 4);
 
     // A change is written once, on the version the last write left.
     tx.send_replace(Some(published(RouteKind::Http, false)));
@@ -238,7 +239,7 @@ async fn a_route_already_showing_its_entries_is_only_read() {
     let stop = CancellationToken::new();
     let task = tokio::spawn(run(Some(client), tx.subscribe(), stop.clone()));
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let got = calls.lock().expect("calls").clone();
+    let got = calls.lock().clone();
     assert_eq!(methods(&got), ["GET", "PATCH", "GET"]);
     stop.cancel();
     task.await.expect("no panic");
@@ -263,7 +264,7 @@ async fn a_conflict_is_retried_on_a_fresh_read_and_a_deleted_route_is_left_alone
     // An HTTPRoute the API server no longer has: read once, never written or retried.
     tx.send_replace(Some(published(RouteKind::Http, true)));
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let got = calls.lock().expect("calls").clone();
+    let got = calls.lock().clone();
     assert_eq!(methods(&got[4..]), ["GET"]);
     assert_eq!(got[4].1, format!("{ROUTE_PATH}?"));
     stop.cancel();

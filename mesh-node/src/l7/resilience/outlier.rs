@@ -18,8 +18,9 @@
 //! paused time in tests. Memory is one entry per endpoint of the last
 //! [`OutlierDetector::set_endpoints`]; results for other addresses are ignored.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Mutex, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::retry::Outcome;
@@ -114,11 +115,9 @@ impl OutlierDetector {
         self.policy
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Endpoint>> {
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<SocketAddr, Endpoint>> {
         // A poisoned lock only means another thread panicked between plain field updates.
-        self.endpoints
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.endpoints.lock()
     }
 
     /// Sets the service's endpoints: new ones start healthy, state of the ones still present

@@ -23,7 +23,7 @@ use std::{
     collections::HashMap,
     num::NonZeroU32,
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -36,6 +36,7 @@ use governor::{
     nanos::Nanos,
     state::{StateStore, keyed::ShrinkableKeyedStateStore},
 };
+use parking_lot::Mutex;
 
 /// The most buckets a limiter keeps.
 pub const DEFAULT_MAX_KEYS: usize = 10_000;
@@ -92,9 +93,9 @@ struct BoundedCells {
 }
 
 impl BoundedCells {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Nanos>> {
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<String, Nanos>> {
         // A poisoned lock only means another thread panicked between plain map updates.
-        self.cells.lock().unwrap_or_else(PoisonError::into_inner)
+        self.cells.lock()
     }
 }
 

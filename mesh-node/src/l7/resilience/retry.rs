@@ -19,10 +19,10 @@
 //! A per-try timeout ends one try ([`Outcome::Timeout`]); the route's overall request timeout
 //! ends the whole request and is never retried (the caller simply stops asking).
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 /// Request bodies up to this size are buffered by the caller so a retry can send them again;
@@ -305,10 +305,7 @@ impl RetryBudget {
             .saturating_duration_since(self.origin)
             .as_secs();
         // A poisoned lock only means another thread panicked mid-update of plain counters.
-        let mut window = self
-            .window
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut window = self.window.lock();
         let mut totals = (0u64, 0u64);
         for slot in window.iter() {
             if now.saturating_sub(slot.second) < BUDGET_WINDOW_SECS as u64 && slot.second <= now {

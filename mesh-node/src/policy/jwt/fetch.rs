@@ -11,18 +11,13 @@
 //! The HTTP client ([`HttpFetch`]) speaks HTTP/1.1 over TCP, or over TLS (rustls with
 //! aws-lc-rs, the platform's root certificates) for `https` URIs, and follows no redirects.
 
-use std::{
-    collections::HashMap,
-    future::Future,
-    pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
-    time::Duration,
-};
+use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
 use tokio::task::AbortHandle;
 
 use super::keys::{KeySet, MAX_JWKS_BYTES};
@@ -94,10 +89,7 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let entries = self
-            .entries
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner);
+        let entries = self.entries.get_mut();
         for entry in entries.values() {
             entry.task.abort();
         }
@@ -139,11 +131,7 @@ impl JwksFetcher {
     /// those issuers are refused).
     pub fn watch(&self, uris: impl IntoIterator<Item = String>) {
         let wanted: std::collections::HashSet<String> = uris.into_iter().collect();
-        let mut entries = self
-            .inner
-            .entries
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut entries = self.inner.entries.lock();
         entries.retain(|uri, entry| {
             let keep = wanted.contains(uri);
             if !keep {
@@ -176,11 +164,7 @@ impl JwksFetcher {
 
     /// The last key set fetched from `uri`, if any fetch succeeded yet.
     pub fn keys(&self, uri: &str) -> Option<Arc<KeySet>> {
-        let entries = self
-            .inner
-            .entries
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let entries = self.inner.entries.lock();
         entries.get(uri).and_then(|e| e.keys.load_full())
     }
 }

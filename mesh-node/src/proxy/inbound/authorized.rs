@@ -12,11 +12,12 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
 };
 
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -69,9 +70,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        if let Ok(mut open) = self.registry.open.lock() {
-            open.remove(&self.id);
-        }
+        self.registry.open.lock().remove(&self.id);
     }
 }
 
@@ -80,16 +79,14 @@ impl Authorized {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let close = CancellationToken::new();
         let revoked = Arc::new(OnceLock::new());
-        if let Ok(mut open) = self.open.lock() {
-            open.insert(
-                id,
-                Open {
-                    grant,
-                    close: close.clone(),
-                    revoked: revoked.clone(),
-                },
-            );
-        }
+        self.open.lock().insert(
+            id,
+            Open {
+                grant,
+                close: close.clone(),
+                revoked: revoked.clone(),
+            },
+        );
         Registration {
             registry: self.clone(),
             id,
@@ -102,7 +99,7 @@ impl Authorized {
     /// returns how many. A connection whose destination is no longer known is left to end
     /// by itself (the pod is gone or leaving, and its connections with it).
     pub fn reevaluate(&self, state: &MeshState) -> usize {
-        let Ok(open) = self.open.lock() else { return 0 };
+        let open = self.open.lock();
         let engine = state.policy();
         // Destinations are this node's pods.
         let local: HashMap<&str, &crate::state::workload::Workload> = state

@@ -21,9 +21,9 @@ use std::{
 use super::super::HboneAddr;
 use crate::{
     metrics::FailureReason,
-    state::service::Service,
     state::{
         MeshState, Workload,
+        service::Service,
         waypoint::{Waypoint, WaypointRef},
     },
 };

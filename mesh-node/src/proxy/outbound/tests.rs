@@ -26,8 +26,10 @@ use crate::{
         limits::{Caps, Limits},
         pool::Pool,
     },
-    state::service::{Endpoint, Service, ServicePort},
-    state::{MeshState, Workload},
+    state::{
+        MeshState, Workload,
+        service::{Endpoint, Service, ServicePort},
+    },
     tls,
 };
 

@@ -4,11 +4,13 @@
 use std::{
     collections::HashSet,
     net::{Ipv4Addr, SocketAddr},
-    sync::Mutex as StdMutex,
 };
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Notify;
+use parking_lot::Mutex as SyncMutex;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::Notify,
+};
 
 use super::*;
 use crate::{
@@ -26,8 +28,8 @@ const TD: &str = "cluster.local";
 /// of every connection that has ended.
 #[derive(Default)]
 struct Seen {
-    handshakes: StdMutex<Vec<String>>,
-    closed: StdMutex<Vec<String>>,
+    handshakes: SyncMutex<Vec<String>>,
+    closed: SyncMutex<Vec<String>>,
     changed: Notify,
 }
 
@@ -142,11 +144,11 @@ impl Harness {
     }
 
     fn handshakes(&self) -> Vec<String> {
-        self.seen.handshakes.lock().expect("lock").clone()
+        self.seen.handshakes.lock().clone()
     }
 
     fn closed(&self) -> Vec<String> {
-        self.seen.closed.lock().expect("lock").clone()
+        self.seen.closed.lock().clone()
     }
 
     async fn wait_closed(&self, serial: &str) {
@@ -189,7 +191,7 @@ async fn serve(
                 .and_then(|c| c.first())
                 .and_then(certificate_serial)
                 .expect("client certificate");
-            seen.handshakes.lock().expect("lock").push(serial.clone());
+            seen.handshakes.lock().push(serial.clone());
             seen.changed.notify_waiters();
             if let Ok(mut server) = hbone::server::Server::handshake(tls, 100).await {
                 while let hbone::server::Next::Stream(request, respond) = server.next().await {
@@ -202,7 +204,7 @@ async fn serve(
                     });
                 }
             }
-            seen.closed.lock().expect("lock").push(serial);
+            seen.closed.lock().push(serial);
             seen.changed.notify_waiters();
         });
     }

@@ -9,19 +9,23 @@ pub mod grpc;
 pub mod raw_syn;
 pub mod requests;
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 use mesh_tests::pattern::{CHUNK, Pattern, Verifier, hex};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{Barrier, Semaphore};
-use tokio::task::JoinSet;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpSocket, TcpStream},
+    sync::{Barrier, Semaphore},
+    task::JoinSet,
+};
 
 use crate::canonical;
 
@@ -96,9 +100,12 @@ fn own_cgroup() -> Result<String> {
 /// before any handshake could finish unless the peer is this host. Tallies what connect()
 /// said: `{"attempts","in_progress","connected","errors":{"ERRNO":n}}`.
 pub fn abort_connects(to: SocketAddr, count: u64) -> Result<(Value, bool)> {
-    use nix::errno::Errno;
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, connect, socket};
     use std::os::fd::AsRawFd;
+
+    use nix::{
+        errno::Errno,
+        sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, connect, socket},
+    };
 
     let family = if to.is_ipv4() {
         AddressFamily::Inet

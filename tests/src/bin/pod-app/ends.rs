@@ -9,14 +9,14 @@
 //! is a clean end of stream (read returned 0) and `reset` an error a reset connection gives
 //! (ECONNRESET, EPIPE).
 
-use std::io::Write as _;
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::{io::Write as _, net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
 
 /// Bytes after which the `flowing` line is printed.
 const FLOWING_AFTER: u64 = 256 * 1024;

@@ -1,8 +1,7 @@
 //! The `l7` server against the `requests` and `grpc` clients, in one process on loopback,
 //! through the same command-line parsing and dispatch as the binary.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
 use serde_json::{Value, json};

@@ -50,9 +50,7 @@ mod ends;
 mod l7_tests;
 mod server;
 
-use std::net::SocketAddr;
-use std::process::ExitCode;
-use std::time::Duration;
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};

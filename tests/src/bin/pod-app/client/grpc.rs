@@ -1,15 +1,15 @@
 //! `pod-app grpc`: a gRPC health `Check`, and optionally a `Watch`, against an `l7` server
 //! (or anything serving `grpc.health.v1.Health`), over HTTP/2 without TLS.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, anyhow};
 use serde_json::{Value, json};
 use tonic::transport::Endpoint;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_health::pb::{
+    HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus,
+    health_client::HealthClient,
+};
 
 /// Checks `service`; with `watch`, then reads that many `Watch` messages and cancels the
 /// stream. Fails on any gRPC error; completes unverified if the stream ends early.

@@ -6,25 +6,33 @@
 //! connection that fails or is closed by the server is replaced before the next request;
 //! requests that fail at the transport level are counted in `errors`.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::Args;
-use http::header::{HOST, HeaderName, HeaderValue};
-use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http::{
+    HeaderMap, Method, Request, Response, Uri, Version,
+    header::{HOST, HeaderName, HeaderValue},
+};
 use http_body_util::{BodyExt as _, Full, Limited};
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_tests::pattern::Pattern;
+use parking_lot::Mutex;
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
-use tokio::task::JoinSet;
+use tokio::{net::TcpStream, task::JoinSet};
 
 use crate::headers_json;
 
@@ -246,11 +254,9 @@ impl Shared {
         self.claimed.fetch_add(1, Ordering::Relaxed) < self.count
     }
 
-    fn tally(&self) -> std::sync::MutexGuard<'_, Tally> {
+    fn tally(&self) -> parking_lot::MutexGuard<'_, Tally> {
         // A panicking worker cannot leave a half-updated tally behind.
-        self.tally
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.tally.lock()
     }
 
     async fn connect(&self) -> Result<TokioIo<TcpStream>> {

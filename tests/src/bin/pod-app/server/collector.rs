@@ -2,13 +2,16 @@
 //! to [`MAX_SPANS`] spans, the rest only counted), and `/_spans` lists them as JSON, so a test
 //! can check what a proxy exported.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-    trace_service_server::{TraceService, TraceServiceServer},
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::{KeyValue, any_value},
 };
-use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
+use parking_lot::Mutex;
 use serde_json::{Map, Value, json};
 
 /// Spans kept for `/_spans`.
@@ -35,11 +38,9 @@ impl Collector {
         TraceServiceServer::new(self.clone())
     }
 
-    fn received(&self) -> std::sync::MutexGuard<'_, Received> {
+    fn received(&self) -> parking_lot::MutexGuard<'_, Received> {
         // A panic while holding the lock cannot leave the list inconsistent.
-        self.received
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.received.lock()
     }
 
     /// `{"requests": N, "overflow": N, "spans": [...]}`.

@@ -20,28 +20,32 @@
 //! A malformed `/status/`, `/delay/` or `/flaky/` path gets 400 with an `error` field, so a
 //! typo in a test fails loudly instead of answering 200.
 
-use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::{
+    collections::{BTreeMap, HashMap},
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Result, anyhow};
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use parking_lot::Mutex;
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
-use tonic::body::Body;
-use tonic::codegen::Service;
-use tonic_health::ServingStatus;
-use tonic_health::pb::health_server::HealthServer;
-use tonic_health::server::{HealthReporter, HealthService};
+use tokio::{net::TcpStream, task::JoinHandle};
+use tonic::{body::Body, codegen::Service};
+use tonic_health::{
+    ServingStatus,
+    pb::health_server::HealthServer,
+    server::{HealthReporter, HealthService},
+};
 
 use super::collector::{self, Collector};
 use crate::headers_json;
@@ -181,11 +185,9 @@ impl L7 {
         })
     }
 
-    fn counters(&self) -> std::sync::MutexGuard<'_, Counters> {
+    fn counters(&self) -> parking_lot::MutexGuard<'_, Counters> {
         // A panic while holding the lock cannot leave the counters inconsistent.
-        self.counters
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.counters.lock()
     }
 
     async fn answer(

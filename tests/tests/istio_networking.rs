@@ -19,45 +19,9 @@ use serde_json::{Value, json};
 
 mod waypoint_fixture;
 
-use waypoint_fixture::{TARGET_PORT, WAIT, serve, service, start};
-
-fn testbed(pods: usize) -> Testbed {
-    Testbed::builder()
-        .nodes(2)
-        .pods_per_node(pods)
-        .build()
-        .expect("testbed")
-}
-
-fn requests(tb: &Testbed, pod: &Pod, to: SocketAddr, opts: RequestsOpts) -> Value {
-    tb.requests(pod, to, &opts)
-        .unwrap_or_else(|e| panic!("requests to {to}{}: {e:#}", opts.path))
-}
-
-fn get(
-    tb: &Testbed,
-    pod: &Pod,
-    to: SocketAddr,
-    path: &str,
-    count: usize,
-    headers: &[&str],
-) -> Value {
-    requests(
-        tb,
-        pod,
-        to,
-        RequestsOpts {
-            path: path.into(),
-            count,
-            headers: headers.iter().map(|h| (*h).to_owned()).collect(),
-            ..Default::default()
-        },
-    )
-}
-
-fn count_of(summary: &Value, field: &str, key: &str) -> u64 {
-    summary[field][key].as_u64().unwrap_or(0)
-}
+use waypoint_fixture::{
+    TARGET_PORT, WAIT, count_of, get_with, requests, serve, service, start, testbed,
+};
 
 fn istio(mesh: &mut Mesh<'_>, version: &str, kind: &str, name: &str, spec: Value) {
     mesh.write_l7(&format!("networking.istio.io/{version}"), kind, name, spec)
@@ -143,11 +107,11 @@ fn request_routing_by_header_and_weighted_shifting_to_subsets() {
         }),
     );
     wait_applied(&waypoint, &["reviews"], &["reviews"]);
-    let jason = get(&tb, client, vip, "/", 30, &["end-user: jason"]);
+    let jason = get_with(&tb, client, vip, "/", 30, &["end-user: jason"]);
     assert_eq!(count_of(&jason, "servers", &v2.name), 30, "{jason}");
-    let others = get(&tb, client, vip, "/", 30, &["end-user: someone-else"]);
+    let others = get_with(&tb, client, vip, "/", 30, &["end-user: someone-else"]);
     assert_eq!(count_of(&others, "servers", &v1.name), 30, "{others}");
-    let anonymous = get(&tb, client, vip, "/", 30, &[]);
+    let anonymous = get_with(&tb, client, vip, "/", 30, &[]);
     assert_eq!(count_of(&anonymous, "servers", &v1.name), 30, "{anonymous}");
 
     // Traffic shifting: 90/10 over 2,000 requests. v2's count is binomial (n 2000, p 0.1:
@@ -168,7 +132,7 @@ fn request_routing_by_header_and_weighted_shifting_to_subsets() {
     // The header rule is gone once the new version is served: jason reaches v1 as well.
     let deadline = Instant::now() + WAIT;
     loop {
-        let probe = get(&tb, client, vip, "/", 20, &["end-user: jason"]);
+        let probe = get_with(&tb, client, vip, "/", 20, &["end-user: jason"]);
         if count_of(&probe, "servers", &v1.name) > 0 {
             break;
         }
@@ -178,7 +142,7 @@ fn request_routing_by_header_and_weighted_shifting_to_subsets() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let split = get(&tb, client, vip, "/", 2000, &[]);
+    let split = get_with(&tb, client, vip, "/", 2000, &[]);
     assert_eq!(count_of(&split, "statuses", "200"), 2000, "{split}");
     let to_v2 = count_of(&split, "servers", &v2.name);
     assert_eq!(
@@ -221,7 +185,7 @@ fn request_routing_by_header_and_weighted_shifting_to_subsets() {
         reason.contains("spec.http[0].match[0].ignoreUriCase"),
         "{reason}"
     );
-    let plain = get(&tb, client, ratings, "/", 10, &[]);
+    let plain = get_with(&tb, client, ratings, "/", 10, &[]);
     assert_eq!(count_of(&plain, "servers", &v1.name), 10, "{plain}");
 }
 
@@ -281,12 +245,12 @@ fn retries_timeouts_faults_and_mirroring_from_virtual_services() {
     wait_applied(&waypoint, &["faulty", "flaky", "mirrored", "slow"], &[]);
 
     // Retries turn the flaky backend's first two 503s into a success.
-    let retried = get(&tb, client, flaky, "/flaky/vs/2", 1, &[]);
+    let retried = get_with(&tb, client, flaky, "/flaky/vs/2", 1, &[]);
     assert_eq!(count_of(&retried, "statuses", "200"), 1, "{retried}");
 
     // The request timeout answers 504 long before the backend would.
     let started = Instant::now();
-    let timed_out = get(&tb, client, slow, "/delay/5000", 1, &[]);
+    let timed_out = get_with(&tb, client, slow, "/delay/5000", 1, &[]);
     assert_eq!(count_of(&timed_out, "statuses", "504"), 1, "{timed_out}");
     assert!(
         started.elapsed() < Duration::from_secs(4),
@@ -294,7 +258,7 @@ fn retries_timeouts_faults_and_mirroring_from_virtual_services() {
     );
 
     // Aborts at 30% of 1,000 requests (binomial: mean 300, sd 14.5; 5 sd either way).
-    let faults = get(&tb, client, faulty, "/", 1000, &[]);
+    let faults = get_with(&tb, client, faulty, "/", 1000, &[]);
     let aborted = count_of(&faults, "statuses", "500");
     assert_eq!(
         aborted + count_of(&faults, "statuses", "200"),
@@ -317,11 +281,11 @@ fn retries_timeouts_faults_and_mirroring_from_virtual_services() {
     assert_eq!(injected, aborted as f64);
 
     // Mirroring: answers come from the Service, and the shadow receives a copy of each.
-    let answered = get(&tb, client, mirrored, "/copied", 20, &[]);
+    let answered = get_with(&tb, client, mirrored, "/copied", 20, &[]);
     assert_eq!(count_of(&answered, "servers", &a.name), 20, "{answered}");
     let deadline = Instant::now() + WAIT;
     loop {
-        let seen = get(
+        let seen = get_with(
             &tb,
             client,
             SocketAddr::new(shadow.ip4.into(), TARGET_PORT),
@@ -398,9 +362,9 @@ fn destination_rule_breaks_circuits_and_ejects_outliers() {
     // With b's server gone, its failures eject it and requests go to a.
     drop(servers);
     let _a_server = serve(&tb, a);
-    let failing = get(&tb, client, pair, "/", 40, &[]);
+    let failing = get_with(&tb, client, pair, "/", 40, &[]);
     let failed = 40 - count_of(&failing, "statuses", "200");
     assert!(failed <= 5, "b was not ejected after 3 errors: {failing}");
-    let healthy = get(&tb, client, pair, "/", 20, &[]);
+    let healthy = get_with(&tb, client, pair, "/", 20, &[]);
     assert_eq!(count_of(&healthy, "servers", &a.name), 20, "{healthy}");
 }

@@ -23,39 +23,10 @@ use serde_json::{Value, json};
 
 mod waypoint_fixture;
 
-use waypoint_fixture::{ISSUER, Issuer, PORT, TARGET_PORT, WAIT, WAYPOINT, serve, service, start};
-
-/// Two nodes of `pods` pods each.
-fn testbed(pods: usize) -> Testbed {
-    Testbed::builder()
-        .nodes(2)
-        .pods_per_node(pods)
-        .build()
-        .expect("testbed")
-}
-
-/// `count` requests to `path` at `to` from `pod`; the client's JSON summary.
-fn requests(tb: &Testbed, pod: &Pod, to: SocketAddr, opts: RequestsOpts) -> Value {
-    tb.requests(pod, to, &opts)
-        .unwrap_or_else(|e| panic!("requests to {to}{}: {e:#}", opts.path))
-}
-
-fn get(tb: &Testbed, pod: &Pod, to: SocketAddr, path: &str, count: usize) -> Value {
-    requests(
-        tb,
-        pod,
-        to,
-        RequestsOpts {
-            path: path.into(),
-            count,
-            ..Default::default()
-        },
-    )
-}
-
-fn count_of(summary: &Value, field: &str, key: &str) -> u64 {
-    summary[field][key].as_u64().unwrap_or(0)
-}
+use waypoint_fixture::{
+    ISSUER, Issuer, PORT, TARGET_PORT, WAIT, WAYPOINT, count_of, get, requests, serve, service,
+    start, testbed,
+};
 
 /// Requests the waypoint counted with these labels.
 fn waypoint_count(waypoint: &Waypoint<'_>, labels: &[(&str, &str)]) -> f64 {

@@ -16,7 +16,7 @@ use mesh_tests::{
         Mesh, MeshOptions, NAMESPACE,
         waypoint::{USE_WAYPOINT_LABEL, Waypoint},
     },
-    testbed::{Pod, Server, Testbed},
+    testbed::{Pod, RequestsOpts, Server, Testbed},
 };
 use serde_json::{Value, json};
 
@@ -25,6 +25,53 @@ pub const TARGET_PORT: u16 = 8080;
 pub const WAYPOINT: &str = "waypoint";
 pub const WAIT: Duration = Duration::from_secs(20);
 pub const ISSUER: &str = "https://issuer.test";
+
+/// Two nodes of `pods` pods each.
+pub fn testbed(pods: usize) -> Testbed {
+    Testbed::builder()
+        .nodes(2)
+        .pods_per_node(pods)
+        .build()
+        .expect("testbed")
+}
+
+/// Requests from `pod` to `to` as `opts` says; the client's JSON summary.
+pub fn requests(tb: &Testbed, pod: &Pod, to: SocketAddr, opts: RequestsOpts) -> Value {
+    tb.requests(pod, to, &opts)
+        .unwrap_or_else(|e| panic!("requests to {to}{}: {e:#}", opts.path))
+}
+
+/// `count` GETs of `path` at `to` from `pod`.
+pub fn get(tb: &Testbed, pod: &Pod, to: SocketAddr, path: &str, count: usize) -> Value {
+    get_with(tb, pod, to, path, count, &[])
+}
+
+/// `count` GETs of `path` at `to` from `pod`, with `headers` (`name: value`).
+pub fn get_with(
+    tb: &Testbed,
+    pod: &Pod,
+    to: SocketAddr,
+    path: &str,
+    count: usize,
+    headers: &[&str],
+) -> Value {
+    requests(
+        tb,
+        pod,
+        to,
+        RequestsOpts {
+            path: path.into(),
+            count,
+            headers: headers.iter().map(|h| (*h).to_owned()).collect(),
+            ..Default::default()
+        },
+    )
+}
+
+/// `summary[field][key]`, 0 when absent.
+pub fn count_of(summary: &Value, field: &str, key: &str) -> u64 {
+    summary[field][key].as_u64().unwrap_or(0)
+}
 
 /// The mesh with a waypoint on pod (0, 1) for the whole namespace; clients run on (0, 0).
 pub fn start(tb: &Testbed) -> (Mesh<'_>, Waypoint<'_>) {

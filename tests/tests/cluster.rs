@@ -30,7 +30,7 @@ use mesh_tests::{
         kubernetes::{CONTROLLER_HOST, RELEASE_NAMESPACE, install_chart, render_chart},
         metric_sum,
     },
-    testbed::{Testbed, e2e_gate},
+    testbed::{Server, Testbed, e2e_gate},
 };
 use serde_json::Value;
 
@@ -733,6 +733,29 @@ fn an_agent_token_bound_to_node_0_gets_no_certificate_for_a_pod_on_node_1() {
     assert_no_refused_calls(&mesh);
 }
 
+/// The `default` namespace meshed with `kubectl label`, a client pod on node 0 and an HTTP
+/// server pod on node 1 (port 8080), once the client's connections to it cross HBONE: the
+/// client, the server's process and its address.
+fn meshed_client_and_server(tb: &Testbed, cluster: &Cluster) -> (KubePod, Server, String) {
+    let kubelet = Kubelet::new(cluster, tb);
+    kubectl_label(
+        cluster,
+        &["namespace", "default", &format!("{MESH_LABEL}=enabled")],
+    );
+    let client = kubelet
+        .run_pod(tb.pod(0, 0), &PodSpec::new("default", "client"))
+        .expect("client pod");
+    let server = kubelet
+        .run_pod(tb.pod(1, 0), &PodSpec::new("default", "server"))
+        .expect("server pod");
+    let process = tb
+        .spawn_server(&server.pod, &["--listen", "0.0.0.0:8080=http"])
+        .expect("server");
+    let to = format!("{}:8080", server.pod.ip4);
+    wait_path(tb, &client, &to, Path::Hbone, "the pods to join the mesh");
+    (client, process, to)
+}
+
 // ---- resilience -------------------------------------------------------------------------------
 
 #[test]
@@ -744,22 +767,7 @@ fn agents_keep_serving_while_the_api_server_restarts_and_the_controller_catches_
     let tb = testbed(1);
     let mut cluster = cluster_on(&tb, tools);
     let mesh = Mesh::start_kubernetes(&tb, &cluster, &MeshOptions::default()).expect("mesh");
-    let kubelet = Kubelet::new(&cluster, &tb);
-    kubectl_label(
-        &cluster,
-        &["namespace", "default", &format!("{MESH_LABEL}=enabled")],
-    );
-    let client = kubelet
-        .run_pod(tb.pod(0, 0), &PodSpec::new("default", "client"))
-        .expect("client pod");
-    let server = kubelet
-        .run_pod(tb.pod(1, 0), &PodSpec::new("default", "server"))
-        .expect("server pod");
-    let _server = tb
-        .spawn_server(&server.pod, &["--listen", "0.0.0.0:8080=http"])
-        .expect("server");
-    let to = format!("{}:8080", server.pod.ip4);
-    wait_path(&tb, &client, &to, Path::Hbone, "the pods to join the mesh");
+    let (client, _server, to) = meshed_client_and_server(&tb, &cluster);
 
     assert_no_refused_calls(&mesh);
     // The API server goes away: the mesh keeps serving new connections from what it has.

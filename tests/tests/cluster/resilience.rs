@@ -6,7 +6,6 @@ use mesh_tests::{
     cluster::{
         Cluster,
         audit::{self, service_account_user},
-        kubelet::{Kubelet, PodSpec},
     },
     mesh::{MESH_LABEL, Mesh, MeshOptions, kubernetes::RELEASE_NAMESPACE},
 };
@@ -14,7 +13,7 @@ use serde_json::Value;
 
 use super::{
     APPS, CONVERGE, Path, assert_no_refused_calls, assert_no_refused_calls_since, cluster_on, gate,
-    kubectl_label, poll, testbed, wait_path,
+    kubectl_label, meshed_client_and_server, poll, testbed, wait_path,
 };
 
 #[test]
@@ -26,22 +25,7 @@ fn a_compaction_that_expires_the_controllers_watches_is_survived_by_relisting() 
     let tb = testbed(1);
     let mut cluster = cluster_on(&tb, tools);
     let mesh = Mesh::start_kubernetes(&tb, &cluster, &MeshOptions::default()).expect("mesh");
-    let kubelet = Kubelet::new(&cluster, &tb);
-    kubectl_label(
-        &cluster,
-        &["namespace", "default", &format!("{MESH_LABEL}=enabled")],
-    );
-    let client = kubelet
-        .run_pod(tb.pod(0, 0), &PodSpec::new("default", "client"))
-        .expect("client pod");
-    let server = kubelet
-        .run_pod(tb.pod(1, 0), &PodSpec::new("default", "server"))
-        .expect("server pod");
-    let _server = tb
-        .spawn_server(&server.pod, &["--listen", "0.0.0.0:8080=http"])
-        .expect("server");
-    let to = format!("{}:8080", server.pod.ip4);
-    wait_path(&tb, &client, &to, Path::Hbone, "the pods to join the mesh");
+    let (client, _server, to) = meshed_client_and_server(&tb, &cluster);
     assert_no_refused_calls(&mesh);
 
     // With the API server down, etcd's history is compacted past every resource version the

@@ -348,6 +348,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         states.clone(),
         shutdown.clone(),
     ));
+    listeners.spawn({
+        let (inputs, shutdown) = (inputs.clone(), shutdown.clone());
+        async move { inputs.pool.keep_swept(&inputs.certs, shutdown).await }
+    });
     listeners.spawn(plaintext::run(
         states.clone(),
         inputs.metrics.clone(),

@@ -204,14 +204,15 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
     let metrics = Arc::new(metrics);
     let connect_timeout = Duration::from_millis(config.limits.connect_timeout_ms);
     let l7 = Arc::new(ArcSwap::from_pointee(L7::default()));
+    let pool = Arc::new(Pool::new(
+        connect_timeout,
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+    ));
     let connector = upstream::HboneConnector {
         state: mesh.clone(),
         l7: l7.clone(),
         certs: certs.clone(),
-        pool: Arc::new(Pool::new(
-            connect_timeout,
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
-        )),
+        pool: pool.clone(),
         identity: identity.clone(),
         local: config.listen.hbone,
     };
@@ -241,6 +242,10 @@ pub async fn run(config: WaypointConfig, shutdown: CancellationToken) -> Result<
 
     let mut listeners = tokio::task::JoinSet::new();
     listeners.spawn(accept_loop(inputs.clone(), hbone_listener));
+    listeners.spawn({
+        let (certs, shutdown) = (certs.clone(), shutdown.clone());
+        async move { pool.keep_swept(&certs, shutdown).await }
+    });
 
     let status = Arc::new(ArcSwap::from_pointee(feed::FeedStatus {
         address: cp.address.to_string(),

@@ -532,6 +532,81 @@ impl Loop {
 }
 
 #[test]
+fn turning_peer_authentication_strict_aborts_the_plaintext_connections_it_admitted_before() {
+    if !e2e_gate(
+        "turning_peer_authentication_strict_aborts_the_plaintext_connections_it_admitted_before",
+    ) {
+        return;
+    }
+    let tb = Testbed::builder()
+        .nodes(2)
+        .pods_per_node(2)
+        .build()
+        .expect("testbed");
+    // pod-0-1 is outside the mesh: its connections reach the server straight, in plaintext.
+    let mut mesh = start(&tb, vec![(0, 1)]);
+    let (meshed, plain) = (tb.pod(0, 0), tb.pod(0, 1));
+    let server = tb.pod(1, 0);
+    let _echo = tb
+        .spawn_server(
+            server,
+            &[
+                "--listen",
+                "0.0.0.0:7000=echo",
+                "--listen",
+                "0.0.0.0:7001=echo",
+            ],
+        )
+        .expect("echo servers");
+    mesh.write_pod(server, NAMESPACE, &[("app", "server")])
+        .expect("label server");
+    // Admitted under PERMISSIVE, the default.
+    let mut plain_strict_port = Held::open(&tb, plain, server, 7000);
+    let mut plain_permissive_port = Held::open(&tb, plain, server, 7001);
+    let mut meshed_conn = Held::open(&tb, meshed, server, 7000);
+    assert!(plain_strict_port.ping() && plain_permissive_port.ping() && meshed_conn.ping());
+
+    // STRICT for the server, except port 7001.
+    mesh.write_policy(
+        PEER_AUTHN,
+        NAMESPACE,
+        "server-strict",
+        json!({"selector": {"matchLabels": {"app": "server"}},
+               "mtls": {"mode": "STRICT"},
+               "portLevelMtls": {"7001": {"mode": "PERMISSIVE"}}}),
+    )
+    .expect("policy");
+    let deadline = Instant::now() + WAIT;
+    while plain_strict_port.ping() {
+        assert!(
+            Instant::now() < deadline,
+            "the plaintext connection admitted under PERMISSIVE survived STRICT"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        plain_permissive_port.ping(),
+        "the port left PERMISSIVE keeps its plaintext connection"
+    );
+    assert!(meshed_conn.ping(), "the mesh connection stays open");
+    let metrics = mesh.metrics(1).expect("metrics");
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "trellis_connection_failures_total",
+            &[("direction", "inbound"), ("reason", "plaintext_revoked")]
+        ),
+        1.0,
+        "exactly the plaintext connection on the STRICT port was aborted"
+    );
+    let error = get(&tb, plain, server, 7000).expect_err("new plaintext is refused");
+    assert!(
+        error.contains("timed out"),
+        "dropped in the kernel: {error}"
+    );
+}
+
+#[test]
 fn a_denied_flow_stays_denied_while_agents_restart() {
     if !e2e_gate("a_denied_flow_stays_denied_while_agents_restart") {
         return;

@@ -244,6 +244,20 @@ pub fn certificate_serial(cert: &CertificateDer<'_>) -> Option<String> {
     )
 }
 
+/// A certificate's validity period, `(not_before, not_after)` (`None` if it does not parse;
+/// times before the epoch read as the epoch).
+pub fn certificate_validity(cert: &CertificateDer<'_>) -> Option<(SystemTime, SystemTime)> {
+    use x509_parser::prelude::FromDer;
+    let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(cert).ok()?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
+    };
+    Some((
+        at(parsed.validity().not_before),
+        at(parsed.validity().not_after),
+    ))
+}
+
 impl std::fmt::Debug for CertStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CertStore")
@@ -435,16 +449,7 @@ fn verify_issued(
             presented: presented.to_string(),
         });
     }
-    use x509_parser::prelude::FromDer;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf)
-        .map_err(|e| invalid(format!("unparseable leaf: {e}")))?;
-    let at = |t: x509_parser::time::ASN1Time| {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
-    };
-    Ok((
-        at(cert.validity().not_before),
-        at(cert.validity().not_after),
-    ))
+    certificate_validity(leaf).ok_or_else(|| invalid("unparseable leaf validity".into()))
 }
 
 /// Per-identity retry state after a failed attempt.

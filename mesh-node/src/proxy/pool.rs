@@ -17,6 +17,12 @@
 //! presented. Streams already open keep running; HTTP/2 closes the connection once they are
 //! done, since the pool no longer holds a handle to it.
 //!
+//! A connection also stops taking new streams shortly before the earlier of the two
+//! certificates of its handshake expires (its own and the peer's, see [`retire_at`]): TLS
+//! proves identities once, at the handshake, so a connection kept past an expiry would keep
+//! carrying new traffic on a proof that is no longer valid. [`Pool::sweep`] drops retired and
+//! closed connections nobody looks up any more, and the keys left empty.
+//!
 //! A single-use pool ([`Pool::single_use`]) pools nothing: every stream dials its own
 //! connection, which closes with the stream for the same reason. It exists to measure what a
 //! cold connection (a full handshake per stream) costs.
@@ -27,7 +33,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -36,11 +42,15 @@ use http::StatusCode;
 use parking_lot::Mutex;
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
 
 use super::{ClientAddr, HboneAddr, OriginalDst, read_ahead::ReadAhead};
 use crate::{
     hbone::{self, H2Stream, client::ConnectError},
-    identity::{CertStore, Identity, store::WorkloadCert},
+    identity::{
+        CertStore, Identity,
+        store::{WorkloadCert, certificate_validity},
+    },
     metrics::FailureReason,
 };
 
@@ -107,13 +117,26 @@ struct Conn {
     streams: Arc<AtomicUsize>,
     /// The source certificate presented in this connection's handshake.
     cert: Arc<WorkloadCert>,
+    /// When the connection stops taking new streams (see [`retire_at`]).
+    retire_at: SystemTime,
 }
 
 impl Conn {
-    /// Whether new streams may use this connection: still open, and dialled with the
-    /// certificate the store holds now.
-    fn is_current(&self, current: Option<&Arc<WorkloadCert>>) -> bool {
-        !self.is_closed() && current.is_some_and(|c| Arc::ptr_eq(c, &self.cert))
+    /// Whether new streams may use this connection at `now`: still open, dialled with the
+    /// certificate the store holds now, and not close to either certificate's expiry.
+    fn is_current(&self, current: Option<&Arc<WorkloadCert>>, now: SystemTime) -> bool {
+        !self.is_closed()
+            && current.is_some_and(|c| Arc::ptr_eq(c, &self.cert))
+            && now < self.retire_at
+    }
+
+    /// Why the connection takes no new streams (for the log), given that it is not current.
+    fn retired_because(&self, now: SystemTime) -> &'static str {
+        if now >= self.retire_at {
+            "a certificate of its handshake is about to expire"
+        } else {
+            "its source certificate was replaced"
+        }
     }
 
     fn is_closed(&self) -> bool {
@@ -156,6 +179,30 @@ fn choose(loads: &[Load], spread: usize) -> Choice {
     }
 }
 
+/// How often idle keys and retired connections are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(15);
+
+/// The most a connection is retired ahead of the earlier certificate expiry.
+const RETIRE_AHEAD_MAX: Duration = Duration::from_mins(1);
+
+/// When a connection dialled at `now` stops taking new streams: ahead of the earlier of the
+/// two expiries by a quarter of the time left, at most [`RETIRE_AHEAD_MAX`], so streams that
+/// open just before retirement still start well inside both certificates' validity. A peer
+/// expiry that could not be read retires the connection at once (it serves the stream it was
+/// dialled for and is not reused).
+fn retire_at(
+    now: SystemTime,
+    own_expiry: SystemTime,
+    peer_expiry: Option<SystemTime>,
+) -> SystemTime {
+    let Some(peer_expiry) = peer_expiry else {
+        return now;
+    };
+    let expiry = own_expiry.min(peer_expiry);
+    let left = expiry.duration_since(now).unwrap_or_default();
+    expiry - (left / 4).min(RETIRE_AHEAD_MAX)
+}
+
 /// Counts a stream against its connection until dropped.
 pub struct StreamGuard(Arc<AtomicUsize>);
 
@@ -178,6 +225,8 @@ pub struct Pool {
     spread: usize,
     /// Every stream gets its own connection, never pooled.
     single_use: bool,
+    /// The wall clock certificate expiries are compared with.
+    clock: fn() -> SystemTime,
 }
 
 impl Pool {
@@ -189,7 +238,65 @@ impl Pool {
             connect_timeout,
             spread: spread.max(1),
             single_use: false,
+            clock: SystemTime::now,
         }
+    }
+
+    /// Drops the connections that take no new streams (closed, retired, or dialled with a
+    /// replaced certificate), and the keys left with none. Connections busy in a checkout
+    /// are left for the next sweep. Dropping a retired connection's handle lets HTTP/2 close
+    /// it once its open streams end.
+    pub fn sweep(&self, certs: &CertStore) {
+        let now = (self.clock)();
+        let slots: Vec<(Key, Slot)> = self
+            .slots
+            .lock()
+            .iter()
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        for (key, slot) in slots {
+            let Ok(mut conns) = slot.try_lock() else {
+                continue;
+            };
+            let current = certs.get(&key.src);
+            conns.retain(|c| c.is_current(current.as_ref(), now));
+            if conns.is_empty() {
+                drop(conns);
+                let mut slots = self.slots.lock();
+                // Only if no checkout took the slot meanwhile (it would hold a clone).
+                if slots.get(&key).is_some_and(|s| Arc::strong_count(s) == 2) {
+                    slots.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Sweeps every [`SWEEP_EVERY`] until `shutdown`.
+    pub async fn keep_swept(&self, certs: &CertStore, shutdown: CancellationToken) {
+        let mut every = tokio::time::interval(SWEEP_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = every.tick() => self.sweep(certs),
+            }
+        }
+    }
+
+    /// Every key's pooled connections (open or not yet swept), for tests and the dump.
+    #[cfg(test)]
+    fn pooled(&self) -> usize {
+        self.slots
+            .lock()
+            .values()
+            .map(|s| s.try_lock().map_or(0, |c| c.len()))
+            .sum()
+    }
+
+    /// With a clock of its own (tests move time past certificate expiries).
+    #[cfg(test)]
+    fn with_clock(self, clock: fn() -> SystemTime) -> Self {
+        Self { clock, ..self }
     }
 
     /// With `single_use`, every stream dials a connection of its own that closes when the
@@ -237,7 +344,7 @@ impl Pool {
     ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>, StreamGuard), PoolError> {
         if self.single_use {
             // Not stored: once this stream's sender is dropped, the connection closes.
-            let (sender, closed, _) = self.dial(certs, &key).await?;
+            let (sender, closed, _, _) = self.dial(certs, &key).await?;
             return Ok((sender, closed, StreamGuard(Arc::new(AtomicUsize::new(1)))));
         }
         let slot = {
@@ -246,8 +353,9 @@ impl Pool {
         };
         let mut conns = slot.lock().await;
         let current = certs.get(&key.src);
+        let now = (self.clock)();
         conns.retain(|c| {
-            let keep = c.is_current(current.as_ref());
+            let keep = c.is_current(current.as_ref(), now);
             if !keep && !c.is_closed() {
                 tracing::debug!(
                     src = %key.src,
@@ -255,7 +363,8 @@ impl Pool {
                     peer = %key.node.0,
                     serial = %c.cert.serial,
                     open_streams = c.streams.load(Ordering::Relaxed),
-                    "retiring HBONE connection: its source certificate was replaced"
+                    because = c.retired_because(now),
+                    "retiring HBONE connection"
                 );
             }
             keep
@@ -280,24 +389,34 @@ impl Pool {
         // The slot stays locked while dialling: streams of this key that arrive meanwhile
         // wait for this connection instead of each dialling their own. It happens at most
         // `spread` times per key and certificate while streams stay open.
-        let (sender, closed, cert) = self.dial(certs, &key).await?;
+        let (sender, closed, cert, peer_expiry) = self.dial(certs, &key).await?;
         let streams = Arc::new(AtomicUsize::new(1));
+        let retire_at = retire_at((self.clock)(), cert.not_after, peer_expiry);
         conns.push(Conn {
             sender: sender.clone(),
             closed: closed.clone(),
             streams: streams.clone(),
             cert,
+            retire_at,
         });
         Ok((sender, closed, StreamGuard(streams)))
     }
 
-    /// Opens a connection for `key`; returns it, the flag its task sets when it ends, and the
-    /// certificate it presented.
+    /// Opens a connection for `key`; returns it, the flag its task sets when it ends, the
+    /// certificate it presented and when the peer's expires.
     async fn dial(
         &self,
         certs: &CertStore,
         key: &Key,
-    ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>, Arc<WorkloadCert>), PoolError> {
+    ) -> Result<
+        (
+            SendRequest<Bytes>,
+            Arc<AtomicBool>,
+            Arc<WorkloadCert>,
+            Option<SystemTime>,
+        ),
+        PoolError,
+    > {
         let addr = key.node.0;
         let cert = certs
             .wait_for(&key.src, self.connect_timeout)
@@ -324,6 +443,13 @@ impl Pool {
         if tls.get_ref().1.alpn_protocol() != Some(crate::tls::ALPN_H2) {
             return Err(PoolError::Alpn(addr));
         }
+        let peer_expiry = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(<[_]>::first)
+            .and_then(certificate_validity)
+            .map(|(_, not_after)| not_after);
         let (sender, driver) = hbone::client::handshake(tls)
             .await
             .map_err(|source| PoolError::Handshake { addr, source })?;
@@ -336,7 +462,7 @@ impl Pool {
             ended.store(true, Ordering::Relaxed);
         });
         tracing::debug!(src = %key.src, dst = %key.dst, peer = %addr, serial = %cert.serial, "opened HBONE connection");
-        Ok((sender, closed, cert))
+        Ok((sender, closed, cert, peer_expiry))
     }
 }
 

@@ -56,13 +56,17 @@ fn local_issuer(ca: &LocalCa) -> Issuer {
 
 impl Harness {
     async fn start() -> Self {
+        Self::with_lifetimes(Duration::from_hours(1), Duration::from_hours(1)).await
+    }
+
+    /// Client certificates live `client_ttl`, the server's `server_ttl`.
+    async fn with_lifetimes(client_ttl: Duration, server_ttl: Duration) -> Self {
         let ca = LocalCa::generate(TD).expect("ca");
         let src = Identity::new(TD, "shop", "web").expect("src");
         let dst = Identity::new(TD, "shop", "db").expect("dst");
-        let ttl = Duration::from_hours(1);
 
         let certs = store(&ca);
-        let mut manager = CertManager::new(certs.clone(), local_issuer(&ca), ttl);
+        let mut manager = CertManager::new(certs.clone(), local_issuer(&ca), client_ttl);
         assert!(
             manager
                 .reconcile(&HashSet::from([src.clone()]))
@@ -71,7 +75,8 @@ impl Harness {
         );
 
         let server_certs = store(&ca);
-        let mut server_manager = CertManager::new(server_certs.clone(), local_issuer(&ca), ttl);
+        let mut server_manager =
+            CertManager::new(server_certs.clone(), local_issuer(&ca), server_ttl);
         assert!(
             server_manager
                 .reconcile(&HashSet::from([dst.clone()]))
@@ -382,4 +387,103 @@ async fn a_replaced_certificate_retires_pooled_connections_without_cutting_their
         !h.closed().contains(&new),
         "the current connection stays open"
     );
+}
+
+#[test]
+fn a_connection_retires_ahead_of_the_earlier_expiry_by_a_quarter_of_the_time_left_at_most_a_minute()
+{
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    let hours = |h| now + Duration::from_hours(h);
+    assert_eq!(
+        retire_at(now, hours(2), Some(hours(1))),
+        hours(1) - RETIRE_AHEAD_MAX,
+        "the peer's earlier expiry counts"
+    );
+    assert_eq!(
+        retire_at(now, hours(1), Some(hours(3))),
+        hours(1) - RETIRE_AHEAD_MAX,
+        "our own earlier expiry counts"
+    );
+    let soon = now + Duration::from_secs(40);
+    assert_eq!(
+        retire_at(now, soon, Some(hours(1))),
+        now + Duration::from_secs(30),
+        "a quarter of a short time left"
+    );
+    assert_eq!(
+        retire_at(now, now, Some(now)),
+        now,
+        "expiring now: not reused"
+    );
+    assert_eq!(
+        retire_at(now, hours(1), None),
+        now,
+        "an unreadable peer certificate: not reused"
+    );
+}
+
+/// A clock 59 minutes and a half ahead: past the retirement of a connection whose earlier
+/// certificate lives one hour.
+fn near_expiry() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(59 * 60 + 30)
+}
+
+#[tokio::test]
+async fn a_connection_close_to_a_certificate_expiry_takes_no_new_stream_but_keeps_its_own() {
+    let h = Harness::start().await;
+    let pool = Pool::new(Duration::from_secs(5), 1);
+    let mut first = h.tunnel(&pool).await;
+    echo(&mut first, b"fresh").await;
+    assert_eq!(h.handshakes().len(), 1);
+
+    // The same certificates, an hour later: the pooled connection is not reused.
+    let later = pool.with_clock(near_expiry);
+    let mut second = h.tunnel(&later).await;
+    echo(&mut second, b"new handshake").await;
+    let handshakes = h.handshakes();
+    assert_eq!(handshakes.len(), 2, "a new connection was dialled");
+    assert_eq!(
+        handshakes[0], handshakes[1],
+        "with the same, unexpired certificate"
+    );
+    // The retired connection's stream is not cut.
+    echo(&mut first, b"still flowing").await;
+    finish(first).await;
+    finish(second).await;
+}
+
+#[tokio::test]
+async fn the_peer_certificate_expiry_retires_the_connection_too() {
+    // The client's certificate lives a day; the server's an hour.
+    let h = Harness::with_lifetimes(Duration::from_hours(24), Duration::from_hours(1)).await;
+    let pool = Pool::new(Duration::from_secs(5), 1);
+    let first = h.tunnel(&pool).await;
+    finish(first).await;
+    let later = pool.with_clock(near_expiry);
+    let second = h.tunnel(&later).await;
+    assert_eq!(
+        h.handshakes().len(),
+        2,
+        "the server certificate about to expire retired the connection"
+    );
+    finish(second).await;
+}
+
+#[tokio::test]
+async fn a_sweep_drops_retired_connections_and_empty_keys_so_idle_ones_close() {
+    let h = Harness::start().await;
+    let pool = Pool::new(Duration::from_secs(5), 1);
+    let first = h.tunnel(&pool).await;
+    finish(first).await;
+    let serial = h.serial();
+
+    pool.sweep(&h.certs);
+    assert_eq!(pool.pooled(), 1, "a current idle connection stays pooled");
+    assert!(h.closed().is_empty());
+
+    let later = pool.with_clock(near_expiry);
+    later.sweep(&h.certs);
+    assert_eq!(later.pooled(), 0);
+    assert!(later.slots.lock().is_empty(), "the empty key is dropped");
+    h.wait_closed(&serial).await;
 }

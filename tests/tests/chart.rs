@@ -545,18 +545,13 @@ fn the_controller_has_no_cluster_wide_secrets_access_and_the_agent_no_api_access
         "gateways/status",
         "patch"
     ));
-    // Leader election of the status writer: Leases in the release namespace only.
-    for verb in ["get", "create", "update"] {
-        assert!(
-            grants("Role", "coordination.k8s.io", "leases", verb),
-            "{verb} leases in {NAMESPACE}"
-        );
-    }
+    // No leader election: status writes are idempotent, so no Lease is needed anywhere.
     assert!(
         !rules("ClusterRole")
             .iter()
+            .chain(rules("Role").iter())
             .any(|r| strings(&r["resources"]).iter().any(|r| r == "leases")),
-        "no Lease access outside the release namespace"
+        "no Lease access"
     );
     // Secrets only in the release namespace: read the CA by name, create it once.
     let role = object(&objects, "Role", "trellis-controller");

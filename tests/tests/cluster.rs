@@ -34,6 +34,8 @@ use mesh_tests::{
 };
 use serde_json::Value;
 
+#[path = "cluster/rbac.rs"]
+mod rbac;
 #[path = "cluster/resilience.rs"]
 mod resilience;
 #[path = "cluster/waypoint.rs"]

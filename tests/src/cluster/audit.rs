@@ -2,8 +2,9 @@
 //! and how it was answered.
 //!
 //! The policy ([`POLICY`]) records every request of a service account at level `Metadata`
-//! (who, verb, what, the response code; no bodies) once its response is complete, and nothing
-//! of other users (the admin's kubectl and the controller-manager's own accounts would only
+//! (who, verb, what, the response code; no bodies) once its response is complete (a watch,
+//! which completes only when it ends, also when its response starts), and nothing of other
+//! users (the admin's kubectl and the controller-manager's own accounts would only
 //! add noise to a file the tests scan).
 
 use std::path::Path;
@@ -14,7 +15,7 @@ use serde::Deserialize;
 /// The audit policy the cluster's API server runs with.
 pub const POLICY: &str = "apiVersion: audit.k8s.io/v1
 kind: Policy
-omitStages: [RequestReceived, ResponseStarted]
+omitStages: [RequestReceived]
 rules:
   - level: Metadata
     userGroups: [\"system:serviceaccounts\"]

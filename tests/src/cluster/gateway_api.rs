@@ -1,4 +1,4 @@
-//! The Gateway API kinds a waypoint test needs (Gateway, HTTPRoute), as CustomResourceDefinitions
+//! The Gateway API kinds a waypoint test needs (Gateway, HTTPRoute, GRPCRoute), as CustomResourceDefinitions
 //! for the test cluster. The mesh does not ship them (a cluster installs the Gateway API itself);
 //! these are reduced to what the API server must know to serve the kinds as a real install
 //! does: their names, the `status` subresource, and `status.parents` as an atomic list (so a
@@ -7,7 +7,7 @@
 
 use serde_json::{Value, json};
 
-/// The two CRDs as one YAML (JSON) stream for `kubectl apply`.
+/// The CRDs as one YAML (JSON) stream for `kubectl apply`.
 pub fn crds() -> String {
     [
         crd(
@@ -19,6 +19,17 @@ pub fn crds() -> String {
         crd(
             "HTTPRoute",
             "httproutes",
+            json!({"type": "object", "properties": {
+                "parents": {
+                    "type": "array",
+                    "x-kubernetes-list-type": "atomic",
+                    "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                },
+            }}),
+        ),
+        crd(
+            "GRPCRoute",
+            "grpcroutes",
             json!({"type": "object", "properties": {
                 "parents": {
                     "type": "array",

@@ -161,7 +161,56 @@ fn route(admin: &AdminState, surface: Surface, req: &Request<Incoming>) -> Respo
             );
             response
         }
+        (Surface::Admin, "/logging") => logging(req),
+        (Surface::Admin, "/version") => json_response(&version()),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// This build's version, as `/version` reports it (agents and waypoints; the controller
+/// serves the same document).
+pub fn version() -> serde_json::Value {
+    serde_json::json!({"version": env!("CARGO_PKG_VERSION")})
+}
+
+fn json_response(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::OK, format!("{value}\n"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// `GET /logging`: the log filter in force. `POST /logging?level=<filter>`: replaces it (the
+/// `RUST_LOG` syntax), with no restart. Served on the loopback admin port only.
+fn logging<B>(req: &Request<B>) -> Response<Full<Bytes>> {
+    use crate::log_level::{self, LogLevelError};
+    let answer = |result: Result<String, LogLevelError>| match result {
+        Ok(filter) => json_response(&serde_json::json!({"level": filter})),
+        Err(e @ LogLevelError::NotInstalled) => text(StatusCode::NOT_IMPLEMENTED, format!("{e}\n")),
+        Err(e @ LogLevelError::Reload(_)) => {
+            text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
+        }
+        Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    match *req.method() {
+        http::Method::GET => answer(log_level::current()),
+        http::Method::POST => {
+            let level = req.uri().query().and_then(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .find(|(k, _)| k == "level")
+                    .map(|(_, v)| v.into_owned())
+            });
+            let Some(level) = level else {
+                return text(StatusCode::BAD_REQUEST, "missing ?level=<filter>\n");
+            };
+            answer(log_level::set(&level).map(|()| {
+                tracing::info!(level, "log filter changed");
+                level
+            }))
+        }
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "GET or POST\n"),
     }
 }
 

@@ -47,6 +47,7 @@ pub mod kube_source;
 pub mod metrics;
 pub mod objects;
 pub mod policy_status;
+pub mod proxies;
 pub mod route_status;
 pub mod translate;
 
@@ -344,8 +345,17 @@ impl Controller {
             state_rx.clone(),
             stop.clone(),
         ));
+        let proxies = Arc::new(proxies::Proxies::default());
         if let Some(listener) = monitoring {
-            tasks.spawn(metrics::serve(metrics.clone(), listener, stop.clone()));
+            tasks.spawn(metrics::serve(
+                metrics::Monitored {
+                    metrics: metrics.clone(),
+                    proxies: proxies.clone(),
+                    state: state_rx.clone(),
+                },
+                listener,
+                stop.clone(),
+            ));
         }
 
         let ca_service = ca::CaService::new(
@@ -361,6 +371,7 @@ impl Controller {
             auth,
             state_rx,
             metrics,
+            proxies,
             stop.clone(),
             discovery::StreamSettings::default(),
         );

@@ -41,6 +41,7 @@ pub mod hbone;
 pub mod identity;
 pub mod k8s;
 pub mod l7;
+pub mod log_level;
 pub mod log_limit;
 pub mod metrics;
 pub mod policy;

@@ -34,6 +34,8 @@ use mesh_tests::{
 };
 use serde_json::Value;
 
+#[path = "cluster/meshctl.rs"]
+mod meshctl;
 #[path = "cluster/rbac.rs"]
 mod rbac;
 #[path = "cluster/resilience.rs"]

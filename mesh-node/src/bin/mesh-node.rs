@@ -249,18 +249,16 @@ fn write_private(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
 }
 
 fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt};
+    // RUST_LOG, else info; changeable at run time through the admin surface's /logging.
+    let initial = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    let registry = tracing_subscriber::registry().with(mesh_node::log_level::init(&initial));
+    let layer = fmt::layer().with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
+        LogFormat::Json => registry
+            .with(layer.json().flatten_event(true).with_current_span(false))
             .init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => registry.with(layer).init(),
     }
 }
 

@@ -364,6 +364,7 @@ impl Feed {
                 node: self.node.clone(),
                 last_version: store.version().unwrap_or(0),
                 role: self.role.into(),
+                build: env!("CARGO_PKG_VERSION").into(),
             })),
         };
         to_controller

@@ -32,6 +32,7 @@ use super::{
     Published, SharedState,
     auth::{self, Authenticator, Caller},
     metrics::ControllerMetrics,
+    proxies::{Proxies, Proxy, Registration},
     translate::{Role, for_role},
 };
 use crate::api::v1::{
@@ -62,6 +63,7 @@ pub struct DiscoveryService {
     auth: Arc<dyn Authenticator>,
     state: SharedState,
     metrics: Arc<ControllerMetrics>,
+    proxies: Arc<Proxies>,
     shutdown: CancellationToken,
     settings: StreamSettings,
 }
@@ -72,6 +74,7 @@ impl DiscoveryService {
         auth: Arc<dyn Authenticator>,
         state: SharedState,
         metrics: Arc<ControllerMetrics>,
+        proxies: Arc<Proxies>,
         shutdown: CancellationToken,
         settings: StreamSettings,
     ) -> Self {
@@ -79,6 +82,7 @@ impl DiscoveryService {
             auth,
             state,
             metrics,
+            proxies,
             shutdown,
             settings,
         }
@@ -176,8 +180,13 @@ impl Discovery for DiscoveryService {
 
         let (tx, rx) = mpsc::channel(self.settings.capacity.max(1));
         let final_status = Arc::new(Mutex::new(None));
+        // Bounded: a Hello's strings are the caller's, listed by the monitoring surface.
+        let build: String = hello.build.chars().take(64).collect();
+        let node: String = hello.node.chars().take(253).collect();
+        let registration = self.proxies.register(peer.clone(), role, node, build);
         let agent = Agent {
             peer,
+            registration,
             role,
             waypoint_account,
             state: self.state.clone(),
@@ -215,6 +224,8 @@ fn updates(
 struct Agent {
     /// Who is at the other end, for log lines.
     peer: String,
+    /// Its entry in the connected proxies, removed when the stream ends.
+    registration: Registration,
     role: Role,
     /// A waypoint's `(namespace, service account)`: the stream ends once it is no longer one.
     waypoint_account: Option<(String, String)>,
@@ -238,6 +249,7 @@ impl Agent {
         // Reading Acks ends the stream when the agent goes away, and vice versa.
         let reader = tokio::spawn(read_acks(
             self.peer.clone(),
+            self.registration.proxy.clone(),
             inbound,
             self.metrics.clone(),
             self.stop.clone(),
@@ -298,6 +310,10 @@ impl Agent {
                         removes = update.removes.len(),
                         "sending update"
                     );
+                    self.registration
+                        .proxy
+                        .sent
+                        .store(update.version, std::sync::atomic::Ordering::Relaxed);
                     permit.send(update);
                     sent = Some(current);
                 }
@@ -374,6 +390,7 @@ fn delta(
 
 async fn read_acks(
     peer: String,
+    proxy: Arc<Proxy>,
     mut inbound: Streaming<AgentMessage>,
     metrics: Arc<ControllerMetrics>,
     stop: CancellationToken,
@@ -397,6 +414,13 @@ async fn read_acks(
                         "resource rejected by the receiver; it keeps its last good state for it"
                     );
                 }
+                proxy
+                    .acked
+                    .store(ack.version, std::sync::atomic::Ordering::Relaxed);
+                proxy.rejected.fetch_add(
+                    u64::try_from(ack.rejected.len()).unwrap_or(u64::MAX),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 tracing::debug!(%peer, version = ack.version, "acknowledged");
             }
             Ok(Some(AgentMessage {

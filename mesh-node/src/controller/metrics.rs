@@ -169,14 +169,20 @@ impl std::fmt::Debug for ControllerMetrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz/ready` until `shutdown`.
-pub async fn serve(
-    metrics: Arc<ControllerMetrics>,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) {
+/// What the monitoring surface reports on.
+#[derive(Clone)]
+pub struct Monitored {
+    pub metrics: Arc<ControllerMetrics>,
+    /// The connected agents and waypoints (`/debug/proxies`).
+    pub proxies: Arc<super::proxies::Proxies>,
+    /// The published state, for the version proxies are judged against.
+    pub state: super::SharedState,
+}
+
+/// Serves `/metrics`, `/healthz/ready`, `/version` and `/debug/proxies` until `shutdown`.
+pub async fn serve(monitored: Monitored, listener: TcpListener, shutdown: CancellationToken) {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -188,11 +194,11 @@ pub async fn serve(
                 }
             },
         };
-        let metrics = metrics.clone();
+        let monitored = monitored.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(route(&metrics, &req)) }
+                let monitored = monitored.clone();
+                async move { Ok::<_, Infallible>(route(&monitored, peer, &req)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -203,7 +209,14 @@ pub async fn serve(
     }
 }
 
-fn route<B>(metrics: &ControllerMetrics, req: &Request<B>) -> Response<Full<Bytes>> {
+/// `/debug/` paths answer loopback clients only (`kubectl port-forward`, `kubectl exec`):
+/// they name every node and waypoint, which the scrapers of `/metrics` need not know.
+fn route<B>(
+    monitored: &Monitored,
+    peer: std::net::SocketAddr,
+    req: &Request<B>,
+) -> Response<Full<Bytes>> {
+    let metrics = &monitored.metrics;
     match req.uri().path() {
         "/healthz/ready" if metrics.ready.load(Ordering::Relaxed) => {
             text(StatusCode::OK, "ready\n")
@@ -219,8 +232,33 @@ fn route<B>(metrics: &ControllerMetrics, req: &Request<B>) -> Response<Full<Byte
             );
             response
         }
+        "/version" => json(&crate::admin::version()),
+        "/debug/proxies" if !crate::state::canonical(peer.ip()).is_loopback() => text(
+            StatusCode::FORBIDDEN,
+            "/debug/ answers loopback clients only\n",
+        ),
+        "/debug/proxies" => {
+            let version = monitored.state.borrow().as_ref().map(|s| s.version);
+            let listing = super::proxies::Listing {
+                controller: super::proxies::ControllerInfo {
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    state_version: version,
+                },
+                proxies: monitored.proxies.list(version),
+            };
+            json(&serde_json::to_value(listing).unwrap_or_default())
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::OK, format!("{value}\n"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

@@ -179,6 +179,7 @@ async fn open_stream_as(
             node: node.into(),
             last_version: 0,
             role: role.into(),
+            build: String::new(),
         })),
     })
     .await

@@ -4,8 +4,10 @@
 //! what it holds as tables: workloads, services, certificates and their expiry, the control
 //! plane feed and the datapath. Pointed at a waypoint's admin endpoint, it also shows the
 //! waypoint's routes and traffic policies. `meshctl waypoint generate` prints the objects that
-//! deploy a waypoint.
+//! deploy a waypoint. Pointed at the controller's monitoring port (`--controller`), it lists
+//! the connected proxies and the versions they run and hold (`proxy-status`, `version`).
 
+mod fleet;
 mod l7;
 mod manifests;
 mod tables;
@@ -69,6 +71,24 @@ enum Command {
     },
     /// The agent's Prometheus metrics.
     Metrics,
+    /// The agent's log filter; with FILTER (e.g. `debug`, `info,mesh_node::proxy=debug`),
+    /// replaces it at once, without a restart.
+    LogLevel { filter: Option<String> },
+    /// Every agent and waypoint connected to the controller: its build, and whether it holds
+    /// the controller's current state.
+    ProxyStatus {
+        /// The controller's monitoring address (loopback: `kubectl port-forward`).
+        #[arg(long, env = "TRELLIS_CONTROLLER", default_value = "127.0.0.1:15014")]
+        controller: SocketAddr,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// The versions of meshctl, the agent (`--admin`) and, with `--controller`, the controller
+    /// and every proxy connected to it.
+    Version {
+        #[arg(long, env = "TRELLIS_CONTROLLER")]
+        controller: Option<SocketAddr>,
+    },
     /// Authorization policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -174,6 +194,40 @@ fn main() -> Result<()> {
         }
         Command::ConfigDump => println!("{}", runtime.block_on(get(cli.admin, "/config_dump"))?),
         Command::Metrics => print!("{}", runtime.block_on(get(cli.admin, "/metrics"))?),
+        Command::LogLevel { filter } => {
+            let text = match filter {
+                None => runtime.block_on(get(cli.admin, "/logging"))?,
+                Some(filter) => {
+                    let query: String = form_urlencoded::Serializer::new(String::new())
+                        .append_pair("level", filter)
+                        .finish();
+                    runtime.block_on(call(
+                        http::Method::POST,
+                        cli.admin,
+                        &format!("/logging?{query}"),
+                    ))?
+                }
+            };
+            let answer: Value = serde_json::from_str(&text).context("not JSON")?;
+            println!("{}", answer["level"].as_str().unwrap_or_default());
+        }
+        Command::ProxyStatus { controller, output } => {
+            let listing = fleet::proxies(&runtime.block_on(get(*controller, "/debug/proxies"))?)?;
+            match output {
+                Output::Text => print!("{}", fleet::status_table(&listing)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&listing)?),
+            }
+        }
+        Command::Version { controller } => {
+            let agent = runtime.block_on(get(cli.admin, "/version"));
+            let fleet = match controller {
+                Some(addr) => Some(fleet::proxies(
+                    &runtime.block_on(get(*addr, "/debug/proxies"))?,
+                )?),
+                None => None,
+            };
+            print!("{}", fleet::versions(agent.ok().as_deref(), fleet.as_ref()));
+        }
         Command::Policy(PolicyCommand::List) => print!("{}", tables::policies(&dump()?)),
         Command::Routes => print!("{}", l7::routes(&dump()?)),
         Command::TrafficPolicies => print!("{}", l7::traffic_policies(&dump()?)),
@@ -227,21 +281,25 @@ fn main() -> Result<()> {
 }
 
 async fn get(addr: SocketAddr, path: &str) -> Result<String> {
+    call(http::Method::GET, addr, path).await
+}
+
+async fn call(method: http::Method, addr: SocketAddr, path: &str) -> Result<String> {
     let stream = tokio::time::timeout(
         std::time::Duration::from_secs(5),
         tokio::net::TcpStream::connect(addr),
     )
     .await
-    .context("timed out connecting to the agent's admin port")?
+    .with_context(|| format!("timed out connecting to {addr}"))?
     .with_context(|| {
-        format!(
-            "cannot reach the agent's admin port at {addr} (is the agent running on this node?)"
-        )
+        format!("cannot reach {addr} (the agent's admin port is on its node's loopback; the controller's monitoring port needs `kubectl port-forward`)")
     })?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
-    let request = http::Request::get(path)
+    let request = http::Request::builder()
+        .method(method)
+        .uri(path)
         .header(http::header::HOST, addr.to_string())
         .body(Empty::<Bytes>::new())?;
     let response = sender.send_request(request).await?;

@@ -1,0 +1,201 @@
+//! The proxies connected to this controller (agents and waypoints): who, which build, since
+//! when, and which version of the mesh state each was sent and has acknowledged. Discovery
+//! streams register here for their lifetime; the monitoring surface lists them at
+//! `/debug/proxies`, which `meshctl proxy-status` reads.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::translate::Role;
+
+/// Every open discovery stream, by registration.
+#[derive(Default)]
+pub struct Proxies {
+    next: AtomicU64,
+    open: Mutex<BTreeMap<u64, Arc<Proxy>>>,
+}
+
+/// One open stream's proxy.
+pub struct Proxy {
+    /// Who the credential proves (a node, or a waypoint's workload).
+    pub peer: String,
+    pub role: Role,
+    /// The node its Hello named.
+    pub node: String,
+    /// The build its Hello named (empty: an older proxy that does not say).
+    pub build: String,
+    pub connected_at: SystemTime,
+    /// The state version last sent, and last acknowledged (0: none yet).
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    /// Resources it rejected, over the stream's life.
+    pub rejected: AtomicU64,
+}
+
+/// A stream's place in [`Proxies`]; dropping it removes the proxy.
+pub struct Registration {
+    proxies: Arc<Proxies>,
+    id: u64,
+    pub proxy: Arc<Proxy>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.proxies.open.lock().remove(&self.id);
+    }
+}
+
+/// Whether a proxy holds the controller's current state.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Sync {
+    /// It acknowledged the controller's current version.
+    Synced,
+    /// It acknowledged an older one (an update is on its way, or it is stuck).
+    Stale,
+    /// Nothing acknowledged yet.
+    NotAcked,
+}
+
+impl Sync {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Synced => "SYNCED",
+            Self::Stale => "STALE",
+            Self::NotAcked => "NOT ACKED",
+        }
+    }
+}
+
+/// A proxy as `/debug/proxies` lists it.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Listed {
+    pub peer: String,
+    /// `agent` or `waypoint`.
+    pub role: String,
+    pub node: String,
+    pub build: String,
+    pub connected_at_unix: u64,
+    pub sent_version: u64,
+    pub acked_version: u64,
+    pub rejected_resources: u64,
+    pub sync: Sync,
+}
+
+/// What `/debug/proxies` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Listing {
+    pub controller: ControllerInfo,
+    pub proxies: Vec<Listed>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ControllerInfo {
+    /// The controller's build.
+    pub version: String,
+    /// The version of the state it serves (`None` before it has loaded one).
+    pub state_version: Option<u64>,
+}
+
+impl Proxies {
+    pub fn register(
+        self: &Arc<Self>,
+        peer: String,
+        role: Role,
+        node: String,
+        build: String,
+    ) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let proxy = Arc::new(Proxy {
+            peer,
+            role,
+            node,
+            build,
+            connected_at: SystemTime::now(),
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+        });
+        self.open.lock().insert(id, proxy.clone());
+        Registration {
+            proxies: self.clone(),
+            id,
+            proxy,
+        }
+    }
+
+    /// The open streams' proxies, in connection order, judged against `current` (the
+    /// controller's state version; `None` before it has one).
+    pub fn list(&self, current: Option<u64>) -> Vec<Listed> {
+        let open: Vec<Arc<Proxy>> = self.open.lock().values().cloned().collect();
+        open.iter()
+            .map(|p| {
+                let acked = p.acked.load(Ordering::Relaxed);
+                Listed {
+                    peer: p.peer.clone(),
+                    role: match p.role {
+                        Role::Agent => "agent",
+                        Role::Waypoint => "waypoint",
+                    }
+                    .to_owned(),
+                    node: p.node.clone(),
+                    build: p.build.clone(),
+                    connected_at_unix: p
+                        .connected_at
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                    sent_version: p.sent.load(Ordering::Relaxed),
+                    acked_version: acked,
+                    rejected_resources: p.rejected.load(Ordering::Relaxed),
+                    sync: match (acked, current) {
+                        (0, _) => Sync::NotAcked,
+                        (acked, Some(current)) if acked >= current => Sync::Synced,
+                        _ => Sync::Stale,
+                    },
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proxy_is_listed_while_its_stream_is_open_and_judged_by_what_it_acknowledged() {
+        let proxies = Arc::new(Proxies::default());
+        let agent = proxies.register("node n1".into(), Role::Agent, "n1".into(), "0.1.0".into());
+        let waypoint = proxies.register(
+            "waypoint x".into(),
+            Role::Waypoint,
+            "n2".into(),
+            String::new(),
+        );
+        let sync =
+            |current| -> Vec<Sync> { proxies.list(current).iter().map(|l| l.sync).collect() };
+        assert_eq!(sync(Some(3)), [Sync::NotAcked, Sync::NotAcked]);
+        agent.proxy.sent.store(3, Ordering::Relaxed);
+        agent.proxy.acked.store(3, Ordering::Relaxed);
+        waypoint.proxy.acked.store(2, Ordering::Relaxed);
+        assert_eq!(sync(Some(3)), [Sync::Synced, Sync::Stale]);
+        assert_eq!(sync(Some(4)), [Sync::Stale, Sync::Stale]);
+        let listed = proxies.list(Some(3));
+        assert_eq!(listed[0].role, "agent");
+        assert_eq!(listed[0].sent_version, 3);
+        assert_eq!(listed[1].role, "waypoint");
+        drop(agent);
+        let left = proxies.list(Some(3));
+        assert_eq!(left.len(), 1, "a closed stream is gone");
+        assert_eq!(left[0].peer, "waypoint x");
+    }
+}

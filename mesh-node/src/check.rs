@@ -1,4 +1,5 @@
-//! Pre-flight checks: can the agent run its datapath on this node?
+//! Pre-flight checks: can the agent run its datapath on this node? (And, in [`cluster`], the
+//! checks after installation: is the mesh up on the cluster?)
 //!
 //! `meshctl check --pre` prints every check; the agent runs the hard ones before it touches
 //! the kernel and refuses to start, with the same lines, when one fails. Each check has a
@@ -18,6 +19,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::ebpf;
+
+pub mod cluster;
 
 /// Oldest kernel with every hook the datapath attaches (cgroup getpeername: 5.8).
 const MIN_KERNEL: (u32, u32) = (5, 8);

@@ -494,7 +494,18 @@ impl Testbed {
         cmd: &[S],
         timeout: Duration,
     ) -> Result<CmdOutput> {
-        let proc = self.spawn(place, cmd, SpawnOptions::new())?;
+        self.run_with(place, cmd, SpawnOptions::new(), timeout)
+    }
+
+    /// [`Testbed::run`] with options (an environment, say).
+    pub fn run_with<'a, S: AsRef<OsStr>>(
+        &self,
+        place: impl Into<Place<'a>>,
+        cmd: &[S],
+        opts: SpawnOptions,
+        timeout: Duration,
+    ) -> Result<CmdOutput> {
+        let proc = self.spawn(place, cmd, opts)?;
         process::finish(proc, timeout)
     }
 

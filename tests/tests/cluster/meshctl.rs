@@ -1,7 +1,8 @@
-//! `meshctl` against an installed mesh: `proxy-status` lists every agent connected to the
-//! controller and whether it holds the controller's current state, `version` names the build
-//! of meshctl, the controller and each proxy, and `log-level` turns one agent's debug logs on
-//! and off while it keeps running.
+//! `meshctl` against an installed mesh: `check` finds the CRDs, the controller and an agent on
+//! every node (and names a node whose agent is gone), `proxy-status` lists every agent
+//! connected to the controller and whether it holds the controller's current state, `version`
+//! names the build of meshctl, the controller and each proxy, and `log-level` turns one agent's
+//! debug logs on and off while it keeps running.
 //!
 //! meshctl runs where an operator's would: in node 0's namespace, reaching the controller's
 //! monitoring port on loopback (as through `kubectl port-forward`) and each agent's admin port
@@ -13,7 +14,7 @@ use mesh_node::controller::proxies::{Listing, Sync};
 use mesh_tests::{
     cluster::Cluster,
     mesh::{ADMIN_PORT, CONTROLLER_MONITORING_PORT, Mesh, MeshOptions},
-    testbed::{CmdOutput, Testbed},
+    testbed::{CmdOutput, SpawnOptions, Testbed},
 };
 
 use super::{CONVERGE, assert_no_refused_calls, cluster_on, gate, poll, testbed};
@@ -27,6 +28,41 @@ fn meshctl(tb: &Testbed, node: usize, args: &[&str]) -> CmdOutput {
     all.extend(args);
     tb.run(tb.node(node), &all, Duration::from_secs(20))
         .expect("meshctl runs")
+}
+
+/// `meshctl check -o json` in node 0's namespace with the admin's kubeconfig: whether it
+/// passed, and each check's code and level.
+fn check(tb: &Testbed, cluster: &Cluster) -> (bool, Vec<(String, String)>, String) {
+    let controller = format!("127.0.0.1:{CONTROLLER_MONITORING_PORT}");
+    let out = tb
+        .run_with(
+            tb.node(0),
+            &[
+                "meshctl",
+                "check",
+                "--controller",
+                &controller,
+                "-o",
+                "json",
+            ],
+            SpawnOptions::new().env("KUBECONFIG", cluster.kubeconfig()),
+            Duration::from_secs(30),
+        )
+        .expect("meshctl check runs");
+    let report: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("a report ({e}): {} {}", out.stdout, out.stderr));
+    let findings = report["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .map(|f| {
+            (
+                f["code"].as_str().unwrap_or_default().to_owned(),
+                f["level"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    (out.success(), findings, out.stdout)
 }
 
 fn proxy_status(tb: &Testbed) -> Listing {
@@ -59,15 +95,15 @@ fn new_service(cluster: &Cluster, name: &str) {
 }
 
 #[test]
-fn meshctl_lists_the_fleet_names_its_versions_and_changes_a_log_level_without_a_restart() {
-    let Some(tools) = gate(
-        "meshctl_lists_the_fleet_names_its_versions_and_changes_a_log_level_without_a_restart",
-    ) else {
+fn meshctl_checks_the_install_lists_the_fleet_names_versions_and_changes_a_log_level() {
+    let Some(tools) =
+        gate("meshctl_checks_the_install_lists_the_fleet_names_versions_and_changes_a_log_level")
+    else {
         return;
     };
     let tb = testbed(1);
     let cluster = cluster_on(&tb, tools);
-    let mesh = Mesh::start_kubernetes(&tb, &cluster, &MeshOptions::default()).expect("mesh");
+    let mut mesh = Mesh::start_kubernetes(&tb, &cluster, &MeshOptions::default()).expect("mesh");
 
     // proxy-status: both agents, each acknowledging the controller's current state.
     let listing = poll(CONVERGE, "both agents to hold the current state", || {
@@ -85,6 +121,16 @@ fn meshctl_lists_the_fleet_names_its_versions_and_changes_a_log_level_without_a_
         assert_eq!(proxy.acked_version, current);
         assert_eq!(proxy.rejected_resources, 0);
     }
+    // check: the CRDs, the controller, an agent on every node, all in sync.
+    let (passed, findings, report) = check(&tb, &cluster);
+    assert!(passed, "{report}");
+    let codes: Vec<&str> = findings.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(codes, ["TRL101", "TRL102", "TRL103", "TRL104"]);
+    assert!(
+        findings.iter().all(|(_, level)| level == "pass"),
+        "{report}"
+    );
+
     let controller = format!("127.0.0.1:{CONTROLLER_MONITORING_PORT}");
     let table = meshctl(&tb, 0, &["proxy-status", "--controller", &controller]);
     assert!(
@@ -158,5 +204,21 @@ fn meshctl_lists_the_fleet_names_its_versions_and_changes_a_log_level_without_a_
     });
     assert_eq!(published_debug(&mesh, 1), after, "back at info");
     assert_eq!(mesh.agent_pid(1), pid, "the agent was not restarted");
+
+    // An agent gone: check fails, naming its node.
+    assert!(mesh.stop_agent(1, Duration::from_secs(20)).expect("stop"));
+    let (passed, findings, report) = poll(CONVERGE, "check to see node 1 without an agent", || {
+        let (passed, findings, report) = check(&tb, &cluster);
+        findings
+            .iter()
+            .any(|(code, level)| code == "TRL103" && level == "fail")
+            .then_some((passed, findings, report))
+    });
+    assert!(!passed, "a failed check exits non-zero");
+    assert!(report.contains(&tb.node(1).name), "{report}");
+    assert!(
+        findings.iter().filter(|(_, level)| level == "fail").count() == 1,
+        "only the agents check fails: {report}"
+    );
     assert_no_refused_calls(&mesh);
 }

@@ -1,9 +1,13 @@
-//! What the controller knows of the fleet: `proxy-status` and `version`.
+//! What the controller knows of the fleet: `proxy-status`, `version` and the facts `check`
+//! judges after installation.
 
-use std::fmt::Write;
+use std::{fmt::Write, net::SocketAddr};
 
 use anyhow::{Context, Result};
-use mesh_node::controller::proxies::{Listing, Sync};
+use mesh_node::{
+    check::{self, cluster::ClusterFacts},
+    controller::proxies::{Listing, Sync},
+};
 use serde_json::Value;
 
 pub fn proxies(text: &str) -> Result<Listing> {
@@ -79,4 +83,58 @@ pub fn versions(agent: Option<&str>, fleet: Option<&Listing>) -> String {
         }
     }
     out
+}
+
+/// What `meshctl check` judges: the CRDs and Nodes from the API server (the kubeconfig's
+/// cluster), the controller's readiness and its connected proxies.
+pub async fn cluster_facts(controller: SocketAddr) -> Result<ClusterFacts> {
+    use k8s_openapi::{
+        api::core::v1::Node,
+        apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    };
+    use kube::{Api, api::ListParams};
+
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot reach the API server: set KUBECONFIG or run in a pod")?;
+    let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut crds = Vec::new();
+    for name in check::cluster::required_crds() {
+        let crd = crd_api
+            .get_opt(&name)
+            .await
+            .with_context(|| format!("reading CRD {name}"))?;
+        let established = crd.map(|crd| {
+            crd.status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        });
+        crds.push((name, established));
+    }
+    let nodes = Api::<Node>::all(client)
+        .list(&ListParams::default().labels("kubernetes.io/os=linux"))
+        .await
+        .context("listing Nodes")?
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    let controller_ready = match super::call(http::Method::GET, controller, "/healthz/ready").await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.to_string().contains("503") => Ok(false),
+        Err(e) => Err(format!("{e:#}")),
+    };
+    let proxies = super::get(controller, "/debug/proxies")
+        .await
+        .ok()
+        .and_then(|text| proxies(&text).ok());
+    Ok(ClusterFacts {
+        crds,
+        nodes,
+        controller_ready,
+        proxies,
+    })
 }

@@ -54,11 +54,16 @@ enum Command {
     Certs,
     /// The agent's full configuration dump as JSON.
     ConfigDump,
-    /// Checks this node: kernel, cgroup v2, bpffs, capabilities, eBPF programs, conflicts.
+    /// Without --pre: checks the installed mesh (the API server's CRDs and Nodes through the
+    /// kubeconfig, the controller and every node's agent through the controller). With --pre:
+    /// checks this node: kernel, cgroup v2, bpffs, capabilities, eBPF programs, conflicts.
     Check {
         /// Pre-installation checks (run on the node, as the agent would run).
         #[arg(long)]
         pre: bool,
+        /// The controller's monitoring address (loopback: `kubectl port-forward`).
+        #[arg(long, env = "TRELLIS_CONTROLLER", default_value = "127.0.0.1:15014")]
+        controller: SocketAddr,
         /// The cgroup v2 root the agent attaches to.
         #[arg(long, default_value = "/sys/fs/cgroup")]
         cgroup_root: std::path::PathBuf,
@@ -170,19 +175,22 @@ fn main() -> Result<()> {
         Command::Certs => print!("{}", tables::certificates(&dump()?)),
         Command::Check {
             pre,
+            controller,
             cgroup_root,
             pin_dir,
             output,
         } => {
-            if !pre {
-                bail!("only pre-installation checks exist so far: meshctl check --pre");
-            }
-            let report = mesh_node::check::run(&mesh_node::check::Environment {
-                cgroup_root: cgroup_root.clone(),
-                pin_dir: pin_dir.clone(),
-                proc_root: "/proc".into(),
-                probe_programs: true,
-            });
+            let report = if *pre {
+                mesh_node::check::run(&mesh_node::check::Environment {
+                    cgroup_root: cgroup_root.clone(),
+                    pin_dir: pin_dir.clone(),
+                    proc_root: "/proc".into(),
+                    probe_programs: true,
+                })
+            } else {
+                let facts = runtime.block_on(fleet::cluster_facts(*controller))?;
+                mesh_node::check::cluster::judge(&facts)
+            };
             match output {
                 Output::Text => print!("{}", report.text()),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),

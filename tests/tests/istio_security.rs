@@ -18,7 +18,7 @@ use std::{
 use mesh_tests::{
     mesh::{
         MESH_LABEL, Mesh, MeshOptions, NAMESPACE,
-        policy::{ISTIO_SECURITY, accepted, principal, reach, serve_http, settle},
+        policy::{ISTIO_SECURITY, accepted, observed, principal, reach, serve_http, settle},
         waypoint::Waypoint,
     },
     testbed::{Pod, Testbed, e2e_gate},
@@ -54,17 +54,31 @@ fn delete(mesh: &mut Mesh<'_>, kind: &str, name: &str) {
         .unwrap_or_else(|e| panic!("delete {kind} {name}: {e:#}"));
 }
 
-/// Waits until the controller reports `kind` `id` (`namespace/name`) `Accepted` `True`.
-fn wait_accepted(mesh: &Mesh<'_>, kind: &str, id: &str) {
-    mesh.wait_policy_status(ISTIO_SECURITY, kind, id, WAIT, accepted)
-        .unwrap_or_else(|e| panic!("{kind} {id} not accepted: {e:#}"));
+/// The generation last written of `kind` `id` (`namespace/name`).
+fn generation(mesh: &Mesh<'_>, kind: &str, id: &str) -> i64 {
+    let (namespace, name) = id.split_once('/').expect("namespace/name");
+    mesh.istio_generation(kind, namespace, name)
+        .unwrap_or_else(|| panic!("{kind} {id} was never written"))
 }
 
-/// Waits until the controller reports `kind` `id` not accepted, for `reason`; returns the
-/// status event (its raw text holds the message).
+/// Waits until the controller reports the generation last written of `kind` `id`
+/// (`namespace/name`) `Accepted` `True`.
+fn wait_accepted(mesh: &Mesh<'_>, kind: &str, id: &str) {
+    let generation = generation(mesh, kind, id);
+    mesh.wait_policy_status(ISTIO_SECURITY, kind, id, WAIT, |e| {
+        accepted(e) && observed(e, generation)
+    })
+    .unwrap_or_else(|e| panic!("{kind} {id} not accepted: {e:#}"));
+}
+
+/// Waits until the controller reports the generation last written of `kind` `id` not
+/// accepted, for `reason`; returns the status event (its raw text holds the message).
 fn wait_refused(mesh: &Mesh<'_>, kind: &str, id: &str, reason: &str) -> String {
+    let generation = generation(mesh, kind, id);
     let event = mesh
-        .wait_policy_status(ISTIO_SECURITY, kind, id, WAIT, |e| e["reason"] == reason)
+        .wait_policy_status(ISTIO_SECURITY, kind, id, WAIT, |e| {
+            e["reason"] == reason && observed(e, generation)
+        })
         .unwrap_or_else(|e| panic!("{kind} {id} not reported {reason}: {e:#}"));
     event.to_string()
 }
@@ -197,13 +211,14 @@ fn istio_http_authorization_at_the_waypoint_by_method_path_and_principal_where_d
         "the waypoint logs the Istio policy that denied"
     );
 
-    // Allow-all and deny-all on vault: the DENY wins; without it, everything passes.
+    // Allow-all and deny-all on vault: the DENY wins; without it, everything passes. The
+    // allow-all uses the older single `targetRef`.
     write(
         &mut mesh,
         "v1",
         AUTHZ,
         "vault-allow-all",
-        json!({"targetRefs": service_target("vault"), "rules": [{}]}),
+        json!({"targetRef": {"kind": "Service", "group": "", "name": "vault"}, "rules": [{}]}),
     );
     write(
         &mut mesh,
@@ -339,6 +354,7 @@ fn istio_tcp_authorization_at_the_node_by_principal_namespace_port_service_accou
                        "to": [{"operation": {"ports": ["8080"]}}]}],
         }),
     );
+    wait_accepted(&mesh, AUTHZ, "default/tcp-echo-trust");
     wait_settled(&tb, a, server, 8080, false);
     delete(&mut mesh, AUTHZ, "tcp-echo-trust");
     wait_settled(&tb, a, server, 8080, true);

@@ -73,19 +73,25 @@ impl Mesh<'_> {
         name: &str,
         spec: Value,
     ) -> Result<()> {
+        let generation = self
+            .istio_generation(kind, namespace, name)
+            .map_or(1, |g| g + 1);
         let file = istio_file(kind, namespace, name);
         let dir = self.control()?.manifests.clone();
-        let generation = std::fs::read(dir.join(&file))
-            .ok()
-            .and_then(|old| serde_json::from_slice::<Value>(&old).ok())
-            .and_then(|old| old["metadata"]["generation"].as_i64())
-            .map_or(1, |g| g + 1);
         let manifest = json!({
             "apiVersion": format!("{ISTIO_SECURITY}/{version}"), "kind": kind,
             "metadata": {"name": name, "namespace": namespace, "generation": generation},
             "spec": spec,
         });
         write_manifest(&dir, &file, &manifest)
+    }
+
+    /// The generation of the object [`Mesh::write_istio_policy`] last wrote; `None` if
+    /// there is none.
+    pub fn istio_generation(&self, kind: &str, namespace: &str, name: &str) -> Option<i64> {
+        let dir = self.manifests_dir()?;
+        let text = std::fs::read(dir.join(istio_file(kind, namespace, name))).ok()?;
+        serde_json::from_slice::<Value>(&text).ok()?["metadata"]["generation"].as_i64()
     }
 
     /// Removes an object written by [`Mesh::write_istio_policy`].
@@ -168,6 +174,11 @@ fn istio_file(kind: &str, namespace: &str, name: &str) -> String {
 /// Whether a controller status event says `Accepted` `True`.
 pub fn accepted(event: &Value) -> bool {
     event["message"] == "policy accepted"
+}
+
+/// Whether a controller status event describes `generation` of its object.
+pub fn observed(event: &Value, generation: i64) -> bool {
+    event["generation"] == format!("Some({generation})").as_str()
 }
 
 /// The Istio-style principal (no `spiffe://`) of a testbed pod moved to `namespace`.

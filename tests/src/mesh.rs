@@ -34,7 +34,7 @@ use serde_json::json;
 use crate::testbed::{Pod, Proc, SpawnOptions, Testbed};
 
 pub mod kubernetes;
-mod policy;
+pub mod policy;
 mod service;
 pub mod waypoint;
 

@@ -15,23 +15,22 @@
 
 use std::{
     io::Write,
-    net::SocketAddr,
     process::ChildStdin,
     time::{Duration, Instant},
 };
 
 use mesh_tests::{
-    mesh::{MESH_LABEL, Mesh, MeshOptions, NAMESPACE, metric_sum, spiffe_id},
-    testbed::{Pod, Proc, Server, SpawnOptions, Testbed, bin_path, e2e_gate},
+    mesh::{
+        MESH_LABEL, Mesh, MeshOptions, NAMESPACE, metric_sum,
+        policy::{self, principal, reach, serve_http},
+    },
+    testbed::{Pod, Proc, SpawnOptions, Testbed, bin_path, e2e_gate},
 };
 use serde_json::{Value, json};
 
 const AUTHZ: &str = "AuthorizationPolicy";
 const PEER_AUTHN: &str = "PeerAuthentication";
 const WAIT: Duration = Duration::from_secs(20);
-/// A client's bound on one connection: far above a refusal's round trip, far below a
-/// test's patience.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(4);
 
 fn start(tb: &Testbed, unenrolled: Vec<(usize, usize)>) -> Mesh<'_> {
     Mesh::start(
@@ -45,65 +44,10 @@ fn start(tb: &Testbed, unenrolled: Vec<(usize, usize)>) -> Mesh<'_> {
     .expect("mesh")
 }
 
-/// An HTTP server on each of `ports` of `pod`, answering with the pod's name.
-fn serve_http(tb: &Testbed, pod: &Pod, ports: &[u16]) -> Server {
-    let mut args = Vec::new();
-    for port in ports {
-        args.push("--listen".to_owned());
-        args.push(format!("0.0.0.0:{port}=http"));
-    }
-    args.push("--name".into());
-    args.push(pod.name.clone());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    tb.spawn_server(pod, &args).expect("server")
-}
-
-/// One GET from `place` (a pod or a node) to `server:port`: Ok(server name) or the error.
-fn get<'a>(
-    tb: &Testbed,
-    place: impl Into<mesh_tests::testbed::Place<'a>>,
-    server: &Pod,
-    port: u16,
-) -> Result<String, String> {
-    tb.get_server_name(
-        place,
-        SocketAddr::from((server.ip4, port)),
-        Some(CLIENT_TIMEOUT),
-    )
-}
-
-/// Polls (bounded) until `client`'s GETs to `server:port` succeed (`true`) or fail
-/// (`false`) three times in a row: policies reach the nodes asynchronously.
+/// Polls (bounded) until `client`'s GETs to `server:port` succeed (`true`) or are promptly
+/// refused (`false`) three times in a row: policies reach the nodes asynchronously.
 fn settle(tb: &Testbed, client: &Pod, server: &Pod, port: u16, reachable: bool) {
-    let deadline = Instant::now() + WAIT;
-    let mut streak = 0;
-    let mut last = Err(String::new());
-    while streak < 3 {
-        last = get(tb, client, server, port);
-        if last.is_ok() == reachable {
-            streak += 1;
-        } else {
-            streak = 0;
-            assert!(
-                Instant::now() < deadline,
-                "{} -> {}:{port} did not become {} within {WAIT:?}; last: {last:?}",
-                client.name,
-                server.name,
-                if reachable { "reachable" } else { "denied" }
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    if !reachable {
-        // A refusal, not a client timeout: the denial is prompt.
-        let error = last.expect_err("denied");
-        assert!(
-            !error.contains("timed out"),
-            "{} -> {}:{port} was not refused promptly: {error}",
-            client.name,
-            server.name
-        );
-    }
+    policy::settle(tb, client, server, port, reachable, WAIT).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// `meshctl policy explain` on `node`'s agent, as JSON.
@@ -112,25 +56,11 @@ fn explain(mesh: &Mesh<'_>, node: usize, from: &str, to: &str) -> Value {
         .expect("meshctl policy explain succeeds")
 }
 
-/// Istio-style principal of a testbed pod in `namespace`.
-fn principal(pod: &Pod, namespace: &str) -> String {
-    spiffe_id(pod)
-        .trim_start_matches("spiffe://")
-        .replace("/ns/default/", &format!("/ns/{namespace}/"))
-}
-
 fn access_errors(mesh: &Mesh<'_>, node: usize) -> Vec<String> {
     mesh.access_log(node)
         .into_iter()
         .filter_map(|v| v["error"].as_str().map(str::to_owned))
         .collect()
-}
-
-fn datapath_event(mesh: &Mesh<'_>, node: usize, event: &str) -> u64 {
-    mesh.config_dump(node)
-        .ok()
-        .and_then(|d| d["datapath"]["events"][event].as_u64())
-        .unwrap_or(0)
 }
 
 #[test]
@@ -146,7 +76,7 @@ fn authorization_by_namespace_and_principal_where_deny_wins() {
     let mut mesh = start(&tb, Vec::new());
     let (a, b, c) = (tb.pod(0, 0), tb.pod(0, 1), tb.pod(0, 2));
     let server = tb.pod(1, 0);
-    let _http = serve_http(&tb, server, &[8080, 9090]);
+    let _http = serve_http(&tb, server, &[8080, 9090]).expect("server");
     mesh.write_pod(server, NAMESPACE, &[("app", "server")])
         .expect("label server");
     // b lives in its own (enrolled) namespace.
@@ -405,19 +335,19 @@ fn strict_mtls_drops_plaintext_in_the_kernel_but_not_node_probes() {
     let mut mesh = start(&tb, vec![(0, 1)]);
     let (meshed, plain) = (tb.pod(0, 0), tb.pod(0, 1));
     let server = tb.pod(1, 0);
-    let _http = serve_http(&tb, server, &[8080, 9102]);
+    let _http = serve_http(&tb, server, &[8080, 9102]).expect("server");
     mesh.write_pod(server, NAMESPACE, &[("app", "server")])
         .expect("label server");
     let node1 = tb.node(1);
 
     // PERMISSIVE (no policy): plaintext gets in, and the datapath counts it.
     settle(&tb, meshed, server, 8080, true);
-    let accepted = datapath_event(&mesh, 1, "plaintext_accepted");
+    let accepted = mesh.datapath_event(1, "plaintext_accepted");
     assert_eq!(
-        get(&tb, plain, server, 8080).as_deref(),
+        reach(&tb, plain, server, 8080).as_deref(),
         Ok(server.name.as_str())
     );
-    assert!(datapath_event(&mesh, 1, "plaintext_accepted") > accepted);
+    assert!(mesh.datapath_event(1, "plaintext_accepted") > accepted);
 
     // STRICT for the namespace.
     mesh.write_policy(
@@ -437,17 +367,17 @@ fn strict_mtls_drops_plaintext_in_the_kernel_but_not_node_probes() {
             })
     })
     .expect("node 1 puts the server in STRICT");
-    let dropped = datapath_event(&mesh, 1, "strict_dropped");
-    let error = get(&tb, plain, server, 8080).expect_err("plaintext is dropped under STRICT");
+    let dropped = mesh.datapath_event(1, "strict_dropped");
+    let error = reach(&tb, plain, server, 8080).expect_err("plaintext is dropped under STRICT");
     assert!(error.contains("timed out"), "dropped, not refused: {error}");
-    assert!(datapath_event(&mesh, 1, "strict_dropped") > dropped);
+    assert!(mesh.datapath_event(1, "strict_dropped") > dropped);
     assert_eq!(
-        get(&tb, meshed, server, 8080).as_deref(),
+        reach(&tb, meshed, server, 8080).as_deref(),
         Ok(server.name.as_str()),
         "mesh traffic still flows"
     );
     assert_eq!(
-        get(&tb, node1, server, 8080).as_deref(),
+        reach(&tb, node1, server, 8080).as_deref(),
         Ok(server.name.as_str()),
         "a probe from the node itself passes"
     );
@@ -473,10 +403,13 @@ fn strict_mtls_drops_plaintext_in_the_kernel_but_not_node_probes() {
     })
     .expect("node 1 opens port 9102");
     assert_eq!(
-        get(&tb, plain, server, 9102).as_deref(),
+        reach(&tb, plain, server, 9102).as_deref(),
         Ok(server.name.as_str())
     );
-    assert!(get(&tb, plain, server, 8080).is_err(), "8080 stays STRICT");
+    assert!(
+        reach(&tb, plain, server, 8080).is_err(),
+        "8080 stays STRICT"
+    );
 
     // Back to PERMISSIVE.
     mesh.delete_policy(PEER_AUTHN, NAMESPACE, "strict")
@@ -619,7 +552,7 @@ fn a_denied_flow_stays_denied_while_agents_restart() {
     let mut mesh = start(&tb, Vec::new());
     let (allowed, denied) = (tb.pod(0, 0), tb.pod(0, 1));
     let server = tb.pod(1, 0);
-    let _http = serve_http(&tb, server, &[8080]);
+    let _http = serve_http(&tb, server, &[8080]).expect("server");
     settle(&tb, denied, server, 8080, true);
     mesh.write_policy(
         AUTHZ,
@@ -720,7 +653,7 @@ fn open_plaintext_connections_are_aborted_when_a_policy_starts_refusing_plaintex
         1.0,
         "exactly the plaintext connection was aborted"
     );
-    let error = get(&tb, plain, server, 7000).expect_err("new plaintext is refused");
+    let error = reach(&tb, plain, server, 7000).expect_err("new plaintext is refused");
     assert!(
         error.contains("timed out"),
         "dropped in the kernel: {error}"

@@ -25,7 +25,7 @@ mod waypoint_fixture;
 
 use waypoint_fixture::{
     ISSUER, Issuer, PORT, TARGET_PORT, WAIT, WAYPOINT, count_of, get, requests, serve, service,
-    start, testbed,
+    start, status_of, testbed,
 };
 
 /// Requests the waypoint counted with these labels.
@@ -427,32 +427,6 @@ fn circuit_breaker_refuses_requests_beyond_the_limit() {
             ]
         ) >= 1.0
     );
-}
-
-/// One request with these headers; its status.
-fn status_of(
-    tb: &Testbed,
-    pod: &Pod,
-    to: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[String],
-) -> u64 {
-    let summary = requests(
-        tb,
-        pod,
-        to,
-        RequestsOpts {
-            path: path.into(),
-            method: method.into(),
-            count: 1,
-            headers: headers.to_vec(),
-            ..Default::default()
-        },
-    );
-    summary["last"]["status"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no status for {method} {path}: {summary}"))
 }
 
 #[test]

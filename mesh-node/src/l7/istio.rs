@@ -156,10 +156,13 @@ fn whole_percent(path: &str, value: f64) -> Result<u32, RouteError> {
 /// the fields of the VirtualService they came from.
 fn istio_paths(error: RouteError) -> RouteError {
     let map = |path: String| {
-        path.replace("spec.rules[", "spec.http[")
-            .replace(".matches[", ".match[")
-            .replace(".backendRefs[", ".route[")
-            .replace("spec.parentRefs", "spec.hosts")
+        match_fields(
+            &path
+                .replace("spec.rules[", "spec.http[")
+                .replace(".matches[", ".match[")
+                .replace(".backendRefs[", ".route[")
+                .replace("spec.parentRefs", "spec.hosts"),
+        )
     };
     match error {
         RouteError::TooMany { path, max, found } => RouteError::TooMany {
@@ -182,6 +185,32 @@ fn istio_paths(error: RouteError) -> RouteError {
         },
         other => other,
     }
+}
+
+/// Within each `match[n]` of a path: the translated `path` is the VirtualService's `uri`,
+/// and the translated `headers` / `queryParams` lists are its maps of the same names (whose
+/// entries the message names by value).
+fn match_fields(path: &str) -> String {
+    let mut parts = path.split(".match[");
+    let mut out = parts.next().unwrap_or_default().to_owned();
+    for part in parts {
+        out.push_str(".match[");
+        let Some((index, rest)) = part.split_once(']') else {
+            out.push_str(part);
+            continue;
+        };
+        out.push_str(index);
+        out.push(']');
+        let field = rest.strip_prefix('.').map(|r| r.split(['.', '[']).next());
+        let rest = match field.flatten() {
+            Some("path") => ".uri",
+            Some("headers") => ".headers",
+            Some("queryParams") => ".queryParams",
+            _ => rest,
+        };
+        out.push_str(rest);
+    }
+    out
 }
 
 /// The `Accepted` condition of an Istio object: applied as written, or why not.

@@ -68,6 +68,32 @@ pub fn get_with(
     )
 }
 
+/// One request with these headers; its status.
+pub fn status_of(
+    tb: &Testbed,
+    pod: &Pod,
+    to: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[String],
+) -> u64 {
+    let summary = requests(
+        tb,
+        pod,
+        to,
+        RequestsOpts {
+            path: path.into(),
+            method: method.into(),
+            count: 1,
+            headers: headers.to_vec(),
+            ..Default::default()
+        },
+    );
+    summary["last"]["status"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no status for {method} {path}: {summary}"))
+}
+
 /// `summary[field][key]`, 0 when absent.
 pub fn count_of(summary: &Value, field: &str, key: &str) -> u64 {
     summary[field][key].as_u64().unwrap_or(0)
@@ -166,13 +192,26 @@ impl Issuer {
 
     /// A token for `sub` with any JOSE header.
     pub fn token_with_header(&self, header: &Value, sub: &str, ttl_secs: i64) -> String {
+        self.signed(header, sub, ttl_secs, &json!({}))
+    }
+
+    /// A token for `sub`, valid for an hour, carrying the claims of `extra` too.
+    pub fn token_with_claims(&self, sub: &str, extra: &Value) -> String {
+        let header = json!({"alg": "ES256", "kid": "k1", "typ": "JWT"});
+        self.signed(&header, sub, 3600, extra)
+    }
+
+    fn signed(&self, header: &Value, sub: &str, ttl_secs: i64, extra: &Value) -> String {
         use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64};
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock after 1970")
             .as_secs()
             .cast_signed();
-        let claims = json!({"iss": ISSUER, "sub": sub, "exp": now + ttl_secs, "iat": now});
+        let mut claims = json!({"iss": ISSUER, "sub": sub, "exp": now + ttl_secs, "iat": now});
+        if let (Some(claims), Some(extra)) = (claims.as_object_mut(), extra.as_object()) {
+            claims.extend(extra.clone());
+        }
         let input = format!(
             "{}.{}",
             B64.encode(header.to_string()),

@@ -532,7 +532,7 @@ fn turning_peer_authentication_strict_aborts_the_plaintext_connections_it_admitt
         1.0,
         "exactly the plaintext connection on the STRICT port was aborted"
     );
-    let error = get(&tb, plain, server, 7000).expect_err("new plaintext is refused");
+    let error = reach(&tb, plain, server, 7000).expect_err("new plaintext is refused");
     assert!(
         error.contains("timed out"),
         "dropped in the kernel: {error}"

@@ -715,6 +715,11 @@ impl<'tb> Mesh<'tb> {
         }
     }
 
+    /// The running controller's process id (control plane mode).
+    pub fn controller_pid(&self) -> Option<u32> {
+        self.control.as_ref()?.process.as_ref().map(Proc::pid)
+    }
+
     pub fn agent_pid(&self, node: usize) -> Option<u32> {
         self.agents[node].as_ref().map(Proc::pid)
     }

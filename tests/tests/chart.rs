@@ -96,6 +96,7 @@ fn the_schema_refuses_values_the_chart_cannot_use() {
         ("controller.logFormat", json!("xml")),
         ("trustDomain", json!("Cluster.Local")),
         ("agent.typo", json!(true)),
+        ("istio.labels", json!("ambient")),
     ] {
         assert!(
             validate(&with(values.clone(), path, bad.clone())).is_err(),
@@ -442,6 +443,16 @@ fn the_controller_config_loads_and_names_the_release_namespace() {
             .contains(&format!("trellis-controller.{NAMESPACE}.svc")),
         "the certificate names the Service agents dial"
     );
+    assert!(
+        !config.compatibility.istio_labels,
+        "Istio's labels are left to Istio unless asked"
+    );
+    let with_labels = render_chart(&helm, &with(default_values(), "istio.labels", json!(true)));
+    let text = object(&with_labels, "ConfigMap", "trellis-controller")["data"]["controller.yaml"]
+        .as_str()
+        .expect("controller.yaml");
+    let config = ControllerConfig::parse(text).expect("the controller accepts its config");
+    assert!(config.compatibility.istio_labels, "istio.labels=true");
 
     let deployment = object(&objects, "Deployment", "trellis-controller");
     assert_eq!(deployment["spec"]["replicas"], 2);
@@ -1065,6 +1076,7 @@ fn everything() -> Value {
         ("monitoring.serviceMonitor.enabled", json!(true)),
         ("monitoring.waypointPodMonitor.enabled", json!(true)),
         ("istio.installCrds", json!(true)),
+        ("istio.labels", json!(true)),
     ] {
         values = with(values, path, value);
     }

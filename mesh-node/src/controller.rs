@@ -327,6 +327,7 @@ impl Controller {
             trust_domain: config.trust_domain.clone(),
             hbone_port: config.hbone_port,
             cluster_id: config.cluster_id.clone(),
+            istio_labels: config.compatibility.istio_labels,
         };
         tasks.spawn(translate_loop(
             objects_rx,

@@ -38,11 +38,24 @@ pub const WAYPOINT_ENFORCEMENT_LABEL: &str = "trellis.dev/waypoint-enforcement";
 /// The [`WAYPOINT_ENFORCEMENT_LABEL`] value that opts a pod out.
 pub const WAYPOINT_ENFORCEMENT_DISABLED: &str = "disabled";
 
+/// Istio's label enrolling a namespace or pod (with the controller's `compatibility.istio_labels`
+/// switch on); read only where no [`MESH_LABEL`] is set on the same object.
+pub const ISTIO_DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// [`ISTIO_DATAPLANE_MODE_LABEL`] value that enrolls (a namespace's pods, or one pod).
+pub const ISTIO_DATAPLANE_AMBIENT: &str = "ambient";
+/// [`ISTIO_DATAPLANE_MODE_LABEL`] value that keeps a namespace or pod out.
+pub const ISTIO_DATAPLANE_NONE: &str = "none";
+/// Istio's twin of [`USE_WAYPOINT_LABEL`] (same values, [`NO_WAYPOINT`] included), read with
+/// the switch on where no [`USE_WAYPOINT_LABEL`] is set on the same object.
+pub const ISTIO_USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+
 /// The `gatewayClassName` that makes a Gateway a waypoint, and the `GatewayClass` a
 /// root-namespace policy may target to apply at every waypoint.
 pub const WAYPOINT_CLASS: &str = "trellis-waypoint";
 /// Istio's waypoint class: a `GatewayClass` target of this name in a `security.istio.io`
-/// policy means every waypoint; with Istio labels read, Gateways of this class are waypoints.
+/// policy means every waypoint; with Istio labels read (the controller's
+/// `compatibility.istio_labels`), Gateways of this class are waypoints too, and otherwise they
+/// are left to Istio.
 pub const ISTIO_WAYPOINT_CLASS: &str = "istio-waypoint";
 /// `status.parents[].controllerName` of the route status entries the mesh writes.
 pub const WAYPOINT_CONTROLLER_NAME: &str = "trellis.dev/waypoint";

@@ -54,6 +54,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How the mesh is laid over the testbed.
 #[derive(Clone, Debug)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent switches of the test mesh"
+)]
 pub struct MeshOptions {
     /// Pods (node, index) that are not part of the mesh.
     pub unenrolled: Vec<(usize, usize)>,
@@ -73,6 +77,9 @@ pub struct MeshOptions {
     /// Agents also serve `/metrics` on `<node LAN IP>:`[`METRICS_PORT`], where a scraper in
     /// another node's namespace reaches them (the admin port is loopback only).
     pub metrics_on_lan: bool,
+    /// Control plane mode: the controller also reads Istio's labels and waypoint class
+    /// (`compatibility.istio_labels`).
+    pub istio_labels: bool,
 }
 
 impl Default for MeshOptions {
@@ -87,6 +94,7 @@ impl Default for MeshOptions {
             hbone_single_use: false,
             limits: LimitsConfig::default(),
             metrics_on_lan: false,
+            istio_labels: false,
         }
     }
 }
@@ -244,12 +252,14 @@ impl<'tb> Mesh<'tb> {
              certificate_ttl_secs: {ttl}\n\
              max_certificate_ttl_secs: {ttl}\n\
              monitoring: \"{monitoring}\"\n\
-             log_format: json\n",
+             log_format: json\n\
+             compatibility: {{ istio_labels: {istio_labels} }}\n",
             cert = ca_dir.join("ca.pem").display(),
             key = ca_dir.join("ca-key.pem").display(),
             manifests = manifests.display(),
             tokens = tokens_file.display(),
             ttl = options.certificate_ttl_secs,
+            istio_labels = options.istio_labels,
             monitoring = SocketAddr::new(node0.lan_ip4.into(), CONTROLLER_MONITORING_PORT),
         );
         std::fs::write(&controller_config, yaml)?;

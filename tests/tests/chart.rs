@@ -96,6 +96,7 @@ fn the_schema_refuses_values_the_chart_cannot_use() {
         ("controller.logFormat", json!("xml")),
         ("trustDomain", json!("Cluster.Local")),
         ("agent.typo", json!(true)),
+        ("istio.labels", json!("ambient")),
     ] {
         assert!(
             validate(&with(values.clone(), path, bad.clone())).is_err(),
@@ -442,6 +443,16 @@ fn the_controller_config_loads_and_names_the_release_namespace() {
             .contains(&format!("trellis-controller.{NAMESPACE}.svc")),
         "the certificate names the Service agents dial"
     );
+    assert!(
+        !config.compatibility.istio_labels,
+        "Istio's labels are left to Istio unless asked"
+    );
+    let with_labels = render_chart(&helm, &with(default_values(), "istio.labels", json!(true)));
+    let text = object(&with_labels, "ConfigMap", "trellis-controller")["data"]["controller.yaml"]
+        .as_str()
+        .expect("controller.yaml");
+    let config = ControllerConfig::parse(text).expect("the controller accepts its config");
+    assert!(config.compatibility.istio_labels, "istio.labels=true");
 
     let deployment = object(&objects, "Deployment", "trellis-controller");
     assert_eq!(deployment["spec"]["replicas"], 2);
@@ -674,43 +685,73 @@ fn the_committed_crds_are_what_the_types_generate() {
 }
 
 /// The optional groups' CRDs: a template each, which renders the generated CRDs only when
-/// its value asks for them.
+/// its value asks for them, with schemas the API server accepts (structural, unknown fields
+/// kept so an unsupported Istio field is reported rather than pruned).
 #[test]
 fn istios_crds_are_generated_and_installed_only_on_request() {
-    let template = read("templates/crds-security.istio.io.yaml");
-    let generated = crds::yaml(crds::ISTIO_SECURITY_GROUP).expect("the CRDs serialise as YAML");
-    assert!(
-        template.contains(&generated),
-        "charts/trellis/templates/crds-security.istio.io.yaml is not what the types generate: \
-         run `cargo xtask crds` and commit the result"
-    );
+    for group in crds::OPTIONAL_GROUPS {
+        let file = format!("templates/crds-{group}.yaml");
+        let template = read(&file);
+        let generated = crds::yaml(group).expect("the CRDs serialise as YAML");
+        assert!(
+            template.contains(&generated),
+            "charts/trellis/{file} is not what the types generate: run `cargo xtask crds` and \
+             commit the result"
+        );
+    }
     assert_eq!(default_values()["istio"]["installCrds"], json!(false));
     let Some(helm) = helm_gate("istios_crds_are_generated_and_installed_only_on_request") else {
         return;
     };
-    let file = "crds-security.istio.io.yaml";
     let off = render_chart(&helm, &default_values());
-    assert!(!off.contains_key(file), "off by default: {:?}", off.keys());
     let on = render_chart(
         &helm,
         &with(default_values(), "istio.installCrds", json!(true)),
     );
-    let rendered: Vec<CustomResourceDefinition> = on[file]
-        .iter()
-        .map(|doc| serde_json::from_value(doc.clone()).expect("a CustomResourceDefinition"))
-        .collect();
-    let names: Vec<_> = rendered
-        .iter()
-        .map(|c| c.metadata.name.clone().unwrap_or_default())
-        .collect();
-    assert_eq!(
-        names,
-        [
-            "authorizationpolicies.security.istio.io",
-            "peerauthentications.security.istio.io",
-            "requestauthentications.security.istio.io"
-        ]
-    );
+    for (group, expected) in [
+        (
+            crds::ISTIO_SECURITY_GROUP,
+            vec![
+                "authorizationpolicies.security.istio.io",
+                "peerauthentications.security.istio.io",
+                "requestauthentications.security.istio.io",
+            ],
+        ),
+        (
+            crds::ISTIO_NETWORKING_GROUP,
+            vec![
+                "virtualservices.networking.istio.io",
+                "destinationrules.networking.istio.io",
+            ],
+        ),
+    ] {
+        let file = format!("crds-{group}.yaml");
+        assert!(!off.contains_key(&file), "off by default: {:?}", off.keys());
+        let rendered: Vec<CustomResourceDefinition> = on[&file]
+            .iter()
+            .map(|doc| serde_json::from_value(doc.clone()).expect("a CustomResourceDefinition"))
+            .collect();
+        let names: Vec<_> = rendered
+            .iter()
+            .map(|c| c.metadata.name.clone().unwrap_or_default())
+            .collect();
+        assert_eq!(names, expected);
+        for doc in &on[&file] {
+            let kind = doc["spec"]["names"]["kind"].as_str().unwrap_or_default();
+            for (i, version) in doc["spec"]["versions"]
+                .as_array()
+                .expect("versions")
+                .iter()
+                .enumerate()
+            {
+                let schema = &version["schema"]["openAPIV3Schema"];
+                let at = format!("{kind} {}", version["name"]);
+                assert_structural(schema, &at);
+                assert_preserves_unknown_fields(&schema["properties"]["spec"], &at);
+                assert_eq!(version["storage"], json!(i == 0), "{at}: v1 alone stored");
+            }
+        }
+    }
     // The controller may read them and write their status, whether or not the chart
     // installed them.
     let role = object(&off, "ClusterRole", "trellis-controller");
@@ -1060,6 +1101,7 @@ fn everything() -> Value {
         ("monitoring.serviceMonitor.enabled", json!(true)),
         ("monitoring.waypointPodMonitor.enabled", json!(true)),
         ("istio.installCrds", json!(true)),
+        ("istio.labels", json!(true)),
     ] {
         values = with(values, path, value);
     }

@@ -132,7 +132,10 @@ const CRD_GROUPS: [&str; 2] = ["security.trellis.dev", "traffic.trellis.dev"];
 /// The API groups whose CRDs the chart installs only on request (mesh_node::k8s::crds::
 /// OPTIONAL_GROUPS): a template each, `templates/crds-<group>.yaml`, wrapped in the value that
 /// asks for them, since Helm never templates `crds/`.
-const OPTIONAL_CRD_GROUPS: [(&str, &str); 1] = [("security.istio.io", "istio.installCrds")];
+const OPTIONAL_CRD_GROUPS: [(&str, &str); 2] = [
+    ("security.istio.io", "istio.installCrds"),
+    ("networking.istio.io", "istio.installCrds"),
+];
 /// Where the optional groups' templates live.
 const OPTIONAL_CRDS_DIR: &str = "charts/trellis/templates";
 

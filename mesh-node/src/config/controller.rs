@@ -18,6 +18,9 @@
 //! monitoring: 0.0.0.0:15014          # /metrics and /healthz/ready; null to disable
 //! log_format: text
 //! cluster_id: Kubernetes             # source_cluster / destination_cluster in metrics
+//! compatibility:
+//!   istio_labels: false              # also read istio.io/dataplane-mode, istio.io/use-waypoint
+//!                                    # and the istio-waypoint class (off beside Istio)
 //! ```
 
 use std::{
@@ -60,6 +63,19 @@ pub struct ControllerConfig {
     /// default, `Kubernetes`, unless set.
     #[serde(default = "default_cluster_id")]
     pub cluster_id: String,
+    #[serde(default)]
+    pub compatibility: CompatibilityConfig,
+}
+
+/// What the controller reads of other meshes' conventions.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompatibilityConfig {
+    /// Read Istio's `istio.io/dataplane-mode` and `istio.io/use-waypoint` labels and treat
+    /// `istio-waypoint` Gateways as waypoints, besides Trellis's own (which win on an object
+    /// carrying both). Off by default, so that Trellis beside Istio never takes Istio's pods.
+    #[serde(default)]
+    pub istio_labels: bool,
 }
 
 /// Where the root CA is kept: `cert` and `key` files, or a Kubernetes `secret`. Either is
@@ -302,6 +318,29 @@ auth: { bootstrap_tokens: /t }
         );
         let null = ControllerConfig::parse(&format!("{MINIMAL}monitoring: null\n")).expect("valid");
         assert_eq!(null.monitoring, None, "null turns monitoring off");
+        assert!(
+            !config.compatibility.istio_labels,
+            "Istio's labels are not read by default"
+        );
+    }
+
+    #[test]
+    fn istio_labels_is_a_switch() {
+        let on = ControllerConfig::parse(&format!(
+            "{MINIMAL}compatibility: {{ istio_labels: true }}\n"
+        ))
+        .expect("valid");
+        assert!(on.compatibility.istio_labels);
+        let empty =
+            ControllerConfig::parse(&format!("{MINIMAL}compatibility: {{}}\n")).expect("valid");
+        assert!(!empty.compatibility.istio_labels);
+        for bad in [
+            "compatibility: { istio_labels: yes please }",
+            "compatibility: { istio: true }",
+        ] {
+            let err = ControllerConfig::parse(&format!("{MINIMAL}{bad}\n")).expect_err(bad);
+            assert!(err.to_string().contains("compatibility"), "{err}");
+        }
     }
 
     #[test]

@@ -8,14 +8,16 @@
 //!
 //! Rules:
 //! - A pod is **enrolled** iff its namespace has the label `trellis.dev/mesh=enabled` and the
-//!   pod does not have `trellis.dev/mesh=disabled`; label values are compared exactly.
+//!   pod does not have `trellis.dev/mesh=disabled`; label values are compared exactly. With
+//!   Istio's labels read, `istio.io/dataplane-mode` counts too: see [`labels`] for the
+//!   precedence.
 //! - Pods without an IP or a node yet are skipped (they appear once scheduled), as are
 //!   finished pods (their IP may already belong to a new pod) and host-network pods (they
 //!   share the node's address and have no identity of their own on it).
 //! - When two pods claim one IP, the newer pod keeps it and the other is rejected: a new pod
 //!   must never inherit an old pod's identity through its address.
-//! - Waypoints (Gateways of class `trellis-waypoint`), their pods, and the
-//!   `trellis.dev/use-waypoint` labels: see [`waypoint`].
+//! - Waypoints (Gateways of class `trellis-waypoint`, or `istio-waypoint` with Istio's labels
+//!   read), their pods, and the `trellis.dev/use-waypoint` labels: see [`waypoint`].
 //! - Routing objects (HTTPRoute, GRPCRoute, TrafficPolicy) are carried as written under
 //!   `route/<kind>/<ns>/<name>` for the waypoints; agents never receive them (see
 //!   [`for_role`]). Their status is derived in [`l7`].
@@ -32,16 +34,18 @@ use super::objects::{ClusterObjects, PolicyObject, RouteKind};
 use crate::{
     api::v1 as api,
     identity::Identity,
-    k8s::{MESH_ENABLED, MESH_LABEL, ZONE_LABEL},
+    k8s::ZONE_LABEL,
     l7::route::{ParentStatus, RouteId},
     policy::{Policy, PolicyId, PolicyKind, SecurityGroup, status::Condition},
 };
 
 mod l7;
+pub mod labels;
 mod service;
 pub mod waypoint;
 mod workload;
 
+pub use labels::LabelReader;
 use waypoint::Waypoints;
 pub use waypoint::waypoint_key;
 
@@ -53,6 +57,17 @@ pub struct TranslateSettings {
     pub hbone_port: u16,
     /// The cluster id workloads report in telemetry (`source_cluster`, `destination_cluster`).
     pub cluster_id: String,
+    /// Whether Istio's labels and waypoint class are read too (see [`labels`]).
+    pub istio_labels: bool,
+}
+
+impl TranslateSettings {
+    /// The labels this translation reads.
+    pub fn labels(&self) -> LabelReader {
+        LabelReader {
+            istio: self.istio_labels,
+        }
+    }
 }
 
 /// Who a discovery stream is for: what it may receive.
@@ -136,13 +151,6 @@ pub fn route_key(kind: RouteKind, namespace: &str, name: &str) -> String {
     format!("{ROUTE_PREFIX}{kind}/{namespace}/{name}")
 }
 
-/// Whether a namespace with `labels` is in the mesh.
-fn enabled(labels: Option<&BTreeMap<String, String>>) -> bool {
-    labels
-        .and_then(|l| l.get(MESH_LABEL))
-        .is_some_and(|v| v == MESH_ENABLED)
-}
-
 fn namespace_labels<'a>(
     objects: &'a ClusterObjects,
     namespace: &str,
@@ -165,7 +173,7 @@ pub fn translate(objects: &ClusterObjects, settings: &TranslateSettings) -> Tran
         .collect();
     let zone_of = |node: &str| zones.get(node).copied().unwrap_or_default().to_owned();
 
-    let waypoints = Waypoints::of(objects);
+    let waypoints = Waypoints::of(objects, settings.labels());
     translate_nodes(objects, settings, &zone_of, &mut out);
     waypoints.check_namespaces(objects, &mut out);
     let workloads = workload::translate_pods(objects, settings, &waypoints, &zone_of, &mut out);

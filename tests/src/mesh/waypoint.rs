@@ -212,11 +212,22 @@ impl<'tb> Mesh<'tb> {
         pod: &'tb Pod,
         extra: &str,
     ) -> Result<Waypoint<'tb>> {
+        self.start_waypoint_of_class(name, pod, "trellis-waypoint", extra)
+    }
+
+    /// [`Mesh::start_waypoint_with`] for a Gateway of `class` (Istio's `istio-waypoint`).
+    pub fn start_waypoint_of_class(
+        &mut self,
+        name: &str,
+        pod: &'tb Pod,
+        class: &str,
+        extra: &str,
+    ) -> Result<Waypoint<'tb>> {
         let gateway = json!({
             "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
             "metadata": {"name": name, "namespace": NAMESPACE},
             "spec": {
-                "gatewayClassName": "trellis-waypoint",
+                "gatewayClassName": class,
                 "listeners": [{"name": "mesh", "port": HBONE_PORT, "protocol": "HBONE"}],
             },
         });

@@ -45,6 +45,7 @@ fn state() -> SharedState {
             trust_domain: TD.into(),
             hbone_port: 15008,
             cluster_id: "Kubernetes".into(),
+            istio_labels: false,
         },
     );
     let (_tx, rx) = watch::channel(Some(Arc::new(Published {

@@ -278,6 +278,7 @@ fn settings() -> TranslateSettings {
         trust_domain: "cluster.local".into(),
         hbone_port: 15008,
         cluster_id: "Kubernetes".into(),
+        istio_labels: false,
     }
 }
 

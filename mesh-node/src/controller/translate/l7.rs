@@ -214,6 +214,7 @@ mod tests {
             trust_domain: "cluster.local".into(),
             hbone_port: 15008,
             cluster_id: "Kubernetes".into(),
+            istio_labels: false,
         };
         let web = route(
             "HTTPRoute",

@@ -12,8 +12,8 @@ use k8s_openapi::{
 };
 
 use super::{
-    ClusterObjects, Translation, api, enabled, namespace_labels, reject, service_key,
-    waypoint::{self, Choice, Waypoints},
+    ClusterObjects, Translation, api, namespace_labels, reject, service_key,
+    waypoint::{Choice, Waypoints},
     workload::WorkloadRef,
 };
 use crate::k8s::SERVICE_NAME_LABEL;
@@ -54,14 +54,16 @@ pub(super) fn translate_services(
                 let namespace_labels = namespace_labels(objects, ns);
                 let own = svc.metadata.labels.as_ref();
                 // A waypoint's own Service never routes through a waypoint (loop protection).
-                if enabled(namespace_labels) && waypoints.served_by(ns, own).is_none() {
+                if waypoints.labels().namespace_enrolled(namespace_labels)
+                    && waypoints.served_by(ns, own).is_none()
+                {
                     match waypoints.choose(ns, own, namespace_labels) {
                         Choice::Direct => {}
                         Choice::Through(waypoint) => resource.waypoint = waypoint,
                         Choice::Missing {
                             waypoint,
                             own_label: true,
-                        } => reject(out, format!("Service {key}"), waypoint::missing(&waypoint)),
+                        } => reject(out, format!("Service {key}"), waypoints.missing(&waypoint)),
                         Choice::Missing { .. } => {}
                     }
                 }

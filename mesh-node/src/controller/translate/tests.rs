@@ -5,11 +5,12 @@ use super::*;
 use crate::{
     controller::objects::{Object, PolicyObject},
     k8s::{
-        GATEWAY_NAME_LABEL, MESH_DISABLED, NO_WAYPOINT, SERVICE_NAME_LABEL, USE_WAYPOINT_LABEL,
-        WAYPOINT_CLASS,
+        GATEWAY_NAME_LABEL, MESH_DISABLED, MESH_LABEL, NO_WAYPOINT, SERVICE_NAME_LABEL,
+        USE_WAYPOINT_LABEL, WAYPOINT_CLASS,
     },
 };
 
+mod istio_labels;
 mod waypoint;
 
 fn settings() -> TranslateSettings {
@@ -17,6 +18,7 @@ fn settings() -> TranslateSettings {
         trust_domain: "cluster.local".into(),
         hbone_port: 15008,
         cluster_id: "Kubernetes".into(),
+        istio_labels: false,
     }
 }
 

@@ -2,8 +2,10 @@
 //!
 //! Rules (all label values are compared exactly):
 //! - A **waypoint** is a Gateway (`gateway.networking.k8s.io/v1`) whose `spec.gatewayClassName`
-//!   is [`WAYPOINT_CLASS`]; it is published as `waypoint/<ns>/<name>`. Gateways of other
-//!   classes are not the mesh's business and are ignored.
+//!   is [`WAYPOINT_CLASS`](crate::k8s::WAYPOINT_CLASS) (or Istio's `istio-waypoint` with
+//!   Istio's labels read, see [`super::labels`]); it is published as
+//!   `waypoint/<ns>/<name>`. Gateways of other classes are not the mesh's business and are
+//!   ignored.
 //! - Its **pods** are the pods of its namespace labelled [`GATEWAY_NAME_LABEL`]`=<name>`. They
 //!   are workloads (their identity is known, so peers can verify them) but are never enrolled,
 //!   even in an enabled namespace: a waypoint's own connections must not be redirected into the
@@ -19,11 +21,12 @@
 //!   credentials the CA signs for and the discovery service streams to; and agents are never
 //!   given those identities, so an enrolled pod sharing a waypoint's service account is
 //!   rejected (no certificate) rather than letting its node impersonate the waypoint.
-//! - [`USE_WAYPOINT_LABEL`]`=<name>` sends traffic through waypoint `<name>` of the object's
-//!   own namespace: on a Service (`Service.waypoint`, traffic to its VIPs), on a pod
-//!   (`Workload.waypoint`, traffic to its own IPs), or on a Namespace (both, for each of its
-//!   Services and pods without a label of their own). [`NO_WAYPOINT`] on a Service or pod opts
-//!   it out of its namespace's waypoint. Only enrolled pods and Services of enrolled namespaces
+//! - [`USE_WAYPOINT_LABEL`](crate::k8s::USE_WAYPOINT_LABEL)`=<name>` sends traffic through
+//!   waypoint `<name>` of the object's own namespace: on a Service (`Service.waypoint`,
+//!   traffic to its VIPs), on a pod (`Workload.waypoint`, traffic to its own IPs), or on a
+//!   Namespace (both, for each of its Services and pods without a label of their own); with
+//!   Istio's labels read, `istio.io/use-waypoint` where no Trellis label is set on the object.
+//!   [`NO_WAYPOINT`] on a Service or pod opts it out of its namespace's waypoint. Only enrolled pods and Services of enrolled namespaces
 //!   get a waypoint; never a waypoint's own pods, nor a Service labelled as a waypoint's
 //!   ([`GATEWAY_NAME_LABEL`]), which would send the waypoint's traffic to itself.
 //! - A label naming a waypoint that does not exist leaves the field empty (traffic goes
@@ -37,21 +40,26 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Pod;
 
+use super::labels::LabelReader;
 use super::{ClusterObjects, Translation, api, reject};
 use crate::{
     identity::Identity,
-    k8s::{GATEWAY_NAME_LABEL, NO_WAYPOINT, USE_WAYPOINT_LABEL, WAYPOINT_CLASS},
+    k8s::{GATEWAY_NAME_LABEL, NO_WAYPOINT},
 };
 
 pub fn waypoint_key(namespace: &str, name: &str) -> String {
     format!("waypoint/{namespace}/{name}")
 }
 
-/// The waypoints that exist: Gateways of class [`WAYPOINT_CLASS`], by namespace and name.
+/// The waypoints that exist: Gateways of a waypoint class, by namespace and name, and the
+/// labels that choose them.
 #[derive(Debug, Default)]
-pub(super) struct Waypoints(BTreeSet<(String, String)>);
+pub(super) struct Waypoints {
+    gateways: BTreeSet<(String, String)>,
+    labels: LabelReader,
+}
 
-/// Where an object's traffic goes, by its [`USE_WAYPOINT_LABEL`]s.
+/// Where an object's traffic goes, by its use-waypoint labels.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Choice {
     /// No waypoint: not asked for, opted out, or not eligible.
@@ -64,15 +72,16 @@ pub(super) enum Choice {
 }
 
 impl Waypoints {
-    pub(super) fn of(objects: &ClusterObjects) -> Self {
-        let waypoints = objects
+    pub(super) fn of(objects: &ClusterObjects, labels: LabelReader) -> Self {
+        let gateways = objects
             .gateways
             .values()
             .filter(|g| {
-                g.spec
-                    .get("gatewayClassName")
-                    .and_then(serde_json::Value::as_str)
-                    == Some(WAYPOINT_CLASS)
+                labels.is_waypoint_class(
+                    g.spec
+                        .get("gatewayClassName")
+                        .and_then(serde_json::Value::as_str),
+                )
             })
             .filter_map(|g| {
                 Some((
@@ -81,11 +90,17 @@ impl Waypoints {
                 ))
             })
             .collect();
-        Self(waypoints)
+        Self { gateways, labels }
+    }
+
+    /// The labels these waypoints are chosen by.
+    pub(super) fn labels(&self) -> LabelReader {
+        self.labels
     }
 
     pub(super) fn exists(&self, namespace: &str, name: &str) -> bool {
-        self.0.contains(&(namespace.to_owned(), name.to_owned()))
+        self.gateways
+            .contains(&(namespace.to_owned(), name.to_owned()))
     }
 
     /// The waypoint a pod of `namespace` with `labels` serves, if any.
@@ -108,9 +123,7 @@ impl Waypoints {
         own: Option<&BTreeMap<String, String>>,
         namespace_labels: Option<&BTreeMap<String, String>>,
     ) -> Choice {
-        let label = |labels: Option<&BTreeMap<String, String>>| {
-            labels.and_then(|l| l.get(USE_WAYPOINT_LABEL)).cloned()
-        };
+        let label = |labels| self.labels.use_waypoint(labels);
         let (name, own_label) = match (label(own), label(namespace_labels)) {
             (Some(name), _) => (name, true),
             (None, Some(name)) => (name, false),
@@ -135,22 +148,24 @@ impl Waypoints {
     pub(super) fn check_namespaces(&self, objects: &ClusterObjects, out: &mut Translation) {
         for (name, namespace) in &objects.namespaces {
             let labels = namespace.metadata.labels.as_ref();
-            if !super::enabled(labels) {
+            if !self.labels.namespace_enrolled(labels) {
                 continue;
             }
             if let Choice::Missing { waypoint, .. } = self.choose(name, None, labels) {
-                reject(out, format!("Namespace {name}"), missing(&waypoint));
+                reject(out, format!("Namespace {name}"), self.missing(&waypoint));
             }
         }
     }
-}
 
-/// The rejection reason for a label naming a waypoint that does not exist.
-pub(super) fn missing(waypoint: &str) -> String {
-    format!(
-        "waypoint {waypoint} does not exist (no Gateway of class {WAYPOINT_CLASS} by that name): \
-         {USE_WAYPOINT_LABEL} is ignored and traffic goes directly, without a waypoint"
-    )
+    /// The rejection reason for a label naming a waypoint that does not exist.
+    pub(super) fn missing(&self, waypoint: &str) -> String {
+        format!(
+            "waypoint {waypoint} does not exist (no Gateway of class {} by that name): {} is \
+             ignored and traffic goes directly, without a waypoint",
+            self.labels.waypoint_classes(),
+            self.labels.use_waypoint_labels()
+        )
+    }
 }
 
 /// A pod that became a workload, as the waypoints see it.
@@ -170,7 +185,7 @@ pub(super) fn translate_waypoints(
 ) {
     // Each waypoint's running pods, in pod order.
     let mut serving: BTreeMap<(&str, &str), Vec<&PodWorkload<'_>>> = BTreeMap::new();
-    for (namespace, name) in &waypoints.0 {
+    for (namespace, name) in &waypoints.gateways {
         serving.insert((namespace.as_str(), name.as_str()), Vec::new());
     }
     for pod in pods {

@@ -10,15 +10,11 @@ use std::{
 use k8s_openapi::api::core::v1::Pod;
 
 use super::{
-    ClusterObjects, TranslateSettings, Translation, api, enabled, namespace_labels, reject,
+    ClusterObjects, TranslateSettings, Translation, api, namespace_labels, reject,
     waypoint::{self, Choice, PodWorkload, Waypoints},
     workload_key,
 };
-use crate::{
-    identity::Identity,
-    k8s::{MESH_DISABLED, MESH_LABEL},
-    state::WorkloadTelemetry,
-};
+use crate::{identity::Identity, state::WorkloadTelemetry};
 
 mod owner;
 
@@ -120,7 +116,7 @@ pub(super) fn translate_pods(
                 Choice::Missing {
                     waypoint,
                     own_label: true,
-                } => reject(out, object(), waypoint::missing(&waypoint)),
+                } => reject(out, object(), waypoints.missing(&waypoint)),
                 // Reported once, on the namespace.
                 Choice::Missing { .. } => {}
             }
@@ -228,8 +224,9 @@ fn workload_of(
         .map_err(|e| format!("no valid SPIFFE identity: {e}"))?;
 
     let labels = meta.labels.clone().unwrap_or_default();
-    let namespace_enabled = enabled(namespace_labels(objects, namespace));
-    let opted_out = labels.get(MESH_LABEL).is_some_and(|v| v == MESH_DISABLED);
+    let in_mesh = settings
+        .labels()
+        .pod_enrolled(meta.labels.as_ref(), namespace_labels(objects, namespace));
     // Loop protection: a waypoint's own connections are never redirected (module docs).
     let waypoint_pod = waypoints
         .served_by(namespace, meta.labels.as_ref())
@@ -245,7 +242,7 @@ fn workload_of(
         node: node.to_owned(),
         ips,
         labels: labels.into_iter().collect(),
-        enrolled: namespace_enabled && !opted_out && !waypoint_pod,
+        enrolled: in_mesh && !waypoint_pod,
         zone: zone_of(node),
         waypoint: String::new(),
         telemetry: Some(telemetry.into()),

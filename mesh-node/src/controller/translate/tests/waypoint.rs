@@ -3,7 +3,7 @@
 
 use super::*;
 
-fn gateway(ns: &str, name: &str, class: &str) -> serde_json::Value {
+pub(super) fn gateway(ns: &str, name: &str, class: &str) -> serde_json::Value {
     serde_json::json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
             "metadata": {"name": name, "namespace": ns},
             "spec": {"gatewayClassName": class,
@@ -11,7 +11,7 @@ fn gateway(ns: &str, name: &str, class: &str) -> serde_json::Value {
 }
 
 /// A running pod of waypoint `waypoint` (label only; the Gateway is separate).
-fn waypoint_pod(
+pub(super) fn waypoint_pod(
     ns: &str,
     name: &str,
     waypoint: &str,
@@ -25,27 +25,27 @@ fn waypoint_pod(
     p
 }
 
-fn service(ns: &str, name: &str, labels: serde_json::Value) -> serde_json::Value {
+pub(super) fn service(ns: &str, name: &str, labels: serde_json::Value) -> serde_json::Value {
     serde_json::json!({"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": name, "namespace": ns, "labels": labels},
             "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}})
 }
 
-fn waypoint_of(t: &Translation, ns: &str, name: &str) -> Option<api::Waypoint> {
+pub(super) fn waypoint_of(t: &Translation, ns: &str, name: &str) -> Option<api::Waypoint> {
     match t.resources.get(&waypoint_key(ns, name))?.kind.clone()? {
         api::resource::Kind::Waypoint(w) => Some(w),
         _ => None,
     }
 }
 
-fn service_waypoint(t: &Translation, ns: &str, name: &str) -> Option<String> {
+pub(super) fn service_waypoint(t: &Translation, ns: &str, name: &str) -> Option<String> {
     match t.resources.get(&service_key(ns, name))?.kind.clone()? {
         api::resource::Kind::Service(s) => Some(s.waypoint),
         _ => None,
     }
 }
 
-fn rejections(t: &Translation) -> BTreeMap<String, String> {
+pub(super) fn rejections(t: &Translation) -> BTreeMap<String, String> {
     t.rejected.iter().cloned().collect()
 }
 

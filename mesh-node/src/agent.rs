@@ -266,7 +266,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         SourceAddress::Node => None,
         SourceAddress::Client => {
             match ReturnPath::install(&datapath.pin_dir().join("maps")).await {
-                Ok(return_path) => Some(return_path),
+                Ok(mut return_path) => {
+                    // The pods known at start are covered before the agent serves them.
+                    if let Some(initial) = initial.as_deref() {
+                        return_path
+                            .sync(&return_path::local_pod_ips(initial), true)
+                            .await;
+                    }
+                    Some(return_path)
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "client addresses cannot be kept: pods see connections from the node");
                     None

@@ -25,6 +25,7 @@ use anyhow::{Context, Result, bail};
 use mesh_node::{
     config::{
         AgentConfig, CaConfig, ControlPlaneConfig, DatapathConfig, InboundConfig, LimitsConfig,
+        SourceAddress,
         ListenConfig, LogFormat, NodeConfig, OutboundConfig, UnknownDestination, WorkloadConfig,
     },
     identity::LocalCa,
@@ -73,6 +74,8 @@ pub struct MeshOptions {
     /// Agents also serve `/metrics` on `<node LAN IP>:`[`METRICS_PORT`], where a scraper in
     /// another node's namespace reaches them (the admin port is loopback only).
     pub metrics_on_lan: bool,
+    /// Which address local pods see their mesh connections come from.
+    pub source_address: SourceAddress,
 }
 
 impl Default for MeshOptions {
@@ -87,6 +90,7 @@ impl Default for MeshOptions {
             hbone_single_use: false,
             limits: LimitsConfig::default(),
             metrics_on_lan: false,
+            source_address: SourceAddress::default(),
         }
     }
 }
@@ -817,6 +821,7 @@ fn agent_defaults(node: &crate::testbed::Node, options: &MeshOptions) -> AgentCo
         inbound: InboundConfig {
             handshake_timeout_ms: 5_000,
             max_streams_per_connection: 512,
+            source_address: options.source_address,
         },
         limits: options.limits.clone(),
         drain_timeout_secs: options.drain_timeout_secs,

@@ -39,7 +39,8 @@ pub async fn run(
     }
 }
 
-fn local_pod_ips(state: &MeshState) -> Vec<IpAddr> {
+/// The addresses of the pods on this node.
+pub fn local_pod_ips(state: &MeshState) -> Vec<IpAddr> {
     state
         .workloads()
         .iter()

@@ -191,7 +191,7 @@ fn admit_only(pod: &Pod, allowed: IpAddr, port: u16) -> Result<()> {
     let file = std::env::temp_dir().join(format!("client-address-{}.nft", std::process::id()));
     std::fs::write(&file, rules)?;
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", pod.netns().name(), "nft", "-f"])
+        .args(["netns", "exec", pod.netns.name(), "nft", "-f"])
         .arg(&file)
         .output()
         .context("running nft (is nftables installed?)")?;
@@ -261,7 +261,7 @@ fn strict_drops_a_pods_direct_plaintext_while_its_mesh_traffic_passes() -> Resul
         "strict",
         json!({"mtls": {"mode": "STRICT"}}),
     )?;
-    let server_cgroup = server.cgroup().to_string_lossy().into_owned();
+    let server_cgroup = server.cgroup.to_string_lossy().into_owned();
     mesh.wait_config(1, Duration::from_secs(20), |d| {
         d["datapath"]["enrolled_cgroups"]
             .as_array()

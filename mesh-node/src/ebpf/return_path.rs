@@ -43,7 +43,7 @@ use mesh_common::{
 };
 use netlink_packet_route::{
     link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
-    route::{RouteAttribute, RouteType},
+    route::{RouteAttribute, RouteScope, RouteType},
     rule::{RuleAction, RuleAttribute},
 };
 use parking_lot::Mutex;
@@ -383,12 +383,14 @@ async fn install_routing(netlink: &Handle) -> Result<(), EbpfError> {
         let route = if v6 {
             RouteMessageBuilder::<Ipv6Addr>::new()
                 .kind(RouteType::Local)
+                .scope(RouteScope::Host)
                 .table_id(RETURN_TABLE)
                 .output_interface(LOOPBACK_IFINDEX)
                 .build()
         } else {
             RouteMessageBuilder::<Ipv4Addr>::new()
                 .kind(RouteType::Local)
+                .scope(RouteScope::Host)
                 .table_id(RETURN_TABLE)
                 .output_interface(LOOPBACK_IFINDEX)
                 .build()
@@ -401,4 +403,55 @@ async fn install_routing(netlink: &Handle) -> Result<(), EbpfError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_route::link::{LinkHeader, LinkMessage};
+
+    use super::*;
+
+    #[test]
+    fn deliveries_are_keyed_as_the_pod_sees_them_in_the_programs_address_form() {
+        let key = delivery(
+            "10.200.0.10:40000".parse().expect("client"),
+            "10.200.1.10:8080".parse().expect("pod"),
+        );
+        assert_eq!(key.client, ip_key("10.200.0.10".parse().expect("ip")));
+        assert_eq!(key.pod, ip_key("10.200.1.10".parse().expect("ip")));
+        assert_eq!((key.client_port, key.pod_port), (40000, 8080));
+        let v6 = delivery(
+            "[fd00:200::10]:1".parse().expect("client"),
+            "[fd00:200:1::10]:2".parse().expect("pod"),
+        );
+        assert_eq!(v6.client, ip_key("fd00:200::10".parse().expect("ip")));
+    }
+
+    #[test]
+    fn links_report_their_bridge_mac_and_controller() {
+        let mut message = LinkMessage::default();
+        message.header = LinkHeader {
+            index: 7,
+            ..LinkHeader::default()
+        };
+        message.attributes = vec![
+            LinkAttribute::IfName("pods".into()),
+            LinkAttribute::Address(vec![2, 0, 0, 0, 0, 1]),
+            LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]),
+        ];
+        let bridge = Link::of(&message);
+        assert_eq!(bridge.index, 7);
+        assert_eq!(bridge.name, "pods");
+        assert_eq!(bridge.mac, Some([2, 0, 0, 0, 0, 1]));
+        assert!(bridge.bridge);
+        message.attributes = vec![
+            LinkAttribute::IfName("p0".into()),
+            LinkAttribute::Controller(7),
+            LinkAttribute::Address(vec![1, 2, 3]),
+        ];
+        let port = Link::of(&message);
+        assert_eq!(port.controller, Some(7));
+        assert_eq!(port.mac, None, "not a MAC address");
+        assert!(!port.bridge);
+    }
 }

@@ -379,6 +379,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         states.clone(),
         shutdown.clone(),
     ));
+    let deliveries = return_path.as_ref().map(ReturnPath::deliveries);
     if let Some(return_path) = return_path {
         listeners.spawn(return_path::run(
             return_path,
@@ -389,6 +390,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     listeners.spawn(plaintext::run(
         states.clone(),
         inputs.metrics.clone(),
+        deliveries,
         shutdown.clone(),
     ));
     let (synced, first_sync) = oneshot::channel();

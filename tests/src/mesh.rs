@@ -25,8 +25,8 @@ use anyhow::{Context, Result, bail};
 use mesh_node::{
     config::{
         AgentConfig, CaConfig, ControlPlaneConfig, DatapathConfig, InboundConfig, LimitsConfig,
-        SourceAddress,
-        ListenConfig, LogFormat, NodeConfig, OutboundConfig, UnknownDestination, WorkloadConfig,
+        ListenConfig, LogFormat, NodeConfig, OutboundConfig, SourceAddress, UnknownDestination,
+        WorkloadConfig,
     },
     identity::LocalCa,
 };

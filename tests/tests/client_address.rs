@@ -105,10 +105,15 @@ fn delivered_from(mesh: &Mesh, node: usize, direction: &str, client_ip: IpAddr) 
     };
     let event = mesh.wait_access(node, LOG_TIMEOUT, |e| {
         e["direction"] == direction
-            && e["src_addr"].as_str().is_some_and(|s| s.starts_with(&prefix))
+            && e["src_addr"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(&prefix))
             && e["delivered_from"].as_str().is_some_and(|s| !s.is_empty())
     })?;
-    Ok(event["delivered_from"].as_str().unwrap_or_default().to_owned())
+    Ok(event["delivered_from"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned())
 }
 
 #[test]
@@ -168,7 +173,11 @@ fn with_source_address_node_pods_see_the_node_as_before() -> Result<()> {
     let gateway = IpAddr::from(tb.node(1).gateway_ip4);
     for client in [tb.pod(0, 0), tb.pod(1, 1)] {
         let seen = peer_seen(&tb, client, &addr(server.ip4, HTTP_PORT))?;
-        assert_eq!(seen, gateway, "{} reached the server from the node", client.name);
+        assert_eq!(
+            seen, gateway,
+            "{} reached the server from the node",
+            client.name
+        );
     }
     assert_eq!(
         delivered_from(&mesh, 1, "inbound", tb.pod(0, 0).ip4.into())?,
@@ -320,7 +329,10 @@ fn churn(tb: &Testbed, clients: &[&Pod], to: &str, per_client: usize) -> Result<
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")))
+            })
             .collect()
     });
     let seconds = started.elapsed().as_secs_f64();
@@ -365,7 +377,10 @@ fn churn_completes(source_address: SourceAddress) -> Result<()> {
         "trellis_connection_failures_total",
         &[("reason", "upstream_unreachable")],
     );
-    ensure!(unreachable == 0.0, "{unreachable} pod dials failed on node 1");
+    ensure!(
+        unreachable == 0.0,
+        "{unreachable} pod dials failed on node 1"
+    );
     Ok(())
 }
 
@@ -417,10 +432,7 @@ fn many_concurrent_connections_and_a_large_transfer_arrive_intact() -> Result<()
             &["send", "--to", &addr(to, SINK_PORT), "--bytes", "256M"],
         )?;
         assert_eq!(v["ok"], true, "{v}");
-        let peer: SocketAddr = v["reply"]["peer"]
-            .as_str()
-            .context("sink peer")?
-            .parse()?;
+        let peer: SocketAddr = v["reply"]["peer"].as_str().context("sink peer")?.parse()?;
         assert_eq!(peer.ip(), IpAddr::from(from.ip4), "{v}");
     }
     Ok(())

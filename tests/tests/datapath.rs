@@ -520,7 +520,7 @@ fn cross_node_transfers_are_byte_exact_both_ways_with_half_close() -> Result<()>
         return Ok(());
     }
     let tb = testbed(false)?;
-    let mesh = Mesh::start(&tb, &MeshOptions::default())?;
+    let mesh = Mesh::start(&tb, &node_source())?;
     let _srv = server(
         &tb,
         tb.pod(1, 0),
@@ -1121,7 +1121,7 @@ fn same_node_traffic_stays_local_and_external_traffic_passes_through() -> Result
         return Ok(());
     }
     let tb = testbed(true)?;
-    let mesh = Mesh::start(&tb, &MeshOptions::default())?;
+    let mesh = Mesh::start(&tb, &node_source())?;
     let ext = tb.external().context("external host")?;
     let _neighbour = server(&tb, tb.pod(0, 1), &["[::]:9001=sink"])?;
     let _outside = server(&tb, ext, &["[::]:7001=sink"])?;
@@ -1315,7 +1315,7 @@ fn agent_crash_never_lets_pods_bypass_the_mesh_and_restart_reuses_the_pins() -> 
         return Ok(());
     }
     let tb = testbed(false)?;
-    let mut mesh = Mesh::start(&tb, &MeshOptions::default())?;
+    let mut mesh = Mesh::start(&tb, &node_source())?;
     let _srv = server(&tb, tb.pod(1, 0), &["[::]:9001=sink"])?;
     let probe = probe_listener(Place::Pod(tb.pod(1, 0)), "10.200.1.10:9050".parse()?)?;
 
@@ -1473,7 +1473,7 @@ fn cross_node_ipv6_goes_through_the_mesh_byte_exact() -> Result<()> {
         return Ok(());
     }
     let tb = testbed(false)?;
-    let mesh = Mesh::start(&tb, &MeshOptions::default())?;
+    let mesh = Mesh::start(&tb, &node_source())?;
     let (client, dst) = (tb.pod(0, 0), tb.pod(1, 0));
     let _srv = server(&tb, dst, &["[::]:9001=sink"])?;
     let redirected = dp_event(&mesh, 0, "redirected")?;

@@ -82,6 +82,12 @@ impl Deliveries {
             .map_err(std::io::Error::other)
     }
 
+    /// Whether the proxy opened the connection from `client` to `pod` (recorded, not yet
+    /// forgotten).
+    pub fn contains(&self, client: SocketAddr, pod: SocketAddr) -> bool {
+        self.map.lock().get(&delivery(client, pod), 0).is_ok()
+    }
+
     /// Forgets a connection: at once, or (`linger`) once TIME_WAIT is over.
     pub fn forget(&self, client: SocketAddr, pod: SocketAddr, linger: bool) {
         let key = delivery(client, pod);

@@ -25,7 +25,7 @@ use std::{
     time::Duration,
 };
 
-use prometheus_client::encoding::EncodeLabelValue;
+use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::{identity::Identity, state::MeshState, state::Workload};
@@ -34,32 +34,36 @@ use crate::{identity::Identity, state::MeshState, state::Workload};
 /// established connection to the same pod (the bind cannot know the destination).
 const BIND_ATTEMPTS: usize = 8;
 
-/// Why a connection to a pod was delivered from the node's address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
-#[allow(
-    non_camel_case_types,
-    reason = "label values are snake_case on the wire"
-)]
+/// Why a connection to a pod was delivered from the node's address (the `reason` label of
+/// `trellis_delivered_from_node_total`, and the access log's `node:<reason>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NodeReason {
-    /// `inbound.preserve_client_address` is off.
-    disabled,
-    /// No workload of the mesh holds the source address with the verified identity (a
-    /// waypoint, a source outside the mesh, an address the peer only claims).
-    unverified_source,
+    /// `inbound.source_address` is `node`.
+    Disabled,
+    /// No workload of the mesh holds the source address with the verified identity on the
+    /// node the connection came from (a waypoint, a source outside the mesh, an address the
+    /// peer only claims).
+    UnverifiedSource,
     /// The source's address is of the other family than the pod's.
-    family_mismatch,
+    FamilyMismatch,
     /// The return path does not cover the pod's link yet (just created), or is not installed.
-    return_path_not_ready,
+    ReturnPathNotReady,
 }
 
 impl NodeReason {
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
-            Self::disabled => "disabled",
-            Self::unverified_source => "unverified_source",
-            Self::family_mismatch => "family_mismatch",
-            Self::return_path_not_ready => "return_path_not_ready",
+            Self::Disabled => "disabled",
+            Self::UnverifiedSource => "unverified_source",
+            Self::FamilyMismatch => "family_mismatch",
+            Self::ReturnPathNotReady => "return_path_not_ready",
         }
+    }
+}
+
+impl EncodeLabelValue for NodeReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
     }
 }
 
@@ -144,16 +148,16 @@ impl SourcePolicy {
 
     fn decide(&self, verified: Option<IpAddr>, pod: IpAddr) -> PodSource {
         let Some(return_path) = &self.return_path else {
-            return PodSource::Node(NodeReason::disabled);
+            return PodSource::Node(NodeReason::Disabled);
         };
         let Some(client) = verified.map(|ip| ip.to_canonical()) else {
-            return PodSource::Node(NodeReason::unverified_source);
+            return PodSource::Node(NodeReason::UnverifiedSource);
         };
         if client.is_ipv4() != pod.to_canonical().is_ipv4() {
-            return PodSource::Node(NodeReason::family_mismatch);
+            return PodSource::Node(NodeReason::FamilyMismatch);
         }
         if !return_path.covers(pod) {
-            return PodSource::Node(NodeReason::return_path_not_ready);
+            return PodSource::Node(NodeReason::ReturnPathNotReady);
         }
         PodSource::Client(client)
     }
@@ -205,14 +209,14 @@ impl SourcePolicy {
                 Ok(stream) => return Ok((stream, record)),
                 // The port is held by an established connection to the same pod: another.
                 Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
-                    if let Some(mut record) = record {
-                        record.linger = false;
+                    if let Some(record) = record {
+                        record.reset();
                     }
                     last = Some(e);
                 }
                 Err(e) => {
-                    if let Some(mut record) = record {
-                        record.linger = false;
+                    if let Some(record) = record {
+                        record.reset();
                     }
                     return Err(e);
                 }

@@ -105,7 +105,7 @@ fn hbone_clients_keep_an_address_their_identity_owns_on_their_node() {
 fn claimed_addresses_of_other_identities_or_nodes_fall_back_to_the_node() {
     let (policy, _) = policy(&[POD]);
     let state = state();
-    let unverified = PodSource::Node(NodeReason::unverified_source);
+    let unverified = PodSource::Node(NodeReason::UnverifiedSource);
     // Identity `client` claiming the address of `other`.
     assert_eq!(
         policy.for_hbone(&state, &id("client"), OTHER, NODE_B, POD),
@@ -130,17 +130,17 @@ fn disabled_uncovered_and_cross_family_fall_back_with_their_reason() {
     let state = state();
     assert_eq!(
         SourcePolicy::node_only().for_hbone(&state, &id("client"), CLIENT, NODE_B, POD),
-        PodSource::Node(NodeReason::disabled)
+        PodSource::Node(NodeReason::Disabled)
     );
     let (uncovered, _) = policy(&[]);
     assert_eq!(
         uncovered.for_hbone(&state, &id("client"), CLIENT, NODE_B, POD),
-        PodSource::Node(NodeReason::return_path_not_ready)
+        PodSource::Node(NodeReason::ReturnPathNotReady)
     );
     let (covered, _) = policy(&[IpAddr::V6(Ipv6Addr::LOCALHOST)]);
     assert_eq!(
         covered.decide(Some(CLIENT), IpAddr::V6(Ipv6Addr::LOCALHOST)),
-        PodSource::Node(NodeReason::family_mismatch)
+        PodSource::Node(NodeReason::FamilyMismatch)
     );
 }
 
@@ -154,11 +154,11 @@ fn same_node_sources_keep_only_their_own_address() {
     );
     assert_eq!(
         policy.for_local(&client, OTHER, POD),
-        PodSource::Node(NodeReason::unverified_source)
+        PodSource::Node(NodeReason::UnverifiedSource)
     );
     assert_eq!(PodSource::Client(CLIENT).log_value(), "client");
     assert_eq!(
-        PodSource::Node(NodeReason::disabled).log_value(),
+        PodSource::Node(NodeReason::Disabled).log_value(),
         "node:disabled"
     );
 }
@@ -172,7 +172,7 @@ async fn node_dials_bind_a_port_and_record_nothing() {
     let (policy, path) = policy(&[]);
     let (stream, record) = policy
         .dial(
-            PodSource::Node(NodeReason::unverified_source),
+            PodSource::Node(NodeReason::UnverifiedSource),
             dst,
             Duration::from_secs(2),
         )

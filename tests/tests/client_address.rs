@@ -364,7 +364,7 @@ fn churn_completes(source_address: SourceAddress) -> Result<()> {
     let per_client: usize = std::env::var("CHURN_PER_CLIENT")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(12_000);
+        .unwrap_or(6_000);
     let (total, failed, seconds) = churn(&tb, &clients, &to, per_client)?;
     eprintln!(
         "churn ({source_address:?}): {total} connections in {seconds:.1} s = {:.0}/s, {failed} failed",

@@ -29,7 +29,9 @@ pub async fn run(
             .as_deref()
             .map(local_pod_ips)
             .unwrap_or_default();
-        return_path.sync(&pods, ticks % FULL_EVERY == 0).await;
+        return_path
+            .sync(&pods, ticks.is_multiple_of(FULL_EVERY))
+            .await;
         ticks = ticks.wrapping_add(1);
         tokio::select! {
             () = shutdown.cancelled() => return,

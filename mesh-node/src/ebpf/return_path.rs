@@ -53,7 +53,7 @@ use super::{EbpfError, ip_key, program_mut, take_map};
 
 /// How long a delivered connection's record outlives its socket: Linux's TIME_WAIT, during
 /// which the pod's last segments (a retransmitted FIN) must still reach the socket.
-const TIME_WAIT: Duration = Duration::from_secs(60);
+const TIME_WAIT: Duration = Duration::from_mins(1);
 const LOOPBACK_IFINDEX: u32 = 1;
 
 /// The proxy's connections from client addresses, as the datapath sees them.

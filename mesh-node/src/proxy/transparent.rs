@@ -277,6 +277,10 @@ fn bound_socket(local: IpAddr, pod: SocketAddr, transparent: bool) -> std::io::R
 }
 
 /// Lets the socket bind an address the node does not own (`CAP_NET_ADMIN`).
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "the size of a c_int (4 bytes) fits a socklen_t"
+)]
 fn set_transparent(socket: &TcpSocket, v4: bool) -> std::io::Result<()> {
     let (level, name) = if v4 {
         (libc::SOL_IP, libc::IP_TRANSPARENT)

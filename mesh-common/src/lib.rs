@@ -14,7 +14,9 @@
 /// two counters were added.
 /// Version 3: `SOCK_CGROUPS` (socket storage) and two counters were added; `OrigDst.cgroup_id`
 /// is the pod of the socket's creation cgroup.
-pub const LAYOUT_VERSION: u32 = 3;
+/// Version 4: `DELIVERIES` and `LINK_MACS` (the client-address return path) and two counters
+/// were added.
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Map names, as they appear in the object file and under the pin directory.
 pub mod maps {
@@ -44,6 +46,15 @@ pub mod maps {
     /// written by `sock_create`. Identity comes from here, not from whichever process calls
     /// `connect()`.
     pub const SOCK_CGROUPS: &str = "SOCK_CGROUPS";
+    /// `LruHashMap<Delivery, u32>`: the connections the node proxy opens to a local pod from
+    /// the client's address (transparent sockets), written by the agent before it connects and
+    /// removed once the socket is closed. `mtls_ingress` admits exactly these 4-tuples through
+    /// STRICT; `return_path` steers the pod's replies to them back to the agent.
+    pub const DELIVERIES: &str = "DELIVERIES";
+    /// `HashMap<u32 ifindex, LinkMac>`: for pod links enslaved to a bridge, the bridge's MAC.
+    /// A pod replies to a client on its own subnet at layer 2 (to the client's MAC); the
+    /// return path rewrites such a reply to the bridge, so the node's IP stack receives it.
+    pub const LINK_MACS: &str = "LINK_MACS";
 }
 
 /// Program names, as they appear in the object file.
@@ -59,7 +70,25 @@ pub mod programs {
     pub const SOCK_CREATE: &str = "sock_create";
     /// cgroup/sock_release: forgets the original destination of a socket being closed.
     pub const SOCK_RELEASE: &str = "sock_release";
+    /// tc (tcx) ingress on the node side of pod links: marks a pod's replies to a connection
+    /// the node proxy opened from the client's address, so policy routing delivers them to
+    /// the proxy's socket instead of forwarding them to the client.
+    pub const RETURN_PATH: &str = "return_path";
 }
+
+/// Mark bits `return_path` sets on a reply it steers; the agent's policy routing rule
+/// (`fwmark RETURN_MARK/RETURN_MARK_MASK lookup RETURN_TABLE`) delivers such packets locally.
+pub const RETURN_MARK: u32 = 0x0000_7e00;
+/// The bits of the packet mark [`RETURN_MARK`] owns; the others are left as they were.
+pub const RETURN_MARK_MASK: u32 = 0x0000_ff00;
+/// Routing table holding the single `local` default route of the return path.
+pub const RETURN_TABLE: u32 = 0x7e11;
+/// Priority of the return path's rule: after the `local` table (0), before `main` (32766).
+pub const RETURN_RULE_PRIORITY: u32 = 32_000;
+/// Capacity of [`maps::DELIVERIES`]: connections delivered from client addresses at once.
+pub const MAX_DELIVERIES: u32 = 131_072;
+/// Capacity of [`maps::LINK_MACS`]: pod links of the node.
+pub const MAX_POD_LINKS: u32 = 4_096;
 
 /// Capacity of the connection-tracking maps. LRU maps: a flood of connections evicts the
 /// oldest entries rather than failing new connects.
@@ -126,6 +155,30 @@ pub struct ProxyConfig {
     pub flags: u32,
 }
 
+/// Key of [`maps::DELIVERIES`]: a connection the node proxy opens to a local pod from the
+/// client's address, as the pod sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Delivery {
+    /// The client's address (the proxy socket's local address), network byte order, IPv4
+    /// mapped into IPv6.
+    pub client: [u32; 4],
+    /// The pod's address, same form.
+    pub pod: [u32; 4],
+    /// The proxy socket's local port, host byte order.
+    pub client_port: u32,
+    /// The pod's port, host byte order.
+    pub pod_port: u32,
+}
+
+/// Value of [`maps::LINK_MACS`]: a MAC address, padded to eight bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkMac {
+    pub addr: [u8; 6],
+    pub reserved: [u8; 2],
+}
+
 /// Key of [`maps::ORIG_BY_TUPLE`]: one end of a TCP connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -190,10 +243,16 @@ pub enum Stat {
     /// A TCP socket of an enrolled pod was refused at creation because its creation cgroup
     /// could not be recorded (socket storage allocation failed).
     SocketUntracked = 9,
+    /// A connection attempt from a client address to a STRICT pod was let in because the node
+    /// proxy recorded that exact 4-tuple before connecting (see [`maps::DELIVERIES`]).
+    DeliveryAdmitted = 10,
+    /// A pod's reply to a connection delivered from a client address was steered back to the
+    /// node proxy.
+    ReturnSteered = 11,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 12;
     pub const ALL: [Stat; Stat::COUNT as usize] = [
         Stat::Redirected,
         Stat::Excluded,
@@ -205,6 +264,8 @@ impl Stat {
         Stat::PlaintextAccepted,
         Stat::CallerCgroupFallback,
         Stat::SocketUntracked,
+        Stat::DeliveryAdmitted,
+        Stat::ReturnSteered,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -219,6 +280,8 @@ impl Stat {
             Stat::PlaintextAccepted => "plaintext_accepted",
             Stat::CallerCgroupFallback => "caller_cgroup_fallback",
             Stat::SocketUntracked => "socket_untracked",
+            Stat::DeliveryAdmitted => "delivery_admitted",
+            Stat::ReturnSteered => "return_steered",
         }
     }
 }
@@ -290,6 +353,10 @@ mod pod {
     unsafe impl aya::Pod for super::MtlsPortKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockCgroups {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Delivery {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LinkMac {}
 }
 
 // No padding anywhere: the size is the sum of the fields.
@@ -299,6 +366,8 @@ const _: () = assert!(core::mem::size_of::<SockKey>() == 20);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
 const _: () = assert!(core::mem::size_of::<MtlsPortKey>() == 16);
 const _: () = assert!(core::mem::size_of::<SockCgroups>() == 8 * MAX_CGROUP_DEPTH);
+const _: () = assert!(core::mem::size_of::<Delivery>() == 40);
+const _: () = assert!(core::mem::size_of::<LinkMac>() == 8);
 
 #[cfg(test)]
 mod tests {

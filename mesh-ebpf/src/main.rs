@@ -16,13 +16,19 @@
 //! - `getpeername4`/`getpeername6` give the application back the address it asked for.
 //! - `mtls_ingress` (cgroup_skb ingress) drops plaintext connection attempts to pods in STRICT
 //!   mutual TLS mode unless they come from the node itself (kubelet probes, the node proxy
-//!   delivering what it received over HBONE), and counts those PERMISSIVE pods let in.
+//!   delivering what it received over HBONE), or are a connection the node proxy recorded in
+//!   `DELIVERIES` before opening it from the client's address, and counts those PERMISSIVE
+//!   pods let in.
+//! - `return_path` (tcx ingress on pod links, in [`return_path`]) steers a pod's replies to
+//!   such connections back to the node proxy.
 //!
 //! Enrollment is data (the `ENROLLED` map), never attachment, so pods come and go without
 //! touching programs. The proxy's own sockets are never redirected by construction: the agent
 //! does not run in a pod cgroup.
 #![no_std]
 #![no_main]
+
+mod return_path;
 
 use core::{ffi::c_void, ptr};
 
@@ -44,10 +50,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use mesh_common::{
-    AF_INET, AF_INET6, Enrollment, MAX_CGROUP_DEPTH, MAX_ENROLLED_CGROUPS, MAX_EXCLUDED_NETS,
-    MAX_EXCLUDED_PORTS, MAX_MTLS_PORTS, MAX_NODE_ADDRS, MAX_TRACKED_CONNECTIONS, MTLS_STRICT,
-    MtlsPortKey, OrigDst, ProxyConfig, SockCgroups, SockKey, Stat, is_local_v6, is_v4_mapped,
-    v4_mapped,
+    AF_INET, AF_INET6, Delivery, Enrollment, LinkMac, MAX_CGROUP_DEPTH, MAX_DELIVERIES,
+    MAX_ENROLLED_CGROUPS, MAX_EXCLUDED_NETS, MAX_EXCLUDED_PORTS, MAX_MTLS_PORTS, MAX_NODE_ADDRS,
+    MAX_POD_LINKS, MAX_TRACKED_CONNECTIONS, MTLS_STRICT, MtlsPortKey, OrigDst, ProxyConfig,
+    SockCgroups, SockKey, Stat, is_local_v6, is_v4_mapped, v4_mapped,
 };
 
 /// Verdicts of cgroup sock_addr programs.
@@ -124,11 +130,17 @@ static DP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
 static MTLS_PORTS: HashMap<MtlsPortKey, u32> = HashMap::pinned(MAX_MTLS_PORTS, 0);
 #[map]
 static NODE_ADDRS: HashMap<[u32; 4], u32> = HashMap::pinned(MAX_NODE_ADDRS, 0);
+/// LRU: entries of a crashed agent's connections age out instead of filling the map (the
+/// agent also empties it at start).
+#[map]
+static DELIVERIES: LruHashMap<Delivery, u32> = LruHashMap::pinned(MAX_DELIVERIES, 0);
+#[map]
+static LINK_MACS: HashMap<u32, LinkMac> = HashMap::pinned(MAX_POD_LINKS, 0);
 #[btf_map]
 static SOCK_CGROUPS: SockStorage<SockCgroups> = SockStorage::new();
 
 #[inline(always)]
-fn count(stat: Stat) {
+pub(crate) fn count(stat: Stat) {
     if let Some(slot) = DP_STATS.get_ptr_mut(stat as u32) {
         // SAFETY: the pointer comes from the map lookup and is valid for this CPU's slot; per-CPU
         // storage has no concurrent writer while this program runs on the CPU.
@@ -388,13 +400,15 @@ struct Syn {
     src: [u32; 4],
     /// Destination address, same form.
     dst: [u32; 4],
+    /// Source port, host byte order.
+    src_port: u32,
     /// Destination port, host byte order.
     dst_port: u32,
 }
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_TCP: u8 = 6;
+pub(crate) const ETH_P_IP: u16 = 0x0800;
+pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
+pub(crate) const IPPROTO_TCP: u8 = 6;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 /// IPv6 extension headers walked before giving up on finding TCP (real stacks send at most a
@@ -416,6 +430,19 @@ fn try_mtls_ingress(ctx: &SkBuffContext) -> i32 {
         return PASS;
     };
     if is_loopback(&syn.src) || syn.src == syn.dst || is_node_addr(&syn.src) {
+        return PASS;
+    }
+    // The node proxy delivering from the client's address: exactly the 4-tuple it recorded
+    // before connecting, which a plaintext client cannot choose while the proxy holds it.
+    let delivery = Delivery {
+        client: syn.src,
+        pod: syn.dst,
+        client_port: syn.src_port,
+        pod_port: syn.dst_port,
+    };
+    // SAFETY: read-only lookup; only its presence is used.
+    if unsafe { DELIVERIES.get(&delivery) }.is_some() {
+        count(Stat::DeliveryAdmitted);
         return PASS;
     }
     let key = MtlsPortKey {
@@ -467,11 +494,12 @@ fn parse_syn(ctx: &SkBuffContext) -> Option<Syn> {
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return None;
     }
-    let dst_port: u16 = ctx.load(l4 as usize + 2).ok()?;
+    let ports: [u16; 2] = ctx.load(l4 as usize).ok()?;
     Some(Syn {
         src,
         dst,
-        dst_port: u32::from(u16::from_be(dst_port)),
+        src_port: u32::from(u16::from_be(ports[0])),
+        dst_port: u32::from(u16::from_be(ports[1])),
     })
 }
 

@@ -20,6 +20,7 @@
 pub mod cgroups;
 pub mod enrollment;
 pub mod plaintext;
+pub mod return_path;
 pub mod state_task;
 #[cfg(test)]
 mod tests;
@@ -35,9 +36,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{self, AdminState, Surface},
-    config::{AgentConfig, ConfigError, parse_cidr},
+    config::{AgentConfig, ConfigError, SourceAddress, parse_cidr},
     control_plane::{bootstrap, channel, feed},
-    ebpf::{Datapath, DatapathSpec, EbpfError},
+    ebpf::{Datapath, DatapathSpec, EbpfError, ReturnPath},
     identity::{
         CertStore, Identity,
         ca::CaError,
@@ -50,6 +51,7 @@ use crate::{
         copy::Timeouts,
         limits::{Caps, Limits},
         pool::Pool,
+        transparent::SourcePolicy,
     },
     state::MeshState,
     tls::{self, TlsError},
@@ -258,6 +260,34 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         Datapath::install(&spec, initial.as_deref().map(MeshState::local_cgroups))?;
     let datapath = Arc::new(datapath);
 
+    // Pods see their clients' addresses only where replies can come back (see
+    // `proxy::transparent`); without the return path every connection comes from the node.
+    let return_path = match config.inbound.source_address {
+        SourceAddress::Node => None,
+        SourceAddress::Client => {
+            match ReturnPath::install(&datapath.pin_dir().join("maps")).await {
+                Ok(mut return_path) => {
+                    // The pods known at start are covered before the agent serves them.
+                    if let Some(initial) = initial.as_deref() {
+                        return_path
+                            .sync(&return_path::local_pod_ips(initial), true)
+                            .await;
+                    }
+                    Some(return_path)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "client addresses cannot be kept: pods see connections from the node");
+                    None
+                }
+            }
+        }
+    };
+    let pod_source = SourcePolicy {
+        return_path: return_path
+            .as_ref()
+            .map(|r| r.deliveries() as Arc<dyn crate::proxy::transparent::ReturnPath>),
+    };
+
     let mut metrics = Metrics::new();
     metrics.register_datapath(datapath.clone());
     let metrics = Arc::new(metrics);
@@ -291,6 +321,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             config.limits.access_log_per_source_per_sec,
             config.limits.access_log_burst,
         )),
+        source: pod_source,
     });
 
     let mut listeners = tokio::task::JoinSet::new();
@@ -352,9 +383,18 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         let (inputs, shutdown) = (inputs.clone(), shutdown.clone());
         async move { inputs.pool.keep_swept(&inputs.certs, shutdown).await }
     });
+    let deliveries = return_path.as_ref().map(ReturnPath::deliveries);
+    if let Some(return_path) = return_path {
+        listeners.spawn(return_path::run(
+            return_path,
+            states.clone(),
+            shutdown.clone(),
+        ));
+    }
     listeners.spawn(plaintext::run(
         states.clone(),
         inputs.metrics.clone(),
+        deliveries,
         shutdown.clone(),
     ));
     let (synced, first_sync) = oneshot::channel();

@@ -357,6 +357,22 @@ pub struct InboundConfig {
     /// Maximum concurrent HBONE streams per TLS connection.
     #[serde(default = "default_max_streams")]
     pub max_streams_per_connection: u32,
+    /// Which address local pods see their mesh connections come from.
+    #[serde(default)]
+    pub source_address: SourceAddress,
+}
+
+/// The address the node proxy opens a local pod's connection from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceAddress {
+    /// The client pod's own address, when the mesh state says the verified source owns it
+    /// (else the node's, logged and counted): network policies, logs and address-based
+    /// checks in the pod see the real client.
+    #[default]
+    Client,
+    /// Always the node's address (the client travels in telemetry only).
+    Node,
 }
 
 // Written out rather than derived: an omitted `outbound:` or `inbound:` section must get the
@@ -377,6 +393,7 @@ impl Default for InboundConfig {
         Self {
             handshake_timeout_ms: default_handshake_timeout(),
             max_streams_per_connection: default_max_streams(),
+            source_address: SourceAddress::default(),
         }
     }
 }

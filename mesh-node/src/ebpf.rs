@@ -6,6 +6,7 @@
 //! - [`conntrack`]: the original destination of a redirected connection.
 //! - [`probe`]: whether this kernel and these filesystems can run the datapath at all.
 //! - [`log`]: the programs' log records, forwarded into the agent's.
+//! - [`return_path`]: the replies of connections the proxy opens from client addresses.
 //!
 //! This module holds what they share: the eBPF object and its programs by name, the address
 //! form the programs compare, and the one error type.
@@ -26,11 +27,13 @@ mod enroll;
 mod load;
 mod log;
 mod probe;
+mod return_path;
 
 pub use conntrack::{ConnTrack, Tracked, sock_key};
 pub use enroll::{Enroller, InboundMtls, PodCgroup};
 pub use load::{Datapath, uninstall};
 pub use probe::{is_cgroup2, is_on_bpffs, probe};
+pub use return_path::{Deliveries, ReturnPath};
 
 /// The eBPF object built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
@@ -88,6 +91,16 @@ pub enum EbpfError {
         max: u32,
         cgroup: PathBuf,
         port: u16,
+    },
+    #[error("cannot open a netlink socket for the return path's routing: {0}")]
+    Netlink(#[source] std::io::Error),
+    #[error(
+        "cannot install the return path's policy routing {what} (the agent needs CAP_NET_ADMIN \
+         in the node's network namespace): {e}"
+    )]
+    Routing {
+        what: &'static str,
+        e: rtnetlink::Error,
     },
     #[error("cannot list the node's addresses (getifaddrs): {0}")]
     NodeAddrs(#[source] std::io::Error),

@@ -12,13 +12,14 @@
 //! - [`state`]: the mesh as a node sees it: the [`state::MeshState`] snapshot every listener
 //!   reads, and its parts (workloads, services, waypoints, nodes) converted at the boundary.
 //! - [`policy`]: authorization policies and the per-connection decision.
-//! - [`proxy`]: the node proxy's listeners: inbound, outbound, the HBONE pool, copying.
+//! - [`proxy`]: the node proxy's listeners: inbound, outbound, the HBONE pool, copying, the
+//!   address local pods' connections are opened from.
 //! - [`hbone`]: the HBONE wire both ends agree on, driven on `h2`: handshakes, CONNECT
 //!   streams (resets stay resets), keepalive, the control-frame flood guard.
 //! - [`identity`], [`tls`]: SPIFFE identities, certificates and their store, TLS for HBONE.
 //! - [`config`]: the configuration files of the agent, the waypoint and the controller.
 //! - [`ebpf`]: the kernel datapath: loading and pinning it, enrollment, connection tracking,
-//!   probes of the node.
+//!   the client-address return path, probes of the node.
 //! - [`sock_diag`]: aborting sockets through sock_diag.
 //! - [`admin`], [`metrics`]: the admin surfaces (health, readiness, metrics, config dump) and
 //!   the metrics they serve, with [`metrics::FailureReason`], the failure reason label set.

@@ -119,6 +119,13 @@ pub struct Metrics {
     /// Access-log events left out by the per-source rate limit (the metrics above count
     /// those connections all the same).
     pub access_log_suppressed: Family<DirectionLabels, Counter>,
+    /// Connections to local pods opened from the node's address rather than the client's.
+    pub delivered_from_node: Family<NodeSourceLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeSourceLabels {
+    pub reason: crate::proxy::transparent::NodeReason,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -145,6 +152,7 @@ impl Metrics {
         let failures = Family::default();
         let active = Family::default();
         let access_log_suppressed = Family::default();
+        let delivered_from_node = Family::default();
         registry.register(
             "istio_tcp_connections_opened",
             "TCP connections opened",
@@ -180,6 +188,12 @@ impl Metrics {
             "Access log events not written because their source exceeded its rate",
             access_log_suppressed.clone(),
         );
+        registry.register(
+            "trellis_delivered_from_node",
+            "Connections to local pods opened from the node's address instead of the client's, \
+             by reason",
+            delivered_from_node.clone(),
+        );
         Self {
             registry,
             opened,
@@ -189,6 +203,16 @@ impl Metrics {
             failures,
             active,
             access_log_suppressed,
+            delivered_from_node,
+        }
+    }
+
+    /// Counts a connection to a local pod opened from the node's address, by reason.
+    pub fn delivered_from(&self, source: crate::proxy::transparent::PodSource) {
+        if let crate::proxy::transparent::PodSource::Node(reason) = source {
+            self.delivered_from_node
+                .get_or_create(&NodeSourceLabels { reason })
+                .inc();
         }
     }
 

@@ -28,6 +28,7 @@ pub mod limits;
 pub mod outbound;
 pub mod pool;
 pub mod read_ahead;
+pub mod transparent;
 
 /// The address the application asked to connect to, before redirection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +82,8 @@ pub struct ProxyInputs {
     pub limits: Arc<limits::Limits>,
     /// Access-log events per source.
     pub access_log: Arc<AccessLogLimit>,
+    /// Which address local pods' connections are opened from.
+    pub source: transparent::SourcePolicy,
 }
 
 /// A listener on `addr` with `backlog` pending connections. Like `TcpListener::bind`, it sets
@@ -197,6 +200,8 @@ pub struct AccessLog<'a> {
     pub received: u64,
     pub started: Instant,
     pub error: Option<String>,
+    /// Connections to a local pod: which address it was opened from.
+    pub delivered_from: Option<transparent::PodSource>,
 }
 
 impl AccessLog<'_> {
@@ -222,6 +227,7 @@ impl AccessLog<'_> {
             received: 0,
             started,
             error: None,
+            delivered_from: None,
         }
     }
 
@@ -249,6 +255,10 @@ impl AccessLog<'_> {
         let dst = self.dst_addr.map(|a| a.to_string()).unwrap_or_default();
         let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         let error = self.error.as_deref().unwrap_or("");
+        let delivered_from = self
+            .delivered_from
+            .map(transparent::PodSource::log_value)
+            .unwrap_or_default();
         tracing::info!(
             target: "access",
             direction = self.direction.as_str(),
@@ -265,6 +275,7 @@ impl AccessLog<'_> {
             bytes_received = self.received,
             duration_ms = (duration_ms * 1000.0).round() / 1000.0,
             error,
+            delivered_from,
             suppressed,
             "connection"
         );

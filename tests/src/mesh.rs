@@ -25,7 +25,8 @@ use anyhow::{Context, Result, bail};
 use mesh_node::{
     config::{
         AgentConfig, CaConfig, ControlPlaneConfig, DatapathConfig, InboundConfig, LimitsConfig,
-        ListenConfig, LogFormat, NodeConfig, OutboundConfig, UnknownDestination, WorkloadConfig,
+        ListenConfig, LogFormat, NodeConfig, OutboundConfig, SourceAddress, UnknownDestination,
+        WorkloadConfig,
     },
     identity::LocalCa,
 };
@@ -80,6 +81,8 @@ pub struct MeshOptions {
     /// Control plane mode: the controller also reads Istio's labels and waypoint class
     /// (`compatibility.istio_labels`).
     pub istio_labels: bool,
+    /// Which address local pods see their mesh connections come from.
+    pub source_address: SourceAddress,
 }
 
 impl Default for MeshOptions {
@@ -95,6 +98,7 @@ impl Default for MeshOptions {
             limits: LimitsConfig::default(),
             metrics_on_lan: false,
             istio_labels: false,
+            source_address: SourceAddress::default(),
         }
     }
 }
@@ -832,6 +836,7 @@ fn agent_defaults(node: &crate::testbed::Node, options: &MeshOptions) -> AgentCo
         inbound: InboundConfig {
             handshake_timeout_ms: 5_000,
             max_streams_per_connection: 512,
+            source_address: options.source_address,
         },
         limits: options.limits.clone(),
         drain_timeout_secs: options.drain_timeout_secs,

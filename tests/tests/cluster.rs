@@ -48,6 +48,15 @@ const APPS: &str = "apps";
 /// Bound on waiting for the mesh to follow a change made through the API.
 const CONVERGE: Duration = Duration::from_secs(45);
 
+/// Mesh options for tests that tell a mesh connection from a direct one by the address the
+/// server saw ([`Path`]): pods see the node's address for mesh connections.
+fn by_node_address() -> MeshOptions {
+    MeshOptions {
+        source_address: mesh_node::config::SourceAddress::Node,
+        ..MeshOptions::default()
+    }
+}
+
 /// The tools, when the test can run here (root, bpffs, cgroup v2, the Kubernetes binaries).
 fn gate(test: &str) -> Option<Tools> {
     if !e2e_gate(test) {
@@ -264,7 +273,7 @@ fn labelling_a_namespace_with_kubectl_meshes_its_pods_and_unlabelling_takes_them
     };
     let tb = testbed(1);
     let cluster = cluster_on(&tb, tools);
-    let mesh = Mesh::start_kubernetes(&tb, &cluster, &MeshOptions::default()).expect("mesh");
+    let mesh = Mesh::start_kubernetes(&tb, &cluster, &by_node_address()).expect("mesh");
     let kubelet = Kubelet::new(&cluster, &tb);
     let client = kubelet
         .run_pod(
@@ -396,7 +405,7 @@ fn an_authorization_policy_applied_with_kubectl_is_enforced_and_reports_accepted
     };
     let tb = testbed(1);
     let cluster = cluster_on(&tb, tools);
-    let mesh = Mesh::start_kubernetes(&tb, &cluster, &MeshOptions::default()).expect("mesh");
+    let mesh = Mesh::start_kubernetes(&tb, &cluster, &by_node_address()).expect("mesh");
     let kubelet = Kubelet::new(&cluster, &tb);
     let client = kubelet
         .run_pod(tb.pod(0, 0), &PodSpec::new(APPS, "client"))
@@ -531,7 +540,7 @@ fn a_services_endpoints_come_from_the_endpointslice_controller_and_follow_a_dele
     };
     let tb = testbed(2);
     let cluster = cluster_on(&tb, tools);
-    let mesh = Mesh::start_kubernetes(&tb, &cluster, &MeshOptions::default()).expect("mesh");
+    let mesh = Mesh::start_kubernetes(&tb, &cluster, &by_node_address()).expect("mesh");
     let kubelet = Kubelet::new(&cluster, &tb);
     cluster
         .apply(&format!(
@@ -668,7 +677,7 @@ fn an_agent_token_bound_to_node_0_gets_no_certificate_for_a_pod_on_node_1() {
     };
     let tb = testbed(1);
     let cluster = cluster_on(&tb, tools);
-    let mesh = Mesh::start_kubernetes(&tb, &cluster, &MeshOptions::default()).expect("mesh");
+    let mesh = Mesh::start_kubernetes(&tb, &cluster, &by_node_address()).expect("mesh");
     let kubelet = Kubelet::new(&cluster, &tb);
     kubectl_label(
         &cluster,
@@ -770,7 +779,7 @@ fn agents_keep_serving_while_the_api_server_restarts_and_the_controller_catches_
     };
     let tb = testbed(1);
     let mut cluster = cluster_on(&tb, tools);
-    let mesh = Mesh::start_kubernetes(&tb, &cluster, &MeshOptions::default()).expect("mesh");
+    let mesh = Mesh::start_kubernetes(&tb, &cluster, &by_node_address()).expect("mesh");
     let (client, _server, to) = meshed_client_and_server(&tb, &cluster);
 
     assert_no_refused_calls(&mesh);

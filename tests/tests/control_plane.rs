@@ -23,7 +23,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_node::{config::ControlPlaneConfig, identity::Identity};
+use mesh_node::{
+    config::{ControlPlaneConfig, SourceAddress},
+    identity::Identity,
+};
 use mesh_tests::{
     mesh::{MESH_LABEL, Mesh, MeshOptions, NAMESPACE, TRUST_DOMAIN, metric_sum, spiffe_id},
     testbed::{Pod, Proc, SpawnOptions, Testbed, bin_path, e2e_gate},
@@ -35,9 +38,12 @@ const CONVERGE: Duration = Duration::from_secs(20);
 /// Consecutive responses of one kind that show a change has taken hold.
 const STEADY: usize = 5;
 
+/// Pods are dialled from their node's address: a server seeing its node's gateway is how
+/// these tests tell a connection went through HBONE.
 fn control_plane() -> MeshOptions {
     MeshOptions {
         control_plane: true,
+        source_address: SourceAddress::Node,
         ..MeshOptions::default()
     }
 }

@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use mesh_node::config::UnknownDestination;
+use mesh_node::config::{SourceAddress, UnknownDestination};
 use mesh_tests::{
     mesh::{HBONE_PORT, Mesh, MeshOptions, metric_sum, spiffe_id},
     pattern::{self, Pattern},
@@ -56,6 +56,15 @@ const PROGRAMS: [&str; 8] = [
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
+
+/// Agents that dial pods from their node's address: a server seeing node 1's gateway is how
+/// these tests tell a connection went through the mesh.
+fn node_source() -> MeshOptions {
+    MeshOptions {
+        source_address: SourceAddress::Node,
+        ..MeshOptions::default()
+    }
+}
 
 fn testbed(external: bool) -> Result<Testbed> {
     Testbed::builder()
@@ -439,10 +448,11 @@ fn cross_node_http_exchange_arrives_with_the_client_identity_over_mutual_tls() -
     assert_eq!(v["body"]["path"], "/spec", "{v}");
     let local = str_of(&v, "local")?.to_owned();
     assert!(local.starts_with("10.200.0.10:"), "{v}");
-    // The destination agent dialled the pod from its own node: the server sees node 1's
-    // gateway, not the client pod, which is only possible if the bytes went through the mesh.
+    // The destination agent dialled the pod from the client pod's address (its identity
+    // holds it): the server sees the client, and the access log below says it was delivered
+    // through the mesh from the client's address.
     let seen = addr_of(&v["body"], "peer")?;
-    assert_eq!(seen.ip().to_string(), "10.200.1.1", "{v}");
+    assert_eq!(seen.ip().to_string(), "10.200.0.10", "{v}");
 
     let inbound = mesh.wait_access(1, LOG_TIMEOUT, |e| {
         e["direction"] == "inbound" && e["src_addr"] == local.as_str()
@@ -461,6 +471,7 @@ fn cross_node_http_exchange_arrives_with_the_client_identity_over_mutual_tls() -
     assert_eq!(inbound["dst_addr"], "10.200.1.10:8080", "{inbound}");
     assert_eq!(inbound["path"], "hbone", "{inbound}");
     assert_eq!(inbound["error"], "", "{inbound}");
+    assert_eq!(inbound["delivered_from"], "client", "{inbound}");
 
     let outbound = mesh.wait_access(0, LOG_TIMEOUT, |e| {
         e["direction"] == "outbound" && e["src_addr"] == local.as_str()
@@ -509,7 +520,7 @@ fn cross_node_transfers_are_byte_exact_both_ways_with_half_close() -> Result<()>
         return Ok(());
     }
     let tb = testbed(false)?;
-    let mesh = Mesh::start(&tb, &MeshOptions::default())?;
+    let mesh = Mesh::start(&tb, &node_source())?;
     let _srv = server(
         &tb,
         tb.pod(1, 0),
@@ -591,7 +602,7 @@ fn lan_carries_only_tls13_hbone_and_never_the_plaintext() -> Result<()> {
         &tb,
         &MeshOptions {
             unenrolled: vec![(0, 1)],
-            ..MeshOptions::default()
+            ..node_source()
         },
     )?;
     let _srv = server(&tb, tb.pod(1, 0), &["[::]:9001=sink"])?;
@@ -760,7 +771,7 @@ fn node_processes_are_not_redirected() -> Result<()> {
         return Ok(());
     }
     let tb = testbed(false)?;
-    let mesh = Mesh::start(&tb, &MeshOptions::default())?;
+    let mesh = Mesh::start(&tb, &node_source())?;
     let _remote = server(&tb, tb.pod(1, 0), &["[::]:9001=sink"])?;
     let _local = server(&tb, tb.pod(0, 0), &["[::]:9001=sink"])?;
     let redirected = dp_event(&mesh, 0, "redirected")?;
@@ -818,7 +829,7 @@ fn pods_outside_the_mesh_are_not_redirected() -> Result<()> {
         &tb,
         &MeshOptions {
             unenrolled: vec![(0, 1)],
-            ..MeshOptions::default()
+            ..node_source()
         },
     )?;
     let _srv = server(&tb, tb.pod(1, 0), &["[::]:9001=sink"])?;
@@ -912,7 +923,7 @@ fn connections_belong_to_the_cgroup_that_created_the_socket_not_the_caller() -> 
         return Ok(());
     }
     let tb = testbed(false)?;
-    let mesh = Mesh::start(&tb, &MeshOptions::default())?;
+    let mesh = Mesh::start(&tb, &node_source())?;
     let _srv = server(&tb, tb.pod(1, 0), &["[::]:9001=sink"])?;
     let (a, b) = (tb.pod(0, 0), tb.pod(0, 1));
     let system = tb.node(0).system_cgroup.display().to_string();
@@ -1110,7 +1121,7 @@ fn same_node_traffic_stays_local_and_external_traffic_passes_through() -> Result
         return Ok(());
     }
     let tb = testbed(true)?;
-    let mesh = Mesh::start(&tb, &MeshOptions::default())?;
+    let mesh = Mesh::start(&tb, &node_source())?;
     let ext = tb.external().context("external host")?;
     let _neighbour = server(&tb, tb.pod(0, 1), &["[::]:9001=sink"])?;
     let _outside = server(&tb, ext, &["[::]:7001=sink"])?;
@@ -1304,7 +1315,7 @@ fn agent_crash_never_lets_pods_bypass_the_mesh_and_restart_reuses_the_pins() -> 
         return Ok(());
     }
     let tb = testbed(false)?;
-    let mut mesh = Mesh::start(&tb, &MeshOptions::default())?;
+    let mut mesh = Mesh::start(&tb, &node_source())?;
     let _srv = server(&tb, tb.pod(1, 0), &["[::]:9001=sink"])?;
     let probe = probe_listener(Place::Pod(tb.pod(1, 0)), "10.200.1.10:9050".parse()?)?;
 
@@ -1462,7 +1473,7 @@ fn cross_node_ipv6_goes_through_the_mesh_byte_exact() -> Result<()> {
         return Ok(());
     }
     let tb = testbed(false)?;
-    let mesh = Mesh::start(&tb, &MeshOptions::default())?;
+    let mesh = Mesh::start(&tb, &node_source())?;
     let (client, dst) = (tb.pod(0, 0), tb.pod(1, 0));
     let _srv = server(&tb, dst, &["[::]:9001=sink"])?;
     let redirected = dp_event(&mesh, 0, "redirected")?;

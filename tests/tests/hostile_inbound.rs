@@ -566,9 +566,16 @@ fn connect_requests_are_classified_before_anything_is_dialled() -> Result<()> {
             let (local, outcome, reply) =
                 env.tunnel(connect_req(POD_1_0_HTTP, IDENTITY_CLAIMS)?)?;
             ensure!(matches!(outcome, Outcome::Status(200)), "got {outcome:?}");
+            let reply = reply.unwrap_or_default();
             ensure!(
-                reply.unwrap_or_default().contains("\"server\":\"pod-1-0\""),
+                reply.contains("\"server\":\"pod-1-0\""),
                 "not delivered to pod-1-0"
+            );
+            // The claimed address belongs to another identity: the pod is dialled from the
+            // node, never from pod-1-1's address.
+            ensure!(
+                !reply.contains("\"peer\":\"10.200.1.11:"),
+                "delivered from the claimed address: {reply}"
             );
             // `forwarded` may serve as the logged client address (telemetry), so this
             // connection's event carries either that or the real one.
@@ -585,6 +592,11 @@ fn connect_requests_are_classified_before_anything_is_dialled() -> Result<()> {
             ensure!(
                 event["src_workload"] != "default/pod-1-1",
                 "attributed to pod-1-1 because of headers: {event}"
+            );
+            ensure!(
+                event["delivered_from"] == "node:unverified_source",
+                "delivered from {} instead of the node: {event}",
+                event["delivered_from"]
             );
             let metrics = env.mesh.metrics(1)?;
             let spoofed = metric_sum(

@@ -6,16 +6,21 @@
 //! published states; when a local pod's plaintext refusals change, it lists the pod's
 //! connections (in its network namespace, through sock_diag) and aborts those that came
 //! straight to a listening port that now refuses plaintext: not from an address of the node
-//! (the proxy delivering mesh traffic, kubelet probes), not from the pod itself. Both ends see
-//! a reset, as with a connection the proxy closes.
+//! (the proxy delivering mesh traffic, kubelet probes), not one the proxy delivered from the
+//! client's address (its exact 4-tuple is in the datapath's `DELIVERIES`), not from the pod
+//! itself. Both ends see a reset, as with a connection the proxy closes.
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    ebpf::{InboundMtls, PodCgroup},
+    ebpf::{Deliveries, InboundMtls, PodCgroup},
     metrics::{Direction, FailureReason, Metrics},
     sock_diag::{self, SockDiagError, TCP_LISTEN},
     state::{MeshState, canonical},
@@ -27,6 +32,7 @@ const OPEN_STATES: u32 = (1 << 1) | (1 << 3) | (1 << 8);
 pub async fn run(
     mut states: watch::Receiver<Option<Arc<MeshState>>>,
     metrics: Arc<Metrics>,
+    deliveries: Option<Arc<Deliveries>>,
     shutdown: CancellationToken,
 ) {
     let mut last: Option<HashMap<u64, InboundMtls>> = None;
@@ -51,7 +57,8 @@ pub async fn run(
             last = Some(now);
             for pod in changed {
                 let path = pod.path.display().to_string();
-                match tokio::task::spawn_blocking(move || abort_refused(&pod)).await {
+                let deliveries = deliveries.clone();
+                match tokio::task::spawn_blocking(move || abort_refused(&pod, deliveries)).await {
                     Ok(Ok(0)) => {}
                     Ok(Ok(aborted)) => {
                         for _ in 0..aborted {
@@ -81,7 +88,10 @@ pub async fn run(
 
 /// Aborts the pod's plaintext connections on listening ports that now refuse plaintext;
 /// returns how many.
-fn abort_refused(pod: &PodCgroup) -> Result<usize, SockDiagError> {
+fn abort_refused(
+    pod: &PodCgroup,
+    deliveries: Option<Arc<Deliveries>>,
+) -> Result<usize, SockDiagError> {
     let node = node_addresses();
     let inbound = pod.inbound.clone();
     sock_diag::in_pod_netns(&pod.path, move |session| {
@@ -97,7 +107,13 @@ fn abort_refused(pod: &PodCgroup) -> Result<usize, SockDiagError> {
             let plaintext_in = listening.contains(&port)
                 && !remote.is_loopback()
                 && remote != canonical(local)
-                && !node.contains(&remote);
+                && !node.contains(&remote)
+                && !deliveries.as_ref().is_some_and(|d| {
+                    d.contains(
+                        SocketAddr::new(remote, socket.remote.1),
+                        SocketAddr::new(canonical(local), port),
+                    )
+                });
             if plaintext_in && inbound.is_strict(port) && session.destroy(&socket).is_ok() {
                 aborted += 1;
             }

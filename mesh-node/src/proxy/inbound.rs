@@ -2,7 +2,8 @@
 //!
 //! accept -> TLS (client certificate required, identity verified) -> HTTP/2 -> per stream:
 //! classify the CONNECT (method, authority, local pod, identity presented) -> authorize ->
-//! dial the pod -> 200 and copy. Anything else is answered with an HTTP status, a log line
+//! dial the pod (from the client's address when the peer's identity owns it, see
+//! [`super::transparent`]) -> 200 and copy. Anything else is answered with an HTTP status, a log line
 //! naming the reason, and a counter; the connection and every other stream keep going.
 //!
 //! **Authorization** runs before the pod is dialled, on the identity of the verified client
@@ -28,9 +29,7 @@ use h2::{RecvStream, server::SendResponse};
 use http::{Method, Request, StatusCode};
 use tokio::net::TcpStream;
 
-use super::{
-    AccessLog, ClientAddr, ProxyInputs, connect_proxied, copy::Counted, read_ahead::ReadAhead,
-};
+use super::{AccessLog, ClientAddr, ProxyInputs, copy::Counted, read_ahead::ReadAhead};
 use crate::{
     hbone::{
         self, flood,
@@ -424,7 +423,21 @@ impl Peer {
                 );
             }
         };
-        let mut upstream = match connect_proxied(dst, inputs.settings.connect_timeout).await {
+        // The pod sees the client's address when the peer's identity owns it (see
+        // `transparent`), else the node's.
+        let source = inputs.source.for_hbone(
+            &state,
+            &self.identity,
+            client_addr.ip(),
+            self.addr.ip(),
+            dst.ip(),
+        );
+        inputs.metrics.delivered_from(source);
+        let dialled = inputs
+            .source
+            .dial(source, dst, inputs.settings.connect_timeout)
+            .await;
+        let (mut upstream, record) = match dialled {
             Ok(upstream) => upstream,
             Err(e) => {
                 return self.refuse(
@@ -501,8 +514,12 @@ impl Peer {
         if error.is_some() {
             // The pod learns its connection was cut, not finished.
             super::reset(upstream);
+            if let Some(record) = record {
+                record.reset();
+            }
         } else {
             super::finished(upstream);
+            drop(record);
         }
         drop(registration);
         // The copy counts from the pod's socket: towards the tunnel is what the pod sent.
@@ -530,6 +547,7 @@ impl Peer {
             received,
             started,
             error,
+            delivered_from: Some(source),
         }
         .emit(&inputs.access_log, &inputs.metrics);
     }

@@ -115,8 +115,14 @@ pub async fn handle(inputs: Arc<ProxyInputs>, stream: TcpStream, client: ClientA
     let timeouts = inputs.settings.timeouts;
     let (sent, received, error) = match opened.upstream {
         Upstream::Tcp(upstream) => copy_tcp(&inputs, stream, upstream, None).await,
-        Upstream::Local(upstream, registration) => {
-            copy_tcp(&inputs, stream, upstream, Some(&registration)).await
+        Upstream::Local(upstream, registration, delivered) => {
+            log.delivered_from = Some(delivered.source);
+            let copied = copy_tcp(&inputs, stream, upstream, Some(&registration)).await;
+            // A failed copy reset the pod's socket: no TIME_WAIT to wait out.
+            if let (Some(record), Some(_)) = (delivered.record, &copied.2) {
+                record.reset();
+            }
+            copied
         }
         Upstream::Hbone(mut tunnel) => {
             let mut stream = stream;

@@ -118,7 +118,13 @@ impl<'tb> Mesh<'tb> {
         options: &MeshOptions,
     ) -> Result<Self> {
         let scratch = tb.scratch_dir();
-        let objects = render_chart(cluster, &[])?;
+        // The chart as a user installs it, but for the address pods see their mesh
+        // connections come from, which the test chooses.
+        let source_address = match options.source_address {
+            mesh_node::config::SourceAddress::Client => "agent.sourceAddress=client",
+            mesh_node::config::SourceAddress::Node => "agent.sourceAddress=node",
+        };
+        let objects = render_chart(cluster, &["--set", source_address])?;
         install_chart(cluster, &objects)?;
         let kubelet = Kubelet::new(cluster, tb);
         kubelet.register_nodes()?;

@@ -7,7 +7,7 @@ use mesh_tests::{
         Cluster,
         audit::{self, service_account_user},
     },
-    mesh::{MESH_LABEL, Mesh, MeshOptions, kubernetes::RELEASE_NAMESPACE},
+    mesh::{MESH_LABEL, Mesh, kubernetes::RELEASE_NAMESPACE},
 };
 use serde_json::Value;
 
@@ -24,7 +24,7 @@ fn a_compaction_that_expires_the_controllers_watches_is_survived_by_relisting() 
     };
     let tb = testbed(1);
     let mut cluster = cluster_on(&tb, tools);
-    let mesh = Mesh::start_kubernetes(&tb, &cluster, &MeshOptions::default()).expect("mesh");
+    let mesh = Mesh::start_kubernetes(&tb, &cluster, &super::by_node_address()).expect("mesh");
     let (client, _server, to) = meshed_client_and_server(&tb, &cluster);
     assert_no_refused_calls(&mesh);
 
@@ -157,7 +157,7 @@ fn a_restarted_controller_rewrites_no_status_that_is_already_right() {
     };
     let tb = testbed(1);
     let cluster = cluster_on(&tb, tools);
-    let mut mesh = Mesh::start_kubernetes(&tb, &cluster, &MeshOptions::default()).expect("mesh");
+    let mut mesh = Mesh::start_kubernetes(&tb, &cluster, &super::by_node_address()).expect("mesh");
     cluster
         .apply(&format!(
             "{{\"apiVersion\":\"v1\",\"kind\":\"Namespace\",\"metadata\":{{\"name\":\"{APPS}\"}}}}"

@@ -10,7 +10,7 @@ use mesh_tests::{
         kubelet::{KubePod, Kubelet, PodSpec},
     },
     mesh::{
-        MESH_LABEL, Mesh, MeshOptions, metric_sum,
+        MESH_LABEL, Mesh, metric_sum,
         waypoint::{GATEWAY_NAME_LABEL, USE_WAYPOINT_LABEL},
     },
     testbed::{RequestsOpts, Testbed},
@@ -105,7 +105,7 @@ fn a_waypoint_obeys_an_httproute_applied_with_kubectl_and_the_route_reports_its_
             "--timeout=60s",
         ])
         .expect("CRDs established");
-    let mesh = Mesh::start_kubernetes(&tb, &cluster, &MeshOptions::default()).expect("mesh");
+    let mesh = Mesh::start_kubernetes(&tb, &cluster, &super::by_node_address()).expect("mesh");
     let kubelet = Kubelet::new(&cluster, &tb);
     cluster
         .apply(

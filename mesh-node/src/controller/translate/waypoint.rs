@@ -40,8 +40,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Pod;
 
-use super::labels::LabelReader;
-use super::{ClusterObjects, Translation, api, reject};
+use super::{ClusterObjects, Translation, api, labels::LabelReader, reject};
 use crate::{
     identity::Identity,
     k8s::{GATEWAY_NAME_LABEL, NO_WAYPOINT},

@@ -127,6 +127,7 @@ fn inputs(service: Arc<Service>, dst: SocketAddr) -> Arc<ProxyInputs> {
             handshakes: 10,
         }),
         access_log: Arc::new(crate::log_limit::AccessLogLimit::new(100, 200)),
+        source: crate::proxy::transparent::SourcePolicy::node_only(),
     })
 }
 

@@ -21,6 +21,7 @@ use super::{
         ClientAddr, HboneAddr, OriginalDst, ProxyInputs, connect_proxied,
         inbound::authorized::{Grant, Registration},
         pool::{PoolError, Tunnel},
+        transparent::{PodSource, Record},
     },
     resolve::{Route, route},
 };
@@ -36,10 +37,17 @@ pub enum Upstream {
     /// Out of the mesh.
     Tcp(TcpStream),
     /// To a pod on this node, authorized by this node's policies and registered so that a
-    /// policy change can revoke it.
-    Local(TcpStream, Registration),
+    /// policy change can revoke it; opened from the address [`Delivered`] names.
+    Local(TcpStream, Registration, Delivered),
     /// A CONNECT stream through the destination's node.
     Hbone(Tunnel),
+}
+
+/// Where a connection to a local pod was opened from, and its datapath record (kept until
+/// the socket is closed).
+pub struct Delivered {
+    pub source: PodSource,
+    pub record: Option<Record>,
 }
 
 /// The candidate that accepted.
@@ -178,8 +186,18 @@ async fn local(
     }
     // Registered before the dial, so a policy change during it is not missed.
     let registration = inputs.authorized.register(grant);
-    match connect_proxied(addr, inputs.settings.connect_timeout).await {
-        Ok(stream) => Ok(Upstream::Local(stream, registration)),
+    let source = inputs.source.for_local(src, client_ip, addr.ip());
+    inputs.metrics.delivered_from(source);
+    match inputs
+        .source
+        .dial(source, addr, inputs.settings.connect_timeout)
+        .await
+    {
+        Ok((stream, record)) => Ok(Upstream::Local(
+            stream,
+            registration,
+            Delivered { source, record },
+        )),
         Err(e) => Err(unreachable(addr, &e)),
     }
 }

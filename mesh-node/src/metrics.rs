@@ -78,7 +78,9 @@ label_values!(Reporter { Source => "source", Destination => "destination", Waypo
 label_values!(SecurityPolicy { MutualTls => "mutual_tls", None => "none" });
 label_values!(Direction { Inbound => "inbound", Outbound => "outbound" });
 
+mod delivery;
 mod failure;
+pub use delivery::NodeReason;
 pub use failure::FailureReason;
 
 mod labels;
@@ -125,7 +127,7 @@ pub struct Metrics {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeSourceLabels {
-    pub reason: crate::proxy::transparent::NodeReason,
+    pub reason: NodeReason,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -208,12 +210,10 @@ impl Metrics {
     }
 
     /// Counts a connection to a local pod opened from the node's address, by reason.
-    pub fn delivered_from(&self, source: crate::proxy::transparent::PodSource) {
-        if let crate::proxy::transparent::PodSource::Node(reason) = source {
-            self.delivered_from_node
-                .get_or_create(&NodeSourceLabels { reason })
-                .inc();
-        }
+    pub fn delivered_from_node(&self, reason: NodeReason) {
+        self.delivered_from_node
+            .get_or_create(&NodeSourceLabels { reason })
+            .inc();
     }
 
     /// Adds the datapath's own counters as `trellis_datapath_events_total{event}`.

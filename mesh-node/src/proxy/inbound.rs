@@ -432,7 +432,9 @@ impl Peer {
             self.addr.ip(),
             dst.ip(),
         );
-        inputs.metrics.delivered_from(source);
+        if let crate::proxy::transparent::PodSource::Node(reason) = source {
+            inputs.metrics.delivered_from_node(reason);
+        }
         let dialled = inputs
             .source
             .dial(source, dst, inputs.settings.connect_timeout)

@@ -25,7 +25,6 @@ use std::{
     time::Duration,
 };
 
-use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::{
@@ -37,38 +36,7 @@ use crate::{
 /// established connection to the same pod (the bind cannot know the destination).
 const BIND_ATTEMPTS: usize = 8;
 
-/// Why a connection to a pod was delivered from the node's address (the `reason` label of
-/// `trellis_delivered_from_node_total`, and the access log's `node:<reason>`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum NodeReason {
-    /// `inbound.source_address` is `node`.
-    Disabled,
-    /// No workload of the mesh holds the source address with the verified identity on the
-    /// node the connection came from (a waypoint, a source outside the mesh, an address the
-    /// peer only claims).
-    UnverifiedSource,
-    /// The source's address is of the other family than the pod's.
-    FamilyMismatch,
-    /// The return path does not cover the pod's link yet (just created), or is not installed.
-    ReturnPathNotReady,
-}
-
-impl NodeReason {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Disabled => "disabled",
-            Self::UnverifiedSource => "unverified_source",
-            Self::FamilyMismatch => "family_mismatch",
-            Self::ReturnPathNotReady => "return_path_not_ready",
-        }
-    }
-}
-
-impl EncodeLabelValue for NodeReason {
-    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
-        std::fmt::Write::write_str(encoder, self.as_str())
-    }
-}
+pub use crate::metrics::NodeReason;
 
 /// The address a pod's connection is opened from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -187,7 +187,9 @@ async fn local(
     // Registered before the dial, so a policy change during it is not missed.
     let registration = inputs.authorized.register(grant);
     let source = inputs.source.for_local(src, client_ip, addr.ip());
-    inputs.metrics.delivered_from(source);
+    if let crate::proxy::transparent::PodSource::Node(reason) = source {
+        inputs.metrics.delivered_from_node(reason);
+    }
     match inputs
         .source
         .dial(source, addr, inputs.settings.connect_timeout)

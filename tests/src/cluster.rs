@@ -292,10 +292,16 @@ impl Cluster {
         }
     }
 
-    /// kubectl as `kubeconfig`'s user, in the cluster's network namespace.
+    /// kubectl as `kubeconfig`'s user, in the cluster's network namespace. Its discovery
+    /// cache is this cluster's own: every test cluster serves at the same address, and a cache
+    /// shared by address would resolve a short name (`authorizationpolicy`) to a kind another
+    /// test's cluster served (`security.istio.io`'s) but this one does not.
     pub fn kubectl_as(&self, kubeconfig: &Path) -> Command {
         let mut c = self.command(&self.tools.kubectl);
-        c.arg("--kubeconfig").arg(kubeconfig);
+        c.arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.dir.join("kubectl-cache"));
         c
     }
 

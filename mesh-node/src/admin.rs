@@ -173,7 +173,9 @@ pub fn version() -> serde_json::Value {
     serde_json::json!({"version": env!("CARGO_PKG_VERSION")})
 }
 
-fn json_response(value: &serde_json::Value) -> Response<Full<Bytes>> {
+/// `value` as a JSON response (the agents' and waypoints' admin surface, and the controller's
+/// monitoring surface).
+pub fn json_response(value: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut response = text(StatusCode::OK, format!("{value}\n"));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

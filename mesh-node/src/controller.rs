@@ -364,9 +364,12 @@ impl Controller {
             auth.clone(),
             state_rx.clone(),
             metrics.clone(),
+            proxies.clone(),
             config.trust_domain.clone(),
-            Duration::from_secs(config.certificate_ttl_secs),
-            Duration::from_secs(config.max_certificate_ttl_secs),
+            ca::Ttl {
+                default: Duration::from_secs(config.certificate_ttl_secs),
+                max: Duration::from_secs(config.max_certificate_ttl_secs),
+            },
         );
         let discovery_service = discovery::DiscoveryService::new(
             auth,

@@ -522,21 +522,7 @@ fn turning_peer_authentication_strict_aborts_the_plaintext_connections_it_admitt
         "the port left PERMISSIVE keeps its plaintext connection"
     );
     assert!(meshed_conn.ping(), "the mesh connection stays open");
-    let metrics = mesh.metrics(1).expect("metrics");
-    assert_eq!(
-        metric_sum(
-            &metrics,
-            "trellis_connection_failures_total",
-            &[("direction", "inbound"), ("reason", "plaintext_revoked")]
-        ),
-        1.0,
-        "exactly the plaintext connection on the STRICT port was aborted"
-    );
-    let error = reach(&tb, plain, server, 7000).expect_err("new plaintext is refused");
-    assert!(
-        error.contains("timed out"),
-        "dropped in the kernel: {error}"
-    );
+    only_the_plaintext_connection_was_revoked(&mesh, &tb, plain, server, 7000);
 }
 
 #[test]
@@ -643,6 +629,18 @@ fn open_plaintext_connections_are_aborted_when_a_policy_starts_refusing_plaintex
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(from_meshed.ping(), "the allowed mesh connection stays open");
+    only_the_plaintext_connection_was_revoked(&mesh, &tb, plain, server, 7000);
+}
+
+/// Node 1's agent aborted exactly one plaintext connection, and `plain`'s next one to
+/// `server:port` is dropped in the kernel.
+fn only_the_plaintext_connection_was_revoked(
+    mesh: &Mesh<'_>,
+    tb: &Testbed,
+    plain: &Pod,
+    server: &Pod,
+    port: u16,
+) {
     let metrics = mesh.metrics(1).expect("metrics");
     assert_eq!(
         metric_sum(
@@ -653,7 +651,7 @@ fn open_plaintext_connections_are_aborted_when_a_policy_starts_refusing_plaintex
         1.0,
         "exactly the plaintext connection was aborted"
     );
-    let error = reach(&tb, plain, server, 7000).expect_err("new plaintext is refused");
+    let error = reach(tb, plain, server, port).expect_err("new plaintext is refused");
     assert!(
         error.contains("timed out"),
         "dropped in the kernel: {error}"

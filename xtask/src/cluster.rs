@@ -31,12 +31,7 @@ pub fn run_action(root: &Path, action: &Action) -> Result<()> {
     let binary = root.join("target/debug/cluster");
     match action {
         Action::Up => {
-            run(
-                Command::new("bash")
-                    .arg(root.join(".ci/kube-tools"))
-                    .current_dir(root),
-                ".ci/kube-tools",
-            )?;
+            super::kube_tools(root)?;
             cargo(root, &["build", "-p", "mesh-tests", "--bin", "cluster"])?;
             run(
                 Command::new(&binary).args(["up", "--dir", &dir]),
@@ -44,12 +39,7 @@ pub fn run_action(root: &Path, action: &Action) -> Result<()> {
             )
         }
         Action::Scale => {
-            run(
-                Command::new("bash")
-                    .arg(root.join(".ci/kube-tools"))
-                    .current_dir(root),
-                ".ci/kube-tools",
-            )?;
+            super::kube_tools(root)?;
             cargo(root, &["build", "--bins"])?;
             run(
                 Command::new(root.join("target/debug/scale"))

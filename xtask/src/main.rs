@@ -297,14 +297,19 @@ fn image(root: &Path, tag: &str, prebuilt: bool) -> Result<()> {
     Ok(())
 }
 
-fn chart_check(root: &Path) -> Result<()> {
-    // Helm itself, as the chart tests run it (built once from Go modules).
+/// The Kubernetes components and Helm, built once from Go modules (`.ci/kube-tools`).
+fn kube_tools(root: &Path) -> Result<()> {
     run(
         Command::new("bash")
             .arg(root.join(".ci/kube-tools"))
             .current_dir(root),
         ".ci/kube-tools",
-    )?;
+    )
+}
+
+fn chart_check(root: &Path) -> Result<()> {
+    // Helm itself, as the chart tests run it.
+    kube_tools(root)?;
     // The chart tests parse the chart, validate values.yaml against values.schema.json,
     // run `helm lint --strict`, render every template with `helm template` and check the
     // agent, controller and RBAC objects. Under MESH_E2E=require a missing helm fails them.

@@ -187,6 +187,7 @@ mod tests {
             acked_version: 2,
             rejected_resources: 0,
             sync,
+            certificates: Vec::new(),
         }
     }
 

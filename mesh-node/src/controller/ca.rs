@@ -36,9 +36,17 @@ pub struct CaService {
     auth: Arc<dyn Authenticator>,
     state: SharedState,
     metrics: Arc<ControllerMetrics>,
+    /// Where what is signed is recorded for `/debug/proxies`.
+    proxies: Arc<super::proxies::Proxies>,
     trust_domain: String,
-    default_ttl: Duration,
-    max_ttl: Duration,
+    ttl: Ttl,
+}
+
+/// Workload certificate lifetimes: given when a request asks for none, and the most granted.
+#[derive(Clone, Copy, Debug)]
+pub struct Ttl {
+    pub default: Duration,
+    pub max: Duration,
 }
 
 impl CaService {
@@ -47,18 +55,18 @@ impl CaService {
         auth: Arc<dyn Authenticator>,
         state: SharedState,
         metrics: Arc<ControllerMetrics>,
+        proxies: Arc<super::proxies::Proxies>,
         trust_domain: String,
-        default_ttl: Duration,
-        max_ttl: Duration,
+        ttl: Ttl,
     ) -> Self {
         Self {
             ca,
             auth,
             state,
             metrics,
+            proxies,
             trust_domain,
-            default_ttl,
-            max_ttl,
+            ttl,
         }
     }
 
@@ -121,8 +129,8 @@ impl CaService {
         }
 
         let ttl = match request.ttl_secs {
-            0 => self.default_ttl,
-            secs => Duration::from_secs(secs).min(self.max_ttl),
+            0 => self.ttl.default,
+            secs => Duration::from_secs(secs).min(self.ttl.max),
         };
         let signed = self
             .ca
@@ -137,6 +145,8 @@ impl CaService {
                 }
             })?;
         self.metrics.sign(SignResult::Signed);
+        self.proxies
+            .signed(&caller.to_string(), &identity.to_string(), signed.not_after);
         tracing::info!(%caller, %identity, ttl_secs = ttl.as_secs(), "signed workload certificate");
         Ok(SignResponse {
             chain_pem: signed.chain_pem,

@@ -183,7 +183,9 @@ impl Discovery for DiscoveryService {
         // Bounded: a Hello's strings are the caller's, listed by the monitoring surface.
         let build: String = hello.build.chars().take(64).collect();
         let node: String = hello.node.chars().take(253).collect();
-        let registration = self.proxies.register(peer.clone(), role, node, build);
+        let registration =
+            self.proxies
+                .register(peer.clone(), caller.to_string(), role, node, build);
         let agent = Agent {
             peer,
             registration,

@@ -232,7 +232,7 @@ fn route<B>(
             );
             response
         }
-        "/version" => json(&crate::admin::version()),
+        "/version" => crate::admin::json_response(&crate::admin::version()),
         "/debug/proxies" if !crate::state::canonical(peer.ip()).is_loopback() => text(
             StatusCode::FORBIDDEN,
             "/debug/ answers loopback clients only\n",
@@ -246,19 +246,10 @@ fn route<B>(
                 },
                 proxies: monitored.proxies.list(version),
             };
-            json(&serde_json::to_value(listing).unwrap_or_default())
+            crate::admin::json_response(&serde_json::to_value(listing).unwrap_or_default())
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
-}
-
-fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut response = text(StatusCode::OK, format!("{value}\n"));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    response
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

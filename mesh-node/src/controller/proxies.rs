@@ -1,7 +1,8 @@
 //! The proxies connected to this controller (agents and waypoints): who, which build, since
-//! when, and which version of the mesh state each was sent and has acknowledged. Discovery
-//! streams register here for their lifetime; the monitoring surface lists them at
-//! `/debug/proxies`, which `meshctl proxy-status` reads.
+//! when, which version of the mesh state each was sent and has acknowledged, and the
+//! workload certificates this controller signed for each, with their expiry. Discovery
+//! streams register here for their lifetime and the CA records what it signs; the monitoring
+//! surface lists them at `/debug/proxies`, which `meshctl proxy-status` reads.
 
 use std::{
     collections::BTreeMap,
@@ -22,12 +23,18 @@ use super::translate::Role;
 pub struct Proxies {
     next: AtomicU64,
     open: Mutex<BTreeMap<u64, Arc<Proxy>>>,
+    /// By caller (as [`crate::controller::auth::Caller`] prints), the identities signed for
+    /// it and when the newest certificate of each expires. Expired ones are dropped when
+    /// listed, so the map holds at most what the callers hold now.
+    signed: Mutex<BTreeMap<String, BTreeMap<String, SystemTime>>>,
 }
 
 /// One open stream's proxy.
 pub struct Proxy {
-    /// Who the credential proves (a node, or a waypoint's workload).
+    /// Who the credential proves (a node, or a waypoint's workload), as a log line says it.
     pub peer: String,
+    /// The caller, as the CA records what it signs for it.
+    pub caller: String,
     pub role: Role,
     /// The node its Hello named.
     pub node: String,
@@ -89,6 +96,16 @@ pub struct Listed {
     pub acked_version: u64,
     pub rejected_resources: u64,
     pub sync: Sync,
+    /// The certificates this controller signed for it that have not expired.
+    #[serde(default)]
+    pub certificates: Vec<HeldCertificate>,
+}
+
+/// A workload certificate a proxy holds, as far as the controller knows (it signed it).
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeldCertificate {
+    pub identity: String,
+    pub expires_unix: u64,
 }
 
 /// What `/debug/proxies` answers.
@@ -107,9 +124,19 @@ pub struct ControllerInfo {
 }
 
 impl Proxies {
+    /// Records a certificate signed for `caller`: the identity's newest expiry.
+    pub fn signed(&self, caller: &str, identity: &str, not_after: SystemTime) {
+        self.signed
+            .lock()
+            .entry(caller.to_owned())
+            .or_default()
+            .insert(identity.to_owned(), not_after);
+    }
+
     pub fn register(
         self: &Arc<Self>,
         peer: String,
+        caller: String,
         role: Role,
         node: String,
         build: String,
@@ -117,6 +144,7 @@ impl Proxies {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let proxy = Arc::new(Proxy {
             peer,
+            caller,
             role,
             node,
             build,
@@ -137,6 +165,13 @@ impl Proxies {
     /// controller's state version; `None` before it has one).
     pub fn list(&self, current: Option<u64>) -> Vec<Listed> {
         let open: Vec<Arc<Proxy>> = self.open.lock().values().cloned().collect();
+        let now = SystemTime::now();
+        let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut signed = self.signed.lock();
+        for held in signed.values_mut() {
+            held.retain(|_, not_after| *not_after > now);
+        }
+        signed.retain(|_, held| !held.is_empty());
         open.iter()
             .map(|p| {
                 let acked = p.acked.load(Ordering::Relaxed);
@@ -161,6 +196,15 @@ impl Proxies {
                         (acked, Some(current)) if acked >= current => Sync::Synced,
                         _ => Sync::Stale,
                     },
+                    certificates: signed
+                        .get(&p.caller)
+                        .into_iter()
+                        .flatten()
+                        .map(|(identity, not_after)| HeldCertificate {
+                            identity: identity.clone(),
+                            expires_unix: unix(*not_after),
+                        })
+                        .collect(),
                 }
             })
             .collect()
@@ -174,9 +218,16 @@ mod tests {
     #[test]
     fn a_proxy_is_listed_while_its_stream_is_open_and_judged_by_what_it_acknowledged() {
         let proxies = Arc::new(Proxies::default());
-        let agent = proxies.register("node n1".into(), Role::Agent, "n1".into(), "0.1.0".into());
+        let agent = proxies.register(
+            "node n1".into(),
+            "node n1".into(),
+            Role::Agent,
+            "n1".into(),
+            "0.1.0".into(),
+        );
         let waypoint = proxies.register(
             "waypoint x".into(),
+            "x".into(),
             Role::Waypoint,
             "n2".into(),
             String::new(),
@@ -193,6 +244,20 @@ mod tests {
         assert_eq!(listed[0].role, "agent");
         assert_eq!(listed[0].sent_version, 3);
         assert_eq!(listed[1].role, "waypoint");
+        let later = SystemTime::now() + std::time::Duration::from_hours(1);
+        proxies.signed("node n1", "spiffe://td/ns/a/sa/b", later);
+        proxies.signed("node n1", "spiffe://td/ns/a/sa/gone", UNIX_EPOCH);
+        proxies.signed("x", "spiffe://td/ns/w/sa/waypoint", later);
+        let listed = proxies.list(Some(3));
+        assert_eq!(
+            listed[0].certificates,
+            [HeldCertificate {
+                identity: "spiffe://td/ns/a/sa/b".into(),
+                expires_unix: later.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            }],
+            "an expired certificate is not listed"
+        );
+        assert_eq!(listed[1].certificates.len(), 1, "each proxy its own");
         drop(agent);
         let left = proxies.list(Some(3));
         assert_eq!(left.len(), 1, "a closed stream is gone");

@@ -12,7 +12,10 @@ use std::{collections::BTreeSet, time::Duration};
 
 use mesh_node::controller::proxies::{Listing, Sync};
 use mesh_tests::{
-    cluster::Cluster,
+    cluster::{
+        Cluster,
+        kubelet::{Kubelet, PodSpec},
+    },
     mesh::{ADMIN_PORT, CONTROLLER_MONITORING_PORT, Mesh, MeshOptions},
     testbed::{CmdOutput, SpawnOptions, Testbed},
 };
@@ -104,13 +107,46 @@ fn meshctl_checks_the_install_lists_the_fleet_names_versions_and_changes_a_log_l
     let tb = testbed(1);
     let cluster = cluster_on(&tb, tools);
     let mut mesh = Mesh::start_kubernetes(&tb, &cluster, &MeshOptions::default()).expect("mesh");
+    // One meshed pod on node 0: its agent holds a certificate for it.
+    cluster
+        .apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: apps, labels: {trellis.dev/mesh: enabled}}\n")
+        .expect("namespace");
+    let _client = Kubelet::new(&cluster, &tb)
+        .run_pod(tb.pod(0, 0), &PodSpec::new("apps", "client"))
+        .expect("client pod");
 
     // proxy-status: both agents, each acknowledging the controller's current state.
-    let listing = poll(CONVERGE, "both agents to hold the current state", || {
-        let listing = proxy_status(&tb);
-        (listing.proxies.len() == 2 && listing.proxies.iter().all(|p| p.sync == Sync::Synced))
+    let listing = poll(
+        CONVERGE,
+        "both agents to hold the current state and node 0's a certificate",
+        || {
+            let listing = proxy_status(&tb);
+            (listing.proxies.len() == 2
+                && listing.proxies.iter().all(|p| p.sync == Sync::Synced)
+                && listing.proxies.iter().any(|p| !p.certificates.is_empty()))
             .then_some(listing)
-    });
+        },
+    );
+    // The certificates each agent holds, with their expiry: node 0's for its pod only.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for proxy in &listing.proxies {
+        let identities: Vec<&str> = proxy
+            .certificates
+            .iter()
+            .map(|c| c.identity.as_str())
+            .collect();
+        if proxy.node == tb.node(0).name {
+            assert_eq!(identities, ["spiffe://cluster.local/ns/apps/sa/client"]);
+            assert!(
+                proxy.certificates[0].expires_unix > now + 3600,
+                "a day's certificate"
+            );
+        } else {
+            assert!(identities.is_empty(), "node 1 runs no pod: {identities:?}");
+        }
+    }
     let nodes: BTreeSet<&str> = listing.proxies.iter().map(|p| p.node.as_str()).collect();
     let expected: BTreeSet<&str> = tb.nodes().iter().map(|n| n.name.as_str()).collect();
     assert_eq!(nodes, expected, "one agent per node");
@@ -133,6 +169,11 @@ fn meshctl_checks_the_install_lists_the_fleet_names_versions_and_changes_a_log_l
 
     let controller = format!("127.0.0.1:{CONTROLLER_MONITORING_PORT}");
     let table = meshctl(&tb, 0, &["proxy-status", "--controller", &controller]);
+    assert!(
+        table.stdout.contains("1 (first expires in "),
+        "{}",
+        table.stdout
+    );
     assert!(
         table
             .stdout

@@ -28,13 +28,25 @@ pub fn status_table(listing: &Listing) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<40} {:<9} {:<16} {:<10} {:>8} {:>8} {:>9}  SYNC",
-        "PROXY", "ROLE", "NODE", "BUILD", "SENT", "ACKED", "REJECTED"
+        "{:<40} {:<9} {:<16} {:<10} {:>8} {:>8} {:>9}  {:<9}  CERTIFICATES",
+        "PROXY", "ROLE", "NODE", "BUILD", "SENT", "ACKED", "REJECTED", "SYNC"
     );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     for p in &listing.proxies {
+        // How many it holds, and when the first of them expires.
+        let certificates = match p.certificates.iter().map(|c| c.expires_unix).min() {
+            Some(first) => format!(
+                "{} (first expires in {}m)",
+                p.certificates.len(),
+                first.saturating_sub(now) / 60
+            ),
+            None => "0".to_owned(),
+        };
         let _ = writeln!(
             out,
-            "{:<40} {:<9} {:<16} {:<10} {:>8} {:>8} {:>9}  {}",
+            "{:<40} {:<9} {:<16} {:<10} {:>8} {:>8} {:>9}  {:<9}  {certificates}",
             p.peer,
             p.role,
             p.node,

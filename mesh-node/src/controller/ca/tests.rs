@@ -61,9 +61,12 @@ fn service(ca: Arc<LocalCa>, metrics: Arc<ControllerMetrics>) -> CaService {
         Arc::new(tokens()),
         state(),
         metrics,
+        Arc::default(),
         TD.into(),
-        Duration::from_hours(24),
-        Duration::from_hours(48),
+        super::Ttl {
+            default: Duration::from_hours(24),
+            max: Duration::from_hours(48),
+        },
     )
 }
 

@@ -441,7 +441,7 @@ fn try_mtls_ingress(ctx: &SkBuffContext) -> i32 {
         pod_port: syn.dst_port,
     };
     // SAFETY: read-only lookup; only its presence is used.
-    if unsafe { DELIVERIES.get(delivery) }.is_some() {
+    if unsafe { DELIVERIES.get(&delivery) }.is_some() {
         count(Stat::DeliveryAdmitted);
         return PASS;
     }

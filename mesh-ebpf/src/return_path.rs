@@ -31,13 +31,13 @@ pub fn return_path(ctx: TcContext) -> i32 {
 fn try_return_path(ctx: &TcContext) -> Option<()> {
     let key = reply_key(ctx)?;
     // SAFETY: read-only lookup; only its presence is used.
-    unsafe { DELIVERIES.get(key) }?;
+    unsafe { DELIVERIES.get(&key) }?;
     let skb = ctx.skb.skb;
     // SAFETY: the kernel passes a valid `__sk_buff` for the duration of the program.
     let (mark, ifindex) = unsafe { ((*skb).mark, (*skb).ifindex) };
     ctx.set_mark((mark & !RETURN_MARK_MASK) | RETURN_MARK);
     // SAFETY: read-only lookup of a plain-data value, copied out.
-    if let Some(mac) = unsafe { LINK_MACS.get(ifindex) }.copied() {
+    if let Some(mac) = unsafe { LINK_MACS.get(&ifindex) }.copied() {
         // Destination MAC first in the frame; the checksums do not cover it.
         if ctx.store(0, &mac.addr, 0).is_err() {
             return None;

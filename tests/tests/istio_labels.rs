@@ -38,6 +38,8 @@ fn mesh(tb: &Testbed, istio_labels: bool) -> Mesh<'_> {
         &MeshOptions {
             control_plane: true,
             istio_labels,
+            // The tests tell a mesh connection by the node's address at the server.
+            source_address: mesh_node::config::SourceAddress::Node,
             ..MeshOptions::default()
         },
     )

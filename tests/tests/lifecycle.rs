@@ -136,7 +136,12 @@ fn uninstall_detaches_the_datapath_and_removes_every_pin() {
         .pods_per_node(1)
         .build()
         .expect("testbed");
-    let mut mesh = Mesh::start(&tb, &MeshOptions::default()).expect("mesh");
+    // The test tells a mesh connection by the node's address at the server.
+    let options = MeshOptions {
+        source_address: mesh_node::config::SourceAddress::Node,
+        ..MeshOptions::default()
+    };
+    let mut mesh = Mesh::start(&tb, &options).expect("mesh");
     let _server = tb
         .spawn_server(tb.pod(1, 0), &["--listen", "0.0.0.0:8080=http"])
         .expect("server");

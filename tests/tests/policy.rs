@@ -231,6 +231,16 @@ impl Held {
         }
     }
 
+    /// Pings (bounded by [`WAIT`]) until a ping fails: the connection was cut. Panics with
+    /// `what` if it survives.
+    fn wait_until_cut(&mut self, what: &str) {
+        let deadline = Instant::now() + WAIT;
+        while self.ping() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Sends one ping and waits for its result line: whether the echo came back.
     fn ping(&mut self) -> bool {
         self.pings += 1;
@@ -291,22 +301,8 @@ fn a_policy_change_closes_the_open_connections_it_now_denies() {
     .expect("policy");
     // a's open connection is closed by the destination's agent (bounded: each failed ping
     // returns at once or within the client's I/O timeout).
-    let deadline = Instant::now() + WAIT;
-    while from_a.ping() {
-        assert!(
-            Instant::now() < deadline,
-            "a's open connection survived the policy that denies it"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let deadline = Instant::now() + WAIT;
-    while local_from_a.ping() {
-        assert!(
-            Instant::now() < deadline,
-            "a's open same-node connection survived the policy that denies it"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    from_a.wait_until_cut("a's open connection survived the policy that denies it");
+    local_from_a.wait_until_cut("a's open same-node connection survived the policy that denies it");
     assert!(from_c.ping(), "c's connection is not denied and stays open");
     assert!(local_from_c.ping(), "so is c's same-node connection");
     for node in [1, 0] {
@@ -509,14 +505,8 @@ fn turning_peer_authentication_strict_aborts_the_plaintext_connections_it_admitt
                "portLevelMtls": {"7001": {"mode": "PERMISSIVE"}}}),
     )
     .expect("policy");
-    let deadline = Instant::now() + WAIT;
-    while plain_strict_port.ping() {
-        assert!(
-            Instant::now() < deadline,
-            "the plaintext connection admitted under PERMISSIVE survived STRICT"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    plain_strict_port
+        .wait_until_cut("the plaintext connection admitted under PERMISSIVE survived STRICT");
     assert!(
         plain_permissive_port.ping(),
         "the port left PERMISSIVE keeps its plaintext connection"
@@ -620,14 +610,8 @@ fn open_plaintext_connections_are_aborted_when_a_policy_starts_refusing_plaintex
                "rules": [{"from": [{"source": {"principals": [principal(meshed, NAMESPACE)]}}]}]}),
     )
     .expect("policy");
-    let deadline = Instant::now() + WAIT;
-    while from_plain.ping() {
-        assert!(
-            Instant::now() < deadline,
-            "the open plaintext connection survived the policy that refuses plaintext"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    from_plain
+        .wait_until_cut("the open plaintext connection survived the policy that refuses plaintext");
     assert!(from_meshed.ping(), "the allowed mesh connection stays open");
     only_the_plaintext_connection_was_revoked(&mesh, &tb, plain, server, 7000);
 }
